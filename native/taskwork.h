@@ -1,0 +1,326 @@
+/*
+ * taskwork.h - the kernel's task_work lists, rebuilt over POSIX shared memory.
+ *
+ * Synchronization table (which operation may run beside which):
+ *
+ *   operation            needs                       may run beside
+ *   -------------------  --------------------------  ------------------------------
+ *   tw_add / add_many    nothing (Treiber push)      everything
+ *   detach (run)         being the task's process    add, cancel (then pi_lock sync)
+ *   cancel_*             the task's pi_lock          add, detach
+ *   free-list pop        nothing (tagged head)       pop, push
+ *   free-list push       nothing (tagged head)       pop, push
+ *   dead-letter ops      dl_lock                     everything else
+ *   fsck repair          pi_lock of each dead task;  everything; it only touches
+ *                        validated free-list walk    nodes owned by dead processes
+ *
+ * One line per shared field: who writes it, with what ordering.
+ *
+ *   hdr.magic..sizes      creator, before the name is visible; read-only after
+ *   hdr.free_head         pop/push: CAS acq_rel, (tag<<32 | idx); tag++ on every
+ *                         change so a stale CAS fails (no ABA)
+ *   hdr.dl_head           under dl_lock, release store
+ *   slot.state            registrant CAS FREE/EXITED->CLAIMING, release stores after
+ *   slot.head             (gen<<32 | idx). add: CAS release (pairs with the
+ *                         acquire xchg/CAS of detach and cancel). detach: xchg/CAS
+ *                         acq_rel. cancel: CAS acq_rel under pi_lock.
+ *   slot.flags            fetch_or by notifiers (acq_rel), fetch_and by the runner
+ *   slot counters         relaxed fetch_add; statistics only
+ *   node.owner            (gen<<32 | state<<24 | aux): release store by the owner
+ *                         of the node at each transition; acquire load by fsck
+ *   node.next             written by the node's owner before it publishes the node
+ *                         (release CAS of the push), and by cancel under pi_lock
+ *   node payload, meta    written before the push; read by runner after acquire
+ *   proc.pop_intent       the allocating process, seq_cst, before its pop CAS
+ *
+ * Every value read from the segment is treated as hostile: indices are
+ * bounds-checked, walks are bounded by pool_size, locks are taken with a
+ * deadline. Functions return 0 / a positive count, or -errno; they never print.
+ */
+#ifndef SHM_TASKWORK_H
+#define SHM_TASKWORK_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <pthread.h>
+
+#define TW_MAGIC              "SHMTWRK\x01"
+#define TW_LAYOUT_VERSION     3u
+
+/* Notify modes: the kernel's values (include/linux/task_work.h). */
+#define TW_TWA_NONE           0
+#define TW_TWA_RESUME         1
+#define TW_TWA_SIGNAL         2
+#define TW_TWA_SIGNAL_NO_IPI  3
+#define TW_TWA_NMI_CURRENT    4
+#define TW_TWA_FLAGS          0xff00
+#define TW_TWAF_NO_ALLOC      0x0100
+
+/* 32-bit list indices. NIL ends a list; EXITED is the work_exited sentinel:
+ * "all we need is ->next == NULL" becomes "all we need is a value no node has". */
+#define TW_NIL                0xffffffffu
+#define TW_EXITED             0xfffffffeu
+
+/* Slot flag bits (TIF_* and PF_EXITING). */
+#define TW_F_NOTIFY_RESUME    0x1u
+#define TW_F_NOTIFY_SIGNAL    0x2u
+#define TW_F_EXITING          0x4u
+
+/* Slot states. */
+#define TW_SLOT_FREE          0u
+#define TW_SLOT_CLAIMING      1u
+#define TW_SLOT_RUNNING       2u
+#define TW_SLOT_EXITING       3u
+#define TW_SLOT_EXITED        4u
+
+/* Node ownership states (bits 24..31 of the low half of node.owner). */
+#define TW_N_FREE             0u  /* on the free list (or being popped)          */
+#define TW_N_ALLOC            1u  /* aux = proc index of the allocating process  */
+#define TW_N_QUEUED           2u  /* aux = task slot; linked from slot.head      */
+#define TW_N_CANCELLING       3u  /* aux = task slot; a canceller holds pi_lock  */
+#define TW_N_DETACHED         4u  /* aux = task slot; in a run batch, not started */
+#define TW_N_RUNNING          5u  /* aux = task slot; its callback has started   */
+#define TW_N_DEADLETTER       6u  /* on the domain's dead-letter list            */
+
+/* What tw_add reports back (bit mask, >= 0). */
+#define TW_DUE_EVENTFD        0x1  /* NOTIFY_RESUME went 0->1: write the eventfd   */
+#define TW_DUE_SIGNAL         0x2  /* NOTIFY_SIGNAL went 0->1: send the signal     */
+#define TW_DONE_EVENTFD       0x4  /* ...and tw_add wrote it itself                */
+#define TW_DONE_SIGNAL        0x8  /* ...and tw_add sent it itself                 */
+
+#define TW_NAME_LEN           48
+#define TW_FUNC_NAME_LEN      112
+#define TW_ORIGIN_LEN         128
+
+/* Kill points for fault injection (SHM_TASKWORK_KILLPOINT=name[:n]). */
+#define TW_KP_NONE            0
+#define TW_KP_AFTER_ALLOC     1  /* node allocated, not pushed                  */
+#define TW_KP_AFTER_PUSH      2  /* pushed, notification not sent               */
+#define TW_KP_AFTER_DETACH    3  /* batch detached and marked, nothing run      */
+#define TW_KP_IN_PI_LOCK      4  /* cancel holds pi_lock, node marked, linked   */
+#define TW_KP_MID_POP         5  /* free-list CAS done, owner not yet written   */
+#define TW_KP_IN_CALLBACK     6  /* (python side) callback started              */
+
+/* Counter numbers for tw_slot_counter_add. */
+#define TW_C_ADDED 0
+#define TW_C_RUN 1
+#define TW_C_CANCELLED 2
+#define TW_C_ORPHANED 3
+#define TW_C_ERRORS 4
+#define TW_C_UNKNOWN 5
+#define TW_C_SIGNALS 6
+#define TW_C_RESUMES 7
+
+struct tw_header {
+    char     magic[8];
+    uint32_t layout_version;
+    uint32_t node_size;
+    uint32_t header_size;
+    uint32_t slot_size;
+    uint32_t max_tasks;
+    uint32_t pool_size;
+    uint32_t payload_size;
+    uint32_t max_procs;
+    uint32_t names_cap;
+    uint32_t record_origin;
+    uint64_t slots_off;
+    uint64_t procs_off;
+    uint64_t names_off;
+    uint64_t nodes_off;
+    uint64_t total_size;
+    uint64_t created_ns;
+    uint64_t free_head;        /* tag<<32 | idx */
+    uint64_t dl_head;          /* idx (u32) under dl_lock */
+    uint64_t dl_count;
+    uint64_t fsck_runs;
+    uint64_t reserved[6];
+    pthread_mutex_t dl_lock;   /* robust, process-shared */
+    pthread_mutex_t fsck_lock; /* one repairing fsck at a time */
+    char     pad[64];
+};
+
+struct tw_counters {
+    uint64_t added, run, cancelled, orphaned, errors, unknown;
+    uint64_t signals_sent, resumes_sent;
+    int64_t  queued;           /* approximate: +1 per push, -n per detach/cancel */
+    uint64_t max_pending;      /* high-water mark of queued                      */
+};
+
+struct tw_slot {
+    uint64_t head;             /* gen<<32 | idx (TW_NIL, TW_EXITED or a node)   */
+    uint32_t state;
+    uint32_t gen;
+    uint32_t flags;
+    int32_t  pid;
+    uint64_t start_ticks;      /* /proc/PID/stat field 22 of the registrant      */
+    uint64_t registered_ns;
+    int32_t  signum;
+    int32_t  efd;              /* the eventfd's number in the task's process     */
+    uint32_t uid;
+    uint32_t lock_recovered;   /* set by whoever got EOWNERDEAD on pi_lock       */
+    char     name[TW_NAME_LEN];
+    struct tw_counters c;
+    pthread_mutex_t pi_lock;   /* robust, process-shared                         */
+    char     pad[64];
+};
+
+struct tw_proc {
+    uint64_t pid;              /* 0 = free; claimed by CAS                       */
+    uint64_t start_ticks;
+    uint64_t pop_intent;       /* tag<<32|idx of the head it is popping, or ~0   */
+    uint64_t reserved;
+};
+
+struct tw_name {
+    uint64_t id;               /* 0 = empty; claimed by CAS                      */
+    uint32_t ready;            /* release store after name is written            */
+    uint32_t len;
+    char     name[TW_FUNC_NAME_LEN];
+};
+
+struct tw_node {
+    uint64_t owner;            /* gen<<32 | state<<24 | aux                      */
+    uint32_t next;             /* list link or free-list link                    */
+    uint32_t payload_len;
+    uint64_t func_id;
+    uint64_t enqueued_ns;
+    int32_t  sender_pid;
+    uint32_t target;           /* slot index                                     */
+    uint32_t target_gen;
+    uint32_t origin_len;
+    /* then: char origin[TW_ORIGIN_LEN] if record_origin; then the payload       */
+};
+
+#define TW_NODE_HDR  ((uint32_t)sizeof(struct tw_node))
+
+/* Process-local view of a mapped domain. Sizes are copied from the header once
+ * it is validated; later reads of the segment never change them. */
+struct tw_dom {
+    char    *base;
+    uint64_t size;
+    uint32_t max_tasks, pool_size, payload_size, node_size, max_procs, names_cap;
+    uint32_t record_origin;
+    uint32_t origin_off;       /* offset of origin inside a node                 */
+    uint32_t payload_off;      /* offset of payload inside a node                */
+    int32_t  my_proc;          /* this process's proc index, or -1               */
+    int32_t  my_pid;
+    uint64_t my_start;
+    uint64_t slots_off, procs_off, names_off, nodes_off;
+    int64_t  lock_timeout_ns;
+};
+
+/* What a reader gets for one work (copied out while the node is owned). */
+struct tw_work_info {
+    uint32_t node;
+    uint32_t gen;
+    uint64_t func_id;
+    uint64_t enqueued_ns;
+    int32_t  sender_pid;
+    uint32_t target;
+    uint32_t target_gen;
+    uint32_t payload_len;
+    uint32_t origin_len;
+    uint32_t state;
+};
+
+/* ---- segment ---- */
+uint64_t tw_layout_size(uint32_t max_tasks, uint32_t pool_size, uint32_t payload_size,
+                        uint32_t max_procs, uint32_t names_cap, uint32_t record_origin);
+int  tw_format(void *base, uint64_t size, uint32_t max_tasks, uint32_t pool_size,
+               uint32_t payload_size, uint32_t max_procs, uint32_t names_cap,
+               uint32_t record_origin, uint64_t now_ns);
+int  tw_map(struct tw_dom *d, int fd, uint64_t size);
+int  tw_attach(struct tw_dom *d, void *base, uint64_t size);
+void tw_unmap(struct tw_dom *d);
+uint32_t tw_layout_version(void);
+uint32_t tw_node_header_size(void);
+
+/* ---- processes and tasks ---- */
+uint64_t tw_proc_start_ticks(int pid);
+int  tw_proc_claim(struct tw_dom *d);
+void tw_proc_release(struct tw_dom *d);
+int  tw_register(struct tw_dom *d, const char *name, int32_t signum, int32_t efd,
+                 uint32_t uid, uint64_t now_ns, uint32_t *gen_out);
+int  tw_slot_check(struct tw_dom *d, uint32_t slot, uint32_t gen);
+int  tw_release_slot(struct tw_dom *d, uint32_t slot, uint32_t gen);
+
+/* ---- add ---- */
+int  tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+            const char *payload, uint32_t len, int notify, const char *origin,
+            uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
+            int is_current, uint64_t *work_id_out);
+int  tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+                 const char *const *payloads, const uint32_t *lens, uint32_t n,
+                 int notify, const char *origin, uint32_t origin_len, int efd,
+                 int pidfd, int signum, uint64_t now_ns, int is_current,
+                 uint64_t *work_ids_out);
+/* Async-signal-safe: the own task, RESUME flag + write of the own eventfd. */
+int  tw_add_nmi(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+                const char *payload, uint32_t len, int efd, uint64_t now_ns,
+                uint64_t *work_id_out);
+
+/* ---- run ---- */
+uint32_t tw_flags_clear(struct tw_dom *d, uint32_t slot, uint32_t bits);
+uint32_t tw_flags_get(struct tw_dom *d, uint32_t slot);
+uint32_t tw_flags_set(struct tw_dom *d, uint32_t slot, uint32_t bits);
+int  tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uint32_t max);
+/* outcome of a finished work */
+#define TW_OUT_OK       0
+#define TW_OUT_ERROR    1
+#define TW_OUT_UNKNOWN  2  /* callback unknown here: the node goes to the dead letters */
+int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
+             uint32_t next, struct tw_work_info *wi, char *payload_out, char *origin_out);
+
+/* ---- cancel ---- */
+int  tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t key,
+               struct tw_work_info *wi, char *payload_out, char *origin_out);
+int  tw_snapshot(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *nodes,
+                 uint32_t *gens, uint32_t max);
+int  tw_pending(struct tw_dom *d, uint32_t slot, uint32_t gen);
+
+/* ---- reading nodes ---- */
+int  tw_read_work(struct tw_dom *d, uint32_t node, uint32_t gen, struct tw_work_info *wi,
+                  char *payload_out, char *origin_out);
+char *tw_node_payload(struct tw_dom *d, uint32_t node);
+char *tw_node_origin(struct tw_dom *d, uint32_t node);
+
+/* ---- names ---- */
+int  tw_name_put(struct tw_dom *d, uint64_t id, const char *name, uint32_t len);
+int  tw_name_get(struct tw_dom *d, uint64_t id, char *out, uint32_t cap);
+
+/* ---- dead letters ---- */
+int  tw_dl_push(struct tw_dom *d, uint32_t slot, uint32_t node);
+int  tw_dl_list(struct tw_dom *d, uint32_t *out, uint32_t max);
+int  tw_dl_take(struct tw_dom *d, uint32_t node, uint32_t gen);
+int  tw_dl_done(struct tw_dom *d, uint32_t node, int outcome);
+
+/* ---- pool / stats / fsck ---- */
+int  tw_pool_free_count(struct tw_dom *d);
+int  tw_node_state(struct tw_dom *d, uint32_t node, uint64_t *owner_out);
+int  tw_free_node(struct tw_dom *d, uint32_t node);
+int  tw_free_leaks(struct tw_dom *d, const uint8_t *proc_dead, uint32_t *out, uint32_t max,
+                   uint32_t tries);
+int  tw_fsck_lock(struct tw_dom *d);
+void tw_fsck_unlock(struct tw_dom *d);
+int  tw_scan_owners(struct tw_dom *d, uint64_t *out);
+int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start, uint64_t *intent);
+int  tw_proc_free(struct tw_dom *d, uint32_t i, uint64_t pid);
+int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n);
+int  tw_lock_slot(struct tw_dom *d, uint32_t slot);
+void tw_unlock_slot(struct tw_dom *d, uint32_t slot);
+int  tw_mark_exited(struct tw_dom *d, uint32_t slot, uint32_t gen);
+int  tw_reclaim(struct tw_dom *d, uint32_t node, uint64_t expect_owner);
+int  tw_release_exited(struct tw_dom *d, uint32_t slot, uint32_t gen);
+
+/* ---- notifications ---- */
+int  tw_eventfd_write(int efd);
+int  tw_eventfd_drain(int efd);
+int  tw_pidfd_send(int pidfd, int signum);
+int  tw_pidfd_getfd(int pidfd, int targetfd);
+
+/* ---- fault injection ---- */
+void tw_killpoint_set(int point, int64_t countdown);
+int  tw_killpoint_get(void);
+void tw_killpoint(int point);
+
+#endif

@@ -1,0 +1,29 @@
+"""shm_taskwork: the Linux kernel's task_work, for processes on one host.
+
+The public names of SPEC.md, nothing else.
+"""
+from .callbacks import callback
+from .constants import (TWA_FLAGS, TWA_NMI_CURRENT, TWA_NONE, TWA_RESUME, TWA_SIGNAL,
+                        TWA_SIGNAL_NO_IPI, TWAF_NO_ALLOC)
+from .domain import Domain, DomainStats, TaskInfo
+from .errors import (DomainCorruptError, InvalidModeError, NoSuchTaskError, NotCurrentTaskError,
+                     PayloadTooLargeError, PoolExhaustedError, TaskExitedError, TaskWorkError,
+                     UnknownCallbackError)
+from .fsck import FsckReport
+from .kernel import (init_task_work, task_work_add, task_work_cancel, task_work_cancel_func,
+                     task_work_cancel_match, task_work_pending, task_work_run)
+from .task import Task
+from .work import Work
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Domain", "DomainStats", "TaskInfo", "Task", "Work", "FsckReport", "callback",
+    "TWA_NONE", "TWA_RESUME", "TWA_SIGNAL", "TWA_SIGNAL_NO_IPI", "TWA_NMI_CURRENT",
+    "TWA_FLAGS", "TWAF_NO_ALLOC",
+    "TaskWorkError", "TaskExitedError", "InvalidModeError", "PayloadTooLargeError",
+    "PoolExhaustedError", "NoSuchTaskError", "NotCurrentTaskError", "DomainCorruptError",
+    "UnknownCallbackError",
+    "init_task_work", "task_work_add", "task_work_run", "task_work_pending",
+    "task_work_cancel_match", "task_work_cancel_func", "task_work_cancel",
+]

@@ -1,0 +1,104 @@
+"""The one module that touches the compiled core (``lib``).
+
+Everything else calls the thin wrappers here; each return code is checked on
+the line after the call and mapped to the exceptions of SPEC §5 in one place
+(:func:`check`). The layout version compiled into the extension is checked at
+import, so a stale build fails loudly instead of misreading a segment.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+from . import errors
+
+try:
+    from ._taskwork_cffi import ffi, lib
+except ImportError as exc:  # pragma: no cover - a build problem, said plainly
+    raise ImportError(
+        "shm_taskwork's native core is not built: run `make build` (or "
+        "`pip install .`) in the source tree"
+    ) from exc
+
+LAYOUT_VERSION = 3
+if lib.tw_layout_version() != LAYOUT_VERSION:  # pragma: no cover
+    raise ImportError(
+        f"shm_taskwork native core has layout version {lib.tw_layout_version()}, "
+        f"the Python package expects {LAYOUT_VERSION}: rebuild with `make build`"
+    )
+
+NIL = lib.TW_NIL
+EXITED = lib.TW_EXITED
+
+# node owner word
+N_FREE, N_ALLOC, N_QUEUED, N_CANCELLING, N_DETACHED, N_RUNNING, N_DEADLETTER = (
+    lib.TW_N_FREE, lib.TW_N_ALLOC, lib.TW_N_QUEUED, lib.TW_N_CANCELLING,
+    lib.TW_N_DETACHED, lib.TW_N_RUNNING, lib.TW_N_DEADLETTER)
+NODE_STATE_NAMES = {N_FREE: "free", N_ALLOC: "allocated", N_QUEUED: "queued",
+                    N_CANCELLING: "cancelling", N_DETACHED: "detached",
+                    N_RUNNING: "running", N_DEADLETTER: "dead-letter"}
+
+
+def owner_gen(o: int) -> int:
+    return o >> 32
+
+
+def owner_state(o: int) -> int:
+    return (o >> 24) & 0xFF
+
+
+def owner_aux(o: int) -> int:
+    return o & 0xFFFFFF
+
+
+SLOT_STATES = {lib.TW_SLOT_FREE: "free", lib.TW_SLOT_CLAIMING: "claiming",
+               lib.TW_SLOT_RUNNING: "running", lib.TW_SLOT_EXITING: "exiting",
+               lib.TW_SLOT_EXITED: "exited"}
+
+KILLPOINTS = {"after_alloc": lib.TW_KP_AFTER_ALLOC, "after_push": lib.TW_KP_AFTER_PUSH,
+              "after_detach": lib.TW_KP_AFTER_DETACH, "in_pi_lock": lib.TW_KP_IN_PI_LOCK,
+              "mid_pop": lib.TW_KP_MID_POP, "in_callback": lib.TW_KP_IN_CALLBACK}
+
+
+def check(rc: int, what: str, *, limit: str = "") -> int:
+    """Map a native return code (>= 0 ok, -errno) to SPEC §5's exceptions."""
+    if rc >= 0:
+        return rc
+    e = -rc
+    msg = f"{what}: {os.strerror(e)}"
+    if limit:
+        msg += f" ({limit})"
+    if e == errno.ESRCH:
+        raise errors.TaskExitedError(f"{what}: the task has exited and accepts no more work (ESRCH)")
+    if e == errno.EINVAL:
+        raise errors.InvalidModeError(msg, errno=e)
+    if e == errno.E2BIG:
+        raise errors.PayloadTooLargeError(msg, errno=e)
+    if e == errno.ENOMEM:
+        raise errors.PoolExhaustedError(msg, errno=e)
+    if e == errno.EPERM:
+        raise errors.NotCurrentTaskError(msg, errno=e)
+    if e == errno.ETIMEDOUT:
+        raise errors.DomainCorruptError(
+            f"{what}: a lock in the segment was not obtained within its deadline "
+            "(its holder is stuck, or the segment is corrupt)", errno=e)
+    if e in (errno.EUCLEAN, errno.EPROTO):
+        raise errors.DomainCorruptError(f"{what}: the segment is inconsistent", errno=e)
+    if e == errno.EUSERS:
+        raise errors.TaskWorkError(
+            f"{what}: the domain's process table is full ({limit or 'max_procs'}); "
+            "run `shm-taskwork fsck NAME --repair` to free entries of dead processes", errno=e)
+    if e == errno.ENOSPC:
+        raise errors.TaskWorkError(msg, errno=e)
+    raise errors.TaskWorkError(msg, errno=e)
+
+
+def start_ticks(pid: int) -> int:
+    """Start time of a process in clock ticks since boot (/proc/PID/stat field
+    22), 0 if it does not exist. With the pid it names one process for ever."""
+    return lib.tw_proc_start_ticks(pid)
+
+
+def killpoint(name: str) -> None:
+    """Python-side kill points (e.g. ``in_callback``) share the native switch."""
+    lib.tw_killpoint(KILLPOINTS[name])

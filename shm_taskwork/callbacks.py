@@ -1,0 +1,96 @@
+"""Callbacks registered by name.
+
+A work names its callback in shared memory by a stable 64-bit id: the first
+8 bytes of BLAKE2b over the UTF-8 name (0 is reserved, so it maps to 1). The
+name itself goes into the domain's name table, so tools can show it. The
+process that *runs* a work must have the callback registered - normally by
+importing the module that defines it.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+from .errors import UnknownCallbackError
+
+_BY_ID: dict[int, Callable] = {}
+_NAMES: dict[int, str] = {}
+NAME_LIMIT = 111  # bytes; the domain's name table keeps this many
+
+
+def func_id(name: str) -> int:
+    """The stable 64-bit id of a callback name."""
+    v = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+    return v or 1
+
+
+def default_name(fn: Callable) -> str:
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def callback(fn: Callable | None = None, *, name: str | None = None):
+    """Register ``fn`` as a callback, under ``module:qualname`` or ``name``.
+
+    Usable bare (``@callback``) or with a name (``@callback(name="app.flush")``).
+    Registering the same name twice replaces the function (a module reloaded);
+    two different names with the same id are refused.
+    """
+
+    def register(f: Callable) -> Callable:
+        if not callable(f):
+            raise TypeError(f"callback() needs a callable, got {type(f).__name__}")
+        cb_name = name if name is not None else default_name(f)
+        if not isinstance(cb_name, str) or not cb_name:
+            raise ValueError("a callback name must be a non-empty str")
+        if len(cb_name.encode()) > NAME_LIMIT:
+            raise ValueError(
+                f"callback name {cb_name!r} is {len(cb_name.encode())} bytes; the limit is {NAME_LIMIT}")
+        fid = func_id(cb_name)
+        other = _NAMES.get(fid)
+        if other is not None and other != cb_name:  # pragma: no cover - 2**-64
+            raise ValueError(f"callback names {cb_name!r} and {other!r} share the id {fid:#x}")
+        _BY_ID[fid] = f
+        _NAMES[fid] = cb_name
+        f.__shm_taskwork_name__ = cb_name
+        f.__shm_taskwork_id__ = fid
+        return f
+
+    if fn is not None:
+        return register(fn)
+    return register
+
+
+def unregister(func_or_name) -> None:
+    """Forget a callback in this process (works for it become unknown here)."""
+    fid, _ = resolve(func_or_name)
+    _BY_ID.pop(fid, None)
+    _NAMES.pop(fid, None)
+
+
+def resolve(func) -> tuple[int, str]:
+    """(id, name) for a registered function, any callable, or a name."""
+    if isinstance(func, str):
+        if not func:
+            raise ValueError("a callback name must be a non-empty str")
+        return func_id(func), func
+    if callable(func):
+        name = getattr(func, "__shm_taskwork_name__", None) or default_name(func)
+        return func_id(name), name
+    raise TypeError(f"func must be a callback (a callable or its registered name), "
+                    f"not {type(func).__name__}")
+
+
+def lookup(fid: int) -> Callable | None:
+    return _BY_ID.get(fid)
+
+
+def name_of(fid: int) -> str | None:
+    return _NAMES.get(fid)
+
+
+def require(func) -> Callable:
+    fid, name = resolve(func)
+    fn = _BY_ID.get(fid)
+    if fn is None:
+        raise UnknownCallbackError(f"callback {name!r} is not registered in this process")
+    return fn

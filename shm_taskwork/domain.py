@@ -1,0 +1,512 @@
+"""Domain: one named POSIX shared-memory segment holding the task table, the
+work pool, the callback-name table and the dead-letter list.
+
+The segment is mapped by the native core (``tw_map``), which validates the
+header once and keeps the sizes in a process-local view; nothing later re-reads
+them from shared memory. ``close()`` and ``unlink()`` are separate and both are
+safe to call more than once; a half-built domain cleans up after itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import mmap
+import os
+import signal
+import struct
+import time
+import weakref
+
+import posix_ipc
+
+from . import _native, callbacks
+from ._native import check, ffi, lib
+from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
+from .work import Work
+
+LIMITS = {
+    "max_tasks": (1, 4096),
+    "pool_size": (1, 1 << 24),
+    "payload_size": (0, 1 << 20),
+    "max_procs": (1, 65536),
+    "names_cap": (1, 1 << 20),
+}
+
+_OPEN: "weakref.WeakSet[Domain]" = weakref.WeakSet()
+
+
+def _normalize(name: str) -> str:
+    if not isinstance(name, str) or not name.strip("/"):
+        raise ValueError(f"a domain name must be a non-empty str, got {name!r}")
+    if "/" in name.lstrip("/"):
+        raise ValueError(f"a domain name may not contain '/' after the first character: {name!r}")
+    if len(name.lstrip("/")) > 250:
+        raise ValueError(f"a domain name is at most 250 characters, got {len(name)}")
+    return name if name.startswith("/") else "/" + name
+
+
+def _check_int(key: str, value) -> int:
+    lo, hi = LIMITS[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{key}={value} is out of range: it must be between {lo} and {hi}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """A snapshot of one used task slot (SPEC §7)."""
+
+    id: int
+    pid: int
+    name: str
+    state: str  # running, exiting, exited, dead
+    registered_ns: int
+    generation: int
+    added: int
+    run: int
+    cancelled: int
+    orphaned: int
+    errors: int
+    unknown: int
+    signals_sent: int
+    resumes_sent: int
+    pending: int
+    max_pending: int
+    flags: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+COUNTERS = ("added", "run", "cancelled", "orphaned", "errors", "unknown",
+            "signals_sent", "resumes_sent", "pending", "max_pending")
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainStats:
+    """Pool figures and the counters of every task summed (SPEC §7).
+
+    ``pool_free`` counts nodes whose owner word says free: exact once nothing
+    is in flight (every added work run, cancelled, reclaimed or dropped)."""
+
+    pool_size: int
+    pool_free: int
+    pool_used: int
+    tasks: int
+    dead_letters: int
+    added: int
+    run: int
+    cancelled: int
+    orphaned: int
+    errors: int
+    unknown: int
+    signals_sent: int
+    resumes_sent: int
+    pending: int
+    max_pending: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Domain:
+    """A mapped task-work domain. Use :meth:`create`, :meth:`open` or
+    :meth:`open_or_create`; a context manager that closes (never unlinks)."""
+
+    _d = None
+    _closed = True
+    name = None
+
+    def __init__(self, name: str, d, *, created: bool):
+        self.name = name
+        self._d = d
+        self._closed = False
+        self.created = created
+        self.max_tasks = d.max_tasks
+        self.pool_size = d.pool_size
+        self.payload_size = d.payload_size
+        self.max_procs = d.max_procs
+        self.record_origin = bool(d.record_origin)
+        self._names_put: set[int] = set()
+        self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
+        self._current = None
+        self._pbuf = ffi.new("char[]", max(1, self.payload_size))
+        self._obuf = ffi.new("char[]", lib.TW_ORIGIN_LEN)
+        self._wi = ffi.new("struct tw_work_info *")
+        self._wid = ffi.new("uint64_t *")
+        _OPEN.add(self)
+
+    # ---- life cycle -------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, *, max_tasks: int = 64, pool_size: int = 65536,
+               payload_size: int = 224, mode: int = 0o600, record_origin: bool = False,
+               max_procs: int | None = None, names_cap: int = 1024) -> "Domain":
+        """Create a domain; ``FileExistsError`` if the name is taken.
+
+        ``max_procs`` bounds the processes that may allocate works at once
+        (adders and tasks); it defaults to ``4 * max_tasks + 64``."""
+        name = _normalize(name)
+        _check_int("max_tasks", max_tasks)
+        _check_int("pool_size", pool_size)
+        _check_int("payload_size", payload_size)
+        if max_procs is None:
+            max_procs = min(65536, 4 * max_tasks + 64)
+        _check_int("max_procs", max_procs)
+        _check_int("names_cap", names_cap)
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
+        size = lib.tw_layout_size(max_tasks, pool_size, payload_size, max_procs, names_cap,
+                                  int(bool(record_origin)))
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=size)
+        except posix_ipc.ExistentialError as exc:
+            raise FileExistsError(f"domain {name!r} already exists") from exc
+        try:
+            # The creator's umask must not narrow the mode it asked for.
+            os.fchmod(shm.fd, mode)
+            d = ffi.new("struct tw_dom *")
+            with mmap.mmap(shm.fd, size) as m:
+                buf = ffi.from_buffer(m)
+                rc = lib.tw_format(buf, size, max_tasks, pool_size, payload_size, max_procs,
+                                   names_cap, int(bool(record_origin)), time.monotonic_ns())
+                ffi.release(buf)
+            check(rc, f"format domain {name!r}")
+            check(lib.tw_map(d, shm.fd, size), f"map domain {name!r}")
+        except BaseException:
+            shm.close_fd()
+            try:
+                shm.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+            raise
+        shm.close_fd()
+        return cls(name, d, created=True)
+
+    @classmethod
+    def open(cls, name: str) -> "Domain":
+        """Map an existing domain; ``FileNotFoundError`` if there is none,
+        ``DomainCorruptError`` if its header is not one this build can use."""
+        name = _normalize(name)
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError as exc:
+            raise FileNotFoundError(f"no domain named {name!r}") from exc
+        size = shm.size  # read before close_fd()
+        try:
+            head = os.pread(shm.fd, 16, 0)
+            d = ffi.new("struct tw_dom *")
+            rc = lib.tw_map(d, shm.fd, size)
+        finally:
+            shm.close_fd()
+        if rc < 0:
+            magic = head[:8]
+            version = struct.unpack_from("<I", head, 8)[0] if len(head) >= 12 else None
+            if -rc == errno.EPROTO:  # our magic, another layout
+                raise DomainCorruptError(
+                    f"domain {name!r} has layout version {version} (node header and slot "
+                    f"sizes of that build); this build uses layout version "
+                    f"{_native.LAYOUT_VERSION}: use the same shm_taskwork version everywhere")
+            if magic != b"SHMTWRK\x01":
+                raise DomainCorruptError(
+                    f"{name!r} is not a task-work domain (magic {magic!r}, expected b'SHMTWRK\\x01')")
+            check(rc, f"open domain {name!r}")
+        return cls(name, d, created=False)
+
+    @classmethod
+    def open_or_create(cls, name: str, **create_options) -> "Domain":
+        for _ in range(20):
+            try:
+                return cls.open(name)
+            except FileNotFoundError:
+                pass
+            try:
+                return cls.create(name, **create_options)
+            except FileExistsError:
+                pass
+        raise TaskWorkError(f"domain {name!r} was created and removed repeatedly meanwhile")
+
+    def unlink(self) -> None:
+        """Remove the name. Mappings (this one included) stay valid until closed."""
+        if self.name is None:
+            return
+        try:
+            posix_ipc.unlink_shared_memory(self.name)
+        except posix_ipc.ExistentialError:
+            pass
+
+    def close(self) -> None:
+        """Exit this process's task here (if any) and unmap. Idempotent."""
+        if self._closed:
+            return
+        cur = self._current
+        if cur is not None:
+            try:
+                cur.exit()
+            except TaskWorkError:
+                pass
+        for pidfd, efd in self._peer.values():
+            for fd in (pidfd, efd):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+        self._peer.clear()
+        self._closed = True
+        lib.tw_proc_release(self._d)
+        lib.tw_unmap(self._d)
+        _OPEN.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.max_tasks} tasks, {self.pool_size} nodes"
+        return f"<Domain {self.name!r} {state}>"
+
+    @property
+    def d(self):
+        if self._closed:
+            raise ValueError(f"domain {self.name!r} is closed")
+        return self._d
+
+    # ---- names ------------------------------------------------------------
+
+    def _put_name(self, fid: int, name: str) -> None:
+        if fid in self._names_put:
+            return
+        raw = name.encode()
+        rc = lib.tw_name_put(self.d, fid, raw, len(raw))
+        if rc == 0:
+            self._names_put.add(fid)
+        # ENOSPC: the table is full; the work still runs, tools show the id.
+
+    def func_name(self, fid: int) -> str:
+        local = callbacks.name_of(fid)
+        if local is not None:
+            return local
+        buf = ffi.new("char[]", 128)
+        n = lib.tw_name_get(self.d, fid, buf, 128)
+        if n >= 0:
+            return ffi.string(buf, n).decode(errors="replace")
+        return f"<unknown {fid:#018x}>"
+
+    # ---- slots ------------------------------------------------------------
+
+    def _slot(self, i: int):
+        return ffi.cast("struct tw_slot *", self.d.base + self.d.slots_off
+                        + i * ffi.sizeof("struct tw_slot"))
+
+    def _slot_alive(self, s) -> bool:
+        pid = s.pid
+        if pid <= 0:
+            return False
+        return _native.start_ticks(pid) == s.start_ticks and _pid_running(pid)
+
+    def _slot_state(self, s) -> str:
+        st = _native.SLOT_STATES.get(s.state, "corrupt")
+        if st == "exited":
+            return "exited"
+        if st in ("running", "exiting", "claiming") and not self._slot_alive(s):
+            return "dead"
+        if st == "running" and s.flags & lib.TW_F_EXITING:
+            return "exiting"
+        return st
+
+    # ---- registration -----------------------------------------------------
+
+    def register(self, name: str | None = None, *, signum: int = signal.SIGUSR1,
+                 install_handler: bool = True):
+        """Register this process as a task of the domain; returns its Task."""
+        from .task import Task  # task.py imports domain.py
+        return Task._register(self, name, signum, install_handler)
+
+    @property
+    def current(self):
+        """This process's task in this domain, or None."""
+        cur = self._current
+        if cur is not None and cur.pid == os.getpid() and not cur._exited:
+            return cur
+        return None
+
+    def task(self, key: int | None = None, *, pid: int | None = None, name: str | None = None):
+        """A handle to a registered task: by id (slot), ``pid=`` or ``name=``."""
+        from .task import Task
+        given = sum(x is not None for x in (key, pid, name))
+        if given != 1:
+            raise TypeError("task() takes exactly one of: a task id, pid=..., name=...")
+        if key is not None:
+            if isinstance(key, bool) or not isinstance(key, int):
+                raise TypeError(f"a task id is an int, got {type(key).__name__}")
+            if not 0 <= key < self.max_tasks:
+                raise NoSuchTaskError(
+                    f"no task {key}: task ids are 0..{self.max_tasks - 1} in domain {self.name!r}")
+            s = self._slot(key)
+            if s.state in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING, lib.TW_SLOT_EXITED) and s.gen:
+                return Task(self, key, s.gen, s.pid, ffi.string(s.name).decode(errors="replace"))
+            raise NoSuchTaskError(f"no task {key} in domain {self.name!r} (the slot is free)")
+        for i in range(self.max_tasks):
+            s = self._slot(i)
+            if s.state not in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING):
+                continue
+            sname = ffi.string(s.name).decode(errors="replace")
+            if (pid is not None and s.pid == pid) or (name is not None and sname == name):
+                return Task(self, i, s.gen, s.pid, sname)
+        what = f"pid={pid}" if pid is not None else f"name={name!r}"
+        raise NoSuchTaskError(f"no running task with {what} in domain {self.name!r}")
+
+    # ---- observability ----------------------------------------------------
+
+    def tasks(self) -> list[TaskInfo]:
+        """A snapshot of every used slot."""
+        out = []
+        for i in range(self.max_tasks):
+            s = self._slot(i)
+            if s.state == lib.TW_SLOT_FREE or s.gen == 0:
+                continue
+            c = s.c
+            pending = lib.tw_pending(self.d, i, s.gen)
+            out.append(TaskInfo(
+                id=i, pid=s.pid, name=ffi.string(s.name).decode(errors="replace"),
+                state=self._slot_state(s), registered_ns=s.registered_ns, generation=s.gen,
+                added=c.added, run=c.run, cancelled=c.cancelled, orphaned=c.orphaned,
+                errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
+                resumes_sent=c.resumes_sent, pending=max(0, pending),
+                max_pending=c.max_pending, flags=s.flags))
+        return out
+
+    def stats(self) -> DomainStats:
+        infos = self.tasks()
+        free = lib.tw_pool_free_count(self.d)
+        hdr = ffi.cast("struct tw_header *", self.d.base)
+        sums = {k: sum(getattr(t, k) for t in infos) for k in COUNTERS}
+        return DomainStats(pool_size=self.pool_size, pool_free=free,
+                           pool_used=self.pool_size - free,
+                           tasks=sum(1 for t in infos if t.state != "exited"),
+                           dead_letters=int(hdr.dl_count), **sums)
+
+    # ---- reading works ----------------------------------------------------
+
+    def _read(self, node: int, gen: int, state: str) -> Work | None:
+        wi = self._wi
+        rc = lib.tw_read_work(self.d, node, gen, wi, self._pbuf, self._obuf)
+        if rc < 0:
+            return None
+        return self._work_from(wi, state)
+
+    def _work_from(self, wi, state: str) -> Work:
+        origin = None
+        if wi.origin_len:
+            origin = ffi.unpack(self._obuf, wi.origin_len).decode(errors="replace")
+        return Work(self.func_name(wi.func_id), wi.func_id,
+                    ffi.unpack(self._pbuf, wi.payload_len) if wi.payload_len else b"",
+                    sender_pid=wi.sender_pid, target=wi.target, target_gen=wi.target_gen,
+                    enqueued_ns=wi.enqueued_ns, origin=origin,
+                    id=(wi.gen << 32) | wi.node, domain=self.name, state=state)
+
+    def pending_works(self, task_id: int) -> list[Work]:
+        """The pending works of one task, newest first (a snapshot)."""
+        s = self._slot(task_id) if 0 <= task_id < self.max_tasks else None
+        if s is None:
+            raise NoSuchTaskError(f"no task {task_id}: ids are 0..{self.max_tasks - 1}")
+        n = self.pool_size
+        nodes = ffi.new("uint32_t[]", n)
+        gens = ffi.new("uint32_t[]", n)
+        cnt = lib.tw_snapshot(self.d, task_id, s.gen, nodes, gens, n)
+        if cnt < 0:
+            if -cnt == errno.ESRCH:
+                return []
+            check(cnt, "pending_works")
+        out = []
+        for k in range(min(cnt, n)):
+            w = self._read(nodes[k], gens[k], "pending")
+            if w is not None:
+                out.append(w)
+        return out
+
+    # ---- dead letters -----------------------------------------------------
+
+    def _dl_nodes(self) -> list[int]:
+        n = self.pool_size
+        buf = ffi.new("uint32_t[]", n)
+        cnt = check(lib.tw_dl_list(self.d, buf, n), "dead letters")
+        return [buf[k] for k in range(min(cnt, n))]
+
+    def dead_letters(self) -> list[Work]:
+        """Works whose callback was unknown to the process that ran them."""
+        out = []
+        o = ffi.new("uint64_t *")
+        for node in self._dl_nodes():
+            lib.tw_node_state(self.d, node, o)
+            w = self._read(node, _native.owner_gen(o[0]), "dead-letter")
+            if w is not None:
+                out.append(w)
+        return out
+
+    def drop_dead_letters(self) -> int:
+        """Return every dead letter's node to the pool; the count dropped."""
+        dropped = 0
+        for w in self.dead_letters():
+            if check(lib.tw_dl_take(self.d, w.node, w.id >> 32), "drop dead letter") == 1:
+                check(lib.tw_dl_done(self.d, w.node, lib.TW_OUT_OK), "drop dead letter")
+                dropped += 1
+        return dropped
+
+    def retry_dead_letters(self) -> int:
+        """Run the dead letters whose callback this process knows; the count run.
+        A callback that raises is logged and its node freed, as in run()."""
+        from .task import log_callback_error
+        ran = 0
+        for w in self.dead_letters():
+            fn = callbacks.lookup(w.func_id)
+            if fn is None:
+                continue
+            if check(lib.tw_dl_take(self.d, w.node, w.id >> 32), "retry dead letter") != 1:
+                continue
+            w.state = "running"
+            try:
+                fn(w)
+            except Exception as exc:
+                log_callback_error(w, exc)
+            finally:
+                check(lib.tw_dl_done(self.d, w.node, lib.TW_OUT_OK), "retry dead letter")
+            ran += 1
+        return ran
+
+    # ---- fsck -------------------------------------------------------------
+
+    def fsck(self, *, repair: bool = False):
+        """Find (and with ``repair=True`` reclaim) what dead processes held. §6."""
+        from .fsck import fsck
+        return fsck(self, repair=repair)
+
+
+def _pid_running(pid: int) -> bool:
+    """True if pid exists and is not a zombie (psutil)."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _after_fork_in_child() -> None:
+    for dom in list(_OPEN):
+        if not dom._closed:
+            dom._d.my_proc = -1
+            dom._current = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

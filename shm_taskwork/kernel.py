@@ -1,0 +1,68 @@
+"""The kernel's names, returning the kernel's values instead of raising.
+
+For code ported from kernel/task_work.c: ``task_work_add`` returns 0 or a
+negative errno, the cancel functions return the removed work or None.
+"""
+from __future__ import annotations
+
+import errno
+
+from . import callbacks
+from .domain import _OPEN
+from .errors import (InvalidModeError, PayloadTooLargeError, PoolExhaustedError,
+                     TaskExitedError)
+from .work import Work
+
+
+def init_task_work(func, payload=b"") -> Work:
+    """An unqueued work (init_task_work)."""
+    fid, name = callbacks.resolve(func)
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes-like, got {type(payload).__name__}")
+    return Work(name, fid, bytes(payload))
+
+
+def task_work_add(task, work: Work, notify) -> int:
+    """Queue ``work`` on ``task``. RETURNS: 0, -ESRCH (the task exited),
+    -EINVAL (bad notify mode), -ENOMEM (pool empty) or -E2BIG (payload too
+    large). On success ``work`` becomes the queued work (its id is set)."""
+    try:
+        got = task.add(work.func_name, work.payload, notify)
+    except TaskExitedError:
+        return -errno.ESRCH
+    except InvalidModeError:
+        return -errno.EINVAL
+    except PoolExhaustedError:
+        return -errno.ENOMEM
+    except PayloadTooLargeError:
+        return -errno.E2BIG
+    for attr in ("sender_pid", "target", "target_gen", "enqueued_ns", "origin", "id",
+                 "domain", "state"):
+        setattr(work, attr, getattr(got, attr))
+    return 0
+
+
+def task_work_run() -> None:
+    """Run the calling process's task in every domain it joined."""
+    for dom in list(_OPEN):
+        if not dom._closed:
+            cur = dom.current
+            if cur is not None:
+                cur.run()
+
+
+def task_work_pending(task) -> bool:
+    return task.pending() > 0
+
+
+def task_work_cancel_match(task, match, data) -> Work | None:
+    """Remove the newest pending work with ``match(work, data)`` true."""
+    return task.cancel_match(lambda w: match(w, data))
+
+
+def task_work_cancel_func(task, func) -> Work | None:
+    return task.cancel_func(func)
+
+
+def task_work_cancel(task, work: Work) -> bool:
+    return task.cancel(work)

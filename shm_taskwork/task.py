@@ -1,0 +1,622 @@
+"""Task: one registration of a process in a domain, and the notifications.
+
+Why no lock is needed on the add path: a work is pushed onto the task's list
+with one compare-and-swap in the native core (a Treiber push), and the
+notification that follows is decided by a fetch-or on the slot's flag word:
+only the adder that turns NOTIFY_RESUME (or NOTIFY_SIGNAL) from 0 to 1 writes
+the eventfd (or sends the signal). The runner clears the flags *before* it
+detaches the list, so an adder whose push lands after the detach finds the
+flag clear and notifies again: coalescing never loses a wake-up.
+
+Getting at another process's eventfd: ``pidfd_getfd(2)`` where the kernel
+allows it (same user, ptrace access); otherwise the task's own process hands
+the descriptor over a Unix socket with SCM_RIGHTS after checking the peer's
+uid with SO_PEERCRED (hosts with Yama ptrace_scope >= 1). Setting
+``SHM_TASKWORK_FD_PASSING=scm`` in the sender forces the socket path.
+
+Signals: SIGNAL sends the task's signal (SIGUSR1) through a pidfd that was
+checked, after it was opened, to still be the registered process (pid plus
+start time): a corrupt slot can never make us signal a stranger. The handler
+runs in the main thread between bytecodes; it runs the works, never nests a
+run (a run in progress picks the new works up) and wakes a concurrent wait().
+"""
+from __future__ import annotations
+
+import atexit
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+
+from . import _native, callbacks
+from ._native import check, ffi, lib
+from .constants import TWA_NMI_CURRENT, TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
+from .errors import (InvalidModeError, NotCurrentTaskError, PayloadTooLargeError,
+                     PoolExhaustedError, TaskExitedError, TaskWorkError)
+from .work import Work
+
+log = logging.getLogger("shm_taskwork")
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_F_NOTIFY = lib.TW_F_NOTIFY_RESUME | lib.TW_F_NOTIFY_SIGNAL
+
+# signum -> tasks of this process that want it; signum -> the handler we replaced
+_SIGNAL_TASKS: dict[int, list["Task"]] = {}
+_PREV_HANDLERS: dict[int, object] = {}
+
+
+def log_callback_error(work: Work, exc: BaseException) -> None:
+    where = f" (queued at {work.origin})" if work.origin else ""
+    log.error("callback %s failed for work %#x%s: %r", work.func_name, work.id or 0, where, exc,
+              exc_info=exc)
+
+
+def _origin() -> bytes:
+    """``file:line in function (pid N)`` of the first caller outside this package."""
+    f = sys._getframe(2)
+    while f is not None and os.path.dirname(os.path.abspath(f.f_code.co_filename)) == _PKG_DIR:
+        f = f.f_back
+    if f is None:
+        return b""
+    text = f"{f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name} (pid {os.getpid()})"
+    raw = text.encode(errors="replace")
+    return raw if len(raw) <= lib.TW_ORIGIN_LEN else b"..." + raw[-(lib.TW_ORIGIN_LEN - 3):]
+
+
+def _socket_name(dom, slot: int, gen: int) -> bytes:
+    return f"\0shm_taskwork{dom.name}/{slot}/{gen}".encode()
+
+
+class _FdServer(threading.Thread):
+    """Hands the task's eventfd to local peers of the same uid (SCM_RIGHTS)."""
+
+    def __init__(self, address: bytes, efd: int):
+        super().__init__(name="shm_taskwork-fd-server", daemon=True)
+        self.efd = efd
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(address)
+        self.sock.listen(16)
+        self._stop = False
+
+    def run(self):
+        import struct
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                           struct.calcsize("3i"))
+                    _pid, uid, _gid = struct.unpack("3i", cred)
+                    if uid != os.getuid() and uid != 0:
+                        conn.sendall(b"N")
+                        continue
+                    socket.send_fds(conn, [b"E"], [self.efd])
+                except OSError:
+                    pass
+
+    def stop(self):
+        self._stop = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _fetch_efd_scm(address: bytes) -> int:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(2.0)
+        s.connect(address)
+        msg, fds, _flags, _addr = socket.recv_fds(s, 16, 1)
+        if msg != b"E" or not fds:
+            raise PermissionError("the task refused to hand over its eventfd (uid differs)")
+        return fds[0]
+
+
+class Task:
+    """A handle to one registration (slot id + generation)."""
+
+    def __init__(self, dom, slot: int, gen: int, pid: int, name: str):
+        self._dom = dom
+        self.id = slot
+        self.gen = gen
+        self.pid = pid
+        self.name = name
+        self._own = False
+        self._exited = False
+
+    # ---- registration -----------------------------------------------------
+
+    @classmethod
+    def _register(cls, dom, name, signum, install_handler):
+        if dom.current is not None:
+            raise TaskWorkError(
+                f"this process is already task {dom.current.id} of domain {dom.name!r}; "
+                "a process plays one task per domain")
+        if name is not None and (not isinstance(name, str) or len(name.encode()) >= lib.TW_NAME_LEN):
+            raise ValueError(f"a task name is a str of at most {lib.TW_NAME_LEN - 1} bytes, got {name!r}")
+        try:
+            signum = signal.Signals(signum)
+        except ValueError:
+            raise ValueError(f"signum={signum!r} is not a signal number") from None
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError("signum must be a catchable signal (not SIGKILL or SIGSTOP)")
+        if install_handler and threading.current_thread() is not threading.main_thread():
+            raise ValueError("register(install_handler=True) must be called from the main thread "
+                             "(Python runs signal handlers there)")
+        pid = os.getpid()
+        name = name or f"pid{pid}"
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        gen = ffi.new("uint32_t *")
+        rc = lib.tw_register(dom.d, name.encode(), int(signum), efd, os.getuid(),
+                             time.monotonic_ns(), gen)
+        if rc < 0:
+            os.close(efd)
+            if -rc == errno.ENOSPC:
+                raise TaskWorkError(
+                    f"all {dom.max_tasks} task slots of domain {dom.name!r} are in use "
+                    f"(max_tasks={dom.max_tasks}); run fsck --repair to free slots of dead tasks",
+                    errno=errno.ENOSPC)
+            check(rc, "register")
+        t = cls(dom, rc, gen[0], pid, name)
+        t._own = True
+        t._efd = efd
+        t._signum = int(signum)
+        t._in_run = False
+        t._rerun = False
+        t._waiting = False
+        t._ran_total = 0
+        t._batch: list[int] = []
+        t._out = ffi.new("uint32_t[]", dom.pool_size)
+        try:
+            t._server = _FdServer(_socket_name(dom, t.id, t.gen), efd)
+            t._server.start()
+        except OSError:
+            t._server = None
+        if install_handler:
+            _install_handler(t._signum, t)
+        t._handler = install_handler
+        atexit.register(t._atexit)
+        dom._current = t
+        return t
+
+    # ---- identity ---------------------------------------------------------
+
+    @property
+    def is_current(self) -> bool:
+        return self._own and self.pid == os.getpid() and not self._exited
+
+    @property
+    def domain(self):
+        return self._dom
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id} {self.name!r} pid={self.pid} gen={self.gen}>"
+
+    def __eq__(self, other):
+        return (isinstance(other, Task) and other._dom is self._dom and other.id == self.id
+                and other.gen == self.gen)
+
+    def __hash__(self):
+        return hash((id(self._dom), self.id, self.gen))
+
+    def _require_current(self, what: str) -> None:
+        if not self.is_current:
+            if self._own and self._exited:
+                raise TaskExitedError(f"{what}: task {self.id} has exited")
+            raise NotCurrentTaskError(
+                f"{what} is only for the task's own process: task {self.id} belongs to pid "
+                f"{self.pid}, this is pid {os.getpid()}")
+
+    # ---- notification plumbing (sender side) --------------------------------
+
+    def _peer(self) -> tuple[int, int]:
+        """(pidfd, efd) for notifying this task; (-1, -1) until first needed."""
+        if self.is_current:
+            return -1, self._efd
+        return self._dom._peer.get((self.id, self.gen), (-1, -1))
+
+    def _acquire_peer(self) -> tuple[int, int]:
+        dom = self._dom
+        key = (self.id, self.gen)
+        got = dom._peer.get(key)
+        if got is not None and got[0] >= 0 and got[1] >= 0:
+            return got
+        s = dom._slot(self.id)
+        pid, start, efd_num = int(s.pid), int(s.start_ticks), int(s.efd)
+        if s.gen != self.gen or pid <= 0:
+            return -1, -1
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return -1, -1
+        # The pidfd pins the process: if the start time still matches now, it
+        # is the registrant, and it stays so for as long as we hold the pidfd.
+        if _native.start_ticks(pid) != start:
+            os.close(pidfd)
+            return -1, -1
+        efd = -1
+        if os.environ.get("SHM_TASKWORK_FD_PASSING") != "scm":
+            rc = lib.tw_pidfd_getfd(pidfd, efd_num)
+            efd = rc if rc >= 0 else -1
+        if efd < 0:
+            try:
+                efd = _fetch_efd_scm(_socket_name(dom, self.id, self.gen))
+            except OSError as exc:
+                log.debug("cannot obtain the eventfd of task %d: %r", self.id, exc)
+                efd = -1
+        dom._peer[key] = (pidfd, efd)
+        return pidfd, efd
+
+    def _deliver(self, due: int) -> None:
+        """Perform the notification tw_add found due but could not do itself."""
+        if self.is_current:
+            if due & lib.TW_DUE_EVENTFD and not due & lib.TW_DONE_EVENTFD:
+                lib.tw_eventfd_write(self._efd)
+            if due & lib.TW_DUE_SIGNAL and not due & lib.TW_DONE_SIGNAL:
+                os.kill(self.pid, self._signum)
+            return
+        pidfd, efd = self._acquire_peer()
+        if due & lib.TW_DUE_EVENTFD and not due & lib.TW_DONE_EVENTFD and efd >= 0:
+            lib.tw_eventfd_write(efd)
+        if due & lib.TW_DUE_SIGNAL and not due & lib.TW_DONE_SIGNAL and pidfd >= 0:
+            lib.tw_pidfd_send(pidfd, self._dom._slot(self.id).signum)
+
+    def _signum_for_add(self) -> int:
+        return self._signum if self._own else int(self._dom._slot(self.id).signum)
+
+    # ---- add ----------------------------------------------------------------
+
+    def _add_error(self, rc: int, notify, size: int, what: str):
+        e = -rc
+        dom = self._dom
+        if e == errno.EINVAL:
+            raise InvalidModeError(
+                f"{what}: notify={notify!r} is not valid here: use {VALID_MODES}", errno=e)
+        if e == errno.E2BIG:
+            raise PayloadTooLargeError(
+                f"{what}: payload of {size} bytes is larger than the domain's payload_size "
+                f"({dom.payload_size} bytes); nothing was queued", errno=e)
+        if e == errno.ENOMEM:
+            raise PoolExhaustedError(
+                f"{what}: the work pool of domain {dom.name!r} is empty (pool_size="
+                f"{dom.pool_size}); nothing was queued", errno=e)
+        if e == errno.ESRCH:
+            raise TaskExitedError(
+                f"{what}: task {self.id} ({self.name}) has exited and accepts no more work (ESRCH)")
+        check(rc, what, limit=f"max_procs={dom.max_procs}")
+
+    def add(self, func, payload=b"", notify: int = TWA_RESUME) -> Work:
+        """Queue ``func(work)`` on this task (task_work_add). Lock-free."""
+        fid, fname = callbacks.resolve(func)
+        if not isinstance(payload, bytes):
+            payload = _as_bytes(payload)
+        if isinstance(notify, bool) or not isinstance(notify, int):
+            raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
+        dom = self._dom
+        dom._put_name(fid, fname)
+        origin = _origin() if dom.record_origin and not notify & TWAF_NO_ALLOC else b""
+        pidfd, efd = self._peer()
+        wid = dom._wid
+        rc = lib.tw_add(dom.d, self.id, self.gen, fid, payload, len(payload), notify, origin,
+                        len(origin), efd, pidfd, self._signum_for_add(), 0,
+                        1 if self.is_current else 0, wid)
+        if rc < 0:
+            self._add_error(rc, notify, len(payload), "add")
+        if rc & (lib.TW_DUE_EVENTFD | lib.TW_DUE_SIGNAL) and not rc & (lib.TW_DONE_EVENTFD | lib.TW_DONE_SIGNAL):
+            self._deliver(rc)
+        return Work(fname, fid, payload, sender_pid=os.getpid(), target=self.id,
+                    target_gen=self.gen, enqueued_ns=0,
+                    origin=origin.decode(errors="replace") if origin else None,
+                    id=wid[0], domain=dom.name, state="pending")
+
+    def add_many(self, func, payloads, notify: int = TWA_RESUME) -> list[Work]:
+        """Queue one work per payload with a single push and one notification.
+        The last payload is the newest (it runs first, as if added last)."""
+        fid, fname = callbacks.resolve(func)
+        items = [p if isinstance(p, bytes) else _as_bytes(p) for p in payloads]
+        if isinstance(notify, bool) or not isinstance(notify, int):
+            raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
+        if not items:
+            return []
+        dom = self._dom
+        dom._put_name(fid, fname)
+        origin = _origin() if dom.record_origin and not notify & TWAF_NO_ALLOC else b""
+        keep = [ffi.from_buffer(p) for p in items]
+        ptrs = ffi.new("char *[]", keep)
+        lens = ffi.new("uint32_t[]", [len(p) for p in items])
+        ids = ffi.new("uint64_t[]", len(items))
+        pidfd, efd = self._peer()
+        rc = lib.tw_add_many(dom.d, self.id, self.gen, fid, ptrs, lens, len(items), notify,
+                             origin, len(origin), efd, pidfd, self._signum_for_add(), 0,
+                             1 if self.is_current else 0, ids)
+        if rc < 0:
+            big = max(len(p) for p in items)
+            self._add_error(rc, notify, big, "add_many")
+        if rc & (lib.TW_DUE_EVENTFD | lib.TW_DUE_SIGNAL) and not rc & (lib.TW_DONE_EVENTFD | lib.TW_DONE_SIGNAL):
+            self._deliver(rc)
+        o = origin.decode(errors="replace") if origin else None
+        return [Work(fname, fid, p, sender_pid=os.getpid(), target=self.id, target_gen=self.gen,
+                     origin=o, id=ids[i], domain=dom.name, state="pending")
+                for i, p in enumerate(items)]
+
+    # ---- cancel -------------------------------------------------------------
+
+    def _cancel(self, mode: int, key: int, what: str) -> Work | None:
+        dom = self._dom
+        rc = lib.tw_cancel(dom.d, self.id, self.gen, mode, key, dom._wi, dom._pbuf, dom._obuf)
+        if rc == -errno.ESRCH:
+            return None
+        check(rc, what)
+        if rc == 0:
+            return None
+        return dom._work_from(dom._wi, "cancelled")
+
+    def cancel(self, work: Work) -> bool:
+        """task_work_cancel(): True iff ``work`` was pending and is now removed.
+        Matches node *and* generation: never a later work on the same node."""
+        if not isinstance(work, Work):
+            raise TypeError(f"cancel() takes a Work, got {type(work).__name__}")
+        if (work.id is None or work.domain != self._dom.name or work.target != self.id
+                or work.target_gen != self.gen):
+            return False
+        return self._cancel(0, work.id, "cancel") is not None
+
+    def cancel_func(self, func) -> Work | None:
+        """task_work_cancel_func(): remove the most recently queued pending work
+        of ``func``; the removed Work, or None."""
+        fid, _ = callbacks.resolve(func)
+        return self._cancel(1, fid, "cancel_func")
+
+    def cancel_match(self, pred) -> Work | None:
+        """task_work_cancel_match(): remove the newest pending work for which
+        ``pred(work)`` is true; the removed Work, or None.
+
+        ``pred`` is Python code, so it is not run under the task's pi_lock (a
+        slow predicate must not stall the task's runner): it is evaluated on a
+        snapshot taken under the lock, newest first, and the first match is
+        then removed by exact node and generation under the lock. If that work
+        was run meanwhile, the next match is tried."""
+        if not callable(pred):
+            raise TypeError("cancel_match() needs a callable predicate")
+        dom = self._dom
+        n = dom.pool_size
+        nodes = ffi.new("uint32_t[]", n)
+        gens = ffi.new("uint32_t[]", n)
+        cnt = lib.tw_snapshot(dom.d, self.id, self.gen, nodes, gens, n)
+        if cnt == -errno.ESRCH:
+            return None
+        check(cnt, "cancel_match")
+        for k in range(min(cnt, n)):
+            w = dom._read(nodes[k], gens[k], "pending")
+            if w is None or not pred(w):
+                continue
+            got = self._cancel(0, w.id, "cancel_match")
+            if got is not None:
+                return got
+        return None
+
+    def pending(self) -> int:
+        """Works queued now (a snapshot, counted under the task's pi_lock)."""
+        rc = lib.tw_pending(self._dom.d, self.id, self.gen)
+        if rc == -errno.ESRCH:
+            return 0
+        return check(rc, "pending")
+
+    # ---- run (own task only) --------------------------------------------------
+
+    def run(self, *, raise_errors: bool = False) -> int:
+        """task_work_run(): run every queued work, newest first, including those
+        the callbacks add meanwhile. Returns the number of works run."""
+        self._require_current("run")
+        if self._in_run:
+            # A signal arrived while a callback ran: the outer run picks the
+            # new works up (its loop detaches until the list is empty).
+            self._rerun = True
+            return 0
+        self._in_run = True
+        errs: list[BaseException] = []
+        ran = 0
+        try:
+            while True:
+                if not self._batch:
+                    self._rerun = False
+                    n = self._detach()
+                    if n == 0:
+                        if self._rerun:
+                            continue
+                        break
+                ran += self._run_batch(errs)
+        finally:
+            self._in_run = False
+        self._ran_total += ran
+        if raise_errors and errs:
+            raise ExceptionGroup(f"{len(errs)} task-work callback(s) raised", errs)
+        return ran
+
+    def _detach(self) -> int:
+        dom = self._dom
+        # Drain before clearing, clear before detaching: an adder that pushes
+        # after the detach sees the flag clear and writes the eventfd again.
+        lib.tw_eventfd_drain(self._efd)
+        lib.tw_flags_clear(dom.d, self.id, _F_NOTIFY)
+        n = lib.tw_detach(dom.d, self.id, self.gen, self._out, dom.pool_size)
+        if n == -errno.ESRCH:
+            return 0
+        check(n, "run")
+        # Newest first; popped from the end.
+        self._batch = [self._out[i] for i in range(n - 1, -1, -1)]
+        return n
+
+    def _run_batch(self, errs: list) -> int:
+        dom = self._dom
+        d, slot, wi, pbuf, obuf = dom.d, self.id, dom._wi, dom._pbuf, dom._obuf
+        batch = self._batch
+        ran = 0
+        while batch:
+            node = batch.pop()
+            check(lib.tw_step(d, slot, lib.TW_NIL, 0, node, wi, pbuf, obuf), "run")
+            fn = callbacks.lookup(wi.func_id)
+            outcome = lib.TW_OUT_OK
+            if fn is None:
+                work = dom._work_from(wi, "dead-letter")
+                outcome = lib.TW_OUT_UNKNOWN
+                log.warning("work %#x for unknown callback %s kept as a dead letter", work.id,
+                            work.func_name)
+            else:
+                work = dom._work_from(wi, "running")
+                try:
+                    _native.lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
+                    fn(work)
+                    ran += 1
+                except Exception as exc:
+                    outcome = lib.TW_OUT_ERROR
+                    ran += 1
+                    log_callback_error(work, exc)
+                    errs.append(exc)
+                except BaseException:
+                    # KeyboardInterrupt/SystemExit: finish this node, keep the
+                    # rest of the batch for the next run() and let it propagate.
+                    check(lib.tw_step(d, slot, node, lib.TW_OUT_ERROR, lib.TW_NIL, wi, pbuf, obuf), "run")
+                    raise
+            check(lib.tw_step(d, slot, node, outcome, lib.TW_NIL, wi, pbuf, obuf), "run")
+        return ran
+
+    def checkpoint(self) -> int:
+        """Cheap: run only if a notify flag is set (or a batch was left over)."""
+        self._require_current("checkpoint")
+        if self._batch or lib.tw_flags_get(self._dom.d, self.id) & _F_NOTIFY:
+            return self.run()
+        return 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until work is notified (or ``timeout`` seconds pass), run it.
+        Returns the works run during the call, those the signal handler ran
+        included. Never runs anything inside a signal handler for RESUME."""
+        self._require_current("wait")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+        start = self._ran_total
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._waiting = True
+        try:
+            while True:
+                self.checkpoint()
+                if self._ran_total > start:
+                    return self._ran_total - start
+                if deadline is None:
+                    remaining = None
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return 0
+                select.select([self._efd], [], [], remaining)
+        finally:
+            self._waiting = False
+
+    def fileno(self) -> int:
+        """The task's eventfd: readable when RESUME work waits."""
+        self._require_current("fileno")
+        return self._efd
+
+    # ---- exit ---------------------------------------------------------------
+
+    def exit(self) -> None:
+        """PF_EXITING: run until the list is empty and holds the exited
+        sentinel; from then on every add raises TaskExitedError. Idempotent."""
+        if self._own and self._exited:
+            return
+        self._require_current("exit")
+        dom = self._dom
+        lib.tw_flags_set(dom.d, self.id, lib.TW_F_EXITING)
+        for _ in range(1 << 20):
+            self.run()
+            if lib.tw_slot_check(dom.d, self.id, self.gen) == -errno.ESRCH:
+                break
+        else:  # pragma: no cover - adders outpaced the exit for a million rounds
+            raise TaskWorkError(f"task {self.id} could not drain its list to exit")
+        self._exited = True
+        lib.tw_release_slot(dom.d, self.id, self.gen)
+        if self._server is not None:
+            self._server.stop()
+        if self._handler:
+            _uninstall_handler(self._signum, self)
+        try:
+            atexit.unregister(self._atexit)
+        except Exception:
+            pass
+        os.close(self._efd)
+        if dom._current is self:
+            dom._current = None
+
+    def _atexit(self) -> None:
+        if self.is_current and not self._dom._closed:
+            try:
+                self.exit()
+            except TaskWorkError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.is_current:
+            self.exit()
+
+
+def _as_bytes(payload) -> bytes:
+    try:
+        return bytes(memoryview(payload))
+    except TypeError:
+        raise TypeError(f"payload must be bytes-like, got {type(payload).__name__}; "
+                        "encode objects first (see shm_taskwork.codec)") from None
+
+
+# ---- the signal handler ----------------------------------------------------
+
+def _on_signal(signum, frame):
+    for t in list(_SIGNAL_TASKS.get(signum, ())):
+        if not t.is_current:
+            continue
+        try:
+            if t._in_run:
+                t._rerun = True
+            elif t._batch or lib.tw_flags_get(t._dom.d, t.id) & lib.TW_F_NOTIFY_SIGNAL:
+                t.run()
+            if t._waiting:
+                lib.tw_eventfd_write(t._efd)  # make a concurrent wait() return
+        except TaskWorkError as exc:
+            log.error("task-work signal handler: %r", exc)
+    prev = _PREV_HANDLERS.get(signum)
+    if callable(prev):
+        prev(signum, frame)
+
+
+def _install_handler(signum: int, task: Task) -> None:
+    tasks = _SIGNAL_TASKS.setdefault(signum, [])
+    if not tasks:
+        prev = signal.signal(signum, _on_signal)
+        if prev is not _on_signal:
+            _PREV_HANDLERS[signum] = prev
+    tasks.append(task)
+
+
+def _uninstall_handler(signum: int, task: Task) -> None:
+    tasks = _SIGNAL_TASKS.get(signum, [])
+    if task in tasks:
+        tasks.remove(task)
+    if not tasks and threading.current_thread() is threading.main_thread():
+        prev = _PREV_HANDLERS.pop(signum, signal.SIG_DFL)
+        try:
+            # Keep ignoring a straggling signal instead of dying of it.
+            signal.signal(signum, prev if prev not in (None, signal.SIG_DFL) else signal.SIG_IGN)
+        except (ValueError, TypeError):
+            pass

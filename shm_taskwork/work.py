@@ -1,0 +1,53 @@
+"""Work: what a callback receives and what ``add`` returns."""
+from __future__ import annotations
+
+
+class Work:
+    """One queued (or queueable) work.
+
+    ``id`` is unique per add within a domain: the pool node's generation in the
+    upper 32 bits and the node index in the lower, so a handle never matches a
+    later work that reuses the same node. ``enqueued_ns`` is CLOCK_MONOTONIC.
+    """
+
+    __slots__ = ("func_name", "func_id", "payload", "sender_pid", "target", "target_gen",
+                 "enqueued_ns", "origin", "id", "domain", "state")
+
+    def __init__(self, func_name: str, func_id: int, payload: bytes, *, sender_pid: int = 0,
+                 target: int = -1, target_gen: int = 0, enqueued_ns: int = 0,
+                 origin: str | None = None, id: int | None = None, domain: str | None = None,
+                 state: str = "unqueued"):
+        self.func_name = func_name
+        self.func_id = func_id
+        self.payload = payload
+        self.sender_pid = sender_pid
+        self.target = target
+        self.target_gen = target_gen
+        self.enqueued_ns = enqueued_ns
+        self.origin = origin
+        self.id = id
+        self.domain = domain
+        self.state = state
+
+    @property
+    def node(self) -> int | None:
+        return None if self.id is None else self.id & 0xFFFFFFFF
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "func_name": self.func_name, "payload": self.payload.hex(),
+                "sender_pid": self.sender_pid, "target": self.target,
+                "enqueued_ns": self.enqueued_ns, "origin": self.origin, "state": self.state}
+
+    def __eq__(self, other):
+        if not isinstance(other, Work):
+            return NotImplemented
+        return (self.id is not None and self.id == other.id and self.domain == other.domain
+                and self.target == other.target)
+
+    def __hash__(self):
+        return hash((self.domain, self.target, self.id))
+
+    def __repr__(self) -> str:
+        ident = "unqueued" if self.id is None else f"id={self.id:#x}"
+        return (f"Work({self.func_name!r}, {ident}, target={self.target}, "
+                f"payload={len(self.payload)}B, state={self.state})")
