@@ -306,7 +306,8 @@ int tw_format(void *base, uint64_t size, uint32_t max_tasks, uint32_t pool_size,
     for (uint32_t i = 0; i < max_procs; i++) {
         struct tw_proc *p = (struct tw_proc *)(b + h->procs_off + (uint64_t)i * sizeof(*p));
         p->pid = 0;
-        p->pop_intent = ~0ull;
+        for (int k = 0; k < TW_INTENTS; k++)
+            p->intent[k] = ~0ull;
     }
     /* The free list starts as 0 -> 1 -> ... -> pool_size-1. */
     for (uint32_t i = 0; i < pool_size; i++) {
@@ -430,13 +431,12 @@ uint64_t tw_proc_start_ticks(int pid)
  * a process that then died from one another process is still popping. */
 int tw_proc_claim(struct tw_dom *d)
 {
-    int pid = getpid();
-    if (d->my_proc >= 0 && d->my_pid == pid)
+    if (d->my_proc >= 0)              /* reset to -1 in a forked child */
         return d->my_proc;
-    if (d->my_pid != pid) {           /* forked: a child starts afresh */
+    int pid = getpid();
+    if (d->my_pid != pid) {
         d->my_pid = pid;
         d->my_start = tw_proc_start_ticks(pid);
-        d->my_proc = -1;
     }
     for (uint32_t i = 0; i < d->max_procs; i++) {
         struct tw_proc *p = PROC(d, i);
@@ -444,7 +444,8 @@ int tw_proc_claim(struct tw_dom *d)
         /* Claim a free entry. Pairs with the release store of tw_proc_free(). */
         if (LD_RLX(&p->pid) == 0 &&
             CAS(&p->pid, &expect, (uint64_t)pid, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
-            ST_RLX(&p->pop_intent, ~0ull);
+            for (int k = 0; k < TW_INTENTS; k++)
+                ST_RLX(&p->intent[k], ~0ull);
             ST_REL(&p->start_ticks, d->my_start);
             d->my_proc = (int32_t)i;
             return (int)i;
@@ -463,14 +464,13 @@ void tw_proc_release(struct tw_dom *d)
     d->my_proc = -1;
 }
 
-int tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start, uint64_t *intent)
+int tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start)
 {
     if (i >= d->max_procs)
         return -EINVAL;
     struct tw_proc *p = PROC(d, i);
     *pid = LD_ACQ(&p->pid);
     *start = LD_ACQ(&p->start_ticks);
-    *intent = __atomic_load_n(&p->pop_intent, __ATOMIC_SEQ_CST);
     return 0;
 }
 
@@ -480,13 +480,39 @@ int tw_proc_free(struct tw_dom *d, uint32_t i, uint64_t pid)
     if (i >= d->max_procs)
         return -EINVAL;
     struct tw_proc *p = PROC(d, i);
-    ST_RLX(&p->pop_intent, ~0ull);
+    for (int k = 0; k < TW_INTENTS; k++)
+        ST_RLX(&p->intent[k], ~0ull);
     uint64_t expect = pid;
     return CAS(&p->pid, &expect, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED) ? 0 : -EBUSY;
 }
 
 /* ------------------------------------------------------------------------ */
 /* the pool: a Treiber stack with a tagged head                               */
+
+/* A placeholder no node index can equal (its low half is TW_NIL). */
+#define INTENT_CLAIMED HEAD(0xfffffffeu, TW_NIL)
+
+/* Claim one intent word of our process entry; NULL if all are in use (more
+ * than TW_INTENTS pool operations in flight in one process at once). */
+static uint64_t *intent_claim(struct tw_dom *d)
+{
+    int pi = tw_proc_claim(d);
+    if (pi < 0)
+        return NULL;
+    struct tw_proc *me = PROC(d, (uint32_t)pi);
+    for (uint32_t spin = 0; spin < 1000000; spin++) {
+        for (int k = 0; k < TW_INTENTS; k++) {
+            uint64_t expect = ~0ull;
+            if (LD_RLX(&me->intent[k]) == ~0ull &&
+                CAS(&me->intent[k], &expect, INTENT_CLAIMED, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+                return &me->intent[k];
+        }
+    }
+    return NULL;
+}
+
+static inline void intent_set(uint64_t *w, uint64_t v) { __atomic_store_n(w, v, __ATOMIC_SEQ_CST); }
+static inline void intent_done(uint64_t *w) { __atomic_store_n(w, ~0ull, __ATOMIC_SEQ_CST); }
 
 /*
  * Pop one node. The head is tag<<32 | idx and every successful change bumps
@@ -498,35 +524,39 @@ int tw_proc_free(struct tw_dom *d, uint32_t i, uint64_t pid)
  */
 static int pool_pop(struct tw_dom *d, uint32_t *out)
 {
-    int pi = tw_proc_claim(d);
-    if (pi < 0)
-        return pi;
+    uint64_t *intent = intent_claim(d);
+    if (!intent)
+        return d->my_proc < 0 ? -EUSERS : -EBUSY;
+    int pi = d->my_proc;
     struct tw_header *h = HDR(d);
-    struct tw_proc *me = PROC(d, (uint32_t)pi);
     uint64_t head = LD_ACQ(&h->free_head);
     for (uint32_t tries = 0; tries < POP_RETRIES; tries++) {
         uint32_t idx = H_IDX(head);
         if (idx == TW_NIL) {
-            __atomic_store_n(&me->pop_intent, ~0ull, __ATOMIC_RELEASE);
+            intent_done(intent);
             return -ENOMEM;
         }
         if (!node_ok(d, idx)) {
             uint64_t again = LD_ACQ(&h->free_head);
-            if (again == head)
+            if (again == head) {
+                intent_done(intent);
                 return -EUCLEAN;
+            }
             head = again;
             continue;
         }
         /* Intent before the CAS; seq_cst so fsck's reads order after it. */
-        __atomic_store_n(&me->pop_intent, head, __ATOMIC_SEQ_CST);
+        intent_set(intent, head);
         /* May read a ->next that a concurrent pop-reuse-push rewrote: then the
          * tag has moved and the CAS below fails. */
         uint32_t next = LD_RLX(&NODE(d, idx)->next);
         uint64_t nh = HEAD(H_GEN(head) + 1, next);
         if (next != TW_NIL && !node_ok(d, next)) {
             uint64_t again = LD_ACQ(&h->free_head);
-            if (again == head)
+            if (again == head) {
+                intent_done(intent);
                 return -EUCLEAN;    /* a stable head with a bad link: corrupt */
+            }
             head = again;
             continue;
         }
@@ -539,11 +569,12 @@ static int pool_pop(struct tw_dom *d, uint32_t *out)
             /* The node is ours now: a new generation for a new life. Release:
              * pairs with fsck's acquire load of the owner word. */
             ST_REL(&n->owner, OWNER(O_GEN(o) + 1, TW_N_ALLOC, (uint32_t)pi));
-            __atomic_store_n(&me->pop_intent, ~0ull, __ATOMIC_SEQ_CST);
+            intent_done(intent);
             *out = idx;
             return 0;
         }
     }
+    intent_done(intent);
     return -ETIMEDOUT;
 }
 
@@ -553,10 +584,11 @@ static void pool_push(struct tw_dom *d, uint32_t idx)
 {
     struct tw_header *h = HDR(d);
     struct tw_node *n = NODE(d, idx);
-    int pi = tw_proc_claim(d);
-    struct tw_proc *me = pi >= 0 ? PROC(d, (uint32_t)pi) : NULL;
-    if (me)
-        __atomic_store_n(&me->pop_intent, HEAD(0xffffffffu, idx), __ATOMIC_SEQ_CST);
+    /* No intent word (table full): the push still happens; only a death in
+     * the next few instructions would then leave the node for fsck to miss. */
+    uint64_t *intent = intent_claim(d);
+    if (intent)
+        intent_set(intent, HEAD(0xffffffffu, idx));
     uint64_t o = LD_RLX(&n->owner);
     ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_FREE, 0));
     uint64_t head = LD_RLX(&h->free_head);
@@ -565,8 +597,8 @@ static void pool_push(struct tw_dom *d, uint32_t idx)
         /* release: publishes ->next and the FREE owner word to the next pop. */
     } while (!CAS(&h->free_head, &head, HEAD(H_GEN(head) + 1, idx), __ATOMIC_ACQ_REL,
                   __ATOMIC_RELAXED));
-    if (me)
-        __atomic_store_n(&me->pop_intent, ~0ull, __ATOMIC_SEQ_CST);
+    if (intent)
+        intent_done(intent);
 }
 
 int tw_free_node(struct tw_dom *d, uint32_t node)
@@ -844,10 +876,10 @@ static int push_chain(struct tw_slot *s, uint32_t gen, uint32_t first, struct tw
     return 0;
 }
 
-int tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
-           const char *payload, uint32_t len, int notify_mode, const char *origin,
-           uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
-           int is_current, uint64_t *work_id_out)
+int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+               const char *payload, uint32_t len, int notify_mode, const char *origin,
+               uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
+               int is_current)
 {
     int mode = check_notify(notify_mode, is_current);
     if (mode < 0)
@@ -879,8 +911,9 @@ int tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
     tw_killpoint(TW_KP_AFTER_PUSH);
     ADD_RLX(&s->c.added, 1);
     note_queued(s, 1);
-    *work_id_out = ((uint64_t)O_GEN(o) << 32) | idx;
-    return notify(d, s, mode, efd, pidfd, signum);
+    int due = notify(d, s, mode, efd, pidfd, signum);
+    /* gen (32 bits) | node (24 bits, MAX_POOL_LIMIT) | due (4 bits): < 2^60 */
+    return (int64_t)(((uint64_t)O_GEN(o) << 28) | ((uint64_t)idx << 4) | (uint64_t)due);
 }
 
 int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
@@ -958,8 +991,13 @@ int tw_add_nmi(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
 {
     if (!slot_ok(d, slot) || SLOT(d, slot)->pid != d->my_pid)
         return -EINVAL;
-    return tw_add(d, slot, gen, func_id, payload, len, TW_TWA_NMI_CURRENT, NULL, 0, efd, -1, 0,
-                  now_ns, 1, work_id_out);
+    int64_t r = tw_add(d, slot, gen, func_id, payload, len, TW_TWA_NMI_CURRENT, NULL, 0, efd, -1,
+                       0, now_ns, 1);
+    if (r < 0)
+        return (int)r;
+    if (work_id_out)
+        *work_id_out = ((uint64_t)(r >> 28) << 32) | (((uint64_t)r >> 4) & 0xffffff);
+    return (int)(r & 0xf);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1565,9 +1603,11 @@ int tw_free_leaks(struct tw_dom *d, const uint8_t *proc_dead, uint32_t *out, uin
                 struct tw_proc *p = PROC(d, i);
                 if (!LD_ACQ(&p->pid) || (proc_dead && proc_dead[i]))
                     continue;
-                uint64_t in = __atomic_load_n(&p->pop_intent, __ATOMIC_SEQ_CST);
-                if (in != ~0ull && node_ok(d, H_IDX(in)) && !mark[H_IDX(in)])
-                    mark[H_IDX(in)] = 2;
+                for (int w = 0; w < TW_INTENTS; w++) {
+                    uint64_t in = __atomic_load_n(&p->intent[w], __ATOMIC_SEQ_CST);
+                    if (in != ~0ull && node_ok(d, H_IDX(in)) && !mark[H_IDX(in)])
+                        mark[H_IDX(in)] = 2;
+                }
             }
             if (pass == 0) {
                 for (uint32_t i = 0; i < d->pool_size; i++)

@@ -31,7 +31,8 @@
  *   node.next             written by the node's owner before it publishes the node
  *                         (release CAS of the push), and by cancel under pi_lock
  *   node payload, meta    written before the push; read by runner after acquire
- *   proc.pop_intent       the allocating process, seq_cst, before its pop CAS
+ *   proc.intent[k]        claimed by CAS from ~0 by one pop/push of the process;
+ *                         seq_cst stores before its free-list CAS, ~0 after
  *
  * Every value read from the segment is treated as hostile: indices are
  * bounds-checked, walks are bounded by pool_size, locks are taken with a
@@ -45,7 +46,7 @@
 #include <pthread.h>
 
 #define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     3u
+#define TW_LAYOUT_VERSION     4u
 
 /* Notify modes: the kernel's values (include/linux/task_work.h). */
 #define TW_TWA_NONE           0
@@ -164,11 +165,14 @@ struct tw_slot {
     char     pad[64];
 };
 
+#define TW_INTENTS 8
 struct tw_proc {
     uint64_t pid;              /* 0 = free; claimed by CAS                       */
     uint64_t start_ticks;
-    uint64_t pop_intent;       /* tag<<32|idx of the head it is popping, or ~0   */
-    uint64_t reserved;
+    /* One word per free-list operation in flight in this process (threads, a
+     * signal handler interrupting an add): claimed by CAS from ~0, then the
+     * node being popped/pushed (low 32 bits), back to ~0 when done.           */
+    uint64_t intent[TW_INTENTS];
 };
 
 struct tw_name {
@@ -245,10 +249,13 @@ int  tw_slot_check(struct tw_dom *d, uint32_t slot, uint32_t gen);
 int  tw_release_slot(struct tw_dom *d, uint32_t slot, uint32_t gen);
 
 /* ---- add ---- */
-int  tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
-            const char *payload, uint32_t len, int notify, const char *origin,
-            uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
-            int is_current, uint64_t *work_id_out);
+/* Returns -errno, or (gen << 28) | (node << 4) | TW_DUE_*|TW_DONE_* bits: the
+ * work id (gen<<32|node) comes back in the return value, so the hot path has
+ * no out-parameter a signal handler could overwrite. Use TW_RESULT_* below. */
+int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+               const char *payload, uint32_t len, int notify, const char *origin,
+               uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
+               int is_current);
 int  tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                  const char *const *payloads, const uint32_t *lens, uint32_t n,
                  int notify, const char *origin, uint32_t origin_len, int efd,
@@ -303,7 +310,7 @@ int  tw_free_leaks(struct tw_dom *d, const uint8_t *proc_dead, uint32_t *out, ui
 int  tw_fsck_lock(struct tw_dom *d);
 void tw_fsck_unlock(struct tw_dom *d);
 int  tw_scan_owners(struct tw_dom *d, uint64_t *out);
-int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start, uint64_t *intent);
+int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start);
 int  tw_proc_free(struct tw_dom *d, uint32_t i, uint64_t pid);
 int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n);
 int  tw_lock_slot(struct tw_dom *d, uint32_t slot);

@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - a build problem, said plainly
         "`pip install .`) in the source tree"
     ) from exc
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 if lib.tw_layout_version() != LAYOUT_VERSION:  # pragma: no cover
     raise ImportError(
         f"shm_taskwork native core has layout version {lib.tw_layout_version()}, "
@@ -91,6 +91,25 @@ def check(rc: int, what: str, *, limit: str = "") -> int:
     if e == errno.ENOSPC:
         raise errors.TaskWorkError(msg, errno=e)
     raise errors.TaskWorkError(msg, errno=e)
+
+
+class Scratch:
+    """Buffers one native call copies a work into. Each user owns its own (a
+    task's run loop, one call of cancel/read): a signal handler that runs
+    between two bytecodes must never find them half-used by the code it
+    interrupted, nor may another thread (cffi releases the GIL in calls)."""
+
+    __slots__ = ("wi", "payload", "origin")
+
+    def __init__(self, payload_size: int):
+        self.wi = ffi.new("struct tw_work_info *")
+        self.payload = ffi.new("char[]", max(1, payload_size))
+        self.origin = ffi.new("char[]", lib.TW_ORIGIN_LEN)
+
+
+def unpack_add(rc: int) -> tuple[int, int]:
+    """tw_add's result -> (work id, due/done bits)."""
+    return ((rc >> 28) << 32) | ((rc >> 4) & 0xFFFFFF), rc & 0xF
 
 
 def start_ticks(pid: int) -> int:

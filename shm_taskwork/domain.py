@@ -132,10 +132,6 @@ class Domain:
         self._names_put: set[int] = set()
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
         self._current = None
-        self._pbuf = ffi.new("char[]", max(1, self.payload_size))
-        self._obuf = ffi.new("char[]", lib.TW_ORIGIN_LEN)
-        self._wi = ffi.new("struct tw_work_info *")
-        self._wid = ffi.new("uint64_t *")
         _OPEN.add(self)
 
     # ---- life cycle -------------------------------------------------------
@@ -399,19 +395,23 @@ class Domain:
 
     # ---- reading works ----------------------------------------------------
 
+    def _scratch(self) -> _native.Scratch:
+        return _native.Scratch(self.payload_size)
+
     def _read(self, node: int, gen: int, state: str) -> Work | None:
-        wi = self._wi
-        rc = lib.tw_read_work(self.d, node, gen, wi, self._pbuf, self._obuf)
+        sc = self._scratch()
+        rc = lib.tw_read_work(self.d, node, gen, sc.wi, sc.payload, sc.origin)
         if rc < 0:
             return None
-        return self._work_from(wi, state)
+        return self._work_from(sc, state)
 
-    def _work_from(self, wi, state: str) -> Work:
+    def _work_from(self, sc: _native.Scratch, state: str) -> Work:
+        wi = sc.wi
         origin = None
         if wi.origin_len:
-            origin = ffi.unpack(self._obuf, wi.origin_len).decode(errors="replace")
+            origin = ffi.unpack(sc.origin, wi.origin_len).decode(errors="replace")
         return Work(self.func_name(wi.func_id), wi.func_id,
-                    ffi.unpack(self._pbuf, wi.payload_len) if wi.payload_len else b"",
+                    ffi.unpack(sc.payload, wi.payload_len) if wi.payload_len else b"",
                     sender_pid=wi.sender_pid, target=wi.target, target_gen=wi.target_gen,
                     enqueued_ns=wi.enqueued_ns, origin=origin,
                     id=(wi.gen << 32) | wi.node, domain=self.name, state=state)
@@ -503,9 +503,14 @@ def _pid_running(pid: int) -> bool:
 
 
 def _after_fork_in_child() -> None:
+    # The child is another process: its own process-table entry, pid and
+    # start time; the parent's task is not the child's.
+    pid = os.getpid()
     for dom in list(_OPEN):
         if not dom._closed:
             dom._d.my_proc = -1
+            dom._d.my_pid = pid
+            dom._d.my_start = _native.start_ticks(pid)
             dom._current = None
 
 

@@ -95,9 +95,9 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
 
     # 2. processes of the process table that are gone
     dead_procs: dict[int, int] = {}      # proc index -> pid
-    pid_p, start_p, intent_p = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    pid_p, start_p = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     for i in range(dom.max_procs):
-        lib.tw_proc_info(d, i, pid_p, start_p, intent_p)
+        lib.tw_proc_info(d, i, pid_p, start_p)
         pid = int(pid_p[0])
         if pid and not _alive(pid, int(start_p[0])):
             dead_procs[i] = pid

@@ -44,6 +44,8 @@ log = logging.getLogger("shm_taskwork")
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _F_NOTIFY = lib.TW_F_NOTIFY_RESUME | lib.TW_F_NOTIFY_SIGNAL
+_DUE = lib.TW_DUE_EVENTFD | lib.TW_DUE_SIGNAL
+_DONE = lib.TW_DONE_EVENTFD | lib.TW_DONE_SIGNAL
 
 # signum -> tasks of this process that want it; signum -> the handler we replaced
 _SIGNAL_TASKS: dict[int, list["Task"]] = {}
@@ -176,6 +178,7 @@ class Task:
         t._ran_total = 0
         t._batch: list[int] = []
         t._out = ffi.new("uint32_t[]", dom.pool_size)
+        t._sc = _native.Scratch(dom.payload_size)
         try:
             t._server = _FdServer(_socket_name(dom, t.id, t.gen), efd)
             t._server.start()
@@ -230,6 +233,10 @@ class Task:
         got = dom._peer.get(key)
         if got is not None and got[0] >= 0 and got[1] >= 0:
             return got
+        for old in [k for k in dom._peer if k[0] == self.id and k[1] != self.gen]:
+            for fd in dom._peer.pop(old):  # an earlier registration of this slot
+                if fd >= 0:
+                    os.close(fd)
         s = dom._slot(self.id)
         pid, start, efd_num = int(s.pid), int(s.start_ticks), int(s.efd)
         if s.gen != self.gen or pid <= 0:
@@ -305,18 +312,18 @@ class Task:
         dom._put_name(fid, fname)
         origin = _origin() if dom.record_origin and not notify & TWAF_NO_ALLOC else b""
         pidfd, efd = self._peer()
-        wid = dom._wid
         rc = lib.tw_add(dom.d, self.id, self.gen, fid, payload, len(payload), notify, origin,
                         len(origin), efd, pidfd, self._signum_for_add(), 0,
-                        1 if self.is_current else 0, wid)
+                        1 if self.is_current else 0)
         if rc < 0:
             self._add_error(rc, notify, len(payload), "add")
-        if rc & (lib.TW_DUE_EVENTFD | lib.TW_DUE_SIGNAL) and not rc & (lib.TW_DONE_EVENTFD | lib.TW_DONE_SIGNAL):
-            self._deliver(rc)
+        wid, due = _native.unpack_add(rc)
+        if due & _DUE and not due & _DONE:
+            self._deliver(due)
         return Work(fname, fid, payload, sender_pid=os.getpid(), target=self.id,
                     target_gen=self.gen, enqueued_ns=0,
                     origin=origin.decode(errors="replace") if origin else None,
-                    id=wid[0], domain=dom.name, state="pending")
+                    id=wid, domain=dom.name, state="pending")
 
     def add_many(self, func, payloads, notify: int = TWA_RESUME) -> list[Work]:
         """Queue one work per payload with a single push and one notification.
@@ -341,7 +348,7 @@ class Task:
         if rc < 0:
             big = max(len(p) for p in items)
             self._add_error(rc, notify, big, "add_many")
-        if rc & (lib.TW_DUE_EVENTFD | lib.TW_DUE_SIGNAL) and not rc & (lib.TW_DONE_EVENTFD | lib.TW_DONE_SIGNAL):
+        if rc & _DUE and not rc & _DONE:
             self._deliver(rc)
         o = origin.decode(errors="replace") if origin else None
         return [Work(fname, fid, p, sender_pid=os.getpid(), target=self.id, target_gen=self.gen,
@@ -352,13 +359,14 @@ class Task:
 
     def _cancel(self, mode: int, key: int, what: str) -> Work | None:
         dom = self._dom
-        rc = lib.tw_cancel(dom.d, self.id, self.gen, mode, key, dom._wi, dom._pbuf, dom._obuf)
+        sc = dom._scratch()
+        rc = lib.tw_cancel(dom.d, self.id, self.gen, mode, key, sc.wi, sc.payload, sc.origin)
         if rc == -errno.ESRCH:
             return None
         check(rc, what)
         if rc == 0:
             return None
-        return dom._work_from(dom._wi, "cancelled")
+        return dom._work_from(sc, "cancelled")
 
     def cancel(self, work: Work) -> bool:
         """task_work_cancel(): True iff ``work`` was pending and is now removed.
@@ -458,7 +466,8 @@ class Task:
 
     def _run_batch(self, errs: list) -> int:
         dom = self._dom
-        d, slot, wi, pbuf, obuf = dom.d, self.id, dom._wi, dom._pbuf, dom._obuf
+        sc = self._sc
+        d, slot, wi, pbuf, obuf = dom.d, self.id, sc.wi, sc.payload, sc.origin
         batch = self._batch
         ran = 0
         while batch:
@@ -467,12 +476,12 @@ class Task:
             fn = callbacks.lookup(wi.func_id)
             outcome = lib.TW_OUT_OK
             if fn is None:
-                work = dom._work_from(wi, "dead-letter")
+                work = dom._work_from(sc, "dead-letter")
                 outcome = lib.TW_OUT_UNKNOWN
                 log.warning("work %#x for unknown callback %s kept as a dead letter", work.id,
                             work.func_name)
             else:
-                work = dom._work_from(wi, "running")
+                work = dom._work_from(sc, "running")
                 try:
                     _native.lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
                     fn(work)
