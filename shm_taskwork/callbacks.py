@@ -67,12 +67,24 @@ def unregister(func_or_name) -> None:
     _NAMES.pop(fid, None)
 
 
+_BY_NAME: dict[str, tuple[int, str]] = {}
+
+
 def resolve(func) -> tuple[int, str]:
     """(id, name) for a registered function, any callable, or a name."""
     if isinstance(func, str):
+        got = _BY_NAME.get(func)
+        if got is not None:
+            return got
         if not func:
             raise ValueError("a callback name must be a non-empty str")
+        if len(_BY_NAME) < 4096:
+            _BY_NAME[func] = got = (func_id(func), func)
+            return got
         return func_id(func), func
+    fid = getattr(func, "__shm_taskwork_id__", None)
+    if fid is not None:
+        return fid, func.__shm_taskwork_name__
     if callable(func):
         name = getattr(func, "__shm_taskwork_name__", None) or default_name(func)
         return func_id(name), name

@@ -46,6 +46,8 @@ _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _F_NOTIFY = lib.TW_F_NOTIFY_RESUME | lib.TW_F_NOTIFY_SIGNAL
 _DUE = lib.TW_DUE_EVENTFD | lib.TW_DUE_SIGNAL
 _DONE = lib.TW_DONE_EVENTFD | lib.TW_DONE_SIGNAL
+_NO_FDS = (-1, -1)
+_MY_PID = [os.getpid()]  # kept right across fork (register_at_fork below)
 
 # signum -> tasks of this process that want it; signum -> the handler we replaced
 _SIGNAL_TASKS: dict[int, list["Task"]] = {}
@@ -126,7 +128,7 @@ def _fetch_efd_scm(address: bytes) -> int:
 class Task:
     """A handle to one registration (slot id + generation)."""
 
-    def __init__(self, dom, slot: int, gen: int, pid: int, name: str):
+    def __init__(self, dom, slot: int, gen: int, pid: int, name: str, signum: int | None = None):
         self._dom = dom
         self.id = slot
         self.gen = gen
@@ -134,6 +136,8 @@ class Task:
         self.name = name
         self._own = False
         self._exited = False
+        # fixed for the life of a registration, so read once
+        self._signum = int(dom._slot(slot).signum) if signum is None else signum
 
     # ---- registration -----------------------------------------------------
 
@@ -168,10 +172,9 @@ class Task:
                     f"(max_tasks={dom.max_tasks}); run fsck --repair to free slots of dead tasks",
                     errno=errno.ENOSPC)
             check(rc, "register")
-        t = cls(dom, rc, gen[0], pid, name)
+        t = cls(dom, rc, gen[0], pid, name, int(signum))
         t._own = True
         t._efd = efd
-        t._signum = int(signum)
         t._in_run = False
         t._rerun = False
         t._waiting = False
@@ -195,7 +198,7 @@ class Task:
 
     @property
     def is_current(self) -> bool:
-        return self._own and self.pid == os.getpid() and not self._exited
+        return self._own and self.pid == _MY_PID[0] and not self._exited
 
     @property
     def domain(self):
@@ -221,11 +224,6 @@ class Task:
 
     # ---- notification plumbing (sender side) --------------------------------
 
-    def _peer(self) -> tuple[int, int]:
-        """(pidfd, efd) for notifying this task; (-1, -1) until first needed."""
-        if self.is_current:
-            return -1, self._efd
-        return self._dom._peer.get((self.id, self.gen), (-1, -1))
 
     def _acquire_peer(self) -> tuple[int, int]:
         dom = self._dom
@@ -275,10 +273,7 @@ class Task:
         if due & lib.TW_DUE_EVENTFD and not due & lib.TW_DONE_EVENTFD and efd >= 0:
             lib.tw_eventfd_write(efd)
         if due & lib.TW_DUE_SIGNAL and not due & lib.TW_DONE_SIGNAL and pidfd >= 0:
-            lib.tw_pidfd_send(pidfd, self._dom._slot(self.id).signum)
-
-    def _signum_for_add(self) -> int:
-        return self._signum if self._own else int(self._dom._slot(self.id).signum)
+            lib.tw_pidfd_send(pidfd, self._signum)
 
     # ---- add ----------------------------------------------------------------
 
@@ -304,17 +299,21 @@ class Task:
     def add(self, func, payload=b"", notify: int = TWA_RESUME) -> Work:
         """Queue ``func(work)`` on this task (task_work_add). Lock-free."""
         fid, fname = callbacks.resolve(func)
-        if not isinstance(payload, bytes):
+        if payload.__class__ is not bytes:
             payload = _as_bytes(payload)
-        if isinstance(notify, bool) or not isinstance(notify, int):
+        if notify.__class__ is not int:
             raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
         dom = self._dom
-        dom._put_name(fid, fname)
+        if fid not in dom._names_put:
+            dom._put_name(fid, fname)
         origin = _origin() if dom.record_origin and not notify & TWAF_NO_ALLOC else b""
-        pidfd, efd = self._peer()
+        current = self._own and self.pid == _MY_PID[0] and not self._exited
+        if current:
+            pidfd, efd = -1, self._efd
+        else:
+            pidfd, efd = dom._peer.get((self.id, self.gen), _NO_FDS)
         rc = lib.tw_add(dom.d, self.id, self.gen, fid, payload, len(payload), notify, origin,
-                        len(origin), efd, pidfd, self._signum_for_add(), 0,
-                        1 if self.is_current else 0)
+                        len(origin), efd, pidfd, self._signum, 0, current)
         if rc < 0:
             self._add_error(rc, notify, len(payload), "add")
         wid, due = _native.unpack_add(rc)
@@ -341,10 +340,10 @@ class Task:
         ptrs = ffi.new("char *[]", keep)
         lens = ffi.new("uint32_t[]", [len(p) for p in items])
         ids = ffi.new("uint64_t[]", len(items))
-        pidfd, efd = self._peer()
+        current = self.is_current
+        pidfd, efd = (-1, self._efd) if current else dom._peer.get((self.id, self.gen), _NO_FDS)
         rc = lib.tw_add_many(dom.d, self.id, self.gen, fid, ptrs, lens, len(items), notify,
-                             origin, len(origin), efd, pidfd, self._signum_for_add(), 0,
-                             1 if self.is_current else 0, ids)
+                             origin, len(origin), efd, pidfd, self._signum, 0, int(current), ids)
         if rc < 0:
             big = max(len(p) for p in items)
             self._add_error(rc, notify, big, "add_many")
@@ -465,38 +464,44 @@ class Task:
         return n
 
     def _run_batch(self, errs: list) -> int:
+        """Run the detached batch. One native call per work: it finishes the
+        previous work (frees its node, or files it as a dead letter) and
+        begins the next (DETACHED -> RUNNING, copied out)."""
         dom = self._dom
         sc = self._sc
         d, slot, wi, pbuf, obuf = dom.d, self.id, sc.wi, sc.payload, sc.origin
         batch = self._batch
+        lookup = callbacks.lookup
         ran = 0
-        while batch:
-            node = batch.pop()
-            check(lib.tw_step(d, slot, lib.TW_NIL, 0, node, wi, pbuf, obuf), "run")
-            fn = callbacks.lookup(wi.func_id)
-            outcome = lib.TW_OUT_OK
-            if fn is None:
-                work = dom._work_from(sc, "dead-letter")
-                outcome = lib.TW_OUT_UNKNOWN
-                log.warning("work %#x for unknown callback %s kept as a dead letter", work.id,
-                            work.func_name)
-            else:
+        prev, outcome = lib.TW_NIL, lib.TW_OUT_OK
+        try:
+            while batch:
+                node = batch.pop()
+                rc = lib.tw_step(d, slot, prev, outcome, node, wi, pbuf, obuf)
+                prev, outcome = node, lib.TW_OUT_ERROR  # until the callback returns
+                check(rc, "run")
+                fn = lookup(wi.func_id)
+                if fn is None:
+                    outcome = lib.TW_OUT_UNKNOWN
+                    work = dom._work_from(sc, "dead-letter")
+                    log.warning("work %#x for unknown callback %s kept as a dead letter",
+                                work.id, work.func_name)
+                    continue
                 work = dom._work_from(sc, "running")
+                lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
                 try:
-                    _native.lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
                     fn(work)
-                    ran += 1
                 except Exception as exc:
-                    outcome = lib.TW_OUT_ERROR
-                    ran += 1
                     log_callback_error(work, exc)
                     errs.append(exc)
-                except BaseException:
-                    # KeyboardInterrupt/SystemExit: finish this node, keep the
-                    # rest of the batch for the next run() and let it propagate.
-                    check(lib.tw_step(d, slot, node, lib.TW_OUT_ERROR, lib.TW_NIL, wi, pbuf, obuf), "run")
-                    raise
-            check(lib.tw_step(d, slot, node, outcome, lib.TW_NIL, wi, pbuf, obuf), "run")
+                else:
+                    outcome = lib.TW_OUT_OK
+                ran += 1
+        finally:
+            # Also on KeyboardInterrupt/SystemExit from a callback: that work
+            # is finished (as an error); the rest stays for the next run().
+            if prev != lib.TW_NIL:
+                check(lib.tw_step(d, slot, prev, outcome, lib.TW_NIL, wi, pbuf, obuf), "run")
         return ran
 
     def checkpoint(self) -> int:
@@ -607,6 +612,13 @@ def _on_signal(signum, frame):
     prev = _PREV_HANDLERS.get(signum)
     if callable(prev):
         prev(signum, frame)
+
+
+def _after_fork() -> None:
+    _MY_PID[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _install_handler(signum: int, task: Task) -> None:
