@@ -1,0 +1,85 @@
+# shm_taskwork build plumbing. `make help` lists the targets.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+SPIN   ?= spin
+
+NATIVE_DEPS = $(wildcard native/*.c native/*.h) native/build_ffi.py
+ASAN_CFLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -g -O1
+# --force: always recompile, so an ASan build never lingers and header-only
+# changes are picked up (the core compiles in a few seconds).
+# The old .so files go first: cffi builds `_taskwork_cffi.abi3.so`, and a
+# stray `_taskwork_cffi.cpython-3XX-*.so` (from running native/build_ffi.py by
+# hand) would take precedence over it at import.
+BUILD_EXT   = rm -f shm_taskwork/_taskwork_cffi*.so && $(PY) setup.py build_ext --inplace --force -q
+
+.DEFAULT_GOAL := help
+
+.PHONY: help venv build test test-asan test-slow stress demo model-check clean
+
+help:
+	@echo "make venv         create $(VENV) and install the package (editable) with dev extras"
+	@echo "make build        rebuild the cffi extension in place"
+	@echo "make test         run the default test suite (not slow)"
+	@echo "make test-asan    run the asan-marked tests against an ASan/UBSan build"
+	@echo "make test-slow    run the slow (stress) tests"
+	@echo "make stress       60 s stress run with producer kills"
+	@echo "make demo         run the demo"
+	@echo "make model-check  check the Promela model with spin (needs spin installed)"
+	@echo "make clean        remove build artifacts"
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml setup.py
+	@$(PYTHON) -m venv $(VENV) || { \
+	  echo "error: '$(PYTHON) -m venv' failed; if ensurepip is missing, install it:" >&2; \
+	  echo "       apt-get install python3-venv" >&2; \
+	  exit 1; }
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+build: venv
+	$(BUILD_EXT)
+
+test: venv build
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-asan: venv
+	export SHM_TASKWORK_CFLAGS="$(ASAN_CFLAGS)" && $(BUILD_EXT)
+	@status=0; \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(PY) -m pytest -q -m asan tests || status=$$?; \
+	echo "rebuilding the normal extension"; \
+	$(BUILD_EXT) || { [ $$status -ne 0 ] || status=1; }; \
+	exit $$status
+
+test-slow: venv build
+	$(PY) -m pytest -q -m slow tests
+
+stress: venv build
+	$(PY) -m shm_taskwork.cli stress --tasks 4 --producers 4 --seconds 60 --kill-every 0.05
+
+demo: venv build
+	$(PY) -m shm_taskwork.cli demo
+
+# Part 1: push / detach / cancel-under-lock; part 2 (-DFREELIST): the tagged
+# free list. Part 3 removes the tag and must FAIL: the checker can see ABA.
+model-check:
+	@command -v $(SPIN) >/dev/null 2>&1 || { \
+	  echo "error: spin is not installed (e.g. apt-get install spin)" >&2; exit 1; }
+	cd model && $(SPIN) -a taskwork.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 | tee pan.out \
+	  && grep -q "errors: 0" pan.out
+	cd model && $(SPIN) -a -DFREELIST taskwork.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 | tee pan.out \
+	  && grep -q "errors: 0" pan.out
+	cd model && $(SPIN) -a -DFREELIST -DNOTAG taskwork.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 > pan.out; \
+	  grep -q "assertion violated" pan.out && echo "without the tag spin finds the ABA, as it should"
+	rm -f model/pan* model/*.trail model/_spin_nvr.tmp
+
+clean:
+	rm -rf build *.egg-info .pytest_cache
+	rm -f shm_taskwork/_taskwork_cffi* native/*.o *.o
+	rm -f model/pan model/pan.* model/_spin_nvr.tmp model/*.trail

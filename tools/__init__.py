@@ -1,0 +1,1 @@
+"""Operator programs behind the shm-taskwork command."""
