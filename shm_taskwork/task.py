@@ -178,6 +178,7 @@ class Task:
         t._in_run = False
         t._rerun = False
         t._waiting = False
+        t._exit_after_run = False
         t._ran_total = 0
         t._batch: list[int] = []
         t._out = ffi.new("uint32_t[]", dom.pool_size)
@@ -445,6 +446,9 @@ class Task:
         finally:
             self._in_run = False
         self._ran_total += ran
+        if self._exit_after_run:  # a callback called exit(): finish it now
+            self._exit_after_run = False
+            self.exit()
         if raise_errors and errs:
             raise ExceptionGroup(f"{len(errs)} task-work callback(s) raised", errs)
         return ran
@@ -532,7 +536,12 @@ class Task:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return 0
-                select.select([self._efd], [], [], remaining)
+                if select.select([self._efd], [], [], remaining)[0]:
+                    # Drain before the next checkpoint (the flag, not the
+                    # eventfd, says whether work waits): an adder whose write
+                    # landed after a run took its work leaves the eventfd
+                    # readable with no flag set, and select would not block.
+                    lib.tw_eventfd_drain(self._efd)
         finally:
             self._waiting = False
 
@@ -545,12 +554,21 @@ class Task:
 
     def exit(self) -> None:
         """PF_EXITING: run until the list is empty and holds the exited
-        sentinel; from then on every add raises TaskExitedError. Idempotent."""
+        sentinel; from then on every add raises TaskExitedError. Idempotent.
+        Called from one of the task's own callbacks, it marks the task exiting
+        and returns; the run in progress drains the list and completes the exit."""
         if self._own and self._exited:
             return
         self._require_current("exit")
         dom = self._dom
         lib.tw_flags_set(dom.d, self.id, lib.TW_F_EXITING)
+        if self._in_run:
+            # Called by a callback of this task's own run: a nested run would
+            # return at once. The run in progress goes on until the list is
+            # empty (PF_EXITING makes its last detach leave the sentinel) and
+            # completes the exit when it returns.
+            self._exit_after_run = True
+            return
         for _ in range(1 << 20):
             self.run()
             if lib.tw_slot_check(dom.d, self.id, self.gen) == -errno.ESRCH:
