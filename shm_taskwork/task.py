@@ -47,6 +47,8 @@ _F_NOTIFY = lib.TW_F_NOTIFY_RESUME | lib.TW_F_NOTIFY_SIGNAL
 _DUE = lib.TW_DUE_EVENTFD | lib.TW_DUE_SIGNAL
 _DONE = lib.TW_DONE_EVENTFD | lib.TW_DONE_SIGNAL
 _NO_FDS = (-1, -1)
+# fault injection: SHM_TASKWORK_KILLPOINT=in_callback[:n] (read once)
+_KP_IN_CALLBACK = lib.tw_killpoint_get() == lib.TW_KP_IN_CALLBACK
 _MY_PID = [os.getpid()]  # kept right across fork (register_at_fork below)
 
 # signum -> tasks of this process that want it; signum -> the handler we replaced
@@ -313,15 +315,16 @@ class Task:
             pidfd, efd = -1, self._efd
         else:
             pidfd, efd = dom._peer.get((self.id, self.gen), _NO_FDS)
+        now = time.monotonic_ns()  # the Work we return carries the node's enqueued_ns
         rc = lib.tw_add(dom.d, self.id, self.gen, fid, payload, len(payload), notify, origin,
-                        len(origin), efd, pidfd, self._signum, 0, current)
+                        len(origin), efd, pidfd, self._signum, now, current)
         if rc < 0:
             self._add_error(rc, notify, len(payload), "add")
         wid, due = _native.unpack_add(rc)
         if due & _DUE and not due & _DONE:
             self._deliver(due)
         return Work(fname, fid, payload, sender_pid=os.getpid(), target=self.id,
-                    target_gen=self.gen, enqueued_ns=0,
+                    target_gen=self.gen, enqueued_ns=now,
                     origin=origin.decode(errors="replace") if origin else None,
                     id=wid, domain=dom.name, state="pending")
 
@@ -343,8 +346,9 @@ class Task:
         ids = ffi.new("uint64_t[]", len(items))
         current = self.is_current
         pidfd, efd = (-1, self._efd) if current else dom._peer.get((self.id, self.gen), _NO_FDS)
+        now = time.monotonic_ns()
         rc = lib.tw_add_many(dom.d, self.id, self.gen, fid, ptrs, lens, len(items), notify,
-                             origin, len(origin), efd, pidfd, self._signum, 0, int(current), ids)
+                             origin, len(origin), efd, pidfd, self._signum, now, int(current), ids)
         if rc < 0:
             big = max(len(p) for p in items)
             self._add_error(rc, notify, big, "add_many")
@@ -352,7 +356,7 @@ class Task:
             self._deliver(rc)
         o = origin.decode(errors="replace") if origin else None
         return [Work(fname, fid, p, sender_pid=os.getpid(), target=self.id, target_gen=self.gen,
-                     origin=o, id=ids[i], domain=dom.name, state="pending")
+                     enqueued_ns=now, origin=o, id=ids[i], domain=dom.name, state="pending")
                 for i, p in enumerate(items)]
 
     # ---- cancel -------------------------------------------------------------
@@ -492,7 +496,8 @@ class Task:
                                 work.id, work.func_name)
                     continue
                 work = dom._work_from(sc, "running")
-                lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
+                if _KP_IN_CALLBACK:
+                    lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
                 try:
                     fn(work)
                 except Exception as exc:
