@@ -339,7 +339,6 @@ class Domain:
 
     def task(self, key: int | None = None, *, pid: int | None = None, name: str | None = None):
         """A handle to a registered task: by id (slot), ``pid=`` or ``name=``."""
-        from .task import Task
         given = sum(x is not None for x in (key, pid, name))
         if given != 1:
             raise TypeError("task() takes exactly one of: a task id, pid=..., name=...")
@@ -351,7 +350,7 @@ class Domain:
                     f"no task {key}: task ids are 0..{self.max_tasks - 1} in domain {self.name!r}")
             s = self._slot(key)
             if s.state in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING, lib.TW_SLOT_EXITED) and s.gen:
-                return Task(self, key, s.gen, s.pid, ffi.string(s.name).decode(errors="replace"))
+                return self._handle(key, s)
             raise NoSuchTaskError(f"no task {key} in domain {self.name!r} (the slot is free)")
         for i in range(self.max_tasks):
             s = self._slot(i)
@@ -359,9 +358,16 @@ class Domain:
                 continue
             sname = ffi.string(s.name).decode(errors="replace")
             if (pid is not None and s.pid == pid) or (name is not None and sname == name):
-                return Task(self, i, s.gen, s.pid, sname)
+                return self._handle(i, s)
         what = f"pid={pid}" if pid is not None else f"name={name!r}"
         raise NoSuchTaskError(f"no running task with {what} in domain {self.name!r}")
+
+    def _handle(self, i: int, s):
+        from .task import Task
+        cur = self.current
+        if cur is not None and cur.id == i and cur.gen == s.gen:
+            return cur  # this process's own registration: run(), exit() ... work on it
+        return Task(self, i, s.gen, s.pid, ffi.string(s.name).decode(errors="replace"))
 
     # ---- observability ----------------------------------------------------
 

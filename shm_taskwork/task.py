@@ -316,8 +316,12 @@ class Task:
         else:
             pidfd, efd = dom._peer.get((self.id, self.gen), _NO_FDS)
         now = time.monotonic_ns()  # the Work we return carries the node's enqueued_ns
-        rc = lib.tw_add(dom.d, self.id, self.gen, fid, payload, len(payload), notify, origin,
-                        len(origin), efd, pidfd, self._signum, now, current)
+        try:
+            rc = lib.tw_add(dom.d, self.id, self.gen, fid, payload, len(payload), notify, origin,
+                            len(origin), efd, pidfd, self._signum, now, current)
+        except OverflowError:
+            _check_notify_range(notify)
+            raise
         if rc < 0:
             self._add_error(rc, notify, len(payload), "add")
         wid, due = _native.unpack_add(rc)
@@ -347,8 +351,13 @@ class Task:
         current = self.is_current
         pidfd, efd = (-1, self._efd) if current else dom._peer.get((self.id, self.gen), _NO_FDS)
         now = time.monotonic_ns()
-        rc = lib.tw_add_many(dom.d, self.id, self.gen, fid, ptrs, lens, len(items), notify,
-                             origin, len(origin), efd, pidfd, self._signum, now, int(current), ids)
+        try:
+            rc = lib.tw_add_many(dom.d, self.id, self.gen, fid, ptrs, lens, len(items), notify,
+                                 origin, len(origin), efd, pidfd, self._signum, now,
+                                 int(current), ids)
+        except OverflowError:
+            _check_notify_range(notify)
+            raise
         if rc < 0:
             big = max(len(p) for p in items)
             self._add_error(rc, notify, big, "add_many")
@@ -607,6 +616,13 @@ class Task:
     def __exit__(self, *exc):
         if self.is_current:
             self.exit()
+
+
+def _check_notify_range(notify: int) -> None:
+    """A notify value too wide for the native int is as invalid as any other."""
+    if not -(1 << 31) <= notify < (1 << 31):
+        raise InvalidModeError(f"notify={notify!r} is not valid here: use {VALID_MODES}",
+                               errno=errno.EINVAL)
 
 
 def _as_bytes(payload) -> bytes:
