@@ -87,11 +87,16 @@ class _FdServer(threading.Thread):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.bind(address)
         self.sock.listen(16)
-        self._stop = False
+        # not `_stop`: threading.Thread has a method of that name (join, fork)
+        self._stopping = False
 
     def run(self):
         import struct
-        while not self._stop:
+        # The task's signal must go to the main thread: Python runs handlers
+        # there, the blocking call to interrupt is there, and a signal the
+        # main thread blocks must stay pending instead of landing here.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        while not self._stopping:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
@@ -109,7 +114,7 @@ class _FdServer(threading.Thread):
                     pass
 
     def stop(self):
-        self._stop = True
+        self._stopping = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -560,7 +565,10 @@ class Task:
             self._waiting = False
 
     def fileno(self) -> int:
-        """The task's eventfd: readable when RESUME work waits."""
+        """The task's eventfd: readable when RESUME work waits. When it
+        reports readable, call run() (it drains the eventfd), not checkpoint():
+        a wake-up can arrive for work an earlier run already took, and only
+        run() consumes it (``loop.add_reader(task.fileno(), task.run)``)."""
         self._require_current("fileno")
         return self._efd
 
