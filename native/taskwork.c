@@ -374,6 +374,9 @@ int tw_attach(struct tw_dom *d, void *base, uint64_t size)
     d->my_pid = getpid();
     d->my_start = tw_proc_start_ticks(d->my_pid);
     d->lock_timeout_ns = DEFAULT_LOCK_TIMEOUT_NS;
+    /* Read the kill-point switch now: getenv() is not async-signal-safe, and
+     * the first native call may otherwise be tw_add_nmi() in a handler. */
+    (void)tw_killpoint_get();
     return 0;
 }
 
