@@ -1,0 +1,315 @@
+"""``shm-taskwork top NAME``: a live view of one domain (SPEC section 8).
+
+Every interval it reads the task table and the pool (``dom.tasks()``,
+``dom.stats()``), the oldest pending work of each task that has any
+(``dom.pending_works``: the list is newest first, so the last element is the
+oldest) and, for each live task, its process's CPU %, resident memory and
+state from psutil. Rates (works run and added per second) are the difference
+between two snapshots divided by the time between them.
+
+Reading is all it does: it takes no lock, registers no task and changes
+nothing in the segment, so it may watch a domain under full load. Dead tasks
+(the process is gone, or its pid now names another process) are shown in red
+and listed under the table; ``shm-taskwork fsck NAME --repair`` reclaims them.
+
+On a terminal the view is redrawn in place (rich's ``Live``); when stdout is
+not a terminal every frame is printed as plain text, one after the other.
+``--once`` samples twice, one interval apart (so the rates and CPU % cover
+that interval), prints one frame and exits. Ctrl-C ends the view with status 0.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+EPILOG = """\
+columns:
+  pending   works queued now;  oldest  age of the oldest of them
+  added run cancelled errors unknown orphaned   the task's counters
+  run/s add/s   rates over the last interval ('-' on the first frame)
+  cpu% rss status   the task's process, from psutil ('-' for dead or exited tasks)
+
+A dead task (its process is gone, or its pid was reused) is flagged in red
+and listed under the table; `shm-taskwork fsck NAME --repair` reclaims what it
+held. Ctrl-C quits (exit status 0).
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"the interval must be a positive number of seconds, "
+                                         f"got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the number of frames must be at least 1, got {value}")
+    return value
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Live view of a task-work domain: per task the counters,\n"
+        "rates, oldest pending age, and the process's CPU %, memory and state;\n"
+        "dead tasks flagged.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help="domain name")
+    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                   help="time between frames (default 1.0)")
+    p.add_argument("--once", action="store_true",
+                   help="sample twice one interval apart, print one frame, exit")
+    p.add_argument("--iterations", type=_positive_int, default=None, metavar="N",
+                   help="stop after N frames (default: until Ctrl-C)")
+    return p
+
+
+# ---- sampling ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class ProcFigures:
+    cpu: float | None = None  # percent since the previous sample of this process
+    rss: int | None = None
+    status: str | None = None
+
+
+@dataclasses.dataclass
+class Snapshot:
+    t_ns: int
+    stats: object  # DomainStats
+    tasks: list  # list[TaskInfo]
+    oldest_ns: dict  # task id -> age in ns of the oldest pending work
+    procs: dict  # task id -> ProcFigures
+
+
+class Sampler:
+    """Reads a domain and keeps what rates and CPU % need between samples."""
+
+    def __init__(self, dom):
+        self.dom = dom
+        # (task id, generation, pid) -> psutil.Process, primed with cpu_percent(None)
+        self._procs: dict[tuple[int, int, int], object] = {}
+
+    def _figures(self, info) -> ProcFigures:
+        import psutil
+
+        key = (info.id, info.generation, info.pid)
+        proc = self._procs.get(key)
+        cpu = None
+        try:
+            if proc is None:
+                proc = psutil.Process(info.pid)
+                proc.cpu_percent(None)  # prime: the first call always says 0.0
+                self._procs[key] = proc
+            else:
+                cpu = proc.cpu_percent(None)
+            with proc.oneshot():
+                return ProcFigures(cpu=cpu, rss=proc.memory_info().rss, status=proc.status())
+        except psutil.NoSuchProcess:
+            self._procs.pop(key, None)
+            return ProcFigures(status="gone")
+        except psutil.AccessDenied:
+            return ProcFigures(cpu=cpu, status="denied")
+
+    def sample(self) -> Snapshot:
+        dom = self.dom
+        tasks = dom.tasks()
+        stats = dom.stats()
+        now = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of enqueued_ns
+        oldest: dict[int, int] = {}
+        procs: dict[int, ProcFigures] = {}
+        seen = set()
+        for info in tasks:
+            if info.pending > 0:
+                works = dom.pending_works(info.id)
+                if works:
+                    oldest[info.id] = max(0, now - works[-1].enqueued_ns)
+            if info.state in ("running", "exiting"):
+                procs[info.id] = self._figures(info)
+                seen.add((info.id, info.generation, info.pid))
+        for key in [k for k in self._procs if k not in seen]:
+            del self._procs[key]  # the task exited or died: forget its process
+        return Snapshot(now, stats, tasks, oldest, procs)
+
+
+# ---- rendering --------------------------------------------------------------
+
+COLUMNS = ("id", "name", "pid", "state", "pending", "oldest", "added", "run", "cancelled",
+           "errors", "unknown", "orphaned", "run/s", "add/s", "cpu%", "rss", "status")
+_RIGHT = {"id", "pid", "pending", "oldest", "added", "run", "cancelled", "errors", "unknown",
+          "orphaned", "run/s", "add/s", "cpu%", "rss"}
+
+
+def _age(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    s = ns / 1e9
+    if s < 1:
+        return f"{s * 1e3:.0f}ms"
+    if s < 120:
+        return f"{s:.1f}s"
+    if s < 7200:
+        return f"{s / 60:.1f}m"
+    return f"{s / 3600:.1f}h"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return "-"  # pragma: no cover
+
+
+def _rate(cur, prev, key: str, dt: float) -> str:
+    if prev is None or dt <= 0:
+        return "-"
+    return f"{max(0, getattr(cur, key) - getattr(prev, key)) / dt:.1f}"
+
+
+def render(name: str, snap: Snapshot, prev: Snapshot | None, interval: float):
+    """One frame: a table of the tasks and the pool line (a rich renderable)."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    st = snap.stats
+    dt = (snap.t_ns - prev.t_ns) / 1e9 if prev is not None else 0.0
+    before = {}
+    if prev is not None:
+        before = {(t.id, t.generation): t for t in prev.tasks}
+    dead = [t for t in snap.tasks if t.state == "dead"]
+
+    table = Table(box=box.SIMPLE_HEAD, title=f"shm-taskwork top {name}", title_justify="left",
+                  caption=None, pad_edge=False, expand=False)
+    for col in COLUMNS:
+        table.add_column(col, justify="right" if col in _RIGHT else "left", no_wrap=True,
+                         overflow="ellipsis" if col == "name" else "fold")
+    for t in snap.tasks:
+        old = before.get((t.id, t.generation))
+        pf = snap.procs.get(t.id)
+        state = Text(t.state, style="bold red" if t.state == "dead" else
+                     ("yellow" if t.state == "exiting" else
+                      ("dim" if t.state == "exited" else "green")))
+        cells = [str(t.id), t.name or "-", str(t.pid), state, str(t.pending),
+                 _age(snap.oldest_ns.get(t.id)), str(t.added), str(t.run), str(t.cancelled),
+                 str(t.errors), str(t.unknown), str(t.orphaned),
+                 _rate(t, old, "run", dt), _rate(t, old, "added", dt),
+                 "-" if pf is None or pf.cpu is None else f"{pf.cpu:.1f}",
+                 _bytes(pf.rss if pf is not None else None),
+                 pf.status if pf is not None and pf.status else "-"]
+        table.add_row(*cells, style="red" if t.state == "dead" else None)
+
+    pool = Text.assemble(
+        ("pool ", "bold"), f"used {st.pool_used}  free {st.pool_free}  size {st.pool_size}",
+        ("   dead letters ", "bold"),
+        (str(st.dead_letters), "bold red" if st.dead_letters else ""),
+        ("   tasks ", "bold"), str(st.tasks),
+        ("   pending ", "bold"), str(st.pending),
+        ("   run/s ", "bold"), _rate(st, prev.stats if prev else None, "run", dt),
+        ("   add/s ", "bold"), _rate(st, prev.stats if prev else None, "added", dt),
+        f"   (every {interval:g}s)")
+    parts = [table, pool]
+    if not snap.tasks:
+        parts.insert(1, Text("no tasks registered", style="dim"))
+    if dead:
+        who = ", ".join(f"{t.id} (pid {t.pid}, {t.pending} pending)" for t in dead)
+        parts.append(Text(f"DEAD tasks: {who}; run `shm-taskwork fsck {name} --repair` "
+                          "to reclaim them", style="bold red"))
+    return Group(*parts)
+
+
+# ---- main -------------------------------------------------------------------
+
+def _console():
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    # Plain frames: no colour codes, and wide enough that rows do not wrap.
+    width = os.environ.get("COLUMNS", "")
+    return Console(force_terminal=False, width=int(width) if width.isdigit() else 200,
+                   no_color=True, highlight=False)
+
+
+def _emit(console, frame) -> None:
+    """Print one frame as plain text: no trailing blanks, flushed at once."""
+    with console.capture() as cap:
+        console.print(frame)
+    text = "\n".join(line.rstrip() for line in cap.get().splitlines())
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _loop(dom, args) -> None:
+    sampler = Sampler(dom)
+    console = _console()
+    interval = args.interval
+    if args.once:
+        first = sampler.sample()
+        time.sleep(interval)  # the span the rates and CPU % are measured over
+        frame = render(dom.name, sampler.sample(), first, interval)
+        if console.is_terminal:
+            console.print(frame)
+        else:
+            _emit(console, frame)
+        return
+    frames = args.iterations
+    prev = None
+    snap = sampler.sample()
+    shown = 1
+    if console.is_terminal:
+        from rich.live import Live
+
+        with Live(render(dom.name, snap, prev, interval), console=console,
+                  auto_refresh=False, transient=False) as live:
+            while frames is None or shown < frames:
+                time.sleep(interval)
+                prev, snap = snap, sampler.sample()
+                live.update(render(dom.name, snap, prev, interval), refresh=True)
+                shown += 1
+        return
+    _emit(console, render(dom.name, snap, prev, interval))
+    while frames is None or shown < frames:
+        time.sleep(interval)
+        prev, snap = snap, sampler.sample()
+        sys.stdout.write("\n")
+        _emit(console, render(dom.name, snap, prev, interval))
+        shown += 1
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None,
+         command: str | None = "top") -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(prog or "shm-taskwork top").parse_args(argv)
+    from shm_taskwork import Domain
+
+    dom = Domain.open(args.name)
+    try:
+        _loop(dom, args)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a live view ends
+    except BrokenPipeError:  # `top NAME | head`: the reader left; so do we
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
+        os.close(devnull)
+    finally:
+        dom.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
