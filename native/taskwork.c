@@ -839,12 +839,17 @@ static void fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32
 }
 
 /* Take back a node whose push failed. fsck may have reclaimed it already (the
- * task died meanwhile): the owner-word CAS decides who frees it, once. */
-static void unqueue_own(struct tw_dom *d, uint32_t idx, uint32_t slot)
+ * task died meanwhile): the owner-word CAS decides who frees it, once. The
+ * generation must be the one we queued it with: a node fsck reclaimed may
+ * since have been popped again (generation + 1) and queued on a new
+ * registration of the same slot, and that work is not ours to free. */
+static void unqueue_own(struct tw_dom *d, uint32_t idx, uint32_t slot, uint32_t gen)
 {
+    if (!node_ok(d, idx))
+        return;
     struct tw_node *n = NODE(d, idx);
     uint64_t o = LD_ACQ(&n->owner);
-    if (O_STATE(o) == TW_N_QUEUED && O_AUX(o) == slot &&
+    if (O_STATE(o) == TW_N_QUEUED && O_AUX(o) == slot && O_GEN(o) == gen &&
         CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc), __ATOMIC_ACQ_REL,
             __ATOMIC_RELAXED))
         pool_push(d, idx);
@@ -908,7 +913,7 @@ int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
     ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_QUEUED, slot));
     r = push_chain(s, gen, idx, n);
     if (r) {
-        unqueue_own(d, idx, slot);
+        unqueue_own(d, idx, slot, O_GEN(o));
         return r;
     }
     tw_killpoint(TW_KP_AFTER_PUSH);
@@ -944,13 +949,11 @@ int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
         uint32_t idx;
         r = pool_pop(d, &idx);
         if (r) {
-            /* Give back what we took: nothing queued, nothing leaked. */
-            uint32_t cur = first;
-            for (uint32_t k = 0; k < i && cur != TW_NIL; k++) {
-                uint32_t nx = NODE(d, cur)->next;
-                pool_push(d, cur);
-                cur = nx;
-            }
+            /* Give back what we took: nothing queued, nothing leaked. The
+             * indices come from work_ids_out, not from the nodes' ->next:
+             * those are in the segment, where anything may have changed. */
+            for (uint32_t k = 0; k < i; k++)
+                pool_push(d, (uint32_t)work_ids_out[k]);
             return r;
         }
         struct tw_node *n = NODE(d, idx);
@@ -962,19 +965,13 @@ int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
         work_ids_out[i] = ((uint64_t)O_GEN(LD_RLX(&n->owner)) << 32) | idx;
     }
     tw_killpoint(TW_KP_AFTER_ALLOC);
-    for (uint32_t cur = first, k = 0; cur != TW_NIL && k < cnt; k++) {
-        struct tw_node *n = NODE(d, cur);
-        ST_REL(&n->owner, OWNER(O_GEN(LD_RLX(&n->owner)), TW_N_QUEUED, slot));
-        cur = n->next;
-    }
+    for (uint32_t k = 0; k < cnt; k++)
+        ST_REL(&NODE(d, (uint32_t)work_ids_out[k])->owner,
+               OWNER(work_ids_out[k] >> 32, TW_N_QUEUED, slot));
     r = push_chain(s, gen, first, NODE(d, lastidx));
     if (r) {
-        uint32_t cur = first;
-        for (uint32_t k = 0; k < cnt && cur != TW_NIL; k++) {
-            uint32_t nx = NODE(d, cur)->next;
-            unqueue_own(d, cur, slot);
-            cur = nx;
-        }
+        for (uint32_t k = 0; k < cnt; k++)
+            unqueue_own(d, (uint32_t)work_ids_out[k], slot, (uint32_t)(work_ids_out[k] >> 32));
         return r;
     }
     tw_killpoint(TW_KP_AFTER_PUSH);
@@ -1125,7 +1122,8 @@ static void copy_info(struct tw_dom *d, uint32_t idx, struct tw_node *n, uint64_
     wi->sender_pid = n->sender_pid;
     wi->target = n->target;
     wi->target_gen = n->target_gen;
-    uint32_t len = n->payload_len, olen = n->origin_len;
+    /* read once: the segment may change under us, the checks must hold */
+    uint32_t len = LD_RLX(&n->payload_len), olen = LD_RLX(&n->origin_len);
     wi->payload_len = len <= d->payload_size ? len : d->payload_size;
     wi->origin_len = (d->record_origin && olen <= TW_ORIGIN_LEN) ? olen : 0;
     if (payload_out && wi->payload_len)
@@ -1397,7 +1395,7 @@ int tw_name_get(struct tw_dom *d, uint64_t id, char *out, uint32_t cap)
             continue;
         if (!LD_ACQ(&e->ready))
             return -ENOENT;
-        uint32_t len = e->len;
+        uint32_t len = LD_RLX(&e->len);   /* read once, then checked */
         if (len >= TW_FUNC_NAME_LEN)
             len = TW_FUNC_NAME_LEN - 1;
         if (len >= cap)

@@ -114,7 +114,11 @@ def unpack_add(rc: int) -> tuple[int, int]:
 
 def start_ticks(pid: int) -> int:
     """Start time of a process in clock ticks since boot (/proc/PID/stat field
-    22), 0 if it does not exist. With the pid it names one process for ever."""
+    22), 0 if it does not exist. With the pid it names one process for ever.
+    A pid read from the segment may be anything: outside 1..2**31-1 it names
+    no process."""
+    if not 0 < pid <= 0x7FFFFFFF:
+        return 0
     return lib.tw_proc_start_ticks(pid)
 
 

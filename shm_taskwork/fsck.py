@@ -175,7 +175,7 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
         for i, pid in dead_procs.items():
             lib.tw_proc_free(d, i, pid)
         hdr = ffi.cast("struct tw_header *", d.base)
-        hdr.fsck_runs += 1
+        hdr.fsck_runs = (hdr.fsck_runs + 1) & 0xFFFFFFFFFFFFFFFF  # wraps, as in C
 
 
 def _errname(rc: int) -> str:

@@ -122,6 +122,28 @@ class _FdServer(threading.Thread):
         self.sock.close()
 
 
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def _handles_signal(pid: int, signum: int) -> bool:
+    """True if process pid catches, blocks or ignores signum (/proc/PID/status)."""
+    if not 0 < signum < signal.NSIG or signum in (signal.SIGKILL, signal.SIGSTOP):
+        return False
+    mask = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigBlk:", "SigIgn:", "SigCgt:")):
+                    mask |= int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return False
+    return bool(mask >> (signum - 1) & 1)
+
+
 def _fetch_efd_scm(address: bytes) -> int:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(2.0)
@@ -169,10 +191,18 @@ class Task:
         name = name or f"pid{pid}"
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         gen = ffi.new("uint32_t *")
+        if install_handler and not _SIGNAL_TASKS.get(signum):
+            # Handler first: a peer may send TWA_SIGNAL the moment tw_register
+            # publishes the slot, and the default action would kill us.
+            prev = signal.signal(signum, _on_signal)
+            if prev is not _on_signal:
+                _PREV_HANDLERS[signum] = prev
         rc = lib.tw_register(dom.d, name.encode(), int(signum), efd, os.getuid(),
                              time.monotonic_ns(), gen)
         if rc < 0:
             os.close(efd)
+            if install_handler and not _SIGNAL_TASKS.get(signum):
+                signal.signal(signum, _PREV_HANDLERS.pop(signum, signal.SIG_DFL) or signal.SIG_DFL)
             if -rc == errno.ENOSPC:
                 raise TaskWorkError(
                     f"all {dom.max_tasks} task slots of domain {dom.name!r} are in use "
@@ -239,6 +269,10 @@ class Task:
         got = dom._peer.get(key)
         if got is not None and got[0] >= 0 and got[1] >= 0:
             return got
+        if got is not None:  # half of it failed last time: start afresh
+            for fd in dom._peer.pop(key):
+                if fd >= 0:
+                    os.close(fd)
         for old in [k for k in dom._peer if k[0] == self.id and k[1] != self.gen]:
             for fd in dom._peer.pop(old):  # an earlier registration of this slot
                 if fd >= 0:
@@ -260,12 +294,28 @@ class Task:
         if os.environ.get("SHM_TASKWORK_FD_PASSING") != "scm":
             rc = lib.tw_pidfd_getfd(pidfd, efd_num)
             efd = rc if rc >= 0 else -1
+            # The number came from the segment: make sure it is the task's
+            # eventfd, not some other descriptor we would write 8 bytes into.
+            if efd >= 0 and not _is_eventfd(efd):
+                os.close(efd)
+                efd = -1
         if efd < 0:
             try:
                 efd = _fetch_efd_scm(_socket_name(dom, self.id, self.gen))
             except OSError as exc:
                 log.debug("cannot obtain the eventfd of task %d: %r", self.id, exc)
                 efd = -1
+            if efd >= 0 and not _is_eventfd(efd):
+                os.close(efd)
+                efd = -1
+        # The signal number came from the segment too: send it only if the
+        # task handles (or blocks, or ignores) it. Any other would meet its
+        # default action and kill or stop the task.
+        if not _handles_signal(pid, self._signum):
+            log.debug("task %d does not handle signal %d: not signalling it", self.id,
+                      self._signum)
+            os.close(pidfd)
+            pidfd = -1
         dom._peer[key] = (pidfd, efd)
         return pidfd, efd
 

@@ -1,0 +1,239 @@
+"""``shm-taskwork stress``: the tool runs, kills, accounts, cleans up - and its
+checker is shown able to fail. Plus the regressions the stress runs found."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from shm_taskwork import TWA_SIGNAL
+
+from conftest import ROOT, wait_until
+
+REQUIRED = ("added", "ran", "cancelled", "orphaned", "interrupted", "duplicated", "lost",
+            "leaked", "killed", "seconds", "rate")
+
+
+def run_stress(*args: str, timeout: float = 120, tmpdir: str | None = None):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("SHM_TASKWORK_KILLPOINT", None)
+    if tmpdir:
+        env["TMPDIR"] = tmpdir
+    p = subprocess.Popen([sys.executable, "-m", "shm_taskwork.cli", "stress", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         cwd=ROOT)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate(timeout=30)
+        raise AssertionError(f"stress did not finish within {timeout}s:\n{err[-3000:]}")
+    return p, out, err
+
+
+def summary_of(out: str) -> dict:
+    lines = out.strip().splitlines()
+    assert lines, "stress printed nothing on stdout"
+    s = json.loads(lines[-1])
+    for key in REQUIRED:
+        assert key in s, f"summary lacks {key!r}: {s}"
+    return s
+
+
+def leftovers(pid: int) -> list[str]:
+    return glob.glob(f"/dev/shm/tw_stress_{pid}_*")
+
+
+def test_short_run_with_kills_conserves_every_work(tmp_path):
+    p, out, err = run_stress("--tasks", "2", "--producers", "2", "--seconds", "3",
+                             "--kill-every", "0.3", "--seed", "7", "--json",
+                             tmpdir=str(tmp_path))
+    assert p.returncode == 0, err[-3000:]
+    s = summary_of(out)
+    assert len(out.strip().splitlines()) == 1            # --json: the summary only
+    assert s["killed"] > 0 and s["added"] > 0 and s["ran"] > 0
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["leaked"] == 0
+    assert s["phantom"] == 0 and s["crashed"] == 0 and s["hung"] == 0 and s["ok"] is True
+    # Every confirmed add settled in exactly one way (nothing counted twice).
+    settled = (s["settled"]["executed"] + s["settled"]["cancelled"] + s["settled"]["orphaned"]
+               + s["settled"]["cancelled_by_killed_canceller"])
+    assert settled == s["added"]
+    assert all(s["added_by_mode"][m] > 0 for m in ("none", "resume", "signal", "signal_no_ipi"))
+    assert 0 < s["added_with_add_many"] < s["added"]
+    assert s["seed"] == 7
+    # The domain and the ledger directory are gone.
+    assert leftovers(p.pid) == []
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fault,field", [("lose", "lost"), ("duplicate", "duplicated"),
+                                         ("leak", "leaked")])
+def test_checker_detects_a_real_fault(fault, field):
+    # The checker itself must be able to fail: a task drops the record of one
+    # work it ran (lost), records one twice (duplicated), or a work stays queued
+    # on a live task when the pool is counted (leaked).
+    p, out, err = run_stress("--tasks", "2", "--producers", "1", "--seconds", "1",
+                             "--inject", fault, "--json")
+    s = summary_of(out)
+    assert p.returncode == 1, (out, err[-2000:])
+    assert s[field] > 0 and s["ok"] is False
+    others = {"lost", "duplicated", "leaked"} - {field}
+    assert all(s[k] == 0 for k in others), s
+    if field != "leaked":
+        assert f"{field} work(s)" in err and "intent-add@" in err   # the offending ids
+    else:
+        assert "not free after the drain" in err
+    assert leftovers(p.pid) == []
+
+
+def test_ledger_judgement_of_every_case(tmp_path):
+    # The rules of the module docstring, one id per case, written as the
+    # processes would write them (one file per process).
+    from tools import stress as st
+
+    P = 5 << 32
+    cases = {
+        P | 0: ([st.INTENT_ADD, st.ADDED], [st.RAN]),                       # executed
+        P | 1: ([st.INTENT_ADD, st.ADDED, st.CANCEL_INTENT, st.CANCELLED], []),
+        P | 2: ([st.INTENT_ADD, st.ADDED], [st.ORPHANED]),
+        P | 3: ([st.INTENT_ADD, st.ADDED], [st.RAN, st.INTERRUPTED]),        # one execution
+        P | 4: ([st.INTENT_ADD, st.ADDED], [st.INTERRUPTED]),
+        P | 5: ([st.INTENT_ADD, st.ADDED, st.CANCEL_INTENT], []),            # killed canceller
+        P | 6: ([st.INTENT_ADD], []),                                        # unconfirmed, nowhere
+        P | 7: ([st.INTENT_ADD], [st.RAN]),                                  # unconfirmed, ran
+        P | 8: ([st.INTENT_ADD, st.ADDED], []),                              # LOST
+        P | 9: ([st.INTENT_ADD, st.ADDED], [st.RAN, st.RAN]),                # DUPLICATED
+        P | 10: ([st.INTENT_ADD, st.ADDED, st.CANCEL_INTENT, st.CANCELLED], [st.ORPHANED]),  # DUP
+        P | 11: ([st.INTENT_ADD, st.ADD_FAILED], [st.RAN]),                  # PHANTOM
+        P | 12: ([], [st.RAN]),                                              # PHANTOM: no intent
+        P | 13: ([st.INTENT_ADD, st.ADD_FAILED], []),                        # failed, nowhere
+    }
+    prod = st.Ledger(str(tmp_path / "producer-5.ledger"), 5)
+    other = st.Ledger(str(tmp_path / "task-6.ledger"), 6)
+    for wid, (mine, elsewhere) in cases.items():
+        for kind in mine:
+            prod.put(kind, wid, 1)
+        for kind in elsewhere:
+            other.put(kind, wid)
+    prod.close()
+    other.close()
+    acc = st.account(str(tmp_path))
+    assert acc["bad"] == {"lost": [P | 8], "duplicated": [P | 9, P | 10],
+                          "phantom": [P | 11, P | 12]}
+    assert acc["settled"] == {"executed": 3, "cancelled": 1, "orphaned": 1,
+                              "cancelled_by_killed_canceller": 1}
+    assert acc["added"] == 9 and acc["unconfirmed"] == 2 and acc["add_failed"] == 2
+    assert acc["unconfirmed_nowhere"] == 1 and acc["unconfirmed_executed"] == 1
+    assert acc["ran_and_interrupted"] == 1 and acc["torn_bytes"] == 0
+    # A torn trailing record is counted, never misread.
+    with open(tmp_path / "task-6.ledger", "ab") as f:
+        f.write(b"\x07\x00\x00")
+    assert st.account(str(tmp_path))["torn_bytes"] == 3
+
+
+def test_bad_modes_name_the_valid_choices():
+    p, out, err = run_stress("--modes", "resume,bogus", timeout=30)
+    assert p.returncode == 2
+    assert "bogus" in err and "none, resume, signal, signal_no_ipi" in err
+    assert "Traceback" not in err
+
+
+def test_help_through_the_console_command():
+    p, out, err = run_stress("--help", timeout=30)
+    assert p.returncode == 0
+    for flag in ("--tasks", "--producers", "--seconds", "--kill-every", "--cancel-rate",
+                 "--modes", "--seed", "--json", "--killpoints"):
+        assert flag in out
+    assert "--inject" not in out and "--role" not in out
+
+
+def test_ctrl_c_kills_children_and_removes_everything(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TMPDIR=str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-m", "tools.stress", "--tasks", "2", "--producers",
+                          "2", "--seconds", "60", "--json"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ctl = psutil.Process(p.pid)
+        kids = wait_until(lambda: len(ctl.children()) >= 4 and ctl.children(), timeout=30,
+                          what="the stress children to start")
+        assert leftovers(p.pid)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=30)
+    assert p.returncode != 0
+    assert "Traceback" not in err
+    for k in kids:
+        assert not k.is_running() or k.status() == psutil.STATUS_ZOMBIE
+    assert leftovers(p.pid) == []
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_sixty_seconds_of_kills_every_fifty_ms():
+    p, out, err = run_stress("--tasks", "4", "--producers", "4", "--seconds", "60",
+                             "--kill-every", "0.05", "--json", timeout=400)
+    s = summary_of(out)
+    assert p.returncode == 0, (s, err[-3000:])
+    assert s["killed"] > 500
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["leaked"] == 0
+
+
+# ---- regressions the stress runs found --------------------------------------
+
+def _readline(p, timeout: float) -> str:
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    assert ready, f"no line from the child within {timeout}s"
+    return p.stdout.readline()
+
+
+def test_signal_between_publishing_the_slot_and_the_handler_does_not_kill(domain, spawn):
+    # A producer may see a task in dom.tasks() and send it TWA_SIGNAL the
+    # moment its slot is published; the registering process must not die of
+    # SIGUSR1's default action. The child is held right after the slot is
+    # published (before the fd server starts) until the parent has signalled it.
+    child = spawn(
+        """
+        import sys
+        from shm_taskwork import Domain, callback
+        from shm_taskwork import task as taskmod
+
+        ran = []
+
+        @callback(name="stress.regress")
+        def f(work):
+            ran.append(work.payload)
+
+        class HeldServer(taskmod._FdServer):
+            def __init__(self, *a, **k):
+                print("published", flush=True)
+                sys.stdin.readline()
+                super().__init__(*a, **k)
+
+        taskmod._FdServer = HeldServer
+        dom = Domain.open(sys.argv[1])
+        t = dom.register("held")
+        t.exit()
+        print("ran", len(ran), flush=True)
+        dom.close()
+        """, domain.name, stdin=subprocess.PIPE)
+    assert _readline(child, 30) == "published\n"
+    task = domain.task(pid=child.pid)
+    task.add("stress.regress", b"x", notify=TWA_SIGNAL)
+    try:
+        out, err = child.communicate(input="go\n", timeout=30)
+    except BrokenPipeError:  # it died before reading
+        out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, (child.returncode, err)
+    assert out.strip().endswith("ran 1")

@@ -1,0 +1,858 @@
+"""``shm-taskwork stress``: many processes adding, cancelling, running and
+being killed; a ledger proves that nothing was lost, run twice or leaked.
+
+What runs
+---------
+The controller (this process) creates a private domain and starts ``--tasks``
+task processes and ``--producers`` producer processes. Each is an unrelated
+process (``python -m tools.stress --role task|producer ...``), not a fork of
+the controller, in its own session so a Ctrl-C reaches only the controller.
+
+* A **task** registers, registers the callback ``stress.record`` and loops on
+  ``wait(timeout=0.02)`` (which runs whatever was notified), plus a ``run()``
+  every 0.2 s so that ``TWA_NONE`` works do not wait for the exit. The callback
+  appends ``ran ID`` to the task's ledger before it returns.
+* A **producer** picks a random running task (``dom.tasks()``, refreshed every
+  0.1 s), adds a work whose payload is its unique 8-byte ID in a random mode of
+  ``--modes`` (one add in ten is an ``add_many`` of 2 to 8 works), and after
+  an add, with probability ``--cancel-rate``, cancels one of its own recent
+  works. IDs are ``incarnation << 32 | sequence``: every
+  started process has a new incarnation number, so IDs never repeat.
+* Every ``--kill-every`` seconds the controller SIGKILLs a random task or
+  producer and starts a replacement (a new incarnation). With ``--killpoints``
+  (the default when ``--kill-every`` > 0) about a third of the started
+  processes also get ``SHM_TASKWORK_KILLPOINT=POINT:N`` at random, so they
+  SIGKILL themselves at the N-th pass through one of the nastiest instructions:
+  tasks at ``after_detach`` or ``in_callback``, producers at ``after_alloc``,
+  ``after_push``, ``in_pi_lock`` or ``mid_pop``.
+* A controller thread runs ``fsck(repair=True)`` every 0.1 s while all this goes
+  on and writes ``orphaned ID`` / ``interrupted ID`` for every work its reports
+  name (the payload carries the ID).
+* At the end: producers are stopped (they finish the operation in hand), then
+  tasks (``exit()`` runs everything queued), a final ``fsck(repair=True)``
+  reclaims what killed processes held, and dead letters (there should be none)
+  are run by the controller, which registers the callback too.
+
+The ledger
+----------
+Each process appends fixed-size 16-byte records to its own file in a private
+temporary directory: one ``os.write`` per record on an ``O_APPEND`` descriptor,
+so a SIGKILL leaves every record whole or absent and nothing is buffered. The
+producer writes ``intent-add`` before ``add`` and ``added`` after it returned
+(or ``add-failed`` after ``TaskExitedError``/``PoolExhaustedError``), and
+``cancel-intent`` before ``cancel``, then ``cancelled`` (True) or
+``cancel-missed`` (False). A task writes ``ran`` inside the callback. The
+controller writes ``orphaned`` and ``interrupted`` from fsck reports.
+
+How each ID is judged
+---------------------
+Outcomes of an ID: *executed* (one or more ``ran``, or ``interrupted``),
+*cancelled*, *orphaned*.
+
+* ``ran`` together with one ``interrupted`` is one execution: the callback
+  recorded the work, then its task died before the node was freed, and fsck
+  found it RUNNING. ``interrupted`` alone: the task died after the callback
+  had started, before it wrote its record. Both count as executed once.
+* **duplicated**: more than one outcome, or ``ran``/``interrupted``/
+  ``cancelled``/``orphaned`` twice.
+* **lost**: a confirmed add (``added``) with no outcome at all.
+* An ``intent-add`` without ``added`` or ``add-failed`` (the producer was killed
+  inside ``add``): the work may or may not have been queued. Executed once,
+  orphaned once, cancelled once, or nowhere (its node was reclaimed by fsck as
+  leaked) are all correct; two outcomes are duplicated. Counted under
+  ``unconfirmed``.
+* A ``cancel-intent`` without a result (the producer was killed inside
+  ``cancel``): the work may have been executed or orphaned, or be nowhere -
+  "cancelled by a killed canceller" (the task's runner or fsck gave its node
+  back). Never counted lost; counted under ``cancel_unconfirmed``, and a
+  confirmed add that ends nowhere this way under
+  ``settled.cancelled_by_killed_canceller``.
+
+``settled`` splits the confirmed adds by their one outcome (executed,
+cancelled, orphaned, cancelled by a killed canceller); with nothing lost or
+duplicated its four figures add up to ``added``.
+* **phantom**: an outcome for an ID whose add failed, or that no producer ever
+  intended, or a ``cancelled`` without ``cancel-intent``. A failed add queues
+  nothing, so any of these is a fault.
+* **leaked**: ``pool_size - pool_free`` after everything drained and the final
+  fsck; it must be 0.
+
+``killed`` counts every SIGKILL: the controller's (``sigkills_sent``) and the
+kill points' (``killpoint_deaths``). ``--kill-every`` is a target: a kill
+waits for the victim to be reaped and its replacement started, and a loop that
+falls behind skips ticks rather than killing in bursts.
+``crashed`` counts children that exited with an error (a traceback on their
+stderr), ``hung`` those that did not stop within their deadline. The run exits
+0 only if ``lost``, ``duplicated``, ``leaked``, ``phantom``, ``crashed`` and
+``hung`` are all 0; otherwise the offending IDs (the first 20) go to stderr.
+The last line of stdout is always the JSON summary (``--json``: nothing else).
+
+With ``--domain NAME`` the domain is created under that name and, if the run
+fails, kept for ``shm-taskwork inspect``/``fsck``; the default private domain
+and the ledger directory are always removed.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+CALLBACK = "stress.record"
+MODES = {"none": 0, "resume": 1, "signal": 2, "signal_no_ipi": 3}
+MODE_NAMES = {v: k for k, v in MODES.items()}
+TASK_KILLPOINTS = ("after_detach", "in_callback")
+PRODUCER_KILLPOINTS = ("after_alloc", "after_push", "in_pi_lock", "mid_pop")
+KILLPOINT_SHARE = 0.33
+MANY_SHARE = 0.1       # adds made with add_many (2..8 works, one push)
+MANY_FLAG = 0x100      # in a record's aux: the work came with add_many
+FSCK_EVERY = 0.1
+
+# ---- the ledger -------------------------------------------------------------
+
+REC = struct.Struct("<HHIQ")   # kind, aux (notify mode), writer incarnation, id
+INTENT_ADD, ADDED, ADD_FAILED, CANCEL_INTENT, CANCELLED, CANCEL_MISSED, RAN, \
+    ORPHANED, INTERRUPTED = range(1, 10)
+KIND_NAMES = {INTENT_ADD: "intent-add", ADDED: "added", ADD_FAILED: "add-failed",
+              CANCEL_INTENT: "cancel-intent", CANCELLED: "cancelled",
+              CANCEL_MISSED: "cancel-missed", RAN: "ran", ORPHANED: "orphaned",
+              INTERRUPTED: "interrupted"}
+
+
+class Ledger:
+    """One process's append-only record file: one write(2) per record."""
+
+    def __init__(self, path: str, incarnation: int):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.inc = incarnation
+
+    def put(self, kind: int, wid: int, aux: int = 0) -> None:
+        os.write(self.fd, REC.pack(kind, aux, self.inc, wid))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def ledger_files(directory: str) -> list[str]:
+    return [os.path.join(directory, fn) for fn in sorted(os.listdir(directory))
+            if fn.endswith(".ledger")]
+
+
+def read_ledger(path: str) -> tuple[bytes, int]:
+    """A ledger file's whole records, and its count of torn trailing bytes
+    (none is expected: every record is one write)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    whole = len(raw) - len(raw) % REC.size
+    return raw[:whole], len(raw) - whole
+
+
+_DENSE_SEQ = 1 << 26   # a sequence beyond this is judged from a dict (a forged id)
+
+
+def account(directory: str) -> dict:
+    """Judge every ID as the module docstring says. Returns the figures, the
+    count of torn bytes, and under ``bad`` the offending IDs per category.
+
+    Memory stays small on long runs: IDs are ``incarnation << 32 | sequence``
+    with dense sequences, so each incarnation gets one byte per sequence and
+    record kind (a count that saturates at 255)."""
+    tables: dict[int, list[bytearray]] = {}
+    odd: dict[int, list[int]] = {}
+    by_mode = {name: 0 for name in MODES}
+    torn = many = 0
+    for path in ledger_files(directory):
+        raw, t = read_ledger(path)
+        torn += t
+        for kind, aux, _inc, wid in REC.iter_unpack(raw):
+            if not 0 < kind < 10:
+                continue
+            if kind == ADDED:
+                m = MODE_NAMES.get(aux & 0xFF, str(aux & 0xFF))
+                by_mode[m] = by_mode.get(m, 0) + 1
+                if aux & MANY_FLAG:
+                    many += 1
+            seq = wid & 0xFFFFFFFF
+            if seq >= _DENSE_SEQ:
+                odd.setdefault(wid, [0] * 10)[kind] += 1
+                continue
+            tab = tables.get(wid >> 32)
+            if tab is None:
+                tab = tables[wid >> 32] = [bytearray() for _ in range(10)]
+            a = tab[kind]
+            if seq >= len(a):
+                a.extend(bytes(seq + 1 - len(a) + 4096))
+            if a[seq] < 255:
+                a[seq] += 1
+    out = dict(intended=0, added=0, add_failed=0, unconfirmed=0, ran=0, cancelled=0,
+               orphaned=0, interrupted=0, ran_and_interrupted=0, cancel_attempts=0,
+               cancel_missed=0, cancel_unconfirmed=0, unconfirmed_executed=0,
+               unconfirmed_orphaned=0, unconfirmed_cancelled=0, unconfirmed_nowhere=0,
+               duplicated=0, lost=0, phantom=0)
+    settled = {"executed": 0, "cancelled": 0, "orphaned": 0, "cancelled_by_killed_canceller": 0}
+    bad: dict[str, list[int]] = {"lost": [], "duplicated": [], "phantom": []}
+
+    def judge(wid: int, c) -> None:
+        ran, inter, canc, orph = c[RAN], c[INTERRUPTED], c[CANCELLED], c[ORPHANED]
+        out["ran"] += ran
+        out["interrupted"] += inter
+        out["cancelled"] += canc
+        out["orphaned"] += orph
+        out["cancel_attempts"] += c[CANCEL_INTENT]
+        out["cancel_missed"] += c[CANCEL_MISSED]
+        cancel_open = c[CANCEL_INTENT] > c[CANCELLED] + c[CANCEL_MISSED]
+        if cancel_open:
+            out["cancel_unconfirmed"] += 1
+        if ran and inter:
+            out["ran_and_interrupted"] += 1
+        executed = bool(ran or inter)
+        outcomes = int(executed) + int(canc > 0) + int(orph > 0)
+        if c[INTENT_ADD]:
+            out["intended"] += 1
+        if c[ADDED]:
+            out["added"] += 1
+        if c[ADD_FAILED]:
+            out["add_failed"] += 1
+        dup = outcomes > 1 or ran > 1 or inter > 1 or canc > 1 or orph > 1
+        if dup:
+            out["duplicated"] += 1
+            bad["duplicated"].append(wid)
+        if (outcomes and (c[ADD_FAILED] or not c[INTENT_ADD])) or canc > c[CANCEL_INTENT]:
+            out["phantom"] += 1
+            bad["phantom"].append(wid)
+        if c[ADDED] and outcomes and not dup:
+            settled["executed" if executed else "cancelled" if canc else "orphaned"] += 1
+        elif c[ADDED] and not outcomes:
+            if cancel_open:   # its canceller was killed inside cancel()
+                settled["cancelled_by_killed_canceller"] += 1
+            else:
+                out["lost"] += 1
+                bad["lost"].append(wid)
+        if c[INTENT_ADD] and not c[ADDED] and not c[ADD_FAILED]:
+            out["unconfirmed"] += 1
+            key = ("unconfirmed_executed" if executed else "unconfirmed_cancelled" if canc
+                   else "unconfirmed_orphaned" if orph else "unconfirmed_nowhere")
+            out[key] += 1
+
+    empty = (0,) * 10
+    for inc in sorted(tables):
+        tab = tables[inc]
+        n = max(len(a) for a in tab)
+        for a in tab:
+            a.extend(bytes(n - len(a)))
+        base = inc << 32
+        for seq, c in enumerate(zip(*tab)):
+            if c != empty:
+                judge(base | seq, c)
+    for wid in sorted(odd):
+        judge(wid, odd[wid])
+    out["added_by_mode"] = by_mode
+    out["added_with_add_many"] = many
+    out["settled"] = settled
+    out["torn_bytes"] = torn
+    out["bad"] = bad
+    return out
+
+
+def describe(directory: str, wids: list[int]) -> list[str]:
+    """Every record about each of ``wids``, one line per id."""
+    want = {w: [] for w in wids}
+    for path in ledger_files(directory):
+        raw, _ = read_ledger(path)
+        for kind, _aux, inc, wid in REC.iter_unpack(raw):
+            if wid in want:
+                want[wid].append(f"{KIND_NAMES.get(kind, kind)}@{inc}")
+    return [f"{w:#x} (producer {w >> 32}, seq {w & 0xffffffff}): {', '.join(want[w]) or '-'}"
+            for w in wids]
+
+
+# ---- child processes ------------------------------------------------------------
+
+def _stop_requested(stop_file: str, parent: int) -> bool:
+    # A controller that vanished (SIGKILL) must not leave children running.
+    return os.path.exists(stop_file) or os.getppid() != parent
+
+
+def role_task(a) -> int:
+    from shm_taskwork import Domain, TaskWorkError, callback
+
+    ledger = Ledger(a.ledger, a.incarnation)
+    seen = [0]
+
+    @callback(name=CALLBACK)
+    def record(work):
+        (wid,) = struct.unpack("<Q", work.payload)
+        seen[0] += 1
+        if a.inject == "lose" and seen[0] == 10:
+            return                                  # test-only: a work vanishes
+        ledger.put(RAN, wid)
+        if a.inject == "duplicate" and seen[0] == 10:
+            ledger.put(RAN, wid)                    # test-only: a work runs twice
+
+    dom = Domain.open(a.domain)
+    deadline = time.monotonic() + 30
+    while True:
+        if _stop_requested(a.stop, a.parent):
+            dom.close()
+            return 0
+        try:
+            task = dom.register(name=f"stress-t{a.incarnation}")
+            break
+        except TaskWorkError as exc:
+            # All slots taken by killed tasks fsck has not repaired yet.
+            if exc.errno != errno.ENOSPC or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    next_run = time.monotonic() + 0.2
+    while not _stop_requested(a.stop, a.parent):
+        task.wait(timeout=0.02)
+        now = time.monotonic()
+        if now >= next_run:
+            task.run()       # TWA_NONE works: no notification ever comes
+            next_run = now + 0.2
+    task.exit()
+    dom.close()
+    return 0
+
+
+def role_producer(a) -> int:
+    from shm_taskwork import Domain, PoolExhaustedError, TaskExitedError, TaskWorkError
+
+    ledger = Ledger(a.ledger, a.incarnation)
+    rng = random.Random(a.child_seed)
+    modes = [MODES[m] for m in a.modes.split(",")]
+    dom = Domain.open(a.domain)
+    tasks: list = []
+    mine: list = []          # (task, work, id) of own recent adds
+    refresh = 0.0
+    seq = 0
+    ops = 0
+    base = a.incarnation << 32
+    while True:
+        ops += 1
+        if ops % 32 == 0 and _stop_requested(a.stop, a.parent):
+            break
+        now = time.monotonic()
+        if now >= refresh or not tasks:
+            tasks = []
+            for info in dom.tasks():
+                if info.state != "running":
+                    continue
+                try:
+                    tasks.append(dom.task(info.id))
+                except TaskWorkError:
+                    pass
+            refresh = now + 0.1
+            if not tasks:
+                if _stop_requested(a.stop, a.parent):
+                    break
+                time.sleep(0.005)
+                continue
+        t = tasks[rng.randrange(len(tasks))]
+        mode = modes[rng.randrange(len(modes))]
+        n = rng.randint(2, 8) if rng.random() < MANY_SHARE else 1
+        wids = [base | (seq + i) for i in range(n)]
+        seq += n
+        aux = mode | (MANY_FLAG if n > 1 else 0)
+        for wid in wids:
+            ledger.put(INTENT_ADD, wid, aux)
+        try:
+            if n == 1:
+                works = [t.add(CALLBACK, struct.pack("<Q", wids[0]), notify=mode)]
+            else:
+                works = t.add_many(CALLBACK, [struct.pack("<Q", w) for w in wids], notify=mode)
+        except (TaskExitedError, PoolExhaustedError) as exc:
+            for wid in wids:
+                ledger.put(ADD_FAILED, wid, aux)
+            if isinstance(exc, TaskExitedError):
+                tasks = [x for x in tasks if x is not t]
+            else:
+                time.sleep(0.002)
+            continue
+        for wid, w in zip(wids, works):
+            ledger.put(ADDED, wid, aux)
+            mine.append((t, w, wid))
+        if len(mine) > 64:
+            del mine[:32]
+        if rng.random() < a.cancel_rate:
+            k = len(mine) - 1 if rng.random() < 0.5 else rng.randrange(len(mine))
+            ct, cw, cid = mine.pop(k)
+            ledger.put(CANCEL_INTENT, cid)
+            ledger.put(CANCELLED if ct.cancel(cw) else CANCEL_MISSED, cid)
+    dom.close()
+    return 0
+
+
+class Child:
+    __slots__ = ("role", "inc", "proc", "killpoint", "killed_by_us", "err_path", "started")
+
+    def __init__(self, role, inc, proc, killpoint, err_path):
+        self.role, self.inc, self.proc, self.killpoint = role, inc, proc, killpoint
+        self.killed_by_us = False
+        self.err_path = err_path
+        self.started = time.monotonic()
+
+
+# ---- the controller -------------------------------------------------------------
+
+def _modes(text: str) -> str:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in MODES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"invalid mode(s) {', '.join(map(repr, bad)) or '(none given)'}: "
+            f"choose from {', '.join(MODES)} (comma-separated)")
+    return ",".join(dict.fromkeys(names))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return v
+
+
+def _rate(text: str) -> float:
+    v = _nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"{v} is not a probability: use 0..1")
+    return v
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Many processes adding, cancelling, running and being SIGKILLed; a ledger "
+                    "checks that every work ran once, was cancelled once or was reported "
+                    "orphaned once, and that no pool node leaked. Exit 0 only if so.")
+    p.add_argument("--tasks", type=_positive_int, default=4, help="task processes (default 4)")
+    p.add_argument("--producers", type=_positive_int, default=4,
+                   help="producer processes (default 4)")
+    p.add_argument("--seconds", type=_nonneg_float, default=10.0,
+                   help="how long to add, cancel and kill (default 10)")
+    p.add_argument("--kill-every", type=_nonneg_float, default=0.0, metavar="SECONDS",
+                   help="SIGKILL a random task or producer this often and start a "
+                        "replacement (default 0: no kills)")
+    p.add_argument("--cancel-rate", type=_rate, default=0.1, metavar="R",
+                   help="after an add, the chance that a producer cancels one of its own "
+                        "recent works (0..1, default 0.1)")
+    p.add_argument("--modes", type=_modes, default=",".join(MODES), metavar="LIST",
+                   help=f"notify modes to add with, comma-separated from {', '.join(MODES)} "
+                        "(default: all four)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of every random choice (default: random; printed in the summary)")
+    p.add_argument("--json", action="store_true",
+                   help="print only the JSON summary (it is always the last line)")
+    p.add_argument("--domain", default=None, metavar="NAME",
+                   help="create the domain under this name (default: a private unique name); "
+                        "kept if the run fails")
+    p.add_argument("--pool-size", type=_positive_int, default=65536,
+                   help="work pool of the domain (default 65536)")
+    p.add_argument("--killpoints", action=argparse.BooleanOptionalAction, default=None,
+                   help="also make some started processes SIGKILL themselves at a native "
+                        "kill point (default: on when --kill-every > 0)")
+    # test-only: prove that the checker can fail
+    p.add_argument("--inject", choices=("lose", "duplicate", "leak"), default=None,
+                   help=argparse.SUPPRESS)
+    # internal: the child roles
+    p.add_argument("--role", choices=("task", "producer"), help=argparse.SUPPRESS)
+    p.add_argument("--ledger", help=argparse.SUPPRESS)
+    p.add_argument("--stop", help=argparse.SUPPRESS)
+    p.add_argument("--parent", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--incarnation", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+class Controller:
+    def __init__(self, a, out):
+        self.a = a
+        self.out = out
+        self.rng = random.Random(a.seed)
+        self.children: list[Child] = []
+        self.inc = 0
+        self.killed = 0
+        self.sigkills_sent = 0
+        self.killed_by = {"task": 0, "producer": 0}
+        self.killpoint_deaths: dict[str, int] = {}
+        self.crashed: list[str] = []
+        self.hung = 0
+        self.started = {"task": 0, "producer": 0}
+        self.fsck_runs = 0
+        self.fsck_problems: list[str] = []
+        self.fsck_orphaned = 0
+        self.fsck_interrupted = 0
+        self.fsck_leaked = 0
+        self.fsck_error: BaseException | None = None
+        self.dom = None
+        self.tmp = tempfile.mkdtemp(prefix="shm-taskwork-stress-")
+        self.stop_producers = os.path.join(self.tmp, "stop-producers")
+        self.stop_tasks = os.path.join(self.tmp, "stop-tasks")
+        self.ledger = Ledger(os.path.join(self.tmp, "controller.ledger"), 0)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.pop("SHM_TASKWORK_KILLPOINT", None)
+        self.env = env
+
+    # -- children --
+
+    def spawn(self, role: str) -> Child:
+        self.inc += 1
+        inc = self.inc
+        env = self.env
+        kp = None
+        if self.a.killpoints and self.rng.random() < KILLPOINT_SHARE:
+            point = self.rng.choice(TASK_KILLPOINTS if role == "task" else PRODUCER_KILLPOINTS)
+            count = self.rng.randint(1, 30 if point in ("in_pi_lock", "after_detach") else 400)
+            kp = f"{point}:{count}"
+            env = dict(env, SHM_TASKWORK_KILLPOINT=kp)
+        err_path = os.path.join(self.tmp, f"{role}-{inc}.err")
+        cmd = [sys.executable, "-m", "tools.stress", "--role", role, "--domain", self.dom.name,
+               "--ledger", os.path.join(self.tmp, f"{role}-{inc}.ledger"),
+               "--stop", self.stop_producers if role == "producer" else self.stop_tasks,
+               "--parent", str(os.getpid()), "--incarnation", str(inc),
+               "--child-seed", str(self.a.seed * 1000003 + inc), "--modes", self.a.modes,
+               "--cancel-rate", repr(self.a.cancel_rate)]
+        if self.a.inject in ("lose", "duplicate"):
+            cmd += ["--inject", self.a.inject]
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
+        c = Child(role, inc, proc, kp, err_path)
+        self.children.append(c)
+        self.started[role] += 1
+        return c
+
+    def _tail(self, c: Child) -> str:
+        try:
+            with open(c.err_path, "rb") as f:
+                text = f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-8:])
+
+    def _judge_exit(self, c: Child) -> None:
+        rc = c.proc.returncode
+        if c.killed_by_us:
+            return
+        if rc == -signal.SIGKILL:
+            self.killed += 1
+            self.killed_by[c.role] += 1
+            point = (c.killpoint or "unknown:").split(":")[0]
+            self.killpoint_deaths[point] = self.killpoint_deaths.get(point, 0) + 1
+        elif rc != 0:
+            self.crashed.append(f"{c.role} {c.inc} (pid {c.proc.pid}) exited with {rc}: "
+                                f"{self._tail(c)}")
+
+    def reap(self, replace: bool) -> None:
+        for c in list(self.children):
+            if c.proc.poll() is None:
+                continue
+            self.children.remove(c)
+            self._judge_exit(c)
+            if replace:
+                self.spawn(c.role)
+
+    def kill_one(self) -> None:
+        live = [c for c in self.children if c.proc.poll() is None]
+        if not live:
+            return
+        c = self.rng.choice(live)
+        try:
+            c.proc.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        try:
+            c.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a D-state process
+            self.hung += 1
+        if c.proc.returncode == -signal.SIGKILL:
+            c.killed_by_us = True
+            self.killed += 1
+            self.sigkills_sent += 1
+            self.killed_by[c.role] += 1
+        # else it had exited on its own just before: reap() judges it
+
+    def stop_role(self, role: str, stop_file: str, timeout: float) -> None:
+        with open(stop_file, "w"):
+            pass
+        deadline = time.monotonic() + timeout
+        for c in [c for c in self.children if c.role == role]:
+            try:
+                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.hung += 1
+                self.crashed.append(f"{role} {c.inc} (pid {c.proc.pid}) did not stop within "
+                                    f"{timeout:.0f}s: {self._tail(c)}")
+                c.proc.kill()
+                c.killed_by_us = True
+                c.proc.wait(timeout=10)
+            self.children.remove(c)
+            self._judge_exit(c)
+
+    def kill_all(self) -> None:
+        for c in self.children:
+            if c.proc.poll() is None:
+                try:
+                    c.proc.kill()
+                except ProcessLookupError:
+                    pass
+        for c in self.children:
+            try:
+                c.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+        self.children.clear()
+
+    # -- fsck --
+
+    def fsck_once(self) -> None:
+        rep = self.dom.fsck(repair=True)
+        self.fsck_runs += 1
+        for kind, works in ((ORPHANED, rep.orphaned_works), (INTERRUPTED, rep.interrupted_works)):
+            for w in works:
+                if len(w.payload) == 8:
+                    self.ledger.put(kind, struct.unpack("<Q", w.payload)[0])
+                else:
+                    self.fsck_problems.append(f"work {w.id:#x} has a {len(w.payload)}-byte payload")
+        self.fsck_orphaned += rep.orphaned
+        self.fsck_interrupted += rep.interrupted
+        self.fsck_leaked += rep.leaked
+        for prob in rep.problems:
+            if len(self.fsck_problems) < 50:
+                self.fsck_problems.append(prob)
+
+    def fsck_loop(self, stop: threading.Event) -> None:
+        try:
+            while not stop.wait(FSCK_EVERY):
+                self.fsck_once()
+        except BaseException as exc:  # shown by the main thread
+            self.fsck_error = exc
+
+    # -- the run --
+
+    def run(self) -> dict:
+        from shm_taskwork import Domain, callback
+
+        a = self.a
+        name = a.domain or f"/tw_stress_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+        max_tasks = max(16, 4 * a.tasks)
+        self.dom = Domain.create(name, max_tasks=max_tasks, pool_size=a.pool_size,
+                                 payload_size=8, max_procs=min(65536, 4 * (a.tasks + a.producers)
+                                                               + 4 * max_tasks + 64))
+
+        @callback(name=CALLBACK)
+        def record(work):  # dead letters the controller runs itself
+            self.ledger.put(RAN, struct.unpack("<Q", work.payload)[0])
+
+        for _ in range(a.tasks):
+            self.spawn("task")
+        for _ in range(a.producers):
+            self.spawn("producer")
+        stop_fsck = threading.Event()
+        fsck_thread = threading.Thread(target=self.fsck_loop, args=(stop_fsck,),
+                                       name="stress-fsck", daemon=True)
+        fsck_thread.start()
+        progress = _Progress(a.seconds) if sys.stderr.isatty() else None
+        t0 = time.monotonic()
+        end = t0 + a.seconds
+        next_kill = t0 + a.kill_every if a.kill_every > 0 else float("inf")
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= end:
+                    break
+                self.reap(replace=True)
+                if now >= next_kill:
+                    self.kill_one()
+                    self.reap(replace=True)
+                    next_kill = max(next_kill + a.kill_every, time.monotonic())
+                if self.fsck_error is not None:
+                    raise self.fsck_error
+                if progress:
+                    progress.update(now - t0, self)
+                time.sleep(max(0.0, min(next_kill, end, time.monotonic() + 0.01)
+                               - time.monotonic()))
+            seconds = time.monotonic() - t0
+            # Producers first (each finishes the operation in hand), then the
+            # tasks: exit() runs everything still queued.
+            self.reap(replace=False)
+            self.stop_role("producer", self.stop_producers, 30)
+            self.stop_role("task", self.stop_tasks, 60)
+        finally:
+            stop_fsck.set()
+            fsck_thread.join(timeout=30)
+            if progress:
+                progress.close()
+        if fsck_thread.is_alive():
+            raise RuntimeError("the fsck thread did not stop within 30 s")
+        if self.fsck_error is not None:
+            raise self.fsck_error
+        # Whatever killed processes still held, and any dead letter.
+        self.fsck_once()
+        self.fsck_once()
+        dead_letters = len(self.dom.dead_letters())
+        if dead_letters:
+            self.dom.retry_dead_letters()
+            self.dom.drop_dead_letters()
+        if a.inject == "leak":
+            # test-only: a work queued on a live task (the controller) that
+            # never runs before the pool is counted
+            me = self.dom.register("stress-leak", install_handler=False)
+            me.add(CALLBACK, struct.pack("<Q", 0), notify=0)
+        stats = self.dom.stats()
+        acc = account(self.tmp)
+        acc.update(leaked=stats.pool_size - stats.pool_free, killed=self.killed,
+                   seconds=round(seconds, 3), rate=round(acc["added"] / seconds, 1) if seconds else 0.0,
+                   dead_letters=dead_letters)
+        return acc
+
+    def cleanup(self, keep_domain: bool) -> None:
+        self.kill_all()
+        if self.dom is not None:
+            self.dom.close()
+            if not keep_domain:
+                self.dom.unlink()
+        try:
+            self.ledger.close()
+        except OSError:
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class _Progress:
+    """A rich progress bar on stderr (when rich is importable)."""
+
+    def __init__(self, seconds: float):
+        try:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        except ImportError:
+            self.p = None
+            return
+        self.p = Progress(TextColumn("stress"), BarColumn(), TextColumn("{task.fields[info]}"),
+                          TimeRemainingColumn(), transient=True)
+        self.p.start()
+        self.t = self.p.add_task("stress", total=max(seconds, 0.001), info="")
+
+    def update(self, elapsed: float, ctl: Controller) -> None:
+        if self.p is None:
+            return
+        live = sum(1 for c in ctl.children if c.proc.returncode is None)
+        self.p.update(self.t, completed=elapsed,
+                      info=f"{ctl.killed} killed, {live} processes, {ctl.fsck_runs} fsck, "
+                           f"{ctl.fsck_orphaned} orphaned")
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+
+
+def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = build_parser(prog).parse_args(argv)
+    if a.role == "task":
+        return role_task(a)
+    if a.role == "producer":
+        return role_producer(a)
+    if a.seed is None:
+        a.seed = random.SystemRandom().randrange(1 << 31)
+    if a.killpoints is None:
+        a.killpoints = a.kill_every > 0
+    ctl = Controller(a, sys.stdout)
+    ok = False
+    try:
+        acc = ctl.run()
+        bad = acc.pop("bad")
+        summary = {
+            "added": acc["added"], "ran": acc["ran"], "cancelled": acc["cancelled"],
+            "orphaned": acc["orphaned"], "interrupted": acc["interrupted"],
+            "duplicated": acc["duplicated"], "lost": acc["lost"], "leaked": acc["leaked"],
+            "killed": acc["killed"], "seconds": acc["seconds"], "rate": acc["rate"],
+            "phantom": acc["phantom"], "crashed": len(ctl.crashed), "hung": ctl.hung,
+            "intended": acc["intended"], "add_failed": acc["add_failed"],
+            "unconfirmed": acc["unconfirmed"],
+            "unconfirmed_outcome": {k[len("unconfirmed_"):]: acc[k] for k in
+                                    ("unconfirmed_executed", "unconfirmed_cancelled",
+                                     "unconfirmed_orphaned", "unconfirmed_nowhere")},
+            "settled": acc["settled"],
+            "ran_and_interrupted": acc["ran_and_interrupted"],
+            "cancel_attempts": acc["cancel_attempts"], "cancel_missed": acc["cancel_missed"],
+            "cancel_unconfirmed": acc["cancel_unconfirmed"],
+            "added_by_mode": acc["added_by_mode"],
+            "added_with_add_many": acc["added_with_add_many"],
+            "sigkills_sent": ctl.sigkills_sent, "killed_by_role": ctl.killed_by, "killpoint_deaths": ctl.killpoint_deaths,
+            "started": ctl.started, "fsck_runs": ctl.fsck_runs,
+            "fsck_leaked": ctl.fsck_leaked, "fsck_problems": len(ctl.fsck_problems),
+            "dead_letters": acc["dead_letters"], "torn_bytes": acc["torn_bytes"],
+            "tasks": a.tasks, "producers": a.producers, "kill_every": a.kill_every,
+            "cancel_rate": a.cancel_rate, "modes": a.modes.split(","),
+            "killpoints": a.killpoints, "pool_size": a.pool_size, "seed": a.seed,
+        }
+        failed = [k for k in ("lost", "duplicated", "leaked", "phantom", "crashed", "hung")
+                  if summary[k]]
+        summary["ok"] = ok = not failed
+        if not a.json:
+            _print_human(summary)
+        print(json.dumps(summary), flush=True)
+        if failed:
+            for k in ("lost", "duplicated", "phantom"):
+                if bad[k]:
+                    print(f"{prog}: {len(bad[k])} {k} work(s); the first {min(20, len(bad[k]))}:",
+                          file=sys.stderr)
+                    for line in describe(ctl.tmp, bad[k][:20]):
+                        print(f"  {line}", file=sys.stderr)
+            if summary["leaked"]:
+                print(f"{prog}: {summary['leaked']} pool node(s) not free after the drain and "
+                      "the final fsck", file=sys.stderr)
+            for line in ctl.crashed[:20]:
+                print(f"{prog}: {line}", file=sys.stderr)
+        for prob in ctl.fsck_problems[:10]:
+            print(f"{prog}: fsck problem: {prob}", file=sys.stderr)
+        return 0 if ok else 1
+    finally:
+        ctl.cleanup(keep_domain=bool(a.domain) and not ok)
+
+
+def _print_human(s: dict) -> None:
+    print(f"stress: {s['tasks']} tasks, {s['producers']} producers, {s['seconds']} s, "
+          f"kill every {s['kill_every']} s, modes {','.join(s['modes'])}, seed {s['seed']}")
+    print(f"  added {s['added']} ({s['rate']}/s), ran {s['ran']}, cancelled {s['cancelled']}, "
+          f"orphaned {s['orphaned']}, interrupted {s['interrupted']}")
+    print(f"  killed {s['killed']} (tasks {s['killed_by_role']['task']}, producers "
+          f"{s['killed_by_role']['producer']}; at kill points {sum(s['killpoint_deaths'].values())})"
+          f", fsck runs {s['fsck_runs']}, unconfirmed adds {s['unconfirmed']}")
+    print(f"  lost {s['lost']}, duplicated {s['duplicated']}, leaked {s['leaked']}, "
+          f"phantom {s['phantom']}, crashed {s['crashed']}, hung {s['hung']}: "
+          f"{'OK' if s['ok'] else 'FAILED'}")
+
+
+if __name__ == "__main__":
+    if "--role" in sys.argv:
+        sys.exit(main())       # a child: a traceback is the evidence of a crash
+    from shm_taskwork.cli import main as cli_main
+    sys.exit(cli_main(["stress", *sys.argv[1:]]))
