@@ -838,21 +838,18 @@ static void fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32
         memcpy((char *)n + d->payload_off, payload, len);
 }
 
-/* Take back a node whose push failed. fsck may have reclaimed it already (the
- * task died meanwhile): the owner-word CAS decides who frees it, once. The
- * generation must be the one we queued it with: a node fsck reclaimed may
- * since have been popped again (generation + 1) and queued on a new
- * registration of the same slot, and that work is not ours to free. */
-static void unqueue_own(struct tw_dom *d, uint32_t idx, uint32_t slot, uint32_t gen)
+/*
+ * After a successful push: ALLOC(me) -> QUEUED(slot). The node has been
+ * reachable since the push, so the runner (detach), a canceller or fsck may
+ * have taken it by CAS already - then this CAS fails and the node is theirs.
+ * The generation in the expected word keeps us from touching a later life of
+ * the node (run, freed and allocated again meanwhile).
+ */
+static void mark_queued(struct tw_dom *d, uint32_t idx, uint32_t gen, uint32_t slot)
 {
-    if (!node_ok(d, idx))
-        return;
-    struct tw_node *n = NODE(d, idx);
-    uint64_t o = LD_ACQ(&n->owner);
-    if (O_STATE(o) == TW_N_QUEUED && O_AUX(o) == slot && O_GEN(o) == gen &&
-        CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc), __ATOMIC_ACQ_REL,
-            __ATOMIC_RELAXED))
-        pool_push(d, idx);
+    uint64_t expect = OWNER(gen, TW_N_ALLOC, (uint32_t)d->my_proc);
+    CAS(&NODE(d, idx)->owner, &expect, OWNER(gen, TW_N_QUEUED, slot), __ATOMIC_RELEASE,
+        __ATOMIC_RELAXED);
 }
 
 static void note_queued(struct tw_slot *s, uint32_t n)
@@ -908,15 +905,16 @@ int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
     struct tw_slot *s = SLOT(d, slot);
     fill_node(d, n, slot, gen, func_id, payload, len, origin, origin_len, now_ns);
     uint64_t o = LD_RLX(&n->owner);
-    /* Queued before it is reachable: whoever reaches it through the head
-     * (acquire) sees this word. */
-    ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_QUEUED, slot));
+    /* Pushed while still ALLOC(me): if we die before the push, the node is
+     * plainly ours and on no list (fsck gives it back); if we die after it,
+     * fsck finds it linked and finishes mark_queued() for us. */
     r = push_chain(s, gen, idx, n);
     if (r) {
-        unqueue_own(d, idx, slot, O_GEN(o));
+        pool_push(d, idx);      /* never reachable: still only ours */
         return r;
     }
     tw_killpoint(TW_KP_AFTER_PUSH);
+    mark_queued(d, idx, O_GEN(o), slot);
     ADD_RLX(&s->c.added, 1);
     note_queued(s, 1);
     int due = notify(d, s, mode, efd, pidfd, signum);
@@ -965,16 +963,15 @@ int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
         work_ids_out[i] = ((uint64_t)O_GEN(LD_RLX(&n->owner)) << 32) | idx;
     }
     tw_killpoint(TW_KP_AFTER_ALLOC);
-    for (uint32_t k = 0; k < cnt; k++)
-        ST_REL(&NODE(d, (uint32_t)work_ids_out[k])->owner,
-               OWNER(work_ids_out[k] >> 32, TW_N_QUEUED, slot));
     r = push_chain(s, gen, first, NODE(d, lastidx));
     if (r) {
         for (uint32_t k = 0; k < cnt; k++)
-            unqueue_own(d, (uint32_t)work_ids_out[k], slot, (uint32_t)(work_ids_out[k] >> 32));
+            pool_push(d, (uint32_t)work_ids_out[k]);
         return r;
     }
     tw_killpoint(TW_KP_AFTER_PUSH);
+    for (uint32_t k = 0; k < cnt; k++)
+        mark_queued(d, (uint32_t)work_ids_out[k], (uint32_t)(work_ids_out[k] >> 32), slot);
     ADD_RLX(&s->c.added, cnt);
     note_queued(s, cnt);
     return notify(d, s, mode, efd, pidfd, signum);
@@ -1013,6 +1010,18 @@ static int reachable(struct tw_dom *d, uint32_t from, uint32_t node)
             return 1;
         cur = LD_ACQ(&NODE(d, cur)->next);
     }
+    return 0;
+}
+
+/* May a node with owner word o be linked on the list of (slot, gen)? */
+static int linked_state(struct tw_dom *d, struct tw_node *n, uint64_t o, uint32_t slot,
+                        uint32_t gen)
+{
+    uint32_t st = O_STATE(o);
+    if (st == TW_N_QUEUED || st == TW_N_CANCELLING)
+        return O_AUX(o) == slot;
+    if (st == TW_N_ALLOC)   /* pushed, not yet marked by its adder */
+        return LD_RLX(&n->target) == slot && LD_RLX(&n->target_gen) == gen;
     return 0;
 }
 
@@ -1062,15 +1071,22 @@ int tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uint
         return -EPERM;
     uint64_t head = LD_ACQ(&s->head), nh;
     uint32_t idx;
+    /* Odd from before the exchange until the batch is marked: fsck, deciding
+     * under pi_lock whether a node is linked, must not miss one that sits in
+     * a batch we detached but have not marked yet (we would be waiting for
+     * the lock it holds). seq_cst: ordered before the exchange below. */
+    __atomic_add_fetch(&s->detach_seq, 1, __ATOMIC_SEQ_CST);
     do {
-        if (H_GEN(head) != gen)
+        if (H_GEN(head) != gen) {
+            __atomic_add_fetch(&s->detach_seq, 1, __ATOMIC_RELEASE);
             return -ESRCH;
+        }
         idx = H_IDX(head);
         if (idx == TW_EXITED)
-            return 0;
+            break;
         if (idx == TW_NIL) {
             if (!(LD_ACQ(&s->flags) & TW_F_EXITING))
-                return 0;
+                break;
             nh = HEAD(gen, TW_EXITED);
         } else {
             nh = HEAD(gen, TW_NIL);
@@ -1078,13 +1094,17 @@ int tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uint
         /* acq_rel: acquire pairs with the release CAS of push_chain (node
          * contents); release orders our exit decision for later adders. */
     } while (!CAS(&s->head, &head, nh, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
-    if (idx == TW_NIL)
+    if (idx == TW_NIL || idx == TW_EXITED) {
+        __atomic_add_fetch(&s->detach_seq, 1, __ATOMIC_RELEASE);
         return 0;
+    }
 
     /* Synchronize with tw_cancel(). */
     int r = lock_deadline(&s->pi_lock, d->lock_timeout_ns, &s->lock_recovered);
-    if (r)
+    if (r) {
+        __atomic_add_fetch(&s->detach_seq, 1, __ATOMIC_RELEASE);
         return r;
+    }
     if (LD_ACQ(&s->lock_recovered))
         recover_cancelling(d, slot, s, idx);
     uint32_t n = 0;
@@ -1092,20 +1112,27 @@ int tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uint
     while (cur != TW_NIL) {
         if (!node_ok(d, cur) || n >= max || n >= d->pool_size) {
             pthread_mutex_unlock(&s->pi_lock);
+            __atomic_add_fetch(&s->detach_seq, 1, __ATOMIC_RELEASE);
             return -EUCLEAN;
         }
         struct tw_node *nd = NODE(d, cur);
         uint64_t o = LD_ACQ(&nd->owner);
-        uint32_t st = O_STATE(o);
-        if ((st != TW_N_QUEUED && st != TW_N_CANCELLING) || O_AUX(o) != slot) {
-            pthread_mutex_unlock(&s->pi_lock);
-            return -EUCLEAN;
-        }
-        ST_REL(&nd->owner, OWNER(O_GEN(o), TW_N_DETACHED, slot));
+        /* QUEUED; CANCELLING left by a canceller that died in the lock;
+         * or ALLOC: its adder pushed it and has not yet made it QUEUED (or
+         * died first). The CAS settles the race with that adder's CAS. */
+        do {
+            if (!linked_state(d, nd, o, slot, gen)) {
+                pthread_mutex_unlock(&s->pi_lock);
+                __atomic_add_fetch(&s->detach_seq, 1, __ATOMIC_RELEASE);
+                return -EUCLEAN;
+            }
+        } while (!CAS(&nd->owner, &o, OWNER(O_GEN(o), TW_N_DETACHED, slot), __ATOMIC_ACQ_REL,
+                      __ATOMIC_ACQUIRE));
         out[n++] = cur;
         cur = LD_ACQ(&nd->next);
     }
     pthread_mutex_unlock(&s->pi_lock);
+    __atomic_add_fetch(&s->detach_seq, 1, __ATOMIC_RELEASE);
     __atomic_sub_fetch(&s->c.queued, (int64_t)n, __ATOMIC_RELAXED);
     tw_killpoint(TW_KP_AFTER_DETACH);
     return (int)n;
@@ -1238,8 +1265,18 @@ int tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t 
         }
         uint64_t o = LD_ACQ(&n->owner);
         /* Mark first: if we die between here and the unlink, the runner that
-         * next takes this lock (EOWNERDEAD) finds the mark and settles it. */
-        ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_CANCELLING, slot));
+         * next takes this lock (EOWNERDEAD) finds the mark and settles it.
+         * CAS, not a store: the node may still be ALLOC, its adder about to
+         * make it QUEUED (mark_queued); whoever's CAS comes second fails. */
+        do {
+            if (!linked_state(d, n, o, slot, gen)) {
+                pthread_mutex_unlock(&s->pi_lock);
+                return -EUCLEAN;
+            }
+        } while (!CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_CANCELLING, slot), __ATOMIC_ACQ_REL,
+                      __ATOMIC_ACQUIRE));
+        /* restore value if the unlink loses: the node is linked, so QUEUED */
+        o = OWNER(O_GEN(o), TW_N_QUEUED, slot);
         tw_killpoint(TW_KP_IN_PI_LOCK);
         uint32_t nx = LD_ACQ(&n->next);
         int ok;
@@ -1561,6 +1598,54 @@ int tw_reclaim(struct tw_dom *d, uint32_t node, uint64_t expect_owner)
         return 0;
     pool_push(d, node);
     return 1;
+}
+
+/*
+ * fsck: node is ALLOC by a process that died (expect_owner). Either it never
+ * left that process (died before or during its push: give it back, 1), or
+ * its push happened and only mark_queued() is missing (it is a queued work:
+ * make it QUEUED, 2). Which one is decided under the target's pi_lock, so no
+ * canceller moves links meanwhile, and with the target's detach_seq even and
+ * unchanged around the walk, so no detached batch is hiding it. 0: the owner
+ * word changed meanwhile (someone took the node); -EAGAIN: a detach was in
+ * flight, try again later. Hold the fsck lock.
+ */
+int tw_fsck_settle(struct tw_dom *d, uint32_t node, uint64_t expect_owner)
+{
+    if (!node_ok(d, node))
+        return -EINVAL;
+    struct tw_node *n = NODE(d, node);
+    uint32_t tgt = LD_RLX(&n->target), tgen = LD_RLX(&n->target_gen);
+    if (!slot_ok(d, tgt))
+        return tw_reclaim(d, node, expect_owner);
+    struct tw_slot *s = SLOT(d, tgt);
+    uint64_t head = LD_ACQ(&s->head);
+    /* Not the live list of that registration: nobody will ever run it. */
+    if (H_GEN(head) != tgen || H_IDX(head) == TW_EXITED)
+        return tw_reclaim(d, node, expect_owner);
+    int r = lock_deadline(&s->pi_lock, d->lock_timeout_ns, &s->lock_recovered);
+    if (r)
+        return r;
+    int ret;
+    uint32_t s1 = __atomic_load_n(&s->detach_seq, __ATOMIC_SEQ_CST);
+    if (LD_ACQ(&n->owner) != expect_owner) {
+        ret = 0;
+    } else if (s1 & 1) {
+        ret = -EAGAIN;
+    } else {
+        int linked = reachable(d, H_IDX(LD_ACQ(&s->head)), node);
+        if (__atomic_load_n(&s->detach_seq, __ATOMIC_SEQ_CST) != s1) {
+            ret = -EAGAIN;
+        } else if (linked) {
+            uint64_t expect = expect_owner;
+            ret = CAS(&n->owner, &expect, OWNER(O_GEN(expect_owner), TW_N_QUEUED, tgt),
+                      __ATOMIC_ACQ_REL, __ATOMIC_RELAXED) ? 2 : 0;
+        } else {
+            ret = tw_reclaim(d, node, expect_owner);
+        }
+    }
+    pthread_mutex_unlock(&s->pi_lock);
+    return ret;
 }
 
 /*

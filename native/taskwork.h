@@ -24,6 +24,8 @@
  *   slot.head             (gen<<32 | idx). add: CAS release (pairs with the
  *                         acquire xchg/CAS of detach and cancel). detach: xchg/CAS
  *                         acq_rel. cancel: CAS acq_rel under pi_lock.
+ *   slot.detach_seq       the runner: seq_cst increment before its exchange (odd)
+ *                         and release increment after marking the batch (even)
  *   slot.flags            fetch_or by notifiers (acq_rel), fetch_and by the runner
  *   slot counters         relaxed fetch_add; statistics only
  *   node.owner            (gen<<32 | state<<24 | aux): release store by the owner
@@ -46,7 +48,7 @@
 #include <pthread.h>
 
 #define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     4u
+#define TW_LAYOUT_VERSION     5u
 
 /* Notify modes: the kernel's values (include/linux/task_work.h). */
 #define TW_TWA_NONE           0
@@ -76,7 +78,10 @@
 
 /* Node ownership states (bits 24..31 of the low half of node.owner). */
 #define TW_N_FREE             0u  /* on the free list (or being popped)          */
-#define TW_N_ALLOC            1u  /* aux = proc index of the allocating process  */
+#define TW_N_ALLOC            1u  /* aux = proc index of the allocating process;
+                                     also just after its push, until the adder's
+                                     CAS makes it QUEUED (or a runner, canceller
+                                     or fsck takes it by CAS first)              */
 #define TW_N_QUEUED           2u  /* aux = task slot; linked from slot.head      */
 #define TW_N_CANCELLING       3u  /* aux = task slot; a canceller holds pi_lock  */
 #define TW_N_DETACHED         4u  /* aux = task slot; in a run batch, not started */
@@ -159,6 +164,8 @@ struct tw_slot {
     int32_t  efd;              /* the eventfd's number in the task's process     */
     uint32_t uid;
     uint32_t lock_recovered;   /* set by whoever got EOWNERDEAD on pi_lock       */
+    uint32_t detach_seq;       /* odd while a detached batch is not yet marked   */
+    uint32_t reserved0;
     char     name[TW_NAME_LEN];
     struct tw_counters c;
     pthread_mutex_t pi_lock;   /* robust, process-shared                         */
@@ -317,6 +324,7 @@ int  tw_lock_slot(struct tw_dom *d, uint32_t slot);
 void tw_unlock_slot(struct tw_dom *d, uint32_t slot);
 int  tw_mark_exited(struct tw_dom *d, uint32_t slot, uint32_t gen);
 int  tw_reclaim(struct tw_dom *d, uint32_t node, uint64_t expect_owner);
+int  tw_fsck_settle(struct tw_dom *d, uint32_t node, uint64_t expect_owner);
 int  tw_release_exited(struct tw_dom *d, uint32_t slot, uint32_t gen);
 
 /* ---- notifications ---- */

@@ -13,7 +13,7 @@ import platform
 import struct
 
 MAGIC = b"SHMTWRK\x01"
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 NIL = 0xFFFFFFFF
 EXITED = 0xFFFFFFFE
 NAME_LEN = 48
@@ -103,7 +103,7 @@ SLOT = Struct("struct tw_slot", [
     ("head", "u64", 1), ("state", "u32", 1), ("gen", "u32", 1), ("flags", "u32", 1),
     ("pid", "i32", 1), ("start_ticks", "u64", 1), ("registered_ns", "u64", 1),
     ("signum", "i32", 1), ("efd", "i32", 1), ("uid", "u32", 1), ("lock_recovered", "u32", 1),
-    ("name", "char", NAME_LEN), ("c", COUNTERS, 1), ("pi_lock", "mutex", 1),
+    ("detach_seq", "u32", 1), ("reserved0", "u32", 1), ("name", "char", NAME_LEN), ("c", COUNTERS, 1), ("pi_lock", "mutex", 1),
     ("pad", "char", 64),
 ])
 

@@ -13,7 +13,9 @@ works it had detached but not started are *orphaned* (reported with their
 callback names and payloads), works whose callback had started are
 *interrupted* - and release the slot for a new registration. Per dead process:
 nodes it allocated and never pushed, and a node it was popping from or pushing
-to the free list when it died, are *leaked* and given back. Live tasks and
+to the free list when it died, are *leaked* and given back; a node it had
+pushed but not yet marked queued (it died between the two) is *settled*: it is
+a queued work like any other, and is left for its task to run. Live tasks and
 live processes are never touched: every reclaim is a compare-and-swap on the
 exact owner word that was judged dead.
 """
@@ -39,6 +41,7 @@ class FsckReport:
     orphaned_by_callback: dict[str, int] = dataclasses.field(default_factory=dict)
     interrupted: int = 0
     leaked: int = 0
+    settled: int = 0
     repaired: bool = False
     problems: list[str] = dataclasses.field(default_factory=list)
     dead_processes: list[int] = dataclasses.field(default_factory=list)
@@ -147,8 +150,20 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
                 orphan_count[aux] = orphan_count.get(aux, 0) + 1
         elif st == _native.N_ALLOC:
             if aux in dead_procs or (repair and aux == _FSCK_AUX):
-                if not repair or lib.tw_reclaim(d, node, o) == 1:
+                if not repair:
+                    rep.leaked += 1   # or pushed just before its adder died
+                    continue
+                rc = lib.tw_fsck_settle(d, node, o)
+                if rc == 1:
                     rep.leaked += 1
+                elif rc == 2:
+                    rep.settled += 1  # pushed: now an ordinary queued work
+                elif rc == -errno.EAGAIN:
+                    rep.problems.append(
+                        f"node {node}: allocated by a dead process, but its target was "
+                        "detaching; run fsck again")
+                elif rc < 0:
+                    rep.problems.append(f"node {node}: could not settle it: {_errname(rc)}")
             elif aux >= dom.max_procs and aux != _FSCK_AUX:
                 rep.problems.append(f"node {node} names process entry {aux}, beyond "
                                     f"max_procs={dom.max_procs}")

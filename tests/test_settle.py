@@ -1,0 +1,79 @@
+"""A dead adder's node, judged by whether its push happened.
+
+An adder pushes its node while the owner word still says ALLOC(adder) and
+marks it QUEUED only afterwards. Killed between the two, it leaves a linked
+node that fsck must not free (the task would run a node back in the pool):
+fsck settles it as an ordinary queued work. Killed before the push, the node
+is on no list and fsck gives it back as leaked. The task stays alive and idle
+throughout, so only fsck can decide.
+"""
+
+import signal
+
+import pytest
+
+from shm_taskwork import callback
+
+RAN: list[bytes] = []
+
+@callback(name="test.settle.rec")
+def rec(work):
+    RAN.append(work.payload)
+
+PRODUCER = """
+import sys
+from shm_taskwork import Domain, TWA_NONE
+dom = Domain.open(sys.argv[1])
+task = dom.task(int(sys.argv[2]))
+task.add("test.settle.rec", b"victim", TWA_NONE)   # dies at the kill point
+print("not killed", flush=True)
+"""
+
+@pytest.mark.asan
+@pytest.mark.parametrize("point, settled, leaked, runs", [
+    ("after_push", 1, 0, [b"victim"]),   # pushed, not yet marked: a queued work
+    ("after_alloc", 0, 1, []),           # never pushed: back to the pool
+])
+def test_dead_adder_node_is_settled_by_whether_it_was_pushed(domain, spawn, point, settled,
+                                                              leaked, runs):
+    RAN.clear()
+    task = domain.register("idle")
+    p = spawn(PRODUCER, domain.name, str(task.id), env={"SHM_TASKWORK_KILLPOINT": point})
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGKILL, (out, err)
+    assert domain.stats().pool_used == 1
+
+    rep = domain.fsck(repair=True)
+    assert rep.repaired and not rep.dead_tasks and not rep.problems, rep
+    assert (rep.settled, rep.leaked, rep.orphaned) == (settled, leaked, 0)
+    assert domain.fsck(repair=True).settled == 0        # settled once, for good
+
+    assert task.pending() == settled
+    assert task.run() == len(runs) and RAN == runs
+    st = domain.stats()
+    assert st.pool_free == st.pool_size                  # nothing leaked, nothing twice
+
+def test_task_runs_a_pushed_but_unmarked_node_itself(domain, spawn):
+    """Without fsck: the runner takes the ALLOC node it finds in its batch."""
+    RAN.clear()
+    task = domain.register("runner")
+    p = spawn(PRODUCER, domain.name, str(task.id), env={"SHM_TASKWORK_KILLPOINT": "after_push"})
+    p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGKILL
+    assert task.run() == 1 and RAN == [b"victim"]
+    rep = domain.fsck(repair=True)
+    assert rep.leaked == 0 and rep.settled == 0 and rep.orphaned == 0
+    assert domain.stats().pool_free == domain.pool_size
+
+def test_cancel_takes_a_pushed_but_unmarked_node(domain, spawn):
+    RAN.clear()
+    task = domain.register("cancelled")
+    p = spawn(PRODUCER, domain.name, str(task.id), env={"SHM_TASKWORK_KILLPOINT": "after_push"})
+    p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGKILL
+    w = task.cancel_func("test.settle.rec")
+    assert w is not None and w.payload == b"victim"
+    assert task.run() == 0 and RAN == []
+    rep = domain.fsck(repair=True)
+    assert rep.leaked == 0 and rep.settled == 0
+    assert domain.stats().pool_free == domain.pool_size
