@@ -176,6 +176,24 @@ static int mutex_init_robust(pthread_mutex_t *m)
  */
 static int lock_deadline(pthread_mutex_t *m, int64_t timeout_ns, uint32_t *recovered)
 {
+#ifdef __GLIBC__
+    /* glibc keeps the mutex's type inside the mutex, i.e. in the segment.
+     * Garbage there selects code paths (priority protection, PI) that
+     * assert() on values they never expect and abort the process. Take only
+     * a mutex that still has the type tw_format() gave it. (The type of a
+     * freshly made robust, process-shared mutex, computed once; racing
+     * first callers compute the same value.) */
+    static int robust_kind = -1;
+    if (__builtin_expect(LD_RLX(&robust_kind) < 0, 0)) {
+        pthread_mutex_t t;
+        if (mutex_init_robust(&t) == 0) {
+            ST_RLX(&robust_kind, t.__data.__kind);
+            pthread_mutex_destroy(&t);
+        }
+    }
+    if (LD_RLX(&m->__data.__kind) != LD_RLX(&robust_kind))
+        return -EUCLEAN;
+#endif
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     ts.tv_sec += timeout_ns / 1000000000LL;

@@ -1,0 +1,252 @@
+"""``shm-taskwork create | destroy | fsck``: manage a domain and repair it.
+
+``create NAME`` makes a domain with the given sizes, ``destroy NAME`` removes
+its name (processes that have it mapped keep their mapping until they close
+it), and ``fsck NAME`` finds what dead processes held - tasks whose process is
+gone or whose pid now names another process, their pending works, works they
+had started, nodes a dead adder allocated and never queued - and with
+``--repair`` gives it all back (SPEC section 6).
+
+Each ``main(argv, prog=..., command=...)`` returns the exit status. Errors are
+raised as ``TaskWorkError`` / ``OSError`` / ``ValueError``; the dispatcher
+turns them into one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+FSCK_EPILOG = """\
+exit status:
+  0  the domain is clean, or everything fsck found was repaired (--repair)
+  1  fsck found something it did not repair: dead tasks, orphaned or
+     interrupted works or leaked nodes without --repair, or problems (an
+     inconsistency fsck cannot repair) with or without it
+  an error (no such domain, a corrupt header, a bad argument) is one line on
+  stderr and a non-zero status (2 for a usage error), with no report on stdout
+
+Without --repair fsck only reads the segment: it changes nothing and takes no
+lock. With --repair it marks each dead task exited (adds to it then fail with
+TaskExitedError), returns every node a dead process held to the pool, counts
+the pending works of dead tasks as orphaned (by callback) and frees their
+slots for new registrations. Live tasks are never touched; fsck may run while
+other processes keep adding and running.
+"""
+
+DESTROY_EPILOG = """\
+destroy refuses a segment that is not a task-work domain, and a domain that
+still has live tasks registered (their pending works would be lost with it);
+--force removes the name anyway. Processes that have the domain mapped keep
+their mapping until they close it.
+"""
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal permission mode: {text!r} "
+                                         "(e.g. 0600 or 660)") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text!r} is outside 0000..0777")
+    return value
+
+
+def _parser(prog: str, command: str) -> argparse.ArgumentParser:
+    if command == "create":
+        p = argparse.ArgumentParser(
+            prog=prog, description="Create a task-work domain (a POSIX shared-memory "
+            "segment). Fails if the name is taken.")
+        p.add_argument("name", help="domain name (a leading '/' is added if missing)")
+        p.add_argument("--max-tasks", type=_int, default=64, metavar="N",
+                       help="task slots (default 64)")
+        p.add_argument("--pool-size", type=_int, default=65536, metavar="N",
+                       help="work nodes in the pool (default 65536)")
+        p.add_argument("--payload-size", type=_int, default=224, metavar="N",
+                       help="largest payload in bytes (default 224)")
+        p.add_argument("--max-procs", type=_int, default=None, metavar="N",
+                       help="processes that may add at once (default 4*max-tasks+64)")
+        p.add_argument("--mode", type=_mode, default=0o600, metavar="MODE",
+                       help="octal permission bits of the segment (default 0600)")
+        p.add_argument("--record-origin", action="store_true",
+                       help="record where each work was queued (file:line, pid)")
+        p.add_argument("--json", action="store_true", help="print the new domain as JSON")
+        return p
+    if command == "destroy":
+        p = argparse.ArgumentParser(
+            prog=prog, description="Remove a task-work domain's name.", epilog=DESTROY_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("name", help="domain name")
+        p.add_argument("--force", action="store_true",
+                       help="remove it even if it is not a domain or has live tasks")
+        return p
+    if command == "fsck":
+        p = argparse.ArgumentParser(
+            prog=prog, description="Find what dead processes held in a domain; with "
+            "--repair, give it back.", epilog=FSCK_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("name", help="domain name")
+        p.add_argument("--repair", action="store_true",
+                       help="mark dead tasks exited and return what they held to the pool")
+        p.add_argument("--json", action="store_true",
+                       help="print one JSON object (the FsckReport fields) instead of text")
+        return p
+    raise ValueError(f"tools.admin has no command {command!r}; it serves create, destroy, fsck")
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None,
+         command: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if command is None:  # `python -m tools.admin COMMAND ...`
+        if not argv or argv[0] not in ("create", "destroy", "fsck"):
+            print("usage: python -m tools.admin {create,destroy,fsck} ...", file=sys.stderr)
+            return 2
+        command, argv = argv[0], argv[1:]
+    prog = prog or f"shm-taskwork {command}"
+    args = _parser(prog, command).parse_args(argv)
+    return {"create": _create, "destroy": _destroy, "fsck": _fsck}[command](args)
+
+
+# ---- create -----------------------------------------------------------------
+
+def _create(args) -> int:
+    from shm_taskwork import Domain
+
+    opts = dict(max_tasks=args.max_tasks, pool_size=args.pool_size,
+                payload_size=args.payload_size, mode=args.mode,
+                record_origin=args.record_origin)
+    if args.max_procs is not None:
+        opts["max_procs"] = args.max_procs
+    try:
+        dom = Domain.create(args.name, **opts)
+    except TypeError as exc:  # a size of the wrong type: said as a bad value
+        raise ValueError(str(exc)) from None
+    try:
+        info = {"name": dom.name, "max_tasks": dom.max_tasks, "pool_size": dom.pool_size,
+                "payload_size": dom.payload_size, "max_procs": dom.max_procs,
+                "record_origin": dom.record_origin, "mode": f"{args.mode:04o}"}
+    finally:
+        dom.close()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"created {info['name']}: {info['max_tasks']} task slots, pool of "
+              f"{info['pool_size']} works of up to {info['payload_size']} bytes, "
+              f"{info['max_procs']} process entries, mode {info['mode']}"
+              + (", origins recorded" if info["record_origin"] else ""))
+    return 0
+
+
+# ---- destroy ----------------------------------------------------------------
+
+def _destroy(args) -> int:
+    import posix_ipc
+
+    from shm_taskwork import Domain, DomainCorruptError
+    from shm_taskwork.domain import _normalize
+
+    name = _normalize(args.name)
+    if not args.force:
+        try:
+            dom = Domain.open(name)
+        except DomainCorruptError as exc:
+            raise DomainCorruptError(
+                f"{exc}; not removing it (use --force to remove the name anyway)") from None
+        try:
+            live = [t for t in dom.tasks() if t.state in ("running", "exiting")]
+        finally:
+            dom.close()
+        if live:
+            who = ", ".join(f"task {t.id} (pid {t.pid})" for t in live)
+            raise OSError(f"domain {name!r} still has live tasks: {who}; stop them first, "
+                          "or use --force")
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        raise FileNotFoundError(f"no domain named {name!r}") from None
+    print(f"destroyed {name}")
+    return 0
+
+
+# ---- fsck -------------------------------------------------------------------
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _fsck(args) -> int:
+    from shm_taskwork import Domain
+
+    with Domain.open(args.name) as dom:
+        rep = dom.fsck(repair=args.repair)
+        name = dom.name
+        who = {t: _who(dom, t) for t in rep.dead_tasks}
+        # read without a lock: the count the header keeps
+        dead_letters = _dead_letter_count(dom)
+    if args.json:
+        out = rep.as_dict()
+        out["dead_letters"] = dead_letters
+        print(json.dumps(out, sort_keys=True))
+    else:
+        print(_render(name, rep, who, dead_letters))
+    unrepaired = bool(rep.problems) or (not rep.repaired and not rep.clean)
+    return 1 if unrepaired else 0
+
+
+def _who(dom, slot: int) -> str:
+    from shm_taskwork._native import ffi
+    s = dom._slot(slot)
+    return f"{ffi.string(s.name).decode(errors='replace')}, pid {int(s.pid)}"
+
+
+def _dead_letter_count(dom) -> int:
+    from shm_taskwork._native import ffi
+    return int(ffi.cast("struct tw_header *", dom.d.base).dl_count)
+
+
+def _render(name: str, rep, who: dict, dead_letters: int) -> str:
+    found = not rep.clean
+    lines = [f"fsck {name}: " + ("clean" if not found else "found " + ", ".join([
+        _plural(len(rep.dead_tasks), "dead task"),
+        _plural(rep.orphaned, "orphaned work"),
+        _plural(rep.interrupted, "interrupted work"),
+        _plural(rep.leaked, "leaked node"),
+        _plural(len(rep.problems), "problem"),
+    ]))]
+    if rep.dead_tasks:
+        lines.append("  dead tasks: " + "; ".join(f"{t} ({who[t]})" for t in rep.dead_tasks))
+    if rep.dead_processes:
+        lines.append("  dead processes (pid): " + ", ".join(str(p) for p in rep.dead_processes))
+    if rep.orphaned_by_callback:
+        lines.append("  orphaned by callback:")
+        for cb, n in sorted(rep.orphaned_by_callback.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"    {n:>8}  {cb}")
+    if rep.interrupted:
+        lines.append(f"  interrupted (callback started, process died): {rep.interrupted}")
+        for w in rep.interrupted_works[:10]:
+            lines.append(f"    {w.func_name}  task {w.target}  id {w.id:#x}")
+    if rep.leaked:
+        lines.append(f"  leaked nodes (held by dead processes, in no list): {rep.leaked}")
+    for p in rep.problems:
+        lines.append(f"  problem: {p}")
+    if dead_letters:
+        lines.append(f"  dead letters: {dead_letters} (works whose callback was unknown where "
+                     "they ran; not lost: `shm-taskwork status` lists them)")
+    if found:
+        if rep.repaired:
+            lines.append("  repaired: yes" + (" (problems remain)" if rep.problems else ""))
+        else:
+            lines.append(f"  repaired: no (run `shm-taskwork fsck {name} --repair`)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
