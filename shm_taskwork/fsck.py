@@ -44,6 +44,9 @@ class FsckReport:
     settled: int = 0
     repaired: bool = False
     problems: list[str] = dataclasses.field(default_factory=list)
+    # checks that could not be made now (the domain was too busy): not an
+    # inconsistency; running fsck again completes them
+    incomplete: list[str] = dataclasses.field(default_factory=list)
     dead_processes: list[int] = dataclasses.field(default_factory=list)
     orphaned_works: list[Work] = dataclasses.field(default_factory=list)
     interrupted_works: list[Work] = dataclasses.field(default_factory=list)
@@ -51,7 +54,7 @@ class FsckReport:
     @property
     def clean(self) -> bool:
         return not (self.dead_tasks or self.orphaned or self.interrupted or self.leaked
-                    or self.problems or self.dead_processes)
+                    or self.settled or self.problems or self.dead_processes)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -159,7 +162,7 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
                 elif rc == 2:
                     rep.settled += 1  # pushed: now an ordinary queued work
                 elif rc == -errno.EAGAIN:
-                    rep.problems.append(
+                    rep.incomplete.append(
                         f"node {node}: allocated by a dead process, but its target was "
                         "detaching; run fsck again")
                 elif rc < 0:
@@ -172,7 +175,7 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
     out = ffi.new("uint32_t[]", dom.pool_size)
     n = lib.tw_free_leaks(d, proc_dead, out, dom.pool_size, 64)
     if n == -errno.EAGAIN:
-        rep.problems.append("the free list never held still long enough to be checked "
+        rep.incomplete.append("the free list never held still long enough to be checked "
                             "(busy domain); run fsck again when it is quieter")
     elif n == -errno.EUCLEAN:
         rep.problems.append("the free list is corrupt (a link out of range or a cycle)")

@@ -23,6 +23,8 @@ exit status:
   1  fsck found something it did not repair: dead tasks, orphaned or
      interrupted works or leaked nodes without --repair, or problems (an
      inconsistency fsck cannot repair) with or without it
+  3  nothing left unrepaired, but some checks could not be made because the
+     domain was too busy at that moment ("incomplete"): run fsck again
   an error (no such domain, a corrupt header, a bad argument) is one line on
   stderr and a non-zero status (2 for a usage error), with no report on stdout
 
@@ -198,7 +200,9 @@ def _fsck(args) -> int:
     else:
         print(_render(name, rep, who, dead_letters))
     unrepaired = bool(rep.problems) or (not rep.repaired and not rep.clean)
-    return 1 if unrepaired else 0
+    if unrepaired:
+        return 1
+    return 3 if rep.incomplete else 0
 
 
 def _who(dom, slot: int) -> str:
@@ -219,6 +223,7 @@ def _render(name: str, rep, who: dict, dead_letters: int) -> str:
         _plural(rep.orphaned, "orphaned work"),
         _plural(rep.interrupted, "interrupted work"),
         _plural(rep.leaked, "leaked node"),
+        _plural(rep.settled, "settled node"),
         _plural(len(rep.problems), "problem"),
     ]))]
     if rep.dead_tasks:
@@ -235,8 +240,13 @@ def _render(name: str, rep, who: dict, dead_letters: int) -> str:
             lines.append(f"    {w.func_name}  task {w.target}  id {w.id:#x}")
     if rep.leaked:
         lines.append(f"  leaked nodes (held by dead processes, in no list): {rep.leaked}")
+    if rep.settled:
+        lines.append(f"  settled (pushed by a process that died before marking it queued; "
+                     f"left queued for its task): {rep.settled}")
     for p in rep.problems:
         lines.append(f"  problem: {p}")
+    for p in rep.incomplete:
+        lines.append(f"  incomplete: {p}")
     if dead_letters:
         lines.append(f"  dead letters: {dead_letters} (works whose callback was unknown where "
                      "they ran; not lost: `shm-taskwork status` lists them)")

@@ -506,6 +506,8 @@ class Controller:
         self.fsck_orphaned = 0
         self.fsck_interrupted = 0
         self.fsck_leaked = 0
+        self.fsck_settled = 0
+        self.fsck_incomplete = 0
         self.fsck_error: BaseException | None = None
         self.dom = None
         self.tmp = tempfile.mkdtemp(prefix="shm-taskwork-stress-")
@@ -628,6 +630,16 @@ class Controller:
             except subprocess.TimeoutExpired:  # pragma: no cover
                 pass
         self.children.clear()
+        # A Ctrl-C can land between Popen() and the append to self.children:
+        # sweep this process's real children too, so none outlives us.
+        import psutil
+        strays = psutil.Process().children()
+        for p in strays:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(strays, timeout=10)
 
     # -- fsck --
 
@@ -643,6 +655,8 @@ class Controller:
         self.fsck_orphaned += rep.orphaned
         self.fsck_interrupted += rep.interrupted
         self.fsck_leaked += rep.leaked
+        self.fsck_settled += rep.settled
+        self.fsck_incomplete += len(rep.incomplete)
         for prob in rep.problems:
             if len(self.fsck_problems) < 50:
                 self.fsck_problems.append(prob)
@@ -807,7 +821,8 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             "added_with_add_many": acc["added_with_add_many"],
             "sigkills_sent": ctl.sigkills_sent, "killed_by_role": ctl.killed_by, "killpoint_deaths": ctl.killpoint_deaths,
             "started": ctl.started, "fsck_runs": ctl.fsck_runs,
-            "fsck_leaked": ctl.fsck_leaked, "fsck_problems": len(ctl.fsck_problems),
+            "fsck_leaked": ctl.fsck_leaked, "fsck_settled": ctl.fsck_settled,
+            "fsck_incomplete": ctl.fsck_incomplete, "fsck_problems": len(ctl.fsck_problems),
             "dead_letters": acc["dead_letters"], "torn_bytes": acc["torn_bytes"],
             "tasks": a.tasks, "producers": a.producers, "kill_every": a.kill_every,
             "cancel_rate": a.cancel_rate, "modes": a.modes.split(","),
