@@ -54,16 +54,10 @@ def _check_int(key: str, value) -> int:
     return value
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskInfo:
-    """A snapshot of one used task slot (SPEC §7)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Counters:
+    """The counters each task slot keeps in shared memory (SPEC §7)."""
 
-    id: int
-    pid: int
-    name: str
-    state: str  # running, exiting, exited, dead
-    registered_ns: int
-    generation: int
     added: int
     run: int
     cancelled: int
@@ -74,18 +68,29 @@ class TaskInfo:
     resumes_sent: int
     pending: int
     max_pending: int
-    flags: int
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-COUNTERS = ("added", "run", "cancelled", "orphaned", "errors", "unknown",
-            "signals_sent", "resumes_sent", "pending", "max_pending")
+COUNTERS = tuple(f.name for f in dataclasses.fields(_Counters))
 
 
-@dataclasses.dataclass(frozen=True)
-class DomainStats:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskInfo(_Counters):
+    """A snapshot of one used task slot (SPEC §7): the counters plus these."""
+
+    id: int
+    pid: int
+    name: str
+    state: str  # running, exiting, exited, dead
+    registered_ns: int
+    generation: int
+    flags: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DomainStats(_Counters):
     """Pool figures and the counters of every task summed (SPEC §7).
 
     ``pool_free`` counts nodes whose owner word says free: exact once nothing
@@ -96,19 +101,6 @@ class DomainStats:
     pool_used: int
     tasks: int
     dead_letters: int
-    added: int
-    run: int
-    cancelled: int
-    orphaned: int
-    errors: int
-    unknown: int
-    signals_sent: int
-    resumes_sent: int
-    pending: int
-    max_pending: int
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class Domain:

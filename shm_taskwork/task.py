@@ -35,7 +35,7 @@ import time
 
 from . import _native, callbacks
 from ._native import check, ffi, lib
-from .constants import TWA_NMI_CURRENT, TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
+from .constants import TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
 from .errors import (InvalidModeError, NotCurrentTaskError, PayloadTooLargeError,
                      PoolExhaustedError, TaskExitedError, TaskWorkError)
 from .work import Work

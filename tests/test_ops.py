@@ -94,9 +94,10 @@ def parse_top(out: str) -> dict[str, dict[str, str]]:
 
 
 def age_seconds(text: str) -> float:
-    m = re.fullmatch(r"([0-9.]+)(ms|s|m|h)", text)
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|min|h)", text)
     assert m, f"not an age: {text!r}"
-    return float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0,
+                                "h": 3600.0}[m.group(2)]
 
 
 def metrics(text: str) -> dict[tuple[str, frozenset], float]:
@@ -205,7 +206,7 @@ def test_top_once_shows_counters_ages_processes_and_flags_the_dead_task(scene):
     # the process figures come from psutil: an idle process blocked on stdin
     assert live["status"] == psutil.Process(scene["live"].pid).status() == "sleeping"
     assert float(live["cpu%"]) >= 0.0
-    assert re.fullmatch(r"[0-9.]+[KMG]", live["rss"]), live["rss"]
+    assert re.fullmatch(r"[0-9.]+(KiB|MiB|GiB)", live["rss"]), live["rss"]
 
     assert dead["id"] == str(scene["victim_id"]) and dead["pid"] == str(scene["victim"].pid)
     assert dead["state"] == "dead"

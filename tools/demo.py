@@ -60,6 +60,7 @@ import uuid
 import shm_taskwork
 from shm_taskwork import (TWA_NMI_CURRENT, TWA_NONE, TWA_RESUME, TWA_SIGNAL, TWA_SIGNAL_NO_IPI,
                           Domain, TaskExitedError, callback)
+from tools._common import positive_int
 
 PREFIX = "tw_demo_"
 STYLES = ("waiter", "cruncher", "sleeper", "looper")
@@ -862,16 +863,6 @@ def _plain_table(head, rows, out) -> None:
 
 # ---- entry point ------------------------------------------------------------------
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -880,10 +871,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     "print what happened and the wake-up latencies, remove the domain.",
         epilog="Exit status 0 when every work ran exactly once or was cancelled and the pool "
                "is whole again; 1 with one line on stderr otherwise.")
-    p.add_argument("--workers", type=_positive, default=3,
+    p.add_argument("--workers", type=positive_int, default=3,
                    help="worker processes (default 3: waiter, cruncher, sleeper; "
                         "a 4th runs an asyncio loop)")
-    p.add_argument("--works", type=_positive, default=200,
+    p.add_argument("--works", type=positive_int, default=200,
                    help="works sent per notify mode (default 200)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     # the worker side (started by the demo itself)

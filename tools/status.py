@@ -21,6 +21,7 @@ import sys
 import time
 
 from shm_taskwork import Domain, NoSuchTaskError
+from tools._common import fmt_age, fmt_bytes
 
 LIVE_STATES = ("running", "exiting")
 PSUTIL_FIELDS = ("cpu_percent", "rss", "process_status")
@@ -124,31 +125,6 @@ def inspect_record(dom: Domain, key: str) -> dict:
 
 
 # ---- printing -------------------------------------------------------------------
-
-def fmt_age(ns) -> str:
-    if ns is None:
-        return "-"
-    s = ns / 1e9
-    if s < 1e-3:
-        return f"{ns / 1e3:.0f} us"
-    if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
-
-
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
-
 
 def _table(title: str, head: tuple, rows: list[tuple], out, right=()) -> None:
     try:

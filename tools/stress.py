@@ -107,6 +107,7 @@ import tempfile
 import threading
 import time
 import uuid
+from tools._common import positive_int
 
 CALLBACK = "stress.record"
 MODES = {"none": 0, "resume": 1, "signal": 2, "signal_no_ipi": 3}
@@ -415,16 +416,6 @@ def _modes(text: str) -> str:
     return ",".join(dict.fromkeys(names))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
-
-
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -448,8 +439,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         description="Many processes adding, cancelling, running and being SIGKILLed; a ledger "
                     "checks that every work ran once, was cancelled once or was reported "
                     "orphaned once, and that no pool node leaked. Exit 0 only if so.")
-    p.add_argument("--tasks", type=_positive_int, default=4, help="task processes (default 4)")
-    p.add_argument("--producers", type=_positive_int, default=4,
+    p.add_argument("--tasks", type=positive_int, default=4, help="task processes (default 4)")
+    p.add_argument("--producers", type=positive_int, default=4,
                    help="producer processes (default 4)")
     p.add_argument("--seconds", type=_nonneg_float, default=10.0,
                    help="how long to add, cancel and kill (default 10)")
@@ -469,7 +460,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--domain", default=None, metavar="NAME",
                    help="create the domain under this name (default: a private unique name); "
                         "kept if the run fails")
-    p.add_argument("--pool-size", type=_positive_int, default=65536,
+    p.add_argument("--pool-size", type=positive_int, default=65536,
                    help="work pool of the domain (default 65536)")
     p.add_argument("--killpoints", action=argparse.BooleanOptionalAction, default=None,
                    help="also make some started processes SIGKILL themselves at a native "

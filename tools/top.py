@@ -24,6 +24,7 @@ import dataclasses
 import os
 import sys
 import time
+from tools._common import fmt_age, fmt_bytes, positive_int
 
 EPILOG = """\
 columns:
@@ -49,16 +50,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"the number of frames must be at least 1, got {value}")
-    return value
-
-
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Live view of a task-work domain: per task the counters,\n"
@@ -69,7 +60,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="time between frames (default 1.0)")
     p.add_argument("--once", action="store_true",
                    help="sample twice one interval apart, print one frame, exit")
-    p.add_argument("--iterations", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--iterations", type=positive_int, default=None, metavar="N",
                    help="stop after N frames (default: until Ctrl-C)")
     return p
 
@@ -150,29 +141,6 @@ _RIGHT = {"id", "pid", "pending", "oldest", "added", "run", "cancelled", "errors
           "orphaned", "run/s", "add/s", "cpu%", "rss"}
 
 
-def _age(ns: int | None) -> str:
-    if ns is None:
-        return "-"
-    s = ns / 1e9
-    if s < 1:
-        return f"{s * 1e3:.0f}ms"
-    if s < 120:
-        return f"{s:.1f}s"
-    if s < 7200:
-        return f"{s / 60:.1f}m"
-    return f"{s / 3600:.1f}h"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024 or unit == "G":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return "-"  # pragma: no cover
-
-
 def _rate(cur, prev, key: str, dt: float) -> str:
     if prev is None or dt <= 0:
         return "-"
@@ -205,11 +173,11 @@ def render(name: str, snap: Snapshot, prev: Snapshot | None, interval: float):
                      ("yellow" if t.state == "exiting" else
                       ("dim" if t.state == "exited" else "green")))
         cells = [str(t.id), t.name or "-", str(t.pid), state, str(t.pending),
-                 _age(snap.oldest_ns.get(t.id)), str(t.added), str(t.run), str(t.cancelled),
+                 fmt_age(snap.oldest_ns.get(t.id), compact=True), str(t.added), str(t.run), str(t.cancelled),
                  str(t.errors), str(t.unknown), str(t.orphaned),
                  _rate(t, old, "run", dt), _rate(t, old, "added", dt),
                  "-" if pf is None or pf.cpu is None else f"{pf.cpu:.1f}",
-                 _bytes(pf.rss if pf is not None else None),
+                 fmt_bytes(pf.rss if pf is not None else None, compact=True),
                  pf.status if pf is not None and pf.status else "-"]
         table.add_row(*cells, style="red" if t.state == "dead" else None)
 
