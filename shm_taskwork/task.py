@@ -382,7 +382,7 @@ class Task:
         wid, due = _native.unpack_add(rc)
         if due & _DUE and not due & _DONE:
             self._deliver(due)
-        return Work(fname, fid, payload, sender_pid=os.getpid(), target=self.id,
+        return Work(fname, fid, payload, sender_pid=_MY_PID[0], target=self.id,
                     target_gen=self.gen, enqueued_ns=now,
                     origin=origin.decode(errors="replace") if origin else None,
                     id=wid, domain=dom.name, state="pending")
@@ -419,7 +419,7 @@ class Task:
         if rc & _DUE and not rc & _DONE:
             self._deliver(rc)
         o = origin.decode(errors="replace") if origin else None
-        return [Work(fname, fid, p, sender_pid=os.getpid(), target=self.id, target_gen=self.gen,
+        return [Work(fname, fid, p, sender_pid=_MY_PID[0], target=self.id, target_gen=self.gen,
                      enqueued_ns=now, origin=o, id=ids[i], domain=dom.name, state="pending")
                 for i, p in enumerate(items)]
 
