@@ -191,12 +191,10 @@ class Task:
         name = name or f"pid{pid}"
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         gen = ffi.new("uint32_t *")
-        if install_handler and not _SIGNAL_TASKS.get(signum):
+        if install_handler:
             # Handler first: a peer may send TWA_SIGNAL the moment tw_register
             # publishes the slot, and the default action would kill us.
-            prev = signal.signal(signum, _on_signal)
-            if prev is not _on_signal:
-                _PREV_HANDLERS[signum] = prev
+            _ensure_handler(int(signum))
         rc = lib.tw_register(dom.d, name.encode(), int(signum), efd, os.getuid(),
                              time.monotonic_ns(), gen)
         if rc < 0:
@@ -226,7 +224,7 @@ class Task:
         except OSError:
             t._server = None
         if install_handler:
-            _install_handler(t._signum, t)
+            _SIGNAL_TASKS.setdefault(t._signum, []).append(t)
         t._handler = install_handler
         atexit.register(t._atexit)
         dom._current = t
@@ -718,13 +716,11 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _install_handler(signum: int, task: Task) -> None:
-    tasks = _SIGNAL_TASKS.setdefault(signum, [])
-    if not tasks:
-        prev = signal.signal(signum, _on_signal)
-        if prev is not _on_signal:
-            _PREV_HANDLERS[signum] = prev
-    tasks.append(task)
+def _ensure_handler(signum: int) -> None:
+    """Install _on_signal for signum, remembering the handler it replaces."""
+    prev = signal.signal(signum, _on_signal)
+    if prev is not _on_signal:
+        _PREV_HANDLERS[signum] = prev
 
 
 def _uninstall_handler(signum: int, task: Task) -> None:
