@@ -36,6 +36,20 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.002, what: str =
         time.sleep(interval)
 
 
+def readline(proc: subprocess.Popen, timeout: float = 20.0) -> str:
+    """One line from a child's stdout, with a deadline (never blocks forever)."""
+    import selectors
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise AssertionError(f"no line from pid {proc.pid} within {timeout}s")
+    line = proc.stdout.readline()
+    if not line:
+        err = proc.stderr.read() if proc.poll() is not None else ""
+        raise AssertionError(f"pid {proc.pid} closed its stdout (rc={proc.poll()}): {err}")
+    return line.strip()
+
+
 @pytest.fixture
 def make_domain():
     made: list[Domain] = []

@@ -16,7 +16,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, readline, wait_until
 
 from shm_taskwork import TWA_NONE, TWA_RESUME
 
@@ -33,20 +33,6 @@ def cli(*args: str, timeout: float = CLI_TIMEOUT, **popen) -> subprocess.Complet
 
 def shm_names(prefix: str) -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
-
-
-def readline(proc: subprocess.Popen, timeout: float = 15.0) -> str:
-    """One line from a child's stdout, with a deadline (never blocks forever)."""
-    import selectors
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise AssertionError(f"no line from pid {proc.pid} within {timeout}s")
-    line = proc.stdout.readline()
-    if not line:
-        err = proc.stderr.read() if proc.poll() is not None else ""
-        raise AssertionError(f"pid {proc.pid} closed its stdout (rc={proc.poll()}): {err}")
-    return line.strip()
 
 
 # ---- exit from inside a callback (the demo retires a worker this way) --------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, readline, wait_until
 
 from shm_taskwork import TWA_NONE
 
@@ -50,19 +49,6 @@ def cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess
 def cli_popen(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "shm_taskwork.cli", *args], env=_env(),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def readline(proc: subprocess.Popen, timeout: float = 20.0) -> str:
-    """One line from a child's stdout, with a deadline (never blocks forever)."""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise AssertionError(f"no line from pid {proc.pid} within {timeout}s")
-    line = proc.stdout.readline()
-    if not line:
-        err = proc.stderr.read() if proc.poll() is not None else ""
-        raise AssertionError(f"pid {proc.pid} closed its stdout (rc={proc.poll()}): {err}")
-    return line.strip()
 
 
 def stop(proc: subprocess.Popen, signum: int, timeout: float = 20.0) -> tuple[int, str, str]:
