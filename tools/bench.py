@@ -104,31 +104,34 @@ def bench_shm_taskwork(n: int, size: int, batch: int = 0) -> tuple[float, float]
 
 # --- peers -------------------------------------------------------------------
 
+def _transfer(consumer, args: tuple, send, n: int, size: int) -> tuple[float, float]:
+    """Start ``consumer(*args, n, done)`` in a child, call ``send(payload)`` n
+    times here; (seconds to send all, seconds until the consumer had all)."""
+    done_r, done_w = FORK.Pipe(False)
+    p = FORK.Process(target=consumer, args=(*args, n, done_w))
+    p.start()
+    payload = b"x" * size
+    t0 = _stamp()
+    for _ in range(n):
+        send(payload)
+    t1 = _stamp()
+    if not done_r.poll(120):
+        p.kill()
+        raise RuntimeError(f"{consumer.__name__} did not finish")
+    t2 = done_r.recv()
+    p.join(30)
+    return t1 - t0, t2 - t0
+
+
 def _queue_consumer(q, n, done):
     for _ in range(n):
         q.get()
     done.send(_stamp())
 
 
-def _bench_queue(q, n: int, size: int, consumer=_queue_consumer) -> tuple[float, float]:
-    done_r, done_w = FORK.Pipe(False)
-    p = FORK.Process(target=consumer, args=(q, n, done_w))
-    p.start()
-    payload = b"x" * size
-    t0 = _stamp()
-    for _ in range(n):
-        q.put(payload)
-    t1 = _stamp()
-    if not done_r.poll(120):
-        p.kill()
-        raise RuntimeError("queue consumer did not finish")
-    t2 = done_r.recv()
-    p.join(30)
-    return t1 - t0, t2 - t0
-
-
 def bench_mp_queue(n: int, size: int):
-    return _bench_queue(FORK.Queue(), n, size)
+    q = FORK.Queue()
+    return _transfer(_queue_consumer, (q,), q.put, n, size)
 
 
 def _ff_consumer(q, n, done):
@@ -141,7 +144,7 @@ def _ff_consumer(q, n, done):
 def bench_faster_fifo(n: int, size: int):
     import faster_fifo
     q = faster_fifo.Queue(max_size_bytes=64 * 1024 * 1024)
-    return _bench_queue(q, n, size, _ff_consumer)
+    return _transfer(_ff_consumer, (q,), q.put, n, size)
 
 
 def _mq_consumer(name, n, done):
@@ -157,26 +160,13 @@ def bench_posix_mq(n: int, size: int):
     name = f"/tw_bench_mq_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     q = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_message_size=max(size, 1))
     try:
-        done_r, done_w = FORK.Pipe(False)
-        p = FORK.Process(target=_mq_consumer, args=(name, n, done_w))
-        p.start()
-        payload = b"x" * size
-        t0 = _stamp()
-        for _ in range(n):
-            q.send(payload)
-        t1 = _stamp()
-        if not done_r.poll(120):
-            p.kill()
-            raise RuntimeError("mq consumer did not finish")
-        t2 = done_r.recv()
-        p.join(30)
-        return t1 - t0, t2 - t0
+        return _transfer(_mq_consumer, (name,), q.send, n, size)
     finally:
         q.close()
         q.unlink()
 
 
-def _pipe_consumer(fd, n, size, done):
+def _pipe_consumer(fd, size, n, done):
     left = n * size
     while left:
         left -= len(os.read(fd, min(left, 1 << 16)))
@@ -185,22 +175,11 @@ def _pipe_consumer(fd, n, size, done):
 
 def bench_pipe(n: int, size: int):
     r, w = os.pipe()
-    done_r, done_w = FORK.Pipe(False)
-    p = FORK.Process(target=_pipe_consumer, args=(r, n, size, done_w))
-    p.start()
-    os.close(r)
-    payload = b"x" * size
-    t0 = _stamp()
-    for _ in range(n):
-        os.write(w, payload)
-    t1 = _stamp()
-    os.close(w)
-    if not done_r.poll(120):
-        p.kill()
-        raise RuntimeError("pipe consumer did not finish")
-    t2 = done_r.recv()
-    p.join(30)
-    return t1 - t0, t2 - t0
+    try:
+        return _transfer(_pipe_consumer, (r, size), lambda b: os.write(w, b), n, size)
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def cases(batch: int):
