@@ -1050,15 +1050,37 @@ static int linked_state(struct tw_dom *d, struct tw_node *n, uint64_t o, uint32_
  * give it back to the pool and count it cancelled). Called by the task's own
  * runner with pi_lock held and its batch in hand, so "linked" is decidable.
  */
+static void mark_list(struct tw_dom *d, uint8_t *linked, uint32_t from)
+{
+    for (uint32_t cur = from, k = 0; cur != TW_NIL && cur != TW_EXITED && k <= d->pool_size; k++) {
+        if (!node_ok(d, cur) || linked[cur])
+            return;                         /* out of range, or a cycle */
+        linked[cur] = 1;
+        cur = LD_ACQ(&NODE(d, cur)->next);
+    }
+}
+
 static void recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *s,
                                uint32_t batch)
 {
+    /* One pass over each list into a bitmap, then one over the pool: O(pool)
+     * however many nodes a dead canceller (or a scribbler) left marked. */
+    uint8_t *linked = calloc(d->pool_size, 1);
+    if (!linked || tw_proc_claim(d) < 0) {
+        free(linked);
+        return;                             /* lock_recovered stays set: next run */
+    }
+    mark_list(d, linked, batch);
+    mark_list(d, linked, H_IDX(LD_ACQ(&s->head)));
     for (uint32_t i = 0; i < d->pool_size; i++) {
         struct tw_node *n = NODE(d, i);
         uint64_t o = LD_ACQ(&n->owner);
         if (O_STATE(o) != TW_N_CANCELLING || O_AUX(o) != slot)
             continue;
-        if (reachable(d, batch, i) || reachable(d, H_IDX(LD_ACQ(&s->head)), i)) {
+        /* We hold pi_lock, so no live canceller owns this mark: it is left
+         * by one that died. Linked: it is still a queued work. Unlinked:
+         * the dead canceller removed it, so it counts as cancelled. */
+        if (linked[i]) {
             ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_QUEUED, slot));
         } else {
             ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc));
@@ -1066,6 +1088,7 @@ static void recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *
             pool_push(d, i);
         }
     }
+    free(linked);
     ST_REL(&s->lock_recovered, 0u);
 }
 
