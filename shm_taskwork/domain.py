@@ -230,11 +230,11 @@ class Domain:
         if self._closed:
             return
         cur = self._current
-        if cur is not None:
+        if cur is not None and cur.is_current:
             try:
                 cur.exit()
             except TaskWorkError:
-                pass
+                cur._release_local()  # the slot is the segment's problem now
         for pidfd, efd in self._peer.values():
             for fd in (pidfd, efd):
                 if fd >= 0:

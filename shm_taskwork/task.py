@@ -647,17 +647,29 @@ class Task:
             raise TaskWorkError(f"task {self.id} could not drain its list to exit")
         self._exited = True
         lib.tw_release_slot(dom.d, self.id, self.gen)
+        self._release_local()
+
+    def _release_local(self) -> None:
+        """Give back what the registration holds in this process: the fd
+        server, the signal handler, the atexit hook, the eventfd. Also used
+        by Domain.close() when exit() failed (a corrupt segment), so nothing
+        of ours outlives the mapping. Idempotent."""
+        self._exited = True
         if self._server is not None:
             self._server.stop()
+            self._server = None
         if self._handler:
             _uninstall_handler(self._signum, self)
+            self._handler = False
         try:
             atexit.unregister(self._atexit)
         except Exception:
             pass
-        os.close(self._efd)
-        if dom._current is self:
-            dom._current = None
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
+        if self._dom._current is self:
+            self._dom._current = None
 
     def _atexit(self) -> None:
         if self.is_current and not self._dom._closed:

@@ -406,3 +406,25 @@ def test_full_task_table(make_domain):
     finally:
         other.close()
     t.exit()
+
+
+def test_close_releases_the_task_when_exit_fails_on_a_corrupt_segment(make_domain):
+    """exit() cannot drain a list whose head points outside the pool; close()
+    must still give back the eventfd, the fd-server thread and the handler."""
+    import signal as _signal
+    from shm_taskwork.task import _on_signal
+    dom = make_domain("corrupt_close")
+    t = dom.register("doomed")
+    efd, server = t.fileno(), t._server
+    assert _signal.getsignal(_signal.SIGUSR1) is _on_signal and server.is_alive()
+    s = dom._slot(t.id)
+    s.head = (t.gen << 32) | (dom.pool_size + 7)      # scribbled: an index out of range
+    with pytest.raises(DomainCorruptError):
+        t.run()
+    dom.close()
+    assert dom.current is None
+    with pytest.raises(OSError):
+        os.fstat(efd)
+    server.join(timeout=5)
+    assert not server.is_alive()
+    assert _signal.getsignal(_signal.SIGUSR1) is not _on_signal
