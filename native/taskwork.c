@@ -671,11 +671,19 @@ int tw_register(struct tw_dom *d, const char *name, int32_t signum, int32_t efd,
         uint32_t st = LD_ACQ(&s->state);
         if (st != TW_SLOT_FREE && st != TW_SLOT_EXITED)
             continue;
+        /* Claim the slot. acq_rel: acquire pairs with the release store of
+         * EXITED (tw_release_slot / tw_release_exited) by its last owner;
+         * losing the CAS means another registrant claimed it first. */
         if (!CAS(&s->state, &st, TW_SLOT_CLAIMING, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
             continue;
         uint32_t gen = LD_RLX(&s->gen) + 1;
         if (gen == 0)
             gen = 1;
+        /* A runner killed between its exchange and its marking left the
+         * count odd; the new registration has no batch in flight. */
+        uint32_t q = LD_RLX(&s->detach_seq);
+        if (q & 1)
+            ST_RLX(&s->detach_seq, q + 1);
         ST_RLX(&s->pid, pid);
         ST_RLX(&s->start_ticks, start);
         s->registered_ns = now_ns;
@@ -688,10 +696,12 @@ int tw_register(struct tw_dom *d, const char *name, int32_t signum, int32_t efd,
             strncpy(s->name, name, sizeof(s->name) - 1);
         memset(&s->c, 0, sizeof(s->c));
         ST_RLX(&s->flags, 0u);
+        /* Release: readers of gen (dom.task(), tasks()) see the fields above. */
         ST_REL(&s->gen, gen);
         /* Release: a pusher that acquires this head sees the fields above. An
          * adder still holding the old generation fails its CAS from now on. */
         ST_REL(&s->head, HEAD(gen, TW_NIL));
+        /* Release: fsck and tools judge a RUNNING slot by pid/start above. */
         ST_REL(&s->state, TW_SLOT_RUNNING);
         *gen_out = gen;
         return (int)i;
@@ -718,6 +728,8 @@ int tw_release_slot(struct tw_dom *d, uint32_t slot, uint32_t gen)
     if (LD_ACQ(&s->gen) != gen)
         return -ESRCH;
     uint32_t st = LD_ACQ(&s->state);
+    /* Release: pairs with the acquire of tw_register's claim; the head holds
+     * the exited sentinel already, so a new owner starts from a clean list. */
     if (st == TW_SLOT_RUNNING || st == TW_SLOT_EXITING)
         CAS(&s->state, &st, TW_SLOT_EXITED, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
     return 0;

@@ -9,6 +9,7 @@ throughout, so only fsck can decide.
 """
 
 import signal
+import subprocess
 
 import pytest
 
@@ -77,3 +78,34 @@ def test_cancel_takes_a_pushed_but_unmarked_node(domain, spawn):
     rep = domain.fsck(repair=True)
     assert rep.leaked == 0 and rep.settled == 0
     assert domain.stats().pool_free == domain.pool_size
+
+
+def test_a_slot_reused_after_a_death_mid_detach_can_still_be_settled(domain, spawn):
+    """A runner killed between its exchange and its marking leaves the slot's
+    detach count odd. A later registration of that slot must start even, or
+    fsck could never decide a dead adder's node for it (always 'run again')."""
+    RAN.clear()
+    child = spawn("""
+import sys
+from shm_taskwork import Domain
+dom = Domain.open(sys.argv[1])
+t = dom.register("first")
+print(t.id, flush=True)
+sys.stdin.readline()
+""", domain.name, stdin=subprocess.PIPE)
+    slot = int(child.stdout.readline())
+    child.kill()
+    child.communicate(timeout=30)
+    # What a SIGKILL between tw_detach's exchange and its marking leaves; no
+    # kill point sits there, so the test writes it.
+    domain._slot(slot).detach_seq = 7
+    assert domain.fsck(repair=True).dead_tasks == [slot]
+
+    task = domain.register("second")
+    assert task.id == slot and domain._slot(slot).detach_seq % 2 == 0
+    p = spawn(PRODUCER, domain.name, str(task.id), env={"SHM_TASKWORK_KILLPOINT": "after_push"})
+    p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGKILL
+    rep = domain.fsck(repair=True)
+    assert rep.settled == 1 and not rep.incomplete, rep
+    assert task.run() == 1 and RAN == [b"victim"]
