@@ -479,6 +479,8 @@ void tw_proc_release(struct tw_dom *d)
 {
     if (d->my_proc >= 0 && d->my_pid == getpid()) {
         struct tw_proc *p = PROC(d, (uint32_t)d->my_proc);
+        /* Release: pairs with the acquire CAS of the next tw_proc_claim();
+         * no operation of ours is in flight, so no intent word is set. */
         ST_RLX(&p->start_ticks, 0);
         ST_REL(&p->pid, 0);
     }
@@ -882,6 +884,7 @@ static void mark_queued(struct tw_dom *d, uint32_t idx, uint32_t gen, uint32_t s
         __ATOMIC_RELAXED);
 }
 
+/* Statistics only (relaxed): the high-water mark of pushes minus detaches. */
 static void note_queued(struct tw_slot *s, uint32_t n)
 {
     int64_t q = __atomic_add_fetch(&s->c.queued, (int64_t)n, __ATOMIC_RELAXED);
@@ -1232,8 +1235,10 @@ int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_
         if (O_STATE(o) != TW_N_RUNNING || O_AUX(o) != slot)
             return -EUCLEAN;
         if (outcome == TW_OUT_UNKNOWN) {
+            int r = tw_dl_push(d, slot, done);
+            if (r)
+                return r;   /* dl_lock stuck: the node stays RUNNING, reported */
             ADD_RLX(&s->c.unknown, 1);
-            tw_dl_push(d, slot, done);
         } else {
             ADD_RLX(outcome == TW_OUT_ERROR ? &s->c.errors : &s->c.run, 1);
             if (outcome == TW_OUT_ERROR)
@@ -1510,6 +1515,8 @@ int tw_dl_push(struct tw_dom *d, uint32_t slot, uint32_t node)
         return r;
     struct tw_node *n = NODE(d, node);
     uint64_t o = LD_ACQ(&n->owner);
+    /* Links change only under dl_lock; the release stores let fsck and the
+     * tools, which read owner words without the lock, see a whole node. */
     n->next = (uint32_t)LD_RLX(&h->dl_head);
     ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_DEADLETTER, slot));
     ST_REL(&h->dl_head, (uint64_t)node);
@@ -1633,6 +1640,7 @@ int tw_release_exited(struct tw_dom *d, uint32_t slot, uint32_t gen)
     if (LD_ACQ(&s->gen) != gen)
         return -ESRCH;
     s->c.queued = 0;
+    /* Release: the slot may be claimed again (pairs with tw_register). */
     ST_REL(&s->state, TW_SLOT_EXITED);
     return 0;
 }
