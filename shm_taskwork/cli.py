@@ -6,6 +6,7 @@ stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -51,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (TaskWorkError, OSError, ValueError) as exc:
         print(f"shm-taskwork {cmd}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # still one line; SHM_TASKWORK_DEBUG=1 shows the traceback
+        if os.environ.get("SHM_TASKWORK_DEBUG"):
+            raise
+        print(f"shm-taskwork {cmd}: unexpected error: {exc!r} "
+              "(set SHM_TASKWORK_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 
 
