@@ -216,20 +216,6 @@ static int lock_deadline(pthread_mutex_t *m, int64_t timeout_ns, uint32_t *recov
     return -EUCLEAN;            /* ENOTRECOVERABLE, EINVAL, EDEADLK: corrupt */
 }
 
-int tw_lock_slot(struct tw_dom *d, uint32_t slot)
-{
-    if (!slot_ok(d, slot))
-        return -EINVAL;
-    struct tw_slot *s = SLOT(d, slot);
-    return lock_deadline(&s->pi_lock, d->lock_timeout_ns, &s->lock_recovered);
-}
-
-void tw_unlock_slot(struct tw_dom *d, uint32_t slot)
-{
-    if (slot_ok(d, slot))
-        pthread_mutex_unlock(&SLOT(d, slot)->pi_lock);
-}
-
 int tw_fsck_lock(struct tw_dom *d)
 {
     return lock_deadline(&HDR(d)->fsck_lock, d->lock_timeout_ns, NULL);
@@ -1430,16 +1416,6 @@ int tw_read_work(struct tw_dom *d, uint32_t node, uint32_t gen, struct tw_work_i
     if (LD_RLX(&n->owner) != o)
         return -ESTALE;
     return 0;
-}
-
-char *tw_node_payload(struct tw_dom *d, uint32_t node)
-{
-    return node_ok(d, node) ? (char *)NODE(d, node) + d->payload_off : NULL;
-}
-
-char *tw_node_origin(struct tw_dom *d, uint32_t node)
-{
-    return node_ok(d, node) && d->record_origin ? (char *)NODE(d, node) + d->origin_off : NULL;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -295,8 +295,6 @@ int  tw_pending(struct tw_dom *d, uint32_t slot, uint32_t gen);
 /* ---- reading nodes ---- */
 int  tw_read_work(struct tw_dom *d, uint32_t node, uint32_t gen, struct tw_work_info *wi,
                   char *payload_out, char *origin_out);
-char *tw_node_payload(struct tw_dom *d, uint32_t node);
-char *tw_node_origin(struct tw_dom *d, uint32_t node);
 
 /* ---- names ---- */
 int  tw_name_put(struct tw_dom *d, uint64_t id, const char *name, uint32_t len);
@@ -320,8 +318,6 @@ int  tw_scan_owners(struct tw_dom *d, uint64_t *out);
 int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start);
 int  tw_proc_free(struct tw_dom *d, uint32_t i, uint64_t pid);
 int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n);
-int  tw_lock_slot(struct tw_dom *d, uint32_t slot);
-void tw_unlock_slot(struct tw_dom *d, uint32_t slot);
 int  tw_mark_exited(struct tw_dom *d, uint32_t slot, uint32_t gen);
 int  tw_reclaim(struct tw_dom *d, uint32_t node, uint64_t expect_owner);
 int  tw_fsck_settle(struct tw_dom *d, uint32_t node, uint64_t expect_owner);
