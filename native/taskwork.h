@@ -1,38 +1,71 @@
 /*
  * taskwork.h - the kernel's task_work lists, rebuilt over POSIX shared memory.
  *
+ * Sources, by concept:
+ *   task_work.c  the list operations of kernel/task_work.c: add, run (detach,
+ *                step), cancel; registration and exit of a task
+ *   pool.c       the node pool (a tagged Treiber stack), the process table
+ *   life.c       liveness: robust "life" locks held for a whole registration
+ *                by one holder thread per process; death is a bit in shared
+ *                memory (FUTEX_OWNER_DIED, written by the kernel)
+ *   reap.c       dead tasks and processes: reaping, dead letters, fsck's tools
+ *   segment.c    the segment's format, robust locks with deadlines, names,
+ *                fault injection
+ *
  * Synchronization table (which operation may run beside which):
  *
  *   operation            needs                       may run beside
  *   -------------------  --------------------------  ------------------------------
  *   tw_add / add_many    nothing (Treiber push)      everything
- *   detach (run)         being the task's process    add, cancel (then pi_lock sync)
- *   cancel_*             the task's pi_lock          add, detach
+ *   detach (run)         the task's process; pi_lock add (a push makes it retry)
+ *   cancel_*             the task's pi_lock          add
  *   free-list pop        nothing (tagged head)       pop, push
  *   free-list push       nothing (tagged head)       pop, push
  *   dead-letter ops      dl_lock                     everything else
- *   fsck repair          pi_lock of each dead task;  everything; it only touches
- *                        validated free-list walk    nodes owned by dead processes
+ *   register / exit      the slot's life lock        everything; the life lock
+ *                                                    orders every state change
+ *   reap (a dead task)   its life lock (EOWNERDEAD), add (fails: head closed),
+ *                        then pi_lock, then dl_lock  other reapers (they back off)
+ *   proc-entry reclaim   the entry's life lock       everything; fsck_lock for a
+ *                                                    free-list check
+ *   fsck repair          fsck_lock                   everything; it reaps as above
+ *
+ * Lock order: life (trylock only) -> pi_lock -> dl_lock; fsck_lock -> life.
+ * Every lock in the segment is robust and taken with a CLOCK_MONOTONIC
+ * deadline, or only tried: nothing waits forever.
  *
  * One line per shared field: who writes it, with what ordering.
  *
- *   hdr.magic..sizes      creator, before the name is visible; read-only after
+ *   hdr.magic..sizes      creator, before the segment is linked under its name
  *   hdr.free_head         pop/push: CAS acq_rel, (tag<<32 | idx); tag++ on every
  *                         change so a stale CAS fails (no ABA)
- *   hdr.dl_head           under dl_lock, release store
- *   slot.state            registrant CAS FREE/EXITED->CLAIMING, release stores after
+ *   hdr.dl_head/dl_count  under dl_lock, release stores
+ *   slot.life             robust futex (struct tw_life): taken by CAS by the
+ *                         registrant's holder thread for the registration's
+ *                         life; by a reaper's holder after death. The word is
+ *                         the owner's TID; the kernel sets FUTEX_OWNER_DIED in
+ *                         it when that thread dies: adders read it with one
+ *                         acquire load
+ *   slot.state            under the life lock, release stores
  *   slot.head             (gen<<32 | idx). add: CAS release (pairs with the
- *                         acquire xchg/CAS of detach and cancel). detach: xchg/CAS
- *                         acq_rel. cancel: CAS acq_rel under pi_lock.
- *   slot.detach_seq       the runner: seq_cst increment before its exchange (odd)
- *                         and release increment after marking the batch (even)
- *   slot.flags            fetch_or by notifiers (acq_rel), fetch_and by the runner
+ *                         acquire loads of detach, cancel and reap). detach:
+ *                         CAS acq_rel under pi_lock. cancel: CAS acq_rel under
+ *                         pi_lock. A reaper closes it with CAS (dead bit).
+ *   slot.flags            fetch_or by notifiers (acq_rel), fetch_and by the
+ *                         runner: NOTIFY_* cleared before the detach, so an add
+ *                         that pushes after it finds the bit clear and notifies
+ *                         again (no lost wake-up)
  *   slot counters         relaxed fetch_add; statistics only
  *   node.owner            (gen<<32 | state<<24 | aux): release store by the owner
- *                         of the node at each transition; acquire load by fsck
+ *                         of the node at each transition, CAS where two parties
+ *                         may race; acquire load by everyone else
  *   node.next             written by the node's owner before it publishes the node
- *                         (release CAS of the push), and by cancel under pi_lock
+ *                         (release CAS of the push), by cancel under pi_lock,
+ *                         and by dead-letter filing under dl_lock
  *   node payload, meta    written before the push; read by runner after acquire
+ *   proc.life             robust futex: held by the process's holder thread while
+ *                         the entry is claimed (before pid is stored, until after
+ *                         it is cleared)
  *   proc.intent[k]        claimed by CAS from ~0 by one pop/push of the process;
  *                         seq_cst stores before its free-list CAS, ~0 after
  *
@@ -48,7 +81,7 @@
 #include <pthread.h>
 
 #define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     5u
+#define TW_LAYOUT_VERSION     6u
 
 /* Notify modes: the kernel's values (include/linux/task_work.h). */
 #define TW_TWA_NONE           0
@@ -60,14 +93,19 @@
 #define TW_TWAF_NO_ALLOC      0x0100
 
 /* 32-bit list indices. NIL ends a list; EXITED is the work_exited sentinel:
- * "all we need is ->next == NULL" becomes "all we need is a value no node has". */
+ * "all we need is ->next == NULL" becomes "all we need is a value no node has".
+ * A head whose index has the DEAD bit is closed too: its task died, and the
+ * index below the bit (DEAD_EMPTY: none) is the list a reaper will settle. */
 #define TW_NIL                0xffffffffu
 #define TW_EXITED             0xfffffffeu
+#define TW_DEAD_EMPTY         0xfffffffdu
+#define TW_DEAD_BIT           0x80000000u
 
 /* Slot flag bits (TIF_* and PF_EXITING). */
 #define TW_F_NOTIFY_RESUME    0x1u
 #define TW_F_NOTIFY_SIGNAL    0x2u
 #define TW_F_EXITING          0x4u
+#define TW_F_DIED             0x8u  /* it ended by death, and was reaped        */
 
 /* Slot states. */
 #define TW_SLOT_FREE          0u
@@ -75,18 +113,26 @@
 #define TW_SLOT_RUNNING       2u
 #define TW_SLOT_EXITING       3u
 #define TW_SLOT_EXITED        4u
+#define TW_SLOT_REAPING       5u  /* dead; a reaper holds its life lock     */
 
 /* Node ownership states (bits 24..31 of the low half of node.owner). */
 #define TW_N_FREE             0u  /* on the free list (or being popped)          */
 #define TW_N_ALLOC            1u  /* aux = proc index of the allocating process;
                                      also just after its push, until the adder's
-                                     CAS makes it QUEUED (or a runner, canceller
-                                     or fsck takes it by CAS first)              */
+                                     CAS makes it QUEUED (or a runner, canceller,
+                                     reaper or fsck takes it by CAS first)       */
 #define TW_N_QUEUED           2u  /* aux = task slot; linked from slot.head      */
 #define TW_N_CANCELLING       3u  /* aux = task slot; a canceller holds pi_lock  */
 #define TW_N_DETACHED         4u  /* aux = task slot; in a run batch, not started */
 #define TW_N_RUNNING          5u  /* aux = task slot; its callback has started   */
 #define TW_N_DEADLETTER       6u  /* on the domain's dead-letter list            */
+
+/* Why a node is a dead letter (node.reason); non-zero on an ALLOC node: a
+ * dead letter being re-queued, which goes back to the dead letters if its
+ * re-queuer dies before the push. */
+#define TW_R_NONE             0u
+#define TW_R_UNKNOWN          1u  /* its callback was unknown in the runner    */
+#define TW_R_ORPHANED         2u  /* its task died before running it           */
 
 /* What tw_add reports back (bit mask, >= 0). */
 #define TW_DUE_EVENTFD        0x1  /* NOTIFY_RESUME went 0->1: write the eventfd   */
@@ -97,8 +143,10 @@
 #define TW_NAME_LEN           48
 #define TW_FUNC_NAME_LEN      112
 #define TW_ORIGIN_LEN         128
+#define TW_FD_TOKEN_LEN       16
 
-/* Kill points for fault injection (SHM_TASKWORK_KILLPOINT=name[:n]). */
+/* Kill points for fault injection (SHM_TASKWORK_KILLPOINT=name[:n][:stop]):
+ * the n-th pass SIGKILLs the process, or with ":stop" SIGSTOPs it there. */
 #define TW_KP_NONE            0
 #define TW_KP_AFTER_ALLOC     1  /* node allocated, not pushed                  */
 #define TW_KP_AFTER_PUSH      2  /* pushed, notification not sent               */
@@ -106,6 +154,11 @@
 #define TW_KP_IN_PI_LOCK      4  /* cancel holds pi_lock, node marked, linked   */
 #define TW_KP_MID_POP         5  /* free-list CAS done, owner not yet written   */
 #define TW_KP_IN_CALLBACK     6  /* (python side) callback started              */
+#define TW_KP_IN_CLAIM        7  /* proc entry locked, pid not yet stored       */
+#define TW_KP_IN_REGISTER     8  /* slot claimed, registration not published    */
+#define TW_KP_IN_REAP         9  /* reaper holds a dead task's life lock        */
+#define TW_KP_IN_DL_FILE      10 /* dl_lock held, node marked, not yet linked   */
+#define TW_KP_IN_DETACH       11 /* pi_lock held, batch marked, not detached    */
 
 /* Counter numbers for tw_slot_counter_add. */
 #define TW_C_ADDED 0
@@ -116,6 +169,7 @@
 #define TW_C_UNKNOWN 5
 #define TW_C_SIGNALS 6
 #define TW_C_RESUMES 7
+#define TW_C_INTERRUPTED 8
 
 struct tw_header {
     char     magic[8];
@@ -139,7 +193,9 @@ struct tw_header {
     uint64_t dl_head;          /* idx (u32) under dl_lock */
     uint64_t dl_count;
     uint64_t fsck_runs;
-    uint64_t reserved[6];
+    uint64_t reaped;           /* dead tasks reaped (by anyone)                 */
+    uint64_t procs_reclaimed;  /* process-table entries of dead processes reused */
+    uint64_t reserved[4];
     pthread_mutex_t dl_lock;   /* robust, process-shared */
     pthread_mutex_t fsck_lock; /* one repairing fsck at a time */
     char     pad[64];
@@ -147,13 +203,28 @@ struct tw_header {
 
 struct tw_counters {
     uint64_t added, run, cancelled, orphaned, errors, unknown;
-    uint64_t signals_sent, resumes_sent;
+    uint64_t signals_sent, resumes_sent, interrupted;
     int64_t  queued;           /* approximate: +1 per push, -n per detach/cancel */
     uint64_t max_pending;      /* high-water mark of queued                      */
 };
 
+/*
+ * A life lock: a bare robust futex. `word` is 0 (free) or the TID of the
+ * holder thread of the process that holds it; when that thread dies the
+ * kernel sets FUTEX_OWNER_DIED in it (and clears the TID). `next` links the
+ * holder thread's robust list (set_robust_list(2)): the holder only ever
+ * writes these links, from its own private record of what it holds, and never
+ * follows them - a scribbled link can mislead the kernel's walk at the
+ * holder's death, never make a live process write through it.
+ */
+struct tw_life {
+    uint32_t word;
+    uint32_t pad;
+    uint64_t next;
+};
+
 struct tw_slot {
-    uint64_t head;             /* gen<<32 | idx (TW_NIL, TW_EXITED or a node)   */
+    uint64_t head;             /* gen<<32 | idx (TW_NIL, TW_EXITED, dead or a node) */
     uint32_t state;
     uint32_t gen;
     uint32_t flags;
@@ -164,22 +235,24 @@ struct tw_slot {
     int32_t  efd;              /* the eventfd's number in the task's process     */
     uint32_t uid;
     uint32_t lock_recovered;   /* set by whoever got EOWNERDEAD on pi_lock       */
-    uint32_t detach_seq;       /* odd while a detached batch is not yet marked   */
-    uint32_t reserved0;
+    uint64_t name_id;          /* the task name's id in the name table           */
+    uint8_t  fd_token[TW_FD_TOKEN_LEN]; /* where the task hands out its eventfd  */
     char     name[TW_NAME_LEN];
     struct tw_counters c;
     pthread_mutex_t pi_lock;   /* robust, process-shared                         */
+    struct tw_life life;       /* held while the registrant lives                */
     char     pad[64];
 };
 
 #define TW_INTENTS 8
 struct tw_proc {
-    uint64_t pid;              /* 0 = free; claimed by CAS                       */
+    uint64_t pid;              /* 0 = free; stored after life is locked          */
     uint64_t start_ticks;
     /* One word per free-list operation in flight in this process (threads, a
      * signal handler interrupting an add): claimed by CAS from ~0, then the
      * node being popped/pushed (low 32 bits), back to ~0 when done.           */
     uint64_t intent[TW_INTENTS];
+    struct tw_life life;       /* held while the process has the entry           */
 };
 
 struct tw_name {
@@ -199,6 +272,9 @@ struct tw_node {
     uint32_t target;           /* slot index                                     */
     uint32_t target_gen;
     uint32_t origin_len;
+    uint32_t reason;           /* TW_R_*: why it is (or was) a dead letter       */
+    uint32_t reserved;
+    uint64_t name_id;          /* a dead letter's task name (name table id)      */
     /* then: char origin[TW_ORIGIN_LEN] if record_origin; then the payload       */
 };
 
@@ -232,9 +308,21 @@ struct tw_work_info {
     uint32_t payload_len;
     uint32_t origin_len;
     uint32_t state;
+    uint32_t reason;
+    uint64_t name_id;
 };
 
-/* ---- segment ---- */
+/* What one tw_reap / tw_proc_reclaim did. */
+struct tw_reap_info {
+    uint32_t orphaned;         /* works filed as dead letters (reason ORPHANED)  */
+    uint32_t interrupted;      /* started works, now ALLOC by the caller         */
+    uint32_t cancelled;        /* unlinked by a canceller that died              */
+    uint32_t leaked;           /* never pushed: back to the pool                 */
+    uint32_t settled;          /* pushed by a dead adder: left queued            */
+    uint32_t refiled;          /* a dead re-queuer's dead letter, filed again    */
+};
+
+/* ---- segment (segment.c) ---- */
 uint64_t tw_layout_size(uint32_t max_tasks, uint32_t pool_size, uint32_t payload_size,
                         uint32_t max_procs, uint32_t names_cap, uint32_t record_origin);
 int  tw_format(void *base, uint64_t size, uint32_t max_tasks, uint32_t pool_size,
@@ -245,20 +333,33 @@ int  tw_attach(struct tw_dom *d, void *base, uint64_t size);
 void tw_unmap(struct tw_dom *d);
 uint32_t tw_layout_version(void);
 uint32_t tw_node_header_size(void);
+int  tw_name_put(struct tw_dom *d, uint64_t id, const char *name, uint32_t len);
+int  tw_name_get(struct tw_dom *d, uint64_t id, char *out, uint32_t cap);
+int  tw_names_used(struct tw_dom *d);
 
-/* ---- processes and tasks ---- */
+/* ---- liveness (life.c) ---- */
+int  tw_slot_dead(struct tw_dom *d, uint32_t slot);
+int  tw_proc_dead(struct tw_dom *d, uint32_t i);
+int  tw_holder_count(void);
+
+/* ---- processes (pool.c) ---- */
 uint64_t tw_proc_start_ticks(int pid);
 int  tw_proc_claim(struct tw_dom *d);
 void tw_proc_release(struct tw_dom *d);
-int  tw_register(struct tw_dom *d, const char *name, int32_t signum, int32_t efd,
-                 uint32_t uid, uint64_t now_ns, uint32_t *gen_out);
+int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start);
+int  tw_procs_used(struct tw_dom *d);
+
+/* ---- tasks (task_work.c) ---- */
+int  tw_register(struct tw_dom *d, const char *name, uint64_t name_id, int32_t signum,
+                 int32_t efd, uint32_t uid, uint64_t now_ns, uint32_t *gen_out);
 int  tw_slot_check(struct tw_dom *d, uint32_t slot, uint32_t gen);
 int  tw_release_slot(struct tw_dom *d, uint32_t slot, uint32_t gen);
 
-/* ---- add ---- */
+/* ---- add (task_work.c) ---- */
 /* Returns -errno, or (gen << 28) | (node << 4) | TW_DUE_*|TW_DONE_* bits: the
  * work id (gen<<32|node) comes back in the return value, so the hot path has
- * no out-parameter a signal handler could overwrite. Use TW_RESULT_* below. */
+ * no out-parameter a signal handler could overwrite. -EOWNERDEAD: the task's
+ * process is dead (its head is now closed): reap it, then report ESRCH. */
 int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                const char *payload, uint32_t len, int notify, const char *origin,
                uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
@@ -273,7 +374,7 @@ int  tw_add_nmi(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                 const char *payload, uint32_t len, int efd, uint64_t now_ns,
                 uint64_t *work_id_out);
 
-/* ---- run ---- */
+/* ---- run (task_work.c) ---- */
 uint32_t tw_flags_clear(struct tw_dom *d, uint32_t slot, uint32_t bits);
 uint32_t tw_flags_get(struct tw_dom *d, uint32_t slot);
 uint32_t tw_flags_set(struct tw_dom *d, uint32_t slot, uint32_t bits);
@@ -285,7 +386,7 @@ int  tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uin
 int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
              uint32_t next, struct tw_work_info *wi, char *payload_out, char *origin_out);
 
-/* ---- cancel ---- */
+/* ---- cancel (task_work.c) ---- */
 int  tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t key,
                struct tw_work_info *wi, char *payload_out, char *origin_out);
 int  tw_snapshot(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *nodes,
@@ -296,17 +397,17 @@ int  tw_pending(struct tw_dom *d, uint32_t slot, uint32_t gen);
 int  tw_read_work(struct tw_dom *d, uint32_t node, uint32_t gen, struct tw_work_info *wi,
                   char *payload_out, char *origin_out);
 
-/* ---- names ---- */
-int  tw_name_put(struct tw_dom *d, uint64_t id, const char *name, uint32_t len);
-int  tw_name_get(struct tw_dom *d, uint64_t id, char *out, uint32_t cap);
-
-/* ---- dead letters ---- */
-int  tw_dl_push(struct tw_dom *d, uint32_t slot, uint32_t node);
+/* ---- reaping and dead letters (reap.c) ---- */
+int  tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interrupted,
+             uint32_t max, struct tw_reap_info *info);
+int  tw_proc_reclaim(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info);
 int  tw_dl_list(struct tw_dom *d, uint32_t *out, uint32_t max);
 int  tw_dl_take(struct tw_dom *d, uint32_t node, uint32_t gen);
 int  tw_dl_done(struct tw_dom *d, uint32_t node, int outcome);
+int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot, uint32_t tgen,
+                   int notify, int efd, int pidfd, int signum, uint64_t now_ns, int is_current);
 
-/* ---- pool / stats / fsck ---- */
+/* ---- pool / stats / fsck (pool.c, reap.c) ---- */
 int  tw_pool_free_count(struct tw_dom *d);
 int  tw_node_state(struct tw_dom *d, uint32_t node, uint64_t *owner_out);
 int  tw_free_node(struct tw_dom *d, uint32_t node);
@@ -315,21 +416,15 @@ int  tw_free_leaks(struct tw_dom *d, const uint8_t *proc_dead, uint32_t *out, ui
 int  tw_fsck_lock(struct tw_dom *d);
 void tw_fsck_unlock(struct tw_dom *d);
 int  tw_scan_owners(struct tw_dom *d, uint64_t *out);
-int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start);
-int  tw_proc_free(struct tw_dom *d, uint32_t i, uint64_t pid);
 int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n);
-int  tw_mark_exited(struct tw_dom *d, uint32_t slot, uint32_t gen);
-int  tw_reclaim(struct tw_dom *d, uint32_t node, uint64_t expect_owner);
-int  tw_fsck_settle(struct tw_dom *d, uint32_t node, uint64_t expect_owner);
-int  tw_release_exited(struct tw_dom *d, uint32_t slot, uint32_t gen);
 
-/* ---- notifications ---- */
+/* ---- notifications (task_work.c) ---- */
 int  tw_eventfd_write(int efd);
 int  tw_eventfd_drain(int efd);
 int  tw_pidfd_send(int pidfd, int signum);
 int  tw_pidfd_getfd(int pidfd, int targetfd);
 
-/* ---- fault injection ---- */
+/* ---- fault injection (segment.c) ---- */
 void tw_killpoint_set(int point, int64_t countdown);
 int  tw_killpoint_get(void);
 void tw_killpoint(int point);

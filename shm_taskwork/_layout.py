@@ -13,9 +13,12 @@ import platform
 import struct
 
 MAGIC = b"SHMTWRK\x01"
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 NIL = 0xFFFFFFFF
 EXITED = 0xFFFFFFFE
+DEAD_EMPTY = 0xFFFFFFFD
+DEAD_BIT = 0x80000000
+FD_TOKEN_LEN = 16
 NAME_LEN = 48
 FUNC_NAME_LEN = 112
 ORIGIN_LEN = 128
@@ -85,8 +88,8 @@ HEADER = Struct("struct tw_header", [
                               "names_cap", "record_origin")],
     *[(f, "u64", 1) for f in ("slots_off", "procs_off", "names_off", "nodes_off",
                               "total_size", "created_ns", "free_head", "dl_head",
-                              "dl_count", "fsck_runs")],
-    ("reserved", "u64", 6),
+                              "dl_count", "fsck_runs", "reaped", "procs_reclaimed")],
+    ("reserved", "u64", 4),
     ("dl_lock", "mutex", 1),
     ("fsck_lock", "mutex", 1),
     ("pad", "char", 64),
@@ -94,21 +97,24 @@ HEADER = Struct("struct tw_header", [
 
 COUNTERS = Struct("struct tw_counters", [
     *[(f, "u64", 1) for f in ("added", "run", "cancelled", "orphaned", "errors", "unknown",
-                              "signals_sent", "resumes_sent")],
+                              "signals_sent", "resumes_sent", "interrupted")],
     ("queued", "i64", 1),
     ("max_pending", "u64", 1),
 ])
+
+LIFE = Struct("struct tw_life", [("word", "u32", 1), ("pad", "u32", 1), ("next", "u64", 1)])
 
 SLOT = Struct("struct tw_slot", [
     ("head", "u64", 1), ("state", "u32", 1), ("gen", "u32", 1), ("flags", "u32", 1),
     ("pid", "i32", 1), ("start_ticks", "u64", 1), ("registered_ns", "u64", 1),
     ("signum", "i32", 1), ("efd", "i32", 1), ("uid", "u32", 1), ("lock_recovered", "u32", 1),
-    ("detach_seq", "u32", 1), ("reserved0", "u32", 1), ("name", "char", NAME_LEN), ("c", COUNTERS, 1), ("pi_lock", "mutex", 1),
-    ("pad", "char", 64),
+    ("name_id", "u64", 1), ("fd_token", "char", FD_TOKEN_LEN), ("name", "char", NAME_LEN),
+    ("c", COUNTERS, 1), ("pi_lock", "mutex", 1), ("life", LIFE, 1), ("pad", "char", 64),
 ])
 
 PROC = Struct("struct tw_proc", [
     ("pid", "u64", 1), ("start_ticks", "u64", 1), ("intent", "u64", INTENTS),
+    ("life", LIFE, 1),
 ])
 
 NAME = Struct("struct tw_name", [
@@ -118,10 +124,11 @@ NAME = Struct("struct tw_name", [
 NODE = Struct("struct tw_node", [
     ("owner", "u64", 1), ("next", "u32", 1), ("payload_len", "u32", 1), ("func_id", "u64", 1),
     ("enqueued_ns", "u64", 1), ("sender_pid", "i32", 1), ("target", "u32", 1),
-    ("target_gen", "u32", 1), ("origin_len", "u32", 1),
+    ("target_gen", "u32", 1), ("origin_len", "u32", 1), ("reason", "u32", 1),
+    ("reserved", "u32", 1), ("name_id", "u64", 1),
 ])
 
-STRUCTS = (HEADER, COUNTERS, SLOT, PROC, NAME, NODE)
+STRUCTS = (HEADER, COUNTERS, LIFE, SLOT, PROC, NAME, NODE)
 
 
 def _align64(x: int) -> int:

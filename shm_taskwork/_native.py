@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - a build problem, said plainly
         "`pip install .`) in the source tree"
     ) from exc
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 if lib.tw_layout_version() != LAYOUT_VERSION:  # pragma: no cover
     raise ImportError(
         f"shm_taskwork native core has layout version {lib.tw_layout_version()}, "
@@ -53,11 +53,18 @@ def owner_aux(o: int) -> int:
 
 SLOT_STATES = {lib.TW_SLOT_FREE: "free", lib.TW_SLOT_CLAIMING: "claiming",
                lib.TW_SLOT_RUNNING: "running", lib.TW_SLOT_EXITING: "exiting",
-               lib.TW_SLOT_EXITED: "exited"}
+               lib.TW_SLOT_EXITED: "exited", lib.TW_SLOT_REAPING: "reaping"}
+
+# why a node is a dead letter (node.reason)
+REASONS = {lib.TW_R_UNKNOWN: "unknown_callback", lib.TW_R_ORPHANED: "orphaned"}
+REASON_CODES = {v: k for k, v in REASONS.items()}
 
 KILLPOINTS = {"after_alloc": lib.TW_KP_AFTER_ALLOC, "after_push": lib.TW_KP_AFTER_PUSH,
               "after_detach": lib.TW_KP_AFTER_DETACH, "in_pi_lock": lib.TW_KP_IN_PI_LOCK,
-              "mid_pop": lib.TW_KP_MID_POP, "in_callback": lib.TW_KP_IN_CALLBACK}
+              "mid_pop": lib.TW_KP_MID_POP, "in_callback": lib.TW_KP_IN_CALLBACK,
+              "in_claim": lib.TW_KP_IN_CLAIM, "in_register": lib.TW_KP_IN_REGISTER,
+              "in_reap": lib.TW_KP_IN_REAP, "in_dl_file": lib.TW_KP_IN_DL_FILE,
+              "in_detach": lib.TW_KP_IN_DETACH}
 
 
 def check(rc: int, what: str, *, limit: str = "") -> int:
@@ -68,7 +75,7 @@ def check(rc: int, what: str, *, limit: str = "") -> int:
     msg = f"{what}: {os.strerror(e)}"
     if limit:
         msg += f" ({limit})"
-    if e == errno.ESRCH:
+    if e in (errno.ESRCH, errno.EOWNERDEAD):
         raise errors.TaskExitedError(f"{what}: the task has exited and accepts no more work (ESRCH)")
     if e == errno.EINVAL:
         raise errors.InvalidModeError(msg, errno=e)
@@ -86,8 +93,8 @@ def check(rc: int, what: str, *, limit: str = "") -> int:
         raise errors.DomainCorruptError(f"{what}: the segment is inconsistent", errno=e)
     if e == errno.EUSERS:
         raise errors.TaskWorkError(
-            f"{what}: the domain's process table is full ({limit or 'max_procs'}); "
-            "run `shm-taskwork fsck NAME --repair` to free entries of dead processes", errno=e)
+            f"{what}: the domain's process table is full of live processes "
+            f"({limit or 'max_procs'}); create the domain with a larger max_procs", errno=e)
     if e == errno.ENOSPC:
         raise errors.TaskWorkError(msg, errno=e)
     raise errors.TaskWorkError(msg, errno=e)

@@ -8,8 +8,10 @@ safe to call more than once; a half-built domain cleans up after itself.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno
+import logging
 import mmap
 import os
 import signal
@@ -21,8 +23,12 @@ import posix_ipc
 
 from . import _native, callbacks
 from ._native import check, ffi, lib
+from .constants import TWA_RESUME
 from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
 from .work import Work
+
+reap_log = logging.getLogger("shm_taskwork.reap")
+SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory (glibc's shm_open)
 
 LIMITS = {
     "max_tasks": (1, 4096),
@@ -66,6 +72,7 @@ class _Counters:
     unknown: int
     signals_sent: int
     resumes_sent: int
+    interrupted: int
     pending: int
     max_pending: int
 
@@ -148,29 +155,47 @@ class Domain:
             raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
         size = lib.tw_layout_size(max_tasks, pool_size, payload_size, max_procs, names_cap,
                                   int(bool(record_origin)))
+        # Made whole before it has its name: created under a temporary name,
+        # formatted and mapped, then linked under the domain's name in one
+        # step (link(2) fails if the name exists). An opener never sees a
+        # half-made segment, and of racing creators exactly one link succeeds
+        # (SPEC §9, start together). The temporary name always goes.
+        _sweep_temporaries()
+        tmp = f"{SHM_DIR}/{_TMP_PREFIX}{os.getpid()}.{os.urandom(6).hex()}"
         try:
-            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=size)
-        except posix_ipc.ExistentialError as exc:
-            raise FileExistsError(f"domain {name!r} already exists") from exc
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         mode)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create domain {name!r} in {SHM_DIR}: "
+                                     f"{exc.strerror}") from None
+        d = ffi.new("struct tw_dom *")
+        mapped = False
         try:
             # The creator's umask must not narrow the mode it asked for.
-            os.fchmod(shm.fd, mode)
-            d = ffi.new("struct tw_dom *")
-            with mmap.mmap(shm.fd, size) as m:
+            os.fchmod(fd, mode)
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size) as m:
                 buf = ffi.from_buffer(m)
                 rc = lib.tw_format(buf, size, max_tasks, pool_size, payload_size, max_procs,
                                    names_cap, int(bool(record_origin)), time.monotonic_ns())
                 ffi.release(buf)
             check(rc, f"format domain {name!r}")
-            check(lib.tw_map(d, shm.fd, size), f"map domain {name!r}")
-        except BaseException:
-            shm.close_fd()
+            check(lib.tw_map(d, fd, size), f"map domain {name!r}")
+            mapped = True
             try:
-                shm.unlink()
-            except posix_ipc.ExistentialError:
-                pass
+                os.link(tmp, SHM_DIR + name, follow_symlinks=False)
+            except FileExistsError:
+                raise FileExistsError(f"domain {name!r} already exists") from None
+        except BaseException:
+            if mapped:
+                lib.tw_unmap(d)
             raise
-        shm.close_fd()
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         return cls(name, d, created=True)
 
     @classmethod
@@ -205,6 +230,10 @@ class Domain:
 
     @classmethod
     def open_or_create(cls, name: str, **create_options) -> "Domain":
+        """Open the domain, or create it with ``create_options`` if there is
+        none. Any number of processes may call this at the same instant:
+        exactly one creates it (a segment gets its name only once it is whole),
+        the others open what it made."""
         for _ in range(20):
             try:
                 return cls.open(name)
@@ -297,29 +326,91 @@ class Domain:
         return ffi.cast("struct tw_slot *", self.d.base + self.d.slots_off
                         + i * ffi.sizeof("struct tw_slot"))
 
-    def _slot_alive(self, s) -> bool:
-        pid = s.pid
-        if pid <= 0:
-            return False
-        return _native.start_ticks(pid) == s.start_ticks and _pid_running(pid)
-
-    def _slot_state(self, s) -> str:
+    def _slot_state(self, i: int, s) -> str:
+        """running, exiting, exited, or dead: its process died (reaped or
+        not yet; a reaped one keeps saying so until its slot is reused)."""
         st = _native.SLOT_STATES.get(s.state, "corrupt")
-        if st == "exited":
-            return "exited"
-        if st in ("running", "exiting", "claiming") and not self._slot_alive(s):
+        if st == "exited" and s.flags & lib.TW_F_DIED:
+            return "dead"
+        if st in ("running", "exiting", "claiming", "reaping") and lib.tw_slot_dead(self.d, i) == 1:
             return "dead"
         if st == "running" and s.flags & lib.TW_F_EXITING:
             return "exiting"
         return st
 
+    # ---- death and reaping (SPEC §9) --------------------------------------
+
+    def _reap(self, slot: int) -> "Reaped | None":
+        """Reap task ``slot`` if its process is dead: close its list, file its
+        pending and not-started works as ``orphaned`` dead letters, take out
+        the started ones (``interrupted``: reported on the ``shm_taskwork.reap``
+        logger, one record per work with the Work as ``record.work``, then
+        given back, never run again). None if it was not dead, or another
+        process is reaping it; many processes may race here, each work lands
+        once."""
+        n = self.pool_size
+        orphans = ffi.new("uint32_t[]", n)
+        inter = ffi.new("uint32_t[]", n)
+        info = ffi.new("struct tw_reap_info *")
+        s = self._slot(slot)
+        name = ffi.string(s.name).decode(errors="replace")
+        pid = int(s.pid)
+        rc = lib.tw_reap(self.d, slot, orphans, inter, n, info)
+        if rc < 0:
+            reap_log.error("could not reap dead task %d (%s) of domain %r: %s; the next one to "
+                           "notice tries again", slot, name, self.name, os.strerror(-rc))
+            return None
+        if rc != 1:
+            return None
+        out = Reaped(slot=slot, name=name, pid=pid, cancelled=int(info.cancelled))
+        owner = ffi.new("uint64_t *")
+        for k in range(min(int(info.orphaned), n)):
+            lib.tw_node_state(self.d, orphans[k], owner)
+            w = self._read(orphans[k], _native.owner_gen(owner[0]), "dead-letter")
+            if w is not None:
+                out.orphaned.append(w)
+        out.orphaned_count = int(info.orphaned)
+        for k in range(min(int(info.interrupted), n)):
+            node = inter[k]
+            lib.tw_node_state(self.d, node, owner)
+            w = self._read(node, _native.owner_gen(owner[0]), "interrupted")
+            lib.tw_free_node(self.d, node)
+            if w is None:
+                continue
+            w.target_name = name
+            out.interrupted.append(w)
+            reap_log.warning("task %d (%s, pid %d) of domain %r died while running work %#x "
+                             "(%s): interrupted, not run again", slot, name, pid, self.name,
+                             w.id, w.func_name, extra={"work": w})
+        if out.orphaned_count:
+            reap_log.warning("task %d (%s, pid %d) of domain %r died: %d work(s) kept as "
+                             "orphaned dead letters", slot, name, pid, self.name,
+                             out.orphaned_count)
+        return out
+
+    def _reap_dead(self) -> list["Reaped"]:
+        """Reap every dead task this process notices now."""
+        out = []
+        for i in range(self.max_tasks):
+            if lib.tw_slot_dead(self.d, i) == 1:
+                r = self._reap(i)
+                if r is not None:
+                    out.append(r)
+        return out
+
     # ---- registration -----------------------------------------------------
 
     def register(self, name: str | None = None, *, signum: int = signal.SIGUSR1,
-                 install_handler: bool = True):
-        """Register this process as a task of the domain; returns its Task."""
+                 install_handler: bool = True, exit_signals=()):
+        """Register this process as a task of the domain; returns its Task.
+
+        ``exit_signals`` (e.g. ``(signal.SIGTERM,)``): those signals make the
+        task exit as the kernel's do_exit() would - its pending works run -
+        and then end the process with the status the signal's default action
+        gives. Without it the library does not touch those signals, and a
+        task killed by one leaves its works as orphaned dead letters."""
         from .task import Task  # task.py imports domain.py
-        return Task._register(self, name, signum, install_handler)
+        return Task._register(self, name, signum, install_handler, exit_signals)
 
     @property
     def current(self):
@@ -330,7 +421,11 @@ class Domain:
         return None
 
     def task(self, key: int | None = None, *, pid: int | None = None, name: str | None = None):
-        """A handle to a registered task: by id (slot), ``pid=`` or ``name=``."""
+        """A handle to a registered task: by id (slot), ``pid=`` or ``name=``.
+
+        By name: a live task of that name - the one with the fewest pending
+        works when several share it (a pool of workers) - never a dead one.
+        Dead tasks met on the way are reaped. ``NoSuchTaskError`` when none."""
         given = sum(x is not None for x in (key, pid, name))
         if given != 1:
             raise TypeError("task() takes exactly one of: a task id, pid=..., name=...")
@@ -340,19 +435,50 @@ class Domain:
             if not 0 <= key < self.max_tasks:
                 raise NoSuchTaskError(
                     f"no task {key}: task ids are 0..{self.max_tasks - 1} in domain {self.name!r}")
+            if lib.tw_slot_dead(self.d, key) == 1:
+                self._reap(key)
             s = self._slot(key)
-            if s.state in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING, lib.TW_SLOT_EXITED) and s.gen:
+            if s.state in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING, lib.TW_SLOT_EXITED,
+                           lib.TW_SLOT_REAPING) and s.gen:
                 return self._handle(key, s)
             raise NoSuchTaskError(f"no task {key} in domain {self.name!r} (the slot is free)")
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+            raise TypeError(f"pid must be an int, got {type(pid).__name__}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        best = None
+        for i in self._live_slots(pid=pid, name=name):
+            s = self._slot(i)
+            if pid is not None:
+                return self._handle(i, s)
+            n = lib.tw_pending(self.d, i, s.gen)
+            if n >= 0 and (best is None or n < best[0]):
+                best = (n, i, s)
+        if best is not None:
+            return self._handle(best[1], best[2])
+        what = f"pid={pid}" if pid is not None else f"name={name!r}"
+        raise NoSuchTaskError(f"no live task with {what} in domain {self.name!r}")
+
+    def _live_slots(self, *, pid: int | None = None, name: str | None = None) -> list[int]:
+        """Slots of live running tasks matching pid or name (dead ones met are
+        reaped, never returned)."""
+        raw = name.encode() if name is not None else None
+        out = []
         for i in range(self.max_tasks):
             s = self._slot(i)
-            if s.state not in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING):
+            if s.state not in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING,
+                               lib.TW_SLOT_REAPING):
                 continue
-            sname = ffi.string(s.name).decode(errors="replace")
-            if (pid is not None and s.pid == pid) or (name is not None and sname == name):
-                return self._handle(i, s)
-        what = f"pid={pid}" if pid is not None else f"name={name!r}"
-        raise NoSuchTaskError(f"no running task with {what} in domain {self.name!r}")
+            if pid is not None and s.pid != pid:
+                continue
+            if raw is not None and ffi.string(s.name) != raw:
+                continue
+            if lib.tw_slot_dead(self.d, i) == 1:
+                self._reap(i)
+                continue
+            if s.state == lib.TW_SLOT_RUNNING and not s.flags & lib.TW_F_EXITING:
+                out.append(i)
+        return out
 
     def _handle(self, i: int, s):
         from .task import Task
@@ -363,26 +489,37 @@ class Domain:
 
     # ---- observability ----------------------------------------------------
 
-    def tasks(self) -> list[TaskInfo]:
-        """A snapshot of every used slot."""
+    def tasks(self, name: str | None = None, *, reap: bool = True) -> list[TaskInfo]:
+        """A snapshot of every used slot (with ``name``: of the tasks of that
+        name). Dead tasks are reaped first (``reap=False``: only read, as the
+        continuous observers top and export do): a dead task shows as
+        ``dead``, with the works it left counted ``orphaned``/``interrupted``
+        and kept as dead letters."""
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if reap:
+            self._reap_dead()
+        raw = name.encode() if name is not None else None
         out = []
         for i in range(self.max_tasks):
             s = self._slot(i)
             if s.state == lib.TW_SLOT_FREE or s.gen == 0:
                 continue
+            if raw is not None and ffi.string(s.name) != raw:
+                continue
             c = s.c
             pending = lib.tw_pending(self.d, i, s.gen)
             out.append(TaskInfo(
                 id=i, pid=s.pid, name=ffi.string(s.name).decode(errors="replace"),
-                state=self._slot_state(s), registered_ns=s.registered_ns, generation=s.gen,
+                state=self._slot_state(i, s), registered_ns=s.registered_ns, generation=s.gen,
                 added=c.added, run=c.run, cancelled=c.cancelled, orphaned=c.orphaned,
                 errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
-                resumes_sent=c.resumes_sent, pending=max(0, pending),
-                max_pending=c.max_pending, flags=s.flags))
+                resumes_sent=c.resumes_sent, interrupted=c.interrupted,
+                pending=max(0, pending), max_pending=c.max_pending, flags=s.flags))
         return out
 
-    def stats(self) -> DomainStats:
-        infos = self.tasks()
+    def stats(self, *, reap: bool = True) -> DomainStats:
+        infos = self.tasks(reap=reap)
         free = lib.tw_pool_free_count(self.d)
         hdr = ffi.cast("struct tw_header *", self.d.base)
         sums = {k: sum(getattr(t, k) for t in infos) for k in COUNTERS}
@@ -408,14 +545,30 @@ class Domain:
         origin = None
         if wi.origin_len:
             origin = ffi.unpack(sc.origin, wi.origin_len).decode(errors="replace")
-        return Work(self.func_name(wi.func_id), wi.func_id,
-                    ffi.unpack(sc.payload, wi.payload_len) if wi.payload_len else b"",
-                    sender_pid=wi.sender_pid, target=wi.target, target_gen=wi.target_gen,
-                    enqueued_ns=wi.enqueued_ns, origin=origin,
-                    id=(wi.gen << 32) | wi.node, domain=self.name, state=state)
+        w = Work(self.func_name(wi.func_id), wi.func_id,
+                 ffi.unpack(sc.payload, wi.payload_len) if wi.payload_len else b"",
+                 sender_pid=wi.sender_pid, target=wi.target, target_gen=wi.target_gen,
+                 enqueued_ns=wi.enqueued_ns, origin=origin,
+                 id=(wi.gen << 32) | wi.node, domain=self.name, state=state)
+        if state == "dead-letter":
+            w.reason = _native.REASONS.get(wi.reason, "orphaned")
+            w.target_name = self._name_of(wi.name_id)
+        return w
+
+    def _name_of(self, name_id: int) -> str | None:
+        if not name_id:
+            return None
+        buf = ffi.new("char[]", lib.TW_FUNC_NAME_LEN)
+        n = lib.tw_name_get(self.d, name_id, buf, lib.TW_FUNC_NAME_LEN)
+        if n < 0:
+            return None
+        raw = ffi.unpack(buf, n).decode(errors="replace")
+        return raw[len(TASK_NAME_PREFIX):] if raw.startswith(TASK_NAME_PREFIX) else raw
 
     def pending_works(self, task_id: int) -> list[Work]:
         """The pending works of one task, newest first (a snapshot)."""
+        if isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise TypeError(f"a task id is an int, got {type(task_id).__name__}")
         s = self._slot(task_id) if 0 <= task_id < self.max_tasks else None
         if s is None:
             raise NoSuchTaskError(f"no task {task_id}: ids are 0..{self.max_tasks - 1}")
@@ -434,7 +587,7 @@ class Domain:
                 out.append(w)
         return out
 
-    # ---- dead letters -----------------------------------------------------
+    # ---- dead letters (SPEC §9) -------------------------------------------
 
     def _dl_nodes(self) -> list[int]:
         n = self.pool_size
@@ -442,36 +595,74 @@ class Domain:
         cnt = check(lib.tw_dl_list(self.d, buf, n), "dead letters")
         return [buf[k] for k in range(min(cnt, n))]
 
-    def dead_letters(self) -> list[Work]:
-        """Works whose callback was unknown to the process that ran them."""
+    def dead_letters(self, reason: str | None = None) -> list[Work]:
+        """The dead letters, newest first: works whose callback was unknown
+        to the process that ran them (``reason="unknown_callback"``) and
+        works left by tasks that died (``"orphaned"``). ``Work.target_name``
+        is the name of the task each was for."""
+        _check_reason(reason)
         out = []
         o = ffi.new("uint64_t *")
         for node in self._dl_nodes():
             lib.tw_node_state(self.d, node, o)
             w = self._read(node, _native.owner_gen(o[0]), "dead-letter")
-            if w is not None:
+            if w is not None and (reason is None or w.reason == reason):
                 out.append(w)
         return out
 
-    def drop_dead_letters(self) -> int:
-        """Return every dead letter's node to the pool; the count dropped."""
+    def drop_dead_letters(self, reason: str | None = None) -> int:
+        """Return dead letters' nodes to the pool (all, or those of one
+        reason); the count dropped."""
         dropped = 0
-        for w in self.dead_letters():
+        for w in self.dead_letters(reason):
             if check(lib.tw_dl_take(self.d, w.node, w.id >> 32), "drop dead letter") == 1:
                 check(lib.tw_dl_done(self.d, w.node, lib.TW_OUT_OK), "drop dead letter")
                 dropped += 1
         return dropped
 
-    def retry_dead_letters(self) -> int:
-        """Run the dead letters whose callback this process knows; the count run.
-        A callback that raises is logged and its node freed, as in run()."""
+    def retry_dead_letters(self, to=None, reason: str | None = None, *,
+                           notify: int = TWA_RESUME) -> int:
+        """Re-queue dead letters, each exactly once; the count re-queued.
+
+        ``to``: a Task, or a task name (a live task of that name); None: a
+        live task with the name of the task each work was for. A dead letter
+        with no live target stays where it is. The work keeps its callback
+        and payload and gets a new id."""
+        from .task import Task
+        _check_reason(reason)
+        if to is not None and not isinstance(to, (Task, str)):
+            raise TypeError(f"to must be a Task, a task name or None, got {type(to).__name__}")
+        done = 0
+        targets: dict[str, object] = {}
+        for w in self.dead_letters(reason):
+            if isinstance(to, Task):
+                t = to
+            else:
+                want = to if to is not None else w.target_name
+                if want is None:
+                    continue
+                t = targets.get(want)
+                if t is None:
+                    try:
+                        t = targets[want] = self.task(name=want)
+                    except NoSuchTaskError:
+                        continue
+            if t._requeue(w, notify):
+                done += 1
+        return done
+
+    def run_dead_letters(self) -> int:
+        """Run, in this process, the dead letters whose callback it knows;
+        the count run. A callback that raises is logged and its node freed,
+        as in run(). (What ``retry_dead_letters()`` did before dead letters
+        could be re-queued.)"""
         from .task import log_callback_error
         ran = 0
         for w in self.dead_letters():
             fn = callbacks.lookup(w.func_id)
             if fn is None:
                 continue
-            if check(lib.tw_dl_take(self.d, w.node, w.id >> 32), "retry dead letter") != 1:
+            if check(lib.tw_dl_take(self.d, w.node, w.id >> 32), "run dead letter") != 1:
                 continue
             w.state = "running"
             try:
@@ -479,7 +670,7 @@ class Domain:
             except Exception as exc:
                 log_callback_error(w, exc)
             finally:
-                check(lib.tw_dl_done(self.d, w.node, lib.TW_OUT_OK), "retry dead letter")
+                check(lib.tw_dl_done(self.d, w.node, lib.TW_OUT_OK), "run dead letter")
             ran += 1
         return ran
 
@@ -489,6 +680,57 @@ class Domain:
         """Find (and with ``repair=True`` reclaim) what dead processes held. §6."""
         from .fsck import fsck
         return fsck(self, repair=repair)
+
+
+_TMP_PREFIX = ".shm_taskwork-new."   # a domain being formatted, not yet linked
+
+
+def _sweep_temporaries() -> None:
+    """Remove temporaries left by creators that died before they linked."""
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(_TMP_PREFIX)]
+    except OSError:
+        return
+    for n in names:
+        try:
+            pid = int(n[len(_TMP_PREFIX):].split(".")[0])
+            os.kill(pid, 0)
+            continue               # its creator is still at work
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        try:
+            os.unlink(f"{SHM_DIR}/{n}")
+        except OSError:
+            pass
+
+
+TASK_NAME_PREFIX = "task:"   # task names share the name table with callbacks
+
+
+def task_name_id(name: str) -> int:
+    """The name-table id of a task name (kept with its dead letters)."""
+    return callbacks.func_id(TASK_NAME_PREFIX + name)
+
+
+def _check_reason(reason) -> None:
+    if reason is not None and reason not in _native.REASON_CODES:
+        raise ValueError(f"reason={reason!r}: use None or one of "
+                         f"{', '.join(map(repr, _native.REASON_CODES))}")
+
+
+@dataclasses.dataclass
+class Reaped:
+    """What one reap of a dead task did (see :meth:`Domain._reap`)."""
+
+    slot: int
+    name: str
+    pid: int
+    orphaned: list[Work] = dataclasses.field(default_factory=list)
+    orphaned_count: int = 0
+    interrupted: list[Work] = dataclasses.field(default_factory=list)
+    cancelled: int = 0
 
 
 def _pid_running(pid: int) -> bool:
@@ -513,3 +755,14 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _close_all() -> None:
+    # A process that ends without closing its domains would leave its
+    # process-table entries to be reclaimed as a dead process's.
+    for dom in list(_OPEN):
+        try:
+            dom.close()
+        except Exception:
+            pass

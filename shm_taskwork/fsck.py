@@ -1,23 +1,25 @@
 """fsck: find what dead processes held, and with ``repair=True`` give it back.
 
-A task process may die at any instruction. What it held is found through the
-owner word of every pool node (free / allocated by process P / queued on,
-cancelling on, detached by or running in task T / dead letter) and the task
-and process tables, each entry carrying a pid plus the process's start time
-so a reused pid is never mistaken for the registrant.
+Nobody has to run it (SPEC §9): whoever notices a dead task reaps it, and a
+process that needs a process-table entry reclaims a dead one's. fsck is the
+same repair done on purpose, for everything at once, plus a consistency check
+of the whole segment, and it is safe beside live processes in the middle of
+any operation.
 
-Repair, per dead task: put the exited sentinel in its head (adds now fail with
-TaskExitedError), take its pi_lock once (a canceller inside finishes, or its
-death is recovered), then give back every node it owned - pending works and
-works it had detached but not started are *orphaned* (reported with their
-callback names and payloads), works whose callback had started are
-*interrupted* - and release the slot for a new registration. Per dead process:
-nodes it allocated and never pushed, and a node it was popping from or pushing
-to the free list when it died, are *leaked* and given back; a node it had
-pushed but not yet marked queued (it died between the two) is *settled*: it is
-a queued work like any other, and is left for its task to run. Live tasks and
-live processes are never touched: every reclaim is a compare-and-swap on the
-exact owner word that was judged dead.
+Death is read from the segment: a task or a process-table entry is dead when
+the robust "life" lock it held shows FUTEX_OWNER_DIED (the kernel wrote it
+when the holder died) - never judged by a pid, so a process that is still
+starting, paused or slow is never taken for dead.
+
+Repair, per dead task: reap it (``Domain._reap``): its list is closed (adds
+fail with TaskExitedError), pending works and works it had detached but not
+started become *orphaned* dead letters (reported with their callback names
+and payloads), works whose callback had started are *interrupted* (reported,
+given back, never run again). Per dead process: nodes it allocated and never
+pushed, and a node it was popping from or pushing to the free list when it
+died, are *leaked* and given back; a node it had pushed but not yet marked
+queued is *settled*: it is a queued work like any other, left for its task.
+Every reclaim is a compare-and-swap on the exact owner word judged dead.
 """
 from __future__ import annotations
 
@@ -28,10 +30,7 @@ from . import _native
 from ._native import check, ffi, lib
 from .work import Work
 
-_LIVE_SLOT_STATES = (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING, lib.TW_SLOT_CLAIMING)
-_GONE_SLOT_STATES = (lib.TW_SLOT_EXITED, lib.TW_SLOT_FREE)
 _TASK_OWNED = (_native.N_QUEUED, _native.N_CANCELLING, _native.N_DETACHED)
-_FSCK_AUX = 0xFFFFFF
 
 
 @dataclasses.dataclass
@@ -48,6 +47,9 @@ class FsckReport:
     # inconsistency; running fsck again completes them
     incomplete: list[str] = dataclasses.field(default_factory=list)
     dead_processes: list[int] = dataclasses.field(default_factory=list)
+    # works now on the dead-letter list (they hold pool nodes until retried
+    # or dropped): not a fault, but worth an operator's look
+    dead_letters: int = 0
     orphaned_works: list[Work] = dataclasses.field(default_factory=list)
     interrupted_works: list[Work] = dataclasses.field(default_factory=list)
 
@@ -62,11 +64,6 @@ class FsckReport:
         d["interrupted_works"] = [w.as_dict() for w in self.interrupted_works]
         d["clean"] = self.clean
         return d
-
-
-def _alive(pid: int, start: int) -> bool:
-    from .domain import _pid_running
-    return pid > 0 and _native.start_ticks(pid) == start and _pid_running(pid)
 
 
 def fsck(dom, *, repair: bool = False) -> FsckReport:
@@ -84,99 +81,94 @@ def fsck(dom, *, repair: bool = False) -> FsckReport:
 
 
 def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
-    # 1. tasks whose process is gone (or whose pid now names another process)
-    dead_slots: dict[int, int] = {}      # slot -> generation judged dead
-    gone_slots: dict[int, int] = {}      # exited/free slot -> its generation
+    # 1. dead tasks: reaped, or (dry run) what reaping would do
+    dead_slots: dict[int, int] = {}
     for i in range(dom.max_tasks):
-        s = dom._slot(i)
-        st, gen = int(s.state), int(s.gen)
-        if st in _LIVE_SLOT_STATES:
-            if not _alive(int(s.pid), int(s.start_ticks)):
-                dead_slots[i] = gen
-                rep.dead_tasks.append(i)
-        elif st in _GONE_SLOT_STATES:
-            gone_slots[i] = gen
-        else:
+        st = int(dom._slot(i).state)
+        if st not in _native.SLOT_STATES:
             rep.problems.append(f"task slot {i} has an unknown state {st}")
+            continue
+        if lib.tw_slot_dead(d, i) != 1:
+            continue
+        rep.dead_tasks.append(i)
+        if not repair:
+            dead_slots[i] = _native.owner_gen(int(dom._slot(i).head))  # the list's generation
+            continue
+        got = dom._reap(i)
+        if got is None:
+            if lib.tw_slot_dead(d, i) == 1 and int(dom._slot(i).state) != lib.TW_SLOT_EXITED:
+                rep.incomplete.append(f"task {i}: dead, but being reaped by another process "
+                                      "(or its locks were busy); run fsck again")
+            continue
+        rep.orphaned += got.orphaned_count
+        rep.orphaned_works.extend(got.orphaned)
+        for w in got.orphaned:
+            rep.orphaned_by_callback[w.func_name] = rep.orphaned_by_callback.get(w.func_name, 0) + 1
+        rep.interrupted += len(got.interrupted)
+        rep.interrupted_works.extend(got.interrupted)
 
-    # 2. processes of the process table that are gone
-    dead_procs: dict[int, int] = {}      # proc index -> pid
+    # 2. dead processes of the process table
+    dead_procs: list[int] = []
     pid_p, start_p = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    info = ffi.new("struct tw_reap_info *")
     for i in range(dom.max_procs):
+        if lib.tw_proc_dead(d, i) != 1:
+            continue
         lib.tw_proc_info(d, i, pid_p, start_p)
-        pid = int(pid_p[0])
-        if pid and not _alive(pid, int(start_p[0])):
-            dead_procs[i] = pid
-            rep.dead_processes.append(pid)
-    proc_dead = ffi.new("uint8_t[]", dom.max_procs)
-    for i in dead_procs:
-        proc_dead[i] = 1
+        rep.dead_processes.append(int(pid_p[0]))
+        dead_procs.append(i)
+        if not repair:
+            continue
+        rc = lib.tw_proc_reclaim(d, i, 1, info)
+        if rc == -errno.EAGAIN:
+            rep.incomplete.append(f"process entry {i} (pid {int(pid_p[0])}): the free list "
+                                  "never held still long enough to be checked; run fsck again")
+        elif rc < 0:
+            rep.problems.append(f"process entry {i}: could not reclaim it: {_errname(rc)}")
+        else:
+            rep.leaked += int(info.leaked)
+            rep.settled += int(info.settled)
+            rep.orphaned += int(info.refiled)
 
-    # 3. every node's owner word
-    if repair:
-        for slot, gen in dead_slots.items():
-            rc = lib.tw_mark_exited(d, slot, gen)
-            if rc < 0 and rc != -errno.ESRCH:
-                rep.problems.append(f"task {slot}: could not mark it exited: "
-                                    f"{_errname(rc)}")
+    # 3. every node's owner word: what a dry run would do, and what is odd
     owners = ffi.new("uint64_t[]", dom.pool_size)
     lib.tw_scan_owners(d, owners)
-    orphan_count: dict[int, int] = {}
     for node in range(dom.pool_size):
         o = int(owners[node])
         st, aux, gen = _native.owner_state(o), _native.owner_aux(o), _native.owner_gen(o)
         if st > _native.N_DEADLETTER:
             rep.problems.append(f"node {node} has an unknown owner state {st}")
-            continue
-        if st in _TASK_OWNED or st == _native.N_RUNNING:
+        elif st in _TASK_OWNED or st == _native.N_RUNNING:
             if aux >= dom.max_tasks:
                 rep.problems.append(f"node {node} names task {aux}, beyond max_tasks={dom.max_tasks}")
-                continue
-            if aux in dead_slots:
-                want_gen = dead_slots[aux]
-            elif aux in gone_slots:
-                want_gen = gone_slots[aux]
-            else:
-                continue
-            w = dom._read(node, gen, "orphaned" if st != _native.N_RUNNING else "interrupted")
-            if w is None or w.target_gen != want_gen:
-                continue  # changed under us, or queued for a newer registration
-            if repair and lib.tw_reclaim(d, node, o) != 1:
-                continue  # its live owner (an adder whose push failed) took it back
-            if st == _native.N_RUNNING:
-                rep.interrupted += 1
-                rep.interrupted_works.append(w)
-            else:
-                rep.orphaned += 1
-                rep.orphaned_works.append(w)
-                rep.orphaned_by_callback[w.func_name] = rep.orphaned_by_callback.get(w.func_name, 0) + 1
-                orphan_count[aux] = orphan_count.get(aux, 0) + 1
-        elif st == _native.N_ALLOC:
-            if aux in dead_procs or (repair and aux == _FSCK_AUX):
-                if not repair:
-                    rep.leaked += 1   # or pushed just before its adder died
+            elif aux in dead_slots:
+                w = dom._read(node, gen, "interrupted" if st == _native.N_RUNNING else "orphaned")
+                if w is None or w.target_gen != dead_slots[aux]:
                     continue
-                rc = lib.tw_fsck_settle(d, node, o)
-                if rc == 1:
-                    rep.leaked += 1
-                elif rc == 2:
-                    rep.settled += 1  # pushed: now an ordinary queued work
-                elif rc == -errno.EAGAIN:
-                    rep.incomplete.append(
-                        f"node {node}: allocated by a dead process, but its target was "
-                        "detaching; run fsck again")
-                elif rc < 0:
-                    rep.problems.append(f"node {node}: could not settle it: {_errname(rc)}")
-            elif aux >= dom.max_procs and aux != _FSCK_AUX:
-                rep.problems.append(f"node {node} names process entry {aux}, beyond "
-                                    f"max_procs={dom.max_procs}")
+                if st == _native.N_RUNNING:
+                    rep.interrupted += 1
+                    rep.interrupted_works.append(w)
+                else:
+                    rep.orphaned += 1
+                    rep.orphaned_works.append(w)
+                    rep.orphaned_by_callback[w.func_name] = \
+                        rep.orphaned_by_callback.get(w.func_name, 0) + 1
+        elif st == _native.N_ALLOC and not repair and aux in dead_procs:
+            rep.leaked += 1   # or pushed just before its adder died: repair tells
+        elif st == _native.N_ALLOC and aux >= dom.max_procs and aux != 0xFFFFFF:
+            rep.problems.append(f"node {node} names process entry {aux}, beyond "
+                                f"max_procs={dom.max_procs}")
 
-    # 4. free nodes on no free list, left by a process that died mid pop/push
+    # 4. free nodes on no free list that no live process is moving (left by
+    #    a process that died mid pop/push and whose entry is not reclaimed)
+    proc_dead = ffi.new("uint8_t[]", dom.max_procs)
+    for i in dead_procs:
+        proc_dead[i] = 1
     out = ffi.new("uint32_t[]", dom.pool_size)
     n = lib.tw_free_leaks(d, proc_dead, out, dom.pool_size, 64)
     if n == -errno.EAGAIN:
         rep.incomplete.append("the free list never held still long enough to be checked "
-                            "(busy domain); run fsck again when it is quieter")
+                              "(busy domain); run fsck again when it is quieter")
     elif n == -errno.EUCLEAN:
         rep.problems.append("the free list is corrupt (a link out of range or a cycle)")
     elif n > 0:
@@ -185,14 +177,9 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
                 lib.tw_free_node(d, out[k])
         rep.leaked += n
 
+    hdr = ffi.cast("struct tw_header *", d.base)
+    rep.dead_letters = int(hdr.dl_count)
     if repair:
-        for slot, cnt in orphan_count.items():
-            lib.tw_slot_counter_add(d, slot, lib.TW_C_ORPHANED, cnt)
-        for slot, gen in dead_slots.items():
-            lib.tw_release_exited(d, slot, gen)
-        for i, pid in dead_procs.items():
-            lib.tw_proc_free(d, i, pid)
-        hdr = ffi.cast("struct tw_header *", d.base)
         hdr.fsck_runs = (hdr.fsck_runs + 1) & 0xFFFFFFFFFFFFFFFF  # wraps, as in C
 
 

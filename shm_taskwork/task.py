@@ -23,6 +23,7 @@ run (a run in progress picks the new works up) and wakes a concurrent wait().
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import logging
 import os
@@ -171,7 +172,7 @@ class Task:
     # ---- registration -----------------------------------------------------
 
     @classmethod
-    def _register(cls, dom, name, signum, install_handler):
+    def _register(cls, dom, name, signum, install_handler, exit_signals=()):
         if dom.current is not None:
             raise TaskWorkError(
                 f"this process is already task {dom.current.id} of domain {dom.name!r}; "
@@ -184,28 +185,37 @@ class Task:
             raise ValueError(f"signum={signum!r} is not a signal number") from None
         if signum in (signal.SIGKILL, signal.SIGSTOP):
             raise ValueError("signum must be a catchable signal (not SIGKILL or SIGSTOP)")
-        if install_handler and threading.current_thread() is not threading.main_thread():
-            raise ValueError("register(install_handler=True) must be called from the main thread "
-                             "(Python runs signal handlers there)")
+        exits = _exit_signal_set(exit_signals, signum)
+        if (install_handler or exits) and threading.current_thread() is not threading.main_thread():
+            raise ValueError("register(install_handler=True) and exit_signals need the main "
+                             "thread (Python runs signal handlers there)")
         pid = os.getpid()
         name = name or f"pid{pid}"
+        from .domain import TASK_NAME_PREFIX, task_name_id
+        name_id = task_name_id(name)
+        label = (TASK_NAME_PREFIX + name).encode()
+        lib.tw_name_put(dom.d, name_id, label, len(label))  # ENOSPC: dead letters show no name
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         gen = ffi.new("uint32_t *")
         if install_handler:
             # Handler first: a peer may send TWA_SIGNAL the moment tw_register
             # publishes the slot, and the default action would kill us.
             _ensure_handler(int(signum))
-        rc = lib.tw_register(dom.d, name.encode(), int(signum), efd, os.getuid(),
+        # Slots of dead tasks are free once reaped: this registrant notices.
+        dom._reap_dead()
+        rc = lib.tw_register(dom.d, name.encode(), name_id, int(signum), efd, os.getuid(),
                              time.monotonic_ns(), gen)
+        if rc == -errno.ENOSPC and dom._reap_dead():
+            rc = lib.tw_register(dom.d, name.encode(), name_id, int(signum), efd, os.getuid(),
+                                 time.monotonic_ns(), gen)
         if rc < 0:
             os.close(efd)
             if install_handler and not _SIGNAL_TASKS.get(signum):
                 signal.signal(signum, _PREV_HANDLERS.pop(signum, signal.SIG_DFL) or signal.SIG_DFL)
             if -rc == errno.ENOSPC:
                 raise TaskWorkError(
-                    f"all {dom.max_tasks} task slots of domain {dom.name!r} are in use "
-                    f"(max_tasks={dom.max_tasks}); run fsck --repair to free slots of dead tasks",
-                    errno=errno.ENOSPC)
+                    f"all {dom.max_tasks} task slots of domain {dom.name!r} are in use by live "
+                    f"tasks (max_tasks={dom.max_tasks})", errno=errno.ENOSPC)
             check(rc, "register")
         t = cls(dom, rc, gen[0], pid, name, int(signum))
         t._own = True
@@ -216,6 +226,10 @@ class Task:
         t._exit_after_run = False
         t._ran_total = 0
         t._batch: list[int] = []
+        t._unfinished: list[tuple[int, int]] = []   # (node, outcome) to finish again
+        t._critical = 0
+        t._deferred = False
+        t._terminate_with = 0
         t._out = ffi.new("uint32_t[]", dom.pool_size)
         t._sc = _native.Scratch(dom.payload_size)
         try:
@@ -226,6 +240,9 @@ class Task:
         if install_handler:
             _SIGNAL_TASKS.setdefault(t._signum, []).append(t)
         t._handler = install_handler
+        t._exit_signals = exits
+        for sig in exits:
+            _install_exit_signal(sig, t)
         atexit.register(t._atexit)
         dom._current = t
         return t
@@ -347,6 +364,12 @@ class Task:
             raise PoolExhaustedError(
                 f"{what}: the work pool of domain {dom.name!r} is empty (pool_size="
                 f"{dom.pool_size}); nothing was queued", errno=e)
+        if e == errno.EOWNERDEAD:
+            # The task's process died: this adder noticed, so it reaps it.
+            dom._reap(self.id)
+            raise TaskExitedError(
+                f"{what}: task {self.id} ({self.name}) is dead (its process {self.pid} died) "
+                "and accepts no more work (ESRCH)")
         if e == errno.ESRCH:
             raise TaskExitedError(
                 f"{what}: task {self.id} ({self.name}) has exited and accepts no more work (ESRCH)")
@@ -420,6 +443,28 @@ class Task:
         return [Work(fname, fid, p, sender_pid=_MY_PID[0], target=self.id, target_gen=self.gen,
                      enqueued_ns=now, origin=o, id=ids[i], domain=dom.name, state="pending")
                 for i, p in enumerate(items)]
+
+    def _requeue(self, work: Work, notify: int = TWA_RESUME) -> bool:
+        """Re-queue dead letter ``work`` on this task (see
+        Domain.retry_dead_letters). True if it is now queued here; False if
+        another process took it first, or this task accepts no work (then it
+        stays a dead letter)."""
+        dom = self._dom
+        current = self.is_current
+        pidfd, efd = (-1, self._efd) if current else dom._peer.get((self.id, self.gen), _NO_FDS)
+        rc = lib.tw_requeue(dom.d, work.node, work.id >> 32, self.id, self.gen, notify, efd,
+                            pidfd, self._signum, time.monotonic_ns(), int(current))
+        if rc == -errno.EOWNERDEAD:
+            dom._reap(self.id)
+            return False
+        if rc in (-errno.ENOENT, -errno.ESRCH):
+            return False
+        if rc < 0:
+            self._add_error(rc, notify, len(work.payload), "retry dead letter")
+        _wid, due = _native.unpack_add(rc)
+        if due & _DUE and not due & _DONE:
+            self._deliver(due)
+        return True
 
     # ---- cancel -------------------------------------------------------------
 
@@ -500,6 +545,8 @@ class Task:
         errs: list[BaseException] = []
         ran = 0
         try:
+            if self._unfinished:
+                self._finish_unfinished()
             while True:
                 if not self._batch:
                     self._rerun = False
@@ -515,6 +562,8 @@ class Task:
         if self._exit_after_run:  # a callback called exit(): finish it now
             self._exit_after_run = False
             self.exit()
+        if self._terminate_with:  # an exit signal arrived during the run
+            _terminate(self)
         if raise_errors and errs:
             raise ExceptionGroup(f"{len(errs)} task-work callback(s) raised", errs)
         return ran
@@ -528,15 +577,27 @@ class Task:
         n = lib.tw_detach(dom.d, self.id, self.gen, self._out, dom.pool_size)
         if n == -errno.ESRCH:
             return 0
-        check(n, "run")
+        check(n, "run")  # a lock timeout took nothing: the works wait for the next run
         # Newest first; popped from the end.
         self._batch = [self._out[i] for i in range(n - 1, -1, -1)]
         return n
 
+    def _finish_unfinished(self) -> None:
+        """Finish works whose end could not be recorded before (a dead-letter
+        filing whose lock timed out): they stay ours until it succeeds."""
+        dom, sc = self._dom, self._sc
+        while self._unfinished:
+            node, outcome = self._unfinished[-1]
+            check(lib.tw_step(dom.d, self.id, node, outcome, lib.TW_NIL, sc.wi, sc.payload,
+                              sc.origin), "run")
+            self._unfinished.pop()
+
     def _run_batch(self, errs: list) -> int:
         """Run the detached batch. One native call per work: it finishes the
         previous work (frees its node, or files it as a dead letter) and
-        begins the next (DETACHED -> RUNNING, copied out)."""
+        begins the next (DETACHED -> RUNNING, copied out). If that call
+        fails, nothing of it happened: the next work stays in the batch and
+        the previous one is finished again later, so no node is lost."""
         dom = self._dom
         sc = self._sc
         d, slot, wi, pbuf, obuf = dom.d, self.id, sc.wi, sc.payload, sc.origin
@@ -546,10 +607,12 @@ class Task:
         prev, outcome = lib.TW_NIL, lib.TW_OUT_OK
         try:
             while batch:
-                node = batch.pop()
+                node = batch[-1]
                 rc = lib.tw_step(d, slot, prev, outcome, node, wi, pbuf, obuf)
+                if rc < 0:
+                    check(rc, "run")
+                batch.pop()
                 prev, outcome = node, lib.TW_OUT_ERROR  # until the callback returns
-                check(rc, "run")
                 fn = lookup(wi.func_id)
                 if fn is None:
                     outcome = lib.TW_OUT_UNKNOWN
@@ -572,7 +635,11 @@ class Task:
             # Also on KeyboardInterrupt/SystemExit from a callback: that work
             # is finished (as an error); the rest stays for the next run().
             if prev != lib.TW_NIL:
-                check(lib.tw_step(d, slot, prev, outcome, lib.TW_NIL, wi, pbuf, obuf), "run")
+                rc = lib.tw_step(d, slot, prev, outcome, lib.TW_NIL, wi, pbuf, obuf)
+                if rc < 0:
+                    self._unfinished.append((prev, outcome))
+                    log.error("task %d: could not finish work at node %d (%s); it is finished "
+                              "at the next run", self.id, prev, os.strerror(-rc))
         return ran
 
     def checkpoint(self) -> int:
@@ -581,6 +648,28 @@ class Task:
         if self._batch or lib.tw_flags_get(self._dom.d, self.id) & _F_NOTIFY:
             return self.run()
         return 0
+
+    @contextlib.contextmanager
+    def critical(self):
+        """Keep TWA_SIGNAL works out of a block of code.
+
+        Those works run from the signal handler, between two bytecodes of
+        the main thread: a callback that takes a lock this block holds would
+        deadlock the task. Inside ``with task.critical():`` the handler only
+        notes that works arrived; they run when the outermost block ends.
+        Blocks nest. (RESUME works never run in a handler anyway.)"""
+        self._require_current("critical")
+        self._critical += 1
+        try:
+            yield self
+        finally:
+            self._critical -= 1
+            if self._critical == 0 and (self._deferred or self._terminate_with):
+                self._deferred = False
+                if self._terminate_with:
+                    _terminate(self)
+                elif not self._in_run:
+                    self.run()
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until work is notified (or ``timeout`` seconds pass), run it.
@@ -661,6 +750,9 @@ class Task:
         if self._handler:
             _uninstall_handler(self._signum, self)
             self._handler = False
+        for sig in getattr(self, "_exit_signals", ()):
+            _uninstall_exit_signal(sig, self)
+        self._exit_signals = ()
         try:
             atexit.unregister(self._atexit)
         except Exception:
@@ -708,7 +800,9 @@ def _on_signal(signum, frame):
         if not t.is_current:
             continue
         try:
-            if t._in_run:
+            if t._critical:
+                t._deferred = True   # runs when the outermost critical block ends
+            elif t._in_run:
                 t._rerun = True
             elif t._batch or lib.tw_flags_get(t._dom.d, t.id) & lib.TW_F_NOTIFY_SIGNAL:
                 t.run()
@@ -719,6 +813,88 @@ def _on_signal(signum, frame):
     prev = _PREV_HANDLERS.get(signum)
     if callable(prev):
         prev(signum, frame)
+
+
+# ---- exit signals: the kernel's do_exit() -> exit_task_work() ---------------
+
+_EXIT_TASKS: dict[int, list["Task"]] = {}
+# uncatchable; synchronous faults (a Python handler turns a crash into a hang);
+# default action ignore or stop/continue (no exit status to give)
+_NOT_EXIT_SIGNALS = {signal.SIGKILL, signal.SIGSTOP, signal.SIGSEGV, signal.SIGBUS,
+                     signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS,
+                     signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH,
+                     signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+_EXIT_PREV: dict[int, object] = {}
+
+
+def _exit_signal_set(exit_signals, signum: int) -> tuple[int, ...]:
+    try:
+        sigs = tuple(signal.Signals(s) for s in exit_signals)
+    except (TypeError, ValueError):
+        raise ValueError(f"exit_signals must be signal numbers, got {exit_signals!r}") from None
+    for s in sigs:
+        if s in _NOT_EXIT_SIGNALS or s == signum:
+            raise ValueError(
+                f"exit_signals: {s.name} cannot be an exit signal (uncatchable, a fault, one "
+                "whose default action does not end the process, or the task's own "
+                "notification signal); use e.g. SIGTERM, SIGINT, SIGHUP")
+    return tuple(int(s) for s in sigs)
+
+
+def _on_exit_signal(signum, frame):
+    deferred = False
+    for t in list(_EXIT_TASKS.get(signum, ())):
+        if not t.is_current:
+            continue
+        t._terminate_with = signum
+        if t._critical or t._in_run:
+            deferred = True   # the run or critical block in progress ends first
+            continue
+        try:
+            t.exit()
+        except TaskWorkError as exc:
+            log.error("exit on signal %d: %r", signum, exc)
+    if not deferred:
+        _die_of(signum)
+
+
+def _terminate(t: "Task") -> None:
+    """Exit the task (its pending works run), then die of the exit signal."""
+    signum = t._terminate_with
+    try:
+        t.exit()
+    except TaskWorkError as exc:
+        log.error("exit on signal %d: %r", signum, exc)
+    _die_of(signum)
+
+
+def _die_of(signum: int) -> None:
+    """End the process with the status signum's default action gives (the
+    exit status a shell or supervisor sees: killed by that signal)."""
+    sys.stdout.flush() if sys.stdout else None
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+    # Only reached if the default action does not end the process.
+    os._exit(128 + signum)
+
+
+def _install_exit_signal(signum: int, task: "Task") -> None:
+    prev = signal.signal(signum, _on_exit_signal)
+    if prev is not _on_exit_signal:
+        _EXIT_PREV[signum] = prev
+    _EXIT_TASKS.setdefault(signum, []).append(task)
+
+
+def _uninstall_exit_signal(signum: int, task: "Task") -> None:
+    tasks = _EXIT_TASKS.get(signum, [])
+    if task in tasks:
+        tasks.remove(task)
+    if not tasks and threading.current_thread() is threading.main_thread():
+        try:
+            signal.signal(signum, _EXIT_PREV.pop(signum, signal.SIG_DFL) or signal.SIG_DFL)
+        except (ValueError, TypeError):
+            pass
 
 
 def _after_fork() -> None:

@@ -11,12 +11,13 @@ class Work:
     """
 
     __slots__ = ("func_name", "func_id", "payload", "sender_pid", "target", "target_gen",
-                 "enqueued_ns", "origin", "id", "domain", "state")
+                 "enqueued_ns", "origin", "id", "domain", "state", "reason", "target_name")
 
     def __init__(self, func_name: str, func_id: int, payload: bytes, *, sender_pid: int = 0,
                  target: int = -1, target_gen: int = 0, enqueued_ns: int = 0,
                  origin: str | None = None, id: int | None = None, domain: str | None = None,
-                 state: str = "unqueued"):
+                 state: str = "unqueued", reason: str | None = None,
+                 target_name: str | None = None):
         self.func_name = func_name
         self.func_id = func_id
         self.payload = payload
@@ -28,6 +29,10 @@ class Work:
         self.id = id
         self.domain = domain
         self.state = state
+        # dead letters (SPEC §9): why it is one ("unknown_callback" or
+        # "orphaned"), and the name of the task it was for
+        self.reason = reason
+        self.target_name = target_name
 
     @property
     def node(self) -> int | None:
@@ -36,7 +41,8 @@ class Work:
     def as_dict(self) -> dict:
         return {"id": self.id, "func_name": self.func_name, "payload": self.payload.hex(),
                 "sender_pid": self.sender_pid, "target": self.target,
-                "enqueued_ns": self.enqueued_ns, "origin": self.origin, "state": self.state}
+                "enqueued_ns": self.enqueued_ns, "origin": self.origin, "state": self.state,
+                "reason": self.reason, "target_name": self.target_name}
 
     def __eq__(self, other):
         if not isinstance(other, Work):
@@ -49,5 +55,6 @@ class Work:
 
     def __repr__(self) -> str:
         ident = "unqueued" if self.id is None else f"id={self.id:#x}"
+        why = f", reason={self.reason}" if self.reason else ""
         return (f"Work({self.func_name!r}, {ident}, target={self.target}, "
-                f"payload={len(self.payload)}B, state={self.state})")
+                f"payload={len(self.payload)}B, state={self.state}{why})")

@@ -321,7 +321,8 @@ def test_status_marks_a_dead_task_and_gives_it_no_process_figures(service):
     [t] = rec["tasks"]
     assert t["state"] == "dead"
     assert t["cpu_percent"] is None and t["rss"] is None and t["process_status"] is None
-    assert t["pending"] == 3
+    assert (t["pending"], t["orphaned"]) == (0, 3)   # reaped: its works are dead letters
+    assert [w["reason"] for w in rec["dead_letters"]].count("orphaned") == 3
 
 
 def test_inspect_json_lists_pending_works_newest_first(service):

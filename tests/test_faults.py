@@ -29,6 +29,7 @@ from conftest import ROOT, unique_name, wait_until
 from shm_taskwork import (TWA_NONE, TWA_RESUME, TWA_SIGNAL, Domain, PoolExhaustedError,
                           TaskExitedError, callback)
 from shm_taskwork import _native
+from shm_taskwork._native import lib
 
 TIMEOUT = 20.0  # the most any single step may take before the test fails
 
@@ -307,17 +308,19 @@ def test_producer_killed(make_domain, spawn, point, many):
 # tasks killed: after_detach, in_callback
 
 
-@pytest.mark.parametrize("point,ran_before", [
-    pytest.param("after_detach", 0, marks=pytest.mark.asan),
-    ("in_callback:1", 0),
-    pytest.param("in_callback:3", 2, marks=pytest.mark.asan)])
-def test_task_killed(make_domain, spawn, point, ran_before):
-    """A task dies after detaching its list, or inside its n-th callback.
-    Before fsck, adds to it neither block nor fail (the works wait, queued);
-    fsck reports each work of the dead task once - interrupted if its callback
-    had started, orphaned otherwise - and gives every node back; afterwards
-    adds raise TaskExitedError, the slot is reusable, old handles keep
-    failing, and a live bystander task was not touched."""
+@pytest.mark.parametrize("point,ran_before,reaper", [
+    pytest.param("after_detach", 0, "adder", marks=pytest.mark.asan),
+    ("after_detach", 0, "fsck"),
+    ("in_callback:1", 0, "adder"),
+    pytest.param("in_callback:3", 2, "fsck", marks=pytest.mark.asan)])
+def test_task_killed(make_domain, spawn, caplog, point, ran_before, reaper):
+    """A task dies after detaching its list, or inside its n-th callback. Its
+    death is in the segment at once: the first add after it raises
+    TaskExitedError, in another process too, and whoever notices first (an
+    adder, or fsck) reaps it: each work of the dead task is accounted for
+    once - interrupted if its callback had started, an orphaned dead letter
+    otherwise - the slot is reusable, old handles keep failing, and a live
+    bystander task was not touched."""
     dom = make_domain("task", pool_size=64)
     task, tid = start_task(spawn, dom, "doomed", killpoint=point)
     bystander, bid = start_task(spawn, dom, "bystander")
@@ -332,35 +335,44 @@ def test_task_killed(make_domain, spawn, point, ran_before):
     task.send("run")
     task.wait_killed()
     assert len(task.ran) == ran_before
+    assert dom._slot_state(tid, dom._slot(tid)) == "dead"   # seen before any reaping
 
-    # Dead but not yet repaired: an unrelated process adds to it in every
-    # mode; the adds return promptly (the child must finish) and queue.
-    late = run_producer(spawn, dom, tid, "L", 4)
-    late.wait_ok()
-    assert late.added == [f"L-{i}" for i in range(4)]
-    assert info(dom, tid).state == "dead"
+    if reaper == "adder":
+        # An unrelated process adds: its first add raises (and reaps).
+        late = run_producer(spawn, dom, tid, "L", 4)
+        late.expect("adding")
+        assert late.proc.wait(timeout=TIMEOUT) != 0
+        assert "TaskExitedError" in late.proc.stderr.read()
+        assert late.added == []
+        interrupted_count = info(dom, tid).interrupted
+        orphaned = payloads(dom.dead_letters(reason="orphaned"))
+        assert info(dom, tid).orphaned == len(orphaned)
+    else:
+        with caplog.at_level("WARNING", logger="shm_taskwork.reap"):
+            rep = dom.fsck(repair=True)
+        assert rep.dead_tasks == [tid], rep
+        assert rep.problems == [] and rep.leaked == 0, rep
+        orphaned, interrupted = payloads(rep.orphaned_works), payloads(rep.interrupted_works)
+        assert rep.orphaned == len(orphaned) and rep.interrupted == len(interrupted)
+        assert rep.orphaned_by_callback == ({"faults.record": rep.orphaned} if orphaned else {})
+        reported = [r.work.payload.decode() for r in caplog.records if hasattr(r, "work")]
+        assert reported == interrupted                    # one log record per work
+        interrupted_count = len(interrupted)
+        assert sorted(payloads(dom.dead_letters())) == sorted(orphaned)
+        assert_once(ran=task.ran, orphaned=orphaned, interrupted=interrupted)
+    assert interrupted_count == (0 if point == "after_detach" else 1)
+    assert_once(ran=task.ran, orphaned=orphaned)
+    assert len(task.ran) + len(orphaned) + interrupted_count == len(batch)
+    assert {w.target_name for w in dom.dead_letters()} == {"doomed"}
 
-    rep = dom.fsck(repair=True)
-    assert rep.dead_tasks == [tid], rep
-    assert rep.problems == [], rep
-    assert rep.leaked == 0, rep
-    orphaned, interrupted = payloads(rep.orphaned_works), payloads(rep.interrupted_works)
-    assert rep.orphaned == len(orphaned) and rep.interrupted == len(interrupted)
-    assert rep.orphaned_by_callback == {"faults.record": rep.orphaned}
-    assert_once(ran=task.ran, orphaned=orphaned, interrupted=interrupted)
-    assert sorted(task.ran + orphaned + interrupted) == sorted(batch + late.added)
-    assert len(interrupted) == (0 if point == "after_detach" else 1)
-    assert rep.orphaned == len(batch) + 4 - ran_before - len(interrupted)
-    assert info(dom, tid).orphaned == rep.orphaned
-
-    # Marked exited: adds now fail, from this process and from another.
+    # Exited for good: adds fail, from this process and from another.
     with pytest.raises(TaskExitedError):
         h.add("faults.record", b"too-late", TWA_RESUME)
     again = run_producer(spawn, dom, tid, "X", 1)
     again.expect("adding")
     assert again.proc.wait(timeout=TIMEOUT) != 0
     assert "TaskExitedError" in again.proc.stderr.read()
-    assert info(dom, tid).state == "exited"
+    assert info(dom, tid).state == "dead"
 
     # The bystander: still the same registration, its works all there.
     assert hb.pending() == 3
@@ -368,9 +380,13 @@ def test_task_killed(make_domain, spawn, point, ran_before):
     assert sorted(bystander.ran) == ["B-0", "B-1", "B-2"]
     assert_lock_works(hb)
 
-    # A second fsck finds nothing more: each work was reported once.
+    # fsck finds nothing more (at most the dead process's entry in the
+    # process table, which nobody needed yet): each work was accounted for once.
     rep2 = dom.fsck(repair=True)
-    assert rep2.clean, rep2
+    assert (rep2.dead_tasks, rep2.orphaned, rep2.interrupted, rep2.leaked, rep2.problems) == \
+        ([], 0, 0, 0, []), rep2
+    assert set(rep2.dead_processes) <= {task.pid}
+    assert dom.fsck().clean and rep2.dead_letters == len(orphaned)
 
     # The slot is reusable; the old handle keeps failing.
     heir = dom.register("heir", install_handler=False)
@@ -382,6 +398,7 @@ def test_task_killed(make_domain, spawn, point, ran_before):
     w = heir.add("faults.noop", b"fresh", TWA_NONE)
     assert heir.pending() == 1 and not h.cancel(w)
     assert heir.run() == 1
+    assert dom.drop_dead_letters(reason="orphaned") == len(orphaned)
     assert_pool_whole(dom)
 
 
@@ -442,10 +459,11 @@ def test_canceller_killed_in_pi_lock(make_domain, spawn, then):
 # a reused pid
 
 
-def test_reused_pid_counts_as_dead(make_domain, spawn):
-    """A slot whose pid names a live process with another start time belongs
-    to a dead registrant: fsck treats it as dead, and nothing signals the
-    stranger that now has the pid."""
+def test_reused_pid_signals_no_one(make_domain, spawn):
+    """A dead task's slot whose pid now names a live stranger (pid reuse):
+    death is read from the slot's life lock, not from the pid, so the task
+    is dead all the same; adds raise TaskExitedError in every mode and
+    nothing signals the stranger that now has the pid."""
     dom = make_domain("reuse", pool_size=32)
     task, tid = start_task(spawn, dom, "original")
     h = dom.task(tid)
@@ -462,31 +480,31 @@ def test_reused_pid_counts_as_dead(make_domain, spawn):
     stranger.expect("up")
     # Pid reuse cannot be arranged on demand, so it is simulated by writing
     # the stranger's pid into the dead registrant's slot directly in shared
-    # memory: the slot now names a live pid whose start time is not the one
-    # recorded at registration - exactly what a reused pid looks like.
+    # memory: the slot now names a live pid.
     slot = dom._slot(tid)
     slot.pid = stranger.pid
-    assert _native.start_ticks(stranger.pid) != slot.start_ticks
-    assert info(dom, tid).state == "dead"
+    assert dom._slot_state(tid, slot) == "dead"
 
-    # A fresh adder (no cached pidfd) asks for a signal: it must check the
-    # start time and not signal the stranger. The work is queued.
+    # A fresh adder (no cached pidfd) asks for a signal: refused, no signal.
+    for mode in (TWA_SIGNAL, TWA_RESUME, TWA_NONE):
+        with pytest.raises(TaskExitedError):
+            h.add("faults.record", b"S", mode)
     sig = run_producer(spawn, dom, tid, "S", 3)  # modes RESUME, NONE, SIGNAL
-    sig.wait_ok()
+    sig.expect("adding")
+    assert sig.proc.wait(timeout=TIMEOUT) != 0
     stranger.send("ping")
     stranger.expect("pong")
     assert stranger.proc.poll() is None
 
-    rep_ro = dom.fsck(repair=False)
-    assert rep_ro.dead_tasks == [tid] and rep_ro.orphaned == 6 and not rep_ro.repaired
+    assert sorted(payloads(dom.dead_letters(reason="orphaned"))) == ["R-0", "R-1", "R-2"]
     rep = dom.fsck(repair=True)
-    assert rep.dead_tasks == [tid] and rep.orphaned == 6, rep
-    assert sorted(payloads(rep.orphaned_works)) == ["R-0", "R-1", "R-2", "S-0", "S-1", "S-2"]
+    assert rep.dead_tasks == [] and rep.orphaned == 0 and rep.problems == [], rep
     with pytest.raises(TaskExitedError):
         h.add("faults.record", b"R-late", TWA_SIGNAL)
     stranger.send("ping")
     stranger.expect("pong")
     assert stranger.proc.poll() is None
+    assert dom.drop_dead_letters() == 3
     assert_pool_whole(dom)
 
 
@@ -514,7 +532,6 @@ def test_fsck_without_repair_changes_nothing(make_domain, spawn):
         hd.add("faults.record", f"D-{i}".encode(), TWA_NONE)
     doomed.send("run")
     doomed.wait_killed()
-    hd.add("faults.record", b"D-late", TWA_NONE)
     p1 = run_producer(spawn, dom, lid, "A", 5, killpoint="after_alloc:2")
     p1.wait_killed()
     p2 = run_producer(spawn, dom, lid, "M", 5, killpoint="mid_pop:3")
@@ -526,20 +543,22 @@ def test_fsck_without_repair_changes_nothing(make_domain, spawn):
     for rep in reports:
         assert not rep.repaired
         assert rep.dead_tasks == [did]
-        assert rep.orphaned == 4
-        assert sorted(payloads(rep.orphaned_works)) == ["D-0", "D-1", "D-2", "D-late"]
+        assert rep.orphaned == 3
+        assert sorted(payloads(rep.orphaned_works)) == ["D-0", "D-1", "D-2"]
         assert rep.leaked == 2
         assert {p1.pid, p2.pid} <= set(rep.dead_processes)
         assert rep.problems == []
-    assert info(dom, did).state == "dead"
+    assert lib.tw_slot_dead(dom.d, did) == 1     # still unreaped
 
     fixed = dom.fsck(repair=True)
     assert fixed.repaired and _segment_bytes(dom) != before
-    assert (fixed.dead_tasks, fixed.orphaned, fixed.leaked) == ([did], 4, 2)
+    assert (fixed.dead_tasks, fixed.orphaned, fixed.leaked) == ([did], 3, 2)
+    assert info(dom, did).state == "dead"
     assert sorted(fixed.dead_processes) == sorted(reports[0].dead_processes)
     assert dom.fsck(repair=False).clean
     assert live.run_all() == 3 + 1 + 2  # L-*, A-0, M-0 M-1
     assert sorted(live.ran) == ["A-0", "L-0", "L-1", "L-2", "M-0", "M-1"]
+    assert dom.drop_dead_letters() == 3
     assert_pool_whole(dom)
 
 
@@ -674,7 +693,7 @@ def test_cli_fsck_json_and_repair(make_domain, spawn):
                 "repaired", "problems", "dead_processes", "orphaned_works", "dead_letters"):
         assert key in rep
     assert rep["dead_tasks"] == [tid] and rep["orphaned"] == 3 and rep["repaired"] is False
-    assert info(dom, tid).state == "dead"  # nothing was changed
+    assert lib.tw_slot_dead(dom.d, tid) == 1  # nothing was changed: still unreaped
 
     r = cli("fsck", dom.name, "--repair", "--json")
     assert r.returncode == 0, r.stderr
@@ -683,9 +702,10 @@ def test_cli_fsck_json_and_repair(make_domain, spawn):
     assert rep["orphaned_by_callback"] == {"faults.record": 3}
     assert sorted(bytes.fromhex(w["payload"]).decode() for w in rep["orphaned_works"]) == \
         ["J-0", "J-1", "J-2"]
-    assert info(dom, tid).state == "exited"
+    assert lib.tw_slot_dead(dom.d, tid) == 0 and info(dom, tid).state == "dead"  # reaped
     with pytest.raises(TaskExitedError):
         h.add("faults.record", b"J-late")
+    assert dom.drop_dead_letters() == 3
 
     r = cli("fsck", dom.name)
     assert r.returncode == 0 and "clean" in r.stdout, (r.stdout, r.stderr)

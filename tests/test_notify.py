@@ -548,10 +548,10 @@ def test_signal_coalesces_while_the_signal_is_pending(domain, agent):
 
 
 def test_signal_to_a_dead_task_signals_no_one(domain, agent, spawn):
-    """The slot of a SIGKILLed task (no fsck yet) still names its pid. A SIGNAL
-    add raises nothing and reaches no process - not even when that pid now
-    belongs to another process (pid reuse, simulated by writing a stranger's
-    pid into the slot): the library checks pid plus start time."""
+    """A SIGKILLed task is dead from the first add after its death: a SIGNAL
+    add raises TaskExitedError and reaches no process - not even when its pid
+    now belongs to another process (pid reuse, simulated by writing a
+    stranger's pid into the slot)."""
     dead = agent(domain, "dead")
     reused = agent(domain, "reused")
     # The stranger blocks SIGUSR1, so a signal sent to it stays visible as pending.
@@ -576,11 +576,14 @@ def test_signal_to_a_dead_task_signals_no_one(domain, agent, spawn):
     for c in (dead, reused):
         c.proc.kill()
         c.proc.wait(timeout=TIMEOUT)
-    h_dead, h_reused = domain.task(dead.id), domain.task(reused.id)
+    h_dead, h_reused = domain._handle(dead.id, domain._slot(dead.id)), \
+        domain._handle(reused.id, domain._slot(reused.id))
     domain._slot(reused.id).pid = stranger.pid        # the pid "was reused"
-    h_dead.add(REC, b"to-the-dead", TWA_SIGNAL)         # no exception ...
-    h_reused.add(REC, b"to-a-reused-pid", TWA_SIGNAL)
-    assert stranger.ask("sigpending") == ["0"]         # ... and no signal anywhere
+    with pytest.raises(TaskExitedError):
+        h_dead.add(REC, b"to-the-dead", TWA_SIGNAL)
+    with pytest.raises(TaskExitedError):
+        h_reused.add(REC, b"to-a-reused-pid", TWA_SIGNAL)
+    assert stranger.ask("sigpending") == ["0"]         # no signal anywhere
     # The same check is able to see a signal: one sent to the stranger as a task.
     sid = int(stranger.ask("register", "registered")[0])
     domain.task(sid).add(REC, b"to-the-stranger", TWA_SIGNAL)

@@ -196,27 +196,29 @@ def test_top_once_shows_counters_ages_processes_and_flags_the_dead_task(scene):
 
     assert dead["id"] == str(scene["victim_id"]) and dead["pid"] == str(scene["victim"].pid)
     assert dead["state"] == "dead"
-    assert (dead["added"], dead["run"], dead["pending"], dead["orphaned"]) == ("4", "0", "4", "0")
+    # reaped (by whoever noticed first): its 4 works are orphaned dead letters
+    assert (dead["added"], dead["run"], dead["pending"], dead["orphaned"]) == ("4", "0", "0", "4")
     assert (dead["cpu%"], dead["rss"], dead["status"]) == ("-", "-", "-")
 
     # oldest pending age: the oldest of each list was queued between the
     # fixture's first and last add, and read between t0 and t1
-    for row in (live, dead):
+    assert dead["oldest"] == "-"             # nothing pending: its works are dead letters
+    for row in (live,):
         age = age_seconds(row["oldest"])
         assert t0 - scene["t_last_add"] - 0.01 <= age <= t1 - scene["t_first_add"] + 0.01, row
 
     # the dead task is flagged under the table, with what to do about it
     flag = [line for line in r.stdout.splitlines() if line.startswith("DEAD")]
     assert len(flag) == 1, r.stdout
-    assert f"{scene['victim_id']} (pid {scene['victim'].pid}, 4 pending)" in flag[0]
-    assert f"fsck {dom.name} --repair" in flag[0]
+    assert f"{scene['victim_id']} (pid {scene['victim'].pid}, 0 pending, 4 orphaned)" in flag[0]
+    assert f"dead-letters {dom.name} --retry" in flag[0]
     # the pool line
     st = dom.stats()
     assert st.pool_used == 6
     pool = [line for line in r.stdout.splitlines() if line.startswith("pool")]
     assert len(pool) == 1
     assert f"used {st.pool_used}  free {st.pool_free}  size {st.pool_size}" in pool[0]
-    assert "dead letters 0" in pool[0] and "tasks 2" in pool[0] and "pending 6" in pool[0]
+    assert "dead letters 4" in pool[0] and "tasks 2" in pool[0] and "pending 2" in pool[0]
 
 
 BUSY = """
@@ -299,7 +301,8 @@ def check_exposition(text: str, scene) -> dict:
     assert m[("shm_taskwork_task_pending", live)] == 2
     assert m[("shm_taskwork_task_added_total", dead)] == 4
     assert m[("shm_taskwork_task_run_total", dead)] == 0
-    assert m[("shm_taskwork_task_pending", dead)] == 4
+    assert m[("shm_taskwork_task_pending", dead)] == 0      # reaped: ...
+    assert m[("shm_taskwork_task_orphaned_total", dead)] == 4  # ... its works are dead letters
     assert m[("shm_taskwork_task_up", live)] == 1
     assert m[("shm_taskwork_task_up", dead)] == 0
     info = {dict(lbl)["task"]: dict(lbl) for (n, lbl) in m if n == "shm_taskwork_task_info"}
@@ -319,7 +322,7 @@ def check_exposition(text: str, scene) -> dict:
     assert m[("shm_taskwork_pool_size", d)] == st.pool_size == 256
     assert m[("shm_taskwork_pool_used", d)] == st.pool_used == 6
     assert m[("shm_taskwork_pool_free", d)] == st.pool_free == 250
-    assert m[("shm_taskwork_dead_letters", d)] == 0
+    assert m[("shm_taskwork_dead_letters", d)] == 4
     assert m[("shm_taskwork_tasks", d)] == 2
     return m
 

@@ -402,7 +402,11 @@ def stop_shim(tmp_path_factory):
     return str(so)
 
 
-def test_detached_but_not_started_work_can_still_be_cancelled(make_domain, spawn, stop_shim):
+def test_a_run_waits_for_a_canceller_inside_the_lock(make_domain, spawn, stop_shim):
+    """The kernel synchronizes task_work_run() with task_work_cancel() through
+    pi_lock. Here the run takes pi_lock before it detaches: with a canceller
+    parked inside the lock, the run detaches nothing and runs nothing until
+    the canceller is done, and then never sees the cancelled work."""
     dom = make_domain("subtle")
     t = dom.register(name="runner")
     t.add(_record, b"C", TWA_NONE)                  # oldest
@@ -417,6 +421,7 @@ def test_detached_but_not_started_work_can_still_be_cancelled(make_domain, spawn
     # The canceller holds pi_lock and has marked B; A still heads the list.
     assert _node_state(dom, b.node) == N_CANCELLING
     assert _head_index(dom, t.id) == a.node
+    pi_word = ffi.cast("uint32_t *", ffi.addressof(dom._slot(t.id), "pi_lock"))
 
     result: dict = {}
 
@@ -429,9 +434,10 @@ def test_detached_but_not_started_work_can_still_be_cancelled(make_domain, spawn
     th = threading.Thread(target=runner)
     th.start()
     try:
-        # The exchange happened: A -> B -> C is the runner's batch, not yet
-        # started (run() waits for pi_lock before it marks or runs anything).
-        wait_until(lambda: _head_index(dom, t.id) == lib.TW_NIL, what="run() to detach the list")
+        # The runner blocks on pi_lock (the kernel sets FUTEX_WAITERS in the
+        # lock word when a thread sleeps on it) with nothing detached or run.
+        wait_until(lambda: pi_word[0] & 0x80000000, what="run() to wait for pi_lock")
+        assert _head_index(dom, t.id) == a.node
         assert _node_state(dom, a.node) == N_QUEUED
         assert th.is_alive() and LOG == []
     finally:
@@ -442,7 +448,7 @@ def test_detached_but_not_started_work_can_still_be_cancelled(make_domain, spawn
     assert child.returncode == 0, err
     assert "error" not in result, result
     assert int(out) == b.id                         # the cancel succeeded ...
-    assert result["ran"] == 2                       # ... and the runner skipped B
+    assert result["ran"] == 2                       # ... and the runner never saw B
     assert LOG == [b"A", b"C"]
     info = _info(dom, t.id)
     assert (info.run, info.cancelled, info.pending) == (2, 1, 0)
@@ -678,12 +684,18 @@ def test_unknown_callback_goes_to_the_dead_letters(domain, task, caplog):
     st = domain.stats()
     assert (st.dead_letters, st.pool_free) == (1, domain.pool_size - 1)
 
-    # Unknown here still: retry leaves it.
-    assert domain.retry_dead_letters() == 0
+    [w] = dead
+    assert (w.reason, w.target_name) == ("unknown_callback", task.name)
+    assert domain.dead_letters(reason="orphaned") == []
+    with pytest.raises(ValueError, match="unknown_callback"):
+        domain.dead_letters(reason="lost")
+
+    # Unknown here still: running them here leaves it.
+    assert domain.run_dead_letters() == 0
     assert len(domain.dead_letters()) == 1
     callback(name=late)(lambda w: LOG.append(b"late:" + w.payload))
     try:
-        assert domain.retry_dead_letters() == 1
+        assert domain.run_dead_letters() == 1
     finally:
         callbacks.unregister(late)
     assert LOG[-1] == b"late:waiting for a callback"

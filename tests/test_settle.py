@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from shm_taskwork import callback
+from shm_taskwork import TWA_NONE, callback
 
 RAN: list[bytes] = []
 
@@ -80,10 +80,11 @@ def test_cancel_takes_a_pushed_but_unmarked_node(domain, spawn):
     assert domain.stats().pool_free == domain.pool_size
 
 
-def test_a_slot_reused_after_a_death_mid_detach_can_still_be_settled(domain, spawn):
-    """A runner killed between its exchange and its marking leaves the slot's
-    detach count odd. A later registration of that slot must start even, or
-    fsck could never decide a dead adder's node for it (always 'run again')."""
+def test_a_runner_killed_inside_detach_leaves_every_work_findable(domain, spawn):
+    """A runner dies inside tw_detach with the batch marked DETACHED but still
+    linked (kill point in_detach). Reaping finds each of those works once (an
+    orphaned dead letter), a dead adder's pushed node among them included, and
+    the slot serves a new registration."""
     RAN.clear()
     child = spawn("""
 import sys
@@ -92,20 +93,26 @@ dom = Domain.open(sys.argv[1])
 t = dom.register("first")
 print(t.id, flush=True)
 sys.stdin.readline()
-""", domain.name, stdin=subprocess.PIPE)
+t.run()
+""", domain.name, stdin=subprocess.PIPE, env={"SHM_TASKWORK_KILLPOINT": "in_detach"})
     slot = int(child.stdout.readline())
-    child.kill()
-    child.communicate(timeout=30)
-    # What a SIGKILL between tw_detach's exchange and its marking leaves; no
-    # kill point sits there, so the test writes it.
-    domain._slot(slot).detach_seq = 7
-    assert domain.fsck(repair=True).dead_tasks == [slot]
-
-    task = domain.register("second")
-    assert task.id == slot and domain._slot(slot).detach_seq % 2 == 0
-    p = spawn(PRODUCER, domain.name, str(task.id), env={"SHM_TASKWORK_KILLPOINT": "after_push"})
+    h = domain.task(slot)
+    for i in range(3):
+        h.add("test.settle.rec", f"w{i}".encode(), TWA_NONE)
+    # and a node pushed by an adder that died before marking it queued
+    p = spawn(PRODUCER, domain.name, str(slot), env={"SHM_TASKWORK_KILLPOINT": "after_push"})
     p.communicate(timeout=30)
     assert p.returncode == -signal.SIGKILL
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    child.communicate(timeout=30)
+    assert child.returncode == -signal.SIGKILL
     rep = domain.fsck(repair=True)
-    assert rep.settled == 1 and not rep.incomplete, rep
-    assert task.run() == 1 and RAN == [b"victim"]
+    assert rep.dead_tasks == [slot] and rep.orphaned == 4 and rep.problems == [], rep
+    assert sorted(w.payload for w in domain.dead_letters()) == [b"victim", b"w0", b"w1", b"w2"]
+    task = domain.register("second")
+    assert task.id == slot
+    assert domain.retry_dead_letters(to=task) == 4
+    assert task.run() == 4 and sorted(RAN) == [b"victim", b"w0", b"w1", b"w2"]
+    assert domain.fsck(repair=True).clean
+    assert domain.stats().pool_free == domain.pool_size

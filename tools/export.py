@@ -1,6 +1,6 @@
 """``shm-taskwork export NAME``: Prometheus metrics of one domain (SPEC section 8).
 
-A custom collector reads the domain at scrape time (``dom.tasks()``,
+A custom collector reads the domain at scrape time (``dom.tasks(reap=False)``,
 ``dom.stats()``): nothing is cached between scrapes and nothing is written to
 the segment, so the exporter may watch a domain under full load and may run
 beside any number of other readers. The metrics are served over HTTP with
@@ -106,8 +106,8 @@ class DomainCollector(Collector):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         with self._lock:
-            infos = self.dom.tasks()
-            stats = self.dom.stats()
+            infos = self.dom.tasks(reap=False)
+            stats = self.dom.stats(reap=False)
         domain = self.dom.name
         labels = ["domain", "task", "name"]
 

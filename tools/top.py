@@ -1,6 +1,6 @@
 """``shm-taskwork top NAME``: a live view of one domain (SPEC section 8).
 
-Every interval it reads the task table and the pool (``dom.tasks()``,
+Every interval it reads the task table and the pool (``dom.tasks(reap=False)``,
 ``dom.stats()``), the oldest pending work of each task that has any
 (``dom.pending_works``: the list is newest first, so the last element is the
 oldest) and, for each live task, its process's CPU %, resident memory and
@@ -8,9 +8,10 @@ state from psutil. Rates (works run and added per second) are the difference
 between two snapshots divided by the time between them.
 
 Reading is all it does: it takes no lock, registers no task and changes
-nothing in the segment, so it may watch a domain under full load. Dead tasks
-(the process is gone, or its pid now names another process) are shown in red
-and listed under the table; ``shm-taskwork fsck NAME --repair`` reclaims them.
+nothing in the segment (it does not reap dead tasks: the next add, register
+or fsck does), so it may watch a domain under full load. Dead tasks (their
+process died) are shown in red and listed under the table with the works
+they left; ``shm-taskwork dead-letters NAME --retry`` re-queues those.
 
 On a terminal the view is redrawn in place (rich's ``Live``); when stdout is
 not a terminal every frame is printed as plain text, one after the other.
@@ -33,9 +34,10 @@ columns:
   run/s add/s   rates over the last interval ('-' on the first frame)
   cpu% rss status   the task's process, from psutil ('-' for dead or exited tasks)
 
-A dead task (its process is gone, or its pid was reused) is flagged in red
-and listed under the table; `shm-taskwork fsck NAME --repair` reclaims what it
-held. Ctrl-C quits (exit status 0).
+A dead task (its process died) is flagged in red and listed under the table;
+its works become orphaned dead letters when it is reaped (at the next add,
+register or fsck), and `shm-taskwork dead-letters NAME --retry` re-queues them.
+Ctrl-C quits (exit status 0).
 """
 
 
@@ -114,8 +116,8 @@ class Sampler:
 
     def sample(self) -> Snapshot:
         dom = self.dom
-        tasks = dom.tasks()
-        stats = dom.stats()
+        tasks = dom.tasks(reap=False)
+        stats = dom.stats(reap=False)
         now = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of enqueued_ns
         oldest: dict[int, int] = {}
         procs: dict[int, ProcFigures] = {}
@@ -194,9 +196,11 @@ def render(name: str, snap: Snapshot, prev: Snapshot | None, interval: float):
     if not snap.tasks:
         parts.insert(1, Text("no tasks registered", style="dim"))
     if dead:
-        who = ", ".join(f"{t.id} (pid {t.pid}, {t.pending} pending)" for t in dead)
-        parts.append(Text(f"DEAD tasks: {who}; run `shm-taskwork fsck {name} --repair` "
-                          "to reclaim them", style="bold red"))
+        who = ", ".join(f"{t.id} (pid {t.pid}, {t.pending} pending, {t.orphaned} orphaned)"
+                        for t in dead)
+        parts.append(Text(f"DEAD tasks: {who}; their works become dead letters when reaped; "
+                          f"`shm-taskwork dead-letters {name} --retry` re-queues them",
+                          style="bold red"))
     return Group(*parts)
 
 

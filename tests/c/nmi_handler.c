@@ -204,7 +204,7 @@ int main(int argc, char **argv)
         fail("eventfd", errno);
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    rc = p_tw_register(&dom, "c-nmi", SIGUSR1, efd, getuid(),
+    rc = p_tw_register(&dom, "c-nmi", 0, SIGUSR1, efd, getuid(),
                        (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec, &gen);
     if (rc < 0)
         fail("tw_register", rc);

@@ -1,0 +1,588 @@
+// SPDX-License-Identifier: MIT
+/*
+ * reap.c - what dead processes leave behind, settled by whoever notices.
+ *
+ * A dead task (its life lock says FUTEX_OWNER_DIED) is reaped by the first
+ * process that notices: an adder, a reader of the task table, a registrant,
+ * fsck. The reaper closes the head (adds fail from then on), takes the life
+ * lock (EOWNERDEAD: it is now the only reaper), takes pi_lock, and moves
+ * every node the task held: pending or detached-not-started works to the
+ * dead letters as "orphaned", started works out as "interrupted" (the caller
+ * reports them and gives them back; they are never run again). Each move is
+ * a compare-and-swap on the node's exact owner word, so a reaper that dies
+ * half-way leaves a state the next one finishes, and no work lands twice.
+ *
+ * A dead process's entry in the process table is reclaimed the same way by
+ * the next process that needs an entry (or by fsck): nodes it had allocated
+ * and pushed are queued works (their mark is finished for it), nodes it had
+ * not pushed go back to the pool, and a node it was moving on the free list
+ * is found by a validated walk of that list.
+ *
+ * Dead letters are a list under dl_lock. Filing marks the node, then links it;
+ * taking unlinks it, then marks it; whoever next gets dl_lock with EOWNERDEAD
+ * links every DEADLETTER node that is on no list (dl_recover).
+ */
+#include "tw_internal.h"
+
+#include <linux/futex.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------ */
+/* dead letters                                                               */
+
+/* A filer or taker died holding dl_lock: every node marked DEADLETTER must be
+ * on the list, exactly once, and dl_count must say how many. O(pool), rare. */
+static void dl_recover(struct tw_dom *d)
+{
+    struct tw_header *h = HDR(d);
+    uint8_t *linked = calloc(d->pool_size, 1);
+    if (!linked)
+        return;
+    uint32_t count = 0, prev = TW_NIL;
+    for (uint32_t cur = (uint32_t)LD_RLX(&h->dl_head); cur != TW_NIL;) {
+        if (!node_ok(d, cur) || linked[cur]) {
+            /* out of range or a cycle: cut the list here */
+            if (prev == TW_NIL)
+                ST_REL(&h->dl_head, (uint64_t)TW_NIL);
+            else
+                ST_REL(&NODE(d, prev)->next, TW_NIL);
+            break;
+        }
+        linked[cur] = 1;
+        count++;
+        prev = cur;
+        cur = LD_RLX(&NODE(d, cur)->next);
+    }
+    for (uint32_t i = 0; i < d->pool_size; i++) {
+        struct tw_node *n = NODE(d, i);
+        if (linked[i] || O_STATE(LD_ACQ(&n->owner)) != TW_N_DEADLETTER)
+            continue;
+        ST_RLX(&n->next, (uint32_t)LD_RLX(&h->dl_head));
+        ST_REL(&h->dl_head, (uint64_t)i);
+        count++;
+    }
+    ST_REL(&h->dl_count, (uint64_t)count);
+    free(linked);
+}
+
+int tw_dl_lock(struct tw_dom *d)
+{
+    uint32_t recovered = 0;
+    int r = tw_lock(&HDR(d)->dl_lock, d->lock_timeout_ns, &recovered);
+    if (r == 0 && recovered)
+        dl_recover(d);
+    return r;
+}
+
+void tw_dl_unlock(struct tw_dom *d)
+{
+    pthread_mutex_unlock(&HDR(d)->dl_lock);
+}
+
+int tw_dl_file_locked(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t reason,
+                      uint32_t slot, uint64_t name_id)
+{
+    struct tw_header *h = HDR(d);
+    struct tw_node *n = NODE(d, node);
+    /* Mark first (acq_rel CAS: whoever else wants the node - an adder's
+     * mark_queued, another reaper - loses), then link. A death between the
+     * two leaves a DEADLETTER node on no list, which dl_recover links. */
+    if (!CAS(&n->owner, &expect, OWNER(O_GEN(expect), TW_N_DEADLETTER, slot), __ATOMIC_ACQ_REL,
+             __ATOMIC_RELAXED))
+        return 0;
+    n->reason = reason;
+    n->name_id = name_id;
+    tw_killpoint(TW_KP_IN_DL_FILE);
+    ST_RLX(&n->next, (uint32_t)LD_RLX(&h->dl_head));
+    /* Release: readers of the list without the lock (tools) see a whole node. */
+    ST_REL(&h->dl_head, (uint64_t)node);
+    ADD_RLX(&h->dl_count, 1);
+    return 1;
+}
+
+int tw_dl_file(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t reason,
+               uint32_t slot, uint64_t name_id)
+{
+    int r = tw_dl_lock(d);
+    if (r)
+        return r;
+    r = tw_dl_file_locked(d, node, expect, reason, slot, name_id);
+    tw_dl_unlock(d);
+    return r;
+}
+
+int tw_dl_list(struct tw_dom *d, uint32_t *out, uint32_t max)
+{
+    struct tw_header *h = HDR(d);
+    int r = tw_dl_lock(d);
+    if (r)
+        return r;
+    uint32_t n = 0;
+    for (uint32_t cur = (uint32_t)LD_RLX(&h->dl_head); cur != TW_NIL;) {
+        if (!node_ok(d, cur) || n >= d->pool_size) {
+            r = -EUCLEAN;
+            goto out;
+        }
+        if (n < max)
+            out[n] = cur;
+        n++;
+        cur = NODE(d, cur)->next;
+    }
+    r = (int)n;
+out:
+    tw_dl_unlock(d);
+    return r;
+}
+
+/* Unlink one dead letter (node, gen) and make it ours (ALLOC), keeping its
+ * reason (so that, should we die holding it, it goes back to the dead
+ * letters rather than to the pool). 1 if taken, 0 if it is not there. */
+int tw_dl_take(struct tw_dom *d, uint32_t node, uint32_t gen)
+{
+    struct tw_header *h = HDR(d);
+    if (!node_ok(d, node))
+        return -EINVAL;
+    if (tw_proc_claim(d) < 0)
+        return -EUSERS;
+    int r = tw_dl_lock(d);
+    if (r)
+        return r;
+    uint32_t prev = TW_NIL, steps = 0;
+    r = 0;
+    for (uint32_t cur = (uint32_t)LD_RLX(&h->dl_head); cur != TW_NIL; steps++) {
+        if (!node_ok(d, cur) || steps > d->pool_size) {
+            r = -EUCLEAN;
+            break;
+        }
+        struct tw_node *n = NODE(d, cur);
+        if (cur != node) {
+            prev = cur;
+            cur = n->next;
+            continue;
+        }
+        uint64_t o = LD_ACQ(&n->owner);
+        if (O_GEN(o) != gen || O_STATE(o) != TW_N_DEADLETTER)
+            break;
+        /* Unlink, then mark: a death between leaves a DEADLETTER node on
+         * no list, which dl_recover links again (the take never happened). */
+        if (prev == TW_NIL)
+            ST_REL(&h->dl_head, (uint64_t)n->next);
+        else
+            ST_REL(&NODE(d, prev)->next, n->next);
+        __atomic_sub_fetch(&h->dl_count, 1, __ATOMIC_RELAXED);
+        if (n->reason == TW_R_NONE)
+            n->reason = TW_R_ORPHANED;
+        ST_REL(&n->owner, OWNER(gen, TW_N_ALLOC, (uint32_t)d->my_proc));
+        r = 1;
+        break;
+    }
+    tw_dl_unlock(d);
+    return r;
+}
+
+/* A taken dead letter is done: free it (run or dropped), or file it again
+ * (its callback is still unknown here). */
+int tw_dl_done(struct tw_dom *d, uint32_t node, int outcome)
+{
+    if (!node_ok(d, node))
+        return -EINVAL;
+    struct tw_node *n = NODE(d, node);
+    uint64_t o = LD_ACQ(&n->owner);
+    if (O_STATE(o) != TW_N_ALLOC || O_AUX(o) != (uint32_t)d->my_proc)
+        return -EUCLEAN;
+    if (outcome == TW_OUT_UNKNOWN) {
+        uint32_t t = LD_RLX(&n->target);
+        int r = tw_dl_file(d, node, o, LD_RLX(&n->reason), slot_ok(d, t) ? t : 0,
+                           LD_RLX(&n->name_id));
+        return r < 0 ? r : 0;
+    }
+    tw_pool_push(d, node);
+    return 0;
+}
+
+/*
+ * Re-queue a dead letter on a task: take it from the list, give it a new
+ * generation (a new work id), and push it as an add would. Exactly once: the
+ * take is exclusive (under dl_lock), and the node keeps a dead-letter reason
+ * until its push, so a re-queuer that dies in between leaves it to go back to
+ * the dead letters, never to the pool. Returns tw_add's packed result, 0 -
+ * -ENOENT if the dead letter was taken by someone else, or -ESRCH/-EOWNERDEAD
+ * when the target accepts no work (the dead letter is filed again).
+ */
+int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot, uint32_t tgen,
+                   int notify_mode, int efd, int pidfd, int signum, uint64_t now_ns,
+                   int is_current)
+{
+    int mode = tw_check_notify(notify_mode, is_current);
+    if (mode < 0)
+        return mode;
+    if (!node_ok(d, node) || !slot_ok(d, slot))
+        return -EINVAL;
+    int r = tw_dl_take(d, node, gen);
+    if (r <= 0)
+        return r == 0 ? -ENOENT : r;
+    struct tw_node *n = NODE(d, node);
+    struct tw_slot *s = SLOT(d, slot);
+    uint32_t ngen = gen + 1;
+    uint64_t mine = OWNER(ngen, TW_N_ALLOC, (uint32_t)d->my_proc);
+    ST_REL(&n->owner, mine);
+    uint32_t old_target = n->target, old_gen = n->target_gen;
+    n->target = slot;
+    n->target_gen = tgen;
+    n->enqueued_ns = now_ns ? now_ns : tw_now_mono();
+    int64_t due = -ESRCH;
+    if (tw_slot_check(d, slot, tgen) == 0)
+        due = (tw_life_word(&s->life) & FUTEX_OWNER_DIED) ? -EOWNERDEAD
+                                                      : tw_push_node(d, slot, tgen, node, mode,
+                                                                     efd, pidfd, signum);
+    if (due < 0) {
+        /* Not pushed: still ours; back to the dead letters as it was. */
+        n->target = old_target;
+        n->target_gen = old_gen;
+        r = tw_dl_file(d, node, mine, n->reason ? n->reason : TW_R_ORPHANED,
+                       slot_ok(d, old_target) ? old_target : 0, n->name_id);
+        return r < 0 ? r : due;
+    }
+    return (int64_t)(((uint64_t)ngen << 28) | ((uint64_t)node << 4) | (uint64_t)due);
+}
+
+/* ------------------------------------------------------------------------ */
+/* task lists after a death                                                   */
+
+/* May a node with owner word o be linked on the list of (slot, gen)? */
+int tw_linked_state(struct tw_dom *d, struct tw_node *n, uint64_t o, uint32_t slot, uint32_t gen)
+{
+    uint32_t st = O_STATE(o);
+    if (st == TW_N_QUEUED || st == TW_N_CANCELLING)
+        return O_AUX(o) == slot;
+    if (st == TW_N_ALLOC)   /* pushed, not yet marked by its adder */
+        return LD_RLX(&n->target) == slot && LD_RLX(&n->target_gen) == gen;
+    return 0;
+}
+
+/* Mark in `linked` every node on the list from `from` (bounded walk). */
+static void mark_list(struct tw_dom *d, uint8_t *linked, uint32_t from)
+{
+    for (uint32_t cur = from, k = 0; cur != TW_NIL && !idx_closed(cur) && k <= d->pool_size;
+         k++) {
+        if (!node_ok(d, cur) || linked[cur])
+            return;                         /* out of range, or a cycle */
+        linked[cur] = 1;
+        cur = LD_ACQ(&NODE(d, cur)->next);
+    }
+}
+
+/*
+ * A canceller died holding pi_lock (we were told by EOWNERDEAD). It may have
+ * left a node CANCELLING: still linked (it is a queued work again) or
+ * unlinked (nobody else will ever see it: give it back to the pool and count
+ * it cancelled). Called by the task's own runner with pi_lock held before it
+ * detaches, so "linked" is decidable: the list is all there is.
+ */
+void tw_recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *s)
+{
+    /* One pass over the list into a bitmap, then one over the pool: O(pool)
+     * however many nodes a dead canceller (or a scribbler) left marked. */
+    uint8_t *linked = calloc(d->pool_size, 1);
+    if (!linked || tw_proc_claim(d) < 0) {
+        free(linked);
+        return;                             /* lock_recovered stays set: next run */
+    }
+    mark_list(d, linked, H_IDX(LD_ACQ(&s->head)));
+    for (uint32_t i = 0; i < d->pool_size; i++) {
+        struct tw_node *n = NODE(d, i);
+        uint64_t o = LD_ACQ(&n->owner);
+        if (O_STATE(o) != TW_N_CANCELLING || O_AUX(o) != slot)
+            continue;
+        /* We hold pi_lock, so no live canceller owns this mark. */
+        if (linked[i]) {
+            ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_QUEUED, slot));
+        } else {
+            ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc));
+            ADD_RLX(&s->c.cancelled, 1);
+            tw_pool_push(d, i);
+        }
+    }
+    free(linked);
+    ST_REL(&s->lock_recovered, 0u);
+}
+
+/* Close the head of a dead registration: the dead bit keeps the list it
+ * held for the reaper, and makes every push fail from now on. Done before the
+ * life lock is taken: once a reaper holds it, its word no longer shows the
+ * death, and adders look only at the word and the head. acq_rel: pairs with
+ * the release CAS of push_chain. */
+static void close_head(struct tw_slot *s)
+{
+    uint64_t head = LD_ACQ(&s->head);
+    while (!idx_closed(H_IDX(head)) &&
+           !CAS(&s->head, &head, HEAD(H_GEN(head), dead_of(H_IDX(head))), __ATOMIC_ACQ_REL,
+                __ATOMIC_ACQUIRE))
+        ;
+}
+
+/*
+ * Reap a dead task (see the top of this file). orphans[] receives the nodes
+ * filed as dead letters, interrupted[] the started works, which are now ALLOC
+ * by the caller: read them, then give them back with tw_free_node(). max
+ * should be pool_size (a larger batch is settled all the same; only the
+ * lists are cut). Returns 1 if we reaped it, 0 if it was not dead (or is
+ * reaped already), 2 if another live process is reaping it, or -errno.
+ */
+int tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interrupted,
+            uint32_t max, struct tw_reap_info *info)
+{
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    struct tw_slot *s = SLOT(d, slot);
+    memset(info, 0, sizeof(*info));
+    if (!tw_slot_dead_s(s))
+        return 0;
+    int r = tw_proc_claim(d);
+    if (r < 0)
+        return r;
+    close_head(s);
+    /* Become the reaper: our holder takes the life lock over (so that if
+     * we die reaping, the next one to notice sees it and finishes). Only
+     * tried: a live reaper holding it is at work. */
+    r = tw_life_hold(&s->life);
+    if (r == -EBUSY)
+        return 2;
+    if (r < 0)
+        return r;
+    uint32_t st = LD_ACQ(&s->state);
+    if (st != TW_SLOT_CLAIMING && st != TW_SLOT_RUNNING && st != TW_SLOT_EXITING &&
+        st != TW_SLOT_REAPING) {
+        tw_life_release(&s->life);          /* reaped (or exited) meanwhile */
+        return 0;
+    }
+    ST_REL(&s->state, TW_SLOT_REAPING);
+    tw_killpoint(TW_KP_IN_REAP);
+
+    /* No canceller inside from here; one that died there is recovered below
+     * (its CANCELLING mark, linked or not). */
+    uint32_t recovered = 0;
+    r = tw_lock(&s->pi_lock, d->lock_timeout_ns, &recovered);
+    if (r)
+        goto out_life;
+    uint8_t *linked = calloc(d->pool_size, 1);
+    if (!linked) {
+        r = -ENOMEM;
+        goto out_pi;
+    }
+    r = tw_dl_lock(d);
+    if (r)
+        goto out_free;
+    uint64_t head = LD_ACQ(&s->head);
+    uint32_t gen = H_GEN(head);
+    /* The list the head still carries: adders' nodes pushed but not yet
+     * marked are queued works - finish their mark for them (their own CAS
+     * then fails). Stops at a node a dead reaper already filed (its link now
+     * leads into the dead letters); anything after it is QUEUED already. */
+    for (uint32_t cur = dead_list(H_IDX(head)), k = 0;
+         cur != TW_NIL && !idx_closed(cur) && k <= d->pool_size; k++) {
+        if (!node_ok(d, cur) || linked[cur])
+            break;
+        struct tw_node *n = NODE(d, cur);
+        uint64_t o = LD_ACQ(&n->owner);
+        if (!tw_linked_state(d, n, o, slot, gen) && O_STATE(o) != TW_N_DETACHED)
+            break;
+        linked[cur] = 1;
+        if (O_STATE(o) == TW_N_ALLOC)
+            CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_QUEUED, slot), __ATOMIC_ACQ_REL,
+                __ATOMIC_RELAXED);
+        cur = LD_ACQ(&n->next);
+    }
+    /* Every node the task held, by its owner word. */
+    uint64_t name_id = LD_RLX(&s->name_id);
+    for (uint32_t i = 0; i < d->pool_size; i++) {
+        struct tw_node *n = NODE(d, i);
+        uint64_t o = LD_ACQ(&n->owner);
+        uint32_t ost = O_STATE(o);
+        if (O_AUX(o) != slot || ost < TW_N_QUEUED || ost > TW_N_RUNNING ||
+            LD_RLX(&n->target_gen) != gen)
+            continue;
+        if (ost == TW_N_RUNNING) {
+            /* Started: it may have had effects. Never run again. */
+            if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
+                    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                if (info->interrupted < max)
+                    interrupted[info->interrupted] = i;
+                else
+                    tw_pool_push(d, i);
+                info->interrupted++;
+            }
+        } else if (ost == TW_N_CANCELLING && !linked[i]) {
+            /* Unlinked by a canceller that died before it could give it back. */
+            if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
+                    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                ADD_RLX(&s->c.cancelled, 1);
+                tw_pool_push(d, i);
+                info->cancelled++;
+            }
+        } else if (tw_dl_file_locked(d, i, o, TW_R_ORPHANED, slot, name_id) == 1) {
+            /* Pending, or detached and not started: it never ran. */
+            if (info->orphaned < max)
+                orphans[info->orphaned] = i;
+            info->orphaned++;
+        }
+    }
+    tw_dl_unlock(d);
+    ADD_RLX(&s->c.orphaned, info->orphaned);
+    ADD_RLX(&s->c.interrupted, info->interrupted);
+    ST_RLX(&s->c.queued, 0);
+    ST_REL(&s->head, HEAD(gen, TW_EXITED));
+    __atomic_fetch_or(&s->flags, TW_F_DIED, __ATOMIC_RELEASE);
+    ST_REL(&s->lock_recovered, 0u);
+    ADD_RLX(&HDR(d)->reaped, 1);
+    r = 1;
+out_free:
+    free(linked);
+out_pi:
+    pthread_mutex_unlock(&s->pi_lock);
+out_life:
+    /* Release, before the unlock: EXITED, then free for a new registrant.
+     * On an error the state stays REAPING and the lock unlocked: the task
+     * still reads as dead, and the next one to notice tries again. */
+    if (r == 1)
+        ST_REL(&s->state, TW_SLOT_EXITED);
+    tw_life_release(&s->life);
+    return r;
+}
+
+/* ------------------------------------------------------------------------ */
+/* process-table entries after a death                                        */
+
+/*
+ * A node ALLOC by a dead process (owner word o). Either it never left that
+ * process (died before or during its push: give it back, 1), or its push
+ * happened and only mark_queued() is missing (it is a queued work: make it
+ * QUEUED, 2), or it was a dead letter being re-queued and never pushed (file
+ * it again, 3). Linked or not is decided under the target's pi_lock, where
+ * nothing but a push changes the list (a detach marks and detaches under
+ * the lock, a reaper walks under it). 0: the owner word changed meanwhile.
+ */
+static int settle_node(struct tw_dom *d, uint32_t node, uint64_t o)
+{
+    struct tw_node *n = NODE(d, node);
+    uint32_t tgt = LD_RLX(&n->target), tgen = LD_RLX(&n->target_gen);
+    uint64_t mine = OWNER(O_GEN(o), TW_N_ALLOC, AUX_NOBODY);
+    int linked = 0, r = 0;
+    struct tw_slot *s = slot_ok(d, tgt) ? SLOT(d, tgt) : NULL;
+    if (s) {
+        r = tw_lock(&s->pi_lock, d->lock_timeout_ns, &s->lock_recovered);
+        if (r)
+            return r;
+        uint64_t head = LD_ACQ(&s->head);
+        uint32_t idx = H_IDX(head);
+        if (H_GEN(head) == tgen && idx != TW_EXITED)
+            linked = tw_reachable(d, idx_closed(idx) ? dead_list(idx) : idx, node);
+    }
+    uint64_t expect = o;
+    if (linked) {
+        r = CAS(&n->owner, &expect, OWNER(O_GEN(o), TW_N_QUEUED, tgt), __ATOMIC_ACQ_REL,
+                __ATOMIC_RELAXED) ? 2 : 0;
+    } else if (CAS(&n->owner, &expect, mine, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+        uint32_t reason = LD_RLX(&n->reason);
+        if (reason != TW_R_NONE &&
+            tw_dl_file(d, node, mine, reason, s ? tgt : 0, LD_RLX(&n->name_id)) == 1) {
+            r = 3;
+        } else {
+            tw_pool_push(d, node);
+            r = 1;
+        }
+    }
+    if (s)
+        pthread_mutex_unlock(&s->pi_lock);
+    return r;
+}
+
+int tw_proc_settle(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info)
+{
+    struct tw_proc *p = PROC(d, i);
+    int busy = 0;
+    for (int k = 0; k < TW_INTENTS; k++)
+        if (LD_ACQ(&p->intent[k]) != ~0ull)
+            busy = 1;
+    if (busy) {
+        /* It died moving a node on the free list: find such nodes (a walk
+         * of the list that must hold still), one fixer at a time. */
+        if (!fsck_locked && tw_fsck_lock(d) < 0)
+            return -EAGAIN;
+        uint8_t *dead = calloc(d->max_procs, 1);
+        uint32_t *out = calloc(d->pool_size, sizeof(uint32_t));
+        int n = -ENOMEM;
+        if (dead && out) {
+            dead[i] = 1;
+            n = tw_free_leaks(d, dead, out, d->pool_size, 64);
+        }
+        if (n >= 0) {
+            /* The entry's intents no longer protect anything: from here its
+             * words serve our own pushes (if we adopt it), and the nodes go
+             * back while we still hold the fsck lock. */
+            for (int k = 0; k < TW_INTENTS; k++)
+                ST_RLX(&p->intent[k], ~0ull);
+            if (d->my_proc < 0)
+                d->my_proc = (int32_t)i;
+            for (int k = 0; k < n; k++)
+                tw_pool_push(d, out[k]);
+            info->leaked += (uint32_t)n;
+        }
+        free(dead);
+        free(out);
+        if (!fsck_locked)
+            tw_fsck_unlock(d);
+        if (n < 0)
+            return n == -EUCLEAN ? -EUCLEAN : -EAGAIN;
+    } else {
+        for (int k = 0; k < TW_INTENTS; k++)
+            ST_RLX(&p->intent[k], ~0ull);
+        if (d->my_proc < 0)
+            d->my_proc = (int32_t)i;    /* pool pushes below use this entry's intents */
+    }
+    for (uint32_t node = 0; node < d->pool_size; node++) {
+        uint64_t o = LD_ACQ(&NODE(d, node)->owner);
+        if (O_STATE(o) != TW_N_ALLOC || O_AUX(o) != i)
+            continue;
+        switch (settle_node(d, node, o)) {
+        case 1: info->leaked++; break;
+        case 2: info->settled++; break;
+        case 3: info->refiled++; break;
+        default: break;
+        }
+    }
+    return 0;
+}
+
+/*
+ * fsck: reclaim the entry of a dead process and leave it free. Returns 1 if
+ * reclaimed, 0 if it was not dead (or someone else took it), -EAGAIN if the
+ * free list never held still (try again), or -errno.
+ */
+int tw_proc_reclaim(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    if (i >= d->max_procs)
+        return -EINVAL;
+    if (tw_proc_dead(d, i) != 1 || (int32_t)i == d->my_proc)
+        return 0;
+    int r = tw_proc_claim(d);       /* our own entry first: pushes need one */
+    if (r < 0)
+        return r;
+    struct tw_proc *p = PROC(d, i);
+    if (tw_life_hold(&p->life) < 0)
+        return 0;
+    r = 0;
+    if (LD_ACQ(&p->pid) != 0) {
+        r = tw_proc_settle(d, i, fsck_locked, info);
+        if (r == 0) {
+            ST_RLX(&p->start_ticks, 0);
+            ST_REL(&p->pid, 0);
+            ADD_RLX(&HDR(d)->procs_reclaimed, 1);
+            r = 1;
+        }
+    }
+    tw_life_release(&p->life);
+    return r;
+}

@@ -1,0 +1,805 @@
+// SPDX-License-Identifier: MIT
+/*
+ * task_work.c - kernel/task_work.c over POSIX shared memory.
+ *
+ * A task's list is a LIFO of pool nodes whose head is slot.head. The slot's
+ * registration generation lives in the upper half of that word, so a push
+ * aimed at an older registration of a reused slot can never succeed: the
+ * generation is part of the value compare-and-swap compares.
+ *
+ * Ownership: every node carries an owner word (gen | state | aux). Each
+ * transition is made by the party that owns the node at that moment, or by
+ * compare-and-swap where two parties may race for it (an adder marking its
+ * pushed node against the runner, a canceller or a reaper taking it).
+ *
+ * Functions return 0, a count or a bit mask (>= 0), or -errno:
+ *   -ESRCH      the task exited (or the handle is for an older registration)
+ *   -EOWNERDEAD the task's process died (tw_add): reap it, report ESRCH
+ *   -EINVAL     bad argument (notify mode, index)
+ *   -E2BIG      payload larger than the domain's payload_size
+ *   -ENOMEM     the pool is empty
+ *   -EPERM      not the task's own process
+ *   -EUCLEAN    the segment is inconsistent (bad index, walk too long)
+ *   -ETIMEDOUT  a lock was not obtained in time (owner stuck or corrupt)
+ *   -EUSERS     the process table is full of live processes
+ */
+#include "tw_internal.h"
+
+#include <linux/futex.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* tasks: registration and exit, ordered by the slot's life lock              */
+
+/*
+ * Claim a slot: FREE or EXITED. Its life lock is taken first, by this
+ * process's holder thread, and kept for the registration's whole life: that
+ * lock (not a pid) is what says the task lives. Under it the slot is filled,
+ * then a new head (new generation, empty list) and the RUNNING state are
+ * published. Dead tasks' slots are reaped before (tw_reap) and so are
+ * EXITED here. Returns the slot.
+ */
+int tw_register(struct tw_dom *d, const char *name, uint64_t name_id, int32_t signum,
+                int32_t efd, uint32_t uid, uint64_t now_ns, uint32_t *gen_out)
+{
+    int pid = getpid();
+    int r = tw_proc_claim(d);   /* now, so tw_add_nmi never needs to */
+    if (r < 0)
+        return r;
+    uint64_t start = tw_proc_start_ticks(pid);
+    for (uint32_t i = 0; i < d->max_tasks; i++) {
+        struct tw_slot *s = SLOT(d, i);
+        uint32_t st = LD_ACQ(&s->state);
+        if (st != TW_SLOT_FREE && st != TW_SLOT_EXITED)
+            continue;
+        if (tw_life_hold(&s->life) < 0)
+            continue;               /* an exit or a reap is finishing there */
+        st = LD_ACQ(&s->state);
+        if (st != TW_SLOT_FREE && st != TW_SLOT_EXITED) {
+            tw_life_release(&s->life);
+            continue;
+        }
+        /* Release: a reader that sees CLAIMING under a held life lock knows
+         * the slot is being registered (by a live process). */
+        ST_REL(&s->state, TW_SLOT_CLAIMING);
+        tw_killpoint(TW_KP_IN_REGISTER);
+        uint32_t gen = LD_RLX(&s->gen) + 1;
+        if (gen == 0)
+            gen = 1;
+        ST_RLX(&s->pid, pid);
+        ST_RLX(&s->start_ticks, start);
+        s->registered_ns = now_ns;
+        s->signum = signum;
+        s->efd = efd;
+        s->uid = uid;
+        s->name_id = name_id;
+        s->lock_recovered = 0;
+        memset(s->fd_token, 0, sizeof(s->fd_token));
+        memset(s->name, 0, sizeof(s->name));
+        if (name)
+            strncpy(s->name, name, sizeof(s->name) - 1);
+        memset(&s->c, 0, sizeof(s->c));
+        ST_RLX(&s->flags, 0u);
+        /* Release: readers of gen (dom.task(), tasks()) see the fields above. */
+        ST_REL(&s->gen, gen);
+        /* Release: a pusher that acquires this head sees the fields above. An
+         * adder still holding the old generation fails its CAS from now on. */
+        ST_REL(&s->head, HEAD(gen, TW_NIL));
+        ST_REL(&s->state, TW_SLOT_RUNNING);
+        *gen_out = gen;
+        return (int)i;
+    }
+    return -ENOSPC;
+}
+
+int tw_slot_check(struct tw_dom *d, uint32_t slot, uint32_t gen)
+{
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    uint64_t h = LD_ACQ(&SLOT(d, slot)->head);
+    if (H_GEN(h) != gen || idx_closed(H_IDX(h)))
+        return -ESRCH;
+    return 0;
+}
+
+/* After exit (the head holds the exited sentinel): EXITED, then let go of the
+ * life lock; the slot may now be claimed again. */
+int tw_release_slot(struct tw_dom *d, uint32_t slot, uint32_t gen)
+{
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    struct tw_slot *s = SLOT(d, slot);
+    if (LD_ACQ(&s->gen) != gen || LD_RLX(&s->pid) != d->my_pid)
+        return -ESRCH;
+    ST_RLX(&s->c.queued, 0);
+    /* Release, before the unlock: whoever then takes the life lock (a new
+     * registrant) or sees it free (tw_slot_dead) sees EXITED. */
+    ST_REL(&s->state, TW_SLOT_EXITED);
+    tw_life_release(&s->life);
+    return 0;
+}
+
+int tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n)
+{
+    if (!slot_ok(d, slot) || which > TW_C_INTERRUPTED)
+        return -EINVAL;
+    uint64_t *c = &SLOT(d, slot)->c.added;
+    ADD_RLX(&c[which], n);
+    return 0;
+}
+
+uint32_t tw_flags_get(struct tw_dom *d, uint32_t slot)
+{
+    return slot_ok(d, slot) ? LD_ACQ(&SLOT(d, slot)->flags) : 0;
+}
+
+uint32_t tw_flags_set(struct tw_dom *d, uint32_t slot, uint32_t bits)
+{
+    return slot_ok(d, slot) ? __atomic_fetch_or(&SLOT(d, slot)->flags, bits, __ATOMIC_ACQ_REL)
+                            : 0;
+}
+
+/* The runner clears NOTIFY_* before it detaches: an adder that pushes after the
+ * detach sees the bit clear and notifies again, so no wake-up is lost. */
+uint32_t tw_flags_clear(struct tw_dom *d, uint32_t slot, uint32_t bits)
+{
+    return slot_ok(d, slot) ? __atomic_fetch_and(&SLOT(d, slot)->flags, ~bits, __ATOMIC_ACQ_REL)
+                            : 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* notifications                                                              */
+
+int tw_eventfd_write(int efd)
+{
+    uint64_t one = 1;
+    if (write(efd, &one, sizeof(one)) == sizeof(one))
+        return 0;
+    return errno == EAGAIN ? 0 : -errno;   /* EAGAIN: counter full, already readable */
+}
+
+int tw_eventfd_drain(int efd)
+{
+    uint64_t v;
+    if (read(efd, &v, sizeof(v)) == sizeof(v))
+        return 1;
+    return errno == EAGAIN ? 0 : -errno;
+}
+
+int tw_pidfd_send(int pidfd, int signum)
+{
+    if (syscall(SYS_pidfd_send_signal, pidfd, signum, NULL, 0) == 0)
+        return 0;
+    return -errno;
+}
+
+int tw_pidfd_getfd(int pidfd, int targetfd)
+{
+    long r = syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
+    return r < 0 ? -errno : (int)r;
+}
+
+/* Set the notify flag of mode; perform the notification when the flag was
+ * clear and the caller gave us the descriptor. Returns TW_DUE_* | TW_DONE_*. */
+static int notify(struct tw_slot *s, int mode, int efd, int pidfd, int signum)
+{
+    int due = 0;
+    uint32_t old;
+    switch (mode) {
+    case TW_TWA_RESUME:
+    case TW_TWA_NMI_CURRENT:
+        /* acq_rel: pairs with tw_flags_clear() of the runner. The push above
+         * happened before; a runner that clears after this sees the work. */
+        old = __atomic_fetch_or(&s->flags, TW_F_NOTIFY_RESUME, __ATOMIC_ACQ_REL);
+        if (!(old & TW_F_NOTIFY_RESUME)) {
+            due |= TW_DUE_EVENTFD;
+            ADD_RLX(&s->c.resumes_sent, 1);
+            if (efd >= 0 && tw_eventfd_write(efd) == 0)
+                due |= TW_DONE_EVENTFD;
+        }
+        break;
+    case TW_TWA_SIGNAL:
+        old = __atomic_fetch_or(&s->flags, TW_F_NOTIFY_SIGNAL, __ATOMIC_ACQ_REL);
+        if (!(old & TW_F_NOTIFY_SIGNAL)) {
+            due |= TW_DUE_SIGNAL;
+            ADD_RLX(&s->c.signals_sent, 1);
+            if (pidfd >= 0 && tw_pidfd_send(pidfd, signum) == 0)
+                due |= TW_DONE_SIGNAL;
+        }
+        break;
+    case TW_TWA_SIGNAL_NO_IPI:
+        __atomic_fetch_or(&s->flags, TW_F_NOTIFY_SIGNAL, __ATOMIC_ACQ_REL);
+        break;
+    default:
+        break;
+    }
+    return due;
+}
+
+/* ------------------------------------------------------------------------ */
+/* add                                                                        */
+
+int tw_check_notify(int notify_mode, int is_current)
+{
+    int mode = notify_mode & ~TW_TWA_FLAGS;
+    int flags = notify_mode & TW_TWA_FLAGS;
+    if (notify_mode < 0 || mode > TW_TWA_NMI_CURRENT || (flags & ~TW_TWAF_NO_ALLOC))
+        return -EINVAL;
+    if (mode == TW_TWA_NMI_CURRENT && !is_current)
+        return -EINVAL;
+    return mode;
+}
+
+static void fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
+                      uint64_t func_id, const char *payload, uint32_t len, const char *origin,
+                      uint32_t origin_len, uint64_t now_ns)
+{
+    n->func_id = func_id;
+    n->payload_len = len;
+    n->enqueued_ns = now_ns ? now_ns : tw_now_mono();
+    n->sender_pid = d->my_pid;
+    n->target = slot;
+    n->target_gen = gen;
+    n->reason = TW_R_NONE;
+    n->name_id = 0;
+    n->origin_len = 0;
+    if (d->record_origin && origin && origin_len) {
+        if (origin_len > TW_ORIGIN_LEN)
+            origin_len = TW_ORIGIN_LEN;
+        memcpy((char *)n + d->origin_off, origin, origin_len);
+        n->origin_len = origin_len;
+    }
+    if (len)
+        memcpy((char *)n + d->payload_off, payload, len);
+}
+
+/*
+ * After a successful push: ALLOC(me) -> QUEUED(slot). The node has been
+ * reachable since the push, so the runner (detach), a canceller, a reaper or
+ * fsck may have taken it by CAS already - then this CAS fails and the node is
+ * theirs. The generation in the expected word keeps us from touching a later
+ * life of the node (run, freed and allocated again meanwhile).
+ */
+static void mark_queued(struct tw_dom *d, uint32_t idx, uint32_t gen, uint32_t slot)
+{
+    uint64_t expect = OWNER(gen, TW_N_ALLOC, (uint32_t)d->my_proc);
+    CAS(&NODE(d, idx)->owner, &expect, OWNER(gen, TW_N_QUEUED, slot), __ATOMIC_RELEASE,
+        __ATOMIC_RELAXED);
+}
+
+/* Statistics only (relaxed): the high-water mark of pushes minus detaches. */
+static void note_queued(struct tw_slot *s, uint32_t n)
+{
+    int64_t q = __atomic_add_fetch(&s->c.queued, (int64_t)n, __ATOMIC_RELAXED);
+    uint64_t m = LD_RLX(&s->c.max_pending);
+    while (q > 0 && (uint64_t)q > m &&
+           !CAS(&s->c.max_pending, &m, (uint64_t)q, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
+/*
+ * Push the chain first..last (last->next is set here) onto the task's list.
+ * Returns 0, or -ESRCH when the head is closed (exited or dead) or holds
+ * another generation. Lock-free: a failed CAS means another adder pushed, or
+ * the runner detached (head went to NIL or EXITED), or a reaper closed it;
+ * either way we retry on the value the CAS gave back.
+ */
+static int push_chain(struct tw_slot *s, uint32_t gen, uint32_t first, struct tw_node *last)
+{
+    uint64_t head = LD_RLX(&s->head);
+    do {
+        if (H_GEN(head) != gen || idx_closed(H_IDX(head)))
+            return -ESRCH;
+        ST_RLX(&last->next, H_IDX(head));
+        /* release: the node's fields and owner word are visible to whoever
+         * acquires the head (detach, cancel, reap). */
+    } while (!CAS(&s->head, &head, HEAD(gen, first), __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+    return 0;
+}
+
+/* The one load that sees death on the add path: the kernel set
+ * FUTEX_OWNER_DIED in the life word when the task's holder thread died.
+ * (While a reaper holds the lock the bit is clear, but the reaper closed the
+ * head before it took the lock, so the push fails instead.) */
+static inline int target_died(struct tw_slot *s)
+{
+    return __builtin_expect(tw_life_word(&s->life) & FUTEX_OWNER_DIED, 0) != 0;
+}
+
+/* Push node idx, which we own (ALLOC(me), filled), onto (slot, gen) and
+ * notify. Returns the TW_DUE/TW_DONE bits, or -ESRCH with the node still ours. */
+int64_t tw_push_node(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t idx,
+                     int mode, int efd, int pidfd, int signum)
+{
+    struct tw_node *n = NODE(d, idx);
+    struct tw_slot *s = SLOT(d, slot);
+    uint64_t o = LD_RLX(&n->owner);
+    /* Pushed while still ALLOC(me): if we die before the push, the node is
+     * plainly ours and on no list (given back when our process entry is
+     * reclaimed); if we die after it, that reclaim finds it linked and
+     * finishes mark_queued() for us. */
+    int r = push_chain(s, gen, idx, n);
+    if (r)
+        return r;
+    tw_killpoint(TW_KP_AFTER_PUSH);
+    mark_queued(d, idx, O_GEN(o), slot);
+    ADD_RLX(&s->c.added, 1);
+    note_queued(s, 1);
+    return notify(s, mode, efd, pidfd, signum);
+}
+
+int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+               const char *payload, uint32_t len, int notify_mode, const char *origin,
+               uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
+               int is_current)
+{
+    int mode = tw_check_notify(notify_mode, is_current);
+    if (mode < 0)
+        return mode;
+    if (len > d->payload_size)
+        return -E2BIG;
+    int r = tw_slot_check(d, slot, gen);
+    if (r)
+        return r;
+    if (target_died(SLOT(d, slot)))
+        return -EOWNERDEAD;
+    if (notify_mode & TW_TWAF_NO_ALLOC)
+        origin_len = 0;
+    uint32_t idx;
+    r = tw_pool_pop(d, &idx);
+    if (r)
+        return r;
+    tw_killpoint(TW_KP_AFTER_ALLOC);
+    struct tw_node *n = NODE(d, idx);
+    fill_node(d, n, slot, gen, func_id, payload, len, origin, origin_len, now_ns);
+    uint32_t ngen = O_GEN(LD_RLX(&n->owner));
+    int64_t due = tw_push_node(d, slot, gen, idx, mode, efd, pidfd, signum);
+    if (due < 0) {
+        tw_pool_push(d, idx);      /* never reachable: still only ours */
+        return due;
+    }
+    /* gen (32 bits) | node (24 bits, MAX_POOL_LIMIT) | due (4 bits): < 2^60 */
+    return (int64_t)(((uint64_t)ngen << 28) | ((uint64_t)idx << 4) | (uint64_t)due);
+}
+
+int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+                const char *const *payloads, const uint32_t *lens, uint32_t cnt,
+                int notify_mode, const char *origin, uint32_t origin_len, int efd,
+                int pidfd, int signum, uint64_t now_ns, int is_current,
+                uint64_t *work_ids_out)
+{
+    int mode = tw_check_notify(notify_mode, is_current);
+    if (mode < 0)
+        return mode;
+    for (uint32_t i = 0; i < cnt; i++)
+        if (lens[i] > d->payload_size)
+            return -E2BIG;
+    int r = tw_slot_check(d, slot, gen);
+    if (r || cnt == 0)
+        return r;
+    struct tw_slot *s = SLOT(d, slot);
+    if (target_died(s))
+        return -EOWNERDEAD;
+    if (notify_mode & TW_TWAF_NO_ALLOC)
+        origin_len = 0;
+    /* Build the chain newest-first: payloads[cnt-1] ends up at the head, as if
+     * each had been added in order. */
+    uint32_t first = TW_NIL, lastidx = TW_NIL;
+    for (uint32_t i = 0; i < cnt; i++) {
+        uint32_t idx;
+        r = tw_pool_pop(d, &idx);
+        if (r) {
+            /* Give back what we took: nothing queued, nothing leaked. The
+             * indices come from work_ids_out, not from the nodes' ->next:
+             * those are in the segment, where anything may have changed. */
+            for (uint32_t k = 0; k < i; k++)
+                tw_pool_push(d, (uint32_t)work_ids_out[k]);
+            return r;
+        }
+        struct tw_node *n = NODE(d, idx);
+        fill_node(d, n, slot, gen, func_id, payloads[i], lens[i], origin, origin_len, now_ns);
+        n->next = first;
+        if (first == TW_NIL)
+            lastidx = idx;
+        first = idx;
+        work_ids_out[i] = ((uint64_t)O_GEN(LD_RLX(&n->owner)) << 32) | idx;
+    }
+    tw_killpoint(TW_KP_AFTER_ALLOC);
+    r = push_chain(s, gen, first, NODE(d, lastidx));
+    if (r) {
+        for (uint32_t k = 0; k < cnt; k++)
+            tw_pool_push(d, (uint32_t)work_ids_out[k]);
+        return r;
+    }
+    tw_killpoint(TW_KP_AFTER_PUSH);
+    for (uint32_t k = 0; k < cnt; k++)
+        mark_queued(d, (uint32_t)work_ids_out[k], (uint32_t)(work_ids_out[k] >> 32), slot);
+    ADD_RLX(&s->c.added, cnt);
+    note_queued(s, cnt);
+    return notify(s, mode, efd, pidfd, signum);
+}
+
+/*
+ * TWA_NMI_CURRENT: async-signal-safe. No lock, no allocation beyond the
+ * lock-free pool, no stdio: pop, push, fetch_or, write(2). Callable from a C
+ * signal handler of the task's own process (whose process entry was claimed
+ * at registration, so the pool never needs to claim one here).
+ */
+int tw_add_nmi(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+               const char *payload, uint32_t len, int efd, uint64_t now_ns,
+               uint64_t *work_id_out)
+{
+    if (!slot_ok(d, slot) || SLOT(d, slot)->pid != d->my_pid || d->my_proc < 0)
+        return -EINVAL;
+    int64_t r = tw_add(d, slot, gen, func_id, payload, len, TW_TWA_NMI_CURRENT, NULL, 0, efd, -1,
+                       0, now_ns, 1);
+    if (r < 0)
+        return (int)r;
+    if (work_id_out)
+        *work_id_out = ((uint64_t)(r >> 28) << 32) | (((uint64_t)r >> 4) & 0xffffff);
+    return (int)(r & 0xf);
+}
+
+/* ------------------------------------------------------------------------ */
+/* run                                                                        */
+
+/* out[0..a) then out[a..a+b): make it out[a..a+b) then out[0..a). */
+static void rotate(uint32_t *out, uint32_t a, uint32_t b)
+{
+    uint32_t i, j, t;
+    for (i = 0, j = a - 1; a && i < j; i++, j--) { t = out[i]; out[i] = out[j]; out[j] = t; }
+    for (i = a, j = a + b - 1; b && i < j; i++, j--) { t = out[i]; out[i] = out[j]; out[j] = t; }
+    for (i = 0, j = a + b - 1; a + b && i < j; i++, j--) { t = out[i]; out[i] = out[j]; out[j] = t; }
+}
+
+/*
+ * Detach the whole list (task_work_run's first half).
+ *
+ * An empty list needs no lock: when the task is exiting it is closed with the
+ * exited sentinel (the kernel's work_exited) so that every later add fails
+ * with -ESRCH; otherwise there is nothing to do.
+ *
+ * A non-empty list is taken under pi_lock - the kernel takes and releases
+ * it after its xchg to synchronize with task_work_cancel(); taking it around
+ * the detach gives the same guarantee (no canceller is inside the batch) and
+ * more: each node is marked DETACHED before the head lets go of it, so a
+ * process that dies here leaves every node findable (linked, or DETACHED),
+ * and a lock that cannot be had in time leaves the list as it was. The
+ * detaching CAS races only with adders: a push makes it fail, and the round
+ * repeats for the nodes pushed meanwhile (which are newer: they go first).
+ * The batch's indices are written to out[], newest first. Returns the count.
+ */
+int tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uint32_t max)
+{
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    struct tw_slot *s = SLOT(d, slot);
+    if (LD_RLX(&s->pid) != d->my_pid)
+        return -EPERM;
+    uint64_t head = LD_ACQ(&s->head);
+    while (H_GEN(head) == gen && H_IDX(head) == TW_NIL) {
+        if (!(LD_ACQ(&s->flags) & TW_F_EXITING))
+            return 0;
+        /* acq_rel: release orders our exit decision for later adders. */
+        if (CAS(&s->head, &head, HEAD(gen, TW_EXITED), __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return 0;
+    }
+    if (H_GEN(head) != gen)
+        return -ESRCH;
+    if (idx_closed(H_IDX(head)))
+        return 0;
+
+    /* Synchronize with tw_cancel(). On timeout nothing was taken. */
+    int r = tw_lock(&s->pi_lock, d->lock_timeout_ns, &s->lock_recovered);
+    if (r)
+        return r;
+    if (LD_ACQ(&s->lock_recovered))
+        tw_recover_cancelling(d, slot, s);
+    uint32_t n = 0, stop = TW_NIL;
+    head = LD_ACQ(&s->head);
+    for (;;) {
+        uint32_t first = H_IDX(head), k = 0;
+        if (H_GEN(head) != gen) {
+            r = -ESRCH;
+            goto undo;
+        }
+        if (first == TW_NIL || idx_closed(first))
+            break;                      /* a canceller emptied it before we came */
+        /* Mark the nodes pushed since the last round (all of them the first
+         * time): each is QUEUED; CANCELLING left by a canceller that died in
+         * the lock; or ALLOC, its adder's mark_queued() still to come - the
+         * CAS settles the race with that adder's CAS. */
+        for (uint32_t cur = first; cur != stop; k++) {
+            if (cur == TW_NIL || !node_ok(d, cur) || n + k >= max || n + k >= d->pool_size) {
+                n += k;
+                r = -EUCLEAN;
+                goto undo;
+            }
+            struct tw_node *nd = NODE(d, cur);
+            uint64_t o = LD_ACQ(&nd->owner);
+            do {
+                if (!tw_linked_state(d, nd, o, slot, gen)) {
+                    n += k;
+                    r = -EUCLEAN;
+                    goto undo;
+                }
+            } while (!CAS(&nd->owner, &o, OWNER(O_GEN(o), TW_N_DETACHED, slot),
+                          __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+            out[n + k] = cur;
+            cur = LD_ACQ(&nd->next);
+        }
+        rotate(out, n, k);              /* the newer nodes go first */
+        n += k;
+        tw_killpoint(TW_KP_IN_DETACH);
+        /* acq_rel: acquire pairs with the release CAS of push_chain (node
+         * contents); a failure means an adder pushed: mark its nodes too. */
+        if (CAS(&s->head, &head, HEAD(gen, TW_NIL), __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            break;
+        stop = first;
+    }
+    pthread_mutex_unlock(&s->pi_lock);
+    __atomic_sub_fetch(&s->c.queued, (int64_t)n, __ATOMIC_RELAXED);
+    tw_killpoint(TW_KP_AFTER_DETACH);
+    return (int)n;
+
+undo:
+    /* Nothing was detached (no round's CAS succeeded): every node marked
+     * here is still linked, so it is QUEUED again. */
+    for (uint32_t i = 0; i < n; i++) {
+        struct tw_node *nd = NODE(d, out[i]);
+        uint64_t o = LD_ACQ(&nd->owner);
+        if (O_STATE(o) == TW_N_DETACHED && O_AUX(o) == slot)
+            ST_REL(&nd->owner, OWNER(O_GEN(o), TW_N_QUEUED, slot));
+    }
+    pthread_mutex_unlock(&s->pi_lock);
+    return r;
+}
+
+void tw_copy_info(struct tw_dom *d, uint32_t idx, struct tw_node *n, uint64_t owner,
+                  struct tw_work_info *wi, char *payload_out, char *origin_out)
+{
+    wi->node = idx;
+    wi->gen = O_GEN(owner);
+    wi->state = O_STATE(owner);
+    wi->func_id = n->func_id;
+    wi->enqueued_ns = n->enqueued_ns;
+    wi->sender_pid = n->sender_pid;
+    wi->target = n->target;
+    wi->target_gen = n->target_gen;
+    wi->reason = LD_RLX(&n->reason);
+    wi->name_id = LD_RLX(&n->name_id);
+    /* read once: the segment may change under us, the checks must hold */
+    uint32_t len = LD_RLX(&n->payload_len), olen = LD_RLX(&n->origin_len);
+    wi->payload_len = len <= d->payload_size ? len : d->payload_size;
+    wi->origin_len = (d->record_origin && olen <= TW_ORIGIN_LEN) ? olen : 0;
+    if (payload_out && wi->payload_len)
+        memcpy(payload_out, (char *)n + d->payload_off, wi->payload_len);
+    if (origin_out && wi->origin_len)
+        memcpy(origin_out, (char *)n + d->origin_off, wi->origin_len);
+}
+
+/*
+ * One step of task_work_run's second half: finish `done` (the callback of a
+ * RUNNING node returned: free it, or file it as a dead letter when its
+ * callback is unknown here) and begin `next` (DETACHED -> RUNNING, copied out
+ * to wi/payload_out). Either may be TW_NIL. One native call per work.
+ *
+ * On an error nothing of the step is done: a failure to finish `done`
+ * returns before `next` is begun, so the caller keeps both (the first to
+ * finish again later, the second still DETACHED, to begin later).
+ */
+int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_t next,
+            struct tw_work_info *wi, char *payload_out, char *origin_out)
+{
+    if (!slot_ok(d, slot) || (done != TW_NIL && !node_ok(d, done)) ||
+        (next != TW_NIL && !node_ok(d, next)))
+        return -EINVAL;
+    struct tw_slot *s = SLOT(d, slot);
+    if (done != TW_NIL) {
+        struct tw_node *n = NODE(d, done);
+        uint64_t o = LD_ACQ(&n->owner);
+        if (O_STATE(o) != TW_N_RUNNING || O_AUX(o) != slot)
+            return -EUCLEAN;
+        if (outcome == TW_OUT_UNKNOWN) {
+            int r = tw_dl_file(d, done, o, TW_R_UNKNOWN, slot, LD_RLX(&s->name_id));
+            if (r < 0)
+                return r;   /* dl_lock stuck: the node stays RUNNING, ours */
+            ADD_RLX(&s->c.unknown, 1);
+        } else {
+            ADD_RLX(&s->c.run, 1);
+            if (outcome == TW_OUT_ERROR)
+                ADD_RLX(&s->c.errors, 1);
+            tw_pool_push(d, done);
+        }
+    }
+    if (next != TW_NIL) {
+        struct tw_node *n = NODE(d, next);
+        uint64_t o = LD_ACQ(&n->owner);
+        if (O_STATE(o) != TW_N_DETACHED || O_AUX(o) != slot)
+            return -EUCLEAN;
+        /* From here the work counts as started: cancel can no longer reach it
+         * (it left the list at detach) and a reaper reports it interrupted,
+         * not orphaned, if we die. Release: pairs with the reaper's acquire. */
+        ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_RUNNING, slot));
+        tw_copy_info(d, next, n, o, wi, payload_out, origin_out);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* cancel                                                                     */
+
+#define TW_MATCH_EXACT 0   /* key = gen<<32 | node */
+#define TW_MATCH_FUNC  1   /* key = func id        */
+
+static int matches(struct tw_node *n, uint32_t idx, int mode, uint64_t key)
+{
+    if (mode == TW_MATCH_EXACT)
+        return idx == (uint32_t)key && O_GEN(LD_ACQ(&n->owner)) == (uint32_t)(key >> 32);
+    return n->func_id == key;
+}
+
+/*
+ * task_work_cancel_match(): under pi_lock, walk from the head and unlink the
+ * first match, newest first. Returns 1 and fills wi (and the payload) when a
+ * work was removed, 0 when none matched, or -errno.
+ *
+ * Races: under pi_lock only adders change the list, and only at the head (a
+ * push), so the CAS on the head may fail because of a push, and we continue
+ * from the value the CAS returned, as the kernel does. A CAS on an interior
+ * ->next cannot fail (only cancellers change those, and we hold the lock) but
+ * is kept a CAS for symmetry with the kernel. A run detaches under the same
+ * lock, so a work is either on the list here or in a batch out of our reach:
+ * once a run has taken a work it cannot be cancelled.
+ */
+int tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t key,
+              struct tw_work_info *wi, char *payload_out, char *origin_out)
+{
+    if (!slot_ok(d, slot) || (mode != TW_MATCH_EXACT && mode != TW_MATCH_FUNC))
+        return -EINVAL;
+    struct tw_slot *s = SLOT(d, slot);
+    if (tw_proc_claim(d) < 0)
+        return -EUSERS;
+    int r = tw_lock(&s->pi_lock, d->lock_timeout_ns, &s->lock_recovered);
+    if (r)
+        return r;
+    uint64_t head = LD_ACQ(&s->head);
+    uint32_t *pprev = NULL;           /* NULL: the head word */
+    uint32_t cur = H_IDX(head);
+    uint32_t found = TW_NIL;
+    uint64_t owner = 0;
+    if (H_GEN(head) != gen) {
+        r = -ESRCH;
+        goto out;
+    }
+    for (uint32_t steps = 0; cur != TW_NIL && !idx_closed(cur); steps++) {
+        if (!node_ok(d, cur) || steps > 2 * d->pool_size) {
+            r = -EUCLEAN;
+            goto out;
+        }
+        struct tw_node *n = NODE(d, cur);
+        if (!matches(n, cur, mode, key)) {
+            pprev = &n->next;
+            cur = LD_ACQ(pprev);
+            continue;
+        }
+        uint64_t o = LD_ACQ(&n->owner);
+        /* Mark first: if we die between here and the unlink, the runner (or
+         * reaper) that next takes this lock (EOWNERDEAD) finds the mark and
+         * settles it. CAS, not a store: the node may still be ALLOC, its
+         * adder about to make it QUEUED (mark_queued); whoever's CAS comes
+         * second fails. */
+        do {
+            if (!tw_linked_state(d, n, o, slot, gen)) {
+                r = -EUCLEAN;
+                goto out;
+            }
+        } while (!CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_CANCELLING, slot), __ATOMIC_ACQ_REL,
+                      __ATOMIC_ACQUIRE));
+        /* restore value if the unlink loses: the node is linked, so QUEUED */
+        o = OWNER(O_GEN(o), TW_N_QUEUED, slot);
+        tw_killpoint(TW_KP_IN_PI_LOCK);
+        uint32_t nx = LD_ACQ(&n->next);
+        if (pprev == NULL) {
+            uint64_t expect = HEAD(gen, cur);
+            if (!CAS(&s->head, &expect, HEAD(gen, nx), __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                /* Raced with add (a push): start again from what the head
+                 * holds now. */
+                ST_REL(&n->owner, o);
+                if (H_GEN(expect) != gen)
+                    break;
+                cur = H_IDX(expect);
+                continue;
+            }
+        } else {
+            uint32_t expect = cur;
+            if (!CAS(pprev, &expect, nx, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                ST_REL(&n->owner, o);
+                cur = expect;
+                continue;
+            }
+        }
+        /* Unlinked: the node is ours. */
+        owner = OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc);
+        ST_REL(&n->owner, owner);
+        found = cur;
+        break;
+    }
+    r = 0;
+out:
+    pthread_mutex_unlock(&s->pi_lock);
+    if (r < 0 || found == TW_NIL)
+        return r;
+    tw_copy_info(d, found, NODE(d, found), owner, wi, payload_out, origin_out);
+    __atomic_sub_fetch(&s->c.queued, 1, __ATOMIC_RELAXED);
+    ADD_RLX(&s->c.cancelled, 1);
+    tw_pool_push(d, found);
+    return 1;
+}
+
+/* A snapshot of the pending works, newest first, taken under pi_lock. */
+int tw_snapshot(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *nodes, uint32_t *gens,
+                uint32_t max)
+{
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    struct tw_slot *s = SLOT(d, slot);
+    int r = tw_lock(&s->pi_lock, d->lock_timeout_ns, &s->lock_recovered);
+    if (r)
+        return r;
+    uint64_t head = LD_ACQ(&s->head);
+    uint32_t n = 0;
+    if (H_GEN(head) != gen) {
+        r = -ESRCH;
+        goto out;
+    }
+    for (uint32_t cur = H_IDX(head); cur != TW_NIL && !idx_closed(cur);) {
+        if (!node_ok(d, cur) || n >= d->pool_size) {
+            r = -EUCLEAN;
+            goto out;
+        }
+        struct tw_node *nd = NODE(d, cur);
+        if (nodes && n < max) {
+            nodes[n] = cur;
+            gens[n] = O_GEN(LD_ACQ(&nd->owner));
+        }
+        n++;
+        cur = LD_ACQ(&nd->next);
+    }
+    r = (int)n;
+out:
+    pthread_mutex_unlock(&s->pi_lock);
+    return r;
+}
+
+int tw_pending(struct tw_dom *d, uint32_t slot, uint32_t gen)
+{
+    return tw_snapshot(d, slot, gen, NULL, NULL, 0);
+}
+
+/* Copy a node out if it still has generation gen (seqlock-style: the owner
+ * word is read before and after; a change means the copy may be torn). */
+int tw_read_work(struct tw_dom *d, uint32_t node, uint32_t gen, struct tw_work_info *wi,
+                 char *payload_out, char *origin_out)
+{
+    if (!node_ok(d, node))
+        return -EINVAL;
+    struct tw_node *n = NODE(d, node);
+    uint64_t o = LD_ACQ(&n->owner);
+    if (O_GEN(o) != gen)
+        return -ESTALE;
+    tw_copy_info(d, node, n, o, wi, payload_out, origin_out);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (LD_RLX(&n->owner) != o)
+        return -ESTALE;
+    return 0;
+}

@@ -1,0 +1,136 @@
+/*
+ * tw_internal.h - what the native sources share and Python never sees:
+ * addressing, atomics, and the helpers each file offers the others.
+ */
+#ifndef SHM_TASKWORK_INTERNAL_H
+#define SHM_TASKWORK_INTERNAL_H
+
+#define _GNU_SOURCE
+#include "taskwork.h"
+
+#include <errno.h>
+
+#define OWNER(gen, st, aux) \
+    (((uint64_t)(uint32_t)(gen) << 32) | ((uint64_t)((st) & 0xff) << 24) | ((aux) & 0xffffffu))
+#define O_GEN(o)   ((uint32_t)((o) >> 32))
+#define O_STATE(o) ((uint32_t)(((o) >> 24) & 0xff))
+#define O_AUX(o)   ((uint32_t)((o) & 0xffffff))
+#define HEAD(gen, idx) (((uint64_t)(uint32_t)(gen) << 32) | (uint32_t)(idx))
+#define H_GEN(h)   ((uint32_t)((h) >> 32))
+#define H_IDX(h)   ((uint32_t)(h))
+
+#define LD_ACQ(p)        __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LD_RLX(p)        __atomic_load_n((p), __ATOMIC_RELAXED)
+#define ST_REL(p, v)     __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define ST_RLX(p, v)     __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define CAS(p, e, v, so, fo) __atomic_compare_exchange_n((p), (e), (v), 0, (so), (fo))
+#define ADD_RLX(p, v)    __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
+
+#define MAX_TASKS_LIMIT  4096u
+#define MAX_POOL_LIMIT   (1u << 24)
+#define MAX_PAYLOAD      (1u << 20)
+#define MAX_PROCS_LIMIT  65536u
+#define DEFAULT_LOCK_TIMEOUT_NS (2LL * 1000 * 1000 * 1000)
+#define POP_RETRIES      (1u << 22)
+
+/* The owner aux of a node fsck or a reaper holds outside any process entry. */
+#define AUX_NOBODY       0xffffffu
+
+/* ---- addressing: every index is checked against the local view's sizes ---- */
+
+static inline struct tw_header *HDR(struct tw_dom *d) { return (struct tw_header *)d->base; }
+
+static inline struct tw_slot *SLOT(struct tw_dom *d, uint32_t i)
+{
+    return (struct tw_slot *)(d->base + d->slots_off + (uint64_t)i * sizeof(struct tw_slot));
+}
+
+static inline struct tw_proc *PROC(struct tw_dom *d, uint32_t i)
+{
+    return (struct tw_proc *)(d->base + d->procs_off + (uint64_t)i * sizeof(struct tw_proc));
+}
+
+static inline struct tw_name *NAME(struct tw_dom *d, uint32_t i)
+{
+    return (struct tw_name *)(d->base + d->names_off + (uint64_t)i * sizeof(struct tw_name));
+}
+
+static inline struct tw_node *NODE(struct tw_dom *d, uint32_t i)
+{
+    return (struct tw_node *)(d->base + d->nodes_off + (uint64_t)i * d->node_size);
+}
+
+static inline int node_ok(struct tw_dom *d, uint32_t i) { return i < d->pool_size; }
+static inline int slot_ok(struct tw_dom *d, uint32_t i) { return i < d->max_tasks; }
+
+/* A head index that accepts no more work: the exited sentinel, or dead. */
+static inline int idx_closed(uint32_t idx) { return idx != TW_NIL && (idx & TW_DEAD_BIT); }
+/* The list a dead head still carries (TW_NIL if none). */
+static inline uint32_t dead_list(uint32_t idx)
+{
+    return (idx == TW_EXITED || idx == TW_DEAD_EMPTY) ? TW_NIL : (idx & ~TW_DEAD_BIT);
+}
+static inline uint32_t dead_of(uint32_t idx)
+{
+    return idx == TW_NIL ? TW_DEAD_EMPTY : (idx | TW_DEAD_BIT);
+}
+
+/* ---- segment.c ---- */
+uint64_t tw_now_mono(void);
+int  tw_mutex_init_robust(pthread_mutex_t *m);
+/* 1 if m still has the type tw_format gave it (glibc keeps the type inside
+ * the mutex, i.e. in the segment; garbage there can make glibc abort). */
+int  tw_mutex_sane(pthread_mutex_t *m);
+/* Lock with a CLOCK_MONOTONIC deadline. EOWNERDEAD is made consistent and
+ * reported through *recovered (if given): 0, -ETIMEDOUT or -EUCLEAN. */
+int  tw_lock(pthread_mutex_t *m, int64_t timeout_ns, uint32_t *recovered);
+
+/* ---- life.c ---- */
+/* The word of a life lock: the owner's TID, FUTEX_OWNER_DIED, or 0. */
+static inline uint32_t tw_life_word(struct tw_life *l)
+{
+    /* Acquire: pairs with the kernel's store at the owner's death and with
+     * the holder's CAS. */
+    return __atomic_load_n(&l->word, __ATOMIC_ACQUIRE);
+}
+int  tw_word_dead(uint32_t w);
+/* Take a life lock in this process's holder thread: 0 (it was free), 1 (its
+ * last holder died: taken over), -EBUSY (a live holder has it), -errno. It
+ * stays held until tw_life_release(l), or until this process dies. */
+int  tw_life_hold(struct tw_life *l);
+int  tw_life_release(struct tw_life *l);
+/* Let go of every life lock the holder holds inside [base, base+size). */
+void tw_life_release_range(const void *base, uint64_t size);
+int  tw_slot_dead_s(struct tw_slot *s);
+
+/* ---- pool.c ---- */
+int  tw_pool_pop(struct tw_dom *d, uint32_t *out);
+void tw_pool_push(struct tw_dom *d, uint32_t idx);
+int  tw_reachable(struct tw_dom *d, uint32_t from, uint32_t node);
+
+/* ---- reap.c ---- */
+int  tw_dl_lock(struct tw_dom *d);
+void tw_dl_unlock(struct tw_dom *d);
+/* File node (owner word expect) as a dead letter; hold dl_lock. 1 filed, 0
+ * the owner word changed (someone else has the node). */
+int  tw_dl_file_locked(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t reason,
+                       uint32_t slot, uint64_t name_id);
+int  tw_dl_file(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t reason,
+                uint32_t slot, uint64_t name_id);
+/* Settle what the dead process of entry i held (hold its life lock): the
+ * nodes it was popping or pushing, then the nodes it had allocated. Adopts
+ * the entry as d->my_proc if the caller has none. 0, or -EAGAIN (the free
+ * list never held still: try later). */
+int  tw_proc_settle(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info);
+void tw_recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *s);
+int  tw_linked_state(struct tw_dom *d, struct tw_node *n, uint64_t o, uint32_t slot,
+                     uint32_t gen);
+
+/* ---- task_work.c ---- */
+void tw_copy_info(struct tw_dom *d, uint32_t idx, struct tw_node *n, uint64_t owner,
+                  struct tw_work_info *wi, char *payload_out, char *origin_out);
+int64_t tw_push_node(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t idx,
+                     int mode, int efd, int pidfd, int signum);
+int  tw_check_notify(int notify, int is_current);
+
+#endif
