@@ -70,8 +70,10 @@ void tw_killpoint(int point)
 {
     if (__builtin_expect(kp_point < 0, 0))
         kp_init();
-    if (__builtin_expect(kp_point == point, 0) && --kp_count <= 0)
+    if (__builtin_expect(kp_point == point, 0) && --kp_count <= 0) {
+        kp_point = TW_KP_NONE;       /* once: a stopped process goes on when continued */
         kill(getpid(), kp_stop ? SIGSTOP : SIGKILL);
+    }
 }
 
 /* ------------------------------------------------------------------------ */

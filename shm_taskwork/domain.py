@@ -599,8 +599,10 @@ class Domain:
         """The dead letters, newest first: works whose callback was unknown
         to the process that ran them (``reason="unknown_callback"``) and
         works left by tasks that died (``"orphaned"``). ``Work.target_name``
-        is the name of the task each was for."""
+        is the name of the task each was for. Dead tasks not yet reaped are
+        reaped first, so their works are here too."""
         _check_reason(reason)
+        self._reap_dead()
         out = []
         o = ffi.new("uint64_t *")
         for node in self._dl_nodes():

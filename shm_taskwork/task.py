@@ -846,9 +846,9 @@ def _on_exit_signal(signum, frame):
     for t in list(_EXIT_TASKS.get(signum, ())):
         if not t.is_current:
             continue
-        t._terminate_with = signum
         if t._critical or t._in_run:
-            deferred = True   # the run or critical block in progress ends first
+            t._terminate_with = signum   # the run or critical block in progress ends first
+            deferred = True
             continue
         try:
             t.exit()
@@ -859,8 +859,9 @@ def _on_exit_signal(signum, frame):
 
 
 def _terminate(t: "Task") -> None:
-    """Exit the task (its pending works run), then die of the exit signal."""
-    signum = t._terminate_with
+    """Exit the task (its pending works run), then die of the exit signal
+    that arrived while a run or a critical block was in progress."""
+    signum, t._terminate_with = t._terminate_with, 0
     try:
         t.exit()
     except TaskWorkError as exc:
