@@ -71,11 +71,11 @@ demo: venv build
 model-check:
 	@command -v $(SPIN) >/dev/null 2>&1 || { \
 	  echo "error: spin is not installed (e.g. apt-get install spin)" >&2; exit 1; }
-	cd model && $(SPIN) -a taskwork.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 | tee pan.out \
+	cd model && $(SPIN) -a taskwork.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
 	  && grep -q "errors: 0" pan.out
-	cd model && $(SPIN) -a -DFREELIST taskwork.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 | tee pan.out \
+	cd model && $(SPIN) -a -DFREELIST taskwork.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
 	  && grep -q "errors: 0" pan.out
-	cd model && $(SPIN) -a -DFREELIST -DNOTAG taskwork.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 > pan.out; \
+	cd model && $(SPIN) -a -DFREELIST -DNOTAG taskwork.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
 	  grep -q "assertion violated" pan.out && echo "without the tag spin finds the ABA, as it should"
 	rm -f model/pan* model/*.trail model/_spin_nvr.tmp
 

@@ -1,13 +1,22 @@
 /*
- * taskwork.pml - the list algorithms of native/taskwork.c, for spin.
+ * taskwork.pml - the list algorithms of native/task_work.c and reap.c, for spin.
  *
- * Part 1 (task list): adders push with compare-and-swap on the head (no
- * lock); the runner detaches with one exchange, takes and releases pi_lock,
- * then walks and runs the batch; a canceller walks from the head under
- * pi_lock and unlinks its target with compare-and-swap, restarting from the
- * value it lost to. Checked: every added work is run exactly once or
- * cancelled exactly once, never both, never neither; a batch never holds a
- * cancelled node; walks stay in bounds.
+ * Part 1 (task list, a task that may die): adders check the task's life word
+ * (one load), then push with compare-and-swap on the head (no lock), then mark
+ * their node queued by CAS. The runner takes pi_lock, marks the nodes it is
+ * about to take DETACHED, detaches them with a CAS on the head (a push makes
+ * it fail: it marks the new nodes and tries again), releases the lock and
+ * runs the batch. A canceller walks from the head under pi_lock and unlinks
+ * its target with CAS. The runner may die at any step (holding pi_lock or
+ * not): its life word then says OWNER_DIED, and a reaper closes the head
+ * (a dead bit that keeps the list), takes the life lock over, takes pi_lock
+ * (robust: a dead holder's lock is taken over), finishes the adders' marks on
+ * the closed list, and files every node the task held: pending or detached
+ * ones as orphaned, started ones as interrupted.
+ * Checked: every add that returned success ends exactly one way - run,
+ * cancelled, orphaned, or interrupted (a started work that may also have
+ * run) - and every refused add queued nothing; a cancelled node is never
+ * run; walks stay in bounds.
  *
  * Part 2 (free list): a Treiber stack whose head carries a tag bumped on every
  * change. Poppers read head and ->next, then CAS; pushers link and CAS.
@@ -18,16 +27,31 @@
  * end-state checks.
  */
 
-#define NIL 255
-#define NW  3            /* works (nodes) on the task list */
+#define NIL   255
+#define DEADB 128        /* the dead bit of a head index                   */
+#define DEMPTY 254       /* dead, empty list                               */
+#define EXITED 253
+#define NW    3          /* works (nodes) on the task list                 */
 
+/* node states (owner word) */
+#define ALLOC 1
+#define QUEUED 2
+#define CANCELLING 3
+#define DETACHED 4
+#define RUNNING 5
+#define DONE 6
+#define GONE 7           /* cancelled, dead letter, or interrupted: settled */
+
+/* life word: 0 held by the live task, 1 OWNER_DIED, 2 held by the reaper */
+byte life = 0;
 byte head = NIL;         /* task->task_works */
 byte next[NW];
-bool pi_lock = 0;
-byte ran[NW];
-byte cancelled[NW];
-byte queued[NW];
+byte st[NW];
+byte pi_lock = 0;        /* 0 free, 1 held, 2 held by a process that died   */
+byte ran[NW], cancelled[NW], orphaned[NW], interrupted[NW];
+bool added[NW], refused[NW];
 byte adders_done = 0;
+bool runner_gone = 0;
 
 inline CAS(loc, expect, newval, ok) {
     atomic {
@@ -38,72 +62,202 @@ inline CAS(loc, expect, newval, ok) {
     }
 }
 
-inline lock() { atomic { pi_lock == 0 -> pi_lock = 1 } }
+/* robust: a lock whose holder died is taken over (EOWNERDEAD) */
+inline lock() { atomic { pi_lock != 1 -> pi_lock = 1 } }
 inline unlock() { pi_lock = 0 }
+#define closed(h) ((h) != NIL && (h) >= DEADB)
+
+/* may the runner die here? (it takes pi_lock's fate with it) */
+inline maybe_die() {
+    if
+    :: true ->
+       atomic {
+           life = 1;
+           if
+           :: (pi_lock == 1 && holding) -> pi_lock = 2
+           :: else -> skip
+           fi;
+           runner_gone = 1
+       };
+       goto dead
+    :: true -> skip
+    fi
+}
 
 proctype adder(byte n) {
-    byte h; bool ok;
+    byte h, o; bool ok;
+    st[n] = ALLOC;
+    if
+    :: life == 1 -> refused[n] = 1; goto out      /* the one load: dead */
+    :: else
+    fi;
     h = head;
     do
-    :: next[n] = h;
-       CAS(head, h, n, ok);        /* on failure h holds the new head */
+    :: closed(h) -> refused[n] = 1; goto out       /* exited or dead: -ESRCH */
+    :: !closed(h) ->
+       next[n] = h;
+       CAS(head, h, n, ok);                        /* on failure h holds the new head */
        if
        :: ok -> break
        :: else
        fi
     od;
-    queued[n] = 1;
+    added[n] = 1;
+    o = ALLOC;
+    CAS(st[n], o, QUEUED, ok);                     /* mark_queued: may lose, fine */
+out:
     adders_done++
 }
 
 proctype runner() {
-    byte b, cur, steps;
+    byte first, stop, cur, k, o, steps, i, h;
+    byte batch[NW];
+    bool ok, holding = 0;
     do
-    :: atomic { b = head; head = NIL };          /* xchg: detach */
-       lock(); unlock();                          /* synchronize with cancel */
-       cur = b; steps = 0;
+    :: head == NIL && adders_done == NW -> break
+    :: head != NIL && !closed(head) ->
+       lock(); holding = 1;
+       maybe_die();
+       k = 0; stop = NIL; first = head;
        do
-       :: cur == NIL -> break
-       :: cur != NIL ->
-          assert(cur < NW);
-          assert(cancelled[cur] == 0);            /* a cancelled node is never run */
+       :: first == NIL -> break                    /* a canceller emptied it */
+       :: first != NIL ->
+          cur = first; steps = 0;
+          do
+          :: cur == stop -> break
+          :: cur != stop ->
+             assert(cur < NW);
+             o = st[cur];
+             assert(o == ALLOC || o == QUEUED);    /* no canceller inside: we hold the lock */
+             CAS(st[cur], o, DETACHED, ok);        /* against mark_queued */
+             if
+             :: ok -> batch[k] = cur; k++; cur = next[cur]; steps++; assert(steps <= NW)
+             :: else                               /* retry with the marked value */
+             fi
+          od;
+          maybe_die();
+          h = first;
+          CAS(head, h, NIL, ok);                   /* on failure h holds the new head */
+          if
+          :: ok -> break
+          :: else -> stop = first; first = h        /* a push: mark the new ones too */
+          fi
+       od;
+       unlock(); holding = 0;
+       i = 0;
+       do
+       :: i == k -> break
+       :: i < k ->
+          cur = batch[i];
+          assert(st[cur] == DETACHED);             /* never cancelled after detach */
+          st[cur] = RUNNING;
+          maybe_die();
           ran[cur]++;
-          cur = next[cur];
-          steps++;
-          assert(steps <= NW)                     /* bounded walk */
+          maybe_die();
+          st[cur] = DONE;
+          i++
        od
-    :: adders_done == NW && head == NIL -> break
-    od
+    od;
+    runner_gone = 1;
+dead:
+    skip
 }
 
 proctype canceller(byte target) {
-    byte cur, prev, nx, steps; bool ok;
+    byte cur, prev, nx, steps, o; bool ok;
     lock();
+    if
+    :: closed(head) -> goto out
+    :: else
+    fi;
     prev = NIL;
     cur = head;
     steps = 0;
     do
-    :: cur == NIL -> break
-    :: cur != NIL && cur != target ->
+    :: cur == NIL || closed(cur) -> break
+    :: cur != NIL && !closed(cur) && cur != target ->
        prev = cur; cur = next[cur]; steps++; assert(steps <= 2 * NW)
-    :: cur == target ->
+    :: cur == target && st[cur] == DETACHED ->
+       /* taken by a runner that died before detaching it: not ours to
+          cancel (the reaper files it), walk on */
+       prev = cur; cur = next[cur]; steps++; assert(steps <= 2 * NW)
+    :: cur == target && st[cur] != DETACHED ->
+       o = st[cur];
+       assert(o == ALLOC || o == QUEUED);
+       CAS(st[cur], o, CANCELLING, ok);
+       if
+       :: !ok -> goto again
+       :: else
+       fi;
        nx = next[cur];
        if
        :: prev == NIL ->
-          CAS(head, cur, nx, ok);                 /* raced with a push or the detach */
+          CAS(head, cur, nx, ok);                 /* raced with a push */
           if
-          :: ok -> cancelled[target]++; break
-          :: else -> prev = NIL                  /* cur = what head holds now */
+          :: ok -> st[cur] = GONE; cancelled[target]++; break
+          :: else -> st[target] = QUEUED; prev = NIL /* cur = what head holds now */
           fi
        :: prev != NIL ->
           CAS(next[prev], cur, nx, ok);
           if
-          :: ok -> cancelled[target]++; break
-          :: else
+          :: ok -> st[cur] = GONE; cancelled[target]++; break
+          :: else -> st[target] = QUEUED; cur = target   /* cannot happen: we hold the lock */
           fi
-       fi
+       fi;
+again: skip
     od;
+out:
     unlock()
+}
+
+proctype reaper() {
+    byte h, cur, n, o, steps; bool ok;
+    do
+    :: life == 1 -> break
+    :: runner_gone && life == 0 -> goto out        /* it ended alive */
+    od;
+    /* close the head before taking the life lock */
+    atomic {
+        if
+        :: head == NIL -> head = DEMPTY
+        :: head < DEADB -> head = head + DEADB
+        :: else
+        fi
+    };
+    o = 1;
+    CAS(life, o, 2, ok);
+    assert(ok);
+    lock();
+    /* finish the marks of adders that pushed onto the closed list */
+    h = head;
+    cur = (h == DEMPTY || h == EXITED -> NIL : h - DEADB);
+    steps = 0;
+    do
+    :: cur == NIL -> break
+    :: cur != NIL ->
+       assert(cur < NW);
+       o = ALLOC;
+       CAS(st[cur], o, QUEUED, ok);
+       cur = next[cur]; steps++; assert(steps <= NW)
+    od;
+    /* every node the task held, by its owner word */
+    n = 0;
+    do
+    :: n == NW -> break
+    :: n < NW ->
+       atomic {
+           if
+           :: st[n] == QUEUED || st[n] == DETACHED -> st[n] = GONE; orphaned[n]++
+           :: st[n] == RUNNING -> st[n] = GONE; interrupted[n]++
+           :: else
+           fi
+       };
+       n++
+    od;
+    head = EXITED;
+    unlock();
+out:
+    skip
 }
 
 /* ---- part 2: the tagged free list ---------------------------------------- */
@@ -184,13 +338,20 @@ init {
         next[0] = NIL; next[1] = NIL; next[2] = NIL;
         run adder(0); run adder(1); run adder(2);
         run runner();
-        run canceller(1)
+        run canceller(1);
+        run reaper()
     };
     (_nr_pr == 1);                                /* every other process ended */
     byte k = 0;
     do
     :: k < NW ->
-       assert(ran[k] + cancelled[k] == 1);        /* exactly once, one way */
+       assert(ran[k] <= 1 && interrupted[k] <= 1 && cancelled[k] <= 1 && orphaned[k] <= 1);
+       if
+       :: added[k] ->                             /* exactly once, one way */
+          assert((ran[k] > 0 || interrupted[k] > 0) + cancelled[k] + orphaned[k] == 1)
+       :: else ->
+          assert(refused[k] && ran[k] + interrupted[k] + cancelled[k] + orphaned[k] == 0)
+       fi;
        k++
     :: k == NW -> break
     od

@@ -687,12 +687,16 @@ int tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t 
             goto out;
         }
         struct tw_node *n = NODE(d, cur);
-        if (!matches(n, cur, mode, key)) {
+        uint64_t o = LD_ACQ(&n->owner);
+        /* DETACHED and still linked: marked by a runner that died before its
+         * detaching CAS (we got its pi_lock with EOWNERDEAD). The run took
+         * it; the reaper files it. Not cancellable, like any detached work. */
+        if (!matches(n, cur, mode, key) ||
+            (O_STATE(o) == TW_N_DETACHED && O_AUX(o) == slot)) {
             pprev = &n->next;
             cur = LD_ACQ(pprev);
             continue;
         }
-        uint64_t o = LD_ACQ(&n->owner);
         /* Mark first: if we die between here and the unlink, the runner (or
          * reaper) that next takes this lock (EOWNERDEAD) finds the mark and
          * settles it. CAS, not a store: the node may still be ALLOC, its

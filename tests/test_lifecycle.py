@@ -249,6 +249,7 @@ Domain.create(sys.argv[1], pool_size=1 << 20)
     assert not any(n.startswith(f".shm_taskwork-new.{p.pid}.") for n in os.listdir("/dev/shm"))
 
 
+@pytest.mark.asan
 # ---- 2. death is seen in shared memory; adds raise in every mode -------------
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "abort"])
@@ -299,6 +300,7 @@ dom.close()
 """
 
 
+@pytest.mark.asan
 def test_many_processes_race_to_reap_each_work_lands_once(make_domain, spawn):
     """Six processes notice the same death at once (each adds): all are
     refused, and the 40 works the task held are filed exactly once."""
@@ -356,6 +358,7 @@ dom.close()
 """
 
 
+@pytest.mark.asan
 def test_replaced_worker_gets_its_dead_letters_exactly_once(make_domain, spawn):
     """A worker dies with works queued; a new process registers the same
     name; two processes retry the dead letters at once: each work is
@@ -631,6 +634,26 @@ def test_fsck_beside_a_process_paused_at_every_step(make_domain, spawn, point, o
     assert dom.stats().pool_free == dom.pool_size
 
 
+@pytest.mark.asan
+def test_a_runner_killed_mid_detach_leaves_works_no_one_can_cancel_twice(make_domain, spawn):
+    """A runner stopped inside tw_detach (batch marked, not yet detached),
+    then SIGKILLed while holding pi_lock: a canceller gets the lock
+    (EOWNERDEAD) and finds the works taken by the run - not cancellable, no
+    error - and the reaper files each of them once."""
+    dom = make_domain("middetach")
+    w = Proc(spawn, dom, "runner", env={"SHM_TASKWORK_KILLPOINT": "in_detach:stop"})
+    h = dom.task(w.id)
+    works = [h.add(_rec, f"m{i}".encode(), TWA_NONE) for i in range(3)]
+    w.send("run")
+    wait_until(lambda: open(f"/proc/{w.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T",
+               timeout=TIMEOUT, what="the runner to stop inside detach")
+    _kill(w)
+    h2 = dom._handle(w.id, dom._slot(w.id))
+    assert h2.cancel_func(_rec) is None and not h2.cancel(works[0])
+    assert sorted(x.payload for x in dom.dead_letters()) == [b"m0", b"m1", b"m2"]
+    assert dom.tasks(name="runner")[0].cancelled == 0
+
+
 # ---- 8. a lock timeout loses nothing; no spurious EBUSY ----------------------
 
 CANCEL_AND_STOP = r"""
@@ -702,6 +725,7 @@ os.kill(os.getpid(), 9)
 """
 
 
+@pytest.mark.asan
 def test_dead_adders_never_fill_the_process_table(make_domain, spawn):
     """With room for 3 processes, 12 adders in a row are SIGKILLed after
     adding: each new one reclaims a dead one's entry, no fsck needed."""
