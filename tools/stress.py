@@ -26,8 +26,10 @@ the controller, in its own session so a Ctrl-C reaches only the controller.
   (the default when ``--kill-every`` > 0) about a third of the started
   processes also get ``SHM_TASKWORK_KILLPOINT=POINT:N`` at random, so they
   SIGKILL themselves at the N-th pass through one of the nastiest instructions:
-  tasks at ``after_detach`` or ``in_callback``, producers at ``after_alloc``,
-  ``after_push``, ``in_pi_lock`` or ``mid_pop``.
+  tasks at ``after_detach``, ``in_detach``, ``in_callback``, ``in_register``
+  or ``in_reap``, producers at ``after_alloc``, ``after_push``,
+  ``in_pi_lock``, ``mid_pop``, ``in_claim``, ``in_reap`` or ``in_dl_file``
+  (a producer reaps the dead tasks it notices).
 * ``--term``: half of the kills are a SIGTERM to a random task instead, and
   about half of the task processes register with
   ``exit_signals=(signal.SIGTERM,)``: those run their pending works and then
@@ -159,8 +161,11 @@ from tools._common import positive_int
 CALLBACK = "stress.record"
 MODES = {"none": 0, "resume": 1, "signal": 2, "signal_no_ipi": 3}
 MODE_NAMES = {v: k for k, v in MODES.items()}
-TASK_KILLPOINTS = ("after_detach", "in_callback")
-PRODUCER_KILLPOINTS = ("after_alloc", "after_push", "in_pi_lock", "mid_pop")
+# kill point -> the largest N of POINT:N drawn (how often a process passes it)
+TASK_KILLPOINTS = {"after_detach": 30, "in_detach": 30, "in_callback": 400, "in_register": 1,
+                   "in_reap": 2}
+PRODUCER_KILLPOINTS = {"after_alloc": 400, "after_push": 400, "in_pi_lock": 30,
+                       "mid_pop": 400, "in_claim": 1, "in_reap": 3, "in_dl_file": 50}
 KILLPOINT_SHARE = 0.33
 MANY_SHARE = 0.1       # adds made with add_many (2..8 works, one push)
 MANY_FLAG = 0x100      # in a record's aux: the work came with add_many
@@ -719,8 +724,9 @@ class Controller:
         env = self.env
         kp = None
         if self.a.killpoints and self.rng.random() < KILLPOINT_SHARE:
-            point = self.rng.choice(TASK_KILLPOINTS if role == "task" else PRODUCER_KILLPOINTS)
-            count = self.rng.randint(1, 30 if point in ("in_pi_lock", "after_detach") else 400)
+            points = TASK_KILLPOINTS if role == "task" else PRODUCER_KILLPOINTS
+            point = self.rng.choice(sorted(points))
+            count = self.rng.randint(1, points[point])
             kp = f"{point}:{count}"
             env = dict(env, SHM_TASKWORK_KILLPOINT=kp)
         graceful = role == "task" and self.a.term and self.rng.random() < GRACEFUL_SHARE
@@ -1011,8 +1017,7 @@ class Controller:
                                "orphaned": final.orphaned, "interrupted": final.interrupted,
                                "leaked": final.leaked, "settled": final.settled,
                                "incomplete": len(final.incomplete),
-                               "problems": final.problems[:10]},
-                   interrupted_counted=getattr(stats, "interrupted", None))
+                               "problems": final.problems[:10]})
         return acc
 
     def cleanup(self, keep_domain: bool) -> None:
@@ -1093,7 +1098,6 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             "terminated_abrupt": ctl.terminated - ctl.terminated_graceful,
             "retried": ctl.retried, "retried_then_executed": acc["retried_then_executed"],
             "restarted": ctl.restarted, "interrupted_reports": acc["interrupted_reports"],
-            "interrupted_counted": acc["interrupted_counted"],
             "final_fsck": acc["final_fsck"],
             "dead_letter_problems": len(ctl.book.problems),
             "sigkills_sent": ctl.sigkills_sent, "killed_by_role": ctl.killed_by, "killpoint_deaths": ctl.killpoint_deaths,
@@ -1122,8 +1126,8 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
                     for line in describe(ctl.tmp, bad[k][:20]):
                         print(f"  {line}", file=sys.stderr)
             if summary["leaked"]:
-                print(f"{prog}: {summary['leaked']} pool node(s) not free after the drain and "
-                      "the final fsck", file=sys.stderr)
+                print(f"{prog}: {summary['leaked']} pool node(s) not free after the drain "
+                      "(and the dead letters dropped)", file=sys.stderr)
             for line in ctl.crashed[:20]:
                 print(f"{prog}: {line}", file=sys.stderr)
             for line in ctl.book.problems[:20]:
