@@ -118,9 +118,10 @@ counts the IDs that ran (or were interrupted) after a retry.
   letters were dropped; it must be 0.
 
 ``killed`` counts every SIGKILL: the controller's (``sigkills_sent``) and the
-kill points' (``killpoint_deaths``); ``terminated`` every SIGTERM the
-controller sent (split into ``terminated_graceful``, tasks registered with
-``exit_signals``, and ``terminated_abrupt``). ``retried`` is the sum of what
+kill points' (``killpoint_deaths``); ``terminated`` every task that died of
+a SIGTERM the controller sent (``sigterms_sent``), split into
+``terminated_graceful`` (registered with ``exit_signals``) and
+``terminated_abrupt``. ``retried`` is the sum of what
 ``retry_dead_letters`` returned; ``orphaned`` counts the ``orphaned`` records
 (a work orphaned twice counts twice), ``interrupted`` the IDs reported
 interrupted, ``dead_letters`` the dead letters read at the end.
@@ -686,6 +687,7 @@ class Controller:
         self.killed = 0
         self.sigkills_sent = 0
         self.terminated = 0
+        self.sigterms_sent = 0
         self.terminated_graceful = 0
         self.killed_by = {"task": 0, "producer": 0}
         self.killpoint_deaths: dict[str, int] = {}
@@ -800,6 +802,8 @@ class Controller:
             c.proc.send_signal(sig)
         except ProcessLookupError:
             return
+        if sig == signal.SIGTERM:
+            self.sigterms_sent += 1
         try:
             # a task with exit_signals first runs what it has queued
             c.proc.wait(timeout=10 if sig == signal.SIGKILL else 30)
@@ -1096,6 +1100,7 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             "added_with_add_many": acc["added_with_add_many"],
             "terminated": ctl.terminated, "terminated_graceful": ctl.terminated_graceful,
             "terminated_abrupt": ctl.terminated - ctl.terminated_graceful,
+            "sigterms_sent": ctl.sigterms_sent,
             "retried": ctl.retried, "retried_then_executed": acc["retried_then_executed"],
             "restarted": ctl.restarted, "interrupted_reports": acc["interrupted_reports"],
             "final_fsck": acc["final_fsck"],
