@@ -74,6 +74,42 @@ def test_short_run_with_kills_conserves_every_work(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.fixture(scope="module")
+def lifecycle_run(tmp_path_factory):
+    # No fsck at all: SIGKILLs and SIGTERMs (tasks with and without
+    # exit_signals), dead tasks replaced under the same name and their dead
+    # letters retried to the replacement. One short run, judged twice below.
+    tmp = tmp_path_factory.mktemp("lifecycle")
+    p, out, err = run_stress("--tasks", "3", "--producers", "2", "--seconds", "4",
+                             "--kill-every", "0.2", "--term", "--restart", "--no-fsck",
+                             "--seed", "11", "--json", tmpdir=str(tmp))
+    return p, summary_of(out), err, tmp
+
+
+def test_lifecycle_without_an_operator_loses_nothing(lifecycle_run):
+    p, s, err, tmp = lifecycle_run
+    assert s["lost"] == 0 and s["duplicated"] == 0, (s, err[-3000:])
+    assert s["phantom"] == 0 and s["crashed"] == 0 and s["hung"] == 0, (s, err[-3000:])
+    assert s["dead_letter_problems"] == 0, err[-3000:]
+    assert s["fsck"] is False and s["fsck_runs"] == 0
+    assert s["killed"] > 0 and s["terminated"] > 0 and s["terminated_graceful"] > 0
+    assert s["restarted"] > 0 and s["retried"] > 0
+    settled = (s["settled"]["executed"] + s["settled"]["cancelled"] + s["settled"]["orphaned"]
+               + s["settled"]["cancelled_by_killed_canceller"])
+    assert settled == s["added"]
+    assert leftovers(p.pid) == []
+    assert os.listdir(tmp) == []
+
+
+def test_lifecycle_without_an_operator_leaves_the_domain_whole(lifecycle_run):
+    # Reaping alone gives everything back: no pool node missing after the
+    # drain, and a dry fsck at the end finds nothing to do.
+    p, s, err, tmp = lifecycle_run
+    assert s["leaked"] == 0, (s["final_fsck"], err[-3000:])
+    assert s["final_fsck"]["clean"] is True, s["final_fsck"]
+    assert p.returncode == 0 and s["ok"] is True, err[-3000:]
+
+
 @pytest.mark.parametrize("fault,field", [("lose", "lost"), ("duplicate", "duplicated"),
                                          ("leak", "leaked")])
 def test_checker_detects_a_real_fault(fault, field):
@@ -100,21 +136,38 @@ def test_ledger_judgement_of_every_case(tmp_path):
     from tools import stress as st
 
     P = 5 << 32
+    I, A, F, CI, C = st.INTENT_ADD, st.ADDED, st.ADD_FAILED, st.CANCEL_INTENT, st.CANCELLED
+    R, O, X, RT = st.RAN, st.ORPHANED, st.INTERRUPTED, st.RETRIED
     cases = {
-        P | 0: ([st.INTENT_ADD, st.ADDED], [st.RAN]),                       # executed
-        P | 1: ([st.INTENT_ADD, st.ADDED, st.CANCEL_INTENT, st.CANCELLED], []),
-        P | 2: ([st.INTENT_ADD, st.ADDED], [st.ORPHANED]),
-        P | 3: ([st.INTENT_ADD, st.ADDED], [st.RAN, st.INTERRUPTED]),        # one execution
-        P | 4: ([st.INTENT_ADD, st.ADDED], [st.INTERRUPTED]),
-        P | 5: ([st.INTENT_ADD, st.ADDED, st.CANCEL_INTENT], []),            # killed canceller
-        P | 6: ([st.INTENT_ADD], []),                                        # unconfirmed, nowhere
-        P | 7: ([st.INTENT_ADD], [st.RAN]),                                  # unconfirmed, ran
-        P | 8: ([st.INTENT_ADD, st.ADDED], []),                              # LOST
-        P | 9: ([st.INTENT_ADD, st.ADDED], [st.RAN, st.RAN]),                # DUPLICATED
-        P | 10: ([st.INTENT_ADD, st.ADDED, st.CANCEL_INTENT, st.CANCELLED], [st.ORPHANED]),  # DUP
-        P | 11: ([st.INTENT_ADD, st.ADD_FAILED], [st.RAN]),                  # PHANTOM
-        P | 12: ([], [st.RAN]),                                              # PHANTOM: no intent
-        P | 13: ([st.INTENT_ADD, st.ADD_FAILED], []),                        # failed, nowhere
+        P | 0: ([I, A], [R]),                       # executed
+        P | 1: ([I, A, CI, C], []),
+        P | 2: ([I, A], [O]),                       # a dead letter at the end
+        P | 3: ([I, A], [R, X]),                    # one execution
+        P | 4: ([I, A], [X]),
+        P | 5: ([I, A, CI], []),                    # killed canceller
+        P | 6: ([I], []),                           # unconfirmed, nowhere
+        P | 7: ([I], [R]),                          # unconfirmed, ran
+        P | 8: ([I, A], []),                        # LOST
+        P | 9: ([I, A], [R, R]),                    # DUPLICATED
+        P | 10: ([I, A, CI, C], [O]),               # DUPLICATED
+        P | 11: ([I, F], [R]),                      # PHANTOM
+        P | 12: ([], [R]),                          # PHANTOM: no intent
+        P | 13: ([I, F], []),                       # failed, nowhere
+        # the lifecycle: dead letters retried, reapers reporting twice
+        P | 14: ([I, A], [O, RT, R]),               # orphaned -> retried -> ran: executed
+        P | 15: ([I, A], [O, RT, O, RT, R]),        # its new task died too: executed
+        P | 16: ([I, A], [O, RT, O]),               # retried, orphaned again: a dead letter
+        P | 17: ([I, A], [O, RT]),                  # LOST: retried, then nowhere
+        P | 18: ([I, A], [O, RT, R, R]),            # DUPLICATED: ran twice
+        P | 19: ([I, A], [O, O]),                   # DUPLICATED: two copies on the list
+        P | 20: ([I, A], [O, R]),                   # DUPLICATED: ran, yet still a dead letter
+        P | 21: ([I, A], [O, RT, RT, R]),           # DUPLICATED: retried more than filed
+        P | 22: ([I, A], [X, X]),                   # interrupted, reported twice: once
+        P | 23: ([I, A], [R, X, X]),                # ran + interrupted twice: once
+        P | 24: ([I, A], [O, RT, X, X]),            # retried, then interrupted: executed
+        P | 25: ([I, F], [O]),                      # PHANTOM: a failed add became a dead letter
+        P | 26: ([I], [O, RT]),                     # LOST: unconfirmed, yet it was queued
+        P | 27: ([I, A, CI], [O, RT]),              # LOST: no canceller reaches a retried work
     }
     prod = st.Ledger(str(tmp_path / "producer-5.ledger"), 5)
     other = st.Ledger(str(tmp_path / "task-6.ledger"), 6)
@@ -126,17 +179,69 @@ def test_ledger_judgement_of_every_case(tmp_path):
     prod.close()
     other.close()
     acc = st.account(str(tmp_path))
-    assert acc["bad"] == {"lost": [P | 8], "duplicated": [P | 9, P | 10],
-                          "phantom": [P | 11, P | 12]}
-    assert acc["settled"] == {"executed": 3, "cancelled": 1, "orphaned": 1,
+    assert acc["bad"] == {"lost": [P | 8, P | 17, P | 26, P | 27],
+                          "duplicated": [P | 9, P | 10, P | 18, P | 19, P | 20, P | 21],
+                          "phantom": [P | 11, P | 12, P | 25]}
+    assert acc["settled"] == {"executed": 8, "cancelled": 1, "orphaned": 2,
                               "cancelled_by_killed_canceller": 1}
-    assert acc["added"] == 9 and acc["unconfirmed"] == 2 and acc["add_failed"] == 2
-    assert acc["unconfirmed_nowhere"] == 1 and acc["unconfirmed_executed"] == 1
-    assert acc["ran_and_interrupted"] == 1 and acc["torn_bytes"] == 0
+    assert acc["added"] == 21 and acc["unconfirmed"] == 3 and acc["add_failed"] == 3
+    assert acc["unconfirmed_nowhere"] == 2 and acc["unconfirmed_executed"] == 1
+    assert acc["ran_and_interrupted"] == 2 and acc["torn_bytes"] == 0
+    assert acc["interrupted"] == 5 and acc["interrupted_reports"] == 8
+    assert acc["retried_then_executed"] == 3
     # A torn trailing record is counted, never misread.
     with open(tmp_path / "task-6.ledger", "ab") as f:
         f.write(b"\x07\x00\x00")
     assert st.account(str(tmp_path))["torn_bytes"] == 3
+
+
+def test_dead_letter_book_writes_what_left_the_list(tmp_path):
+    # The controller's view of the dead-letter list: a new copy is 'orphaned',
+    # a copy gone after a retry is 'retried', a copy that vanished without one
+    # is a problem; interrupted dead letters are written once per copy.
+    import struct as _struct
+    from types import SimpleNamespace
+
+    from tools import stress as st
+
+    def dl(wid, reason="orphaned"):
+        return SimpleNamespace(payload=_struct.pack("<Q", wid), reason=reason)
+
+    led = st.Ledger(str(tmp_path / "controller.ledger"), 0)
+    book = st.DeadLetterBook(led)
+    book.observe([dl(1), dl(2), dl(3, "interrupted")])
+    book.observe([dl(1), dl(2), dl(3, "interrupted")])              # nothing new
+    book.observe([dl(2), dl(4)], retried_since=True)                # 1 retried, 4 arrived
+    book.observe([dl(2), dl(4), dl(1)])                             # 1 orphaned again
+    book.observe([dl(4)])                                           # 1, 2 vanished: problems
+    led.close()
+    recs = [(st.KIND_NAMES[k], wid) for k, _aux, _inc, wid in
+            st.REC.iter_unpack(st.read_ledger(str(tmp_path / "controller.ledger"))[0])]
+    assert sorted(recs) == sorted([("orphaned", 1), ("orphaned", 2), ("interrupted", 3),
+                                   ("retried", 1), ("orphaned", 4), ("orphaned", 1)])
+    assert len(book.problems) == 2 and all("vanished" in p for p in book.problems)
+    assert book.held_count == 1 and book.orphaned == 4 and book.retried_records == 1
+
+
+def test_reap_logger_records_are_written_to_the_ledger(tmp_path):
+    import logging
+    import struct as _struct
+    from types import SimpleNamespace
+
+    from tools import stress as st
+
+    led = st.Ledger(str(tmp_path / "p.ledger"), 3)
+    h = st.record_interrupted(led)
+    try:
+        lg = logging.getLogger(st.REAP_LOGGER)
+        lg.warning("interrupted", extra={"work": SimpleNamespace(payload=_struct.pack("<Q", 42))})
+        lg.warning("interrupted", extra={"work": SimpleNamespace(payload=b"x")})
+        lg.warning("no work attached")
+    finally:
+        logging.getLogger(st.REAP_LOGGER).removeHandler(h)
+        led.close()
+    recs = list(st.REC.iter_unpack(st.read_ledger(str(tmp_path / "p.ledger"))[0]))
+    assert recs == [(st.INTERRUPTED, 0, 3, 42)] and h.foreign == 1
 
 
 def test_bad_modes_name_the_valid_choices():
@@ -150,9 +255,11 @@ def test_help_through_the_console_command():
     p, out, err = run_stress("--help", timeout=30)
     assert p.returncode == 0
     for flag in ("--tasks", "--producers", "--seconds", "--kill-every", "--cancel-rate",
-                 "--modes", "--seed", "--json", "--killpoints"):
+                 "--modes", "--seed", "--json", "--killpoints", "--term", "--restart",
+                 "--no-fsck"):
         assert flag in out
-    assert "--inject" not in out and "--role" not in out
+    for hidden in ("--inject", "--role", "--graceful", "--name "):
+        assert hidden not in out
 
 
 def test_ctrl_c_kills_children_and_removes_everything(tmp_path):
@@ -178,6 +285,18 @@ def test_ctrl_c_kills_children_and_removes_everything(tmp_path):
         assert not k.is_running() or k.status() == psutil.STATUS_ZOMBIE
     assert leftovers(p.pid) == []
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_twenty_seconds_of_lifecycle_without_an_operator():
+    p, out, err = run_stress("--tasks", "4", "--producers", "3", "--seconds", "20",
+                             "--kill-every", "0.5", "--term", "--restart", "--no-fsck",
+                             "--json", timeout=300)
+    s = summary_of(out)
+    assert p.returncode == 0, (s, err[-3000:])
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["leaked"] == 0
+    assert s["final_fsck"]["clean"] is True
+    assert s["killed"] > 0 and s["terminated"] > 0 and s["retried"] > 0
 
 
 @pytest.mark.slow

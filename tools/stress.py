@@ -8,30 +8,53 @@ task processes and ``--producers`` producer processes. Each is an unrelated
 process (``python -m tools.stress --role task|producer ...``), not a fork of
 the controller, in its own session so a Ctrl-C reaches only the controller.
 
-* A **task** registers, registers the callback ``stress.record`` and loops on
-  ``wait(timeout=0.02)`` (which runs whatever was notified), plus a ``run()``
-  every 0.2 s so that ``TWA_NONE`` works do not wait for the exit. The callback
-  appends ``ran ID`` to the task's ledger before it returns.
-* A **producer** picks a random running task (``dom.tasks()``, refreshed every
-  0.1 s), adds a work whose payload is its unique 8-byte ID in a random mode of
-  ``--modes`` (one add in ten is an ``add_many`` of 2 to 8 works), and after
-  an add, with probability ``--cancel-rate``, cancels one of its own recent
-  works. IDs are ``incarnation << 32 | sequence``: every
-  started process has a new incarnation number, so IDs never repeat.
+* A **task** registers under a name, registers the callback ``stress.record``
+  and loops on ``wait(timeout=0.02)`` (which runs whatever was notified), plus a
+  ``run()`` every 0.2 s so that ``TWA_NONE`` works do not wait for the exit.
+  The callback appends ``ran ID`` to the task's ledger before it returns.
+* A **producer** picks a random task *name* among the running tasks
+  (``dom.tasks()``, refreshed every 0.1 s), resolves it with
+  ``dom.task(name=...)`` (a live task of that name; the handle is kept until an
+  add to it raises ``TaskExitedError``, so a replaced task gets new work), adds
+  a work whose payload is its unique 8-byte ID in a random mode of ``--modes``
+  (one add in ten is an ``add_many`` of 2 to 8 works), and after an add, with
+  probability ``--cancel-rate``, cancels one of its own recent works. IDs are
+  ``incarnation << 32 | sequence``: every started process has a new incarnation
+  number, so IDs never repeat.
 * Every ``--kill-every`` seconds the controller SIGKILLs a random task or
   producer and starts a replacement (a new incarnation). With ``--killpoints``
   (the default when ``--kill-every`` > 0) about a third of the started
   processes also get ``SHM_TASKWORK_KILLPOINT=POINT:N`` at random, so they
   SIGKILL themselves at the N-th pass through one of the nastiest instructions:
-  tasks at ``after_detach`` or ``in_callback``, producers at ``after_alloc``,
-  ``after_push``, ``in_pi_lock`` or ``mid_pop``.
-* A controller thread runs ``fsck(repair=True)`` every 0.1 s while all this goes
-  on and writes ``orphaned ID`` / ``interrupted ID`` for every work its reports
-  name (the payload carries the ID).
-* At the end: producers are stopped (they finish the operation in hand), then
-  tasks (``exit()`` runs everything queued), a final ``fsck(repair=True)``
-  reclaims what killed processes held, and dead letters (there should be none)
-  are run by the controller, which registers the callback too.
+  tasks at ``after_detach``, ``in_detach``, ``in_callback``, ``in_register``
+  or ``in_reap``, producers at ``after_alloc``, ``after_push``,
+  ``in_pi_lock``, ``mid_pop``, ``in_claim``, ``in_reap`` or ``in_dl_file``
+  (a producer reaps the dead tasks it notices).
+* ``--term``: half of the kills are a SIGTERM to a random task instead, and
+  about half of the task processes register with
+  ``exit_signals=(signal.SIGTERM,)``: those run their pending works and then
+  die with SIGTERM's status; the others die as if SIGKILLed and their works
+  become orphaned dead letters. Either way the exit status must be SIGTERM's.
+* ``--restart``: task names are fixed (``stress-t0`` ...), a dead task is
+  replaced by a process registering the same name, and the controller re-queues
+  the orphaned dead letters to each name that has a live task again
+  (``dom.retry_dead_letters(to=NAME, reason="orphaned")``, every 0.05 s).
+  Without it each task process has a name of its own and dead letters stay
+  until the end.
+* Death is seen in shared memory: whoever notices a dead task (a producer's
+  add or ``dom.tasks()``, a new registration, the controller's ``dom.tasks()``)
+  reaps it. Works whose callback had started are reported by the reaping
+  process on the logger ``shm_taskwork.reap``; every process of the run
+  (producers, tasks, the controller) writes those as ``interrupted ID``.
+* By default a controller thread runs ``fsck(repair=True)`` every 0.1 s beside
+  all this (and writes ``interrupted ID`` for the works its reports name).
+  ``--no-fsck`` runs none at all: reaping alone must keep the domain whole.
+* At the end: producers are stopped (they finish the operation in hand), with
+  ``--restart`` the dead letters are retried once more, then the tasks are
+  stopped (``exit()`` runs everything queued); with fsck two
+  ``fsck(repair=True)`` passes reclaim what killed processes held. The dead
+  letters still present are read, recorded as their final outcome and dropped,
+  and one dry ``fsck(repair=False)`` must then find nothing (``final_fsck``).
 
 The ledger
 ----------
@@ -41,25 +64,41 @@ so a SIGKILL leaves every record whole or absent and nothing is buffered. The
 producer writes ``intent-add`` before ``add`` and ``added`` after it returned
 (or ``add-failed`` after ``TaskExitedError``/``PoolExhaustedError``), and
 ``cancel-intent`` before ``cancel``, then ``cancelled`` (True) or
-``cancel-missed`` (False). A task writes ``ran`` inside the callback. The
-controller writes ``orphaned`` and ``interrupted`` from fsck reports.
+``cancel-missed`` (False). A task writes ``ran`` inside the callback. Any
+process writes ``interrupted`` for a work a reaper (or fsck) reported.
+
+Dead letters are read by the controller alone, and only the controller takes
+them off the list (retry, drop), so it can keep the count of each ID's copies
+on the list: a copy it had not seen is written ``orphaned ID``; a copy gone
+after its retry call is written ``retried ID``. An ID's ``orphaned`` minus its
+``retried`` is thus the number of copies on the list at the end (the final
+read is recorded the same way before the drop). A copy that vanishes when no
+retry was made is a fault of the core (``dead_letter_problems``).
 
 How each ID is judged
 ---------------------
 Outcomes of an ID: *executed* (one or more ``ran``, or ``interrupted``),
-*cancelled*, *orphaned*.
+*cancelled*, *orphaned* (still a dead letter at the end: ``orphaned`` one more
+than ``retried``).
 
-* ``ran`` together with one ``interrupted`` is one execution: the callback
-  recorded the work, then its task died before the node was freed, and fsck
-  found it RUNNING. ``interrupted`` alone: the task died after the callback
-  had started, before it wrote its record. Both count as executed once.
-* **duplicated**: more than one outcome, or ``ran``/``interrupted``/
-  ``cancelled``/``orphaned`` twice.
+* ``ran`` together with ``interrupted`` is one execution: the callback
+  recorded the work, then its task died before the node was freed, and the
+  reaper found it started. ``interrupted`` alone: the task died after the
+  callback had started, before it wrote its record. ``interrupted`` written
+  more than once (a reaper killed while reaping and a second one reporting the
+  work again, or fsck and the reap logger both) counts once.
+* A dead letter that is retried is not an outcome: orphaned -> retried -> ran
+  is executed once, and orphaned -> retried -> orphaned -> retried -> ran too
+  (a retry to a task that died again). Orphaned, retried and then nothing is
+  **lost**.
+* **duplicated**: more than one outcome, ``ran``/``cancelled`` twice, two
+  copies on the dead-letter list at once (``orphaned`` exceeding ``retried``
+  by two), or more ``retried`` than ``orphaned``.
 * **lost**: a confirmed add (``added``) with no outcome at all.
 * An ``intent-add`` without ``added`` or ``add-failed`` (the producer was killed
   inside ``add``): the work may or may not have been queued. Executed once,
-  orphaned once, cancelled once, or nowhere (its node was reclaimed by fsck as
-  leaked) are all correct; two outcomes are duplicated. Counted under
+  orphaned once, cancelled once, or nowhere (its node was reclaimed as never
+  pushed) are all correct; two outcomes are duplicated. Counted under
   ``unconfirmed``.
 * A ``cancel-intent`` without a result (the producer was killed inside
   ``cancel``): the work may have been executed or orphaned, or be nowhere -
@@ -70,22 +109,31 @@ Outcomes of an ID: *executed* (one or more ``ran``, or ``interrupted``),
 
 ``settled`` splits the confirmed adds by their one outcome (executed,
 cancelled, orphaned, cancelled by a killed canceller); with nothing lost or
-duplicated its four figures add up to ``added``.
-* **phantom**: an outcome for an ID whose add failed, or that no producer ever
-  intended, or a ``cancelled`` without ``cancel-intent``. A failed add queues
-  nothing, so any of these is a fault.
-* **leaked**: ``pool_size - pool_free`` after everything drained and the final
-  fsck; it must be 0.
+duplicated its four figures add up to ``added``. ``retried_then_executed``
+counts the IDs that ran (or were interrupted) after a retry.
+* **phantom**: an outcome (or an ``orphaned``) for an ID whose add failed, or
+  that no producer ever intended, or a ``cancelled`` without ``cancel-intent``.
+  A failed add queues nothing, so any of these is a fault.
+* **leaked**: ``pool_size - pool_free`` after everything drained and the dead
+  letters were dropped; it must be 0.
 
 ``killed`` counts every SIGKILL: the controller's (``sigkills_sent``) and the
-kill points' (``killpoint_deaths``). ``--kill-every`` is a target: a kill
-waits for the victim to be reaped and its replacement started, and a loop that
-falls behind skips ticks rather than killing in bursts.
-``crashed`` counts children that exited with an error (a traceback on their
-stderr), ``hung`` those that did not stop within their deadline. The run exits
-0 only if ``lost``, ``duplicated``, ``leaked``, ``phantom``, ``crashed`` and
-``hung`` are all 0; otherwise the offending IDs (the first 20) go to stderr.
-The last line of stdout is always the JSON summary (``--json``: nothing else).
+kill points' (``killpoint_deaths``); ``terminated`` every task that died of
+a SIGTERM the controller sent (``sigterms_sent``), split into
+``terminated_graceful`` (registered with ``exit_signals``) and
+``terminated_abrupt``. ``retried`` is the sum of what
+``retry_dead_letters`` returned; ``orphaned`` counts the ``orphaned`` records
+(a work orphaned twice counts twice), ``interrupted`` the IDs reported
+interrupted, ``dead_letters`` the dead letters read at the end.
+``--kill-every`` is a target: a kill waits for the victim to be reaped and its
+replacement started, and a loop that falls behind skips ticks rather than
+killing in bursts. ``crashed`` counts children that exited with an error (a
+traceback on their stderr) or a SIGTERM nobody sent, ``hung`` those that did
+not stop within their deadline. The run exits 0 only if ``lost``,
+``duplicated``, ``leaked``, ``phantom``, ``crashed``, ``hung`` and
+``dead_letter_problems`` are all 0 and the final dry fsck is clean; otherwise
+the offending IDs (the first 20) go to stderr. The last line of stdout is
+always the JSON summary (``--json``: nothing else).
 
 With ``--domain NAME`` the domain is created under that name and, if the run
 fails, kept for ``shm-taskwork inspect``/``fsck``; the default private domain
@@ -94,8 +142,10 @@ and the ledger directory are always removed.
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -112,22 +162,30 @@ from tools._common import positive_int
 CALLBACK = "stress.record"
 MODES = {"none": 0, "resume": 1, "signal": 2, "signal_no_ipi": 3}
 MODE_NAMES = {v: k for k, v in MODES.items()}
-TASK_KILLPOINTS = ("after_detach", "in_callback")
-PRODUCER_KILLPOINTS = ("after_alloc", "after_push", "in_pi_lock", "mid_pop")
+# kill point -> the largest N of POINT:N drawn (how often a process passes it)
+TASK_KILLPOINTS = {"after_detach": 30, "in_detach": 30, "in_callback": 400, "in_register": 1,
+                   "in_reap": 2}
+PRODUCER_KILLPOINTS = {"after_alloc": 400, "after_push": 400, "in_pi_lock": 30,
+                       "mid_pop": 400, "in_claim": 1, "in_reap": 3, "in_dl_file": 50}
 KILLPOINT_SHARE = 0.33
 MANY_SHARE = 0.1       # adds made with add_many (2..8 works, one push)
 MANY_FLAG = 0x100      # in a record's aux: the work came with add_many
 FSCK_EVERY = 0.1
+DEAD_LETTERS_EVERY = 0.05   # --restart: how often the controller retries
+TERM_SHARE = 0.5       # --term: the share of kills that are a SIGTERM to a task
+GRACEFUL_SHARE = 0.5   # --term: the share of tasks registered with exit_signals
+REAP_LOGGER = "shm_taskwork.reap"
 
 # ---- the ledger -------------------------------------------------------------
 
 REC = struct.Struct("<HHIQ")   # kind, aux (notify mode), writer incarnation, id
 INTENT_ADD, ADDED, ADD_FAILED, CANCEL_INTENT, CANCELLED, CANCEL_MISSED, RAN, \
-    ORPHANED, INTERRUPTED = range(1, 10)
+    ORPHANED, INTERRUPTED, RETRIED = range(1, 11)
+NKINDS = 11
 KIND_NAMES = {INTENT_ADD: "intent-add", ADDED: "added", ADD_FAILED: "add-failed",
               CANCEL_INTENT: "cancel-intent", CANCELLED: "cancelled",
               CANCEL_MISSED: "cancel-missed", RAN: "ran", ORPHANED: "orphaned",
-              INTERRUPTED: "interrupted"}
+              INTERRUPTED: "interrupted", RETRIED: "retried"}
 
 
 class Ledger:
@@ -142,6 +200,107 @@ class Ledger:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def payload_id(work) -> int | None:
+    """The ID a stress work carries, or None for a foreign payload."""
+    p = work.payload
+    return struct.unpack("<Q", p)[0] if len(p) == 8 else None
+
+
+class _ReapRecorder(logging.Handler):
+    """Writes ``interrupted ID`` for every interrupted work a reaper of this
+    process reports (one WARNING record with ``record.work`` per work)."""
+
+    def __init__(self, ledger: Ledger):
+        super().__init__(logging.WARNING)
+        self.ledger = ledger
+        self.foreign = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        w = getattr(record, "work", None)
+        if w is None:
+            return
+        wid = payload_id(w)
+        if wid is None:
+            self.foreign += 1
+        else:
+            self.ledger.put(INTERRUPTED, wid)
+
+
+def record_interrupted(ledger: Ledger) -> _ReapRecorder:
+    """Attach the ledger to the reap logger of this process. The records are
+    not propagated: a run with many kills would flood stderr."""
+    h = _ReapRecorder(ledger)
+    lg = logging.getLogger(REAP_LOGGER)
+    lg.addHandler(h)
+    lg.propagate = False
+    if lg.level == logging.NOTSET or lg.level > logging.WARNING:
+        lg.setLevel(logging.WARNING)
+    return h
+
+
+class DeadLetterBook:
+    """The controller's view of the dead-letter list, written to its ledger.
+
+    Only the controller takes dead letters off the list (retry, drop), so the
+    number of copies of each ID on the list only grows between two of its
+    reads, unless it retried in between. ``observe(works)`` compares a fresh
+    read with the counts it holds: a new copy is written ``orphaned`` (or
+    ``interrupted``, for a dead letter filed with that reason); a copy gone is
+    written ``retried`` if ``retried_since`` says a retry was made since the
+    last read, and is a problem otherwise (a dead letter vanished)."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self.held: collections.Counter = collections.Counter()        # orphaned copies
+        self.interrupted: collections.Counter = collections.Counter()
+        self.problems: list[str] = []
+        self.orphaned = 0           # orphaned records written
+        self.retried_records = 0    # retried records written
+
+    def observe(self, works, *, retried_since: bool = False) -> None:
+        now: collections.Counter = collections.Counter()
+        inter: collections.Counter = collections.Counter()
+        for w in works:
+            wid = payload_id(w)
+            reason = getattr(w, "reason", "orphaned")
+            if wid is None:
+                self._problem(f"dead letter {w!r} carries a foreign payload")
+            elif reason == "orphaned":
+                now[wid] += 1
+            elif reason == "interrupted":
+                inter[wid] += 1
+            else:
+                self._problem(f"dead letter {wid:#x} has reason {reason!r}")
+        for wid, n in inter.items():
+            for _ in range(n - self.interrupted[wid]):
+                self.ledger.put(INTERRUPTED, wid)
+        self.interrupted = inter
+        for wid in set(now) | set(self.held):
+            diff = now[wid] - self.held[wid]
+            if diff > 0:
+                for _ in range(diff):
+                    self.ledger.put(ORPHANED, wid)
+                self.orphaned += diff
+            elif diff < 0:
+                if retried_since:
+                    for _ in range(-diff):
+                        self.ledger.put(RETRIED, wid)
+                    self.retried_records -= diff
+                else:
+                    self._problem(f"dead letter {wid:#x} vanished with no retry or drop")
+        self.held = now
+
+    def _problem(self, text: str) -> None:
+        if len(self.problems) < 50:
+            self.problems.append(text)
+        else:
+            self.problems[-1] = "(more dead-letter problems)"
+
+    @property
+    def held_count(self) -> int:
+        return sum(self.held.values()) + sum(self.interrupted.values())
 
 
 def ledger_files(directory: str) -> list[str]:
@@ -176,7 +335,7 @@ def account(directory: str) -> dict:
         raw, t = read_ledger(path)
         torn += t
         for kind, aux, _inc, wid in REC.iter_unpack(raw):
-            if not 0 < kind < 10:
+            if not 0 < kind < NKINDS:
                 continue
             if kind == ADDED:
                 m = MODE_NAMES.get(aux & 0xFF, str(aux & 0xFF))
@@ -185,18 +344,19 @@ def account(directory: str) -> dict:
                     many += 1
             seq = wid & 0xFFFFFFFF
             if seq >= _DENSE_SEQ:
-                odd.setdefault(wid, [0] * 10)[kind] += 1
+                odd.setdefault(wid, [0] * NKINDS)[kind] += 1
                 continue
             tab = tables.get(wid >> 32)
             if tab is None:
-                tab = tables[wid >> 32] = [bytearray() for _ in range(10)]
+                tab = tables[wid >> 32] = [bytearray() for _ in range(NKINDS)]
             a = tab[kind]
             if seq >= len(a):
                 a.extend(bytes(seq + 1 - len(a) + 4096))
             if a[seq] < 255:
                 a[seq] += 1
     out = dict(intended=0, added=0, add_failed=0, unconfirmed=0, ran=0, cancelled=0,
-               orphaned=0, interrupted=0, ran_and_interrupted=0, cancel_attempts=0,
+               orphaned=0, retried=0, interrupted=0, interrupted_reports=0,
+               ran_and_interrupted=0, retried_then_executed=0, cancel_attempts=0,
                cancel_missed=0, cancel_unconfirmed=0, unconfirmed_executed=0,
                unconfirmed_orphaned=0, unconfirmed_cancelled=0, unconfirmed_nowhere=0,
                duplicated=0, lost=0, phantom=0)
@@ -204,11 +364,14 @@ def account(directory: str) -> dict:
     bad: dict[str, list[int]] = {"lost": [], "duplicated": [], "phantom": []}
 
     def judge(wid: int, c) -> None:
-        ran, inter, canc, orph = c[RAN], c[INTERRUPTED], c[CANCELLED], c[ORPHANED]
+        ran, inter, canc, orph, retr = (c[RAN], c[INTERRUPTED], c[CANCELLED], c[ORPHANED],
+                                        c[RETRIED])
         out["ran"] += ran
-        out["interrupted"] += inter
+        out["interrupted"] += inter > 0
+        out["interrupted_reports"] += inter
         out["cancelled"] += canc
         out["orphaned"] += orph
+        out["retried"] += retr
         out["cancel_attempts"] += c[CANCEL_INTENT]
         out["cancel_missed"] += c[CANCEL_MISSED]
         cancel_open = c[CANCEL_INTENT] > c[CANCELLED] + c[CANCEL_MISSED]
@@ -217,24 +380,28 @@ def account(directory: str) -> dict:
         if ran and inter:
             out["ran_and_interrupted"] += 1
         executed = bool(ran or inter)
-        outcomes = int(executed) + int(canc > 0) + int(orph > 0)
+        on_list = orph - retr           # copies still on the dead-letter list
+        outcomes = int(executed) + int(canc > 0) + int(on_list > 0)
         if c[INTENT_ADD]:
             out["intended"] += 1
         if c[ADDED]:
             out["added"] += 1
         if c[ADD_FAILED]:
             out["add_failed"] += 1
-        dup = outcomes > 1 or ran > 1 or inter > 1 or canc > 1 or orph > 1
+        dup = outcomes > 1 or ran > 1 or canc > 1 or on_list > 1 or on_list < 0
         if dup:
             out["duplicated"] += 1
             bad["duplicated"].append(wid)
-        if (outcomes and (c[ADD_FAILED] or not c[INTENT_ADD])) or canc > c[CANCEL_INTENT]:
+        if (((outcomes or orph) and (c[ADD_FAILED] or not c[INTENT_ADD]))
+                or canc > c[CANCEL_INTENT]):
             out["phantom"] += 1
             bad["phantom"].append(wid)
+        if executed and retr and not dup:
+            out["retried_then_executed"] += 1
         if c[ADDED] and outcomes and not dup:
             settled["executed" if executed else "cancelled" if canc else "orphaned"] += 1
-        elif c[ADDED] and not outcomes:
-            if cancel_open:   # its canceller was killed inside cancel()
+        elif c[ADDED] and not outcomes and not dup:
+            if cancel_open and not retr:   # its canceller was killed inside cancel()
                 settled["cancelled_by_killed_canceller"] += 1
             else:
                 out["lost"] += 1
@@ -242,10 +409,15 @@ def account(directory: str) -> dict:
         if c[INTENT_ADD] and not c[ADDED] and not c[ADD_FAILED]:
             out["unconfirmed"] += 1
             key = ("unconfirmed_executed" if executed else "unconfirmed_cancelled" if canc
-                   else "unconfirmed_orphaned" if orph else "unconfirmed_nowhere")
+                   else "unconfirmed_orphaned" if on_list > 0 else "unconfirmed_nowhere")
             out[key] += 1
+            if retr and not outcomes and not dup:
+                # it was queued after all (it became a dead letter), was
+                # retried, and then went nowhere
+                out["lost"] += 1
+                bad["lost"].append(wid)
 
-    empty = (0,) * 10
+    empty = (0,) * NKINDS
     for inc in sorted(tables):
         tab = tables[inc]
         n = max(len(a) for a in tab)
@@ -288,6 +460,7 @@ def role_task(a) -> int:
     from shm_taskwork import Domain, TaskWorkError, callback
 
     ledger = Ledger(a.ledger, a.incarnation)
+    record_interrupted(ledger)
     seen = [0]
 
     @callback(name=CALLBACK)
@@ -301,16 +474,18 @@ def role_task(a) -> int:
             ledger.put(RAN, wid)                    # test-only: a work runs twice
 
     dom = Domain.open(a.domain)
+    # Only a task that asks for it takes SIGTERM: the others die of it.
+    opts = {"exit_signals": (signal.SIGTERM,)} if a.graceful else {}
     deadline = time.monotonic() + 30
     while True:
         if _stop_requested(a.stop, a.parent):
             dom.close()
             return 0
         try:
-            task = dom.register(name=f"stress-t{a.incarnation}")
+            task = dom.register(name=a.name or f"stress-t{a.incarnation}", **opts)
             break
         except TaskWorkError as exc:
-            # All slots taken by killed tasks fsck has not repaired yet.
+            # All slots taken by killed tasks nobody has reaped yet.
             if exc.errno != errno.ENOSPC or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
@@ -327,13 +502,15 @@ def role_task(a) -> int:
 
 
 def role_producer(a) -> int:
-    from shm_taskwork import Domain, PoolExhaustedError, TaskExitedError, TaskWorkError
+    from shm_taskwork import (Domain, NoSuchTaskError, PoolExhaustedError, TaskExitedError)
 
     ledger = Ledger(a.ledger, a.incarnation)
+    record_interrupted(ledger)
     rng = random.Random(a.child_seed)
     modes = [MODES[m] for m in a.modes.split(",")]
     dom = Domain.open(a.domain)
-    tasks: list = []
+    names: list[str] = []    # names of the running tasks (a snapshot)
+    handles: dict = {}       # name -> the live task dom.task(name=...) gave
     mine: list = []          # (task, work, id) of own recent adds
     refresh = 0.0
     seq = 0
@@ -344,22 +521,23 @@ def role_producer(a) -> int:
         if ops % 32 == 0 and _stop_requested(a.stop, a.parent):
             break
         now = time.monotonic()
-        if now >= refresh or not tasks:
-            tasks = []
-            for info in dom.tasks():
-                if info.state != "running":
-                    continue
-                try:
-                    tasks.append(dom.task(info.id))
-                except TaskWorkError:
-                    pass
+        if now >= refresh or not names:
+            # dom.tasks() also reaps the dead tasks it comes across
+            names = sorted({info.name for info in dom.tasks() if info.state == "running"})
             refresh = now + 0.1
-            if not tasks:
+            if not names:
                 if _stop_requested(a.stop, a.parent):
                     break
                 time.sleep(0.005)
                 continue
-        t = tasks[rng.randrange(len(tasks))]
+        name = names[rng.randrange(len(names))]
+        t = handles.get(name)
+        if t is None:
+            try:
+                t = handles[name] = dom.task(name=name)
+            except NoSuchTaskError:     # died (and was reaped) since the snapshot
+                names.remove(name)
+                continue
         mode = modes[rng.randrange(len(modes))]
         n = rng.randint(2, 8) if rng.random() < MANY_SHARE else 1
         wids = [base | (seq + i) for i in range(n)]
@@ -376,7 +554,7 @@ def role_producer(a) -> int:
             for wid in wids:
                 ledger.put(ADD_FAILED, wid, aux)
             if isinstance(exc, TaskExitedError):
-                tasks = [x for x in tasks if x is not t]
+                handles.pop(name, None)   # the next add asks for a live task of the name
             else:
                 time.sleep(0.002)
             continue
@@ -389,19 +567,26 @@ def role_producer(a) -> int:
             k = len(mine) - 1 if rng.random() < 0.5 else rng.randrange(len(mine))
             ct, cw, cid = mine.pop(k)
             ledger.put(CANCEL_INTENT, cid)
-            ledger.put(CANCELLED if ct.cancel(cw) else CANCEL_MISSED, cid)
+            try:
+                ok = ct.cancel(cw)
+            except TaskExitedError:       # its task is gone: nothing was cancelled
+                ok = False
+            ledger.put(CANCELLED if ok else CANCEL_MISSED, cid)
     dom.close()
     return 0
 
 
 class Child:
-    __slots__ = ("role", "inc", "proc", "killpoint", "killed_by_us", "err_path", "started")
+    __slots__ = ("role", "inc", "proc", "killpoint", "killed_by_us", "err_path", "started",
+                 "name", "graceful")
 
-    def __init__(self, role, inc, proc, killpoint, err_path):
+    def __init__(self, role, inc, proc, killpoint, err_path, name=None, graceful=False):
         self.role, self.inc, self.proc, self.killpoint = role, inc, proc, killpoint
         self.killed_by_us = False
         self.err_path = err_path
         self.started = time.monotonic()
+        self.name = name
+        self.graceful = graceful
 
 
 # ---- the controller -------------------------------------------------------------
@@ -436,9 +621,10 @@ def _rate(text: str) -> float:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Many processes adding, cancelling, running and being SIGKILLed; a ledger "
-                    "checks that every work ran once, was cancelled once or was reported "
-                    "orphaned once, and that no pool node leaked. Exit 0 only if so.")
+        description="Many processes adding, cancelling, running and being killed (SIGKILL, "
+                    "SIGTERM) and replaced; a ledger checks that every work ran once, was "
+                    "cancelled once or ended a dead letter once, and that no pool node "
+                    "leaked. Exit 0 only if so.")
     p.add_argument("--tasks", type=positive_int, default=4, help="task processes (default 4)")
     p.add_argument("--producers", type=positive_int, default=4,
                    help="producer processes (default 4)")
@@ -465,6 +651,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--killpoints", action=argparse.BooleanOptionalAction, default=None,
                    help="also make some started processes SIGKILL themselves at a native "
                         "kill point (default: on when --kill-every > 0)")
+    p.add_argument("--term", action="store_true",
+                   help="make half of the kills a SIGTERM to a task; about half of the tasks "
+                        "register with exit_signals=(SIGTERM,) (their works run before they "
+                        "die), the others die of it (their works become dead letters)")
+    p.add_argument("--restart", action="store_true",
+                   help="replace a dead task by a process of the same name and retry the "
+                        "orphaned dead letters to it (default: a new name per process, dead "
+                        "letters stay until the end)")
+    p.add_argument("--fsck", action=argparse.BooleanOptionalAction, default=True,
+                   help="run fsck --repair every 0.1 s beside everything (default); with "
+                        "--no-fsck none runs: reaping alone must keep the domain whole")
     # test-only: prove that the checker can fail
     p.add_argument("--inject", choices=("lose", "duplicate", "leak"), default=None,
                    help=argparse.SUPPRESS)
@@ -475,6 +672,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--parent", type=int, help=argparse.SUPPRESS)
     p.add_argument("--incarnation", type=int, help=argparse.SUPPRESS)
     p.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--name", help=argparse.SUPPRESS)
+    p.add_argument("--graceful", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -487,11 +686,15 @@ class Controller:
         self.inc = 0
         self.killed = 0
         self.sigkills_sent = 0
+        self.terminated = 0
+        self.sigterms_sent = 0
+        self.terminated_graceful = 0
         self.killed_by = {"task": 0, "producer": 0}
         self.killpoint_deaths: dict[str, int] = {}
         self.crashed: list[str] = []
         self.hung = 0
         self.started = {"task": 0, "producer": 0}
+        self.restarted = 0
         self.fsck_runs = 0
         self.fsck_problems: list[str] = []
         self.fsck_orphaned = 0
@@ -500,11 +703,15 @@ class Controller:
         self.fsck_settled = 0
         self.fsck_incomplete = 0
         self.fsck_error: BaseException | None = None
+        self.retried = 0
+        self.retry_calls = 0
         self.dom = None
         self.tmp = tempfile.mkdtemp(prefix="shm-taskwork-stress-")
         self.stop_producers = os.path.join(self.tmp, "stop-producers")
         self.stop_tasks = os.path.join(self.tmp, "stop-tasks")
         self.ledger = Ledger(os.path.join(self.tmp, "controller.ledger"), 0)
+        self.book = DeadLetterBook(self.ledger)
+        self.reaps = record_interrupted(self.ledger)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -513,16 +720,20 @@ class Controller:
 
     # -- children --
 
-    def spawn(self, role: str) -> Child:
+    def spawn(self, role: str, name: str | None = None) -> Child:
         self.inc += 1
         inc = self.inc
         env = self.env
         kp = None
         if self.a.killpoints and self.rng.random() < KILLPOINT_SHARE:
-            point = self.rng.choice(TASK_KILLPOINTS if role == "task" else PRODUCER_KILLPOINTS)
-            count = self.rng.randint(1, 30 if point in ("in_pi_lock", "after_detach") else 400)
+            points = TASK_KILLPOINTS if role == "task" else PRODUCER_KILLPOINTS
+            point = self.rng.choice(sorted(points))
+            count = self.rng.randint(1, points[point])
             kp = f"{point}:{count}"
             env = dict(env, SHM_TASKWORK_KILLPOINT=kp)
+        graceful = role == "task" and self.a.term and self.rng.random() < GRACEFUL_SHARE
+        if role == "task" and name is None:
+            name = f"stress-t{inc}"
         err_path = os.path.join(self.tmp, f"{role}-{inc}.err")
         cmd = [sys.executable, "-m", "tools.stress", "--role", role, "--domain", self.dom.name,
                "--ledger", os.path.join(self.tmp, f"{role}-{inc}.ledger"),
@@ -530,13 +741,17 @@ class Controller:
                "--parent", str(os.getpid()), "--incarnation", str(inc),
                "--child-seed", str(self.a.seed * 1000003 + inc), "--modes", self.a.modes,
                "--cancel-rate", repr(self.a.cancel_rate)]
+        if name is not None:
+            cmd += ["--name", name]
+        if graceful:
+            cmd += ["--graceful"]
         if self.a.inject in ("lose", "duplicate"):
             cmd += ["--inject", self.a.inject]
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=err,
                                     start_new_session=True)
-        c = Child(role, inc, proc, kp, err_path)
+        c = Child(role, inc, proc, kp, err_path, name, graceful)
         self.children.append(c)
         self.started[role] += 1
         return c
@@ -569,27 +784,48 @@ class Controller:
             self.children.remove(c)
             self._judge_exit(c)
             if replace:
-                self.spawn(c.role)
+                same = c.role == "task" and self.a.restart
+                self.spawn(c.role, c.name if same else None)
+                self.restarted += same
 
     def kill_one(self) -> None:
         live = [c for c in self.children if c.proc.poll() is None]
         if not live:
             return
+        sig = signal.SIGKILL
+        if self.a.term and self.rng.random() < TERM_SHARE:
+            tasks = [c for c in live if c.role == "task"]
+            if tasks:
+                live, sig = tasks, signal.SIGTERM
         c = self.rng.choice(live)
         try:
-            c.proc.send_signal(signal.SIGKILL)
+            c.proc.send_signal(sig)
         except ProcessLookupError:
             return
+        if sig == signal.SIGTERM:
+            self.sigterms_sent += 1
         try:
-            c.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a D-state process
+            # a task with exit_signals first runs what it has queued
+            c.proc.wait(timeout=10 if sig == signal.SIGKILL else 30)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a D-state process, a hang
             self.hung += 1
-        if c.proc.returncode == -signal.SIGKILL:
+            self.crashed.append(f"{c.role} {c.inc} (pid {c.proc.pid}) did not die of "
+                                f"{signal.Signals(sig).name}: {self._tail(c)}")
+            c.proc.kill()
             c.killed_by_us = True
-            self.killed += 1
-            self.sigkills_sent += 1
-            self.killed_by[c.role] += 1
-        # else it had exited on its own just before: reap() judges it
+            c.proc.wait(timeout=10)
+            return
+        if c.proc.returncode == -sig:
+            c.killed_by_us = True
+            if sig == signal.SIGKILL:
+                self.killed_by[c.role] += 1
+                self.killed += 1
+                self.sigkills_sent += 1
+            else:
+                self.terminated += 1
+                self.terminated_graceful += c.graceful
+        # else it had exited on its own just before (or a task with
+        # exit_signals did not end with SIGTERM's status): reap() judges it
 
     def stop_role(self, role: str, stop_file: str, timeout: float) -> None:
         with open(stop_file, "w"):
@@ -632,17 +868,46 @@ class Controller:
                 pass
         psutil.wait_procs(strays, timeout=10)
 
+    # -- dead letters --
+
+    def dead_letter_pass(self, retry: bool) -> None:
+        """Read the dead letters into the book; with ``retry``, re-queue the
+        orphaned ones to every name that has a running task, and read again
+        to see which copies left the list. ``dom.tasks()`` reaps the dead
+        tasks it comes across."""
+        from shm_taskwork import NoSuchTaskError, TaskExitedError
+
+        live = {i.name for i in self.dom.tasks() if i.state == "running"}
+        dls = self.dom.dead_letters()
+        self.book.observe(dls)
+        if not retry:
+            return
+        names = sorted({w.target_name for w in dls if getattr(w, "reason", None) == "orphaned"}
+                       & live)
+        if not names:
+            return
+        for name in names:
+            try:
+                n = self.dom.retry_dead_letters(to=name, reason="orphaned")
+            except (NoSuchTaskError, TaskExitedError):
+                continue        # the name's task died since the snapshot
+            self.retry_calls += 1
+            self.retried += n
+        self.book.observe(self.dom.dead_letters(), retried_since=True)
+
     # -- fsck --
 
     def fsck_once(self) -> None:
+        # Orphaned works are filed as dead letters, which the book reads;
+        # interrupted ones are written here (the judge counts an id once).
         rep = self.dom.fsck(repair=True)
         self.fsck_runs += 1
-        for kind, works in ((ORPHANED, rep.orphaned_works), (INTERRUPTED, rep.interrupted_works)):
-            for w in works:
-                if len(w.payload) == 8:
-                    self.ledger.put(kind, struct.unpack("<Q", w.payload)[0])
-                else:
-                    self.fsck_problems.append(f"work {w.id:#x} has a {len(w.payload)}-byte payload")
+        for w in rep.interrupted_works:
+            wid = payload_id(w)
+            if wid is not None:
+                self.ledger.put(INTERRUPTED, wid)
+            else:
+                self.fsck_problems.append(f"work {w.id:#x} has a {len(w.payload)}-byte payload")
         self.fsck_orphaned += rep.orphaned
         self.fsck_interrupted += rep.interrupted
         self.fsck_leaked += rep.leaked
@@ -672,21 +937,24 @@ class Controller:
                                                                + 4 * max_tasks + 64))
 
         @callback(name=CALLBACK)
-        def record(work):  # dead letters the controller runs itself
+        def record(work):  # the controller registers the callback, as a task would
             self.ledger.put(RAN, struct.unpack("<Q", work.payload)[0])
 
-        for _ in range(a.tasks):
-            self.spawn("task")
+        for k in range(a.tasks):
+            self.spawn("task", f"stress-t{k}" if a.restart else None)
         for _ in range(a.producers):
             self.spawn("producer")
         stop_fsck = threading.Event()
-        fsck_thread = threading.Thread(target=self.fsck_loop, args=(stop_fsck,),
-                                       name="stress-fsck", daemon=True)
-        fsck_thread.start()
+        fsck_thread = None
+        if a.fsck:
+            fsck_thread = threading.Thread(target=self.fsck_loop, args=(stop_fsck,),
+                                           name="stress-fsck", daemon=True)
+            fsck_thread.start()
         progress = _Progress(a.seconds) if sys.stderr.isatty() else None
         t0 = time.monotonic()
         end = t0 + a.seconds
         next_kill = t0 + a.kill_every if a.kill_every > 0 else float("inf")
+        next_dl = t0 + DEAD_LETTERS_EVERY if a.restart else float("inf")
         try:
             while True:
                 now = time.monotonic()
@@ -697,44 +965,63 @@ class Controller:
                     self.kill_one()
                     self.reap(replace=True)
                     next_kill = max(next_kill + a.kill_every, time.monotonic())
+                if now >= next_dl:
+                    self.dead_letter_pass(retry=True)
+                    next_dl = time.monotonic() + DEAD_LETTERS_EVERY
                 if self.fsck_error is not None:
                     raise self.fsck_error
                 if progress:
                     progress.update(now - t0, self)
-                time.sleep(max(0.0, min(next_kill, end, time.monotonic() + 0.01)
+                time.sleep(max(0.0, min(next_kill, next_dl, end, time.monotonic() + 0.01)
                                - time.monotonic()))
             seconds = time.monotonic() - t0
-            # Producers first (each finishes the operation in hand), then the
-            # tasks: exit() runs everything still queued.
+            # Producers first (each finishes the operation in hand); then, with
+            # --restart, the dead letters go to the live tasks once more; then
+            # the tasks: exit() runs everything still queued.
             self.reap(replace=False)
             self.stop_role("producer", self.stop_producers, 30)
+            if a.restart:
+                self.dead_letter_pass(retry=True)
             self.stop_role("task", self.stop_tasks, 60)
         finally:
             stop_fsck.set()
-            fsck_thread.join(timeout=30)
+            if fsck_thread is not None:
+                fsck_thread.join(timeout=30)
             if progress:
                 progress.close()
-        if fsck_thread.is_alive():
+        if fsck_thread is not None and fsck_thread.is_alive():
             raise RuntimeError("the fsck thread did not stop within 30 s")
         if self.fsck_error is not None:
             raise self.fsck_error
-        # Whatever killed processes still held, and any dead letter.
-        self.fsck_once()
-        self.fsck_once()
-        dead_letters = len(self.dom.dead_letters())
-        if dead_letters:
-            self.dom.retry_dead_letters()
-            self.dom.drop_dead_letters()
+        if a.fsck:
+            # Whatever killed processes still held.
+            self.fsck_once()
+            self.fsck_once()
+        # What is left on the dead-letter list is each work's final outcome.
+        self.dead_letter_pass(retry=False)
+        dead_letters = self.book.held_count
+        dropped = self.dom.drop_dead_letters()
+        if dropped != dead_letters or self.dom.dead_letters():
+            self.book.problems.append(f"{dead_letters} dead letter(s) read at the end, "
+                                      f"{dropped} dropped, {len(self.dom.dead_letters())} left")
         if a.inject == "leak":
             # test-only: a work queued on a live task (the controller) that
             # never runs before the pool is counted
             me = self.dom.register("stress-leak", install_handler=False)
             me.add(CALLBACK, struct.pack("<Q", 0), notify=0)
+        # Nothing may be left for an operator: a dry fsck finds nothing.
+        final = self.dom.fsck(repair=False)
         stats = self.dom.stats()
         acc = account(self.tmp)
         acc.update(leaked=stats.pool_size - stats.pool_free, killed=self.killed,
                    seconds=round(seconds, 3), rate=round(acc["added"] / seconds, 1) if seconds else 0.0,
-                   dead_letters=dead_letters)
+                   dead_letters=dead_letters,
+                   final_fsck={"clean": final.clean, "dead_tasks": len(final.dead_tasks),
+                               "dead_processes": len(final.dead_processes),
+                               "orphaned": final.orphaned, "interrupted": final.interrupted,
+                               "leaked": final.leaked, "settled": final.settled,
+                               "incomplete": len(final.incomplete),
+                               "problems": final.problems[:10]})
         return acc
 
     def cleanup(self, keep_domain: bool) -> None:
@@ -747,6 +1034,7 @@ class Controller:
             self.ledger.close()
         except OSError:
             pass
+        logging.getLogger(REAP_LOGGER).removeHandler(self.reaps)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -810,6 +1098,13 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             "cancel_unconfirmed": acc["cancel_unconfirmed"],
             "added_by_mode": acc["added_by_mode"],
             "added_with_add_many": acc["added_with_add_many"],
+            "terminated": ctl.terminated, "terminated_graceful": ctl.terminated_graceful,
+            "terminated_abrupt": ctl.terminated - ctl.terminated_graceful,
+            "sigterms_sent": ctl.sigterms_sent,
+            "retried": ctl.retried, "retried_then_executed": acc["retried_then_executed"],
+            "restarted": ctl.restarted, "interrupted_reports": acc["interrupted_reports"],
+            "final_fsck": acc["final_fsck"],
+            "dead_letter_problems": len(ctl.book.problems),
             "sigkills_sent": ctl.sigkills_sent, "killed_by_role": ctl.killed_by, "killpoint_deaths": ctl.killpoint_deaths,
             "started": ctl.started, "fsck_runs": ctl.fsck_runs,
             "fsck_leaked": ctl.fsck_leaked, "fsck_settled": ctl.fsck_settled,
@@ -818,9 +1113,12 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             "tasks": a.tasks, "producers": a.producers, "kill_every": a.kill_every,
             "cancel_rate": a.cancel_rate, "modes": a.modes.split(","),
             "killpoints": a.killpoints, "pool_size": a.pool_size, "seed": a.seed,
+            "term": a.term, "restart": a.restart, "fsck": a.fsck,
         }
-        failed = [k for k in ("lost", "duplicated", "leaked", "phantom", "crashed", "hung")
-                  if summary[k]]
+        failed = [k for k in ("lost", "duplicated", "leaked", "phantom", "crashed", "hung",
+                              "dead_letter_problems") if summary[k]]
+        if not summary["final_fsck"]["clean"]:
+            failed.append("final_fsck")
         summary["ok"] = ok = not failed
         if not a.json:
             _print_human(summary)
@@ -833,10 +1131,15 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
                     for line in describe(ctl.tmp, bad[k][:20]):
                         print(f"  {line}", file=sys.stderr)
             if summary["leaked"]:
-                print(f"{prog}: {summary['leaked']} pool node(s) not free after the drain and "
-                      "the final fsck", file=sys.stderr)
+                print(f"{prog}: {summary['leaked']} pool node(s) not free after the drain "
+                      "(and the dead letters dropped)", file=sys.stderr)
             for line in ctl.crashed[:20]:
                 print(f"{prog}: {line}", file=sys.stderr)
+            for line in ctl.book.problems[:20]:
+                print(f"{prog}: dead letters: {line}", file=sys.stderr)
+            if "final_fsck" in failed:
+                print(f"{prog}: the final dry fsck is not clean: {summary['final_fsck']}",
+                      file=sys.stderr)
         for prob in ctl.fsck_problems[:10]:
             print(f"{prog}: fsck problem: {prob}", file=sys.stderr)
         return 0 if ok else 1
@@ -852,6 +1155,9 @@ def _print_human(s: dict) -> None:
     print(f"  killed {s['killed']} (tasks {s['killed_by_role']['task']}, producers "
           f"{s['killed_by_role']['producer']}; at kill points {sum(s['killpoint_deaths'].values())})"
           f", fsck runs {s['fsck_runs']}, unconfirmed adds {s['unconfirmed']}")
+    print(f"  terminated {s['terminated']} ({s['terminated_graceful']} with exit_signals), "
+          f"restarted {s['restarted']}, retried {s['retried']}, dead letters at the end "
+          f"{s['dead_letters']}, final dry fsck {'clean' if s['final_fsck']['clean'] else 'NOT clean'}")
     print(f"  lost {s['lost']}, duplicated {s['duplicated']}, leaked {s['leaked']}, "
           f"phantom {s['phantom']}, crashed {s['crashed']}, hung {s['hung']}: "
           f"{'OK' if s['ok'] else 'FAILED'}")
