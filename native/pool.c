@@ -128,6 +128,17 @@ int tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start)
     return 0;
 }
 
+/* 1 if entry i has a free-list operation in flight (an intent word set). */
+int tw_proc_busy(struct tw_dom *d, uint32_t i)
+{
+    if (i >= d->max_procs)
+        return -EINVAL;
+    for (int k = 0; k < TW_INTENTS; k++)
+        if (LD_ACQ(&PROC(d, i)->intent[k]) != ~0ull)
+            return 1;
+    return 0;
+}
+
 int tw_procs_used(struct tw_dom *d)
 {
     uint32_t n = 0;

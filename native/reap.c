@@ -404,7 +404,11 @@ int tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interr
             LD_RLX(&n->target_gen) != gen)
             continue;
         if (ost == TW_N_RUNNING) {
-            /* Started: it may have had effects. Never run again. */
+            /* Started: it may have had effects. Never run again. Ours until
+             * the caller has reported it; the reason says so, so that if we
+             * die first it becomes a dead letter, not a silent free. (No one
+             * else writes a dead runner's RUNNING node.) */
+            n->reason = TW_R_INTERRUPTED;
             if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
                 if (info->interrupted < max)

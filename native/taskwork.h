@@ -133,6 +133,8 @@
 #define TW_R_NONE             0u
 #define TW_R_UNKNOWN          1u  /* its callback was unknown in the runner    */
 #define TW_R_ORPHANED         2u  /* its task died before running it           */
+#define TW_R_INTERRUPTED      3u  /* its task died in its callback; the reaper
+                                     died too before it could report it        */
 
 /* What tw_add reports back (bit mask, >= 0). */
 #define TW_DUE_EVENTFD        0x1  /* NOTIFY_RESUME went 0->1: write the eventfd   */
@@ -347,6 +349,7 @@ uint64_t tw_proc_start_ticks(int pid);
 int  tw_proc_claim(struct tw_dom *d);
 void tw_proc_release(struct tw_dom *d);
 int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start);
+int  tw_proc_busy(struct tw_dom *d, uint32_t i);
 int  tw_procs_used(struct tw_dom *d);
 
 /* ---- tasks (task_work.c) ---- */

@@ -56,7 +56,8 @@ SLOT_STATES = {lib.TW_SLOT_FREE: "free", lib.TW_SLOT_CLAIMING: "claiming",
                lib.TW_SLOT_EXITED: "exited", lib.TW_SLOT_REAPING: "reaping"}
 
 # why a node is a dead letter (node.reason)
-REASONS = {lib.TW_R_UNKNOWN: "unknown_callback", lib.TW_R_ORPHANED: "orphaned"}
+REASONS = {lib.TW_R_UNKNOWN: "unknown_callback", lib.TW_R_ORPHANED: "orphaned",
+           lib.TW_R_INTERRUPTED: "interrupted"}
 REASON_CODES = {v: k for k, v in REASONS.items()}
 
 KILLPOINTS = {"after_alloc": lib.TW_KP_AFTER_ALLOC, "after_push": lib.TW_KP_AFTER_PUSH,

@@ -371,17 +371,20 @@ class Domain:
                 out.orphaned.append(w)
         out.orphaned_count = int(info.orphaned)
         for k in range(min(int(info.interrupted), n)):
+            # Reported first, then given back: should this process die in
+            # between, whoever reclaims its process entry files the node as
+            # an "interrupted" dead letter instead (reported twice at worst,
+            # never silently lost).
             node = inter[k]
             lib.tw_node_state(self.d, node, owner)
             w = self._read(node, _native.owner_gen(owner[0]), "interrupted")
+            if w is not None:
+                w.target_name = name
+                out.interrupted.append(w)
+                reap_log.warning("task %d (%s, pid %d) of domain %r died while running work "
+                                 "%#x (%s): interrupted, not run again", slot, name, pid,
+                                 self.name, w.id, w.func_name, extra={"work": w})
             lib.tw_free_node(self.d, node)
-            if w is None:
-                continue
-            w.target_name = name
-            out.interrupted.append(w)
-            reap_log.warning("task %d (%s, pid %d) of domain %r died while running work %#x "
-                             "(%s): interrupted, not run again", slot, name, pid, self.name,
-                             w.id, w.func_name, extra={"work": w})
         if out.orphaned_count:
             reap_log.warning("task %d (%s, pid %d) of domain %r died: %d work(s) kept as "
                              "orphaned dead letters", slot, name, pid, self.name,
@@ -389,13 +392,23 @@ class Domain:
         return out
 
     def _reap_dead(self) -> list["Reaped"]:
-        """Reap every dead task this process notices now."""
+        """Reap every dead task this process notices now, and reclaim the
+        process-table entries of dead processes (what a dead adder had
+        allocated and not pushed goes back to the pool, what it had pushed
+        stays queued): nothing waits for fsck."""
         out = []
+        d = self.d
         for i in range(self.max_tasks):
-            if lib.tw_slot_dead(self.d, i) == 1:
+            if lib.tw_slot_dead(d, i) == 1:
                 r = self._reap(i)
                 if r is not None:
                     out.append(r)
+        info = None
+        for i in range(self.max_procs):
+            if lib.tw_proc_dead(d, i) == 1:
+                if info is None:
+                    info = ffi.new("struct tw_reap_info *")
+                lib.tw_proc_reclaim(d, i, 0, info)   # -EAGAIN: busy, the next one tries
         return out
 
     # ---- registration -----------------------------------------------------
@@ -637,6 +650,8 @@ class Domain:
         done = 0
         targets: dict[str, object] = {}
         for w in self.dead_letters(reason):
+            if w.reason == "interrupted":
+                continue       # it may have had effects: never run again
             if isinstance(to, Task):
                 t = to
             else:

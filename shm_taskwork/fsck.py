@@ -23,6 +23,7 @@ Every reclaim is a compare-and-swap on the exact owner word judged dead.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 
@@ -46,7 +47,11 @@ class FsckReport:
     # checks that could not be made now (the domain was too busy): not an
     # inconsistency; running fsck again completes them
     incomplete: list[str] = dataclasses.field(default_factory=list)
+    # processes that died holding nodes (allocated, or mid free-list operation)
     dead_processes: list[int] = dataclasses.field(default_factory=list)
+    # entries of processes that died holding nothing: free for the next
+    # process that needs one (reclaimed by repair); not a finding
+    idle_dead_entries: int = 0
     # works now on the dead-letter list (they hold pool nodes until retried
     # or dropped): not a fault, but worth an operator's look
     dead_letters: int = 0
@@ -107,7 +112,12 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
         rep.interrupted += len(got.interrupted)
         rep.interrupted_works.extend(got.interrupted)
 
-    # 2. dead processes of the process table
+    # 2. dead processes of the process table: those that held something are
+    #    findings; those that held nothing are entries waiting to be reused
+    owners = ffi.new("uint64_t[]", dom.pool_size)
+    lib.tw_scan_owners(d, owners)
+    alloc_by = collections.Counter(_native.owner_aux(int(owners[k])) for k in range(dom.pool_size)
+                                   if _native.owner_state(int(owners[k])) == _native.N_ALLOC)
     dead_procs: list[int] = []
     pid_p, start_p = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     info = ffi.new("struct tw_reap_info *")
@@ -115,8 +125,11 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
         if lib.tw_proc_dead(d, i) != 1:
             continue
         lib.tw_proc_info(d, i, pid_p, start_p)
-        rep.dead_processes.append(int(pid_p[0]))
         dead_procs.append(i)
+        if alloc_by.get(i) or lib.tw_proc_busy(d, i) == 1:
+            rep.dead_processes.append(int(pid_p[0]))
+        else:
+            rep.idle_dead_entries += 1
         if not repair:
             continue
         rc = lib.tw_proc_reclaim(d, i, 1, info)
@@ -131,8 +144,8 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
             rep.orphaned += int(info.refiled)
 
     # 3. every node's owner word: what a dry run would do, and what is odd
-    owners = ffi.new("uint64_t[]", dom.pool_size)
-    lib.tw_scan_owners(d, owners)
+    if repair:
+        lib.tw_scan_owners(d, owners)
     for node in range(dom.pool_size):
         o = int(owners[node])
         st, aux, gen = _native.owner_state(o), _native.owner_aux(o), _native.owner_gen(o)
