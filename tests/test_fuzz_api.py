@@ -22,12 +22,11 @@ import signal
 import subprocess
 import threading
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shm_taskwork import (TWA_NMI_CURRENT, TWA_NONE, TWA_RESUME, TWA_SIGNAL, TWA_SIGNAL_NO_IPI,
-                          TWAF_NO_ALLOC, Domain, Task, TaskWorkError, Work, callback, codec,
+                          TWAF_NO_ALLOC, Domain, TaskWorkError, Work, callback, codec,
                           init_task_work, task_work_add, task_work_cancel, task_work_cancel_func,
                           task_work_cancel_match, task_work_pending, task_work_run)
 from shm_taskwork import callbacks as callbacks_mod

@@ -10,14 +10,11 @@ show in its counter. The stranger cases at the end run as user nobody.
 """
 from __future__ import annotations
 
-import errno
 import importlib
 import logging
 import os
 import shutil
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -28,7 +25,7 @@ import pytest
 from shm_taskwork import (TWA_NONE, TWA_RESUME, TWA_SIGNAL, Domain, NotCurrentTaskError, Work,
                           callback)
 from shm_taskwork import _native, _security
-from shm_taskwork._native import ffi, lib
+from shm_taskwork._native import lib
 
 from conftest import ROOT, readline, unique_name, wait_until
 
@@ -198,9 +195,12 @@ def test_a_forged_slot_never_signals_or_robs_an_unrelated_process(make_domain, s
         with caplog.at_level(logging.WARNING, logger="shm_taskwork"):
             with Domain.open(dom.name) as adder:      # no cached proof: a fresh sender
                 h = adder.task(tid)
+                fds = os.listdir("/proc/self/fd")
                 h.add(REC, b"signal", TWA_SIGNAL)     # queued, no exception ...
                 h.add(REC, b"resume", TWA_RESUME)
+                # no pidfd kept, no fd taken from the victim
                 assert adder._peer.get((tid, h.gen), (-1, -1)) == (-1, -1)
+                assert os.listdir("/proc/self/fd") == fds
         assert report(victim) == (0, [])            # ... and nothing reached the victim
         assert _security.REFUSED["not joined"] > before.get("not joined", 0)
         assert any("does not map this domain's segment" in r.getMessage() for r in caplog.records)
