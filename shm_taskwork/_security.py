@@ -46,6 +46,8 @@ import socket
 import stat
 import struct
 
+from ._native import ffi, lib, start_ticks
+
 log = logging.getLogger("shm_taskwork")
 
 SHM_DIR = "/dev/shm"
@@ -63,7 +65,7 @@ TASK_SIGNALS = frozenset({int(signal.SIGUSR1), int(signal.SIGUSR2),
 TASK_SIGNALS_TEXT = (f"SIGUSR1 ({int(signal.SIGUSR1)}), SIGUSR2 ({int(signal.SIGUSR2)}) or a "
                      f"real-time signal SIGRTMIN..SIGRTMAX ({int(signal.SIGRTMIN)}.."
                      f"{int(signal.SIGRTMAX)})")
-FD_TOKEN_LEN = 16
+FD_TOKEN_LEN = lib.TW_FD_TOKEN_LEN  # bytes of struct tw_slot.fd_token
 
 #: Notifications refused, by reason (process-local): "not joined", "exited",
 #: "start time", "signal", "peer credentials", "not an eventfd", "connect",
@@ -191,7 +193,6 @@ def segment_identity(dom) -> tuple[int, int, int]:
     line of /proc/self/maps that holds the mapping's first byte. Cached."""
     ident = getattr(dom, "_segment_identity", None)
     if ident is None:
-        from ._native import ffi
         base = int(ffi.cast("uintptr_t", dom.d.base))
         with open("/proc/self/maps", "rb") as f:
             for line in f:
@@ -220,7 +221,6 @@ def prove_joined(dom, slot: int, gen: int, pidfd: int, pid: int, start: int) -> 
     domain's segment and has start time ``start``; else why not. A verdict
     that cannot change (for this slot, generation, pid and start time) is
     remembered: :func:`refused_before` answers it without a system call."""
-    from ._native import start_ticks
     ident = segment_identity(dom)
     try:
         maps = _maps_entries(pid)
@@ -276,21 +276,15 @@ def fd_socket_name(domain: str, token: bytes) -> bytes:
     return f"\0shm_taskwork{domain}/{token.hex()}".encode()
 
 
-def _token_field(slot):
-    # struct tw_slot.fd_token (uint8_t[16]); the last bytes of the slot's
-    # padding until the field exists in the header.
-    return slot.fd_token if hasattr(slot, "fd_token") else slot.pad
-
-
 def read_fd_token(slot) -> bytes | None:
-    from ._native import ffi
-    token = bytes(ffi.buffer(_token_field(slot), FD_TOKEN_LEN))
+    """The token a task published in ``slot.fd_token`` (None: no server yet).
+    The task writes it right after bind; a torn read names no socket."""
+    token = bytes(ffi.buffer(slot.fd_token, FD_TOKEN_LEN))
     return token if any(token) else None
 
 
 def write_fd_token(slot, token: bytes) -> None:
-    from ._native import ffi
-    ffi.memmove(_token_field(slot), token, FD_TOKEN_LEN)
+    ffi.memmove(slot.fd_token, token, FD_TOKEN_LEN)
 
 
 def process_uid(pid: int) -> int | None:
