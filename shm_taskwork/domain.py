@@ -431,7 +431,13 @@ class Domain:
         if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
             raise TypeError(f"pid= is an int, got {type(pid).__name__}")
         if name is not None:
-            _security.check_text(name, "a task name", lib.TW_NAME_LEN - 1)
+            if not isinstance(name, str):
+                raise TypeError(f"name= is a str, got {type(name).__name__}")
+            try:
+                _security.check_text(name, "a task name", lib.TW_NAME_LEN - 1)
+            except ValueError as exc:  # no task can have it (register refuses it)
+                raise NoSuchTaskError(f"no task named {name!r} in domain {self.name!r}: "
+                                      f"{exc}") from None
         if key is not None:
             if isinstance(key, bool) or not isinstance(key, int):
                 raise TypeError(f"a task id is an int, got {type(key).__name__}")

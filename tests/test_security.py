@@ -22,8 +22,8 @@ import textwrap
 
 import pytest
 
-from shm_taskwork import (TWA_NONE, TWA_RESUME, TWA_SIGNAL, Domain, NotCurrentTaskError, Work,
-                          callback)
+from shm_taskwork import (TWA_NONE, TWA_RESUME, TWA_SIGNAL, Domain, NoSuchTaskError,
+                          NotCurrentTaskError, Work, callback)
 from shm_taskwork import _native, _security
 from shm_taskwork._native import lib
 
@@ -409,7 +409,7 @@ def test_nul_in_task_and_callback_names_is_refused_not_truncated(domain):
         domain.register(name="a\x00b")
     t = domain.register(name="ok")
     try:
-        with pytest.raises(ValueError, match="NUL"):
+        with pytest.raises(NoSuchTaskError, match="NUL"):   # a lookup: no task has it
             domain.task(name="ok\x00tail")
         with pytest.raises(ValueError, match="NUL"):
             callback(name="a\x00b")(lambda w: None)
