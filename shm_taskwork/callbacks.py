@@ -42,9 +42,7 @@ def callback(fn: Callable | None = None, *, name: str | None = None):
         cb_name = name if name is not None else default_name(f)
         if not isinstance(cb_name, str) or not cb_name:
             raise ValueError("a callback name must be a non-empty str")
-        if len(cb_name.encode()) > NAME_LIMIT:
-            raise ValueError(
-                f"callback name {cb_name!r} is {len(cb_name.encode())} bytes; the limit is {NAME_LIMIT}")
+        _check_name(cb_name)
         fid = func_id(cb_name)
         other = _NAMES.get(fid)
         if other is not None and other != cb_name:  # pragma: no cover - 2**-64
@@ -78,6 +76,7 @@ def resolve(func) -> tuple[int, str]:
             return got
         if not func:
             raise ValueError("a callback name must be a non-empty str")
+        _check_name(func)
         if len(_BY_NAME) < 4096:
             _BY_NAME[func] = got = (func_id(func), func)
             return got
@@ -87,9 +86,22 @@ def resolve(func) -> tuple[int, str]:
         return fid, func.__shm_taskwork_name__
     if callable(func):
         name = getattr(func, "__shm_taskwork_name__", None) or default_name(func)
+        _check_name(name)
         return func_id(name), name
     raise TypeError(f"func must be a callback (a callable or its registered name), "
                     f"not {type(func).__name__}")
+
+
+def _check_name(name: str) -> None:
+    """A name the domain's table keeps whole: no NUL, at most NAME_LIMIT bytes."""
+    if "\0" in name:
+        raise ValueError(f"a callback name may not contain NUL, got {name!r}")
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"a callback name must be encodable as UTF-8, got {name!r}") from None
+    if size > NAME_LIMIT:
+        raise ValueError(f"callback name {name!r} is {size} bytes; the limit is {NAME_LIMIT}")
 
 
 def lookup(fid: int) -> Callable | None:

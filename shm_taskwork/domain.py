@@ -21,7 +21,7 @@ import weakref
 
 import posix_ipc
 
-from . import _native, callbacks
+from . import _native, _security, callbacks
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME
 from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
@@ -42,13 +42,7 @@ _OPEN: "weakref.WeakSet[Domain]" = weakref.WeakSet()
 
 
 def _normalize(name: str) -> str:
-    if not isinstance(name, str) or not name.strip("/"):
-        raise ValueError(f"a domain name must be a non-empty str, got {name!r}")
-    if "/" in name.lstrip("/"):
-        raise ValueError(f"a domain name may not contain '/' after the first character: {name!r}")
-    if len(name.lstrip("/")) > 250:
-        raise ValueError(f"a domain name is at most 250 characters, got {len(name)}")
-    return name if name.startswith("/") else "/" + name
+    return _security.domain_name(name)  # ValueError before any system call
 
 
 def _check_int(key: str, value) -> int:
@@ -155,6 +149,7 @@ class Domain:
             raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
         size = lib.tw_layout_size(max_tasks, pool_size, payload_size, max_procs, names_cap,
                                   int(bool(record_origin)))
+        _security.check_total_size(name, size)
         # Made whole before it has its name: created under a temporary name,
         # formatted and mapped, then linked under the domain's name in one
         # step (link(2) fails if the name exists). An opener never sees a
@@ -207,6 +202,8 @@ class Domain:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError as exc:
             raise FileNotFoundError(f"no domain named {name!r}") from exc
+        except posix_ipc.PermissionsError:
+            raise _security.permission_error(name, "open") from None
         size = shm.size  # read before close_fd()
         try:
             head = os.pread(shm.fd, 16, 0)
@@ -253,6 +250,8 @@ class Domain:
             posix_ipc.unlink_shared_memory(self.name)
         except posix_ipc.ExistentialError:
             pass
+        except posix_ipc.PermissionsError:
+            raise _security.permission_error(self.name, "remove") from None
 
     def close(self) -> None:
         """Exit this process's task here (if any) and unmap. Idempotent."""
@@ -442,6 +441,16 @@ class Domain:
         given = sum(x is not None for x in (key, pid, name))
         if given != 1:
             raise TypeError("task() takes exactly one of: a task id, pid=..., name=...")
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+            raise TypeError(f"pid= is an int, got {type(pid).__name__}")
+        if name is not None:
+            if not isinstance(name, str):
+                raise TypeError(f"name= is a str, got {type(name).__name__}")
+            try:
+                _security.check_text(name, "a task name", lib.TW_NAME_LEN - 1)
+            except ValueError as exc:  # no task can have it (register refuses it)
+                raise NoSuchTaskError(f"no task named {name!r} in domain {self.name!r}: "
+                                      f"{exc}") from None
         if key is not None:
             if isinstance(key, bool) or not isinstance(key, int):
                 raise TypeError(f"a task id is an int, got {type(key).__name__}")

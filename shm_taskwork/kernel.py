@@ -14,6 +14,14 @@ from .errors import (InvalidModeError, PayloadTooLargeError, PoolExhaustedError,
 from .work import Work
 
 
+def _task(task):
+    from .task import Task  # task.py imports domain.py, as this module does
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a Task (from dom.task() or dom.register()), "
+                        f"got {type(task).__name__}")
+    return task
+
+
 def init_task_work(func, payload=b"") -> Work:
     """An unqueued work (init_task_work)."""
     fid, name = callbacks.resolve(func)
@@ -26,6 +34,9 @@ def task_work_add(task, work: Work, notify) -> int:
     """Queue ``work`` on ``task``. RETURNS: 0, -ESRCH (the task exited),
     -EINVAL (bad notify mode), -ENOMEM (pool empty) or -E2BIG (payload too
     large). On success ``work`` becomes the queued work (its id is set)."""
+    _task(task)
+    if not isinstance(work, Work):
+        raise TypeError(f"work must be a Work (from init_task_work()), got {type(work).__name__}")
     try:
         got = task.add(work.func_name, work.payload, notify)
     except TaskExitedError:
@@ -52,17 +63,19 @@ def task_work_run() -> None:
 
 
 def task_work_pending(task) -> bool:
-    return task.pending() > 0
+    return _task(task).pending() > 0
 
 
 def task_work_cancel_match(task, match, data) -> Work | None:
     """Remove the newest pending work with ``match(work, data)`` true."""
-    return task.cancel_match(lambda w: match(w, data))
+    if not callable(match):
+        raise TypeError(f"match must be callable as match(work, data), got {type(match).__name__}")
+    return _task(task).cancel_match(lambda w: match(w, data))
 
 
 def task_work_cancel_func(task, func) -> Work | None:
-    return task.cancel_func(func)
+    return _task(task).cancel_func(func)
 
 
 def task_work_cancel(task, work: Work) -> bool:
-    return task.cancel(work)
+    return _task(task).cancel(work)

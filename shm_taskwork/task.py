@@ -10,13 +10,15 @@ flag clear and notifies again: coalescing never loses a wake-up.
 
 Getting at another process's eventfd: ``pidfd_getfd(2)`` where the kernel
 allows it (same user, ptrace access); otherwise the task's own process hands
-the descriptor over a Unix socket with SCM_RIGHTS after checking the peer's
-uid with SO_PEERCRED (hosts with Yama ptrace_scope >= 1). Setting
+the descriptor over a Unix socket with SCM_RIGHTS, both ends checking the
+other's SO_PEERCRED (hosts with Yama ptrace_scope >= 1). Setting
 ``SHM_TASKWORK_FD_PASSING=scm`` in the sender forces the socket path.
 
-Signals: SIGNAL sends the task's signal (SIGUSR1) through a pidfd that was
-checked, after it was opened, to still be the registered process (pid plus
-start time): a corrupt slot can never make us signal a stranger. The handler
+Signals: SIGNAL sends the task's signal (SIGUSR1) through a pidfd whose
+process was proven, after it was opened, to map this domain's segment and to
+still be the registered process (pid plus start time): a corrupt or forged
+slot can never make us signal a stranger, nor take an fd from one (see
+_security.py). The handler
 runs in the main thread between bytecodes; it runs the works, never nests a
 run (a run in progress picks the new works up) and wakes a concurrent wait().
 """
@@ -34,7 +36,7 @@ import sys
 import threading
 import time
 
-from . import _native, callbacks
+from . import _native, _security, callbacks
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
 from .errors import (InvalidModeError, NotCurrentTaskError, PayloadTooLargeError,
@@ -75,24 +77,46 @@ def _origin() -> bytes:
     return raw if len(raw) <= lib.TW_ORIGIN_LEN else b"..." + raw[-(lib.TW_ORIGIN_LEN - 3):]
 
 
-def _socket_name(dom, slot: int, gen: int) -> bytes:
-    return f"\0shm_taskwork{dom.name}/{slot}/{gen}".encode()
-
-
 class _FdServer(threading.Thread):
-    """Hands the task's eventfd to local peers of the same uid (SCM_RIGHTS)."""
+    """Hands the task's eventfd to local peers of the same uid (SCM_RIGHTS).
 
-    def __init__(self, address: bytes, efd: int):
+    It listens on an abstract socket whose name nobody can predict (a random
+    token, published in the task's slot), so no other user can bind it first;
+    a name found taken is logged and another one tried. Should the socket ever
+    fail, the server logs it and listens on a fresh name: it never stops
+    quietly while the task lives."""
+
+    def __init__(self, dom, slot: int, efd: int):
         super().__init__(name="shm_taskwork-fd-server", daemon=True)
         self.efd = efd
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(address)
-        self.sock.listen(16)
+        self._dom = dom
+        self._slot_index = slot
         # not `_stop`: threading.Thread has a method of that name (join, fork)
         self._stopping = False
+        # Held while the slot's token is written, so that once stop() returns
+        # the thread never touches the segment again (it may be unmapped).
+        self._lock = threading.RLock()
+        self.sock = self._listen()
+
+    def _listen(self) -> socket.socket:
+        for _ in range(16):
+            token = _security.new_fd_token()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.bind(_security.fd_socket_name(self._dom.name, token))
+                sock.listen(16)
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                log.warning("task %d of domain %s: fd-passing socket name %s is taken; "
+                            "trying another", self._slot_index, self._dom.name, token.hex())
+                continue
+            _security.write_fd_token(self._dom._slot(self._slot_index), token)
+            return sock
+        raise OSError(errno.EADDRINUSE, "16 random fd-passing socket names in a row were taken")
 
     def run(self):
-        import struct
         # The task's signal must go to the main thread: Python runs handlers
         # there, the blocking call to interrupt is there, and a signal the
         # main thread blocks must stay pending instead of landing here.
@@ -100,13 +124,13 @@ class _FdServer(threading.Thread):
         while not self._stopping:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if not self._renew(exc):
+                    return
+                continue
             with conn:
                 try:
-                    cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                           struct.calcsize("3i"))
-                    _pid, uid, _gid = struct.unpack("3i", cred)
+                    _pid, uid, _gid = _security.peer_cred(conn)
                     if uid != os.getuid() and uid != 0:
                         conn.sendall(b"N")
                         continue
@@ -114,13 +138,35 @@ class _FdServer(threading.Thread):
                 except OSError:
                     pass
 
+    def _renew(self, exc: OSError) -> bool:
+        """After a failed accept: False if stopping; else wait out a lack of
+        descriptors or memory, or listen on a new name. Never silent."""
+        with self._lock:
+            if self._stopping:
+                return False
+            log.warning("task %d of domain %s: fd server: %r", self._slot_index,
+                        self._dom.name, exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(0.05)  # back off; the same socket still listens
+                return True
+            try:
+                self.sock.close()
+                self.sock = self._listen()
+            except (OSError, ValueError) as again:
+                log.error("task %d of domain %s: the fd server cannot listen any more, peers "
+                          "that need SCM_RIGHTS cannot wake it: %r", self._slot_index,
+                          self._dom.name, again)
+                return False
+            return True
+
     def stop(self):
-        self._stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        with self._lock:
+            self._stopping = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
 
 
 def _is_eventfd(fd: int) -> bool:
@@ -145,16 +191,6 @@ def _handles_signal(pid: int, signum: int) -> bool:
     return bool(mask >> (signum - 1) & 1)
 
 
-def _fetch_efd_scm(address: bytes) -> int:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(2.0)
-        s.connect(address)
-        msg, fds, _flags, _addr = socket.recv_fds(s, 16, 1)
-        if msg != b"E" or not fds:
-            raise PermissionError("the task refused to hand over its eventfd (uid differs)")
-        return fds[0]
-
-
 class Task:
     """A handle to one registration (slot id + generation)."""
 
@@ -166,8 +202,10 @@ class Task:
         self.name = name
         self._own = False
         self._exited = False
-        # fixed for the life of a registration, so read once
-        self._signum = int(dom._slot(slot).signum) if signum is None else signum
+        # fixed for the life of a registration, so read once; a number read
+        # from the segment that no task may use is never sent (0)
+        self._signum = (_security.sendable_signal(int(dom._slot(slot).signum))
+                        if signum is None else signum)
 
     # ---- registration -----------------------------------------------------
 
@@ -177,14 +215,9 @@ class Task:
             raise TaskWorkError(
                 f"this process is already task {dom.current.id} of domain {dom.name!r}; "
                 "a process plays one task per domain")
-        if name is not None and (not isinstance(name, str) or len(name.encode()) >= lib.TW_NAME_LEN):
-            raise ValueError(f"a task name is a str of at most {lib.TW_NAME_LEN - 1} bytes, got {name!r}")
-        try:
-            signum = signal.Signals(signum)
-        except ValueError:
-            raise ValueError(f"signum={signum!r} is not a signal number") from None
-        if signum in (signal.SIGKILL, signal.SIGSTOP):
-            raise ValueError("signum must be a catchable signal (not SIGKILL or SIGSTOP)")
+        if name is not None:
+            _security.check_text(name, "a task name", lib.TW_NAME_LEN - 1)
+        signum = _security.task_signal(signum)
         exits = _exit_signal_set(exit_signals, signum)
         if (install_handler or exits) and threading.current_thread() is not threading.main_thread():
             raise ValueError("register(install_handler=True) and exit_signals need the main "
@@ -233,9 +266,11 @@ class Task:
         t._out = ffi.new("uint32_t[]", dom.pool_size)
         t._sc = _native.Scratch(dom.payload_size)
         try:
-            t._server = _FdServer(_socket_name(dom, t.id, t.gen), efd)
+            t._server = _FdServer(dom, t.id, efd)
             t._server.start()
-        except OSError:
+        except OSError as exc:
+            log.error("task %d of domain %s: no fd server (%r): peers that cannot use "
+                      "pidfd_getfd will not wake it through its eventfd", t.id, dom.name, exc)
             t._server = None
         if install_handler:
             _SIGNAL_TASKS.setdefault(t._signum, []).append(t)
@@ -271,6 +306,8 @@ class Task:
         if not self.is_current:
             if self._own and self._exited:
                 raise TaskExitedError(f"{what}: task {self.id} has exited")
+            if self.pid == _MY_PID[0]:
+                raise NotCurrentTaskError(_security.not_this_handle(self, what))
             raise NotCurrentTaskError(
                 f"{what} is only for the task's own process: task {self.id} belongs to pid "
                 f"{self.pid}, this is pid {os.getpid()}")
@@ -296,14 +333,19 @@ class Task:
         pid, start, efd_num = int(s.pid), int(s.start_ticks), int(s.efd)
         if s.gen != self.gen or pid <= 0:
             return -1, -1
+        if _security.refused_before(dom, self.id, self.gen, pid, start):
+            return -1, -1
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
             return -1, -1
-        # The pidfd pins the process: if the start time still matches now, it
-        # is the registrant, and it stays so for as long as we hold the pidfd.
-        if _native.start_ticks(pid) != start:
+        # The pidfd pins the process. Before anything is sent to it or taken
+        # from it, prove that it joined this domain (it maps this segment),
+        # then that it is the registrant (start time). See _security.
+        why = _security.prove_joined(dom, self.id, self.gen, pidfd, pid, start)
+        if why is not None:
             os.close(pidfd)
+            _security.refuse(dom, self.id, self.gen, why)
             return -1, -1
         efd = -1
         if os.environ.get("SHM_TASKWORK_FD_PASSING") != "scm":
@@ -314,19 +356,26 @@ class Task:
             if efd >= 0 and not _is_eventfd(efd):
                 os.close(efd)
                 efd = -1
+                log.warning("task %d of domain %s: fd %d of its process is not an eventfd; "
+                            "asking the task itself", self.id, dom.name, efd_num)
         if efd < 0:
-            try:
-                efd = _fetch_efd_scm(_socket_name(dom, self.id, self.gen))
-            except OSError as exc:
-                log.debug("cannot obtain the eventfd of task %d: %r", self.id, exc)
-                efd = -1
+            efd, why = _security.fetch_eventfd(dom, s, pid)
+            if why is not None:
+                _security.refuse(dom, self.id, self.gen, why)
             if efd >= 0 and not _is_eventfd(efd):
                 os.close(efd)
                 efd = -1
-        # The signal number came from the segment too: send it only if the
-        # task handles (or blocks, or ignores) it. Any other would meet its
-        # default action and kill or stop the task.
-        if not _handles_signal(pid, self._signum):
+                _security.refuse(dom, self.id, self.gen,
+                                 "not an eventfd: the task's fd server sent another kind of fd")
+        # The signal number came from the segment too: send it only if it is
+        # one a task may use and the task handles (or blocks, or ignores) it.
+        # Any other would meet its default action and kill or stop the task.
+        if not self._signum:
+            _security.refuse(dom, self.id, self.gen,
+                             f"signal: signal {int(s.signum)} of the slot is not a task signal")
+            os.close(pidfd)
+            pidfd = -1
+        elif not _handles_signal(pid, self._signum):
             log.debug("task %d does not handle signal %d: not signalling it", self.id,
                       self._signum)
             os.close(pidfd)
@@ -487,6 +536,8 @@ class Task:
         if (work.id is None or work.domain != self._dom.name or work.target != self.id
                 or work.target_gen != self.gen):
             return False
+        if isinstance(work.id, bool) or not isinstance(work.id, int) or not 0 <= work.id < 1 << 64:
+            return False  # no work ever had that id
         return self._cancel(0, work.id, "cancel") is not None
 
     def cancel_func(self, func) -> Work | None:
@@ -676,8 +727,7 @@ class Task:
         Returns the works run during the call, those the signal handler ran
         included. Never runs anything inside a signal handler for RESUME."""
         self._require_current("wait")
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+        timeout = _security.timeout_seconds(timeout)
         start = self._ran_total
         deadline = None if timeout is None else time.monotonic() + timeout
         self._waiting = True
@@ -692,6 +742,7 @@ class Task:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return 0
+                    remaining = min(remaining, 3600.0)  # a bound select() accepts
                 if select.select([self._efd], [], [], remaining)[0]:
                     # Drain before the next checkpoint (the flag, not the
                     # eventfd, says whether work waits): an adder whose write

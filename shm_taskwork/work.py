@@ -54,7 +54,10 @@ class Work:
         return hash((self.domain, self.target, self.id))
 
     def __repr__(self) -> str:
-        ident = "unqueued" if self.id is None else f"id={self.id:#x}"
+        if self.id is None:
+            ident = "unqueued"
+        else:  # a handle built by hand may carry anything
+            ident = f"id={self.id:#x}" if isinstance(self.id, int) else f"id={self.id!r}"
         why = f", reason={self.reason}" if self.reason else ""
         return (f"Work({self.func_name!r}, {ident}, target={self.target}, "
                 f"payload={len(self.payload)}B, state={self.state}{why})")
