@@ -1,7 +1,7 @@
 """``shm-taskwork demo``: the main job on an embedded default.
 
 A supervisor (this process) creates a private domain and starts worker
-processes - unrelated ones, each started with ``python -m tools.demo
+processes - unrelated ones, each started with ``python -m shm_taskwork.tools.demo
 --worker`` - that register a task and the callbacks a real service would
 take from its supervisor: *reload config*, *flush cache*, *drop connection*.
 Each worker meanwhile does something ordinary:
@@ -60,7 +60,7 @@ import uuid
 import shm_taskwork
 from shm_taskwork import (TWA_NMI_CURRENT, TWA_NONE, TWA_RESUME, TWA_SIGNAL, TWA_SIGNAL_NO_IPI,
                           Domain, TaskExitedError, callback)
-from tools._common import positive_int
+from shm_taskwork.tools._common import positive_int
 
 PREFIX = "tw_demo_"
 STYLES = ("waiter", "cruncher", "sleeper", "looper")
@@ -354,11 +354,10 @@ class Demo:
     # ---- processes and their reports -----------------------------------------
 
     def start_workers(self) -> None:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # the directory holding the package (the repository, or site-packages)
         pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(shm_taskwork.__file__)))
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (here, pkg_root, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         for i in range(self.nworkers):
             style = STYLES[i % len(STYLES)]
             errfile = tempfile.TemporaryFile()
@@ -368,7 +367,7 @@ class Demo:
             signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "tools.demo", "--worker", style, "--domain",
+                    [sys.executable, "-m", "shm_taskwork.tools.demo", "--worker", style, "--domain",
                      self.name, "--index", str(i)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errfile, env=env,
                     start_new_session=True)  # Ctrl-C reaches the supervisor, which stops them
