@@ -1,0 +1,165 @@
+"""The exporter's metrics of SPEC §11: oldest pending age, CPU seconds and RSS
+per task, the fill of the process and name tables, and a domain destroyed and
+created again under the same name while the exporter runs.
+
+The exporter is a real subprocess scraped over HTTP on loopback; the tasks are
+registered by unrelated processes. Waits are polls with a deadline.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT, readline, wait_until
+
+from shm_taskwork import TWA_NONE, Domain
+
+SERVICE = """
+    import sys
+    from shm_taskwork import Domain, callback
+    dom = Domain.open(sys.argv[1])
+    task = dom.register("svc")
+
+    @callback(name="test.known")
+    def known(work):
+        pass
+
+    print(task.id, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            print(task.run(), flush=True)
+        else:
+            break
+    task.exit()
+"""
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str, timeout: float = 20.0) -> dict[tuple[str, frozenset], float]:
+    """(sample name, labels) -> value, retrying until the server answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not answer within {timeout}s")
+            time.sleep(0.02)
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def exporter(name: str):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "shm_taskwork.cli", "export", name,
+                             "--port", str(port)], env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert readline(proc).startswith(f"serving {name} metrics on http://127.0.0.1:{port}")
+    return proc, f"http://127.0.0.1:{port}/metrics"
+
+
+def stop(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+
+
+def value(m: dict, metric: str, **labels) -> float:
+    want = {(k, str(v)) for k, v in labels.items()}
+    got = [v for (n, ls), v in m.items() if n == metric and want <= ls]
+    assert len(got) == 1, (metric, labels, got)
+    return got[0]
+
+
+def test_task_age_process_figures_and_table_fill(make_domain, spawn):
+    dom = make_domain("exp")
+    child = spawn(SERVICE, dom.name, stdin=subprocess.PIPE)
+    task = dom.task(int(readline(child)))
+    proc, url = exporter(dom.name)
+    try:
+        m = scrape(url)
+        t = dict(domain=dom.name, task=task.id, name="svc")
+        assert value(m, "shm_taskwork_domain_up", domain=dom.name) == 1
+        assert value(m, "shm_taskwork_task_oldest_pending_seconds", **t) == 0
+        task.add("test.known", b"", TWA_NONE)
+        task.add("test.other", b"", TWA_NONE)
+        m = scrape(url)
+        assert value(m, "shm_taskwork_task_oldest_pending_seconds", **t) > 0
+        assert value(m, "shm_taskwork_task_cpu_seconds_total", **t) > 0
+        assert value(m, "shm_taskwork_task_resident_memory_bytes", **t) > 1 << 20
+        # two callback names kept; this process and the task's claimed process entries
+        assert value(m, "shm_taskwork_name_table_used", domain=dom.name) == 2
+        assert value(m, "shm_taskwork_name_table_size", domain=dom.name) > 2
+        assert 1 <= value(m, "shm_taskwork_proc_table_used", domain=dom.name) <= 2
+        assert value(m, "shm_taskwork_proc_table_size", domain=dom.name) == dom.max_procs
+        child.stdin.write("run\n")
+        child.stdin.flush()
+        assert readline(child) == "1"            # test.other is a dead letter there
+        m = scrape(url)
+        assert value(m, "shm_taskwork_task_oldest_pending_seconds", **t) == 0
+        child.stdin.write("exit\n")
+        child.stdin.flush()
+        child.communicate(timeout=15)
+        m = scrape(url)
+        # an exited task has no process figures
+        assert not [k for k in m if k[0] == "shm_taskwork_task_cpu_seconds_total"
+                    and ("task", str(task.id)) in k[1]]
+    finally:
+        stop(proc)
+
+
+def test_exporter_follows_a_domain_destroyed_and_created_again(make_domain):
+    dom = make_domain("reopen", pool_size=256)
+    name = dom.name
+    proc, url = exporter(name)
+    try:
+        m = scrape(url)
+        assert value(m, "shm_taskwork_pool_size", domain=name) == 256
+        assert value(m, "shm_taskwork_domain_reopened_total", domain=name) == 0
+        dom.close()
+        dom.unlink()
+        m = scrape(url)
+        assert value(m, "shm_taskwork_domain_up", domain=name) == 0
+        assert not [k for k in m if k[0] == "shm_taskwork_pool_size"]
+        again = Domain.create(name, pool_size=512, max_tasks=4)
+        try:
+            m = scrape(url)
+            assert value(m, "shm_taskwork_domain_up", domain=name) == 1
+            assert value(m, "shm_taskwork_pool_size", domain=name) == 512
+            assert value(m, "shm_taskwork_domain_reopened_total", domain=name) == 1
+            # destroyed and created again between two scrapes: seen too
+            again.close()
+            again.unlink()
+            again = Domain.create(name, pool_size=128, max_tasks=4)
+            wait_until(lambda: value(scrape(url), "shm_taskwork_pool_size", domain=name) == 128,
+                       what="the exporter to map the newest domain")
+            assert value(scrape(url), "shm_taskwork_domain_reopened_total", domain=name) == 2
+        finally:
+            again.close()
+            again.unlink()
+    finally:
+        stop(proc)
