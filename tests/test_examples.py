@@ -1,0 +1,153 @@
+"""What ``examples/`` ships, checked against the real thing: the Prometheus
+alert rules against a real exporter's metrics, the systemd units by running
+their commands on a real domain, the worker by stopping it as systemd would.
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, readline
+
+from shm_taskwork import TWA_NONE, TWA_SIGNAL
+from shm_taskwork.cli import COMMANDS
+
+EXAMPLES = os.path.join(ROOT, "examples")
+SYSTEMD = os.path.join(EXAMPLES, "systemd")
+INSTALL_DIR = "/opt/shm-taskwork/"   # where the units expect the project
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shm_taskwork.cli", *args], env=_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+# ---- Prometheus rules ---------------------------------------------------------------
+
+IDLE = """
+    import sys
+    from shm_taskwork import Domain
+    dom = Domain.open(sys.argv[1])
+    task = dom.register("idle")
+    print(task.id, flush=True)
+    sys.stdin.read()
+    task.exit()
+"""
+
+
+def test_alert_rules_name_only_metrics_the_exporter_serves(make_domain, spawn):
+    with open(os.path.join(EXAMPLES, "prometheus", "shm_taskwork.rules.yml")) as f:
+        doc = yaml.safe_load(f)
+    rules = [r for g in doc["groups"] for r in g["rules"]]
+    alerts = {r["alert"] for r in rules}
+    for want in ("ShmTaskworkDeadTask", "ShmTaskworkDeadLetters", "ShmTaskworkPoolNearlyEmpty",
+                 "ShmTaskworkOldestPendingTooOld"):
+        assert want in alerts
+    for r in rules:
+        assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}, r
+        assert r["labels"]["severity"] in ("warning", "critical"), r
+        assert r["annotations"]["summary"], r
+        assert r["expr"].count("(") == r["expr"].count(")"), r["expr"]
+    # a domain with a live task that has a pending work: every family appears
+    dom = make_domain("rules")
+    child = spawn(IDLE, dom.name, stdin=subprocess.PIPE)
+    dom.task(int(readline(child))).add("test.x", b"", TWA_NONE)
+    r = cli("export", dom.name, "--once")
+    assert r.returncode == 0, r.stderr
+    served = {line.split("{")[0].split()[0] for line in r.stdout.splitlines()
+              if line and not line.startswith("#")}
+    for rule in rules:
+        names = set(re.findall(r"\bshm_taskwork_\w+", rule["expr"]))
+        assert names, rule["expr"]
+        missing = names - served
+        assert not missing, f"{rule['alert']} names {missing}, not exported"
+    # the label a rule selects on is one the exporter sets
+    assert 'state="running"' in r.stdout
+    child.communicate(timeout=15)   # closes its stdin: it exits its task
+
+
+# ---- systemd units ------------------------------------------------------------------
+
+def unit(name: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(interpolation=None, strict=False)
+    cp.optionxform = str  # systemd keys are case-sensitive
+    with open(os.path.join(SYSTEMD, name)) as f:
+        cp.read_file(f)
+    return cp
+
+
+def exec_argv(cp, domain: str) -> list[str]:
+    argv = shlex.split(cp["Service"]["ExecStart"].replace("%i", domain))
+    assert os.path.isabs(argv[0]), argv  # systemd wants an absolute path
+    return argv
+
+
+def test_units_parse_and_their_commands_are_real(make_domain):
+    files = sorted(os.listdir(SYSTEMD))
+    assert {"shm-taskwork-worker@.service", "shm-taskwork-fsck@.service",
+            "shm-taskwork-fsck@.timer"} <= set(files)
+    dom = make_domain("units")
+    for f in files:
+        cp = unit(f)
+        assert cp["Unit"]["Description"]
+        if f.endswith(".timer"):
+            target = cp["Timer"]["Unit"].replace("%i", "")
+            assert target in files, target
+            assert cp["Timer"]["OnUnitActiveSec"]
+            assert cp["Install"]["WantedBy"] == "timers.target"
+            continue
+        argv = exec_argv(cp, dom.name)
+        if os.path.basename(argv[0]) != "shm-taskwork":
+            continue
+        sub, args = argv[1], argv[2:]
+        assert sub in COMMANDS, f"{f}: {sub!r} is not a shm-taskwork command"
+        if sub == "export":
+            args += ["--once"]   # served forever otherwise: one exposition proves the options
+        r = cli(sub, *args)
+        assert r.returncode == 0, (f, r.stderr)
+    fsck = unit("shm-taskwork-fsck@.service")
+    assert fsck["Service"]["Type"] == "oneshot"
+    assert exec_argv(fsck, "app")[1:] == ["fsck", "app", "--repair"]
+
+
+def test_worker_unit_runs_the_example_worker_and_stops_it_with_its_kill_signal(make_domain):
+    dom = make_domain("worker")
+    cp = unit("shm-taskwork-worker@.service")
+    argv = exec_argv(cp, dom.name)
+    # the unit's paths, mapped onto this checkout and this interpreter
+    argv = [sys.executable if a.endswith("/python") else a.replace(INSTALL_DIR, ROOT + "/")
+            for a in argv]
+    assert argv[1] == os.path.join(EXAMPLES, "worker.py")
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert "ready" in readline(proc)
+        task = dom.task(name="worker")
+        task.add("app.reload", b"config.toml", TWA_SIGNAL)
+        assert readline(proc).startswith("reloading config.toml (queued by pid")
+        task.add("app.ping", b"", TWA_NONE)   # held: runs when the task exits
+        proc.send_signal(getattr(signal, cp["Service"]["KillSignal"]))
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert out.split() == ["pong", "exited"], out
+    assert [t.state for t in dom.tasks() if t.id == task.id] in ([], ["exited"])
+    st = dom.stats()
+    assert st.pool_free == st.pool_size
