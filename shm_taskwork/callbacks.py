@@ -9,6 +9,7 @@ importing the module that defines it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Callable
 
 from .errors import UnknownCallbackError
@@ -32,6 +33,11 @@ def callback(fn: Callable | None = None, *, name: str | None = None):
     """Register ``fn`` as a callback, under ``module:qualname`` or ``name``.
 
     Usable bare (``@callback``) or with a name (``@callback(name="app.flush")``).
+    An ``async def`` is allowed: in a task attached to an asyncio loop
+    (``task.attach_loop()``) each of its works is scheduled on the loop and
+    counted ``run`` when the coroutine finishes (``errors`` if it raised);
+    a task without an attached loop counts it an error ("async callback
+    needs an attached loop") and never creates the coroutine.
     Registering the same name twice replaces the function (a module reloaded);
     two different names with the same id are refused.
     """
@@ -53,6 +59,8 @@ def callback(fn: Callable | None = None, *, name: str | None = None):
         _NAMES[fid] = cb_name
         f.__shm_taskwork_name__ = cb_name
         f.__shm_taskwork_id__ = fid
+        # an `async def`: its works are scheduled on the task's attached loop
+        f.__shm_taskwork_async__ = inspect.iscoroutinefunction(f)
         return f
 
     if fn is not None:

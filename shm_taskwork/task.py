@@ -33,13 +33,17 @@ import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from . import _native, callbacks
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
 from .errors import (InvalidModeError, NotCurrentTaskError, PayloadTooLargeError,
                      PoolExhaustedError, TaskExitedError, TaskWorkError)
-from .work import Work
+from .work import Work, note_cancelled
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("shm_taskwork")
 
@@ -166,6 +170,7 @@ class Task:
         self.name = name
         self._own = False
         self._exited = False
+        self._aio = None  # the asyncio loop binding (_aio.LoopBinding), when attached
         # fixed for the life of a registration, so read once
         self._signum = int(dom._slot(slot).signum) if signum is None else signum
 
@@ -477,7 +482,9 @@ class Task:
         check(rc, what)
         if rc == 0:
             return None
-        return dom._work_from(sc, "cancelled")
+        got = dom._work_from(sc, "cancelled")
+        note_cancelled(got.domain, got.id)  # a handle of it says "cancelled" too
+        return got
 
     def cancel(self, work: Work) -> bool:
         """task_work_cancel(): True iff ``work`` was pending and is now removed.
@@ -487,7 +494,10 @@ class Task:
         if (work.id is None or work.domain != self._dom.name or work.target != self.id
                 or work.target_gen != self.gen):
             return False
-        return self._cancel(0, work.id, "cancel") is not None
+        if self._cancel(0, work.id, "cancel") is None:
+            return False
+        work.state = "cancelled"
+        return True
 
     def cancel_func(self, func) -> Work | None:
         """task_work_cancel_func(): remove the most recently queued pending work
@@ -623,6 +633,11 @@ class Task:
                 work = dom._work_from(sc, "running")
                 if _KP_IN_CALLBACK:
                     lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
+                if getattr(fn, "__shm_taskwork_async__", False):
+                    ran += self._begin_async(work, fn, node, errs)
+                    if self._aio_took(node):
+                        prev = lib.TW_NIL  # finished when its coroutine ends
+                    continue
                 try:
                     fn(work)
                 except Exception as exc:
@@ -709,6 +724,65 @@ class Task:
         self._require_current("fileno")
         return self._efd
 
+    # ---- asyncio ------------------------------------------------------------
+
+    def attach_loop(self, loop: "asyncio.AbstractEventLoop | None" = None) -> None:
+        """Run this task's works from an asyncio loop (the running one by
+        default): RESUME works from the loop's reader on ``fileno()``, SIGNAL
+        works through ``loop.add_signal_handler``, i.e. at a safe point of the
+        loop, never between two bytecodes of a coroutine; ``async def``
+        callbacks are scheduled on it. Call from the main thread (signal
+        handlers live there). Attaching to the loop already attached does
+        nothing; to another one, detaches first."""
+        from . import _aio
+
+        self._require_current("attach_loop")
+        loop = _aio.require_loop(loop)
+        if self._aio is not None:
+            if self._aio.loop is loop:
+                return
+            self.detach_loop()
+        b = _aio.LoopBinding(self, loop)
+        b.attach()
+        self._aio = b
+
+    def detach_loop(self) -> None:
+        """Undo attach_loop(): the task's own wait()/checkpoint() and the
+        Python-level signal handler take the notifications again. Async
+        callbacks already scheduled keep running on the loop. Idempotent."""
+        from . import _aio
+
+        _aio.LoopBinding.detach_from(self)
+
+    async def wait_async(self, timeout: float | None = None) -> int:
+        """``await``-able wait(): until work is notified (or ``timeout``
+        seconds pass), run it; the number of works run meanwhile. Other
+        coroutines run while it waits."""
+        from . import _aio
+
+        self._require_current("wait_async")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+        return await _aio.wait_async(self, timeout)
+
+    def _begin_async(self, work: Work, fn, node: int, errs: list) -> int:
+        """An async callback's work: schedule it on the attached loop (1), or
+        count it an error without calling it (0: not run)."""
+        from . import _aio
+
+        b = self._aio
+        if b is None or b.loop.is_closed():
+            exc = TaskWorkError(f"callback {work.func_name}: {_aio.NEEDS_LOOP}")
+            log.error("work %#x not run: %s", work.id or 0, exc)
+            errs.append(exc)
+            return 0
+        b.schedule(work, fn, node)
+        return 1
+
+    def _aio_took(self, node: int) -> bool:
+        b = self._aio
+        return b is not None and node in b.outstanding
+
     # ---- exit ---------------------------------------------------------------
 
     def exit(self) -> None:
@@ -735,7 +809,17 @@ class Task:
         else:  # pragma: no cover - adders outpaced the exit for a million rounds
             raise TaskWorkError(f"task {self.id} could not drain its list to exit")
         self._exited = True
-        lib.tw_release_slot(dom.d, self.id, self.gen)
+        b = self._aio
+        if b is not None and b.outstanding and not b.loop.is_closed():
+            # async callbacks still running hold RUNNING nodes of this slot:
+            # the slot is released when the last of them ends
+            b.release_when_idle = True
+            return
+        self._finish_exit()
+
+    def _finish_exit(self) -> None:
+        if not self._dom._closed:
+            lib.tw_release_slot(self._dom.d, self.id, self.gen)
         self._release_local()
 
     def _release_local(self) -> None:
@@ -744,6 +828,8 @@ class Task:
         by Domain.close() when exit() failed (a corrupt segment), so nothing
         of ours outlives the mapping. Idempotent."""
         self._exited = True
+        if self._aio is not None and not self._aio.outstanding:
+            self.detach_loop()
         if self._server is not None:
             self._server.stop()
             self._server = None
