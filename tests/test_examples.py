@@ -151,3 +151,65 @@ def test_worker_unit_runs_the_example_worker_and_stops_it_with_its_kill_signal(m
     assert [t.state for t in dom.tasks() if t.id == task.id] in ([], ["exited"])
     st = dom.stats()
     assert st.pool_free == st.pool_size
+
+
+# ---- the asyncio server ------------------------------------------------------------------
+
+def _get(url: str) -> dict:
+    import json
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def test_asyncio_server_workers_reload_when_the_supervisor_says(make_domain, tmp_path):
+    import json
+    import socket
+    import urllib.error
+
+    from conftest import wait_until
+    dom = make_domain("aiohttp")
+    conf = tmp_path / "app.json"
+    conf.write_text(json.dumps({"greeting": "hello"}))
+    server = os.path.join(EXAMPLES, "asyncio_server.py")
+    workers, urls = [], []
+    try:
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            w = subprocess.Popen([sys.executable, server, "serve", dom.name, "--port", str(port),
+                                  "--config", str(conf)], env=_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            workers.append(w)
+            assert readline(w).startswith(f"serving on http://127.0.0.1:{port}/ as task")
+            urls.append(f"http://127.0.0.1:{port}/")
+        for w, url in zip(workers, urls):
+            assert _get(url) == {"pid": w.pid, "version": 0, "config": {"greeting": "hello"}}
+        conf.write_text(json.dumps({"greeting": "hi"}))
+        for notify in ([], ["--signal"]):
+            r = subprocess.run([sys.executable, server, "reload", dom.name, *notify], env=_env(),
+                               capture_output=True, text=True, timeout=60)
+            assert (r.returncode, r.stdout.strip()) == (0, "told 2 workers to reload"), r.stderr
+            for w in workers:
+                assert "configuration v" in readline(w)
+        for url in urls:
+            wait_until(lambda: _get(url)["version"] == 2, what="the reload to be served")
+            assert _get(url)["config"] == {"greeting": "hi"}
+        # the reloads were async callbacks, counted when their coroutines ended
+        assert sorted((t.run, t.errors) for t in dom.tasks()) == [(2, 0), (2, 0)]
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+            out, err = w.communicate(timeout=30)
+            assert w.returncode == 0, err
+            assert out.strip().endswith("stopped")
+        with pytest.raises(urllib.error.URLError):
+            _get(urls[0])
+        assert all(t.state == "exited" for t in dom.tasks())
+        st = dom.stats()
+        assert st.pool_free == st.pool_size
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.communicate(timeout=10)
