@@ -67,15 +67,15 @@ reasons:
   unknown_callback  the task that ran it did not know its callback
   orphaned          its task died before running it (pending, or detached
                     but not started)
-  interrupted       its task died while its callback ran (never re-run:
-                    it may have had effects)
+A work whose callback had started when its task died is not a dead letter:
+it is counted "interrupted" and never re-run (it may have had effects).
 
 Without --retry or --drop the dead letters are listed (newest first) and
 nothing changes. --retry re-queues each one exactly once; one whose task has
 no live successor of its name stays, and is counted as left.
 """
 
-DL_REASONS = ("unknown_callback", "orphaned", "interrupted")
+DL_REASONS = ("unknown_callback", "orphaned")
 
 
 def _int(text: str) -> int:
@@ -209,8 +209,8 @@ def list_domains(shm_dir: str = SHM_DIR) -> tuple[list[dict], int]:
         rec = {"name": "/" + n, "size": size, "error": None}
         try:
             with Domain.open(n) as dom:
-                infos = dom.tasks()
-                st = dom.stats()
+                infos = dom.tasks(reap=False)   # only look: a dead task shows as dead
+                st = dom.stats(reap=False)
                 rec.update(max_tasks=dom.max_tasks, pool_size=dom.pool_size,
                            payload_size=dom.payload_size,
                            alive=sum(1 for t in infos if t.state in ("running", "exiting")),

@@ -24,7 +24,7 @@ Metrics (labels ``domain``, ``task`` (the slot id) and ``name`` per task):
   shm_taskwork_pool_size / _free / _used, shm_taskwork_dead_letters,
   shm_taskwork_tasks                  the pool and the domain (label ``domain``)
   shm_taskwork_proc_table_used / _size    entries of the process table in use
-  shm_taskwork_name_table_used / _size    callback names kept / room for them
+  shm_taskwork_name_table_used / _size    names kept (callbacks, tasks) / room for them
   shm_taskwork_domain_up              1 while the name leads to a readable domain
 
 A task slot is reused by the next registration, which starts its counters at
@@ -278,7 +278,8 @@ class DomainCollector(Collector):
             yield fam
         for table, (used, size) in fill.items():
             what = ("Process-table entries in use (processes that add or run works)"
-                    if table == "proc_table" else "Callback names kept in the name table")
+                    if table == "proc_table" else
+                    "Names kept in the name table (callbacks, and tasks for their dead letters)")
             fam = GaugeMetricFamily(f"{PREFIX}_{table}_used", what + ".", labels=["domain"])
             fam.add_metric([domain], used)
             yield fam

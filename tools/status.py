@@ -68,8 +68,8 @@ def process_figures(pids: list[int], interval: float) -> dict[int, dict]:
 
 def status_record(dom: Domain, interval: float = 0.1) -> dict:
     """The object ``status --json`` prints."""
-    infos = dom.tasks()
-    stats = dom.stats()
+    infos = dom.tasks(reap=False)   # only look: a dead task shows as dead
+    stats = dom.stats(reap=False)
     now = time.monotonic_ns()
     live = [t.pid for t in infos if t.state in LIVE_STATES and t.pid > 0]
     figs = process_figures(live, interval)
@@ -113,7 +113,8 @@ def inspect_record(dom: Domain, key: str, *, limit: int | None = None,
     (newest first; only those of ``callback``, at most ``limit``), while
     ``total_pending`` and ``by_callback`` count every pending work."""
     task = find_task(dom, key)
-    info = next((t for t in dom.tasks() if t.id == task.id and t.generation == task.gen), None)
+    info = next((t for t in dom.tasks(reap=False)
+                 if t.id == task.id and t.generation == task.gen), None)
     if info is None:
         raise NoSuchTaskError(f"task {task.id} of domain {dom.name!r} exited meanwhile")
     now = time.monotonic_ns()
@@ -183,11 +184,12 @@ def print_status(rec: dict, out) -> None:
     else:
         print("tasks: none registered", file=out)
     if rec["dead_letters"]:
-        rows = [(f"{w['id']:#x}", w["func_name"], w["sender_pid"], w["target"],
+        rows = [(f"{w['id']:#x}", w.get("reason") or "-", w["func_name"],
+                 w.get("target_name") or "-", w["target"], w["sender_pid"],
                  fmt_age(w["age_ns"]), w["origin"] or "-") for w in rec["dead_letters"]]
-        _table(f"dead letters ({len(rows)}): callback unknown to the task that ran them",
-               ("work", "callback", "sender", "task", "age", "origin"), rows, out,
-               right={"sender", "task", "age"})
+        _table(f"dead letters ({len(rows)}): `shm-taskwork dead-letters` retries or drops them",
+               ("work", "reason", "callback", "for task", "slot", "sender", "age", "origin"),
+               rows, out, right={"slot", "sender", "age"})
     else:
         print("dead letters: none", file=out)
 
@@ -287,9 +289,11 @@ CHECK_WORDS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 
 def check_domain(dom: Domain, *, max_dead_letters: int = 0, min_pool_free: float = 10.0,
                  max_oldest: float | None = None) -> tuple[int, str]:
-    """(exit status, summary line) of ``status --check``."""
-    infos = dom.tasks()
-    stats = dom.stats()
+    """(exit status, summary line) of ``status --check``. It only reads: a
+    dead task stays dead (CRITICAL) until a process that adds, or fsck, reaps
+    it; its works then are dead letters (WARNING)."""
+    infos = dom.tasks(reap=False)
+    stats = dom.stats(reap=False)
     now = time.monotonic_ns()
     crit: list[str] = []
     warn: list[str] = []
