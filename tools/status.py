@@ -68,8 +68,8 @@ def process_figures(pids: list[int], interval: float) -> dict[int, dict]:
 
 def status_record(dom: Domain, interval: float = 0.1) -> dict:
     """The object ``status --json`` prints."""
-    infos = dom.tasks(reap=False)   # only look: a dead task shows as dead
-    stats = dom.stats(reap=False)
+    infos = dom.tasks()   # reaps a dead task: it shows as dead, its works as dead letters
+    stats = dom.stats()
     now = time.monotonic_ns()
     live = [t.pid for t in infos if t.state in LIVE_STATES and t.pid > 0]
     figs = process_figures(live, interval)
