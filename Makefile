@@ -16,12 +16,13 @@ BUILD_EXT   = rm -f shm_taskwork/_taskwork_cffi*.so && $(PY) setup.py build_ext 
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv build test test-asan test-slow stress demo docs model-check clean
+.PHONY: help venv build test typecheck test-asan test-slow stress demo docs model-check clean
 
 help:
 	@echo "make venv         create $(VENV) and install the package (editable) with dev extras"
 	@echo "make build        rebuild the cffi extension in place"
-	@echo "make test         run the default test suite (not slow)"
+	@echo "make test         run the default test suite (not slow) and the type check"
+	@echo "make typecheck    mypy --strict on examples/typed_usage.py (every public call)"
 	@echo "make test-asan    run the asan-marked tests against an ASan/UBSan build"
 	@echo "make test-slow    run the slow (stress) tests"
 	@echo "make stress       60 s stress run with producer kills"
@@ -44,8 +45,13 @@ $(VENV)/.stamp: pyproject.toml setup.py
 build: venv
 	$(BUILD_EXT)
 
-test: venv build
+# mypy as a user's strictly typed program sees the package (installed
+# packages are followed silently): nothing may be reported.
+test: venv build typecheck
 	$(PY) -m pytest -q -m "not slow" tests
+
+typecheck: venv
+	$(PY) -m mypy --strict --follow-imports=silent --no-incremental examples/typed_usage.py
 
 test-asan: venv
 	export SHM_TASKWORK_CFLAGS="$(ASAN_CFLAGS)" && $(BUILD_EXT)

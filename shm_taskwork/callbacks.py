@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Callable
+from typing import Any, Callable, TypeVar, Union, overload
+
+#: A callback as add() and the cancel calls take it: the registered function
+#: (or any callable, named by ``module:qualname``) or its registered name.
+CallbackRef = Union[str, Callable[..., Any]]
+F = TypeVar("F", bound=Callable[..., Any])
 
 from .errors import UnknownCallbackError
 
@@ -29,7 +34,16 @@ def default_name(fn: Callable) -> str:
     return f"{fn.__module__}:{fn.__qualname__}"
 
 
-def callback(fn: Callable | None = None, *, name: str | None = None):
+@overload
+def callback(fn: F, *, name: str | None = None) -> F: ...
+
+
+@overload
+def callback(fn: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def callback(fn: Callable[..., Any] | None = None, *,
+             name: str | None = None) -> Callable[..., Any]:
     """Register ``fn`` as a callback, under ``module:qualname`` or ``name``.
 
     Usable bare (``@callback``) or with a name (``@callback(name="app.flush")``).
@@ -42,7 +56,7 @@ def callback(fn: Callable | None = None, *, name: str | None = None):
     two different names with the same id are refused.
     """
 
-    def register(f: Callable) -> Callable:
+    def register(f: Any) -> Any:
         if not callable(f):
             raise TypeError(f"callback() needs a callable, got {type(f).__name__}")
         cb_name = name if name is not None else default_name(f)

@@ -33,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import _native, callbacks
 from ._native import check, ffi, lib
@@ -44,6 +44,9 @@ from .work import Work, note_cancelled
 
 if TYPE_CHECKING:
     import asyncio
+
+    from .callbacks import CallbackRef
+    from .domain import Domain
 
 log = logging.getLogger("shm_taskwork")
 
@@ -162,7 +165,8 @@ def _fetch_efd_scm(address: bytes) -> int:
 class Task:
     """A handle to one registration (slot id + generation)."""
 
-    def __init__(self, dom, slot: int, gen: int, pid: int, name: str, signum: int | None = None):
+    def __init__(self, dom: "Domain", slot: int, gen: int, pid: int, name: str,
+                 signum: int | None = None):
         self._dom = dom
         self.id = slot
         self.gen = gen
@@ -170,7 +174,7 @@ class Task:
         self.name = name
         self._own = False
         self._exited = False
-        self._aio = None  # the asyncio loop binding (_aio.LoopBinding), when attached
+        self._aio: Any = None  # the asyncio loop binding (_aio.LoopBinding), when attached
         # fixed for the life of a registration, so read once
         self._signum = int(dom._slot(slot).signum) if signum is None else signum
 
@@ -259,7 +263,7 @@ class Task:
         return self._own and self.pid == _MY_PID[0] and not self._exited
 
     @property
-    def domain(self):
+    def domain(self) -> "Domain":
         return self._dom
 
     def __repr__(self) -> str:
@@ -380,7 +384,8 @@ class Task:
                 f"{what}: task {self.id} ({self.name}) has exited and accepts no more work (ESRCH)")
         check(rc, what, limit=f"max_procs={dom.max_procs}")
 
-    def add(self, func, payload=b"", notify: int = TWA_RESUME) -> Work:
+    def add(self, func: "CallbackRef", payload: "bytes | bytearray | memoryview" = b"",
+            notify: int = TWA_RESUME) -> Work:
         """Queue ``func(work)`` on this task (task_work_add). Lock-free."""
         fid, fname = callbacks.resolve(func)
         if payload.__class__ is not bytes:
@@ -413,7 +418,9 @@ class Task:
                     origin=origin.decode(errors="replace") if origin else None,
                     id=wid, domain=dom.name, state="pending")
 
-    def add_many(self, func, payloads, notify: int = TWA_RESUME) -> list[Work]:
+    def add_many(self, func: "CallbackRef",
+                 payloads: "Iterable[bytes | bytearray | memoryview]",
+                 notify: int = TWA_RESUME) -> list[Work]:
         """Queue one work per payload with a single push and one notification.
         The last payload is the newest (it runs first, as if added last)."""
         fid, fname = callbacks.resolve(func)
@@ -499,13 +506,13 @@ class Task:
         work.state = "cancelled"
         return True
 
-    def cancel_func(self, func) -> Work | None:
+    def cancel_func(self, func: "CallbackRef") -> Work | None:
         """task_work_cancel_func(): remove the most recently queued pending work
         of ``func``; the removed Work, or None."""
         fid, _ = callbacks.resolve(func)
         return self._cancel(1, fid, "cancel_func")
 
-    def cancel_match(self, pred) -> Work | None:
+    def cancel_match(self, pred: Callable[[Work], bool]) -> Work | None:
         """task_work_cancel_match(): remove the newest pending work for which
         ``pred(work)`` is true; the removed Work, or None.
 
@@ -665,7 +672,7 @@ class Task:
         return 0
 
     @contextlib.contextmanager
-    def critical(self):
+    def critical(self) -> "Iterator[Task]":
         """Keep TWA_SIGNAL works out of a block of code.
 
         Those works run from the signal handler, between two bytecodes of
@@ -856,10 +863,10 @@ class Task:
             except TaskWorkError:
                 pass
 
-    def __enter__(self):
+    def __enter__(self) -> "Task":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.is_current:
             self.exit()
 

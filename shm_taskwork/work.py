@@ -1,6 +1,8 @@
 """Work: what a callback receives and what ``add`` returns."""
 from __future__ import annotations
 
+from typing import Any
+
 # (domain, work id) of the works this process cancelled, newest last and
 # bounded: a handle still saying "pending" looks here when its state is read,
 # so a cancel_func / cancel_match that removed its work makes it say
@@ -68,19 +70,19 @@ class Work:
     def node(self) -> int | None:
         return None if self.id is None else self.id & 0xFFFFFFFF
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "func_name": self.func_name, "payload": self.payload.hex(),
                 "sender_pid": self.sender_pid, "target": self.target,
                 "enqueued_ns": self.enqueued_ns, "origin": self.origin, "state": self.state,
                 "reason": self.reason, "target_name": self.target_name}
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, Work):
             return NotImplemented
         return (self.id is not None and self.id == other.id and self.domain == other.domain
                 and self.target == other.target)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((self.domain, self.target, self.id))
 
     def __repr__(self) -> str:

@@ -213,3 +213,11 @@ def test_asyncio_server_workers_reload_when_the_supervisor_says(make_domain, tmp
             if w.poll() is None:
                 w.kill()
                 w.communicate(timeout=10)
+
+
+def test_typed_usage_program_runs():
+    """The program `make typecheck` checks with mypy --strict also runs."""
+    r = subprocess.run([sys.executable, os.path.join(EXAMPLES, "typed_usage.py")], env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["five", "three", "one", "six", "async", "seven"]

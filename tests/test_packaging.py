@@ -49,6 +49,7 @@ def test_wheel_installs_one_top_level_package_with_its_licence(wheel):
         assert z.read(f"{di}/top_level.txt").decode().split() == ["shm_taskwork"]
         assert f"{di}/licenses/LICENSE" in names
         assert "MIT License" in z.read(f"{di}/licenses/LICENSE").decode()
+        assert "shm_taskwork/py.typed" in names
         tools = {n for n in names if n.startswith("shm_taskwork/tools/")}
         for mod in ("__init__", "_common", "admin", "demo", "export", "status", "stress",
                     "top", "bench"):
@@ -99,6 +100,14 @@ def test_installed_wheel_runs_beside_an_unrelated_tools_package(wheel, tmp_path)
                       "print(d.__file__); print(p.__file__)")
     assert r.returncode == 0, r.stderr
     assert all(line.startswith(site) for line in r.stdout.split()), (site, r.stdout)
+    # a user's strictly typed program, checked against the installed package
+    # (its py.typed marker): mypy --strict reports nothing
+    import shutil
+    shutil.copy(os.path.join(ROOT, "examples", "typed_usage.py"), proj / "typed_usage.py")
+    r = run(sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--python-executable",
+            py, "typed_usage.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Success: no issues found" in r.stdout
     # the real thing from the wheel: workers started with `-m shm_taskwork.tools.demo`
     r = run(py, "-m", "shm_taskwork.cli", "demo", "--works", "5", "--json")
     assert r.returncode == 0, r.stderr + r.stdout
