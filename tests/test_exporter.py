@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, readline, wait_until
 
-from shm_taskwork import TWA_NONE, Domain
+from shm_taskwork import TWA_NONE, TWA_RESUME, Domain
 
 SERVICE = """
     import sys
@@ -163,3 +163,82 @@ def test_exporter_follows_a_domain_destroyed_and_created_again(make_domain):
             again.unlink()
     finally:
         stop(proc)
+
+
+RUNNER = """
+    import asyncio, sys, time
+    from shm_taskwork import Domain, callback
+    dom = Domain.open(sys.argv[1])
+    task = dom.register("runner")
+
+    @callback(name="test.quick")
+    def quick(work):
+        pass
+
+    @callback(name="test.slow")
+    def slow(work):
+        time.sleep(0.003)             # a callback that takes milliseconds
+
+    @callback(name="test.coro")
+    async def coro(work):
+        await asyncio.sleep(0.003)
+
+    async def main():
+        task.attach_loop()
+        print(task.id, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+    asyncio.run(main())
+    task.exit()
+"""
+
+
+def test_latency_and_duration_histograms_kept_by_the_runner(make_domain, spawn):
+    dom = make_domain("hist")
+    child = spawn(RUNNER, dom.name, stdin=subprocess.PIPE)
+    task = dom.task(int(readline(child)))
+    for _ in range(3):
+        task.add("test.quick", b"", TWA_NONE)
+    task.add("test.slow", b"", TWA_NONE)
+    task.add("test.coro", b"", TWA_NONE)
+    task.add("test.quick", b"", TWA_RESUME)        # wakes the loop: all six run
+    wait_until(lambda: next(t for t in dom.tasks() if t.id == task.id).run == 6,
+               what="six works run")
+    r = subprocess.run([sys.executable, "-m", "shm_taskwork.cli", "export", dom.name, "--once"],
+                       env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    fams = {f.name: f for f in text_string_to_metric_families(r.stdout)}
+    assert fams["shm_taskwork_task_latency_seconds"].type == "histogram"
+
+    def hist(family: str, **labels) -> tuple[list[tuple[float, float]], float, float]:
+        want = {(k, str(v)) for k, v in labels.items()}
+        buckets, total, count = [], None, None
+        for s in fams[family].samples:
+            if not want <= set(s.labels.items()):
+                continue
+            if s.name.endswith("_bucket"):
+                buckets.append((float(s.labels["le"]), s.value))
+            elif s.name.endswith("_sum"):
+                total = s.value
+            elif s.name.endswith("_count"):
+                count = s.value
+        return buckets, total, count
+
+    t = dict(domain=dom.name, task=task.id, name="runner")
+    for family in ("shm_taskwork_task_latency_seconds", "shm_taskwork_task_duration_seconds"):
+        buckets, total, count = hist(family, **t)
+        assert count == 6 and buckets[-1] == (float("inf"), 6), (family, buckets)
+        assert [c for _, c in buckets] == sorted(c for _, c in buckets)   # cumulative
+        assert total > 0
+    per_cb = {cb: hist("shm_taskwork_callback_duration_seconds", domain=dom.name, callback=cb)
+              for cb in ("test.quick", "test.slow", "test.coro")}
+    assert {cb: v[2] for cb, v in per_cb.items()} == {"test.quick": 4, "test.slow": 1,
+                                                      "test.coro": 1}
+    # the sleeping callbacks (the coroutine's time counts too) land in the
+    # millisecond buckets: none of them under 2**21 ns (2.1 ms)
+    for cb in ("test.slow", "test.coro"):
+        buckets, total, count = per_cb[cb]
+        assert dict(buckets)[2 ** 21 / 1e9] == 0 and count == 1, (cb, buckets)
+    lat = hist("shm_taskwork_callback_latency_seconds", domain=dom.name, callback="test.quick")
+    assert lat[2] == 4
+    child.communicate(timeout=30)

@@ -21,6 +21,15 @@ Metrics (labels ``domain``, ``task`` (the slot id) and ``name`` per task):
   shm_taskwork_task_cpu_seconds_total  CPU time (user + system) of the task's
                                       process, from psutil (live tasks only)
   shm_taskwork_task_resident_memory_bytes   its resident set size (psutil)
+  shm_taskwork_task_latency_seconds   histogram: enqueue-to-start latency of the
+                                      works the task ran
+  shm_taskwork_task_duration_seconds  histogram: duration of its callbacks
+  shm_taskwork_callback_latency_seconds / _duration_seconds   the same per
+                                      callback name (label ``callback``), over
+                                      every task
+  (The runner keeps the histograms in the segment - per task in its slot, per
+  callback in the name table - with one clock read per work; buckets are
+  powers of two from 1.024 us to 68.7 s.)
   shm_taskwork_pool_size / _free / _used, shm_taskwork_dead_letters,
   shm_taskwork_tasks                  the pool and the domain (label ``domain``)
   shm_taskwork_proc_table_used / _size    entries of the process table in use
@@ -140,6 +149,40 @@ def table_fill(dom) -> dict[str, tuple[int, int]]:
     return {"proc_table": (procs, dom.max_procs), "name_table": (used, int(d.names_cap))}
 
 
+# The runner's histograms (struct tw_hist in native/taskwork.h): bucket k
+# counts values below 2**(k + 10) ns (and at least half that, for k > 0); the
+# last bucket has no upper bound.
+HIST_LE = [repr(2 ** (k + 10) / 1e9) for k in range(27)] + ["+Inf"]
+
+
+def hist_value(h) -> tuple[list[tuple[str, float]], float]:
+    """(cumulative buckets, sum in seconds) of a struct tw_hist."""
+    counts = list(h.bucket)
+    out, acc = [], 0
+    for le, c in zip(HIST_LE, counts):
+        acc += c
+        out.append((le, acc))
+    return out, h.sum_ns / 1e9
+
+
+def callback_histograms(dom) -> list[tuple[str, object]]:
+    """(callback name, its name-table entry) for every callback name kept."""
+    from shm_taskwork._native import ffi
+    from shm_taskwork.domain import TASK_NAME_PREFIX
+
+    d = dom.d
+    names = ffi.cast("struct tw_name *", d.base + d.names_off)
+    out = []
+    for i in range(d.names_cap):
+        e = names[i]
+        if not e.id or not e.ready:
+            continue
+        name = ffi.string(e.name, min(int(e.len), len(e.name) - 1)).decode(errors="replace")
+        if not name.startswith(TASK_NAME_PREFIX):
+            out.append((name, e))
+    return out
+
+
 def process_usage(pid: int) -> tuple[float, int] | None:
     """(CPU seconds, RSS bytes) of a process, from psutil; None if it is gone."""
     import psutil
@@ -209,7 +252,8 @@ class DomainCollector(Collector):
         return dom
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
 
         with self._lock:
             dom = self._current()
@@ -220,6 +264,10 @@ class DomainCollector(Collector):
                 oldest = {t.id: (oldest_pending_ns(dom, t.id, t.generation) if t.pending
                                  else None) for t in infos}
                 fill = table_fill(dom)
+                slot_hists = {t.id: (hist_value(dom._slot(t.id).latency),
+                                     hist_value(dom._slot(t.id).duration)) for t in infos}
+                cb_hists = [(name, hist_value(e.latency), hist_value(e.duration))
+                            for name, e in callback_histograms(dom)]
         domain = self.name
         up = GaugeMetricFamily(f"{PREFIX}_domain_up", "1 while the name leads to a readable "
                                "task-work domain, 0 while there is none.", labels=["domain"])
@@ -250,6 +298,11 @@ class DomainCollector(Collector):
                                   "of the task's process (psutil).", labels=labels)
         rss = GaugeMetricFamily(f"{PREFIX}_task_resident_memory_bytes", "Resident set size "
                                 "of the task's process (psutil).", labels=labels)
+        t_lat = HistogramMetricFamily(f"{PREFIX}_task_latency_seconds", "Enqueue-to-start "
+                                      "latency of the works the task ran (kept by its runner "
+                                      "in the segment).", labels=labels)
+        t_dur = HistogramMetricFamily(f"{PREFIX}_task_duration_seconds", "Duration of the "
+                                      "callbacks the task ran.", labels=labels)
         for t in infos:
             values = [domain, str(t.id), t.name]
             for k, fam in counters.items():
@@ -265,6 +318,9 @@ class DomainCollector(Collector):
             if usage is not None:
                 cpu.add_metric(values, usage[0])
                 rss.add_metric(values, usage[1])
+            (lat_b, lat_s), (dur_b, dur_s) = slot_hists[t.id]
+            t_lat.add_metric(values, lat_b, lat_s)
+            t_dur.add_metric(values, dur_b, dur_s)
         yield from counters.values()
         yield from gauges.values()
         yield task_up
@@ -272,6 +328,18 @@ class DomainCollector(Collector):
         yield age
         yield cpu
         yield rss
+        yield t_lat
+        yield t_dur
+        c_lat = HistogramMetricFamily(f"{PREFIX}_callback_latency_seconds", "Enqueue-to-start "
+                                      "latency of the works of a callback, on every task.",
+                                      labels=["domain", "callback"])
+        c_dur = HistogramMetricFamily(f"{PREFIX}_callback_duration_seconds", "Duration of a "
+                                      "callback, on every task.", labels=["domain", "callback"])
+        for name, (lat_b, lat_s), (dur_b, dur_s) in cb_hists:
+            c_lat.add_metric([domain, name], lat_b, lat_s)
+            c_dur.add_metric([domain, name], dur_b, dur_s)
+        yield c_lat
+        yield c_dur
         for metric, (field, doc) in POOL_GAUGES.items():
             fam = GaugeMetricFamily(f"{PREFIX}_{metric}", doc, labels=["domain"])
             fam.add_metric([domain], getattr(stats, field))
