@@ -274,6 +274,17 @@ def _list(args) -> int:
 
 # ---- dead letters -------------------------------------------------------------
 
+def _retry_target(dom, key: str | None):
+    """--to: an id or pid=N names one task; a name stays a name, so the
+    domain picks a live task of it (the one with the fewest pending works)."""
+    if key is None:
+        return None
+    if key.isdigit() or key.startswith("pid="):
+        from shm_taskwork.tools.status import find_task
+        return find_task(dom, key)
+    return key.removeprefix("name=")
+
+
 def _dead_letters(args) -> int:
     import time
 
@@ -285,14 +296,7 @@ def _dead_letters(args) -> int:
     with Domain.open(args.name) as dom:
         if args.retry or args.drop:
             if args.retry:
-                to = None
-                if args.to is not None:
-                    from shm_taskwork.tools.status import find_task
-                    # a name stays a name: the domain picks a live task of it
-                    to = find_task(dom, args.to) if (args.to.isdigit()
-                                                     or args.to.startswith("pid=")) else \
-                        args.to.removeprefix("name=")
-                n = dom.retry_dead_letters(to=to, reason=args.reason)
+                n = dom.retry_dead_letters(to=_retry_target(dom, args.to), reason=args.reason)
                 verb = "retried"
             else:
                 n = dom.drop_dead_letters(reason=args.reason)
