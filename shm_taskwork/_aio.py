@@ -130,11 +130,15 @@ class LoopBinding:
     def schedule(self, work: "Work", fn: Callable[..., Any], node: int) -> None:
         """Start ``fn(work)`` on the loop; its node is finished when it ends."""
         coro = fn(work)
-        if threading.get_ident() == self.thread and not self.loop.is_closed():
-            fut: asyncio.Future[Any] = self.loop.create_task(coro)
-        else:
-            fut = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop),
-                                      loop=self.loop)
+        try:
+            if threading.get_ident() == self.thread:
+                fut: asyncio.Future[Any] = self.loop.create_task(coro)
+            else:
+                fut = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop),
+                                          loop=self.loop)
+        except BaseException:
+            coro.close()   # never a never-awaited coroutine
+            raise
         self.outstanding[node] = fut
         fut.add_done_callback(lambda f, w=work, n=node: self._finished(w, n, f))
 

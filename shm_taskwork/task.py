@@ -783,7 +783,12 @@ class Task:
             log.error("work %#x not run: %s", work.id or 0, exc)
             errs.append(exc)
             return 0
-        b.schedule(work, fn, node)
+        try:
+            b.schedule(work, fn, node)
+        except Exception as exc:  # the function raised instead of returning a coroutine
+            log_callback_error(work, exc)
+            errs.append(exc)
+            return 0
         return 1
 
     def _aio_took(self, node: int) -> bool:
