@@ -6,7 +6,9 @@ It joins the domain (creating it if it is the first), registers a task named
 NAME (default "worker"), and sleeps in ``task.wait()``, which runs works at
 that safe point. SIGTERM (``systemctl stop``) and Ctrl-C end the loop and exit the task: the
 works still pending run first, then adds to it raise TaskExitedError (ESRCH),
-and the process ends with status 0.
+and the process ends with status 0. (``dom.register(name,
+exit_signals=(signal.SIGTERM,))`` does the exit inside the library instead,
+then ends the process as SIGTERM would: systemd counts that a clean stop too.)
 
 Queue something on it from any other process:
 
