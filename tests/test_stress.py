@@ -202,7 +202,7 @@ def test_dead_letter_book_writes_what_left_the_list(tmp_path):
     import struct as _struct
     from types import SimpleNamespace
 
-    from tools import stress as st
+    from shm_taskwork.tools import stress as st
 
     def dl(wid, reason="orphaned"):
         return SimpleNamespace(payload=_struct.pack("<Q", wid), reason=reason)
@@ -228,7 +228,7 @@ def test_reap_logger_records_are_written_to_the_ledger(tmp_path):
     import struct as _struct
     from types import SimpleNamespace
 
-    from tools import stress as st
+    from shm_taskwork.tools import stress as st
 
     led = st.Ledger(str(tmp_path / "p.ledger"), 3)
     h = st.record_interrupted(led)
