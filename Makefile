@@ -16,16 +16,18 @@ BUILD_EXT   = rm -f shm_taskwork/_taskwork_cffi*.so && $(PY) setup.py build_ext 
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv build test test-asan test-slow stress demo model-check clean
+.PHONY: help venv build test typecheck test-asan test-slow stress demo docs model-check clean
 
 help:
 	@echo "make venv         create $(VENV) and install the package (editable) with dev extras"
 	@echo "make build        rebuild the cffi extension in place"
-	@echo "make test         run the default test suite (not slow)"
+	@echo "make test         run the default test suite (not slow) and the type check"
+	@echo "make typecheck    mypy --strict on examples/typed_usage.py (every public call)"
 	@echo "make test-asan    run the asan-marked tests against an ASan/UBSan build"
 	@echo "make test-slow    run the slow (stress) tests"
 	@echo "make stress       60 s stress run with producer kills"
 	@echo "make demo         run the demo"
+	@echo "make docs         build the documentation into site/ (warnings are errors)"
 	@echo "make model-check  check the Promela model with spin (needs spin installed)"
 	@echo "make clean        remove build artifacts"
 
@@ -43,8 +45,13 @@ $(VENV)/.stamp: pyproject.toml setup.py
 build: venv
 	$(BUILD_EXT)
 
-test: venv build
+# mypy as a user's strictly typed program sees the package (installed
+# packages are followed silently): nothing may be reported.
+test: venv build typecheck
 	$(PY) -m pytest -q -m "not slow" tests
+
+typecheck: venv
+	$(PY) -m mypy --strict --follow-imports=silent --no-incremental examples/typed_usage.py
 
 test-asan: venv
 	export SHM_TASKWORK_CFLAGS="$(ASAN_CFLAGS)" && $(BUILD_EXT)
@@ -66,6 +73,18 @@ stress: venv build
 demo: venv build
 	$(PY) -m shm_taskwork.cli demo
 
+# The same list as the `docs` extra of pyproject.toml, installed here without
+# reinstalling the package itself.
+DOCS_DEPS = 'mkdocs>=1.6' 'mkdocstrings[python]>=0.26' 'pymdown-extensions>=10'
+
+$(VENV)/.docs-stamp: $(VENV)/.stamp Makefile
+	$(PY) -m pip install -q $(DOCS_DEPS)
+	@touch $@
+
+docs: venv $(VENV)/.docs-stamp
+	$(PY) -m mkdocs build --strict -q
+	@echo "documentation built in site/"
+
 # Part 1: push / detach / cancel-under-lock; part 2 (-DFREELIST): the tagged
 # free list. Part 3 removes the tag and must FAIL: the checker can see ABA.
 model-check:
@@ -80,6 +99,6 @@ model-check:
 	rm -f model/pan* model/*.trail model/_spin_nvr.tmp
 
 clean:
-	rm -rf build *.egg-info .pytest_cache
+	rm -rf build *.egg-info .pytest_cache site
 	rm -f shm_taskwork/_taskwork_cffi* native/*.o *.o
 	rm -f model/pan model/pan.* model/_spin_nvr.tmp model/*.trail

@@ -413,6 +413,21 @@ int tw_name_get(struct tw_dom *d, uint64_t id, char *out, uint32_t cap)
     return -ENOENT;
 }
 
+struct tw_name *tw_name_find(struct tw_dom *d, uint64_t id)
+{
+    if (id == 0)
+        return NULL;
+    for (uint32_t k = 0; k < d->names_cap; k++) {
+        struct tw_name *e = NAME(d, (uint32_t)((id + k) % d->names_cap));
+        uint64_t cur = LD_ACQ(&e->id);
+        if (cur == 0)
+            return NULL;
+        if (cur == id)
+            return LD_ACQ(&e->ready) ? e : NULL;
+    }
+    return NULL;
+}
+
 int tw_names_used(struct tw_dom *d)
 {
     uint32_t n = 0;

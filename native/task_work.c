@@ -88,6 +88,8 @@ int tw_register(struct tw_dom *d, const char *name, uint64_t name_id, int32_t si
         if (name)
             strncpy(s->name, name, sizeof(s->name) - 1);
         memset(&s->c, 0, sizeof(s->c));
+        memset(&s->latency, 0, sizeof(s->latency));
+        memset(&s->duration, 0, sizeof(s->duration));
         ST_RLX(&s->flags, 0u);
         /* Release: readers of gen (dom.task(), tasks()) see the fields above. */
         ST_REL(&s->gen, gen);
@@ -596,6 +598,10 @@ void tw_copy_info(struct tw_dom *d, uint32_t idx, struct tw_node *n, uint64_t ow
  * On an error nothing of the step is done: a failure to finish `done`
  * returns before `next` is begun, so the caller keeps both (the first to
  * finish again later, the second still DETACHED, to begin later).
+ *
+ * The histograms (struct tw_hist) cost one clock read per step: `next`'s
+ * enqueue-to-start latency and `done`'s callback duration, counted for the
+ * task and for the callback's name.
  */
 int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_t next,
             struct tw_work_info *wi, char *payload_out, char *origin_out)
@@ -604,11 +610,21 @@ int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_
         (next != TW_NIL && !node_ok(d, next)))
         return -EINVAL;
     struct tw_slot *s = SLOT(d, slot);
+    uint64_t now = (done != TW_NIL || next != TW_NIL) ? tw_now_mono() : 0;
     if (done != TW_NIL) {
         struct tw_node *n = NODE(d, done);
         uint64_t o = LD_ACQ(&n->owner);
         if (O_STATE(o) != TW_N_RUNNING || O_AUX(o) != slot)
             return -EUCLEAN;
+        if (outcome != TW_OUT_UNKNOWN) {
+            /* its callback ran: read the node before it goes back to the pool */
+            uint64_t started = n->started_ns;
+            uint64_t dur = now > started ? now - started : 0;
+            struct tw_name *e = tw_name_find(d, n->func_id);
+            tw_hist_add_own(&s->duration, dur);
+            if (e)
+                tw_hist_add(&e->duration, dur);
+        }
         if (outcome == TW_OUT_UNKNOWN) {
             int r = tw_dl_file(d, done, o, TW_R_UNKNOWN, slot, LD_RLX(&s->name_id));
             if (r < 0)
@@ -626,6 +642,13 @@ int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_
         uint64_t o = LD_ACQ(&n->owner);
         if (O_STATE(o) != TW_N_DETACHED || O_AUX(o) != slot)
             return -EUCLEAN;
+        uint64_t enq = n->enqueued_ns;
+        uint64_t lat = now > enq ? now - enq : 0;
+        struct tw_name *e = tw_name_find(d, n->func_id);
+        tw_hist_add_own(&s->latency, lat);
+        if (e)
+            tw_hist_add(&e->latency, lat);
+        n->started_ns = now;   /* ours (DETACHED): published by the store below */
         /* From here the work counts as started: cancel can no longer reach it
          * (it left the list at detach) and a reaper reports it interrupted,
          * not orphaned, if we die. Release: pairs with the reaper's acquire. */

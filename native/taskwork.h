@@ -56,6 +56,14 @@
  *                         that pushes after it finds the bit clear and notifies
  *                         again (no lost wake-up)
  *   slot counters         relaxed fetch_add; statistics only
+ *   slot histograms       latency and duration (struct tw_hist), written only
+ *                         by the task's runner in tw_step: relaxed load + store
+ *   name histograms       the same per callback name, by every runner: relaxed
+ *                         fetch_add. Statistics only (a reader sums the buckets
+ *                         for the count)
+ *   node.started_ns       the runner, plain store while it owns the node
+ *                         (DETACHED), before the release store that makes it
+ *                         RUNNING; read back by the same runner when it finishes
  *   node.owner            (gen<<32 | state<<24 | aux): release store by the owner
  *                         of the node at each transition, CAS where two parties
  *                         may race; acquire load by everyone else
@@ -81,7 +89,7 @@
 #include <pthread.h>
 
 #define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     6u
+#define TW_LAYOUT_VERSION     7u
 
 /* Notify modes: the kernel's values (include/linux/task_work.h). */
 #define TW_TWA_NONE           0
@@ -225,6 +233,21 @@ struct tw_life {
     uint64_t next;
 };
 
+/*
+ * A histogram kept by the runner (SPEC §11): enqueue-to-start latency and
+ * callback duration, per task (in its slot) and per callback name (in the
+ * name table). Bucket b counts the values v (nanoseconds) whose bit length
+ * minus TW_HIST_SHIFT is b, clamped: bucket 0 is v < 2^10 ns (1.024 us),
+ * bucket b is [2^(b+9), 2^(b+10)) ns, the last one everything from 2^36 ns
+ * (68.7 s) on. One clock read and a few relaxed increments per work.
+ */
+#define TW_HIST_BUCKETS 28
+#define TW_HIST_SHIFT   10
+struct tw_hist {
+    uint64_t bucket[TW_HIST_BUCKETS];
+    uint64_t sum_ns;
+};
+
 struct tw_slot {
     uint64_t head;             /* gen<<32 | idx (TW_NIL, TW_EXITED, dead or a node) */
     uint32_t state;
@@ -241,6 +264,8 @@ struct tw_slot {
     uint8_t  fd_token[TW_FD_TOKEN_LEN]; /* where the task hands out its eventfd  */
     char     name[TW_NAME_LEN];
     struct tw_counters c;
+    struct tw_hist latency;    /* enqueue -> callback start, this registration   */
+    struct tw_hist duration;   /* callback start -> return                       */
     pthread_mutex_t pi_lock;   /* robust, process-shared                         */
     struct tw_life life;       /* held while the registrant lives                */
     char     pad[64];
@@ -262,6 +287,8 @@ struct tw_name {
     uint32_t ready;            /* release store after name is written            */
     uint32_t len;
     char     name[TW_FUNC_NAME_LEN];
+    struct tw_hist latency;    /* works of this callback, every task             */
+    struct tw_hist duration;
 };
 
 struct tw_node {
@@ -277,6 +304,7 @@ struct tw_node {
     uint32_t reason;           /* TW_R_*: why it is (or was) a dead letter       */
     uint32_t reserved;
     uint64_t name_id;          /* a dead letter's task name (name table id)      */
+    uint64_t started_ns;       /* when its callback started (RUNNING)            */
     /* then: char origin[TW_ORIGIN_LEN] if record_origin; then the payload       */
 };
 

@@ -77,6 +77,35 @@ static inline uint32_t dead_of(uint32_t idx)
 
 /* ---- segment.c ---- */
 uint64_t tw_now_mono(void);
+/* The name-table entry of a name id, or NULL (none, or not yet written). */
+struct tw_name *tw_name_find(struct tw_dom *d, uint64_t id);
+
+/* The histogram bucket of v (ns): its bit length less TW_HIST_SHIFT, clamped. */
+static inline unsigned tw_hist_bucket(uint64_t v)
+{
+    unsigned b = v < (1ull << TW_HIST_SHIFT) ? 0u
+               : (unsigned)(64 - __builtin_clzll(v)) - TW_HIST_SHIFT;
+    return b < TW_HIST_BUCKETS ? b : TW_HIST_BUCKETS - 1;
+}
+
+/* Count v in a histogram any runner may write (a callback name's): relaxed
+ * fetch-adds, statistics only. */
+static inline void tw_hist_add(struct tw_hist *h, uint64_t v)
+{
+    __atomic_fetch_add(&h->bucket[tw_hist_bucket(v)], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&h->sum_ns, v, __ATOMIC_RELAXED);
+}
+
+/* Count v in a histogram only one runner writes (a task's: its own process,
+ * one thread at a time): relaxed load and store, no locked instruction.
+ * Readers see each word whole, never torn. */
+static inline void tw_hist_add_own(struct tw_hist *h, uint64_t v)
+{
+    uint64_t *c = &h->bucket[tw_hist_bucket(v)];
+    __atomic_store_n(c, __atomic_load_n(c, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->sum_ns, __atomic_load_n(&h->sum_ns, __ATOMIC_RELAXED) + v,
+                     __ATOMIC_RELAXED);
+}
 int  tw_mutex_init_robust(pthread_mutex_t *m);
 /* 1 if m still has the type tw_format gave it (glibc keeps the type inside
  * the mutex, i.e. in the segment; garbage there can make glibc abort). */

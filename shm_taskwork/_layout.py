@@ -13,7 +13,7 @@ import platform
 import struct
 
 MAGIC = b"SHMTWRK\x01"
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 NIL = 0xFFFFFFFF
 EXITED = 0xFFFFFFFE
 DEAD_EMPTY = 0xFFFFFFFD
@@ -23,6 +23,8 @@ NAME_LEN = 48
 FUNC_NAME_LEN = 112
 ORIGIN_LEN = 128
 INTENTS = 8
+HIST_BUCKETS = 28
+HIST_SHIFT = 10
 
 # sizeof(pthread_mutex_t) in glibc, by machine; alignment is 8 (4 on 32-bit x86).
 _MUTEX = {"x86_64": 40, "aarch64": 48, "ppc64le": 40, "s390x": 40, "riscv64": 40, "i686": 24}
@@ -102,6 +104,8 @@ COUNTERS = Struct("struct tw_counters", [
     ("max_pending", "u64", 1),
 ])
 
+HIST = Struct("struct tw_hist", [("bucket", "u64", HIST_BUCKETS), ("sum_ns", "u64", 1)])
+
 LIFE = Struct("struct tw_life", [("word", "u32", 1), ("pad", "u32", 1), ("next", "u64", 1)])
 
 SLOT = Struct("struct tw_slot", [
@@ -109,7 +113,7 @@ SLOT = Struct("struct tw_slot", [
     ("pid", "i32", 1), ("start_ticks", "u64", 1), ("registered_ns", "u64", 1),
     ("signum", "i32", 1), ("efd", "i32", 1), ("uid", "u32", 1), ("lock_recovered", "u32", 1),
     ("name_id", "u64", 1), ("fd_token", "char", FD_TOKEN_LEN), ("name", "char", NAME_LEN),
-    ("c", COUNTERS, 1), ("pi_lock", "mutex", 1), ("life", LIFE, 1), ("pad", "char", 64),
+    ("c", COUNTERS, 1), ("latency", HIST, 1), ("duration", HIST, 1), ("pi_lock", "mutex", 1), ("life", LIFE, 1), ("pad", "char", 64),
 ])
 
 PROC = Struct("struct tw_proc", [
@@ -119,16 +123,17 @@ PROC = Struct("struct tw_proc", [
 
 NAME = Struct("struct tw_name", [
     ("id", "u64", 1), ("ready", "u32", 1), ("len", "u32", 1), ("name", "char", FUNC_NAME_LEN),
+    ("latency", HIST, 1), ("duration", HIST, 1),
 ])
 
 NODE = Struct("struct tw_node", [
     ("owner", "u64", 1), ("next", "u32", 1), ("payload_len", "u32", 1), ("func_id", "u64", 1),
     ("enqueued_ns", "u64", 1), ("sender_pid", "i32", 1), ("target", "u32", 1),
     ("target_gen", "u32", 1), ("origin_len", "u32", 1), ("reason", "u32", 1),
-    ("reserved", "u32", 1), ("name_id", "u64", 1),
+    ("reserved", "u32", 1), ("name_id", "u64", 1), ("started_ns", "u64", 1),
 ])
 
-STRUCTS = (HEADER, COUNTERS, LIFE, SLOT, PROC, NAME, NODE)
+STRUCTS = (HEADER, COUNTERS, HIST, LIFE, SLOT, PROC, NAME, NODE)
 
 
 def _align64(x: int) -> int:

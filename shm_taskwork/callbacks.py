@@ -9,7 +9,13 @@ importing the module that defines it.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+import inspect
+from typing import Any, Callable, TypeVar, Union, overload
+
+#: A callback as add() and the cancel calls take it: the registered function
+#: (or any callable, named by ``module:qualname``) or its registered name.
+CallbackRef = Union[str, Callable[..., Any]]
+F = TypeVar("F", bound=Callable[..., Any])
 
 from .errors import UnknownCallbackError
 
@@ -28,15 +34,29 @@ def default_name(fn: Callable) -> str:
     return f"{fn.__module__}:{fn.__qualname__}"
 
 
-def callback(fn: Callable | None = None, *, name: str | None = None):
+@overload
+def callback(fn: F, *, name: str | None = None) -> F: ...
+
+
+@overload
+def callback(fn: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def callback(fn: Callable[..., Any] | None = None, *,
+             name: str | None = None) -> Callable[..., Any]:
     """Register ``fn`` as a callback, under ``module:qualname`` or ``name``.
 
     Usable bare (``@callback``) or with a name (``@callback(name="app.flush")``).
+    An ``async def`` is allowed: in a task attached to an asyncio loop
+    (``task.attach_loop()``) each of its works is scheduled on the loop and
+    counted ``run`` when the coroutine finishes (``errors`` if it raised);
+    a task without an attached loop counts it an error ("async callback
+    needs an attached loop") and never creates the coroutine.
     Registering the same name twice replaces the function (a module reloaded);
     two different names with the same id are refused.
     """
 
-    def register(f: Callable) -> Callable:
+    def register(f: Any) -> Any:
         if not callable(f):
             raise TypeError(f"callback() needs a callable, got {type(f).__name__}")
         cb_name = name if name is not None else default_name(f)
@@ -51,6 +71,8 @@ def callback(fn: Callable | None = None, *, name: str | None = None):
         _NAMES[fid] = cb_name
         f.__shm_taskwork_name__ = cb_name
         f.__shm_taskwork_id__ = fid
+        # an `async def`: its works are scheduled on the task's attached loop
+        f.__shm_taskwork_async__ = inspect.iscoroutinefunction(f)
         return f
 
     if fn is not None:

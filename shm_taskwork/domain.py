@@ -18,6 +18,7 @@ import signal
 import struct
 import time
 import weakref
+from typing import TYPE_CHECKING, Any
 
 import posix_ipc
 
@@ -26,6 +27,10 @@ from ._native import check, ffi, lib
 from .constants import TWA_RESUME
 from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
 from .work import Work
+
+if TYPE_CHECKING:
+    from .fsck import FsckReport
+    from .task import Task
 
 reap_log = logging.getLogger("shm_taskwork.reap")
 SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory (glibc's shm_open)
@@ -108,19 +113,20 @@ class Domain:
     """A mapped task-work domain. Use :meth:`create`, :meth:`open` or
     :meth:`open_or_create`; a context manager that closes (never unlinks)."""
 
-    _d = None
+    # class defaults: a half-built object can still be closed and unlinked
+    _d: Any = None
     _closed = True
-    name = None
+    name: str = None  # type: ignore[assignment]
 
-    def __init__(self, name: str, d, *, created: bool):
+    def __init__(self, name: str, d: Any, *, created: bool):
         self.name = name
         self._d = d
         self._closed = False
         self.created = created
-        self.max_tasks = d.max_tasks
-        self.pool_size = d.pool_size
-        self.payload_size = d.payload_size
-        self.max_procs = d.max_procs
+        self.max_tasks: int = d.max_tasks
+        self.pool_size: int = d.pool_size
+        self.payload_size: int = d.payload_size
+        self.max_procs: int = d.max_procs
         self.record_origin = bool(d.record_origin)
         self._names_put: set[int] = set()
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
@@ -226,7 +232,7 @@ class Domain:
         return cls(name, d, created=False)
 
     @classmethod
-    def open_or_create(cls, name: str, **create_options) -> "Domain":
+    def open_or_create(cls, name: str, **create_options: Any) -> "Domain":
         """Open the domain, or create it with ``create_options`` if there is
         none. Any number of processes may call this at the same instant:
         exactly one creates it (a segment gets its name only once it is whole),
@@ -276,10 +282,10 @@ class Domain:
         lib.tw_unmap(self._d)
         _OPEN.discard(self)
 
-    def __enter__(self):
+    def __enter__(self) -> "Domain":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self):
@@ -293,7 +299,7 @@ class Domain:
         return f"<Domain {self.name!r} {state}>"
 
     @property
-    def d(self):
+    def d(self) -> Any:
         if self._closed:
             raise ValueError(f"domain {self.name!r} is closed")
         return self._d
@@ -413,7 +419,8 @@ class Domain:
     # ---- registration -----------------------------------------------------
 
     def register(self, name: str | None = None, *, signum: int = signal.SIGUSR1,
-                 install_handler: bool = True, exit_signals=()):
+                 install_handler: bool = True,
+                 exit_signals: "tuple[int, ...] | list[int]" = ()) -> "Task":
         """Register this process as a task of the domain; returns its Task.
 
         ``exit_signals`` (e.g. ``(signal.SIGTERM,)``): those signals make the
@@ -425,14 +432,15 @@ class Domain:
         return Task._register(self, name, signum, install_handler, exit_signals)
 
     @property
-    def current(self):
+    def current(self) -> "Task | None":
         """This process's task in this domain, or None."""
         cur = self._current
         if cur is not None and cur.pid == os.getpid() and not cur._exited:
             return cur
         return None
 
-    def task(self, key: int | None = None, *, pid: int | None = None, name: str | None = None):
+    def task(self, key: int | None = None, *, pid: int | None = None,
+             name: str | None = None) -> "Task":
         """A handle to a registered task: by id (slot), ``pid=`` or ``name=``.
 
         By name: a live task of that name - the one with the fewest pending
@@ -644,7 +652,7 @@ class Domain:
                 dropped += 1
         return dropped
 
-    def retry_dead_letters(self, to=None, reason: str | None = None, *,
+    def retry_dead_letters(self, to: "Task | str | None" = None, reason: str | None = None, *,
                            notify: int = TWA_RESUME) -> int:
         """Re-queue dead letters, each exactly once; the count re-queued.
 
@@ -702,7 +710,7 @@ class Domain:
 
     # ---- fsck -------------------------------------------------------------
 
-    def fsck(self, *, repair: bool = False):
+    def fsck(self, *, repair: bool = False) -> "FsckReport":
         """Find (and with ``repair=True`` reclaim) what dead processes held. §6."""
         from .fsck import fsck
         return fsck(self, repair=repair)

@@ -6,6 +6,7 @@ negative errno, the cancel functions return the removed work or None.
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING, Callable
 
 from . import callbacks
 from .domain import _OPEN
@@ -13,8 +14,11 @@ from .errors import (InvalidModeError, PayloadTooLargeError, PoolExhaustedError,
                      TaskExitedError)
 from .work import Work
 
+if TYPE_CHECKING:
+    from .callbacks import CallbackRef
+    from .task import Task
 
-def _task(task):
+def _task(task: "Task") -> "Task":
     from .task import Task  # task.py imports domain.py, as this module does
     if not isinstance(task, Task):
         raise TypeError(f"task must be a Task (from dom.task() or dom.register()), "
@@ -22,7 +26,7 @@ def _task(task):
     return task
 
 
-def init_task_work(func, payload=b"") -> Work:
+def init_task_work(func: "CallbackRef", payload: bytes | bytearray | memoryview = b"") -> Work:
     """An unqueued work (init_task_work)."""
     fid, name = callbacks.resolve(func)
     if not isinstance(payload, (bytes, bytearray, memoryview)):
@@ -30,7 +34,7 @@ def init_task_work(func, payload=b"") -> Work:
     return Work(name, fid, bytes(payload))
 
 
-def task_work_add(task, work: Work, notify) -> int:
+def task_work_add(task: "Task", work: Work, notify: int) -> int:
     """Queue ``work`` on ``task``. RETURNS: 0, -ESRCH (the task exited),
     -EINVAL (bad notify mode), -ENOMEM (pool empty) or -E2BIG (payload too
     large). On success ``work`` becomes the queued work (its id is set)."""
@@ -62,20 +66,21 @@ def task_work_run() -> None:
                 cur.run()
 
 
-def task_work_pending(task) -> bool:
+def task_work_pending(task: "Task") -> bool:
     return _task(task).pending() > 0
 
 
-def task_work_cancel_match(task, match, data) -> Work | None:
+def task_work_cancel_match(task: "Task", match: Callable[[Work, object], bool],
+                           data: object) -> Work | None:
     """Remove the newest pending work with ``match(work, data)`` true."""
     if not callable(match):
         raise TypeError(f"match must be callable as match(work, data), got {type(match).__name__}")
     return _task(task).cancel_match(lambda w: match(w, data))
 
 
-def task_work_cancel_func(task, func) -> Work | None:
+def task_work_cancel_func(task: "Task", func: "CallbackRef") -> Work | None:
     return _task(task).cancel_func(func)
 
 
-def task_work_cancel(task, work: Work) -> bool:
+def task_work_cancel(task: "Task", work: Work) -> bool:
     return _task(task).cancel(work)

@@ -35,13 +35,20 @@ import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import _native, _security, callbacks
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
 from .errors import (InvalidModeError, NotCurrentTaskError, PayloadTooLargeError,
                      PoolExhaustedError, TaskExitedError, TaskWorkError)
-from .work import Work
+from .work import Work, note_cancelled
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .callbacks import CallbackRef
+    from .domain import Domain
 
 log = logging.getLogger("shm_taskwork")
 
@@ -194,7 +201,8 @@ def _handles_signal(pid: int, signum: int) -> bool:
 class Task:
     """A handle to one registration (slot id + generation)."""
 
-    def __init__(self, dom, slot: int, gen: int, pid: int, name: str, signum: int | None = None):
+    def __init__(self, dom: "Domain", slot: int, gen: int, pid: int, name: str,
+                 signum: int | None = None):
         self._dom = dom
         self.id = slot
         self.gen = gen
@@ -202,6 +210,7 @@ class Task:
         self.name = name
         self._own = False
         self._exited = False
+        self._aio: Any = None  # the asyncio loop binding (_aio.LoopBinding), when attached
         # fixed for the life of a registration, so read once; a number read
         # from the segment that no task may use is never sent (0)
         self._signum = (_security.sendable_signal(int(dom._slot(slot).signum))
@@ -289,7 +298,7 @@ class Task:
         return self._own and self.pid == _MY_PID[0] and not self._exited
 
     @property
-    def domain(self):
+    def domain(self) -> "Domain":
         return self._dom
 
     def __repr__(self) -> str:
@@ -424,7 +433,8 @@ class Task:
                 f"{what}: task {self.id} ({self.name}) has exited and accepts no more work (ESRCH)")
         check(rc, what, limit=f"max_procs={dom.max_procs}")
 
-    def add(self, func, payload=b"", notify: int = TWA_RESUME) -> Work:
+    def add(self, func: "CallbackRef", payload: "bytes | bytearray | memoryview" = b"",
+            notify: int = TWA_RESUME) -> Work:
         """Queue ``func(work)`` on this task (task_work_add). Lock-free."""
         fid, fname = callbacks.resolve(func)
         if payload.__class__ is not bytes:
@@ -457,7 +467,9 @@ class Task:
                     origin=origin.decode(errors="replace") if origin else None,
                     id=wid, domain=dom.name, state="pending")
 
-    def add_many(self, func, payloads, notify: int = TWA_RESUME) -> list[Work]:
+    def add_many(self, func: "CallbackRef",
+                 payloads: "Iterable[bytes | bytearray | memoryview]",
+                 notify: int = TWA_RESUME) -> list[Work]:
         """Queue one work per payload with a single push and one notification.
         The last payload is the newest (it runs first, as if added last)."""
         fid, fname = callbacks.resolve(func)
@@ -526,7 +538,9 @@ class Task:
         check(rc, what)
         if rc == 0:
             return None
-        return dom._work_from(sc, "cancelled")
+        got = dom._work_from(sc, "cancelled")
+        note_cancelled(got.domain, got.id)  # a handle of it says "cancelled" too
+        return got
 
     def cancel(self, work: Work) -> bool:
         """task_work_cancel(): True iff ``work`` was pending and is now removed.
@@ -538,15 +552,18 @@ class Task:
             return False
         if isinstance(work.id, bool) or not isinstance(work.id, int) or not 0 <= work.id < 1 << 64:
             return False  # no work ever had that id
-        return self._cancel(0, work.id, "cancel") is not None
+        if self._cancel(0, work.id, "cancel") is None:
+            return False
+        work.state = "cancelled"
+        return True
 
-    def cancel_func(self, func) -> Work | None:
+    def cancel_func(self, func: "CallbackRef") -> Work | None:
         """task_work_cancel_func(): remove the most recently queued pending work
         of ``func``; the removed Work, or None."""
         fid, _ = callbacks.resolve(func)
         return self._cancel(1, fid, "cancel_func")
 
-    def cancel_match(self, pred) -> Work | None:
+    def cancel_match(self, pred: Callable[[Work], bool]) -> Work | None:
         """task_work_cancel_match(): remove the newest pending work for which
         ``pred(work)`` is true; the removed Work, or None.
 
@@ -674,6 +691,11 @@ class Task:
                 work = dom._work_from(sc, "running")
                 if _KP_IN_CALLBACK:
                     lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
+                if getattr(fn, "__shm_taskwork_async__", False):
+                    ran += self._begin_async(work, fn, node, errs)
+                    if self._aio_took(node):
+                        prev = lib.TW_NIL  # finished when its coroutine ends
+                    continue
                 try:
                     fn(work)
                 except Exception as exc:
@@ -701,7 +723,7 @@ class Task:
         return 0
 
     @contextlib.contextmanager
-    def critical(self):
+    def critical(self) -> "Iterator[Task]":
         """Keep TWA_SIGNAL works out of a block of code.
 
         Those works run from the signal handler, between two bytecodes of
@@ -760,6 +782,70 @@ class Task:
         self._require_current("fileno")
         return self._efd
 
+    # ---- asyncio ------------------------------------------------------------
+
+    def attach_loop(self, loop: "asyncio.AbstractEventLoop | None" = None) -> None:
+        """Run this task's works from an asyncio loop (the running one by
+        default): RESUME works from the loop's reader on ``fileno()``, SIGNAL
+        works through ``loop.add_signal_handler``, i.e. at a safe point of the
+        loop, never between two bytecodes of a coroutine; ``async def``
+        callbacks are scheduled on it. Call from the main thread (signal
+        handlers live there). Attaching to the loop already attached does
+        nothing; to another one, detaches first."""
+        from . import _aio
+
+        self._require_current("attach_loop")
+        loop = _aio.require_loop(loop)
+        if self._aio is not None:
+            if self._aio.loop is loop:
+                return
+            self.detach_loop()
+        b = _aio.LoopBinding(self, loop)
+        b.attach()
+        self._aio = b
+
+    def detach_loop(self) -> None:
+        """Undo attach_loop(): the task's own wait()/checkpoint() and the
+        Python-level signal handler take the notifications again. Async
+        callbacks already scheduled keep running on the loop. Idempotent."""
+        from . import _aio
+
+        _aio.LoopBinding.detach_from(self)
+
+    async def wait_async(self, timeout: float | None = None) -> int:
+        """``await``-able wait(): until work is notified (or ``timeout``
+        seconds pass), run it; the number of works run meanwhile. Other
+        coroutines run while it waits."""
+        from . import _aio
+
+        self._require_current("wait_async")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+        return await _aio.wait_async(self, timeout)
+
+    def _begin_async(self, work: Work, fn, node: int, errs: list) -> int:
+        """An async callback's work: schedule it on the attached loop (1), or
+        count it an error without calling it (0: not run)."""
+        from . import _aio
+
+        b = self._aio
+        if b is None or b.loop.is_closed():
+            exc = TaskWorkError(f"callback {work.func_name}: {_aio.NEEDS_LOOP}")
+            log.error("work %#x not run: %s", work.id or 0, exc)
+            errs.append(exc)
+            return 0
+        try:
+            b.schedule(work, fn, node)
+        except Exception as exc:  # the function raised instead of returning a coroutine
+            log_callback_error(work, exc)
+            errs.append(exc)
+            return 0
+        return 1
+
+    def _aio_took(self, node: int) -> bool:
+        b = self._aio
+        return b is not None and node in b.outstanding
+
     # ---- exit ---------------------------------------------------------------
 
     def exit(self) -> None:
@@ -786,7 +872,17 @@ class Task:
         else:  # pragma: no cover - adders outpaced the exit for a million rounds
             raise TaskWorkError(f"task {self.id} could not drain its list to exit")
         self._exited = True
-        lib.tw_release_slot(dom.d, self.id, self.gen)
+        b = self._aio
+        if b is not None and b.outstanding and not b.loop.is_closed():
+            # async callbacks still running hold RUNNING nodes of this slot:
+            # the slot is released when the last of them ends
+            b.release_when_idle = True
+            return
+        self._finish_exit()
+
+    def _finish_exit(self) -> None:
+        if not self._dom._closed:
+            lib.tw_release_slot(self._dom.d, self.id, self.gen)
         self._release_local()
 
     def _release_local(self) -> None:
@@ -795,6 +891,8 @@ class Task:
         by Domain.close() when exit() failed (a corrupt segment), so nothing
         of ours outlives the mapping. Idempotent."""
         self._exited = True
+        if self._aio is not None and not self._aio.outstanding:
+            self.detach_loop()
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -821,10 +919,10 @@ class Task:
             except TaskWorkError:
                 pass
 
-    def __enter__(self):
+    def __enter__(self) -> "Task":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.is_current:
             self.exit()
 

@@ -1,6 +1,22 @@
 """Work: what a callback receives and what ``add`` returns."""
 from __future__ import annotations
 
+from typing import Any
+
+# (domain, work id) of the works this process cancelled, newest last and
+# bounded: a handle still saying "pending" looks here when its state is read,
+# so a cancel_func / cancel_match that removed its work makes it say
+# "cancelled" too, at no cost to add().
+_CANCELLED: dict[tuple[str | None, int], None] = {}
+_CANCELLED_MAX = 1 << 16
+
+
+def note_cancelled(domain: str | None, work_id: int) -> None:
+    """Remember that this process cancelled the work ``work_id``."""
+    _CANCELLED[(domain, work_id)] = None
+    if len(_CANCELLED) > _CANCELLED_MAX:
+        del _CANCELLED[next(iter(_CANCELLED))]
+
 
 class Work:
     """One queued (or queueable) work.
@@ -8,10 +24,16 @@ class Work:
     ``id`` is unique per add within a domain: the pool node's generation in the
     upper 32 bits and the node index in the lower, so a handle never matches a
     later work that reuses the same node. ``enqueued_ns`` is CLOCK_MONOTONIC.
+
+    ``state`` is one of ``"unqueued"``, ``"pending"``, ``"running"``,
+    ``"cancelled"``, ``"dead-letter"``, ``"orphaned"``, ``"interrupted"``. A
+    handle returned by ``add`` says ``"cancelled"`` once this process cancelled
+    its work, by ``cancel()``, ``cancel_func()`` or ``cancel_match()``; that it
+    ran elsewhere is not tracked (it keeps saying ``"pending"``).
     """
 
     __slots__ = ("func_name", "func_id", "payload", "sender_pid", "target", "target_gen",
-                 "enqueued_ns", "origin", "id", "domain", "state", "reason", "target_name")
+                 "enqueued_ns", "origin", "id", "domain", "_state", "reason", "target_name")
 
     def __init__(self, func_name: str, func_id: int, payload: bytes, *, sender_pid: int = 0,
                  target: int = -1, target_gen: int = 0, enqueued_ns: int = 0,
@@ -28,29 +50,39 @@ class Work:
         self.origin = origin
         self.id = id
         self.domain = domain
-        self.state = state
+        self._state = state
         # dead letters (SPEC §9): why it is one ("unknown_callback" or
         # "orphaned"), and the name of the task it was for
         self.reason = reason
         self.target_name = target_name
 
     @property
+    def state(self) -> str:
+        if self._state == "pending" and (self.domain, self.id) in _CANCELLED:
+            self._state = "cancelled"
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+
+    @property
     def node(self) -> int | None:
         return None if self.id is None else self.id & 0xFFFFFFFF
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "func_name": self.func_name, "payload": self.payload.hex(),
                 "sender_pid": self.sender_pid, "target": self.target,
                 "enqueued_ns": self.enqueued_ns, "origin": self.origin, "state": self.state,
                 "reason": self.reason, "target_name": self.target_name}
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, Work):
             return NotImplemented
         return (self.id is not None and self.id == other.id and self.domain == other.domain
                 and self.target == other.target)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((self.domain, self.target, self.id))
 
     def __repr__(self) -> str:

@@ -143,8 +143,13 @@ MODE_ROWS = ("TWA_NONE", "TWA_RESUME", "TWA_SIGNAL", "TWA_SIGNAL_NO_IPI", "TWA_N
 
 
 def test_demo_runs_end_to_end_and_removes_its_domain():
+    """The plain report, as an 80-column terminal shows it: every table fits
+    (no line wider, no cell cut to an ellipsis, every column there) and the
+    totals add up."""
+    import re
     before = shm_names("tw_demo_")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               COLUMNS="80")
     proc = subprocess.Popen([sys.executable, "-m", "shm_taskwork.cli", "demo"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -156,17 +161,35 @@ def test_demo_runs_end_to_end_and_removes_its_domain():
     assert proc.returncode == 0, err + out
     assert "Traceback" not in err
     lines = out.splitlines()
-    # one row per notify mode, with the three latency figures (microseconds)
-    import re
-    for mode in MODE_ROWS:
-        row = next((ln for ln in lines if re.search(rf"\b{mode}\b(?!_)", ln)
-                    and len(re.findall(r"\d[\d,]*\.\d", ln)) >= 3), None)
-        assert row is not None, f"no latency row for {mode}:\n{out}"
-    assert re.search(r"add to exited task \d+ -> TaskExitedError errno=3 \(ESRCH\)", out), out
-    m = re.search(r"pool_free (\d+) == pool_size (\d+)", out)
+    assert max(len(ln) for ln in lines) <= 80, max(lines, key=len)
+    assert "\u2026" not in out and "..." not in out, out
+    headers = [ln for ln in lines if ln.startswith("\u2503")]
+    cols = [[c.strip() for c in h.strip("\u2503").split("\u2503")] for h in headers]
+    assert cols == [["task", "name", "pid", "what it does meanwhile", "works ran"],
+                    ["notify mode", "sent", "ran", "cancelled", "lost", "median", "p99", "max"],
+                    ["notify mode", "where: count"],
+                    ["worker", "RESUME", "SIGNAL", "NO_IPI", "NMI", "add_many"]], cols
+    cells = [[c.strip() for c in ln.strip("\u2502").split("\u2502")] for ln in lines
+             if ln.startswith("\u2502")]
+    # one row per notify mode, with the three latency figures
+    figure = re.compile(r"\d+(\.\d+)?(us|ms|s)")
+    modes = {r[0]: r for r in cells if len(r) == 8}
+    for mode in MODE_ROWS + ("add_many", "control works"):
+        assert all(figure.fullmatch(x) for x in modes[mode][5:]), (mode, modes.get(mode))
+    # the mode table adds up to its total, which is what the workers ran
+    total = modes["total"]
+    for k in (1, 2, 3, 4):
+        assert sum(int(r[k]) for m, r in modes.items() if m != "total") == int(total[k])
+    assert int(total[1]) == int(total[2]) + int(total[3]) and total[4] == "0"
+    workers = [r for r in cells if len(r) == 5 and r[4].isdigit()]
+    assert workers[-1][1] == "total"
+    assert sum(int(r[4]) for r in workers[:-1]) == int(workers[-1][4]) == int(total[2])
+    text = " ".join(out.split())
+    assert re.search(r"add to exited task \d+ -> TaskExitedError errno=3 \(ESRCH\)", text), out
+    m = re.search(r"pool_free (\d+) == pool_size (\d+)", text)
     assert m and m.group(1) == m.group(2), out
-    name = re.search(r"domain (/tw_demo_\S+?)[,:]", out).group(1)
-    assert f"domain {name} removed." in out
+    name = re.search(r"domain (/tw_demo_\S+?)[,:]", text).group(1)
+    assert f"domain {name} removed." in text
     assert name.startswith(f"/tw_demo_{proc.pid}_")
     assert not os.path.exists("/dev/shm" + name)
     # before/after: nothing new under the prefix is this demo's (other demos may run meanwhile)
@@ -192,10 +215,25 @@ def test_demo_json_ledger_with_an_asyncio_worker():
     assert c["cancel"] > 0 and c["cancel_func"] > 0 and c["cancel_match"] > 0
     assert rep["modes"]["TWA_NONE"]["cancelled"] == c["cancel"] + c["cancel_func"] + c["cancel_match"]
     assert c["after_run"] is False
-    # SIGNAL interrupted the busy loop, time.sleep and the asyncio loop
-    where = rep["modes"]["TWA_SIGNAL"]["where"]
-    for ctx in ("handler: busy loop", "handler: time.sleep", "handler: asyncio"):
-        assert where.get(ctx, 0) > 0, (ctx, where)
+    # SIGNAL works: what SPEC §4 promises is that they run promptly, exactly
+    # once, in the task's own process - each burst settled before the next
+    # was sent, none ran twice or in another worker. Not *where*: on a loaded
+    # machine the busy loop's checkpoint() may reach a work before the
+    # signal's handler does, and that is as correct.
+    sig = rep["modes"]["TWA_SIGNAL"]
+    assert sig["ran"] == sig["sent"] and sig["lost"] == 0 and sig["cancelled"] == 0
+    assert sum(sig["where"].values()) == sig["ran"]
+    assert rep["ran_elsewhere"] == 0
+    assert not set(sig["where"]) - {"handler: busy loop", "handler: time.sleep",
+                                    "handler: asyncio", "checkpoint()", "wait()",
+                                    "eventfd reader"}, sig["where"]
+    # the totals add up: every row (control works included) to the total,
+    # and that to what the workers say they ran
+    t = rep["totals"]
+    for k in ("sent", "ran", "cancelled", "lost"):
+        assert t[k] == sum(r[k] for r in rep["modes"].values()), k
+    assert t["ran"] == sum(w["ran"] for w in rep["workers"])
+    assert t["sent"] == t["ran"] + t["cancelled"]
     # RESUME never ran inside a handler; the asyncio worker ran it from its reader
     resume = rep["modes"]["TWA_RESUME"]["where"]
     assert not any(k.startswith("handler") for k in resume), resume

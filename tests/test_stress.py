@@ -133,7 +133,7 @@ def test_checker_detects_a_real_fault(fault, field):
 def test_ledger_judgement_of_every_case(tmp_path):
     # The rules of the module docstring, one id per case, written as the
     # processes would write them (one file per process).
-    from tools import stress as st
+    from shm_taskwork.tools import stress as st
 
     P = 5 << 32
     I, A, F, CI, C = st.INTENT_ADD, st.ADDED, st.ADD_FAILED, st.CANCEL_INTENT, st.CANCELLED
@@ -202,7 +202,7 @@ def test_dead_letter_book_writes_what_left_the_list(tmp_path):
     import struct as _struct
     from types import SimpleNamespace
 
-    from tools import stress as st
+    from shm_taskwork.tools import stress as st
 
     def dl(wid, reason="orphaned"):
         return SimpleNamespace(payload=_struct.pack("<Q", wid), reason=reason)
@@ -228,7 +228,7 @@ def test_reap_logger_records_are_written_to_the_ledger(tmp_path):
     import struct as _struct
     from types import SimpleNamespace
 
-    from tools import stress as st
+    from shm_taskwork.tools import stress as st
 
     led = st.Ledger(str(tmp_path / "p.ledger"), 3)
     h = st.record_interrupted(led)
@@ -265,7 +265,7 @@ def test_help_through_the_console_command():
 def test_ctrl_c_kills_children_and_removes_everything(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TMPDIR=str(tmp_path))
-    p = subprocess.Popen([sys.executable, "-m", "tools.stress", "--tasks", "2", "--producers",
+    p = subprocess.Popen([sys.executable, "-m", "shm_taskwork.tools.stress", "--tasks", "2", "--producers",
                           "2", "--seconds", "60", "--json"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,10 +1,14 @@
-"""``shm-taskwork create | destroy | fsck``: manage a domain and repair it.
+"""``shm-taskwork list | create | destroy | dead-letters | fsck``: find,
+manage and repair domains.
 
-``create NAME`` makes a domain with the given sizes, ``destroy NAME`` removes
-its name (processes that have it mapped keep their mapping until they close
-it), and ``fsck NAME`` finds what dead processes held - tasks whose process is
-gone or whose pid now names another process, their pending works, works they
-had started, nodes a dead adder allocated and never queued - and with
+``list`` finds every domain on this host (a segment in /dev/shm that starts
+with the magic ``SHMTWRK\\x01``). ``create NAME`` makes a domain with the
+given sizes, ``destroy NAME`` removes its name (processes that have it mapped
+keep their mapping until they close it). ``dead-letters NAME`` lists the
+domain's dead letters and re-queues (``--retry``) or drops (``--drop``) them.
+``fsck NAME`` finds what dead processes held - tasks whose process is gone or
+whose pid now names another process, their pending works, works they had
+started, nodes a dead adder allocated and never queued - and with
 ``--repair`` gives it all back (SPEC section 6).
 
 Each ``main(argv, prog=..., command=...)`` returns the exit status. Errors are
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 
 FSCK_EPILOG = """\
@@ -23,10 +29,15 @@ exit status:
   1  fsck found something it did not repair: dead tasks, orphaned or
      interrupted works or leaked nodes without --repair, or problems (an
      inconsistency fsck cannot repair) with or without it
+  2  a usage error (a bad argument)
   3  nothing left unrepaired, but some checks could not be made because the
      domain was too busy at that moment ("incomplete"): run fsck again
-  an error (no such domain, a corrupt header, a bad argument) is one line on
-  stderr and a non-zero status (2 for a usage error), with no report on stdout
+  8  fsck could not check the domain: no such domain, permission denied, a
+     corrupt header (one line on stderr, no report on stdout)
+
+Dead letters are not fsck's to repair: they are works kept to act on
+(`shm-taskwork dead-letters NAME`). fsck counts them and never calls a domain
+"clean" while they hold pool nodes.
 
 Without --repair fsck only reads the segment: it changes nothing and takes no
 lock. With --repair it marks each dead task exited (adds to it then fail with
@@ -42,6 +53,29 @@ still has live tasks registered (their pending works would be lost with it);
 --force removes the name anyway. Processes that have the domain mapped keep
 their mapping until they close it.
 """
+
+
+LIST_EPILOG = """\
+A domain is a segment in /dev/shm whose first bytes are the magic
+SHMTWRK\\x01. One that cannot be opened (another layout version, a corrupt
+header, no permission to map it) is listed as unreadable, with the reason.
+Segments this user cannot read at all are counted under the table.
+"""
+
+DEAD_LETTERS_EPILOG = """\
+reasons:
+  unknown_callback  the task that ran it did not know its callback
+  orphaned          its task died before running it (pending, or detached
+                    but not started)
+A work whose callback had started when its task died is not a dead letter:
+it is counted "interrupted" and never re-run (it may have had effects).
+
+Without --retry or --drop the dead letters are listed (newest first) and
+nothing changes. --retry re-queues each one exactly once; one whose task has
+no live successor of its name stays, and is counted as left.
+"""
+
+DL_REASONS = ("unknown_callback", "orphaned")
 
 
 def _int(text: str) -> int:
@@ -101,20 +135,205 @@ def _parser(prog: str, command: str) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true",
                        help="print one JSON object (the FsckReport fields) instead of text")
         return p
-    raise ValueError(f"tools.admin has no command {command!r}; it serves create, destroy, fsck")
+    if command == "list":
+        p = argparse.ArgumentParser(
+            prog=prog, description="Every task-work domain on this host: its size, tasks "
+            "alive and dead, pending works and dead letters.", epilog=LIST_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--json", action="store_true", help="print one JSON list of objects")
+        return p
+    if command == "dead-letters":
+        p = argparse.ArgumentParser(
+            prog=prog, description="A domain's dead letters - works whose callback was "
+            "unknown where they ran, works of tasks that died - listed, re-queued or "
+            "dropped.", epilog=DEAD_LETTERS_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("name", help="domain name")
+        act = p.add_mutually_exclusive_group()
+        act.add_argument("--retry", action="store_true",
+                         help="re-queue each one, exactly once, on a live task of its "
+                              "original task's name (or on --to)")
+        act.add_argument("--drop", action="store_true",
+                         help="give their nodes back to the pool: the works are gone")
+        p.add_argument("--to", metavar="TASK", default=None,
+                       help="with --retry: the task to re-queue on (a name, an id, pid=N)")
+        p.add_argument("--reason", choices=DL_REASONS, default=None,
+                       help="only the dead letters of this reason")
+        p.add_argument("--json", action="store_true",
+                       help="print JSON: the list, or {\"retried\"|\"dropped\", \"left\"}")
+        return p
+    raise ValueError(f"tools.admin has no command {command!r}; it serves list, create, "
+                     "destroy, dead-letters, fsck")
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None,
          command: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if command is None:  # `python -m tools.admin COMMAND ...`
+    if command is None:  # `python -m shm_taskwork.tools.admin COMMAND ...`
         if not argv or argv[0] not in ("create", "destroy", "fsck"):
-            print("usage: python -m tools.admin {create,destroy,fsck} ...", file=sys.stderr)
+            print("usage: python -m shm_taskwork.tools.admin {create,destroy,fsck} ...", file=sys.stderr)
             return 2
         command, argv = argv[0], argv[1:]
     prog = prog or f"shm-taskwork {command}"
     args = _parser(prog, command).parse_args(argv)
-    return {"create": _create, "destroy": _destroy, "fsck": _fsck}[command](args)
+    return COMMANDS[command](args)
+
+
+# ---- list -------------------------------------------------------------------
+
+SHM_DIR = "/dev/shm"
+MAGIC = b"SHMTWRK\x01"
+
+
+def list_domains(shm_dir: str = SHM_DIR) -> tuple[list[dict], int]:
+    """(one record per domain found, count of segments this user cannot read)."""
+    from shm_taskwork import Domain
+
+    found, unreadable = [], 0
+    try:
+        names = sorted(os.listdir(shm_dir))
+    except OSError as exc:
+        raise OSError(f"cannot list {shm_dir}: {exc.strerror or exc}") from None
+    for n in names:
+        path = os.path.join(shm_dir, n)
+        try:
+            with open(path, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode) or f.read(8) != MAGIC:
+                    continue
+                size = os.fstat(f.fileno()).st_size
+        except PermissionError:
+            unreadable += 1
+            continue
+        except OSError:
+            continue  # gone meanwhile
+        rec = {"name": "/" + n, "size": size, "error": None}
+        try:
+            with Domain.open(n) as dom:
+                infos = dom.tasks(reap=False)   # only look: a dead task shows as dead
+                st = dom.stats(reap=False)
+                rec.update(max_tasks=dom.max_tasks, pool_size=dom.pool_size,
+                           payload_size=dom.payload_size,
+                           alive=sum(1 for t in infos if t.state in ("running", "exiting")),
+                           dead=sum(1 for t in infos if t.state == "dead"),
+                           pending=st.pending, dead_letters=st.dead_letters,
+                           pool_free=st.pool_free)
+        except FileNotFoundError:
+            continue  # destroyed meanwhile
+        except PermissionError:
+            rec["error"] = "permission denied"
+        except Exception as exc:  # an unreadable domain is shown as such, with why
+            rec["error"] = _why_unreadable(path, exc)
+        found.append(rec)
+    return found, unreadable
+
+
+def _why_unreadable(path: str, exc: Exception) -> str:
+    """A short reason: the layout version when that is what differs."""
+    import struct
+
+    from shm_taskwork import _native
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+        version = struct.unpack_from("<I", head, 8)[0]
+    except (OSError, struct.error):
+        version = None
+    if version is not None and version != _native.LAYOUT_VERSION:
+        return f"layout version {version} (this build reads {_native.LAYOUT_VERSION})"
+    text = str(exc) or type(exc).__name__
+    return text.split(";")[0]
+
+
+def _list(args) -> int:
+    from shm_taskwork.tools._common import fmt_bytes, plain_table
+
+    found, unreadable = list_domains()
+    if args.json:
+        print(json.dumps(found))
+        return 0
+    if not found:
+        print("no task-work domains on this host")
+    else:
+        rows = []
+        for r in found:
+            if r["error"]:
+                rows.append((r["name"], fmt_bytes(r["size"], compact=True), "-", "-", "-", "-",
+                             "-", f"unreadable: {r['error']}"))
+            else:
+                rows.append((r["name"], fmt_bytes(r["size"], compact=True), r["alive"],
+                             r["dead"], r["pending"], r["dead_letters"],
+                             f"{r['pool_free']}/{r['pool_size']}", ""))
+        plain_table(("domain", "size", "tasks", "dead", "pending", "dead letters",
+                     "pool free", "note"), rows, sys.stdout,
+                    right={"size", "tasks", "dead", "pending", "dead letters", "pool free"})
+    if unreadable:
+        print(f"{_plural(unreadable, 'segment')} in {SHM_DIR} could not be read "
+              "(permission denied): run as their owner or as root to see them")
+    return 0
+
+
+# ---- dead letters -------------------------------------------------------------
+
+def _retry_target(dom, key: str | None):
+    """--to: an id or pid=N names one task; a name stays a name, so the
+    domain picks a live task of it (the one with the fewest pending works)."""
+    if key is None:
+        return None
+    if key.isdigit() or key.startswith("pid="):
+        from shm_taskwork.tools.status import find_task
+        return find_task(dom, key)
+    return key.removeprefix("name=")
+
+
+def _dead_letters(args) -> int:
+    import time
+
+    from shm_taskwork import Domain
+    from shm_taskwork.tools._common import fmt_age, plain_table
+
+    if args.to is not None and not args.retry:
+        raise ValueError("--to goes with --retry")
+    with Domain.open(args.name) as dom:
+        if args.retry or args.drop:
+            if args.retry:
+                n = dom.retry_dead_letters(to=_retry_target(dom, args.to), reason=args.reason)
+                verb = "retried"
+            else:
+                n = dom.drop_dead_letters(reason=args.reason)
+                verb = "dropped"
+            left = len(dom.dead_letters(reason=args.reason))
+            if args.json:
+                print(json.dumps({verb: n, "left": left}))
+            else:
+                what = "dead letters" if args.reason is None else f"{args.reason} dead letters"
+                print(f"{dom.name}: {verb} {n} {what}; {left} left"
+                      + (" (no live task to take them)" if left and args.retry else ""))
+            return 0
+        works = dom.dead_letters(reason=args.reason)
+        now = time.monotonic_ns()
+        if args.json:
+            out = []
+            for w in works:
+                rec = w.as_dict()
+                rec["reason"] = getattr(w, "reason", None)
+                rec["target_name"] = getattr(w, "target_name", None)
+                rec["age_ns"] = now - w.enqueued_ns if w.enqueued_ns else None
+                out.append(rec)
+            print(json.dumps(out))
+            return 0
+        if not works:
+            print(f"{dom.name}: no dead letters"
+                  + (f" of reason {args.reason}" if args.reason else ""))
+            return 0
+        print(f"{dom.name}: {_plural(len(works), 'dead letter')}"
+              + (f" of reason {args.reason}" if args.reason else ""))
+        rows = [(f"{w.id:#x}", getattr(w, "reason", None) or "-", w.func_name,
+                 getattr(w, "target_name", None) or "-", w.target, w.sender_pid,
+                 fmt_age(now - w.enqueued_ns, compact=True) if w.enqueued_ns else "-",
+                 f"{len(w.payload)}B") for w in works]
+        plain_table(("work", "reason", "callback", "for task", "slot", "sender", "age",
+                     "payload"), rows, sys.stdout, right={"slot", "sender", "age", "payload"})
+    return 0
 
 
 # ---- create -----------------------------------------------------------------
@@ -218,7 +437,12 @@ def _dead_letter_count(dom) -> int:
 
 def _render(name: str, rep, who: dict, dead_letters: int) -> str:
     found = not rep.clean
-    lines = [f"fsck {name}: " + ("clean" if not found else "found " + ", ".join([
+    if not found:
+        # never "clean" while dead letters hold pool nodes
+        head = ("nothing to repair, but " + _plural(dead_letters, "dead letter")
+                + " hold" + ("s" if dead_letters == 1 else "") + " pool nodes"
+                + f" (`shm-taskwork dead-letters {name}`)") if dead_letters else "clean"
+    lines = [f"fsck {name}: " + (head if not found else "found " + ", ".join([
         _plural(len(rep.dead_tasks), "dead task"),
         _plural(rep.orphaned, "orphaned work"),
         _plural(rep.interrupted, "interrupted work"),
@@ -247,15 +471,19 @@ def _render(name: str, rep, who: dict, dead_letters: int) -> str:
         lines.append(f"  problem: {p}")
     for p in rep.incomplete:
         lines.append(f"  incomplete: {p}")
-    if dead_letters:
-        lines.append(f"  dead letters: {dead_letters} (works whose callback was unknown where "
-                     "they ran; not lost: `shm-taskwork status` lists them)")
+    if dead_letters and found:
+        lines.append(f"  dead letters: {dead_letters} hold pool nodes (works kept to act on: "
+                     f"`shm-taskwork dead-letters {name}` lists, retries or drops them)")
     if found:
         if rep.repaired:
             lines.append("  repaired: yes" + (" (problems remain)" if rep.problems else ""))
         else:
             lines.append(f"  repaired: no (run `shm-taskwork fsck {name} --repair`)")
     return "\n".join(lines)
+
+
+COMMANDS = {"list": _list, "create": _create, "destroy": _destroy,
+            "dead-letters": _dead_letters, "fsck": _fsck}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``shm-taskwork demo``: the main job on an embedded default.
 
 A supervisor (this process) creates a private domain and starts worker
-processes - unrelated ones, each started with ``python -m tools.demo
+processes - unrelated ones, each started with ``python -m shm_taskwork.tools.demo
 --worker`` - that register a task and the callbacks a real service would
 take from its supervisor: *reload config*, *flush cache*, *drop connection*.
 Each worker meanwhile does something ordinary:
@@ -60,7 +60,7 @@ import uuid
 import shm_taskwork
 from shm_taskwork import (TWA_NMI_CURRENT, TWA_NONE, TWA_RESUME, TWA_SIGNAL, TWA_SIGNAL_NO_IPI,
                           Domain, TaskExitedError, callback)
-from tools._common import positive_int
+from shm_taskwork.tools._common import positive_int
 
 PREFIX = "tw_demo_"
 STYLES = ("waiter", "cruncher", "sleeper", "looper")
@@ -354,11 +354,10 @@ class Demo:
     # ---- processes and their reports -----------------------------------------
 
     def start_workers(self) -> None:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # the directory holding the package (the repository, or site-packages)
         pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(shm_taskwork.__file__)))
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (here, pkg_root, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         for i in range(self.nworkers):
             style = STYLES[i % len(STYLES)]
             errfile = tempfile.TemporaryFile()
@@ -368,7 +367,7 @@ class Demo:
             signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "tools.demo", "--worker", style, "--domain",
+                    [sys.executable, "-m", "shm_taskwork.tools.demo", "--worker", style, "--domain",
                      self.name, "--index", str(i)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errfile, env=env,
                     start_new_session=True)  # Ctrl-C reaches the supervisor, which stops them
@@ -701,10 +700,33 @@ class Demo:
                     cells[mode] = {"n": len(lats), "median": round(_pct(lats, 0.5) / 1e3, 1),
                                    "max": round(max(lats) / 1e3, 1)}
             by_worker[w.name] = cells
+        # the works that steer the demo itself: the three held for the retiring
+        # worker's exit, its retire, and one shutdown per worker
         other = [q for q, s in self.sent.items() if s.mode in ("exit", "control")]
         lost_other = [q for q in other if q not in self.ran]
         if lost_other:
             problems.append(f"{len(lost_other)} control works never ran")
+        rows["control"] = {
+            "sent": len(other), "ran": len(other) - len(lost_other), "cancelled": 0,
+            "lost": len(lost_other), "latency_us": None,
+            "where": dict(collections.Counter(self.ran[q]["where"] for q in other
+                                              if q in self.ran).most_common())}
+        lats = [self.ran[q]["lat"] for q in other if q in self.ran]
+        if lats:
+            rows["control"]["latency_us"] = {"median": round(_pct(lats, 0.5) / 1e3, 1),
+                                             "p99": round(_pct(lats, 0.99) / 1e3, 1),
+                                             "max": round(max(lats) / 1e3, 1)}
+        totals = {k: sum(r[k] for r in rows.values()) for k in ("sent", "ran", "cancelled",
+                                                                   "lost")}
+        # exactly once, and in the process of the task it was queued on
+        elsewhere = [q for q, e in self.ran.items()
+                     if q in self.sent and e["worker"] != self.sent[q].worker]
+        if elsewhere:
+            problems.append(f"{len(elsewhere)} works ran in another worker than their task's")
+        reported = sum(((w.exited or {}).get("ran") or 0) for w in self.workers)
+        if all(w.exited for w in self.workers) and reported != totals["ran"]:
+            problems.append(f"the workers report {reported} works run, the ledger "
+                            f"{totals['ran']}")
         if self.duplicates:
             problems.append(f"{len(self.duplicates)} works ran twice")
         unknown = [q for q in self.ran if q not in self.sent]
@@ -734,6 +756,8 @@ class Demo:
                          "status": w.proc.returncode} for w in self.workers],
             "works_per_mode": self.works,
             "modes": rows,
+            "totals": totals,
+            "ran_elsewhere": len(elsewhere),
             "latency_by_worker": by_worker,
             "cancel": self.facts["cancel"],
             "add_many": self.facts["add_many"],
@@ -750,13 +774,75 @@ class Demo:
 
 
 # ---- printing ------------------------------------------------------------------
+# Every table fits an 80-column terminal: latencies in compact units, the long
+# texts (what a worker does, where callbacks ran) in columns that wrap, never
+# truncated.
+
+MODE_LABEL = {"control": "control works", "TWA_SIGNAL_NO_IPI": "TWA_SIGNAL_NO_IPI"}
+SHORT_MODE = {"TWA_RESUME": "RESUME", "TWA_SIGNAL": "SIGNAL", "TWA_SIGNAL_NO_IPI": "NO_IPI",
+              "TWA_NMI_CURRENT": "NMI", "add_many": "add_many"}
+MODE_NOTES = [
+    "TWA_NONE: held without a notification until the task's next run.",
+    "TWA_NMI_CURRENT: queued by a worker on its own task from a SIGUSR2 handler.",
+    "add_many: one push and one TWA_RESUME wake-up for a batch.",
+    "control works: the 3 works held for the retiring worker's exit, its retire "
+    "(task.exit() in a callback) and one shutdown per worker.",
+]
+
+
+def _us(value: float | None) -> str:
+    """Microseconds in the unit that reads best, at most 7 characters."""
+    if value is None:
+        return "-"
+    if value < 1000:
+        return f"{value:.0f}us"
+    if value < 1e6:
+        return f"{value / 1e3:.1f}ms"
+    return f"{value / 1e6:.2f}s"
+
+
+def _lat(row: dict, key: str) -> str:
+    return "-" if row["latency_us"] is None else _us(row["latency_us"][key])
+
 
 def _fmt_where(where: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in where.items())
 
 
-def _lat(row: dict, key: str) -> str:
-    return "-" if row["latency_us"] is None else f"{row['latency_us'][key]:,.1f}"
+def tables(rep: dict) -> list[tuple[str, tuple, list[tuple], set]]:
+    """(title, head, rows, right-aligned columns) of each table of the report."""
+    wk_head = ("task", "name", "pid", "what it does meanwhile", "works ran")
+    wk_rows = [(str(w["task"]), w["name"], str(w["pid"]), STYLE_TEXT[w["style"]],
+                str(w["ran"])) for w in rep["workers"]]
+    total_ran = sum(w["ran"] or 0 for w in rep["workers"])
+    wk_rows.append(("", "total", "", "", str(total_ran)))
+    head = ("notify mode", "sent", "ran", "cancelled", "lost", "median", "p99", "max")
+    rows = []
+    for mode, r in rep["modes"].items():
+        rows.append((MODE_LABEL.get(mode, mode), str(r["sent"]), str(r["ran"]),
+                     str(r["cancelled"]), str(r["lost"]), _lat(r, "median"), _lat(r, "p99"),
+                     _lat(r, "max")))
+    t = rep["totals"]
+    rows.append(("total", str(t["sent"]), str(t["ran"]), str(t["cancelled"]), str(t["lost"]),
+                 "", "", ""))
+    wh_rows = [(MODE_LABEL.get(mode, mode), _fmt_where(r["where"]) or "-")
+               for mode, r in rep["modes"].items()]
+    mx_modes = [m for m in ROWS if m != "TWA_NONE"]
+    mx_head = ("worker", *(SHORT_MODE[m] for m in mx_modes))
+    mx_rows = []
+    for w in rep["workers"]:
+        cells = rep["latency_by_worker"].get(w["name"], {})
+        mx_rows.append((w["name"], *(_us(cells[m]["median"]) if m in cells else "-"
+                                     for m in mx_modes)))
+    return [
+        ("workers (unrelated processes, one task each)", wk_head, wk_rows,
+         {"task", "pid", "works ran"}),
+        ("deferred callbacks by notify mode; latency: enqueued -> callback start", head, rows,
+         set(head[1:])),
+        ("where the callbacks ran", ("notify mode", "where: count"), wh_rows, set()),
+        ("median wake-up latency by worker", mx_head, mx_rows,
+         set(mx_head[1:])),
+    ]
 
 
 def render(rep: dict, out) -> None:
@@ -769,24 +855,6 @@ def render(rep: dict, out) -> None:
         f"shm-taskwork demo: domain {rep['domain']}, {len(rep['workers'])} worker processes, "
         f"{rep['works_per_mode']} works per notify mode",
     ]
-    wk_head = ("task", "name", "pid", "what it does meanwhile", "works ran")
-    wk_rows = [(str(w["task"]), w["name"], str(w["pid"]), STYLE_TEXT[w["style"]],
-                str(w["ran"])) for w in rep["workers"]]
-    head = ("notify mode", "sent", "ran", "cancelled", "lost", "median us", "p99 us", "max us",
-            "where the callbacks ran")
-    rows = []
-    for mode, r in rep["modes"].items():
-        label = {"TWA_NONE": "TWA_NONE (held to next run)",
-                 "TWA_NMI_CURRENT": "TWA_NMI_CURRENT (own, SIGUSR2)",
-                 "add_many": "add_many (TWA_RESUME)"}.get(mode, mode)
-        rows.append((label, str(r["sent"]), str(r["ran"]), str(r["cancelled"]), str(r["lost"]),
-                     _lat(r, "median"), _lat(r, "p99"), _lat(r, "max"), _fmt_where(r["where"])))
-    mx_head = ("median (max) us", *(m for m in ROWS if m != "TWA_NONE"))
-    mx_rows = []
-    for w in rep["workers"]:
-        cells = rep["latency_by_worker"].get(w["name"], {})
-        mx_rows.append((w["name"], *(f"{cells[m]['median']:,.0f} ({cells[m]['max']:,.0f})"
-                                     if m in cells else "-" for m in mx_head[1:])))
     c = rep["cancel"]
     am = rep["add_many"]
     ex = rep["exit"]
@@ -818,40 +886,33 @@ def render(rep: dict, out) -> None:
     ]
     if rep["problems"]:
         lines_after.append("problems: " + "; ".join(rep["problems"]))
-    if Console is not None:
-        console = Console(file=out, width=None if out.isatty() else 200, highlight=False,
-                          soft_wrap=False)
-        for ln in lines_before:
-            console.print(ln, soft_wrap=True)
-        t = Table(title="workers (unrelated processes, one task each)", title_justify="left")
-        for h in wk_head:
-            t.add_column(h, justify="right" if h in ("task", "pid", "works ran") else "left")
-        for r in wk_rows:
-            t.add_row(*r)
-        console.print(t)
-        t = Table(title="deferred callbacks by notify mode (latency: work.enqueued_ns -> "
-                        "callback start)", title_justify="left")
-        for h in head:
-            t.add_column(h, justify="left" if h in (head[0], head[-1]) else "right",
-                         no_wrap=h != head[-1])
-        for r in rows:
-            t.add_row(*r)
-        console.print(t)
-        t = Table(title="wake-up latency by worker: what each way of waiting costs",
-                  title_justify="left")
-        for h in mx_head:
-            t.add_column(h, justify="left" if h == mx_head[0] else "right", no_wrap=True)
-        for r in mx_rows:
-            t.add_row(*r)
-        console.print(t)
-        for ln in lines_after:
-            console.print(ln, soft_wrap=True)
+    all_tables = tables(rep)
+    if Console is None:  # pragma: no cover
+        print(*lines_before, sep="\n", file=out)
+        for title, head, rows, _ in all_tables:
+            print(title, file=out)
+            _plain_table(head, rows, out)
+        print(*MODE_NOTES, *lines_after, sep="\n", file=out)
         return
-    print(*lines_before, sep="\n", file=out)
-    _plain_table(wk_head, wk_rows, out)
-    _plain_table(head, rows, out)
-    _plain_table(mx_head, mx_rows, out)
-    print(*lines_after, sep="\n", file=out)
+    # the terminal's width, or $COLUMNS, or 80: the tables are made to fit 80
+    console = Console(file=out, highlight=False)
+    for ln in lines_before:
+        console.print(ln)
+    for k, (title, head, rows, right) in enumerate(all_tables):
+        t = Table(title=title, title_justify="left")
+        for h in head:
+            # the long texts wrap (fold: never an ellipsis); figures never do
+            wraps = h in ("what it does meanwhile", "where: count")
+            t.add_column(h, justify="right" if h in right else "left", no_wrap=not wraps,
+                         overflow="fold")
+        for n, r in enumerate(rows):
+            t.add_row(*r, end_section=(n == len(rows) - 2 and r[0] != "" and k < 2))
+        console.print(t)
+        if k == 1:
+            for ln in MODE_NOTES:
+                console.print(ln)
+    for ln in lines_after:
+        console.print(ln)
 
 
 def _plain_table(head, rows, out) -> None:

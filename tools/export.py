@@ -17,20 +17,47 @@ Metrics (labels ``domain``, ``task`` (the slot id) and ``name`` per task):
   shm_taskwork_task_up                1 while the process lives (running or
                                       exiting), 0 once it is dead or has exited
   shm_taskwork_task_info              1, with the pid and state as labels
+  shm_taskwork_task_oldest_pending_seconds   age of the oldest pending work (0: none)
+  shm_taskwork_task_cpu_seconds_total  CPU time (user + system) of the task's
+                                      process, from psutil (live tasks only)
+  shm_taskwork_task_resident_memory_bytes   its resident set size (psutil)
+  shm_taskwork_task_latency_seconds   histogram: enqueue-to-start latency of the
+                                      works the task ran
+  shm_taskwork_task_duration_seconds  histogram: duration of its callbacks
+  shm_taskwork_callback_latency_seconds / _duration_seconds   the same per
+                                      callback name (label ``callback``), over
+                                      every task
+  (The runner keeps the histograms in the segment - per task in its slot, per
+  callback in the name table - with one clock read per work; buckets are
+  powers of two from 1.024 us to 68.7 s.)
   shm_taskwork_pool_size / _free / _used, shm_taskwork_dead_letters,
   shm_taskwork_tasks                  the pool and the domain (label ``domain``)
+  shm_taskwork_proc_table_used / _size    entries of the process table in use
+  shm_taskwork_name_table_used / _size    names kept (callbacks, tasks) / room for them
+  shm_taskwork_domain_up              1 while the name leads to a readable domain
 
 A task slot is reused by the next registration, which starts its counters at
 zero again: Prometheus treats that as a counter reset.
+
+The exporter is given a name, not a segment: at each scrape it checks that the
+segment behind the name is the one it mapped (the inode of /dev/shm/NAME and
+the creation time in its header). When the domain was destroyed and created
+again it maps the new one; while there is none it serves only
+``shm_taskwork_domain_up 0``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import struct
 import sys
 import threading
+import time
 
 from prometheus_client.registry import Collector
+
+from shm_taskwork.tools._common import oldest_pending_ns
 
 EPILOG = """\
 The exporter only reads the segment: it takes no lock and registers no task.
@@ -89,66 +116,257 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def segment_identity(name: str) -> tuple[int, int, int] | None:
+    """(device, inode, created_ns) of the segment behind a domain name, or
+    None when there is none (or it is still being formatted)."""
+    from shm_taskwork._native import ffi
+
+    path = "/dev/shm" + name
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            head = os.pread(f.fileno(), 8, 0)
+            raw = os.pread(f.fileno(), 8, ffi.offsetof("struct tw_header", "created_ns"))
+    except OSError:
+        return None
+    if head != b"SHMTWRK\x01" or len(raw) != 8:
+        return None
+    return st.st_dev, st.st_ino, struct.unpack("<Q", raw)[0]
+
+
+def table_fill(dom) -> dict[str, tuple[int, int]]:
+    """Entries in use and the size of the process and the callback-name tables."""
+    from shm_taskwork._native import ffi, lib
+
+    pid, start = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    procs = 0
+    for i in range(dom.max_procs):
+        if lib.tw_proc_info(dom.d, i, pid, start) == 0 and pid[0]:
+            procs += 1
+    d = dom.d
+    names = ffi.cast("struct tw_name *", d.base + d.names_off)
+    used = sum(1 for i in range(d.names_cap) if names[i].id)
+    return {"proc_table": (procs, dom.max_procs), "name_table": (used, int(d.names_cap))}
+
+
+# The runner's histograms (struct tw_hist in native/taskwork.h): bucket k
+# counts values below 2**(k + 10) ns (and at least half that, for k > 0); the
+# last bucket has no upper bound.
+HIST_LE = [repr(2 ** (k + 10) / 1e9) for k in range(27)] + ["+Inf"]
+
+
+def hist_value(h) -> tuple[list[tuple[str, float]], float]:
+    """(cumulative buckets, sum in seconds) of a struct tw_hist."""
+    counts = list(h.bucket)
+    out, acc = [], 0
+    for le, c in zip(HIST_LE, counts):
+        acc += c
+        out.append((le, acc))
+    return out, h.sum_ns / 1e9
+
+
+def callback_histograms(dom) -> list[tuple[str, object]]:
+    """(callback name, its name-table entry) for every callback name kept."""
+    from shm_taskwork._native import ffi
+    from shm_taskwork.domain import TASK_NAME_PREFIX
+
+    d = dom.d
+    names = ffi.cast("struct tw_name *", d.base + d.names_off)
+    out = []
+    for i in range(d.names_cap):
+        e = names[i]
+        if not e.id or not e.ready:
+            continue
+        name = ffi.string(e.name, min(int(e.len), len(e.name) - 1)).decode(errors="replace")
+        if not name.startswith(TASK_NAME_PREFIX):
+            out.append((name, e))
+    return out
+
+
+def process_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, RSS bytes) of a process, from psutil; None if it is gone."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            t = p.cpu_times()
+            return t.user + t.system, p.memory_info().rss
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
 class DomainCollector(Collector):
     """A prometheus_client collector: every ``collect()`` reads the domain anew.
 
     Scrapes may arrive on several server threads at once; a lock keeps them
-    from reading through the same Domain object at the same time."""
+    from reading through the same Domain object at the same time. Before each
+    scrape the segment behind the name is checked to be the one mapped; a
+    domain destroyed and created again is mapped anew."""
 
-    def __init__(self, dom):
+    def __init__(self, dom=None, *, name: str | None = None):
+        from shm_taskwork.domain import _normalize
+
+        self.name = _normalize(name if name is not None else dom.name)
         self.dom = dom
+        self.ident = segment_identity(self.name) if dom is not None else None
+        self.reopened = 0
         self._lock = threading.Lock()
 
     def describe(self):
         return []  # no fixed set of series: registering must not scrape
 
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self.dom is not None:
+            self.dom.close()
+            self.dom = None
+
+    def _current(self):
+        """The mapped domain, re-opened if the name now leads to another
+        segment; None while there is no readable domain of that name."""
+        from shm_taskwork import Domain, TaskWorkError
+
+        ident = segment_identity(self.name)
+        if ident is None:
+            self._drop()
+            return None
+        if self.dom is not None and ident == self.ident:
+            return self.dom
+        had = self.dom is not None or self.ident is not None
+        self._drop()
+        try:
+            dom = Domain.open(self.name)
+        except (OSError, TaskWorkError):
+            return None
+        # the identity of what was just mapped: re-read, the name may have moved on
+        if segment_identity(self.name) != ident:
+            dom.close()
+            return None
+        self.dom, self.ident = dom, ident
+        if had:
+            self.reopened += 1
+        return dom
+
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
 
         with self._lock:
-            infos = self.dom.tasks(reap=False)
-            stats = self.dom.stats(reap=False)
-        domain = self.dom.name
+            dom = self._current()
+            if dom is not None:
+                infos = dom.tasks(reap=False)
+                stats = dom.stats(reap=False)
+                now = time.monotonic_ns()
+                oldest = {t.id: (oldest_pending_ns(dom, t.id, t.generation) if t.pending
+                                 else None) for t in infos}
+                fill = table_fill(dom)
+                slot_hists = {t.id: (hist_value(dom._slot(t.id).latency),
+                                     hist_value(dom._slot(t.id).duration)) for t in infos}
+                cb_hists = [(name, hist_value(e.latency), hist_value(e.duration))
+                            for name, e in callback_histograms(dom)]
+        domain = self.name
+        up = GaugeMetricFamily(f"{PREFIX}_domain_up", "1 while the name leads to a readable "
+                               "task-work domain, 0 while there is none.", labels=["domain"])
+        up.add_metric([domain], 0 if dom is None else 1)
+        yield up
+        reopened = CounterMetricFamily(f"{PREFIX}_domain_reopened", "Times the exporter "
+                                       "mapped the domain anew after it was destroyed and "
+                                       "created again.", labels=["domain"])
+        reopened.add_metric([domain], self.reopened)
+        yield reopened
+        if dom is None:
+            return
         labels = ["domain", "task", "name"]
 
         counters = {k: CounterMetricFamily(f"{PREFIX}_task_{k}", doc, labels=labels)
                     for k, doc in TASK_COUNTERS.items()}
         gauges = {k: GaugeMetricFamily(f"{PREFIX}_task_{k}", doc, labels=labels)
                   for k, doc in TASK_GAUGES.items()}
-        up = GaugeMetricFamily(f"{PREFIX}_task_up", "1 while the task's process lives "
-                               "(running or exiting), 0 once it is dead or has exited.",
-                               labels=labels)
+        task_up = GaugeMetricFamily(f"{PREFIX}_task_up", "1 while the task's process lives "
+                                    "(running or exiting), 0 once it is dead or has exited.",
+                                    labels=labels)
         info = GaugeMetricFamily(f"{PREFIX}_task_info", "Always 1; the task's pid and state "
                                  "(running, exiting, exited, dead) as labels.",
                                  labels=labels + ["pid", "state"])
+        age = GaugeMetricFamily(f"{PREFIX}_task_oldest_pending_seconds", "Age of the oldest "
+                                "work pending on the task (0 when none is).", labels=labels)
+        cpu = CounterMetricFamily(f"{PREFIX}_task_cpu_seconds", "CPU time (user + system) "
+                                  "of the task's process (psutil).", labels=labels)
+        rss = GaugeMetricFamily(f"{PREFIX}_task_resident_memory_bytes", "Resident set size "
+                                "of the task's process (psutil).", labels=labels)
+        t_lat = HistogramMetricFamily(f"{PREFIX}_task_latency_seconds", "Enqueue-to-start "
+                                      "latency of the works the task ran (kept by its runner "
+                                      "in the segment).", labels=labels)
+        t_dur = HistogramMetricFamily(f"{PREFIX}_task_duration_seconds", "Duration of the "
+                                      "callbacks the task ran.", labels=labels)
         for t in infos:
             values = [domain, str(t.id), t.name]
             for k, fam in counters.items():
                 fam.add_metric(values, getattr(t, k))
             for k, fam in gauges.items():
                 fam.add_metric(values, getattr(t, k))
-            up.add_metric(values, 1 if t.state in LIVE_STATES else 0)
+            live = t.state in LIVE_STATES
+            task_up.add_metric(values, 1 if live else 0)
             info.add_metric(values + [str(t.pid), t.state], 1)
+            e = oldest.get(t.id)
+            age.add_metric(values, 0.0 if e is None else max(0, now - e) / 1e9)
+            usage = process_usage(t.pid) if live and t.pid > 0 else None
+            if usage is not None:
+                cpu.add_metric(values, usage[0])
+                rss.add_metric(values, usage[1])
+            (lat_b, lat_s), (dur_b, dur_s) = slot_hists[t.id]
+            t_lat.add_metric(values, lat_b, lat_s)
+            t_dur.add_metric(values, dur_b, dur_s)
         yield from counters.values()
         yield from gauges.values()
-        yield up
+        yield task_up
         yield info
+        yield age
+        yield cpu
+        yield rss
+        yield t_lat
+        yield t_dur
+        c_lat = HistogramMetricFamily(f"{PREFIX}_callback_latency_seconds", "Enqueue-to-start "
+                                      "latency of the works of a callback, on every task.",
+                                      labels=["domain", "callback"])
+        c_dur = HistogramMetricFamily(f"{PREFIX}_callback_duration_seconds", "Duration of a "
+                                      "callback, on every task.", labels=["domain", "callback"])
+        for name, (lat_b, lat_s), (dur_b, dur_s) in cb_hists:
+            c_lat.add_metric([domain, name], lat_b, lat_s)
+            c_dur.add_metric([domain, name], dur_b, dur_s)
+        yield c_lat
+        yield c_dur
         for metric, (field, doc) in POOL_GAUGES.items():
             fam = GaugeMetricFamily(f"{PREFIX}_{metric}", doc, labels=["domain"])
             fam.add_metric([domain], getattr(stats, field))
             yield fam
+        for table, (used, size) in fill.items():
+            what = ("Process-table entries in use (processes that add or run works)"
+                    if table == "proc_table" else
+                    "Names kept in the name table (callbacks, and tasks for their dead letters)")
+            fam = GaugeMetricFamily(f"{PREFIX}_{table}_used", what + ".", labels=["domain"])
+            fam.add_metric([domain], used)
+            yield fam
+            fam = GaugeMetricFamily(f"{PREFIX}_{table}_size", f"Entries of the {table.replace('_', ' ')}.",
+                                    labels=["domain"])
+            fam.add_metric([domain], size)
+            yield fam
 
 
-def registry_for(dom):
+def registry_for(dom=None, *, name: str | None = None):
     """A fresh CollectorRegistry holding only this domain's collector."""
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DomainCollector(dom))
+    registry.register(DomainCollector(dom, name=name))
     return registry
 
 
-def _serve(dom, registry, port: int, addr: str) -> None:
+def _serve(name: str, registry, port: int, addr: str) -> None:
     from prometheus_client import start_http_server
 
     stop = threading.Event()
@@ -169,7 +387,7 @@ def _serve(dom, registry, port: int, addr: str) -> None:
         else:
             host = addr
         shown = f"[{host}]" if ":" in host else host
-        print(f"serving {dom.name} metrics on http://{shown}:{port}/metrics", flush=True)
+        print(f"serving {name} metrics on http://{shown}:{port}/metrics", flush=True)
         try:
             while not stop.wait(3600):
                 pass
@@ -190,20 +408,25 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
 
     from shm_taskwork import Domain
 
-    dom = Domain.open(args.name)
+    # No such domain at the start is an error; later, while it is gone, the
+    # exporter serves domain_up 0 and maps the next one of that name.
+    collector = DomainCollector(Domain.open(args.name))
     try:
-        registry = registry_for(dom)
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
         if args.once:
             sys.stdout.write(generate_latest(registry).decode())
             sys.stdout.flush()
             return 0
         try:
-            _serve(dom, registry, args.port, args.addr)
+            _serve(collector.name, registry, args.port, args.addr)
         except KeyboardInterrupt:  # Ctrl-C before the handler was installed
             pass
         return 0
     finally:
-        dom.close()
+        collector.close()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import sys
 import time
 
 from shm_taskwork import Domain, NoSuchTaskError
-from tools._common import fmt_age, fmt_bytes
+from shm_taskwork.tools._common import (fmt_age, fmt_bytes, oldest_pending_ns,
+                                       plain_table, positive_int)
 
 LIVE_STATES = ("running", "exiting")
 PSUTIL_FIELDS = ("cpu_percent", "rss", "process_status")
@@ -67,7 +68,7 @@ def process_figures(pids: list[int], interval: float) -> dict[int, dict]:
 
 def status_record(dom: Domain, interval: float = 0.1) -> dict:
     """The object ``status --json`` prints."""
-    infos = dom.tasks()
+    infos = dom.tasks()   # reaps a dead task: it shows as dead, its works as dead letters
     stats = dom.stats()
     now = time.monotonic_ns()
     live = [t.pid for t in infos if t.state in LIVE_STATES and t.pid > 0]
@@ -106,22 +107,36 @@ def find_task(dom: Domain, key: str):
     return dom.task(name=key)
 
 
-def inspect_record(dom: Domain, key: str) -> dict:
-    """The object ``inspect --json`` prints."""
+def inspect_record(dom: Domain, key: str, *, limit: int | None = None,
+                   callback: str | None = None) -> dict:
+    """The object ``inspect --json`` prints: ``pending`` holds the works shown
+    (newest first; only those of ``callback``, at most ``limit``), while
+    ``total_pending`` and ``by_callback`` count every pending work."""
     task = find_task(dom, key)
-    info = next((t for t in dom.tasks() if t.id == task.id and t.generation == task.gen), None)
+    info = next((t for t in dom.tasks(reap=False)
+                 if t.id == task.id and t.generation == task.gen), None)
     if info is None:
         raise NoSuchTaskError(f"task {task.id} of domain {dom.name!r} exited meanwhile")
     now = time.monotonic_ns()
     pending = []
+    by_callback: dict[str, int] = {}
+    total = 0
     for w in dom.pending_works(task.id):
         if w.target_gen != task.gen:
+            continue
+        total += 1
+        by_callback[w.func_name] = by_callback.get(w.func_name, 0) + 1
+        if callback is not None and w.func_name != callback:
+            continue
+        if limit is not None and len(pending) >= limit:
             continue
         rec = w.as_dict()
         rec["payload_len"] = len(w.payload)
         rec["age_ns"] = now - w.enqueued_ns
         pending.append(rec)
-    return {"domain": dom.name, "task": info.as_dict(), "pending": pending}
+    return {"domain": dom.name, "task": info.as_dict(), "total_pending": total,
+            "by_callback": dict(sorted(by_callback.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "pending": pending}
 
 
 # ---- printing -------------------------------------------------------------------
@@ -169,28 +184,41 @@ def print_status(rec: dict, out) -> None:
     else:
         print("tasks: none registered", file=out)
     if rec["dead_letters"]:
-        rows = [(f"{w['id']:#x}", w["func_name"], w["sender_pid"], w["target"],
+        rows = [(f"{w['id']:#x}", w.get("reason") or "-", w["func_name"],
+                 w.get("target_name") or "-", w["target"], w["sender_pid"],
                  fmt_age(w["age_ns"]), w["origin"] or "-") for w in rec["dead_letters"]]
-        _table(f"dead letters ({len(rows)}): callback unknown to the task that ran them",
-               ("work", "callback", "sender", "task", "age", "origin"), rows, out,
-               right={"sender", "task", "age"})
+        _table(f"dead letters ({len(rows)}): `shm-taskwork dead-letters` retries or drops them",
+               ("work", "reason", "callback", "for task", "slot", "sender", "age", "origin"),
+               rows, out, right={"slot", "sender", "age"})
     else:
         print("dead letters: none", file=out)
 
 
-def print_inspect(rec: dict, out) -> None:
+def print_inspect(rec: dict, out, *, callback: str | None = None) -> None:
+    """Plain columns, not a rich table: a task may hold tens of thousands of
+    works, and this prints them as fast as ``--json`` does."""
     t = rec["task"]
-    n = len(rec["pending"])
-    print(f"task {t['id']} {t['name']!r} (pid {t['pid']}, {t['state']}) in {rec['domain']}: "
-          f"{n} pending work{'s' if n != 1 else ''}" + (", newest first" if n > 1 else ""),
-          file=out)
-    if not n:
+    total, shown = rec["total_pending"], len(rec["pending"])
+    out.write(f"task {t['id']} {t['name']!r} (pid {t['pid']}, {t['state']}) in {rec['domain']}: "
+              f"{total} pending work{'s' if total != 1 else ''}"
+              + (", newest first" if total > 1 else "") + "\n")
+    if not total:
         return
-    rows = [(i, f"{w['id']:#x}", w["func_name"], fmt_age(w["age_ns"]), w["sender_pid"],
-             w["origin"] or "-", f"{w['payload_len']} B")
+    by_cb = list(rec["by_callback"].items())
+    out.write("by callback: " + ", ".join(f"{cb} {n}" for cb, n in by_cb[:8])
+              + (f", and {len(by_cb) - 8} more callbacks" if len(by_cb) > 8 else "") + "\n")
+    matching = total if callback is None else rec["by_callback"].get(callback, 0)
+    if callback is not None:
+        out.write(f"callback {callback!r}: {matching} of them\n")
+    if shown < matching:
+        out.write(f"showing the newest {shown} (--limit)\n")
+    if not shown:
+        return
+    rows = [(i, f"{w['id']:#x}", w["func_name"], fmt_age(w["age_ns"], compact=True),
+             w["sender_pid"], w["origin"] or "-", f"{w['payload_len']}B")
             for i, w in enumerate(rec["pending"], 1)]
-    _table("pending works", ("#", "work", "callback", "age", "sender", "origin", "payload"),
-           rows, out, right={"#", "age", "sender", "payload"})
+    plain_table(("#", "work", "callback", "age", "sender", "origin", "payload"), rows, out,
+                right={"#", "age", "sender", "payload"})
 
 
 # ---- entry point -----------------------------------------------------------------
@@ -205,27 +233,157 @@ def _interval(text: str) -> float:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return v
+
+
+def _percent(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
+    if not 0 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"a percentage is 0..100, got {text!r}")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+INSPECT_EPILOG = """\
+The text view prints plain columns, as fast as --json. With --callback only
+that callback's works are listed, and --limit N keeps the newest N; the
+header still counts every pending work, by callback.
+"""
+
+CHECK_EPILOG = """\
+--check: one summary line on stdout and the exit status of a monitoring plugin
+(Nagios, Icinga, Sensu, Zabbix agents):
+  0 OK        nothing below
+  1 WARNING   more dead letters than --max-dead-letters (default 0); less of
+              the pool free than --min-pool-free percent (default 10); a
+              pending work older than --max-oldest seconds (default: no limit)
+  2 CRITICAL  a dead task (its process is gone: run fsck --repair, or let the
+              next adder reap it); the pool is empty (adds fail)
+  3 UNKNOWN   the domain could not be read (no such domain, permission, a
+              corrupt header)
+The line ends with performance data after a '|'.
+"""
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+CHECK_WORDS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+
+
+def check_domain(dom: Domain, *, max_dead_letters: int = 0, min_pool_free: float = 10.0,
+                 max_oldest: float | None = None) -> tuple[int, str]:
+    """(exit status, summary line) of ``status --check``. It only reads: a
+    dead task stays dead (CRITICAL) until a process that adds, or fsck, reaps
+    it; its works then are dead letters (WARNING)."""
+    infos = dom.tasks(reap=False)
+    stats = dom.stats(reap=False)
+    now = time.monotonic_ns()
+    crit: list[str] = []
+    warn: list[str] = []
+    dead = [t for t in infos if t.state == "dead"]
+    if dead:
+        who = ", ".join(f"{t.name} (task {t.id}, pid {t.pid})" for t in dead[:3])
+        more = f" and {len(dead) - 3} more" if len(dead) > 3 else ""
+        crit.append(f"{len(dead)} dead task{'s' if len(dead) != 1 else ''}: {who}{more}")
+    free_pct = 100.0 * stats.pool_free / stats.pool_size if stats.pool_size else 0.0
+    if stats.pool_free == 0:
+        crit.append(f"the pool is empty (0 of {stats.pool_size} nodes free): adds fail")
+    elif free_pct < min_pool_free:
+        warn.append(f"pool {free_pct:.1f}% free (less than {min_pool_free:g}%)")
+    if stats.dead_letters > max_dead_letters:
+        warn.append(f"{stats.dead_letters} dead letters (more than {max_dead_letters})")
+    oldest_ns = None
+    oldest_task = None
+    for t in infos:
+        if t.state in LIVE_STATES + ("dead",) and t.pending:
+            e = oldest_pending_ns(dom, t.id, t.generation)
+            if e is not None and (oldest_ns is None or now - e > oldest_ns):
+                oldest_ns, oldest_task = now - e, t
+    if max_oldest is not None and oldest_ns is not None and oldest_ns > max_oldest * 1e9:
+        warn.append(f"oldest pending work {fmt_age(oldest_ns)} old on {oldest_task.name} "
+                    f"(task {oldest_task.id}; more than {max_oldest:g} s)")
+    live = sum(1 for t in infos if t.state in LIVE_STATES)
+    code = CRITICAL if crit else WARNING if warn else OK
+    what = "; ".join(crit + warn) or (
+        f"{live} live task{'s' if live != 1 else ''}, {stats.pending} pending, "
+        f"pool {free_pct:.1f}% free, {stats.dead_letters} dead letters")
+    oldest_s = 0.0 if oldest_ns is None else oldest_ns / 1e9
+    perf = (f"tasks={live} dead_tasks={len(dead)};;0 pending={stats.pending} "
+            f"dead_letters={stats.dead_letters};{max_dead_letters} "
+            f"pool_free={free_pct:.1f}%;{min_pool_free:g}:;;0;100 "
+            f"oldest_pending={oldest_s:.3f}s;{'' if max_oldest is None else f'{max_oldest:g}'}")
+    return code, f"SHM-TASKWORK {CHECK_WORDS[code]} - {dom.name}: {what} | {perf}"
+
+
+def _check(args) -> int:
+    from shm_taskwork import TaskWorkError
+    try:
+        with Domain.open(args.name) as dom:
+            code, line = check_domain(dom, max_dead_letters=args.max_dead_letters,
+                                      min_pool_free=args.min_pool_free,
+                                      max_oldest=args.max_oldest)
+    except (TaskWorkError, OSError, ValueError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
+        code, line = UNKNOWN, f"SHM-TASKWORK UNKNOWN - {args.name}: {exc}"
+    print(line)
+    return code
+
+
 def build_parser(prog: str, command: str) -> argparse.ArgumentParser:
     if command == "inspect":
         p = argparse.ArgumentParser(
             prog=prog, description="The pending works of one task, newest first: callback, "
-                                   "age, sender pid, origin, payload size.")
+                                   "age, sender pid, origin, payload size.",
+            epilog=INSPECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("name", metavar="NAME", help="the domain (a leading / is optional)")
         p.add_argument("task", metavar="TASK",
                        help="the task: its id, its name, or pid=N / name=TEXT")
         p.add_argument("--json", action="store_true",
-                       help='print one object: {"domain", "task", "pending": [...]}')
+                       help='print one object: {"domain", "task", "total_pending", '
+                            '"by_callback", "pending": [...]}')
+        p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                       help="list only the newest N works")
+        p.add_argument("--callback", default=None, metavar="NAME",
+                       help="list only the works of this callback")
         return p
     p = argparse.ArgumentParser(
         prog=prog, description="A domain's tasks, pool and counters, read once; CPU %, "
                                "memory and state of each live task's process (psutil); "
-                               "the dead letters.")
+                               "the dead letters.",
+        epilog=CHECK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", metavar="NAME", help="the domain (a leading / is optional)")
     p.add_argument("--json", action="store_true",
                    help='print one object: {"domain", "pool", "tasks", "dead_letters"}')
     p.add_argument("--interval", type=_interval, default=0.1, metavar="SECONDS",
                    help="window for sampling CPU %% (default 0.1; 0: average over the "
                         "process's life)")
+    c = p.add_argument_group("alerting (--check)")
+    c.add_argument("--check", action="store_true",
+                   help="one summary line and a monitoring-plugin exit status (see below)")
+    c.add_argument("--max-dead-letters", type=_count, default=0, metavar="N",
+                   help="WARNING above N dead letters (default 0)")
+    c.add_argument("--min-pool-free", type=_percent, default=10.0, metavar="PCT",
+                   help="WARNING below PCT percent of the pool free (default 10)")
+    c.add_argument("--max-oldest", type=_seconds, default=None, metavar="SECONDS",
+                   help="WARNING when a pending work is older (default: no limit)")
     return p
 
 
@@ -234,13 +392,15 @@ def main(argv=None, prog: str | None = None, command: str = "status") -> int:
         raise ValueError(f"tools.status serves 'status' and 'inspect', not {command!r}")
     prog = prog or f"shm-taskwork {command}"
     args = build_parser(prog, command).parse_args(argv)
+    if command == "status" and args.check:
+        return _check(args)
     with Domain.open(args.name) as dom:
         if command == "inspect":
-            rec = inspect_record(dom, args.task)
+            rec = inspect_record(dom, args.task, limit=args.limit, callback=args.callback)
             if args.json:
                 print(json.dumps(rec))
             else:
-                print_inspect(rec, sys.stdout)
+                print_inspect(rec, sys.stdout, callback=args.callback)
             return 0
         rec = status_record(dom, args.interval)
     if args.json:

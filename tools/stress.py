@@ -5,7 +5,7 @@ What runs
 ---------
 The controller (this process) creates a private domain and starts ``--tasks``
 task processes and ``--producers`` producer processes. Each is an unrelated
-process (``python -m tools.stress --role task|producer ...``), not a fork of
+process (``python -m shm_taskwork.tools.stress --role task|producer ...``), not a fork of
 the controller, in its own session so a Ctrl-C reaches only the controller.
 
 * A **task** registers under a name, registers the callback ``stress.record``
@@ -157,7 +157,9 @@ import tempfile
 import threading
 import time
 import uuid
-from tools._common import positive_int
+
+import shm_taskwork
+from shm_taskwork.tools._common import positive_int
 
 CALLBACK = "stress.record"
 MODES = {"none": 0, "resume": 1, "signal": 2, "signal_no_ipi": 3}
@@ -712,7 +714,8 @@ class Controller:
         self.ledger = Ledger(os.path.join(self.tmp, "controller.ledger"), 0)
         self.book = DeadLetterBook(self.ledger)
         self.reaps = record_interrupted(self.ledger)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # the directory holding the package (the repository, or site-packages)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(shm_taskwork.__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.pop("SHM_TASKWORK_KILLPOINT", None)
@@ -735,7 +738,8 @@ class Controller:
         if role == "task" and name is None:
             name = f"stress-t{inc}"
         err_path = os.path.join(self.tmp, f"{role}-{inc}.err")
-        cmd = [sys.executable, "-m", "tools.stress", "--role", role, "--domain", self.dom.name,
+        cmd = [sys.executable, "-m", "shm_taskwork.tools.stress", "--role", role,
+               "--domain", self.dom.name,
                "--ledger", os.path.join(self.tmp, f"{role}-{inc}.ledger"),
                "--stop", self.stop_producers if role == "producer" else self.stop_tasks,
                "--parent", str(os.getpid()), "--incarnation", str(inc),

@@ -25,7 +25,8 @@ import dataclasses
 import os
 import sys
 import time
-from tools._common import fmt_age, fmt_bytes, positive_int
+
+from shm_taskwork.tools._common import fmt_age, fmt_bytes, positive_int
 
 EPILOG = """\
 columns:
