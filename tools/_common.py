@@ -4,15 +4,46 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def number_arg(parse, what: str, lo: float | None = None, hi: float | None = None, *,
+               above: bool = False):
+    """An argparse type: ``parse(text)`` (int or float), finite, at least
+    ``lo`` (more than ``lo`` with ``above``) and at most ``hi``. Errors name
+    the range."""
+    if above:
+        span = f"more than {lo:g}" if hi is None else f"more than {lo:g} and at most {hi:g}"
+    elif hi is None:
+        span = f"at least {lo:g}"
+    else:
+        span = f"{lo:g}..{hi:g}"
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        bad = value != value or value in (float("inf"), float("-inf"))
+        if lo is not None:
+            bad = bad or (value <= lo if above else value < lo)
+        if hi is not None:
+            bad = bad or value > hi
+        if bad:
+            raise argparse.ArgumentTypeError(f"{what} must be {span}, got {text!r}")
+        return value
+
+    convert.__name__ = what.replace(" ", "_")
+    return convert
+
+
+def _int10(text: str) -> int:
+    return int(text, 10)
+
+
+#: argparse type: a whole number of at least 1.
+positive_int = number_arg(_int10, "an integer", 1)
+#: argparse type: a whole number of at least 0.
+count_int = number_arg(_int10, "a whole number", 0)
+#: argparse type: a positive, finite number of seconds.
+positive_seconds = number_arg(float, "a number of seconds", 0, above=True)
 
 
 def fmt_age(ns: int | None, compact: bool = False) -> str:

@@ -21,8 +21,9 @@ import sys
 import time
 
 from shm_taskwork import Domain, NoSuchTaskError
-from shm_taskwork.tools._common import (fmt_age, fmt_bytes, oldest_pending_ns,
-                                       plain_table, positive_int)
+from shm_taskwork.tools._common import (count_int, fmt_age, fmt_bytes, number_arg,
+                                       oldest_pending_ns, plain_table, positive_int,
+                                       positive_seconds)
 
 LIVE_STATES = ("running", "exiting")
 PSUTIL_FIELDS = ("cpu_percent", "rss", "process_status")
@@ -223,44 +224,8 @@ def print_inspect(rec: dict, out, *, callback: str | None = None) -> None:
 
 # ---- entry point -----------------------------------------------------------------
 
-def _interval(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= v <= 60:
-        raise argparse.ArgumentTypeError(f"the interval is 0..60 seconds, got {v}")
-    return v
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return v
-
-
-def _percent(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
-    if not 0 <= v <= 100:
-        raise argparse.ArgumentTypeError(f"a percentage is 0..100, got {text!r}")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
+_interval = number_arg(float, "a number of seconds", 0, 60)
+_percent = number_arg(float, "a percentage", 0, 100)
 
 
 INSPECT_EPILOG = """\
@@ -378,11 +343,11 @@ def build_parser(prog: str, command: str) -> argparse.ArgumentParser:
     c = p.add_argument_group("alerting (--check)")
     c.add_argument("--check", action="store_true",
                    help="one summary line and a monitoring-plugin exit status (see below)")
-    c.add_argument("--max-dead-letters", type=_count, default=0, metavar="N",
+    c.add_argument("--max-dead-letters", type=count_int, default=0, metavar="N",
                    help="WARNING above N dead letters (default 0)")
     c.add_argument("--min-pool-free", type=_percent, default=10.0, metavar="PCT",
                    help="WARNING below PCT percent of the pool free (default 10)")
-    c.add_argument("--max-oldest", type=_seconds, default=None, metavar="SECONDS",
+    c.add_argument("--max-oldest", type=positive_seconds, default=None, metavar="SECONDS",
                    help="WARNING when a pending work is older (default: no limit)")
     return p
 

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-from shm_taskwork.tools._common import fmt_age, fmt_bytes, positive_int
+from shm_taskwork.tools._common import fmt_age, fmt_bytes, positive_int, positive_seconds
 
 EPILOG = """\
 columns:
@@ -42,24 +42,13 @@ Ctrl-C quits (exit status 0).
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"the interval must be a positive number of seconds, "
-                                         f"got {text!r}")
-    return value
-
-
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Live view of a task-work domain: per task the counters,\n"
         "rates, oldest pending age, and the process's CPU %, memory and state;\n"
         "dead tasks flagged.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="domain name")
-    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+    p.add_argument("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
                    help="time between frames (default 1.0)")
     p.add_argument("--once", action="store_true",
                    help="sample twice one interval apart, print one frame, exit")
