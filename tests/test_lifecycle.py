@@ -691,6 +691,48 @@ def test_a_run_whose_lock_wait_times_out_leaves_its_works_queued(make_domain, sp
     assert dom.stats().pool_free == dom.pool_size
 
 
+DL_FILER = r"""
+import sys
+from shm_taskwork import Domain, TWA_NONE
+dom = Domain.open(sys.argv[1])
+t = dom.register("filer", install_handler=False)
+t.add("life.nobody-knows", b"z", TWA_NONE)
+t.run()          # files it as a dead letter: stops inside dl_lock
+t.exit()
+dom.close()
+"""
+
+
+def test_a_run_that_cannot_file_a_dead_letter_loses_nothing(make_domain, spawn, caplog):
+    """Another process is stopped holding the dead-letter lock. Our run meets
+    a work with an unknown callback and cannot file it within the deadline:
+    the work stays ours (logged), nothing is lost or counted twice, and the
+    next run files it."""
+    dom = make_domain("dlstuck")
+    p = spawn(DL_FILER, dom.name, env={"SHM_TASKWORK_KILLPOINT": "in_dl_file:stop"})
+    wait_until(lambda: open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T",
+               timeout=TIMEOUT, what="the filer to stop inside dl_lock")
+    t = dom.register("t", install_handler=False)
+    try:
+        t.add("life.nobody-knows", b"mine", TWA_NONE)
+        t.add(_rec, b"known", TWA_NONE)
+        with caplog.at_level(logging.ERROR, logger="shm_taskwork"):
+            assert t.run() == 1                      # the known one ran
+        assert "finished at the next run" in caplog.text
+        assert RAN == [b"known"] and t._unfinished
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0
+    assert t.run() == 0 and not t._unfinished        # filed now
+    assert sorted(w.payload for w in dom.dead_letters()) == [b"mine", b"z"]
+    [info] = dom.tasks(name="t")
+    assert (info.unknown, info.run) == (1, 1)
+    assert dom.drop_dead_letters() == 2
+    t.exit()
+    assert dom.stats().pool_free == dom.pool_size
+
+
 def test_many_threads_adding_at_once_never_see_ebusy(domain, task):
     """More threads than a process has intent words add at the same time."""
     errors: list[BaseException] = []
