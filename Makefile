@@ -39,7 +39,7 @@ $(VENV)/.stamp: pyproject.toml setup.py
 	  echo "       apt-get install python3-venv" >&2; \
 	  exit 1; }
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,remote]'
 	@touch $@
 
 build: venv

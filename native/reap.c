@@ -493,6 +493,9 @@ static int settle_node(struct tw_dom *d, uint32_t node, uint64_t o)
             tw_dl_file(d, node, mine, reason, s ? tgt : 0, LD_RLX(&n->name_id)) == 1) {
             r = 3;
         } else {
+            /* Never pushed: a keyed add that recorded this node is VOID
+             * (said before the node can be allocated again). */
+            tw_keys_settle(d, node, O_GEN(o), TW_K_VOID);
             tw_pool_push(d, node);
             r = 1;
         }

@@ -28,7 +28,8 @@ static void kp_init(void)
 {
     static const char *names[] = { "", "after_alloc", "after_push", "after_detach",
                                    "in_pi_lock", "mid_pop", "in_callback", "in_claim",
-                                   "in_register", "in_reap", "in_dl_file", "in_detach" };
+                                   "in_register", "in_reap", "in_dl_file", "in_detach",
+                                   "key_reserved", "key_pushed" };
     const char *env = getenv("SHM_TASKWORK_KILLPOINT");
     kp_point = TW_KP_NONE;
     kp_count = 1;
@@ -187,6 +188,7 @@ uint64_t tw_layout_size(uint32_t max_tasks, uint32_t pool_size, uint32_t payload
     off += align64((uint64_t)max_procs * sizeof(struct tw_proc));
     off += align64((uint64_t)names_cap * sizeof(struct tw_name));
     off += (uint64_t)pool_size * node_size_for(payload_size, record_origin);
+    off += (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key);   /* nodes end 64-aligned */
     return off;
 }
 
@@ -229,12 +231,18 @@ int tw_format(void *base, uint64_t size, uint32_t max_tasks, uint32_t pool_size,
     off += align64((uint64_t)names_cap * sizeof(struct tw_name));
     h->nodes_off = off;
     off += (uint64_t)pool_size * h->node_size;
+    h->keys_off = off;
+    h->keys_cap = TW_KEYS_CAP;
+    off += (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key);
+    memset(b + h->keys_off, 0, (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key));
     h->total_size = off;
     h->created_ns = now_ns;
     h->dl_head = TW_NIL;
     int r = tw_mutex_init_robust(&h->dl_lock);
     if (!r)
         r = tw_mutex_init_robust(&h->fsck_lock);
+    if (!r)
+        r = tw_mutex_init_robust(&h->keys_lock);
     if (r)
         return r;
 
@@ -298,6 +306,9 @@ int tw_attach(struct tw_dom *d, void *base, uint64_t size)
         return -EUCLEAN;
     off += align64((uint64_t)nc * sizeof(struct tw_name));
     if (h->nodes_off != off)
+        return -EUCLEAN;
+    off += (uint64_t)ps * h->node_size;
+    if (h->keys_off != off || h->keys_cap != TW_KEYS_CAP)
         return -EUCLEAN;
     d->base = base;
     d->size = size;

@@ -30,7 +30,11 @@
  *                                                    free-list check
  *   fsck repair          fsck_lock                   everything; it reaps as above
  *
- * Lock order: life (trylock only) -> pi_lock -> dl_lock; fsck_lock -> life.
+ *   keyed add reserve    keys_lock (lookup + claim   everything; the push after
+ *                        of a ring entry)            it is lock-free as in tw_add
+ *
+ * Lock order: keys_lock (never held across another lock) ; life (trylock
+ * only) -> pi_lock -> dl_lock; fsck_lock -> life.
  * Every lock in the segment is robust and taken with a CLOCK_MONOTONIC
  * deadline, or only tried: nothing waits forever.
  *
@@ -74,6 +78,11 @@
  *   proc.life             robust futex: held by the process's holder thread while
  *                         the entry is claimed (before pid is stored, until after
  *                         it is cleared)
+ *   key.state             RESERVED: release store under keys_lock, after the
+ *                         entry's other fields; RESERVED -> QUEUED/DEADLETTER/
+ *                         VOID: CAS acq_rel by the reserver, a resolver
+ *                         (tw_key_lookup) or a reclaimer (settle_node)
+ *   hdr.keys_next         under keys_lock
  *   proc.intent[k]        claimed by CAS from ~0 by one pop/push of the process;
  *                         seq_cst stores before its free-list CAS, ~0 after
  *
@@ -89,7 +98,7 @@
 #include <pthread.h>
 
 #define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     7u
+#define TW_LAYOUT_VERSION     8u
 
 /* Notify modes: the kernel's values (include/linux/task_work.h). */
 #define TW_TWA_NONE           0
@@ -169,6 +178,8 @@
 #define TW_KP_IN_REAP         9  /* reaper holds a dead task's life lock        */
 #define TW_KP_IN_DL_FILE      10 /* dl_lock held, node marked, not yet linked   */
 #define TW_KP_IN_DETACH       11 /* pi_lock held, batch marked, not detached    */
+#define TW_KP_KEY_RESERVED    12 /* key entry RESERVED, node not yet pushed     */
+#define TW_KP_KEY_PUSHED      13 /* keyed node pushed, key entry not yet final  */
 
 /* Counter numbers for tw_slot_counter_add. */
 #define TW_C_ADDED 0
@@ -205,9 +216,14 @@ struct tw_header {
     uint64_t fsck_runs;
     uint64_t reaped;           /* dead tasks reaped (by anyone)                 */
     uint64_t procs_reclaimed;  /* process-table entries of dead processes reused */
-    uint64_t reserved[4];
+    uint64_t keys_off;         /* the key table (struct tw_key[TW_KEYS_CAP])     */
+    uint64_t keys_next;        /* next ring position; under keys_lock           */
+    uint32_t keys_cap;
+    uint32_t keys_pad;
+    uint64_t reserved[1];
     pthread_mutex_t dl_lock;   /* robust, process-shared */
     pthread_mutex_t fsck_lock; /* one repairing fsck at a time */
+    pthread_mutex_t keys_lock; /* one key reservation at a time (tw_add_keyed) */
     char     pad[64];
 };
 
@@ -459,5 +475,65 @@ int  tw_pidfd_getfd(int pidfd, int targetfd);
 void tw_killpoint_set(int point, int64_t countdown);
 int  tw_killpoint_get(void);
 void tw_killpoint(int point);
+
+
+/* ---- keyed adds: the key table (keys.c) ----
+ *
+ * An idempotent add for whoever must not queue a work twice across its own
+ * crash (the Redis bridge): tw_add_keyed records (key -> node) in the domain's
+ * key table BEFORE the push, so a later caller with the same key learns
+ * "queued (maybe already run)" or "filed as a dead letter", never queues it
+ * again, and a key whose adder died before the push is "never pushed" (VOID)
+ * and may be added anew. The record outlives the work: it stays after the
+ * node is run and freed.
+ *
+ * Eviction: the table is a ring of TW_KEYS_CAP entries. A reservation takes
+ * the next ring position whose entry is not RESERVED; the key it held is
+ * forgotten. So a key is remembered until TW_KEYS_CAP newer keyed adds were
+ * made in the domain - a caller must not retry a key older than that.
+ * Keys are 64-bit hashes chosen by the caller; 0 is not a key.
+ */
+#define TW_KEYS_CAP           4096
+#define TW_K_EMPTY            0u  /* never used, or evicted                      */
+#define TW_K_RESERVED         1u  /* recorded, push (or filing) in flight        */
+#define TW_K_QUEUED           2u  /* pushed onto a task's list                   */
+#define TW_K_DEADLETTER       3u  /* filed as a dead letter (no live task)       */
+#define TW_K_VOID             4u  /* its adder failed or died before the push    */
+
+struct tw_key {
+    uint64_t key;
+    uint64_t work;             /* gen<<32 | node of the keyed work               */
+    uint64_t seq;              /* ring position when reserved                    */
+    uint32_t state;            /* TW_K_*                                         */
+    uint32_t proc;             /* the reserver's process entry                   */
+    uint32_t want;             /* TW_K_QUEUED or TW_K_DEADLETTER                 */
+    uint32_t slot;             /* target task slot (QUEUED)                      */
+};
+
+struct tw_key_info {
+    uint64_t work;
+    uint32_t state;            /* TW_K_QUEUED or TW_K_DEADLETTER                 */
+    uint32_t fresh;            /* 1: this call queued it; 0: recorded before     */
+    uint32_t slot;
+    uint32_t pad;
+};
+
+/* Queue (slot, gen) <- work, once per key. Returns the TW_DUE/TW_DONE bits
+ * (fresh) or 0 (already recorded: info says what and where), or -errno as
+ * tw_add, or -EBUSY (a live process is adding this key right now), -ENOSPC
+ * (every ring entry is RESERVED). */
+int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen,
+                     uint64_t func_id, const char *payload, uint32_t len, int notify,
+                     int efd, int pidfd, int signum, uint64_t now_ns, int is_current,
+                     struct tw_key_info *info);
+/* File a work as a dead letter (reason ORPHANED, task name name_id), once per
+ * key: 1 filed, 0 already recorded (info), -errno. */
+int  tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const char *payload,
+                         uint32_t len, uint64_t name_id, uint64_t now_ns,
+                         struct tw_key_info *info);
+/* What the table says of key: 1 (info filled), 0 unknown or VOID, -EBUSY (a
+ * live process is adding it), -errno. Settles a dead reserver's entry. */
+int  tw_key_lookup(struct tw_dom *d, uint64_t key, struct tw_key_info *info);
+int  tw_keys_used(struct tw_dom *d);
 
 #endif

@@ -151,6 +151,9 @@ int  tw_dl_file(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t reaso
  * the entry as d->my_proc if the caller has none. 0, or -EAGAIN (the free
  * list never held still: try later). */
 int  tw_proc_settle(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info);
+/* keys.c: a reclaimer gives back (VOID) or files (DEADLETTER) the node of a
+ * dead reserver: settle the key entry that names it, before the node moves. */
+void tw_keys_settle(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t state);
 void tw_recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *s);
 int  tw_linked_state(struct tw_dom *d, struct tw_node *n, uint64_t o, uint32_t slot,
                      uint32_t gen);

@@ -13,7 +13,7 @@ import platform
 import struct
 
 MAGIC = b"SHMTWRK\x01"
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 NIL = 0xFFFFFFFF
 EXITED = 0xFFFFFFFE
 DEAD_EMPTY = 0xFFFFFFFD
@@ -25,6 +25,7 @@ ORIGIN_LEN = 128
 INTENTS = 8
 HIST_BUCKETS = 28
 HIST_SHIFT = 10
+KEYS_CAP = 4096
 
 # sizeof(pthread_mutex_t) in glibc, by machine; alignment is 8 (4 on 32-bit x86).
 _MUTEX = {"x86_64": 40, "aarch64": 48, "ppc64le": 40, "s390x": 40, "riscv64": 40, "i686": 24}
@@ -91,9 +92,11 @@ HEADER = Struct("struct tw_header", [
     *[(f, "u64", 1) for f in ("slots_off", "procs_off", "names_off", "nodes_off",
                               "total_size", "created_ns", "free_head", "dl_head",
                               "dl_count", "fsck_runs", "reaped", "procs_reclaimed")],
-    ("reserved", "u64", 4),
+    ("keys_off", "u64", 1), ("keys_next", "u64", 1), ("keys_cap", "u32", 1),
+    ("keys_pad", "u32", 1), ("reserved", "u64", 1),
     ("dl_lock", "mutex", 1),
     ("fsck_lock", "mutex", 1),
+    ("keys_lock", "mutex", 1),
     ("pad", "char", 64),
 ])
 
@@ -133,7 +136,12 @@ NODE = Struct("struct tw_node", [
     ("reserved", "u32", 1), ("name_id", "u64", 1), ("started_ns", "u64", 1),
 ])
 
-STRUCTS = (HEADER, COUNTERS, HIST, LIFE, SLOT, PROC, NAME, NODE)
+KEY = Struct("struct tw_key", [
+    ("key", "u64", 1), ("work", "u64", 1), ("seq", "u64", 1), ("state", "u32", 1),
+    ("proc", "u32", 1), ("want", "u32", 1), ("slot", "u32", 1),
+])
+
+STRUCTS = (HEADER, COUNTERS, HIST, LIFE, SLOT, PROC, NAME, NODE, KEY)
 
 
 def _align64(x: int) -> int:
@@ -152,9 +160,10 @@ def offsets(max_tasks: int, pool_size: int, payload_size: int, max_procs: int,
     procs = slots + _align64(max_tasks * SLOT.size)
     names = procs + _align64(max_procs * PROC.size)
     nodes = names + _align64(names_cap * NAME.size)
-    total = nodes + pool_size * node_size(payload_size, record_origin)
+    keys = nodes + pool_size * node_size(payload_size, record_origin)
+    total = keys + KEYS_CAP * KEY.size
     return {"slots_off": slots, "procs_off": procs, "names_off": names,
-            "nodes_off": nodes, "total_size": total}
+            "nodes_off": nodes, "keys_off": keys, "total_size": total}
 
 
 def read_header(buf) -> dict:

@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - a build problem, said plainly
         "`pip install .`) in the source tree"
     ) from exc
 
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 if lib.tw_layout_version() != LAYOUT_VERSION:  # pragma: no cover
     raise ImportError(
         f"shm_taskwork native core has layout version {lib.tw_layout_version()}, "
@@ -65,7 +65,8 @@ KILLPOINTS = {"after_alloc": lib.TW_KP_AFTER_ALLOC, "after_push": lib.TW_KP_AFTE
               "mid_pop": lib.TW_KP_MID_POP, "in_callback": lib.TW_KP_IN_CALLBACK,
               "in_claim": lib.TW_KP_IN_CLAIM, "in_register": lib.TW_KP_IN_REGISTER,
               "in_reap": lib.TW_KP_IN_REAP, "in_dl_file": lib.TW_KP_IN_DL_FILE,
-              "in_detach": lib.TW_KP_IN_DETACH}
+              "in_detach": lib.TW_KP_IN_DETACH, "key_reserved": lib.TW_KP_KEY_RESERVED,
+              "key_pushed": lib.TW_KP_KEY_PUSHED}
 
 
 def check(rc: int, what: str, *, limit: str = "") -> int:

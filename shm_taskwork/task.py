@@ -45,6 +45,7 @@ from .errors import (InvalidModeError, NotCurrentTaskError, PayloadTooLargeError
 from .work import Work, note_cancelled
 
 if TYPE_CHECKING:
+    from .keys import KeyRecord
     import asyncio
 
     from .callbacks import CallbackRef
@@ -925,6 +926,46 @@ class Task:
     def __exit__(self, *exc: object) -> None:
         if self.is_current:
             self.exit()
+
+    # ---- keyed add (SPEC §10: the bridge) ------------------------------------
+
+    def add_keyed(self, func: "CallbackRef", payload: "bytes | bytearray | memoryview" = b"",
+                  notify: int = TWA_RESUME, *, key: "str | bytes") -> "KeyRecord":
+        """Queue ``func(work)`` once per ``key`` (see :mod:`shm_taskwork.keys`).
+
+        The key is recorded in the domain before the push. Returns a
+        :class:`~shm_taskwork.keys.KeyRecord`: ``fresh`` True if this call
+        queued the work; False if the key was recorded before (the work was
+        queued, maybe already run, or filed as a dead letter) and nothing was
+        queued now. Raises as :meth:`add`, and
+        :class:`~shm_taskwork.keys.KeyBusyError` while another live process
+        is adding the same key."""
+        from . import keys as _keys
+        fid, fname = callbacks.resolve(func)
+        payload = _as_bytes(payload) if payload.__class__ is not bytes else payload
+        if notify.__class__ is not int:
+            raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
+        dom = self._dom
+        dom._put_name(fid, fname)
+        current = self._own and self.pid == _MY_PID[0] and not self._exited
+        if current:
+            pidfd, efd = -1, self._efd
+        else:
+            pidfd, efd = dom._peer.get((self.id, self.gen), _NO_FDS)
+        info = ffi.new("struct tw_key_info *")
+        try:
+            rc = lib.tw_add_keyed(dom.d, _keys.key_id(key), self.id, self.gen, fid, payload,
+                                  len(payload), notify, efd, pidfd, self._signum,
+                                  time.monotonic_ns(), current, info)
+        except OverflowError:
+            _check_notify_range(notify)
+            raise
+        if rc < 0:
+            _keys._busy(rc, key)
+            self._add_error(rc, notify, len(payload), "add_keyed")
+        if info.fresh and rc & _DUE and not rc & _DONE:
+            self._deliver(rc)
+        return _keys._record(info)
 
 
 def _check_notify_range(notify: int) -> None:

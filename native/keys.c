@@ -1,0 +1,324 @@
+// SPDX-License-Identifier: MIT
+/*
+ * keys.c - idempotent adds: a work queued at most once per key, across the
+ * adder's own death.
+ *
+ * The problem (the Redis bridge, SPEC §10): a process takes a message, adds
+ * its work, then acknowledges the message. Killed between the add and the
+ * acknowledgement, its successor gets the message again and must not queue
+ * the work a second time - but the work may have run and its node been
+ * freed meanwhile, so the lists cannot tell. The key table can:
+ *
+ *   1. pop a node (ALLOC(me), as in tw_add)
+ *   2. under keys_lock: look the key up; if unknown, take a ring entry and
+ *      publish RESERVED(key, node, gen, me) with a release store
+ *   3. push the node (tw_push_node: lock-free, as tw_add)
+ *   4. CAS the entry RESERVED -> QUEUED
+ *
+ * A successor that finds RESERVED decides from the node's owner word:
+ *   - still ALLOC at the recorded generation: the push has not been proven.
+ *     If the reserver is alive, it is adding right now (-EBUSY). If it is
+ *     dead, its process entry is reclaimed (tw_proc_reclaim), which under the
+ *     target's pi_lock either finds the node linked (QUEUED) or not; a node
+ *     never pushed goes back to the pool and tw_keys_settle() makes the entry
+ *     VOID first, so the successor adds it anew.
+ *   - anything else (QUEUED, running, run and freed, reused, a dead letter):
+ *     it left the reserver's hands, and the only way out that was no push
+ *     (the reclaim above) would have made the entry VOID before the node
+ *     moved. So it was pushed: the entry becomes what the reserver wanted.
+ *
+ * The entry outlives the work. Eviction is by ring position (see taskwork.h):
+ * a key is remembered until TW_KEYS_CAP newer keyed adds.
+ */
+#include "tw_internal.h"
+
+#include <linux/futex.h>
+#include <string.h>
+
+static inline struct tw_key *KEY(struct tw_dom *d, uint32_t i)
+{
+    /* Right after the nodes (tw_attach checked keys_off says so). */
+    return (struct tw_key *)(d->base + d->nodes_off + (uint64_t)d->pool_size * d->node_size +
+                             (uint64_t)(i % TW_KEYS_CAP) * sizeof(struct tw_key));
+}
+
+static int keys_lock(struct tw_dom *d)
+{
+    return tw_lock(&HDR(d)->keys_lock, d->lock_timeout_ns, NULL);
+}
+
+static void keys_unlock(struct tw_dom *d) { pthread_mutex_unlock(&HDR(d)->keys_lock); }
+
+/* The newest entry for key that is not VOID or EMPTY, or -1. Hold keys_lock
+ * (or accept a stale answer). */
+static int find(struct tw_dom *d, uint64_t key)
+{
+    int best = -1;
+    uint64_t best_seq = 0;
+    for (uint32_t i = 0; i < TW_KEYS_CAP; i++) {
+        struct tw_key *k = KEY(d, i);
+        uint32_t st = LD_ACQ(&k->state);
+        if (st == TW_K_EMPTY || st == TW_K_VOID || LD_RLX(&k->key) != key)
+            continue;
+        uint64_t seq = LD_RLX(&k->seq);
+        if (best < 0 || seq > best_seq) {
+            best = (int)i;
+            best_seq = seq;
+        }
+    }
+    return best;
+}
+
+/* Try to make a RESERVED entry final (see the essay above). 1: final (read it
+ * again), 0: a live process is adding it, -EAGAIN: a reclaim ran or is
+ * running; look again. */
+static int resolve(struct tw_dom *d, struct tw_key *k)
+{
+    uint64_t work = LD_RLX(&k->work);
+    uint32_t node = (uint32_t)work, gen = (uint32_t)(work >> 32), proc = LD_RLX(&k->proc);
+    if (!node_ok(d, node) || proc >= d->max_procs) {
+        uint32_t expect = TW_K_RESERVED;
+        CAS(&k->state, &expect, TW_K_VOID, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+        return 1;
+    }
+    /* Acquire: pairs with the release of whoever moved the node on (push,
+     * detach, pool push after tw_keys_settle's CAS). */
+    uint64_t o = LD_ACQ(&NODE(d, node)->owner);
+    if (O_GEN(o) == gen && O_STATE(o) == TW_N_ALLOC) {
+        if (O_AUX(o) == AUX_NOBODY)
+            return -EAGAIN;                 /* a reclaimer is settling it */
+        if (O_AUX(o) != proc)
+            return -EAGAIN;
+        if (tw_proc_dead(d, proc) != 1)
+            return 0;                       /* its adder lives: in flight */
+        struct tw_reap_info info;
+        int r = tw_proc_reclaim(d, proc, 0, &info);
+        return r < 0 && r != -EAGAIN ? r : -EAGAIN;
+    }
+    if (LD_ACQ(&k->state) != TW_K_RESERVED)
+        return 1;
+    uint32_t expect = TW_K_RESERVED;
+    CAS(&k->state, &expect, LD_RLX(&k->want), __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    return 1;
+}
+
+void tw_keys_settle(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t state)
+{
+    uint64_t work = ((uint64_t)gen << 32) | node;
+    for (uint32_t i = 0; i < TW_KEYS_CAP; i++) {
+        struct tw_key *k = KEY(d, i);
+        if (LD_ACQ(&k->state) != TW_K_RESERVED || LD_RLX(&k->work) != work)
+            continue;
+        uint32_t expect = TW_K_RESERVED;
+        CAS(&k->state, &expect, state, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    }
+}
+
+static void fill_info(struct tw_key *k, struct tw_key_info *info, uint32_t fresh)
+{
+    info->work = LD_RLX(&k->work);
+    info->state = LD_ACQ(&k->state);
+    info->slot = LD_RLX(&k->slot);
+    info->fresh = fresh;
+}
+
+int tw_key_lookup(struct tw_dom *d, uint64_t key, struct tw_key_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    for (int tries = 0; tries < 64; tries++) {
+        int i = find(d, key);
+        if (i < 0)
+            return 0;
+        struct tw_key *k = KEY(d, (uint32_t)i);
+        if (LD_ACQ(&k->state) != TW_K_RESERVED) {
+            fill_info(k, info, 0);
+            if (info->state == TW_K_VOID)
+                continue;                   /* voided since find(): look again */
+            if (LD_RLX(&k->key) != key)
+                continue;                   /* evicted and reused meanwhile */
+            return 1;
+        }
+        int r = resolve(d, k);
+        if (r == 0)
+            return -EBUSY;
+        if (r < 0 && r != -EAGAIN)
+            return r;
+    }
+    return -EBUSY;
+}
+
+/*
+ * Under keys_lock: the key is not recorded (lookup said 0); take the next
+ * ring entry that is not RESERVED and publish RESERVED. Returns the entry
+ * index or -ENOSPC.
+ */
+static int reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen, uint32_t want,
+                   uint32_t slot)
+{
+    struct tw_header *h = HDR(d);
+    for (uint32_t tries = 0; tries < TW_KEYS_CAP; tries++) {
+        uint64_t seq = h->keys_next++;
+        struct tw_key *k = KEY(d, (uint32_t)(seq % TW_KEYS_CAP));
+        if (LD_ACQ(&k->state) == TW_K_RESERVED)
+            continue;                       /* in flight: never evicted */
+        ST_REL(&k->state, TW_K_EMPTY);      /* not findable while rewritten */
+        k->key = key;
+        k->work = ((uint64_t)gen << 32) | node;
+        k->seq = seq + 1;
+        k->proc = (uint32_t)d->my_proc;
+        k->want = want;
+        k->slot = slot;
+        /* Release: a finder that sees RESERVED sees the fields above. */
+        ST_REL(&k->state, TW_K_RESERVED);
+        return (int)(seq % TW_KEYS_CAP);
+    }
+    return -ENOSPC;
+}
+
+/* Look key up and, if unknown, reserve it for node; keys_lock held inside.
+ * 1: recorded before (info), 0: reserved (*entry), -errno. */
+static int lookup_or_reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen,
+                             uint32_t want, uint32_t slot, struct tw_key_info *info, int *entry)
+{
+    for (int tries = 0; tries < 64; tries++) {
+        int r = tw_key_lookup(d, key, info);
+        if (r != 0)
+            return r;
+        r = keys_lock(d);
+        if (r)
+            return r;
+        /* Again under the lock: two reservers of one key are serialized here. */
+        int i = find(d, key);
+        if (i >= 0) {
+            keys_unlock(d);
+            continue;                       /* someone recorded it: resolve it */
+        }
+        r = reserve(d, key, node, gen, want, slot);
+        keys_unlock(d);
+        if (r < 0)
+            return r;
+        *entry = r;
+        return 0;
+    }
+    return -EBUSY;
+}
+
+static void fill_keyed(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
+                       uint64_t func_id, const char *payload, uint32_t len, uint64_t now_ns)
+{
+    n->func_id = func_id;
+    n->payload_len = len;
+    n->enqueued_ns = now_ns ? now_ns : tw_now_mono();
+    n->sender_pid = d->my_pid;
+    n->target = slot;
+    n->target_gen = gen;
+    n->reason = TW_R_NONE;
+    n->name_id = 0;
+    n->origin_len = 0;
+    if (len)
+        memcpy((char *)n + d->payload_off, payload, len);
+}
+
+int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen,
+                     uint64_t func_id, const char *payload, uint32_t len, int notify_mode,
+                     int efd, int pidfd, int signum, uint64_t now_ns, int is_current,
+                     struct tw_key_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    if (key == 0)
+        return -EINVAL;
+    int mode = tw_check_notify(notify_mode, is_current);
+    if (mode < 0)
+        return mode;
+    if (len > d->payload_size)
+        return -E2BIG;
+    int r = tw_slot_check(d, slot, gen);
+    if (r)
+        return r;
+    if (tw_life_word(&SLOT(d, slot)->life) & FUTEX_OWNER_DIED)
+        return -EOWNERDEAD;
+    r = tw_proc_claim(d);                   /* the entry names our process */
+    if (r < 0)
+        return r;
+    uint32_t idx;
+    r = tw_pool_pop(d, &idx);
+    if (r)
+        return r;
+    struct tw_node *n = NODE(d, idx);
+    fill_keyed(d, n, slot, gen, func_id, payload, len, now_ns);
+    uint32_t ngen = O_GEN(LD_RLX(&n->owner));
+    int entry;
+    r = lookup_or_reserve(d, key, idx, ngen, TW_K_QUEUED, slot, info, &entry);
+    if (r != 0) {
+        tw_pool_push(d, idx);               /* recorded before, or an error */
+        return r == 1 ? 0 : r;
+    }
+    struct tw_key *k = KEY(d, (uint32_t)entry);
+    tw_killpoint(TW_KP_KEY_RESERVED);
+    int64_t due = tw_push_node(d, slot, gen, idx, mode, efd, pidfd, signum);
+    uint32_t expect = TW_K_RESERVED;
+    if (due < 0) {
+        /* Not pushed: the entry says so before the node can be reused. */
+        CAS(&k->state, &expect, TW_K_VOID, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+        tw_pool_push(d, idx);
+        return due;
+    }
+    tw_killpoint(TW_KP_KEY_PUSHED);
+    CAS(&k->state, &expect, TW_K_QUEUED, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    fill_info(k, info, 1);
+    info->work = ((uint64_t)ngen << 32) | idx;
+    info->state = TW_K_QUEUED;
+    return due;
+}
+
+int tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const char *payload,
+                        uint32_t len, uint64_t name_id, uint64_t now_ns,
+                        struct tw_key_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    if (key == 0)
+        return -EINVAL;
+    if (len > d->payload_size)
+        return -E2BIG;
+    int r = tw_proc_claim(d);
+    if (r < 0)
+        return r;
+    uint32_t idx;
+    r = tw_pool_pop(d, &idx);
+    if (r)
+        return r;
+    struct tw_node *n = NODE(d, idx);
+    fill_keyed(d, n, 0, 0, func_id, payload, len, now_ns);
+    uint64_t o = LD_RLX(&n->owner);
+    int entry;
+    r = lookup_or_reserve(d, key, idx, O_GEN(o), TW_K_DEADLETTER, 0, info, &entry);
+    if (r != 0) {
+        tw_pool_push(d, idx);
+        return r == 1 ? 0 : r;
+    }
+    struct tw_key *k = KEY(d, (uint32_t)entry);
+    tw_killpoint(TW_KP_KEY_RESERVED);
+    r = tw_dl_file(d, idx, o, TW_R_ORPHANED, 0, name_id);
+    uint32_t expect = TW_K_RESERVED;
+    if (r != 1) {
+        CAS(&k->state, &expect, TW_K_VOID, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+        tw_pool_push(d, idx);
+        return r < 0 ? r : -EAGAIN;
+    }
+    tw_killpoint(TW_KP_KEY_PUSHED);
+    CAS(&k->state, &expect, TW_K_DEADLETTER, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    fill_info(k, info, 1);
+    info->work = ((uint64_t)O_GEN(o) << 32) | idx;
+    info->state = TW_K_DEADLETTER;
+    return 1;
+}
+
+int tw_keys_used(struct tw_dom *d)
+{
+    int n = 0;
+    for (uint32_t i = 0; i < TW_KEYS_CAP; i++) {
+        uint32_t st = LD_ACQ(&KEY(d, i)->state);
+        n += st != TW_K_EMPTY && st != TW_K_VOID;
+    }
+    return n;
+}
