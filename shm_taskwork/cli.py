@@ -26,6 +26,7 @@ COMMANDS = {
                "many processes adding, cancelling, running, being killed"),
     "bench": ("shm_taskwork.tools.bench", "this project against its peers, in one run"),
     "export": ("shm_taskwork.tools.export", "Prometheus metrics"),
+    "bridge": ("shm_taskwork.tools.bridge", "move works from Redis Streams into a domain"),
 }
 
 # The exit status when a command could not do its job at all (no such domain,

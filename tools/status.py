@@ -91,7 +91,14 @@ def status_record(dom: Domain, interval: float = 0.1) -> dict:
         "pool": stats.as_dict(),
         "tasks": tasks,
         "dead_letters": dead,
+        # one object per bridge of this domain running on this host (SPEC §10)
+        "bridge": _bridges(dom),
     }
+
+
+def _bridges(dom: Domain) -> list[dict]:
+    from shm_taskwork.tools.bridge import running_bridges
+    return running_bridges(dom.name)
 
 
 def find_task(dom: Domain, key: str):

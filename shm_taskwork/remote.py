@@ -1,0 +1,291 @@
+"""Beyond one host: works travel through Redis Streams (SPEC §10).
+
+A sender (:class:`Cluster`) appends each work to a stream; one bridge per host
+and domain (``shm-taskwork bridge``) moves it into its local domain with the
+ordinary add. Redis gives persistence, replication, consumer groups and
+authentication; this module writes no protocol of its own.
+
+Keys, under ``PREFIX`` (``stw``) and the domain's name::
+
+    stw:{dom}:node:{node}    stream: works for one node (its bridge's group)
+    stw:{dom}:any:{name}     stream: works for any node with a live task
+                             `name`; group "bridges", one consumer per node
+    stw:{dom}:ctl:{node}     stream: cancel requests for a node's bridge
+    stw:{dom}:out            hash: work id -> its state (JSON); the one place
+                             a work's fate is decided, by HSETNX
+    stw:{dom}:claimed:{node} hash: works a node's bridge has claimed and not
+                             yet finished (what its restart resumes)
+    stw:{dom}:nodes          hash: node -> the domain sizes its bridge publishes
+    stw:{dom}:done:{id}      list: pushed when a work's outcome is final
+
+Exactly once. A work's entry in ``out`` is set once, atomically, by whoever
+comes first: a bridge claiming it (``delivering:NODE``, recorded in the
+node's ``claimed`` hash and acknowledged in the stream in the same script), a
+cancel (``cancelled``) or a refusal (``refused``). The claiming bridge then
+adds the work with a keyed add (the key is the work's id; see
+:mod:`shm_taskwork.keys`), so killed at any step and restarted, it resumes
+from its ``claimed`` hash and the key table tells it whether the work was
+already queued. Entries read but not yet claimed by a dead bridge stay in
+the group's pending list, where the bridge's own restart (same node: same
+consumer) or another node's bridge (XAUTOCLAIM) takes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+from typing import Any, Iterable
+
+from .constants import TWA_NMI_CURRENT, TWA_RESUME, VALID_MODES
+from .errors import InvalidModeError, PayloadTooLargeError
+
+PREFIX = "stw"
+GROUP = "bridges"
+FINAL = ("queued", "dead_letter", "cancelled", "refused")
+DONE_TTL = 3600          # seconds a done-list (a wake-up for outcome()) is kept
+
+
+def _redis():
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - said plainly
+        raise ImportError("shm_taskwork.remote needs the redis client: "
+                          "pip install 'shm-taskwork[remote]'") from exc
+    return redis
+
+
+def connect(url: str) -> Any:
+    """A Redis client for ``url`` (redis://, rediss:// for TLS, unix://;
+    user and password in the URL for AUTH)."""
+    return _redis().Redis.from_url(url)
+
+
+class Keys:
+    """The Redis key names of one domain."""
+
+    def __init__(self, domain: str):
+        self.domain = domain.lstrip("/")
+        b = f"{PREFIX}:{self.domain}"
+        self.base = b
+        self.out = f"{b}:out"
+        self.nodes = f"{b}:nodes"
+
+    def node(self, node: str) -> str:
+        return f"{self.base}:node:{node}"
+
+    def any(self, name: str) -> str:
+        return f"{self.base}:any:{name}"
+
+    def ctl(self, node: str) -> str:
+        return f"{self.base}:ctl:{node}"
+
+    def claimed(self, node: str) -> str:
+        return f"{self.base}:claimed:{node}"
+
+    def done(self, wid: str) -> str:
+        return f"{self.base}:done:{wid}"
+
+    def reply(self, token: str) -> str:
+        return f"{self.base}:reply:{token}"
+
+
+# KEYS[1]=out KEYS[2]=done-list; ARGV[1]=id ARGV[2]=state JSON ARGV[3]=ttl
+# Set the work's state if it has none; a final state wakes outcome().
+# Returns the state now recorded (ours if we set it).
+SET_IF_NONE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  local st = cjson.decode(ARGV[2])['state']
+  if st ~= 'delivering' then
+    redis.call('RPUSH', KEYS[2], ARGV[2])
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+  end
+  return ARGV[2]
+end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+
+
+@dataclasses.dataclass
+class RemoteWork:
+    """A work sent to a task of another host (SPEC §10)."""
+    id: str
+    node: str | None
+    domain: str
+    target_name: str
+    func_name: str
+    payload: bytes
+    notify: int
+    sent_ns: int
+    local_id: int | None = None
+    stream: str = ""
+    entry_id: str = ""
+
+
+def _state(raw) -> dict | None:
+    if raw is None:
+        return None
+    return json.loads(raw)
+
+
+class RemoteTask:
+    """A handle to the task(s) named ``name`` of a domain on ``node`` (None:
+    any node that has a live one)."""
+
+    def __init__(self, cluster: "Cluster", domain: str, name: str, node: str | None):
+        self.cluster, self.domain, self.name, self.node = cluster, domain, name, node
+        self.keys = Keys(domain)
+        self.stream = self.keys.node(node) if node is not None else self.keys.any(name)
+        if node is None:
+            cluster._ensure_group(self.stream)
+
+    def __repr__(self) -> str:
+        return f"<RemoteTask {self.name!r} of {self.domain!r} on {self.node or 'any node'}>"
+
+    def _limit(self) -> int | None:
+        """The payload limit the target's bridge(s) published: that node's,
+        or for any node the smallest of them. None: nothing published yet."""
+        r = self.cluster.r
+        if self.node is not None:
+            raw = r.hget(self.keys.nodes, self.node)
+            return json.loads(raw)["payload_size"] if raw else None
+        sizes = [json.loads(v)["payload_size"] for v in r.hvals(self.keys.nodes)]
+        return min(sizes) if sizes else None
+
+    def _check(self, func: str, payloads: list[bytes], notify: int) -> str:
+        if not isinstance(notify, int) or isinstance(notify, bool):
+            raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
+        if notify & 0xFF == TWA_NMI_CURRENT:
+            raise InvalidModeError(
+                "TWA_NMI_CURRENT is only for the calling process's own task; a remote task "
+                f"cannot take it: use {VALID_MODES} without it")
+        if notify & 0xFF not in (0, 1, 2, 3) or notify & ~0xFFFF:
+            raise InvalidModeError(f"notify={notify!r} is not valid: use {VALID_MODES}")
+        if isinstance(func, str):
+            name = func
+        else:
+            from . import callbacks
+            _, name = callbacks.resolve(func)
+        limit = self._limit()
+        for p in payloads:
+            if limit is not None and len(p) > limit:
+                where = f"node {self.node!r}" if self.node else "the smallest published node"
+                raise PayloadTooLargeError(
+                    f"add: payload of {len(p)} bytes is larger than the payload_size of domain "
+                    f"{self.domain!r} on {where} ({limit} bytes); nothing was sent")
+        return name
+
+    def add(self, func, payload: bytes = b"", notify: int = TWA_RESUME) -> RemoteWork:
+        """Send one work; returns at once (see :meth:`Cluster.outcome`)."""
+        return self.add_many(func, [payload], notify)[0]
+
+    def add_many(self, func, payloads: Iterable[bytes], notify: int = TWA_RESUME
+                 ) -> list[RemoteWork]:
+        """Send several works in one round trip (a pipeline of XADDs)."""
+        payloads = [bytes(p) for p in payloads]
+        name = self._check(func, payloads, notify)
+        now = time.time_ns()
+        works = [RemoteWork(uuid.uuid4().hex, self.node, self.keys.domain, self.name, name, p,
+                            notify, now, stream=self.stream) for p in payloads]
+        pipe = self.cluster.r.pipeline(transaction=False)
+        for w in works:
+            pipe.xadd(self.stream, {"id": w.id, "func": name, "payload": w.payload,
+                                    "notify": str(notify), "target": self.name,
+                                    "sent_ns": str(now)})
+        for w, eid in zip(works, pipe.execute()):
+            w.entry_id = eid.decode() if isinstance(eid, bytes) else eid
+        return works
+
+
+class Cluster:
+    """A connection to the Redis that carries a cluster's works."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.r = connect(url)
+        self._set_if_none = self.r.register_script(SET_IF_NONE)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.r.close()
+
+    def _ensure_group(self, stream: str) -> None:
+        try:
+            self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except _redis().ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def task(self, domain: str, *, name: str, node: str | None = None) -> RemoteTask:
+        """A handle to task ``name`` of ``domain`` on ``node`` (None: any
+        node that has a live task of that name)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("task(): name= is a non-empty str")
+        return RemoteTask(self, domain, name, node)
+
+    def nodes(self, domain: str) -> dict[str, dict]:
+        """What each node's bridge published for ``domain``: sizes, pid, time."""
+        raw = self.r.hgetall(Keys(domain).nodes)
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def state(self, w: RemoteWork) -> dict | None:
+        """The recorded state of ``w`` (None: no bridge has taken it yet)."""
+        return _state(self.r.hget(Keys(w.domain).out, w.id))
+
+    def outcome(self, w: RemoteWork, timeout: float | None = None) -> str:
+        """Wait until ``w``'s fate is known: ``"queued"`` (on a live task of
+        the target node), ``"dead_letter"`` (no live task of its name there),
+        ``"cancelled"`` or ``"refused"`` (its callback is not allowed there).
+        TimeoutError if not known within ``timeout`` seconds."""
+        keys = Keys(w.domain)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.state(w)
+            if st is not None and st["state"] in FINAL:
+                if st.get("local_id") is not None:
+                    w.local_id = st["local_id"]
+                    w.node = st.get("node", w.node)
+                return st["state"]
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"outcome of remote work {w.id}: not known within "
+                                   f"{timeout} s (state: {st['state'] if st else 'not taken'})")
+            # BLPOP wakes when the state becomes final; the 1 s cap re-reads
+            # the hash (a wake-up list may have expired).
+            self.r.blpop([keys.done(w.id)], timeout=min(1.0, left) if left is not None else 1.0)
+
+    def cancel(self, w: RemoteWork, timeout: float = 10.0) -> bool:
+        """True iff ``w``'s callback had not started and now never will.
+
+        Before delivery the work is marked cancelled and its stream entry
+        removed; after it, the target node's bridge cancels the local work
+        (``Task.cancel``) and answers. TimeoutError if that bridge does not
+        answer within ``timeout`` seconds (the request stays queued for it)."""
+        keys = Keys(w.domain)
+        mine = json.dumps({"state": "cancelled", "at": "sender"})
+        raw = self._set_if_none(keys=[keys.out, keys.done(w.id)], args=[w.id, mine, DONE_TTL])
+        raw = raw.decode() if isinstance(raw, bytes) else raw
+        if raw == mine:
+            if w.stream and w.entry_id:
+                self.r.xdel(w.stream, w.entry_id)
+            return True
+        got = json.loads(raw)
+        if got["state"] not in ("delivering", "queued"):
+            return False
+        token = uuid.uuid4().hex
+        self.r.xadd(keys.ctl(got["node"]), {"op": "cancel", "id": w.id, "reply": token})
+        res = self.r.blpop([keys.reply(token)], timeout=timeout)
+        if res is None:
+            raise TimeoutError(f"cancel of remote work {w.id}: the bridge of node "
+                               f"{got['node']!r} did not answer within {timeout} s")
+        return res[1] == b"1"
+
+
+def default_node() -> str:
+    return os.uname().nodename

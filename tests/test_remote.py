@@ -1,0 +1,273 @@
+"""SPEC §10: the bridge over Redis Streams, against a real redis-server
+(Debian's package) on a Unix socket in a temporary directory. Two domains
+with two bridges of different --node names play two hosts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from shm_taskwork import TWA_NMI_CURRENT, TWA_NONE, TWA_SIGNAL, callback, keys
+from shm_taskwork.errors import InvalidModeError, PayloadTooLargeError
+
+from conftest import ROOT, wait_until
+
+redis = pytest.importorskip("redis", reason="the redis client is not installed "
+                            "(pip install 'shm-taskwork[remote]')")
+from shm_taskwork.remote import Cluster  # noqa: E402
+from shm_taskwork.tools._redis_server import RedisServer, find  # noqa: E402
+
+pytestmark = pytest.mark.skipif(find() is None, reason="redis-server cannot be found "
+                                "(Debian: apt-get install redis-server)")
+
+RAN: list[bytes] = []
+
+
+@callback(name="test.remote.rec")
+def _rec(work):
+    RAN.append(work.payload)
+
+
+@pytest.fixture
+def rs(tmp_path):
+    server = RedisServer()   # a short private directory: Unix socket paths are limited
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    d = str(tmp_path / "run")
+    monkeypatch.setenv("SHM_TASKWORK_RUN_DIR", d)
+    return d
+
+
+class Bridges:
+    def __init__(self, url, run_dir):
+        self.url, self.run_dir, self.procs = url, run_dir, []
+
+    def start(self, dom, node, *, cluster="app", allow=("test.*",), killpoint=None,
+              claim_idle=30.0):
+        env = dict(os.environ, PYTHONPATH=ROOT, SHM_TASKWORK_RUN_DIR=self.run_dir)
+        env.pop("SHM_TASKWORK_KILLPOINT", None)
+        if killpoint:
+            env["SHM_TASKWORK_KILLPOINT"] = killpoint
+        cmd = [sys.executable, "-m", "shm_taskwork.cli", "bridge", dom.name, "--redis", self.url,
+               "--node", node, "--as", cluster, "--claim-idle", str(claim_idle), "--no-progress"]
+        for a in allow:
+            cmd += ["--allow", a]
+        p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            p.stderr.close()
+
+
+@pytest.fixture
+def bridges(rs, run_dir):
+    b = Bridges(rs.url, run_dir)
+    yield b
+    b.stop_all()
+
+
+def published(cl, node, cluster="app"):
+    return wait_until(lambda: node in cl.nodes(cluster), timeout=30,
+                      what=f"bridge of node {node} to publish")
+
+
+@pytest.fixture(autouse=True)
+def _clear():
+    RAN.clear()
+
+
+def test_named_node_roundtrip_and_limits(make_domain, bridges, rs):
+    a, b = make_domain("a", payload_size=64), make_domain("b", payload_size=128)
+    ta, tb = a.register("w", install_handler=False), b.register("w", install_handler=False)
+    bridges.start(a, "host-a")
+    bridges.start(b, "host-b")
+    with Cluster(rs.url) as cl:
+        published(cl, "host-a")
+        published(cl, "host-b")
+        w = cl.task("app", name="w", node="host-b").add("test.remote.rec", b"hello", TWA_NONE)
+        assert cl.outcome(w, timeout=30) == "queued"
+        assert w.local_id is not None and w.node == "host-b"
+        assert ta.pending() == 0 and tb.pending() == 1
+        assert tb.run() == 1 and RAN == [b"hello"]
+        ws = cl.task("app", name="w", node="host-a").add_many("test.remote.rec", [b"1", b"2"])
+        assert [cl.outcome(x, timeout=30) for x in ws] == ["queued", "queued"]
+        assert ta.run() == 2 and sorted(RAN[1:]) == [b"1", b"2"]
+        # limits come from the target's published sizes
+        with pytest.raises(PayloadTooLargeError, match="64 bytes"):
+            cl.task("app", name="w", node="host-a").add("test.remote.rec", b"x" * 65)
+        cl.task("app", name="w", node="host-b").add("test.remote.rec", b"x" * 65)
+        with pytest.raises(PayloadTooLargeError, match="smallest"):
+            cl.task("app", name="w").add("test.remote.rec", b"x" * 65)
+        with pytest.raises(InvalidModeError, match="TWA_NMI_CURRENT"):
+            cl.task("app", name="w", node="host-a").add("test.remote.rec", b"", TWA_NMI_CURRENT)
+
+
+def test_any_node_refused_dead_letter(make_domain, bridges, rs):
+    a, b = make_domain("a"), make_domain("b")
+    tb = b.register("w", install_handler=False)          # only host-b has a live 'w'
+    bridges.start(a, "host-a")
+    bridges.start(b, "host-b")
+    with Cluster(rs.url) as cl:
+        published(cl, "host-a")
+        published(cl, "host-b")
+        w = cl.task("app", name="w").add("test.remote.rec", b"any", TWA_NONE)
+        assert cl.outcome(w, timeout=30) == "queued" and w.node == "host-b"
+        assert tb.run() == 1
+        r = cl.task("app", name="w", node="host-b").add("evil.rm_rf", b"/")
+        assert cl.outcome(r, timeout=30) == "refused"
+        assert tb.pending() == 0
+        d = cl.task("app", name="ghost", node="host-a").add("test.remote.rec", b"boo")
+        assert cl.outcome(d, timeout=30) == "dead_letter"
+        [dl] = a.dead_letters()
+        assert dl.target_name == "ghost" and dl.payload == b"boo" and dl.reason == "orphaned"
+
+
+def test_cancel_before_and_after_delivery(make_domain, bridges, rs):
+    a = make_domain("a")
+    t = a.register("w", install_handler=False)
+    with Cluster(rs.url) as cl:
+        rt = cl.task("app", name="w", node="host-a")
+        early = rt.add("test.remote.rec", b"early", TWA_NONE)
+        assert cl.cancel(early) is True                  # no bridge yet: removed from Redis
+        bridges.start(a, "host-a")
+        late = rt.add("test.remote.rec", b"late", TWA_NONE)
+        assert cl.outcome(late, timeout=30) == "queued"
+        assert cl.outcome(early, timeout=30) == "cancelled"
+        assert t.pending() == 1
+        assert cl.cancel(late) is True                   # the bridge cancels it locally
+        assert t.pending() == 0 and t.run() == 0 and RAN == []
+        assert cl.cancel(late) is False
+        assert cl.outcome(late, timeout=5) == "cancelled"
+        done = rt.add("test.remote.rec", b"done", TWA_NONE)
+        assert cl.outcome(done, timeout=30) == "queued"
+        assert t.run() == 1
+        assert cl.cancel(done) is False                  # it ran: too late
+
+
+def test_signal_mode_interrupts_the_remote_task(make_domain, bridges, rs, tmp_path):
+    from conftest import python_script, readline
+    a = make_domain("a")
+    out = tmp_path / "ran"
+    worker = python_script(f"""
+import sys, time
+from shm_taskwork import Domain, callback
+@callback(name="test.remote.sig")
+def sig(work):
+    open({str(out)!r}, "w").write(work.payload.decode())
+dom = Domain.open({a.name!r})
+t = dom.register("w")
+print("ready", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not __import__("os").path.exists({str(out)!r}):
+    sum(range(1000))      # busy pure-Python loop: only the signal runs the work
+""")
+    try:
+        assert readline(worker) == "ready"
+        bridges.start(a, "host-a")
+        with Cluster(rs.url) as cl:
+            w = cl.task("app", name="w", node="host-a").add("test.remote.sig", b"now",
+                                                              TWA_SIGNAL)
+            assert cl.outcome(w, timeout=30) == "queued"
+        wait_until(lambda: out.exists() and out.read_text() == "now", timeout=30,
+                   what="the signal to run the work")
+        assert worker.wait(30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+
+
+@pytest.mark.parametrize("point", ["bridge_read", "bridge_claimed", "key_reserved",
+                                   "key_pushed", "bridge_added", "bridge_recorded"])
+def test_bridge_killed_at_every_step_queues_once(point, make_domain, bridges, rs):
+    a = make_domain("a")
+    t = a.register("w", install_handler=False)
+    p = bridges.start(a, "host-a", killpoint=point)
+    with Cluster(rs.url) as cl:
+        w = cl.task("app", name="w", node="host-a").add("test.remote.rec", b"once", TWA_NONE)
+        assert p.wait(30) == -signal.SIGKILL
+        bridges.start(a, "host-a")
+        assert cl.outcome(w, timeout=30) == "queued"
+        w2 = cl.task("app", name="w", node="host-a").add("test.remote.rec", b"next", TWA_NONE)
+        assert cl.outcome(w2, timeout=30) == "queued"
+        assert t.pending() == 2 and t.run() == 2
+        assert sorted(RAN) == [b"next", b"once"]
+        assert keys.lookup(a, w.id).state == "queued"
+        assert a.stats().pool_free == a.pool_size
+
+
+def test_another_node_takes_over_a_dead_bridges_reads(make_domain, bridges, rs):
+    a, b = make_domain("a"), make_domain("b")
+    a.register("w", install_handler=False)
+    tb = b.register("w", install_handler=False)
+    p = bridges.start(a, "host-a", killpoint="bridge_read")
+    with Cluster(rs.url) as cl:
+        published(cl, "host-a")
+        w = cl.task("app", name="w").add("test.remote.rec", b"orphan", TWA_NONE)
+        assert p.wait(30) == -signal.SIGKILL            # read by host-a, never claimed
+        bridges.start(b, "host-b", claim_idle=0.3)
+        assert cl.outcome(w, timeout=30) == "queued" and w.node == "host-b"
+        assert tb.run() == 1 and RAN == [b"orphan"]
+
+
+def test_redis_restart_keeps_the_works(make_domain, bridges, rs):
+    a = make_domain("a")
+    t = a.register("w", install_handler=False)
+    with Cluster(rs.url) as cl:
+        ws = cl.task("app", name="w", node="host-a").add_many("test.remote.rec", [b"1", b"2"],
+                                                             TWA_NONE)
+    rs.restart()                                          # AOF: the entries survive
+    bridges.start(a, "host-a")
+    with Cluster(rs.url) as cl:
+        assert [cl.outcome(w, timeout=30) for w in ws] == ["queued", "queued"]
+    assert t.run() == 2
+
+
+def test_status_json_has_the_bridge(make_domain, bridges, rs, run_dir):
+    a = make_domain("a")
+    t = a.register("w", install_handler=False)
+    bridges.start(a, "host-a")
+    with Cluster(rs.url) as cl:
+        w = cl.task("app", name="w", node="host-a").add("test.remote.rec", b"s", TWA_NONE)
+        assert cl.outcome(w, timeout=30) == "queued"
+
+    def bridge_obj():
+        out = subprocess.run([sys.executable, "-m", "shm_taskwork.cli", "status", a.name,
+                              "--json"], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=ROOT, SHM_TASKWORK_RUN_DIR=run_dir))
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)["bridge"]
+        return got if got and got[0]["delivered"] >= 1 else None
+
+    [b] = wait_until(bridge_obj, timeout=30, what="status to show the bridge")
+    assert b["node"] == "host-a" and b["refused"] == 0 and b["duplicates_suppressed"] == 0
+    assert {"lag", "pending_entries"} <= set(b)
+    assert t.run() == 1
+
+
+def test_bridge_errors_are_one_line(make_domain, rs):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-m", "shm_taskwork.cli", "bridge", "/tw_test_nope",
+                          "--redis", rs.url], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "no domain" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
