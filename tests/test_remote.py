@@ -262,6 +262,12 @@ def test_status_json_has_the_bridge(make_domain, bridges, rs, run_dir):
     [b] = wait_until(bridge_obj, timeout=30, what="status to show the bridge")
     assert b["node"] == "host-a" and b["refused"] == 0 and b["duplicates_suppressed"] == 0
     assert {"lag", "pending_entries"} <= set(b)
+    # export serves the same figures
+    from prometheus_client import generate_latest
+    from shm_taskwork.tools.export import registry_for
+    text = generate_latest(registry_for(a)).decode()
+    assert 'shm_taskwork_bridge_up{domain="%s",node="host-a"} 1.0' % a.name in text
+    assert 'shm_taskwork_bridge_delivered_total{domain="%s",node="host-a"} 1.0' % a.name in text
     assert t.run() == 1
 
 
@@ -271,3 +277,53 @@ def test_bridge_errors_are_one_line(make_domain, rs):
                           "--redis", rs.url], capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "no domain" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_readme_example_runs_as_written(make_domain, bridges, rs):
+    """The two-host example of README's "More than one host", with only the
+    Redis URL replaced by the test server's."""
+    import re
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## More than one host", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    url = re.search(r'Cluster\("([^"]+)"\)', block).group(1)
+    block = block.replace(url, rs.url)
+    dom = make_domain("app")
+    t = dom.register("worker", install_handler=False)
+    bridges.start(dom, "host-b", cluster="app", allow=("app.*",))
+    with Cluster(rs.url) as cl:
+        published(cl, "host-b")
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "queued"
+    # the reload and one of a/b remain (the other was cancelled, or ran: never both)
+    wait_until(lambda: t.pending() >= 2, timeout=30, what="the works to arrive")
+    assert t.pending() == 2
+    t.exit()
+
+
+def _bridge_stress(rs, seconds, kill_every):
+    out = subprocess.run([sys.executable, "-m", "shm_taskwork.cli", "stress", "--bridge",
+                          "--redis", rs.url, "--seconds", str(seconds), "--kill-every",
+                          str(kill_every), "--json"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def test_bridge_stress_short(rs):
+    s = _bridge_stress(rs, 4, 0.3)
+    assert s["ok"] and s["lost"] == 0 and s["duplicated"] == 0 and s["phantom"] == 0
+    assert s["killed"] >= 10 and s["queued"] > 0
+    assert s["ran"] == s["queued"] - s["cancel_unknown"]
+    # the run removed its keys from Redis
+    assert not list(redis.Redis.from_url(rs.url).scan_iter(match="stw:stress-*"))
+
+
+@pytest.mark.slow
+def test_bridge_stress_issue_run(rs):
+    """The issue's run: 20 s, a bridge SIGKILLed every second."""
+    s = _bridge_stress(rs, 20, 1)
+    assert s["ok"] and s["lost"] == 0 and s["duplicated"] == 0 and s["killed"] >= 10

@@ -355,6 +355,42 @@ class DomainCollector(Collector):
                                     labels=["domain"])
             fam.add_metric([domain], size)
             yield fam
+        yield from bridge_metrics(domain)
+
+
+# The bridge's figures (SPEC §10), from the bridges of this domain running on
+# this host: gauges and counters labelled by node.
+BRIDGE_GAUGES = {"lag": "Entries of the bridge's streams not yet read by its groups.",
+                 "pending_entries": "Entries the bridge read or claimed and has not finished."}
+BRIDGE_COUNTERS = {
+    "delivered": "Remote works the bridge queued (or filed as dead letters) here.",
+    "duplicates_suppressed": "Remote works seen again and recognised by their key: not queued.",
+    "refused": "Remote works refused: their callback matches no --allow pattern.",
+    "dead_letters": "Remote works filed as dead letters: no live task of their name.",
+    "cancelled": "Delivered remote works cancelled here at a sender's request.",
+    "taken_over": "Entries taken over from a silent bridge (XAUTOCLAIM).",
+}
+
+
+def bridge_metrics(domain: str):
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from shm_taskwork.tools.bridge import running_bridges
+    recs = running_bridges(domain)
+    up = GaugeMetricFamily(f"{PREFIX}_bridge_up", "1 per running bridge of the domain.",
+                           labels=["domain", "node"])
+    for r in recs:
+        up.add_metric([domain, r["node"]], 1)
+    yield up
+    for k, doc in BRIDGE_GAUGES.items():
+        fam = GaugeMetricFamily(f"{PREFIX}_bridge_{k}", doc, labels=["domain", "node"])
+        for r in recs:
+            fam.add_metric([domain, r["node"]], r.get(k, 0))
+        yield fam
+    for k, doc in BRIDGE_COUNTERS.items():
+        fam = CounterMetricFamily(f"{PREFIX}_bridge_{k}", doc, labels=["domain", "node"])
+        for r in recs:
+            fam.add_metric([domain, r["node"]], r.get(k, 0))
+        yield fam
 
 
 def registry_for(dom=None, *, name: str | None = None):

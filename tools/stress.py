@@ -1071,6 +1071,9 @@ class _Progress:
 
 def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--bridge" in argv:          # the Redis bridge's stress (SPEC §10)
+        from shm_taskwork.tools import bridge_stress
+        return bridge_stress.main(argv, prog, command)
     a = build_parser(prog).parse_args(argv)
     if a.role == "task":
         return role_task(a)
