@@ -327,3 +327,18 @@ def test_bridge_stress_issue_run(rs):
     """The issue's run: 20 s, a bridge SIGKILLed every second."""
     s = _bridge_stress(rs, 20, 1)
     assert s["ok"] and s["lost"] == 0 and s["duplicated"] == 0 and s["killed"] >= 10
+
+
+def test_bench_remote_rows(rs):
+    out = subprocess.run([sys.executable, "-m", "shm_taskwork.cli", "bench", "-n", "300",
+                          "--only", "pipe", "--repeat", "1", "--redis", rs.url,
+                          "--latency-samples", "20", "--json"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {r["case"]: r for r in json.loads(out.stdout)["results"]}
+    for case in ("redis XADD/XREADGROUP round trip", "shm_taskwork remote (bridge)"):
+        r = rows[case]
+        assert r["messages"] == 300 and r["latency_samples"] == 20
+        assert 0 < r["p50_us"] <= r["p99_us"] and r["rate"] > 0
+    # the run removed what it made in Redis
+    assert not list(redis.Redis.from_url(rs.url).scan_iter(match="stw:bench-*"))

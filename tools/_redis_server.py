@@ -35,7 +35,7 @@ class RedisServer:
     def start(self, timeout: float = 20.0) -> "RedisServer":
         self.proc = subprocess.Popen(
             [self.exe, "--port", "0", "--unixsocket", self.sock, "--unixsocketperm", "700",
-             "--dir", self.dir, "--appendonly", "yes", "--appendfsync", "always",
+             "--dir", self.dir, "--appendonly", "yes", "--appendfsync", "everysec",
              "--save", "", "--daemonize", "no", "--logfile", os.path.join(self.dir, "log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis

@@ -201,6 +201,13 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the best counts")
     ap.add_argument("--only", default="", help="comma list of case-name substrings to run")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--remote", action="store_true",
+                    help="add the remote rows: works through Redis and the bridge, beside "
+                         "Redis's own XADD/XREADGROUP round trip (a private redis-server "
+                         "unless --redis is given)")
+    ap.add_argument("--redis", metavar="URL", help="the Redis for --remote")
+    ap.add_argument("--latency-samples", type=int, default=200,
+                    help="one-at-a-time sends timed for the remote rows' p50/p99")
     a = ap.parse_args(argv)
     if a.messages < 1 or a.size < 1 or a.batch < 1 or a.repeat < 1:
         raise ValueError("--messages, --size, --batch and --repeat must be at least 1")
@@ -221,6 +228,10 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
         results.append({"case": name, "messages": a.messages, "size": a.size,
                         "send_s": best[0], "total_s": best[1],
                         "rate": a.messages / best[1], "send_rate": a.messages / best[0]})
+    if a.remote or a.redis:
+        from shm_taskwork.tools import bench_remote
+        results += bench_remote.run(min(a.messages, 20_000), a.size, a.redis,
+                                    a.latency_samples)
     base = next((r["rate"] for r in results if r.get("case") == "shm_taskwork add"), None)
     for r in results:
         if base and "rate" in r:
@@ -241,6 +252,11 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
                 t.add_row(r["case"], f"{r['rate']:,.0f}", f"{r['send_rate']:,.0f}",
                           f"{r.get('vs_shm_taskwork_add', 0):.2f}x")
         Console().print(t)
+        for r in results:
+            if "p50_us" in r:
+                print(f"{r['case']}: {r['rate']:,.0f} works/s ({r['messages']}), "
+                      f"add-to-start p50 {r['p50_us']:,.0f} us, p99 {r['p99_us']:,.0f} us "
+                      f"({r['latency_samples']} one at a time)")
     except ImportError:
         for r in results:
             if "skipped" in r:
