@@ -42,6 +42,19 @@ static inline struct tw_key *KEY(struct tw_dom *d, uint32_t i)
                              (uint64_t)(i % TW_KEYS_CAP) * sizeof(struct tw_key));
 }
 
+#define K_ST(w)        ((uint32_t)((w) & 0xff))
+#define K_SEQ(w)       ((w) >> 8)
+#define K_WORD(seq, st) (((uint64_t)(seq) << 8) | (st))
+
+/* word (RESERVED) -> the same reservation in state st. Races with the
+ * reserver, resolvers and reclaimers: the first CAS wins, the others fail
+ * on a word that is no longer RESERVED (or is a later reservation). */
+static void finish(struct tw_key *k, uint64_t word, uint32_t st)
+{
+    uint64_t expect = word;
+    CAS(&k->word, &expect, K_WORD(K_SEQ(word), st), __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
+
 static int keys_lock(struct tw_dom *d)
 {
     return tw_lock(&HDR(d)->keys_lock, d->lock_timeout_ns, NULL);
@@ -57,10 +70,11 @@ static int find(struct tw_dom *d, uint64_t key)
     uint64_t best_seq = 0;
     for (uint32_t i = 0; i < TW_KEYS_CAP; i++) {
         struct tw_key *k = KEY(d, i);
-        uint32_t st = LD_ACQ(&k->state);
+        uint64_t w = LD_ACQ(&k->word);
+        uint32_t st = K_ST(w);
         if (st == TW_K_EMPTY || st == TW_K_VOID || LD_RLX(&k->key) != key)
             continue;
-        uint64_t seq = LD_RLX(&k->seq);
+        uint64_t seq = K_SEQ(w);
         if (best < 0 || seq > best_seq) {
             best = (int)i;
             best_seq = seq;
@@ -72,13 +86,12 @@ static int find(struct tw_dom *d, uint64_t key)
 /* Try to make a RESERVED entry final (see the essay above). 1: final (read it
  * again), 0: a live process is adding it, -EAGAIN: a reclaim ran or is
  * running; look again. */
-static int resolve(struct tw_dom *d, struct tw_key *k)
+static int resolve(struct tw_dom *d, struct tw_key *k, uint64_t word)
 {
     uint64_t work = LD_RLX(&k->work);
     uint32_t node = (uint32_t)work, gen = (uint32_t)(work >> 32), proc = LD_RLX(&k->proc);
     if (!node_ok(d, node) || proc >= d->max_procs) {
-        uint32_t expect = TW_K_RESERVED;
-        CAS(&k->state, &expect, TW_K_VOID, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+        finish(k, word, TW_K_VOID);
         return 1;
     }
     /* Acquire: pairs with the release of whoever moved the node on (push,
@@ -95,10 +108,7 @@ static int resolve(struct tw_dom *d, struct tw_key *k)
         int r = tw_proc_reclaim(d, proc, 0, &info);
         return r < 0 && r != -EAGAIN ? r : -EAGAIN;
     }
-    if (LD_ACQ(&k->state) != TW_K_RESERVED)
-        return 1;
-    uint32_t expect = TW_K_RESERVED;
-    CAS(&k->state, &expect, LD_RLX(&k->want), __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    finish(k, word, LD_RLX(&k->want));      /* fails if a reclaimer voided it */
     return 1;
 }
 
@@ -107,17 +117,17 @@ void tw_keys_settle(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t stat
     uint64_t work = ((uint64_t)gen << 32) | node;
     for (uint32_t i = 0; i < TW_KEYS_CAP; i++) {
         struct tw_key *k = KEY(d, i);
-        if (LD_ACQ(&k->state) != TW_K_RESERVED || LD_RLX(&k->work) != work)
+        uint64_t w = LD_ACQ(&k->word);
+        if (K_ST(w) != TW_K_RESERVED || LD_RLX(&k->work) != work)
             continue;
-        uint32_t expect = TW_K_RESERVED;
-        CAS(&k->state, &expect, state, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+        finish(k, w, state);
     }
 }
 
 static void fill_info(struct tw_key *k, struct tw_key_info *info, uint32_t fresh)
 {
     info->work = LD_RLX(&k->work);
-    info->state = LD_ACQ(&k->state);
+    info->state = K_ST(LD_ACQ(&k->word));
     info->slot = LD_RLX(&k->slot);
     info->fresh = fresh;
 }
@@ -130,7 +140,8 @@ int tw_key_lookup(struct tw_dom *d, uint64_t key, struct tw_key_info *info)
         if (i < 0)
             return 0;
         struct tw_key *k = KEY(d, (uint32_t)i);
-        if (LD_ACQ(&k->state) != TW_K_RESERVED) {
+        uint64_t w = LD_ACQ(&k->word);
+        if (K_ST(w) != TW_K_RESERVED) {
             fill_info(k, info, 0);
             if (info->state == TW_K_VOID)
                 continue;                   /* voided since find(): look again */
@@ -138,7 +149,7 @@ int tw_key_lookup(struct tw_dom *d, uint64_t key, struct tw_key_info *info)
                 continue;                   /* evicted and reused meanwhile */
             return 1;
         }
-        int r = resolve(d, k);
+        int r = resolve(d, k, w);
         if (r == 0)
             return -EBUSY;
         if (r < 0 && r != -EAGAIN)
@@ -148,28 +159,49 @@ int tw_key_lookup(struct tw_dom *d, uint64_t key, struct tw_key_info *info)
 }
 
 /*
+ * A RESERVED entry whose node already left its reserver (pushed; the
+ * reserver died before its last CAS, and nobody looked the key up since) is
+ * final: make it so, lock-free, so that it can be evicted. 1 if it was.
+ */
+static int settled_elsewhere(struct tw_dom *d, struct tw_key *k, uint64_t word)
+{
+    uint64_t work = LD_RLX(&k->work);
+    uint32_t node = (uint32_t)work;
+    if (!node_ok(d, node))
+        return 1;
+    uint64_t o = LD_ACQ(&NODE(d, node)->owner);
+    if (O_GEN(o) == (uint32_t)(work >> 32) && O_STATE(o) == TW_N_ALLOC)
+        return 0;                           /* not pushed yet, or being settled */
+    finish(k, word, LD_RLX(&k->want));
+    return K_ST(LD_ACQ(&k->word)) != TW_K_RESERVED;
+}
+
+/*
  * Under keys_lock: the key is not recorded (lookup said 0); take the next
  * ring entry that is not RESERVED and publish RESERVED. Returns the entry
  * index or -ENOSPC.
  */
 static int reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen, uint32_t want,
-                   uint32_t slot)
+                   uint32_t slot, uint64_t *word_out)
 {
     struct tw_header *h = HDR(d);
     for (uint32_t tries = 0; tries < TW_KEYS_CAP; tries++) {
         uint64_t seq = h->keys_next++;
         struct tw_key *k = KEY(d, (uint32_t)(seq % TW_KEYS_CAP));
-        if (LD_ACQ(&k->state) == TW_K_RESERVED)
+        uint64_t w = LD_ACQ(&k->word);
+        if (K_ST(w) == TW_K_RESERVED && !settled_elsewhere(d, k, w))
             continue;                       /* in flight: never evicted */
-        ST_REL(&k->state, TW_K_EMPTY);      /* not findable while rewritten */
+        /* EMPTY first: not findable while rewritten. A late finish() of the
+         * evicted reservation fails: its seq is not ours. */
+        ST_REL(&k->word, K_WORD(seq + 1, TW_K_EMPTY));
         k->key = key;
         k->work = ((uint64_t)gen << 32) | node;
-        k->seq = seq + 1;
         k->proc = (uint32_t)d->my_proc;
         k->want = want;
         k->slot = slot;
         /* Release: a finder that sees RESERVED sees the fields above. */
-        ST_REL(&k->state, TW_K_RESERVED);
+        *word_out = K_WORD(seq + 1, TW_K_RESERVED);
+        ST_REL(&k->word, *word_out);
         return (int)(seq % TW_KEYS_CAP);
     }
     return -ENOSPC;
@@ -178,7 +210,8 @@ static int reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen, 
 /* Look key up and, if unknown, reserve it for node; keys_lock held inside.
  * 1: recorded before (info), 0: reserved (*entry), -errno. */
 static int lookup_or_reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen,
-                             uint32_t want, uint32_t slot, struct tw_key_info *info, int *entry)
+                             uint32_t want, uint32_t slot, struct tw_key_info *info, int *entry,
+                             uint64_t *word)
 {
     for (int tries = 0; tries < 64; tries++) {
         int r = tw_key_lookup(d, key, info);
@@ -193,7 +226,7 @@ static int lookup_or_reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint
             keys_unlock(d);
             continue;                       /* someone recorded it: resolve it */
         }
-        r = reserve(d, key, node, gen, want, slot);
+        r = reserve(d, key, node, gen, want, slot, word);
         keys_unlock(d);
         if (r < 0)
             return r;
@@ -244,11 +277,13 @@ int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen
     r = tw_pool_pop(d, &idx);
     if (r)
         return r;
+    tw_killpoint(TW_KP_AFTER_ALLOC);
     struct tw_node *n = NODE(d, idx);
     fill_keyed(d, n, slot, gen, func_id, payload, len, now_ns);
     uint32_t ngen = O_GEN(LD_RLX(&n->owner));
     int entry;
-    r = lookup_or_reserve(d, key, idx, ngen, TW_K_QUEUED, slot, info, &entry);
+    uint64_t word;
+    r = lookup_or_reserve(d, key, idx, ngen, TW_K_QUEUED, slot, info, &entry, &word);
     if (r != 0) {
         tw_pool_push(d, idx);               /* recorded before, or an error */
         return r == 1 ? 0 : r;
@@ -256,18 +291,18 @@ int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen
     struct tw_key *k = KEY(d, (uint32_t)entry);
     tw_killpoint(TW_KP_KEY_RESERVED);
     int64_t due = tw_push_node(d, slot, gen, idx, mode, efd, pidfd, signum);
-    uint32_t expect = TW_K_RESERVED;
     if (due < 0) {
         /* Not pushed: the entry says so before the node can be reused. */
-        CAS(&k->state, &expect, TW_K_VOID, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+        finish(k, word, TW_K_VOID);
         tw_pool_push(d, idx);
         return due;
     }
     tw_killpoint(TW_KP_KEY_PUSHED);
-    CAS(&k->state, &expect, TW_K_QUEUED, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    finish(k, word, TW_K_QUEUED);
     fill_info(k, info, 1);
     info->work = ((uint64_t)ngen << 32) | idx;
     info->state = TW_K_QUEUED;
+    info->slot = slot;
     return due;
 }
 
@@ -291,7 +326,8 @@ int tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const 
     fill_keyed(d, n, 0, 0, func_id, payload, len, now_ns);
     uint64_t o = LD_RLX(&n->owner);
     int entry;
-    r = lookup_or_reserve(d, key, idx, O_GEN(o), TW_K_DEADLETTER, 0, info, &entry);
+    uint64_t word;
+    r = lookup_or_reserve(d, key, idx, O_GEN(o), TW_K_DEADLETTER, 0, info, &entry, &word);
     if (r != 0) {
         tw_pool_push(d, idx);
         return r == 1 ? 0 : r;
@@ -299,14 +335,13 @@ int tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const 
     struct tw_key *k = KEY(d, (uint32_t)entry);
     tw_killpoint(TW_KP_KEY_RESERVED);
     r = tw_dl_file(d, idx, o, TW_R_ORPHANED, 0, name_id);
-    uint32_t expect = TW_K_RESERVED;
     if (r != 1) {
-        CAS(&k->state, &expect, TW_K_VOID, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+        finish(k, word, TW_K_VOID);
         tw_pool_push(d, idx);
         return r < 0 ? r : -EAGAIN;
     }
     tw_killpoint(TW_KP_KEY_PUSHED);
-    CAS(&k->state, &expect, TW_K_DEADLETTER, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    finish(k, word, TW_K_DEADLETTER);
     fill_info(k, info, 1);
     info->work = ((uint64_t)O_GEN(o) << 32) | idx;
     info->state = TW_K_DEADLETTER;
@@ -317,7 +352,7 @@ int tw_keys_used(struct tw_dom *d)
 {
     int n = 0;
     for (uint32_t i = 0; i < TW_KEYS_CAP; i++) {
-        uint32_t st = LD_ACQ(&KEY(d, i)->state);
+        uint32_t st = K_ST(LD_ACQ(&KEY(d, i)->word));
         n += st != TW_K_EMPTY && st != TW_K_VOID;
     }
     return n;

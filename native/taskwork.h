@@ -78,7 +78,7 @@
  *   proc.life             robust futex: held by the process's holder thread while
  *                         the entry is claimed (before pid is stored, until after
  *                         it is cleared)
- *   key.state             RESERVED: release store under keys_lock, after the
+ *   key.word (state)      RESERVED: release store under keys_lock, after the
  *                         entry's other fields; RESERVED -> QUEUED/DEADLETTER/
  *                         VOID: CAS acq_rel by the reserver, a resolver
  *                         (tw_key_lookup) or a reclaimer (settle_node)
@@ -503,11 +503,14 @@ void tw_killpoint(int point);
 struct tw_key {
     uint64_t key;
     uint64_t work;             /* gen<<32 | node of the keyed work               */
-    uint64_t seq;              /* ring position when reserved                    */
-    uint32_t state;            /* TW_K_*                                         */
+    uint64_t word;             /* seq<<8 | TW_K_* state. seq: the reservation's
+                                  ring position + 1, so a CAS that finishes one
+                                  reservation can never finish a later one of
+                                  the same entry                                 */
     uint32_t proc;             /* the reserver's process entry                   */
     uint32_t want;             /* TW_K_QUEUED or TW_K_DEADLETTER                 */
     uint32_t slot;             /* target task slot (QUEUED)                      */
+    uint32_t pad;
 };
 
 struct tw_key_info {

@@ -137,8 +137,8 @@ NODE = Struct("struct tw_node", [
 ])
 
 KEY = Struct("struct tw_key", [
-    ("key", "u64", 1), ("work", "u64", 1), ("seq", "u64", 1), ("state", "u32", 1),
-    ("proc", "u32", 1), ("want", "u32", 1), ("slot", "u32", 1),
+    ("key", "u64", 1), ("work", "u64", 1), ("word", "u64", 1), ("proc", "u32", 1),
+    ("want", "u32", 1), ("slot", "u32", 1), ("pad", "u32", 1),
 ])
 
 STRUCTS = (HEADER, COUNTERS, HIST, LIFE, SLOT, PROC, NAME, NODE, KEY)
