@@ -44,6 +44,7 @@ from .errors import InvalidModeError, PayloadTooLargeError
 PREFIX = "stw"
 GROUP = "bridges"
 FINAL = ("queued", "dead_letter", "cancelled", "refused")
+LIMIT_TTL = 1.0          # seconds a sender trusts the sizes it read
 DONE_TTL = 3600          # seconds a done-list (a wake-up for outcome()) is kept
 
 
@@ -139,13 +140,25 @@ class RemoteTask:
         self.stream = self.keys.node(node) if node is not None else self.keys.any(name)
         if node is None:
             cluster._ensure_group(self.stream)
+        self._limit_cache: tuple[float, int | None] = (0.0, None)
 
     def __repr__(self) -> str:
         return f"<RemoteTask {self.name!r} of {self.domain!r} on {self.node or 'any node'}>"
 
     def _limit(self) -> int | None:
         """The payload limit the target's bridge(s) published: that node's,
-        or for any node the smallest of them. None: nothing published yet."""
+        or for any node the smallest of them. None: nothing published yet.
+        Read again after LIMIT_TTL seconds (a bridge may restart with a
+        domain of other sizes)."""
+        at, limit = self._limit_cache
+        now = time.monotonic()
+        if limit is not None and now - at < LIMIT_TTL:
+            return limit
+        limit = self._read_limit()
+        self._limit_cache = (now, limit)
+        return limit
+
+    def _read_limit(self) -> int | None:
         r = self.cluster.r
         if self.node is not None:
             raw = r.hget(self.keys.nodes, self.node)

@@ -212,34 +212,74 @@ class Bridge:
     def allowed(self, func: str) -> bool:
         return any(fnmatch.fnmatchcase(func, p) for p in self.allow)
 
+    def handle_batch(self, stream: str, batch: list) -> None:
+        """One read batch of a work stream: every claim (or refusal) in one
+        pipeline, then the local adds, then every record in one pipeline.
+        The steps keep their order per work, so a kill between any two is
+        what the essay above says (a batch only widens each step)."""
+        pipe = self.r.pipeline(transaction=False)
+        todo = []
+        for eid, fields in batch:
+            f = {_s(k): v for k, v in fields.items()}
+            killpoint("bridge_read")
+            if "id" not in f:           # not ours: acknowledge it away
+                pipe.xack(stream, remote.GROUP, eid)
+                continue
+            wid = _s(f["id"])
+            if not self.allowed(_s(f["func"])):
+                st = json.dumps({"state": "refused", "node": self.node,
+                                 "reason": f"callback {_s(f['func'])!r} matches no --allow "
+                                           "pattern"})
+                self.refuse_script(keys=[self.keys.out, self.keys.done(wid)],
+                                   args=[wid, st, remote.DONE_TTL], client=pipe)
+                pipe.xack(stream, remote.GROUP, eid)
+                pipe.xdel(stream, eid)
+                todo.append(("refused", wid, st))
+                continue
+            entry = json.dumps({"func": _s(f["func"]), "payload": f["payload"].hex(),
+                                "notify": int(f["notify"]), "target": _s(f["target"])})
+            mine = json.dumps({"state": "delivering", "node": self.node})
+            self.claim_script(keys=[self.keys.out, self.keys.claimed(self.node), stream],
+                              args=[wid, mine, entry, remote.GROUP, eid], client=pipe)
+            todo.append(("claim", wid, (mine, entry)))
+        results = iter(pipe.execute())
+        claimed = []
+        for kind, wid, extra in todo:
+            got = _s(next(results))
+            if kind == "refused":
+                next(results), next(results)            # xack, xdel
+                if got == extra:
+                    self.stats["refused"] += 1
+            elif got == extra[0]:
+                claimed.append((wid, json.loads(extra[1])))
+            # else: decided already (cancelled, or another node's claim)
+        self.deliver_many(claimed)
+
     def handle(self, stream: str, eid: str, fields: dict) -> None:
-        f = {_s(k): v for k, v in fields.items()}
-        killpoint("bridge_read")
-        if "id" not in f:           # not ours (or deleted): acknowledge it away
-            self.r.xack(stream, remote.GROUP, eid)
-            return
-        wid = _s(f["id"])
-        if not self.allowed(_s(f["func"])):
-            st = json.dumps({"state": "refused", "node": self.node,
-                             "reason": f"callback {_s(f['func'])!r} matches no --allow pattern"})
-            got = self.refuse_script(keys=[self.keys.out, self.keys.done(wid)],
-                                     args=[wid, st, remote.DONE_TTL])
-            if _s(got) == st:
-                self.stats["refused"] += 1
-            self.r.xack(stream, remote.GROUP, eid)
-            self.r.xdel(stream, eid)
-            return
-        entry = json.dumps({"func": _s(f["func"]), "payload": f["payload"].hex(),
-                            "notify": int(f["notify"]), "target": _s(f["target"])})
-        mine = json.dumps({"state": "delivering", "node": self.node})
-        got = _s(self.claim_script(keys=[self.keys.out, self.keys.claimed(self.node), stream],
-                                   args=[wid, mine, entry, remote.GROUP, eid]))
-        if got != mine:
-            return                  # decided already (cancelled, or another node's)
-        killpoint("bridge_claimed")
-        self.deliver(wid, json.loads(entry))
+        self.handle_batch(stream, [(eid, fields)])
 
     def deliver(self, wid: str, e: dict) -> None:
+        self.deliver_many([(wid, e)])
+
+    def deliver_many(self, works: list) -> None:
+        outs = []
+        for wid, e in works:
+            killpoint("bridge_claimed")
+            outs.append((wid, self.add_one(wid, e)))
+            killpoint("bridge_added")
+        if not outs:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for wid, out in outs:
+            self.record_script(keys=[self.keys.out, self.keys.claimed(self.node),
+                                     self.keys.done(wid)],
+                               args=[wid, json.dumps(out), remote.DONE_TTL], client=pipe)
+        pipe.execute()
+        for _ in outs:
+            killpoint("bridge_recorded")
+
+    def add_one(self, wid: str, e: dict) -> dict:
+        """The keyed local add of one claimed work; its outcome record."""
         from shm_taskwork import keys
         func, payload, notify, target = e["func"], bytes.fromhex(e["payload"]), e["notify"], \
             e["target"]
@@ -261,24 +301,18 @@ class Bridge:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
-        killpoint("bridge_added")
-        if rec.state == "queued":
-            if gen is None or not rec.fresh:
-                try:
-                    gen = self.dom.task(rec.slot).gen
-                except (NoSuchTaskError, TaskWorkError):
-                    gen = 0
-            out = {"state": "queued", "node": self.node, "local_id": rec.work_id,
-                   "slot": rec.slot, "gen": gen}
-        else:
-            out = {"state": "dead_letter", "node": self.node, "local_id": rec.work_id}
         self.stats["delivered" if rec.fresh else "duplicates_suppressed"] += 1
-        if rec.state == "dead_letter" and rec.fresh:
-            self.stats["dead_letters"] += 1
-        self.record_script(keys=[self.keys.out, self.keys.claimed(self.node),
-                                 self.keys.done(wid)],
-                           args=[wid, json.dumps(out), remote.DONE_TTL])
-        killpoint("bridge_recorded")
+        if rec.state == "dead_letter":
+            if rec.fresh:
+                self.stats["dead_letters"] += 1
+            return {"state": "dead_letter", "node": self.node, "local_id": rec.work_id}
+        if gen is None or not rec.fresh:
+            try:
+                gen = self.dom.task(rec.slot).gen
+            except (NoSuchTaskError, TaskWorkError):
+                gen = 0
+        return {"state": "queued", "node": self.node, "local_id": rec.work_id,
+                "slot": rec.slot, "gen": gen}
 
     def control(self, stream: str, eid: str, fields: dict) -> None:
         from shm_taskwork import Work
@@ -308,20 +342,22 @@ class Bridge:
     # ---- the loop -----------------------------------------------------------
 
     def dispatch(self, stream: str, entries) -> None:
+        batch = []
         for eid, fields in entries:
             eid = _s(eid)
             if fields is None:      # deleted while pending
                 self.r.xack(stream, remote.GROUP, eid)
-                continue
-            if stream == self.keys.ctl(self.node):
+            elif stream == self.keys.ctl(self.node):
                 self.control(stream, eid, fields)
             else:
-                self.handle(stream, eid, fields)
+                batch.append((eid, fields))
+        if batch:
+            self.handle_batch(stream, batch)
 
     def resume(self) -> None:
         """Finish what this node claimed before it was stopped or killed."""
-        for wid, entry in self.r.hgetall(self.keys.claimed(self.node)).items():
-            self.deliver(_s(wid), json.loads(entry))
+        self.deliver_many([(_s(wid), json.loads(entry)) for wid, entry in
+                           self.r.hgetall(self.keys.claimed(self.node)).items()])
 
     def read(self, start: str, count: int = 64) -> int:
         streams = {s: start for s in sorted(self.groups)}
