@@ -342,3 +342,29 @@ def test_bench_remote_rows(rs):
         assert 0 < r["p50_us"] <= r["p99_us"] and r["rate"] > 0
     # the run removed what it made in Redis
     assert not list(redis.Redis.from_url(rs.url).scan_iter(match="stw:bench-*"))
+
+
+def test_auth_through_the_url_and_sigterm(make_domain, run_dir):
+    with RedisServer(password="s3cret") as secured:
+        a = make_domain("a")
+        t = a.register("w", install_handler=False)
+        b = Bridges(secured.url, run_dir)
+        try:
+            wrong = secured.url.replace("s3cret", "wrong")
+            out = subprocess.run([sys.executable, "-m", "shm_taskwork.cli", "bridge", a.name,
+                                  "--redis", wrong, "--allow", "test.*"], capture_output=True,
+                                 text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+            assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1
+            assert "wrong" not in out.stderr                  # the password is not echoed
+            p = b.start(a, "host-a")
+            with Cluster(secured.url) as cl:
+                w = cl.task("app", name="w", node="host-a").add("test.remote.rec", b"k",
+                                                                TWA_NONE)
+                assert cl.outcome(w, timeout=30) == "queued"
+            assert t.run() == 1
+            wait_until(lambda: os.listdir(run_dir), timeout=30, what="the status file")
+            p.send_signal(signal.SIGTERM)                     # graceful: exit 0, file gone
+            assert p.wait(30) == 0
+            assert os.listdir(run_dir) == []
+        finally:
+            b.stop_all()

@@ -20,7 +20,7 @@ class RedisServer:
     """``with RedisServer() as rs: rs.url``; ``rs.restart()`` stops it and
     starts it again on the same directory (its AOF)."""
 
-    def __init__(self, directory: str | None = None):
+    def __init__(self, directory: str | None = None, password: str | None = None):
         self.exe = find()
         if self.exe is None:
             raise FileNotFoundError("redis-server is not installed (Debian: apt-get install "
@@ -29,20 +29,23 @@ class RedisServer:
         self.dir = directory or tempfile.mkdtemp(prefix="stw-redis-")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.sock = os.path.join(self.dir, "redis.sock")
-        self.url = f"unix://{self.sock}?db=0"
+        self.password = password
+        self.url = (f"unix://:{password}@{self.sock}?db=0" if password
+                    else f"unix://{self.sock}?db=0")
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "RedisServer":
         self.proc = subprocess.Popen(
             [self.exe, "--port", "0", "--unixsocket", self.sock, "--unixsocketperm", "700",
              "--dir", self.dir, "--appendonly", "yes", "--appendfsync", "everysec",
-             "--save", "", "--daemonize", "no", "--logfile", os.path.join(self.dir, "log")],
+             "--save", "", "--daemonize", "no", "--logfile", os.path.join(self.dir, "log"),
+             *(["--requirepass", self.password] if self.password else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
         deadline = time.monotonic() + timeout
         while True:
             try:
-                redis.Redis(unix_socket_path=self.sock).ping()
+                redis.Redis(unix_socket_path=self.sock, password=self.password).ping()
                 return self
             except (redis.ConnectionError, FileNotFoundError):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
