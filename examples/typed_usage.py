@@ -129,5 +129,23 @@ def main() -> int:
     return 0
 
 
+def keyed_and_remote(dom: Domain, redis_url: str | None = None) -> list[str]:
+    """Keyed adds, and the bridge's client (SPEC §10) when a Redis is given."""
+    from shm_taskwork.keys import KeyRecord, lookup
+    t = dom.current or dom.register("typed-keyed")
+    rec: KeyRecord = t.add_keyed("typed.noop", b"", TWA_NONE, key="typed-key")
+    again: KeyRecord | None = lookup(dom, "typed-key")
+    out = [str(rec.fresh), str(again is not None and again.state)]
+    if redis_url is not None:
+        from shm_taskwork.remote import Cluster, RemoteWork
+        with Cluster(redis_url) as cl:
+            rt = cl.task("app", name="worker", node="host-b")
+            w: RemoteWork = rt.add("app.reload", b"x", TWA_SIGNAL)
+            ws: list[RemoteWork] = rt.add_many("app.reload", [b"a"])
+            cancelled: bool = cl.cancel(ws[0])
+            out += [str(cancelled), cl.outcome(w, timeout=1.0)]
+    return out
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
