@@ -37,6 +37,7 @@ import time
 
 from shm_taskwork import remote
 from shm_taskwork.errors import NoSuchTaskError, TaskExitedError, TaskWorkError
+from shm_taskwork.tools._common import positive_seconds
 
 KILLPOINTS = ("bridge_read", "bridge_claimed", "bridge_added", "bridge_recorded")
 
@@ -456,7 +457,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--as", dest="cluster_name", metavar="NAME",
                    help="the domain's name in the cluster (default: its local name); "
                         "lets two domains of one machine play two hosts")
-    p.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--claim-idle", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="take over entries another node's bridge read and left this long "
                         "(default 30)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -471,10 +472,6 @@ def main(argv=None, prog: str | None = None, command: str = "bridge") -> int:
     except ImportError:
         print("shm-taskwork bridge: the redis client is not installed: "
               "pip install 'shm-taskwork[remote]'", file=sys.stderr)
-        return 2
-    if a.claim_idle <= 0:
-        print("shm-taskwork bridge: --claim-idle must be a positive number of seconds",
-              file=sys.stderr)
         return 2
     progress = sys.stderr.isatty() if a.progress is None else a.progress
     try:

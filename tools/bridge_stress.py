@@ -34,6 +34,8 @@ import tempfile
 import time
 import uuid
 
+from shm_taskwork.tools._common import count_int, number_arg, positive_int, positive_seconds
+
 BRIDGE_POINTS = ("bridge_read", "bridge_claimed", "key_reserved", "key_pushed",
                  "bridge_added", "bridge_recorded")
 NODES = ("host-a", "host-b")
@@ -44,17 +46,18 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--bridge", action="store_true", required=True,
                    help="stress the Redis bridge (this mode)")
     p.add_argument("--redis", metavar="URL", help="a Redis to use (default: a private one)")
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--kill-every", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--seconds", type=positive_seconds, default=20.0)
+    p.add_argument("--kill-every", type=number_arg(float, "a number of seconds", 0),
+                   default=1.0, metavar="SECONDS",
                    help="SIGKILL a random bridge this often (0: never)")
     p.add_argument("--killpoints", action=argparse.BooleanOptionalAction, default=True,
                    help="a third of the bridges started also die at a random step")
-    p.add_argument("--producers", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2, help="worker processes per domain")
-    p.add_argument("--rate", type=float, default=150.0,
+    p.add_argument("--producers", type=positive_int, default=2)
+    p.add_argument("--workers", type=positive_int, default=2, help="worker processes per domain")
+    p.add_argument("--rate", type=number_arg(float, "a rate", 0, above=True), default=150.0,
                    help="works per second each producer sends (about)")
-    p.add_argument("--cancel-rate", type=float, default=0.05)
-    p.add_argument("--settle", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--cancel-rate", type=number_arg(float, "a probability", 0, 1), default=0.05)
+    p.add_argument("--settle", type=positive_seconds, default=120.0, metavar="SECONDS",
                    help="how long the end may take for every work to get its outcome")
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -62,7 +65,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--domain", help=argparse.SUPPRESS)
     p.add_argument("--cluster", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
-    p.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--index", type=count_int, default=0, help=argparse.SUPPRESS)
     return p
 
 
