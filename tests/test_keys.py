@@ -12,6 +12,9 @@ from shm_taskwork import TWA_NONE, TaskExitedError, callback, keys
 
 from conftest import python_script, readline
 
+# keys.c is native code: these run under AddressSanitizer too (make test-asan)
+pytestmark = pytest.mark.asan
+
 RAN: list[bytes] = []
 
 
