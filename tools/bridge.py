@@ -383,6 +383,8 @@ class Bridge:
                 nxt, entries = res[0], res[1]
                 if entries:
                     self.stats["taken_over"] += len(entries)
+                    # kept in Redis too: a bridge's own figures end with it
+                    self.r.hincrby(f"{self.keys.base}:stats", "taken_over", len(entries))
                     self.dispatch(stream, entries)
                 start = _s(nxt)
                 if start == "0-0":

@@ -6,8 +6,10 @@ Two domains play two hosts (nodes ``host-a`` and ``host-b``), each with
 ``--producers`` processes send remote works to ``host-a``, ``host-b`` and
 "any node" (one add in five an ``add_many``), and cancel some of them
 (``--cancel-rate``). Every ``--kill-every`` seconds the controller SIGKILLs a
-random bridge and starts it again at once; about a third of the bridges it
-starts also get ``SHM_TASKWORK_KILLPOINT=POINT:N`` with one of the bridge's
+random bridge and starts it again, at once or (one death in four) after 2.5 s,
+longer than the bridges' ``--claim-idle`` of 1 s, so the other node's bridge
+takes over what the dead one had read (``taken_over``). About a third of the
+bridges it starts also get ``SHM_TASKWORK_KILLPOINT=POINT:N`` with one of the bridge's
 steps (``bridge_read``, ``bridge_claimed``, ``key_reserved``, ``key_pushed``,
 ``bridge_added``, ``bridge_recorded``), so they die there by themselves.
 
@@ -143,6 +145,7 @@ class Run:
         self.killed = 0
         self.killpoint_deaths: collections.Counter = collections.Counter()
         self.bridge_starts = 0
+        self.restart_at: dict[str, float] = {}
         self.env = dict(os.environ, SHM_TASKWORK_RUN_DIR=os.path.join(self.dir, "run"))
         self.env.pop("SHM_TASKWORK_KILLPOINT", None)
 
@@ -161,7 +164,8 @@ class Run:
         env = dict(self.env)
         point = None
         if allow_killpoint and self.a.killpoints and self.rng.random() < 1 / 3:
-            point = self.rng.choice(BRIDGE_POINTS)
+            # bridge_read weighs three: the death that leaves reads to take over
+            point = self.rng.choice(BRIDGE_POINTS + ("bridge_read",) * 2)
             env["SHM_TASKWORK_KILLPOINT"] = f"{point}:{self.rng.randint(1, 40)}"
         dom = self.doms[node]
         p = subprocess.Popen([sys.executable, "-m", "shm_taskwork.cli", "bridge", dom.name,
@@ -174,16 +178,33 @@ class Run:
         self.bridge_starts += 1
 
     def check_bridges(self, allow_killpoint: bool = True) -> None:
+        now = time.monotonic()
+        for node, at in list(self.restart_at.items()):
+            if now >= at or not allow_killpoint:
+                del self.restart_at[node]
+                self.start_bridge(node, allow_killpoint)
         for node, p in list(self.bridges.items()):
+            if node in self.restart_at:
+                continue
             rc = p.poll()
             if rc is None:
                 continue
-            if rc == -signal.SIGKILL and getattr(p, "killpoint", None):
-                self.killpoint_deaths[p.killpoint] += 1
+            point = getattr(p, "killpoint", None)
+            if rc == -signal.SIGKILL and point:
+                self.killpoint_deaths[point] += 1
                 self.killed += 1
+                p.killpoint = None  # type: ignore[attr-defined]
             elif rc != 0:
                 raise RuntimeError(f"the bridge of {node} exited with status {rc}")
-            self.start_bridge(node, allow_killpoint)
+            # died holding reads it never claimed: leave them to the other node
+            delay = 2.5 if point == "bridge_read" else self.restart_delay()
+            self.restart_at[node] = now + (delay if allow_killpoint else 0.0)
+
+    def restart_delay(self) -> float:
+        """Mostly at once; one death in four leaves the node without a bridge
+        for longer than --claim-idle, so the other node's bridge takes over
+        what this one had read (XAUTOCLAIM)."""
+        return 2.5 if self.rng.random() < 0.25 else 0.0
 
     def run(self) -> dict:
         from shm_taskwork import Domain
@@ -221,11 +242,11 @@ class Run:
             if now >= next_kill:
                 node = self.rng.choice(NODES)
                 p = self.bridges[node]
-                if p.poll() is None:
+                if p.poll() is None and node not in self.restart_at:
                     p.kill()
                     p.wait()
                     self.killed += 1
-                    self.start_bridge(node)
+                    self.restart_at[node] = now + self.restart_delay()
                 next_kill = now + a.kill_every
             self.check_bridges()
             time.sleep(0.01)
@@ -255,7 +276,9 @@ class Run:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
-        return self.judge(sent, cancels, outcomes, seconds)
+        s = self.judge(sent, cancels, outcomes, seconds)
+        s["taken_over"] = int(self.r.hget(f"stw:{self.cluster}:stats", "taken_over") or 0)
+        return s
 
     def read_sent(self):
         sent: dict[str, str] = {}
