@@ -314,9 +314,11 @@ def _bridge_stress(rs, seconds, kill_every):
 
 
 def test_bridge_stress_short(rs):
-    s = _bridge_stress(rs, 4, 0.3)
+    s = _bridge_stress(rs, 5, 0.25)
     assert s["ok"] and s["lost"] == 0 and s["duplicated"] == 0 and s["phantom"] == 0
-    assert s["killed"] >= 10 and s["queued"] > 0
+    # (the killed >= 10 is the 20 s run below; here some dead bridges
+    # stay away 2.5 s on purpose, so fewer kills fit in 5 s)
+    assert s["killed"] >= 5 and s["queued"] > 0
     assert s["ran"] == s["queued"] - s["cancel_unknown"]
     # the run removed its keys from Redis
     assert not list(redis.Redis.from_url(rs.url).scan_iter(match="stw:stress-*"))

@@ -240,9 +240,11 @@ class Run:
         while time.monotonic() - t0 < a.seconds:
             now = time.monotonic()
             if now >= next_kill:
-                node = self.rng.choice(NODES)
+                running = [n for n in NODES if n not in self.restart_at
+                           and self.bridges[n].poll() is None]
+                node = self.rng.choice(running) if running else NODES[0]
                 p = self.bridges[node]
-                if p.poll() is None and node not in self.restart_at:
+                if running:
                     p.kill()
                     p.wait()
                     self.killed += 1
