@@ -148,9 +148,6 @@ def bench_bridge(url: str, n: int, size: int, lat_n: int) -> dict:
                 t.add("bench.remote", struct.pack("<q", time.monotonic_ns()) + pad, TWA_RESUME)
                 a.recv()
             lat = a.recv()
-            keys = list(cl.r.scan_iter(match=f"stw:{cluster}:*", count=1000))
-            for i in range(0, len(keys), 500):
-                cl.r.delete(*keys[i:i + 500])
         p.join(30)
     finally:
         if bridge.poll() is None:
@@ -162,6 +159,13 @@ def bench_bridge(url: str, n: int, size: int, lat_n: int) -> dict:
                 bridge.wait()
         if p.is_alive():
             p.kill()
+        # last, with the bridge gone: it records each outcome after the add
+        from shm_taskwork.remote import connect
+        r = connect(url)
+        keys = list(r.scan_iter(match=f"stw:{cluster}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            r.delete(*keys[i:i + 500])
+        r.close()
         dom.close()
         dom.unlink()
         import shutil
