@@ -11,14 +11,15 @@ Keys, under ``PREFIX`` (``stw``) and the domain's name::
     stw:{dom}:any:{name}     stream: works for any node with a live task
                              `name`; group "bridges", one consumer per node
     stw:{dom}:ctl:{node}     stream: cancel requests for a node's bridge
-    stw:{dom}:out            hash: work id -> its state (JSON); the one place
-                             a work's fate is decided, by HSETNX
+    stw:{dom}:out:{id}       string: the work's state (JSON); the one place a
+                             work's fate is decided, by SET NX; it expires
+                             OUTCOME_TTL (7 days) after its last change
     stw:{dom}:claimed:{node} hash: works a node's bridge has claimed and not
                              yet finished (what its restart resumes)
     stw:{dom}:nodes          hash: node -> the domain sizes its bridge publishes
     stw:{dom}:done:{id}      list: pushed when a work's outcome is final
 
-Exactly once. A work's entry in ``out`` is set once, atomically, by whoever
+Exactly once. A work's ``out`` key is set once, atomically, by whoever
 comes first: a bridge claiming it (``delivering:NODE``, recorded in the
 node's ``claimed`` hash and acknowledged in the stream in the same script), a
 cancel (``cancelled``) or a refusal (``refused``). The claiming bridge then
@@ -45,6 +46,7 @@ PREFIX = "stw"
 GROUP = "bridges"
 FINAL = ("queued", "dead_letter", "cancelled", "refused")
 LIMIT_TTL = 1.0          # seconds a sender trusts the sizes it read
+OUTCOME_TTL = 7 * 24 * 3600  # seconds a work's state is kept in Redis
 DONE_TTL = 3600          # seconds a done-list (a wake-up for outcome()) is kept
 
 
@@ -70,8 +72,10 @@ class Keys:
         self.domain = domain.lstrip("/")
         b = f"{PREFIX}:{self.domain}"
         self.base = b
-        self.out = f"{b}:out"
         self.nodes = f"{b}:nodes"
+
+    def out(self, wid: str) -> str:
+        return f"{self.base}:out:{wid}"
 
     def node(self, node: str) -> str:
         return f"{self.base}:node:{node}"
@@ -92,19 +96,19 @@ class Keys:
         return f"{self.base}:reply:{token}"
 
 
-# KEYS[1]=out KEYS[2]=done-list; ARGV[1]=id ARGV[2]=state JSON ARGV[3]=ttl
+# KEYS[1]=out:ID KEYS[2]=done:ID; ARGV[1]=state JSON ARGV[2]=done ttl ARGV[3]=keep ttl
 # Set the work's state if it has none; a final state wakes outcome().
 # Returns the state now recorded (ours if we set it).
 SET_IF_NONE = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  local st = cjson.decode(ARGV[2])['state']
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[3])) then
+  local st = cjson.decode(ARGV[1])['state']
   if st ~= 'delivering' then
-    redis.call('RPUSH', KEYS[2], ARGV[2])
-    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+    redis.call('RPUSH', KEYS[2], ARGV[1])
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
   end
-  return ARGV[2]
+  return ARGV[1]
 end
-return redis.call('HGET', KEYS[1], ARGV[1])
+return redis.call('GET', KEYS[1])
 """
 
 
@@ -249,7 +253,7 @@ class Cluster:
 
     def state(self, w: RemoteWork) -> dict | None:
         """The recorded state of ``w`` (None: no bridge has taken it yet)."""
-        return _state(self.r.hget(Keys(w.domain).out, w.id))
+        return _state(self.r.get(Keys(w.domain).out(w.id)))
 
     def outcome(self, w: RemoteWork, timeout: float | None = None) -> str:
         """Wait until ``w``'s fate is known: ``"queued"`` (on a live task of
@@ -282,7 +286,8 @@ class Cluster:
         answer within ``timeout`` seconds (the request stays queued for it)."""
         keys = Keys(w.domain)
         mine = json.dumps({"state": "cancelled", "at": "sender"})
-        raw = self._set_if_none(keys=[keys.out, keys.done(w.id)], args=[w.id, mine, DONE_TTL])
+        raw = self._set_if_none(keys=[keys.out(w.id), keys.done(w.id)],
+                                args=[mine, DONE_TTL, OUTCOME_TTL])
         raw = raw.decode() if isinstance(raw, bytes) else raw
         if raw == mine:
             if w.stream and w.entry_id:

@@ -107,6 +107,8 @@ def test_named_node_roundtrip_and_limits(make_domain, bridges, rs):
         w = cl.task("app", name="w", node="host-b").add("test.remote.rec", b"hello", TWA_NONE)
         assert cl.outcome(w, timeout=30) == "queued"
         assert w.local_id is not None and w.node == "host-b"
+        # its state stays for outcome(), then expires (bridge --keep-outcomes)
+        assert 0 < cl.r.ttl(f"stw:app:out:{w.id}") <= 7 * 24 * 3600
         assert ta.pending() == 0 and tb.pending() == 1
         assert tb.run() == 1 and RAN == [b"hello"]
         ws = cl.task("app", name="w", node="host-a").add_many("test.remote.rec", [b"1", b"2"])

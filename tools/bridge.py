@@ -10,7 +10,7 @@ started again (same ``--node``) queues the work exactly once:
             alive here, the control stream); at start the entries this node
             had read and not claimed (its pending list), and periodically
             XAUTOCLAIM of entries a dead bridge of another node left there
-  claim     one script: HSETNX out[id] = delivering:NODE, HSET claimed:NODE,
+  claim     one script: SET out:ID delivering:NODE NX, HSET claimed:NODE,
             XACK + XDEL (or only XACK if the work's fate was decided already)
   add       the keyed local add (key = the work's id): recorded in the segment
             before the push, so a repeat is recognised, never queued twice
@@ -97,21 +97,22 @@ def running_bridges(domain: str) -> list[dict]:
     return out
 
 
-# KEYS: out, claimed, stream ; ARGV: id, delivering JSON, entry fields JSON, group, entry id
+# KEYS: out:ID, claimed, stream ; ARGV: id, delivering JSON, entry fields JSON,
+# group, entry id, keep ttl
 CLAIM = """
-local got = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-if got == 1 then
+local got = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', tonumber(ARGV[6]))
+if got then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 end
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
 redis.call('XDEL', KEYS[3], ARGV[5])
-if got == 1 then return ARGV[2] end
-return redis.call('HGET', KEYS[1], ARGV[1])
+if got then return ARGV[2] end
+return redis.call('GET', KEYS[1])
 """
 
-# KEYS: out, claimed, done ; ARGV: id, outcome JSON, ttl
+# KEYS: out:ID, claimed, done ; ARGV: id, outcome JSON, done ttl, keep ttl
 RECORD = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[4]))
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[2])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
@@ -126,7 +127,7 @@ def _s(v) -> str:
 class Bridge:
     def __init__(self, domain: str, url: str, node: str, allow: list[str],
                  claim_idle: float = 30.0, block_ms: int = 200, progress: bool = False,
-                 cluster_name: str | None = None):
+                 cluster_name: str | None = None, keep: int = remote.OUTCOME_TTL):
         from shm_taskwork import Domain
         import redis
         self.redis_mod = redis
@@ -138,6 +139,7 @@ class Bridge:
         self.record_script = self.r.register_script(RECORD)
         self.refuse_script = self.r.register_script(remote.SET_IF_NONE)
         self.claim_idle_ms = int(claim_idle * 1000)
+        self.keep = int(keep)
         self.block_ms = block_ms
         self.progress = progress
         self.stop = False
@@ -231,8 +233,8 @@ class Bridge:
                 st = json.dumps({"state": "refused", "node": self.node,
                                  "reason": f"callback {_s(f['func'])!r} matches no --allow "
                                            "pattern"})
-                self.refuse_script(keys=[self.keys.out, self.keys.done(wid)],
-                                   args=[wid, st, remote.DONE_TTL], client=pipe)
+                self.refuse_script(keys=[self.keys.out(wid), self.keys.done(wid)],
+                                   args=[st, remote.DONE_TTL, self.keep], client=pipe)
                 pipe.xack(stream, remote.GROUP, eid)
                 pipe.xdel(stream, eid)
                 todo.append(("refused", wid, st))
@@ -240,8 +242,9 @@ class Bridge:
             entry = json.dumps({"func": _s(f["func"]), "payload": f["payload"].hex(),
                                 "notify": int(f["notify"]), "target": _s(f["target"])})
             mine = json.dumps({"state": "delivering", "node": self.node})
-            self.claim_script(keys=[self.keys.out, self.keys.claimed(self.node), stream],
-                              args=[wid, mine, entry, remote.GROUP, eid], client=pipe)
+            self.claim_script(keys=[self.keys.out(wid), self.keys.claimed(self.node), stream],
+                              args=[wid, mine, entry, remote.GROUP, eid, self.keep],
+                              client=pipe)
             todo.append(("claim", wid, (mine, entry)))
         results = iter(pipe.execute())
         claimed = []
@@ -272,9 +275,10 @@ class Bridge:
             return
         pipe = self.r.pipeline(transaction=False)
         for wid, out in outs:
-            self.record_script(keys=[self.keys.out, self.keys.claimed(self.node),
+            self.record_script(keys=[self.keys.out(wid), self.keys.claimed(self.node),
                                      self.keys.done(wid)],
-                               args=[wid, json.dumps(out), remote.DONE_TTL], client=pipe)
+                               args=[wid, json.dumps(out), remote.DONE_TTL, self.keep],
+                               client=pipe)
         pipe.execute()
         for _ in outs:
             killpoint("bridge_recorded")
@@ -320,7 +324,7 @@ class Bridge:
         f = {_s(k): _s(v) for k, v in fields.items()}
         ok = False
         if f.get("op") == "cancel":
-            st = remote._state(self.r.hget(self.keys.out, f["id"]))
+            st = remote._state(self.r.get(self.keys.out(f["id"])))
             if st and st["state"] == "queued" and st.get("node") == self.node:
                 try:
                     t = self.dom.task(int(st["slot"]))
@@ -331,7 +335,7 @@ class Bridge:
                     ok = False
                 if ok:
                     st["state"] = "cancelled"
-                    self.r.hset(self.keys.out, f["id"], json.dumps(st))
+                    self.r.set(self.keys.out(f["id"]), json.dumps(st), ex=self.keep)
                     self.stats["cancelled"] += 1
         if f.get("reply"):
             rk = self.keys.reply(f["reply"])
@@ -462,6 +466,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--claim-idle", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="take over entries another node's bridge read and left this long "
                         "(default 30)")
+    p.add_argument("--keep-outcomes", type=positive_seconds, default=remote.OUTCOME_TTL,
+                   metavar="SECONDS", help="how long each work's outcome stays in Redis for "
+                   f"outcome() (default {remote.OUTCOME_TTL} s: 7 days)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress line every 5 s on stderr (default: if stderr is a terminal)")
     return p
@@ -478,7 +485,7 @@ def main(argv=None, prog: str | None = None, command: str = "bridge") -> int:
     progress = sys.stderr.isatty() if a.progress is None else a.progress
     try:
         b = Bridge(a.domain, a.redis, a.node, a.allow, claim_idle=a.claim_idle, progress=progress,
-                   cluster_name=a.cluster_name)
+                   cluster_name=a.cluster_name, keep=max(1, int(a.keep_outcomes)))
     except FileNotFoundError:
         print(f"shm-taskwork bridge: no domain {a.domain!r} on this host "
               "(create it first: shm-taskwork create NAME)", file=sys.stderr)

@@ -264,8 +264,12 @@ class Run:
         outcomes: dict[str, str] = {}
         while True:
             self.check_bridges(allow_killpoint=False)
-            raw = self.r.hgetall(out_key)
-            outcomes = {k.decode(): json.loads(v)["state"] for k, v in raw.items()}
+            ids = list(sent.values())
+            for i in range(0, len(ids), 1000):
+                chunk = ids[i:i + 1000]
+                for rid, v in zip(chunk, self.r.mget([f"{out_key}:{x}" for x in chunk])):
+                    if v is not None:
+                        outcomes[rid] = json.loads(v)["state"]
             if all(outcomes.get(rid) in final for rid in sent.values()):
                 break
             if time.monotonic() > deadline:
