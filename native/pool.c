@@ -290,8 +290,9 @@ int tw_pool_free_count(struct tw_dom *d)
 {
     uint32_t n = 0;
     for (uint32_t i = 0; i < d->pool_size; i++)
-        if (O_STATE(LD_RLX(&NODE(d, i)->owner)) == TW_N_FREE)
-            n++;
+        if (O_STATE(LD_RLX(&NODE(d, i)->owner)) == TW_N_FREE ||
+            O_STATE(LD_RLX(&NODE(d, i)->owner)) == TW_N_DONE)
+            n++;   /* DONE: run, on its way back to the free list */
     return (int)n;
 }
 

@@ -400,6 +400,16 @@ int tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interr
         struct tw_node *n = NODE(d, i);
         uint64_t o = LD_ACQ(&n->owner);
         uint32_t ost = O_STATE(o);
+        if (ost == TW_N_DONE && O_AUX(o) == slot && LD_RLX(&n->target_gen) == gen) {
+            /* Its callback returned; the runner died before giving it back.
+             * It ran: counted run, freed, not reported. */
+            if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
+                    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                ADD_RLX(&s->c.run, 1);
+                tw_pool_push(d, i);
+            }
+            continue;
+        }
         if (O_AUX(o) != slot || ost < TW_N_QUEUED || ost > TW_N_RUNNING ||
             LD_RLX(&n->target_gen) != gen)
             continue;

@@ -373,18 +373,25 @@ int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
     return (int64_t)(((uint64_t)ngen << 28) | ((uint64_t)idx << 4) | (uint64_t)due);
 }
 
-int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
-                const char *const *payloads, const uint32_t *lens, uint32_t cnt,
-                int notify_mode, const char *origin, uint32_t origin_len, int efd,
-                int pidfd, int signum, uint64_t now_ns, int is_current,
-                uint64_t *work_ids_out)
+/* Payload i: payloads[i] (lens[i] bytes), or from one flat buffer (flat,
+ * offs[i] .. offs[i+1]) when flat is given. */
+#define PAYLOAD_AT(i) (flat ? flat + offs[i] : payloads[i])
+#define LEN_AT(i)     (flat ? offs[(i) + 1] - offs[i] : lens[i])
+
+static int add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+                    const char *const *payloads, const uint32_t *lens, const char *flat,
+                    const uint32_t *offs, uint32_t cnt, int notify_mode, const char *origin,
+                    uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
+                    int is_current, uint64_t *work_ids_out)
 {
     int mode = tw_check_notify(notify_mode, is_current);
     if (mode < 0)
         return mode;
     for (uint32_t i = 0; i < cnt; i++)
-        if (lens[i] > d->payload_size)
-            return -E2BIG;
+        if ((flat && offs[i + 1] < offs[i]) || LEN_AT(i) > d->payload_size)
+            return flat && offs[i + 1] < offs[i] ? -EINVAL : -E2BIG;
+    if (!now_ns)
+        now_ns = tw_now_mono();   /* one clock read for the whole batch */
     int r = tw_slot_check(d, slot, gen);
     if (r || cnt == 0)
         return r;
@@ -408,7 +415,8 @@ int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
             return r;
         }
         struct tw_node *n = NODE(d, idx);
-        fill_node(d, n, slot, gen, func_id, payloads[i], lens[i], origin, origin_len, now_ns);
+        fill_node(d, n, slot, gen, func_id, PAYLOAD_AT(i), LEN_AT(i), origin, origin_len,
+                  now_ns);
         n->next = first;
         if (first == TW_NIL)
             lastidx = idx;
@@ -428,6 +436,44 @@ int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
     ADD_RLX(&s->c.added, cnt);
     note_queued(s, cnt);
     return notify(s, mode, efd, pidfd, signum);
+}
+
+#undef PAYLOAD_AT
+#undef LEN_AT
+
+int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
+                const char *const *payloads, const uint32_t *lens, uint32_t cnt,
+                int notify_mode, const char *origin, uint32_t origin_len, int efd,
+                int pidfd, int signum, uint64_t now_ns, int is_current,
+                uint64_t *work_ids_out)
+{
+    return add_many(d, slot, gen, func_id, payloads, lens, NULL, NULL, cnt, notify_mode,
+                    origin, origin_len, efd, pidfd, signum, now_ns, is_current, work_ids_out);
+}
+
+int tw_add_many_flat(const struct tw_handle *h, uint64_t func_id, const char *buf,
+                     const uint32_t *offs, uint32_t n, int notify, int efd, int pidfd,
+                     int is_current, uint64_t now_ns, uint64_t *work_ids_out)
+{
+    if (is_current) {
+        efd = h->own_efd;
+        pidfd = -1;
+    }
+    return add_many(h->d, h->slot, h->gen, func_id, NULL, NULL, buf, offs, n, notify, NULL, 0,
+                    efd, pidfd, h->signum, now_ns, is_current, work_ids_out);
+}
+
+/* The lean add (see taskwork.h): tw_add with the handle's fixed arguments. */
+int64_t tw_add_h(const struct tw_handle *h, uint64_t func_id, const char *payload,
+                 uint32_t len, int notify, int efd, int pidfd, int is_current,
+                 uint64_t now_ns)
+{
+    if (is_current) {
+        efd = h->own_efd;
+        pidfd = -1;
+    }
+    return tw_add(h->d, h->slot, h->gen, func_id, payload, len, notify, NULL, 0, efd, pidfd,
+                  h->signum, now_ns, is_current);
 }
 
 /*
@@ -656,6 +702,111 @@ int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_
         tw_copy_info(d, next, n, o, wi, payload_out, origin_out);
     }
     return 0;
+}
+
+/*
+ * The batch run path (see taskwork.h): tw_run_load, the caller's stores,
+ * tw_run_finish. Between load and finish the nodes are the runner's alone:
+ * DETACHED (out of every list: cancel cannot reach them) until the caller's
+ * store makes each RUNNING, just before its callback. A reaper that finds
+ * the task dead in between sees exactly which works had started.
+ */
+static int ours(struct tw_dom *d, uint32_t slot, uint32_t node, uint32_t state, uint64_t *o)
+{
+    if (!node_ok(d, node))
+        return 0;
+    *o = LD_ACQ(&NODE(d, node)->owner);
+    return O_STATE(*o) == state && O_AUX(*o) == slot;
+}
+
+int tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
+                uint64_t *rec, char *parea, char *oarea, uint8_t *outcome)
+{
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    struct tw_slot *s = SLOT(d, slot);
+    uint64_t now = tw_now_mono();   /* one clock read: every work's start */
+    uint64_t poff = 0;
+    for (uint32_t i = 0; i < k; i++) {
+        uint64_t o;
+        if (!ours(d, slot, nodes[i], TW_N_DETACHED, &o))
+            return -EUCLEAN;
+        struct tw_node *n = NODE(d, nodes[i]);
+        uint64_t *r = rec + (uint64_t)i * TW_REC_WORDS;
+        struct tw_work_info wi;
+        tw_copy_info(d, nodes[i], n, o, &wi, parea + poff,
+                     oarea ? oarea + (uint64_t)i * TW_ORIGIN_LEN : NULL);
+        uint64_t lat = now > wi.enqueued_ns ? now - wi.enqueued_ns : 0;
+        struct tw_name *e = tw_name_find(d, wi.func_id);
+        tw_hist_add_own(&s->latency, lat);
+        if (e)
+            tw_hist_add(&e->latency, lat);
+        /* ours (DETACHED): read back by tw_step for an async callback */
+        n->started_ns = now;
+        r[TW_REC_ID] = ((uint64_t)O_GEN(o) << 32) | nodes[i];
+        r[TW_REC_FUNC] = wi.func_id;
+        r[TW_REC_ENQ] = wi.enqueued_ns;
+        r[TW_REC_SENDER] = (uint32_t)wi.sender_pid;
+        r[TW_REC_OWNER_AT] = (uint64_t)((char *)&n->owner - d->base) / sizeof(uint64_t);
+        r[TW_REC_RUNNING] = OWNER(O_GEN(o), TW_N_RUNNING, slot);
+        r[TW_REC_POFF] = ((uint64_t)wi.payload_len << 32) | poff;
+        r[TW_REC_OLEN] = oarea ? wi.origin_len : 0;
+        poff += wi.payload_len;
+        outcome[i] = TW_OUT_OK;
+    }
+    return (int)k;
+}
+
+/* DETACHED -> RUNNING through a native call: for machines where a plain
+ * store is not a release store. */
+int tw_run_start(struct tw_dom *d, uint32_t slot, uint32_t node)
+{
+    uint64_t o;
+    if (!slot_ok(d, slot) || !ours(d, slot, node, TW_N_DETACHED, &o))
+        return -EUCLEAN;
+    /* Release: pairs with the reaper's acquire load (see tw_step). */
+    ST_REL(&NODE(d, node)->owner, OWNER(O_GEN(o), TW_N_RUNNING, slot));
+    return 0;
+}
+
+int tw_run_finish(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
+                  const uint8_t *outcome, const uint64_t *end_ns)
+{
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    struct tw_slot *s = SLOT(d, slot);
+    uint64_t now = end_ns ? 0 : tw_now_mono();
+    uint64_t done = 0, errs = 0, prev_end = 0;
+    int bad = 0;
+    for (uint32_t i = 0; i < k; i++) {
+        uint64_t o;
+        if (outcome[i] != TW_OUT_OK && outcome[i] != TW_OUT_ERROR)
+            continue;
+        if (!ours(d, slot, nodes[i], TW_N_DONE, &o) && !ours(d, slot, nodes[i], TW_N_RUNNING, &o)) {
+            bad = 1;
+            continue;
+        }
+        struct tw_node *n = NODE(d, nodes[i]);
+        uint64_t started = n->started_ns, dur;
+        if (end_ns) {
+            uint64_t from = prev_end > started ? prev_end : started;
+            dur = end_ns[i] > from ? end_ns[i] - from : 0;
+            prev_end = end_ns[i];
+        } else {
+            dur = now > started ? (now - started) / k : 0;
+        }
+        struct tw_name *e = tw_name_find(d, n->func_id);
+        tw_hist_add_own(&s->duration, dur);
+        if (e)
+            tw_hist_add(&e->duration, dur);
+        done++;
+        errs += outcome[i] == TW_OUT_ERROR;
+        tw_pool_push(d, nodes[i]);
+    }
+    ADD_RLX(&s->c.run, done);
+    if (errs)
+        ADD_RLX(&s->c.errors, errs);
+    return bad ? -EUCLEAN : (int)done;
 }
 
 /* ------------------------------------------------------------------------ */

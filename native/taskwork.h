@@ -70,7 +70,9 @@
  *                         RUNNING; read back by the same runner when it finishes
  *   node.owner            (gen<<32 | state<<24 | aux): release store by the owner
  *                         of the node at each transition, CAS where two parties
- *                         may race; acquire load by everyone else
+ *                         may race; acquire load by everyone else. The batch
+ *                         run path's DETACHED -> RUNNING -> DONE are single
+ *                         aligned 8-byte stores by the runner (x86: release)
  *   node.next             written by the node's owner before it publishes the node
  *                         (release CAS of the push), by cancel under pi_lock,
  *                         and by dead-letter filing under dl_lock
@@ -143,6 +145,9 @@
 #define TW_N_DETACHED         4u  /* aux = task slot; in a run batch, not started */
 #define TW_N_RUNNING          5u  /* aux = task slot; its callback has started   */
 #define TW_N_DEADLETTER       6u  /* on the domain's dead-letter list            */
+#define TW_N_DONE             7u  /* aux = task slot; its callback returned: the
+                                     runner gives it back (tw_run_finish), or a
+                                     reaper does if the runner died. Counted free */
 
 /* Why a node is a dead letter (node.reason); non-zero on an ALLOC node: a
  * dead letter being re-queued, which goes back to the dead letters if its
@@ -432,6 +437,74 @@ int  tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uin
 #define TW_OUT_UNKNOWN  2  /* callback unknown here: the node goes to the dead letters */
 int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
              uint32_t next, struct tw_work_info *wi, char *payload_out, char *origin_out);
+
+/*
+ * The batch run path: one native call loads a batch, the caller runs its
+ * callbacks with no native call per work, one native call finishes it.
+ *
+ * tw_run_load copies what the callbacks need out of nodes[0..k) (DETACHED,
+ * this slot: the caller's own, detached by tw_detach) into rec[] (TW_REC_WORDS
+ * words per work), the payloads into parea (each at rec[TW_REC_POFF]) and the
+ * origins into oarea (TW_ORIGIN_LEN each); it counts the enqueue-to-start
+ * latency with one clock read for the whole batch and zeroes outcome[0..k).
+ * Nothing changes state: the works stay DETACHED, not started.
+ *
+ * The caller then starts each work by storing rec[TW_REC_RUNNING] into the
+ * segment's word rec[TW_REC_OWNER_AT] (a 64-bit index from the base): that is
+ * the DETACHED -> RUNNING transition of tw_step, one aligned 8-byte store on
+ * a node only the runner may change while the task lives (x86-64: a plain
+ * store is a release store; elsewhere the caller uses tw_run_start). From it
+ * on the work counts as started, exactly as before: a reaper reports it
+ * interrupted, a not yet started one orphaned. When its callback returns the
+ * caller stores rec[TW_REC_RUNNING] + TW_DONE_DELTA (RUNNING -> DONE): the
+ * node counts free from then on (stats), and a reaper gives it back without
+ * reporting it. Release again: the callback's effects come first.
+ *
+ * tw_run_finish ends nodes[0..k): each RUNNING node of this slot whose
+ * outcome is TW_OUT_OK or TW_OUT_ERROR is counted and returned to the pool;
+ * (RUNNING or DONE) TW_OUT_SKIP and TW_OUT_UNKNOWN nodes are left alone (not started; scheduled
+ * on a loop; or to be filed as a dead letter through tw_step). end_ns[i], if
+ * given, is when work i's callback returned (its start: the previous one's
+ * end); without it each work is counted the batch's mean duration.
+ * Returns the number of works finished, or -EUCLEAN if a node was not ours
+ * (those are left alone; the rest is finished).
+ */
+#define TW_REC_WORDS    8
+#define TW_REC_ID       0   /* gen<<32 | node: the work id                    */
+#define TW_REC_FUNC     1
+#define TW_REC_ENQ      2
+#define TW_REC_SENDER   3   /* sender_pid                                     */
+#define TW_REC_OWNER_AT 4   /* the node's owner word, in 64-bit words from base */
+#define TW_REC_RUNNING  5   /* the owner value that makes it RUNNING          */
+#define TW_REC_POFF     6   /* payload_len<<32 | offset in parea              */
+#define TW_REC_OLEN     7   /* origin length (origin at i * TW_ORIGIN_LEN)    */
+#define TW_OUT_SKIP     3
+#define TW_DONE_DELTA   ((TW_N_DONE - TW_N_RUNNING) << 24)
+int  tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
+                 uint64_t *rec, char *parea, char *oarea, uint8_t *outcome);
+int  tw_run_start(struct tw_dom *d, uint32_t slot, uint32_t node);
+int  tw_run_finish(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
+                   const uint8_t *outcome, const uint64_t *end_ns);
+
+/*
+ * The lean add: what never changes for a handle is packed once in a
+ * struct tw_handle (the caller keeps it; the native side only reads it).
+ * tw_add_h is tw_add with the clock read in C when now_ns is 0, the origin
+ * off, and the descriptors from the handle: efd/pidfd for a peer, own_efd
+ * when is_current. Same return value as tw_add.
+ */
+struct tw_handle {
+    struct tw_dom *d;
+    uint32_t slot, gen;
+    int32_t  signum, own_efd;
+};
+int64_t tw_add_h(const struct tw_handle *h, uint64_t func_id, const char *payload,
+                 uint32_t len, int notify, int efd, int pidfd, int is_current,
+                 uint64_t now_ns);
+/* add_many from one flat buffer: payload i is buf[offs[i] .. offs[i+1]). */
+int  tw_add_many_flat(const struct tw_handle *h, uint64_t func_id, const char *buf,
+                      const uint32_t *offs, uint32_t n, int notify, int efd, int pidfd,
+                      int is_current, uint64_t now_ns, uint64_t *work_ids_out);
 
 /* ---- cancel (task_work.c) ---- */
 int  tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t key,

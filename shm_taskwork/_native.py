@@ -31,12 +31,12 @@ NIL = lib.TW_NIL
 EXITED = lib.TW_EXITED
 
 # node owner word
-N_FREE, N_ALLOC, N_QUEUED, N_CANCELLING, N_DETACHED, N_RUNNING, N_DEADLETTER = (
+N_FREE, N_ALLOC, N_QUEUED, N_CANCELLING, N_DETACHED, N_RUNNING, N_DEADLETTER, N_DONE = (
     lib.TW_N_FREE, lib.TW_N_ALLOC, lib.TW_N_QUEUED, lib.TW_N_CANCELLING,
-    lib.TW_N_DETACHED, lib.TW_N_RUNNING, lib.TW_N_DEADLETTER)
+    lib.TW_N_DETACHED, lib.TW_N_RUNNING, lib.TW_N_DEADLETTER, lib.TW_N_DONE)
 NODE_STATE_NAMES = {N_FREE: "free", N_ALLOC: "allocated", N_QUEUED: "queued",
                     N_CANCELLING: "cancelling", N_DETACHED: "detached",
-                    N_RUNNING: "running", N_DEADLETTER: "dead-letter"}
+                    N_RUNNING: "running", N_DEADLETTER: "dead-letter", N_DONE: "done"}
 
 
 def owner_gen(o: int) -> int:

@@ -35,15 +35,16 @@ def default_name(fn: Callable) -> str:
 
 
 @overload
-def callback(fn: F, *, name: str | None = None) -> F: ...
+def callback(fn: F, *, name: str | None = None, batch: bool = False) -> F: ...
 
 
 @overload
-def callback(fn: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+def callback(fn: None = None, *, name: str | None = None,
+             batch: bool = False) -> Callable[[F], F]: ...
 
 
 def callback(fn: Callable[..., Any] | None = None, *,
-             name: str | None = None) -> Callable[..., Any]:
+             name: str | None = None, batch: bool = False) -> Callable[..., Any]:
     """Register ``fn`` as a callback, under ``module:qualname`` or ``name``.
 
     Usable bare (``@callback``) or with a name (``@callback(name="app.flush")``).
@@ -52,6 +53,10 @@ def callback(fn: Callable[..., Any] | None = None, *,
     counted ``run`` when the coroutine finishes (``errors`` if it raised);
     a task without an attached loop counts it an error ("async callback
     needs an attached loop") and never creates the coroutine.
+    ``batch=True`` makes a batch callback: it is called once per run batch
+    with the list of its works from that batch, newest first, instead of
+    once per work; a batch callback that raises counts one error per work of
+    the list. (Not for ``async def``.)
     Registering the same name twice replaces the function (a module reloaded);
     two different names with the same id are refused.
     """
@@ -73,6 +78,9 @@ def callback(fn: Callable[..., Any] | None = None, *,
         f.__shm_taskwork_id__ = fid
         # an `async def`: its works are scheduled on the task's attached loop
         f.__shm_taskwork_async__ = inspect.iscoroutinefunction(f)
+        if batch and f.__shm_taskwork_async__:
+            raise TypeError(f"callback {cb_name!r}: a batch callback cannot be async")
+        f.__shm_taskwork_batch__ = bool(batch)
         return f
 
     if fn is not None:

@@ -149,8 +149,12 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
     for node in range(dom.pool_size):
         o = int(owners[node])
         st, aux, gen = _native.owner_state(o), _native.owner_aux(o), _native.owner_gen(o)
-        if st > _native.N_DEADLETTER:
+        if st > _native.N_DONE:
             rep.problems.append(f"node {node} has an unknown owner state {st}")
+        elif st == _native.N_DONE:
+            if aux >= dom.max_tasks:
+                rep.problems.append(f"node {node} names task {aux}, beyond max_tasks={dom.max_tasks}")
+            # else: run; its runner (or the reaper of a dead one) frees it
         elif st in _TASK_OWNED or st == _native.N_RUNNING:
             if aux >= dom.max_tasks:
                 rep.problems.append(f"node {node} names task {aux}, beyond max_tasks={dom.max_tasks}")

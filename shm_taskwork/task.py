@@ -29,6 +29,7 @@ import contextlib
 import errno
 import logging
 import os
+import platform
 import select
 import signal
 import socket
@@ -63,6 +64,84 @@ _KP_IN_CALLBACK = lib.tw_killpoint_get() == lib.TW_KP_IN_CALLBACK
 _MY_PID = [os.getpid()]  # kept right across fork (register_at_fork below)
 
 # signum -> tasks of this process that want it; signum -> the handler we replaced
+_mono = time.monotonic_ns
+_new_work = object.__new__
+# the batch run path (see native/taskwork.h, tw_run_load)
+_REC = lib.TW_REC_WORDS
+_POFF, _OWNER_AT, _RUNNING = lib.TW_REC_POFF, lib.TW_REC_OWNER_AT, lib.TW_REC_RUNNING
+_RUN_CHUNK = 1024
+_DONE_DELTA = lib.TW_DONE_DELTA
+# chunks up to this size time each callback (two clock reads a work would cost
+# more than the rest of the loop); larger ones count each the chunk's mean
+_TIMED_CHUNK = 8
+# A work is started by one aligned 8-byte store into its owner word: a release
+# store on x86 (total store order). Elsewhere a native call makes it.
+_STORE_STARTS = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+# wait(): spin (yielding the CPU) this long before blocking; never on one CPU
+_SPIN = (os.cpu_count() or 1) > 1
+_SPIN_MAX_NS = 50_000
+_SPIN_MIN_NS = 2_000
+
+
+class _AddSource:
+    """The lazy fields of the Works one handle's add() returns (i: tw_add's
+    return value, which carries the work id)."""
+
+    __slots__ = ("domain", "target", "target_gen", "sender_pid")
+
+    def __init__(self, domain: str, target: int, target_gen: int):
+        self.domain, self.target, self.target_gen = domain, target, target_gen
+        self.sender_pid = _MY_PID[0]
+
+    def lazy_fields(self, rc: int) -> tuple:
+        return (("id", ((rc >> 28) << 32) | ((rc >> 4) & 0xFFFFFF)),
+                ("sender_pid", self.sender_pid), ("target", self.target),
+                ("target_gen", self.target_gen), ("origin", None), ("domain", self.domain),
+                ("_state", "pending"), ("reason", None), ("target_name", None))
+
+
+class _ManySource(_AddSource):
+    """The same for add_many (i: the index in its list of ids)."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, domain: str, target: int, target_gen: int, ids: list):
+        super().__init__(domain, target, target_gen)
+        self.ids = ids
+
+    def lazy_fields(self, i: int) -> tuple:
+        return (("id", self.ids[i]), ("sender_pid", self.sender_pid), ("target", self.target),
+                ("target_gen", self.target_gen), ("origin", None), ("domain", self.domain),
+                ("_state", "pending"), ("reason", None), ("target_name", None))
+
+
+class _RunSource:
+    """The lazy fields of the Works of one loaded run chunk (i: the record's
+    first word in recs)."""
+
+    __slots__ = ("domain", "target", "target_gen", "recs", "origins")
+
+    def __init__(self, domain: str, target: int, target_gen: int, recs: list,
+                 origins: bytes | None):
+        self.domain, self.target, self.target_gen = domain, target, target_gen
+        self.recs, self.origins = recs, origins
+
+    def lazy_fields(self, b: int) -> tuple:
+        r = self.recs
+        origin = None
+        olen = r[b + lib.TW_REC_OLEN]
+        if olen and self.origins is not None:
+            at = (b // _REC) * lib.TW_ORIGIN_LEN
+            origin = self.origins[at:at + olen].decode(errors="replace")
+        pid = r[b + lib.TW_REC_SENDER]
+        return (("id", r[b + lib.TW_REC_ID]),
+                ("sender_pid", pid - (1 << 32) if pid >= 1 << 31 else pid),
+                ("target", self.target), ("target_gen", self.target_gen),
+                ("enqueued_ns", r[b + lib.TW_REC_ENQ]), ("origin", origin),
+                ("domain", self.domain), ("_state", "running"), ("reason", None),
+                ("target_name", None))
+
+
 _SIGNAL_TASKS: dict[int, list["Task"]] = {}
 _PREV_HANDLERS: dict[int, object] = {}
 
@@ -216,6 +295,14 @@ class Task:
         # from the segment that no task may use is never sent (0)
         self._signum = (_security.sendable_signal(int(dom._slot(slot).signum))
                         if signum is None else signum)
+        # the lean add: what never changes for this handle, packed once
+        self._key = (slot, gen)
+        h = ffi.new("struct tw_handle *")
+        h.d, h.slot, h.gen, h.signum, h.own_efd = dom._d, slot, gen, self._signum, -1
+        self._h = h
+        self._fc: dict[Any, tuple[int, str]] = {}   # callback -> (id, name), name put
+        self._asrc = _AddSource(dom.name, slot, gen)
+        self._lean = not dom.record_origin
 
     # ---- registration -----------------------------------------------------
 
@@ -268,13 +355,27 @@ class Task:
         t._waiting = False
         t._exit_after_run = False
         t._ran_total = 0
-        t._batch: list[int] = []
         t._unfinished: list[tuple[int, int]] = []   # (node, outcome) to finish again
         t._critical = 0
         t._deferred = False
         t._terminate_with = 0
         t._out = ffi.new("uint32_t[]", dom.pool_size)
+        t._bpos = t._bend = 0   # the detached batch: _out[_bpos:_bend], newest first
         t._sc = _native.Scratch(dom.payload_size)
+        t._h.own_efd = efd
+        # the batch run path: records, payloads and origins of up to _chunk works
+        # per native call (at most ~1 MiB of payload buffer)
+        t._chunk = max(1, min(_RUN_CHUNK, (1 << 20) // max(1, dom.payload_size)))
+        t._rec = ffi.new("uint64_t[]", t._chunk * lib.TW_REC_WORDS)
+        t._parea = ffi.new("char[]", t._chunk * max(1, dom.payload_size))
+        t._oarea = (ffi.new("char[]", t._chunk * lib.TW_ORIGIN_LEN) if dom.record_origin
+                    else ffi.NULL)
+        t._outc = ffi.new("uint8_t[]", t._chunk)
+        t._ends = ffi.new("uint64_t[]", t._chunk)
+        # the segment as 64-bit words: the run loop's stores into owner words
+        t._seg = memoryview(ffi.buffer(dom._d.base, dom._d.size)).cast("Q")
+        t._flagsp = ffi.cast("uint32_t *", ffi.addressof(dom._slot(t.id), "flags"))
+        t._spin_ns = _SPIN_MAX_NS if _SPIN else 0
         try:
             t._server = _FdServer(dom, t.id, efd)
             t._server.start()
@@ -434,24 +535,71 @@ class Task:
                 f"{what}: task {self.id} ({self.name}) has exited and accepts no more work (ESRCH)")
         check(rc, what, limit=f"max_procs={dom.max_procs}")
 
+    def _resolve(self, func: "CallbackRef") -> tuple[int, str]:
+        """(id, name) of func, its name put into the domain's table; cached
+        per handle so a hot add resolves each callback once."""
+        fid, fname = callbacks.resolve(func)
+        self._dom._put_name(fid, fname)
+        got = (fid, fname)
+        try:
+            if len(self._fc) < 1024 and fid in self._dom._names_put:
+                self._fc[func] = got
+        except TypeError:  # an unhashable callable: resolved every time
+            pass
+        return got
+
     def add(self, func: "CallbackRef", payload: "bytes | bytearray | memoryview" = b"",
             notify: int = TWA_RESUME) -> Work:
         """Queue ``func(work)`` on this task (task_work_add). Lock-free."""
-        fid, fname = callbacks.resolve(func)
+        try:
+            got = self._fc.get(func)
+        except TypeError:
+            got = None
+        fid, fname = got if got is not None else self._resolve(func)
         if payload.__class__ is not bytes:
             payload = _as_bytes(payload)
         if notify.__class__ is not int:
             raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
         dom = self._dom
-        if fid not in dom._names_put:
-            dom._put_name(fid, fname)
-        origin = _origin() if dom.record_origin and not notify & TWAF_NO_ALLOC else b""
+        if dom._closed:
+            dom.d  # raises: the domain is closed
+        if not self._lean:
+            return self._add_origin(fid, fname, payload, notify)
+        current = self._own and self.pid == _MY_PID[0] and not self._exited
+        pidfd, efd = _NO_FDS if current else dom._peer.get(self._key, _NO_FDS)
+        now = _mono()  # the Work we return carries the node's enqueued_ns
+        try:
+            rc = lib.tw_add_h(self._h, fid, payload, len(payload), notify, efd, pidfd, current,
+                              now)
+        except OverflowError:
+            _check_notify_range(notify)
+            raise
+        if rc < 0:
+            self._add_error(rc, notify, len(payload), "add")
+        if rc & _DUE and not rc & _DONE:
+            self._deliver(rc & 0xF)
+        src = self._asrc
+        if src.sender_pid != _MY_PID[0]:  # a handle used across fork()
+            src = self._asrc = _AddSource(dom.name, self.id, self.gen)
+        w = _new_work(Work)
+        w.func_name = fname
+        w.func_id = fid
+        w.payload = payload
+        w.enqueued_ns = now
+        w._src = src
+        w._i = rc
+        return w
+
+    def _add_origin(self, fid: int, fname: str, payload: bytes, notify: int) -> Work:
+        """add() in a domain that records origins (the caller's file:line)."""
+        dom = self._dom
+        origin = _origin() if not notify & TWAF_NO_ALLOC else b""
         current = self._own and self.pid == _MY_PID[0] and not self._exited
         if current:
             pidfd, efd = -1, self._efd
         else:
-            pidfd, efd = dom._peer.get((self.id, self.gen), _NO_FDS)
-        now = time.monotonic_ns()  # the Work we return carries the node's enqueued_ns
+            pidfd, efd = dom._peer.get(self._key, _NO_FDS)
+        now = _mono()
         try:
             rc = lib.tw_add(dom.d, self.id, self.gen, fid, payload, len(payload), notify, origin,
                             len(origin), efd, pidfd, self._signum, now, current)
@@ -473,22 +621,72 @@ class Task:
                  notify: int = TWA_RESUME) -> list[Work]:
         """Queue one work per payload with a single push and one notification.
         The last payload is the newest (it runs first, as if added last)."""
-        fid, fname = callbacks.resolve(func)
-        items = [p if isinstance(p, bytes) else _as_bytes(p) for p in payloads]
+        try:
+            got = self._fc.get(func)
+        except TypeError:
+            got = None
+        fid, fname = got if got is not None else self._resolve(func)
+        items = [p if p.__class__ is bytes else _as_bytes(p) for p in payloads]
         if isinstance(notify, bool) or not isinstance(notify, int):
             raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
         if not items:
             return []
         dom = self._dom
-        dom._put_name(fid, fname)
-        origin = _origin() if dom.record_origin and not notify & TWAF_NO_ALLOC else b""
+        if not self._lean:
+            return self._add_many_origin(fid, fname, items, notify)
+        if dom._closed:
+            dom.d  # raises: the domain is closed
+        n = len(items)
+        # one flat buffer and the offsets of each payload in it: one native call
+        offs = [0]
+        total = 0
+        for p in items:
+            total += len(p)
+            offs.append(total)
+        if total >= 1 << 32:
+            big = max(len(p) for p in items)
+            self._add_error(-errno.E2BIG, notify, big, "add_many")
+        flat = b"".join(items)
+        coffs = ffi.new("uint32_t[]", offs)
+        ids = ffi.new("uint64_t[]", n)
+        current = self._own and self.pid == _MY_PID[0] and not self._exited
+        pidfd, efd = _NO_FDS if current else dom._peer.get(self._key, _NO_FDS)
+        now = _mono()
+        try:
+            rc = lib.tw_add_many_flat(self._h, fid, flat, coffs, n, notify, efd, pidfd, current,
+                                      now, ids)
+        except OverflowError:
+            _check_notify_range(notify)
+            raise
+        if rc < 0:
+            big = max(len(p) for p in items)
+            self._add_error(rc, notify, big, "add_many")
+        if rc & _DUE and not rc & _DONE:
+            self._deliver(rc)
+        src = _ManySource(dom.name, self.id, self.gen, ffi.unpack(ids, n))
+        out = []
+        append = out.append
+        for i, p in enumerate(items):
+            w = _new_work(Work)
+            w.func_name = fname
+            w.func_id = fid
+            w.payload = p
+            w.enqueued_ns = now
+            w._src = src
+            w._i = i
+            append(w)
+        return out
+
+    def _add_many_origin(self, fid: int, fname: str, items: list, notify: int) -> list[Work]:
+        dom = self._dom
+        origin = _origin() if not notify & TWAF_NO_ALLOC else b""
         keep = [ffi.from_buffer(p) for p in items]
         ptrs = ffi.new("char *[]", keep)
         lens = ffi.new("uint32_t[]", [len(p) for p in items])
         ids = ffi.new("uint64_t[]", len(items))
         current = self.is_current
-        pidfd, efd = (-1, self._efd) if current else dom._peer.get((self.id, self.gen), _NO_FDS)
-        now = time.monotonic_ns()
+        pidfd, efd = (-1, self._efd) if current else dom._peer.get(self._key, _NO_FDS)
+        now = _mono()
         try:
             rc = lib.tw_add_many(dom.d, self.id, self.gen, fid, ptrs, lens, len(items), notify,
                                  origin, len(origin), efd, pidfd, self._signum, now,
@@ -601,6 +799,11 @@ class Task:
 
     # ---- run (own task only) --------------------------------------------------
 
+    @property
+    def _batch(self) -> int:
+        """Works detached by a run and not started yet (left by an interrupted run)."""
+        return self._bend - self._bpos
+
     def run(self, *, raise_errors: bool = False) -> int:
         """task_work_run(): run every queued work, newest first, including those
         the callbacks add meanwhile. Returns the number of works run."""
@@ -613,17 +816,31 @@ class Task:
         self._in_run = True
         errs: list[BaseException] = []
         ran = 0
+        dom = self._dom
         try:
             if self._unfinished:
                 self._finish_unfinished()
+            # A wake-up is consumed once per run, not once per batch.
+            lib.tw_eventfd_drain(self._efd)
+            cleared = False
             while True:
-                if not self._batch:
+                if self._bpos >= self._bend:
                     self._rerun = False
                     n = self._detach()
                     if n == 0:
                         if self._rerun:
                             continue
-                        break
+                        if cleared:
+                            break
+                        # The lazy clear: NOTIFY_* stayed set while we ran, so
+                        # adders did not notify. Clear on the way out, then
+                        # look once more: an adder whose push came after our
+                        # last detach either is seen by this look or finds
+                        # the flag clear and notifies (no lost wake-up).
+                        lib.tw_flags_clear(dom.d, self.id, _F_NOTIFY)
+                        cleared = True
+                        continue
+                    cleared = False
                 ran += self._run_batch(errs)
         finally:
             self._in_run = False
@@ -639,16 +856,11 @@ class Task:
 
     def _detach(self) -> int:
         dom = self._dom
-        # Drain before clearing, clear before detaching: an adder that pushes
-        # after the detach sees the flag clear and writes the eventfd again.
-        lib.tw_eventfd_drain(self._efd)
-        lib.tw_flags_clear(dom.d, self.id, _F_NOTIFY)
         n = lib.tw_detach(dom.d, self.id, self.gen, self._out, dom.pool_size)
         if n == -errno.ESRCH:
             return 0
         check(n, "run")  # a lock timeout took nothing: the works wait for the next run
-        # Newest first; popped from the end.
-        self._batch = [self._out[i] for i in range(n - 1, -1, -1)]
+        self._bpos, self._bend = 0, n   # _out[0:n], newest first
         return n
 
     def _finish_unfinished(self) -> None:
@@ -662,64 +874,205 @@ class Task:
             self._unfinished.pop()
 
     def _run_batch(self, errs: list) -> int:
-        """Run the detached batch. One native call per work: it finishes the
-        previous work (frees its node, or files it as a dead letter) and
-        begins the next (DETACHED -> RUNNING, copied out). If that call
-        fails, nothing of it happened: the next work stays in the batch and
-        the previous one is finished again later, so no node is lost."""
-        dom = self._dom
-        sc = self._sc
-        d, slot, wi, pbuf, obuf = dom.d, self.id, sc.wi, sc.payload, sc.origin
-        batch = self._batch
-        lookup = callbacks.lookup
+        """Run the detached batch, a chunk at a time: one native call loads a
+        chunk (records, payloads), the loop below starts and runs each work
+        with no native call (one store into the node's owner word makes it
+        RUNNING: from then on it counts as started), one native call finishes
+        the chunk (frees the nodes, counts, histograms)."""
         ran = 0
-        prev, outcome = lib.TW_NIL, lib.TW_OUT_OK
+        dom = self._dom
+        while self._bpos < self._bend:
+            k = min(self._chunk, self._bend - self._bpos)
+            nodes = self._out + self._bpos
+            rc = lib.tw_run_load(dom.d, self.id, nodes, k, self._rec, self._parea, self._oarea,
+                                 self._outc)
+            check(rc, "run")
+            ran += self._run_chunk(nodes, k, errs)
+        return ran
+
+    def _run_chunk(self, nodes: Any, k: int, errs: list) -> int:
+        dom = self._dom
+        recs = ffi.unpack(self._rec, k * _REC)
+        last = recs[(k - 1) * _REC + _POFF]
+        pl = ffi.buffer(self._parea, (last & 0xFFFFFFFF) + (last >> 32))[:]
+        src = _RunSource(dom.name, self.id, self.gen, recs,
+                         ffi.buffer(self._oarea, k * lib.TW_ORIGIN_LEN)[:] if self._oarea
+                         else None)
+        seg, outc, ends = self._seg, self._outc, self._ends
+        by_id, names = callbacks._BY_ID, callbacks._NAMES
+        kp = _KP_IN_CALLBACK
+        stores = _STORE_STARTS
+        timed = k <= _TIMED_CHUNK
+        mono = _mono
+        ran = 0
+        started = -1            # works 0..started have been started
+        done = -1               # ... and 0..done have returned
+        taken: set[int] = set()  # started out of order: a batch callback's works
+        unknown: list[int] = []
         try:
-            while batch:
-                node = batch[-1]
-                rc = lib.tw_step(d, slot, prev, outcome, node, wi, pbuf, obuf)
-                if rc < 0:
-                    check(rc, "run")
-                batch.pop()
-                prev, outcome = node, lib.TW_OUT_ERROR  # until the callback returns
-                fn = lookup(wi.func_id)
-                if fn is None:
-                    outcome = lib.TW_OUT_UNKNOWN
-                    work = dom._work_from(sc, "dead-letter")
-                    log.warning("work %#x for unknown callback %s kept as a dead letter",
-                                work.id, work.func_name)
+            for i in range(k):
+                if i in taken:
                     continue
-                work = dom._work_from(sc, "running")
-                if _KP_IN_CALLBACK:
+                b = i * _REC
+                fid = recs[b + 1]
+                fn = by_id.get(fid)
+                if fn is not None and fn.__shm_taskwork_batch__:
+                    ran += self._run_batch_callback(fn, fid, names[fid], i, k, recs, pl, src,
+                                                    taken, errs, timed)
+                    started = done = i
+                    continue
+                pv = recs[b + _POFF]
+                off = pv & 0xFFFFFFFF
+                w = _new_work(Work)
+                w.func_name = names[fid] if fn is not None else dom.func_name(fid)
+                w.func_id = fid
+                w.payload = pl[off:off + (pv >> 32)]
+                w._src = src
+                w._i = b
+                at, running = recs[b + _OWNER_AT], recs[b + _RUNNING]
+                if stores:
+                    # DETACHED -> RUNNING: from this store on the work has
+                    # started (a reaper reports it interrupted, never reruns it)
+                    seg[at] = running
+                else:
+                    check(lib.tw_run_start(dom.d, self.id, recs[b] & 0xFFFFFFFF), "run")
+                started = i
+                if fn is None:
+                    outc[i] = lib.TW_OUT_UNKNOWN
+                    unknown.append(i)
+                    w._state = "dead-letter"
+                    log.warning("work %#x for unknown callback %s kept as a dead letter",
+                                w.id, w.func_name)
+                    done = i
+                    continue
+                if kp:
                     lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
-                if getattr(fn, "__shm_taskwork_async__", False):
-                    ran += self._begin_async(work, fn, node, errs)
-                    if self._aio_took(node):
-                        prev = lib.TW_NIL  # finished when its coroutine ends
+                if fn.__shm_taskwork_async__:
+                    node = recs[b] & 0xFFFFFFFF
+                    ran += self._begin_async(w, fn, node, errs)
+                    outc[i] = lib.TW_OUT_SKIP if self._aio_took(node) else lib.TW_OUT_ERROR
+                    ends[i] = mono()
+                    done = i
                     continue
                 try:
-                    fn(work)
+                    fn(w)
                 except Exception as exc:
-                    log_callback_error(work, exc)
+                    outc[i] = lib.TW_OUT_ERROR
+                    log_callback_error(w, exc)
                     errs.append(exc)
-                else:
-                    outcome = lib.TW_OUT_OK
+                if timed:
+                    ends[i] = mono()
+                if stores:
+                    # RUNNING -> DONE: it ran; counted free from here on
+                    seg[at] = running + _DONE_DELTA
                 ran += 1
+                done = i
+        except BaseException:
+            # KeyboardInterrupt, SystemExit...: the work in progress is
+            # finished as an error (as before); the rest stays for the next
+            # run. A work whose start was stored but not yet noted started.
+            nxt = started + 1
+            if nxt < k and nxt not in taken:
+                b = nxt * _REC
+                if seg[recs[b + _OWNER_AT]] == recs[b + _RUNNING]:
+                    started = nxt
+            if done < started < k and started not in taken and started not in unknown:
+                outc[started] = lib.TW_OUT_ERROR
+                ends[started] = mono()
+            raise
         finally:
-            # Also on KeyboardInterrupt/SystemExit from a callback: that work
-            # is finished (as an error); the rest stays for the next run().
-            if prev != lib.TW_NIL:
-                rc = lib.tw_step(d, slot, prev, outcome, lib.TW_NIL, wi, pbuf, obuf)
-                if rc < 0:
-                    self._unfinished.append((prev, outcome))
-                    log.error("task %d: could not finish work at node %d (%s); it is finished "
-                              "at the next run", self.id, prev, os.strerror(-rc))
+            self._end_chunk(nodes, k, recs, started, taken, unknown, timed)
         return ran
+
+    def _run_batch_callback(self, fn: Any, fid: int, fname: str, i: int, k: int, recs: list,
+                            pl: bytes, src: "_RunSource", taken: set, errs: list,
+                            timed: bool) -> int:
+        """A batch callback: its works of this chunk (i and later), newest
+        first, all started, then one call."""
+        seg, outc, ends = self._seg, self._outc, self._ends
+        works = []
+        idx = []
+        for j in range(i, k):
+            b = j * _REC
+            if recs[b + 1] != fid or j in taken:
+                continue
+            pv = recs[b + _POFF]
+            off = pv & 0xFFFFFFFF
+            w = _new_work(Work)
+            w.func_name = fname
+            w.func_id = fid
+            w.payload = pl[off:off + (pv >> 32)]
+            w._src = src
+            w._i = b
+            works.append(w)
+            idx.append(j)
+        for j in idx:
+            b = j * _REC
+            if _STORE_STARTS:
+                seg[recs[b + _OWNER_AT]] = recs[b + _RUNNING]
+            else:
+                check(lib.tw_run_start(self._dom.d, self.id, recs[b] & 0xFFFFFFFF), "run")
+            taken.add(j)
+        if _KP_IN_CALLBACK:
+            lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
+        try:
+            fn(works)
+        except Exception as exc:
+            # one error per work of the list
+            for j in idx:
+                outc[j] = lib.TW_OUT_ERROR
+            log_callback_error(works[0], exc)
+            errs.extend([exc] * len(idx))
+        except BaseException:
+            now = _mono()
+            for j in idx:
+                outc[j] = lib.TW_OUT_ERROR
+                ends[j] = now
+            raise
+        now = _mono() if timed else 0
+        for j in idx:
+            b = j * _REC
+            if timed:
+                ends[j] = now
+            if _STORE_STARTS:
+                seg[recs[b + _OWNER_AT]] = recs[b + _RUNNING] + _DONE_DELTA
+        return len(idx)
+
+    def _end_chunk(self, nodes: Any, k: int, recs: list, started: int, taken: set,
+                   unknown: list, timed: bool) -> None:
+        """Finish the started works of a chunk (0..started, and those taken
+        by batch callbacks); keep the others, detached, for the next run."""
+        dom, outc, ends = self._dom, self._outc, self._ends
+        hi = max(started, max(taken) if taken else -1) + 1
+        left = [j for j in range(started + 1, k) if j not in taken]
+        for j in left:
+            if j < hi:
+                outc[j] = lib.TW_OUT_SKIP   # not started: not finished here
+        rc = lib.tw_run_finish(dom.d, self.id, nodes, hi, outc, ends if timed else ffi.NULL)
+        if rc < 0:
+            log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
+        for j in unknown:
+            node = recs[j * _REC] & 0xFFFFFFFF
+            sc = self._sc
+            rc = lib.tw_step(dom.d, self.id, node, lib.TW_OUT_UNKNOWN, lib.TW_NIL, sc.wi,
+                             ffi.NULL, ffi.NULL)
+            if rc < 0:
+                self._unfinished.append((node, lib.TW_OUT_UNKNOWN))
+                log.error("task %d: could not finish work at node %d (%s); it is finished "
+                          "at the next run", self.id, node, os.strerror(-rc))
+        # The works not started stay detached, newest first, for the next run.
+        if left:
+            base = self._bpos + k - len(left)
+            for n_, j in enumerate(left):
+                self._out[base + n_] = recs[j * _REC] & 0xFFFFFFFF
+            self._bpos = base
+        else:
+            self._bpos += k
 
     def checkpoint(self) -> int:
         """Cheap: run only if a notify flag is set (or a batch was left over)."""
         self._require_current("checkpoint")
-        if self._batch or lib.tw_flags_get(self._dom.d, self.id) & _F_NOTIFY:
+        if self._bend > self._bpos or (not self._dom._closed and self._flagsp[0] & _F_NOTIFY):
             return self.run()
         return 0
 
@@ -748,17 +1101,39 @@ class Task:
     def wait(self, timeout: float | None = None) -> int:
         """Block until work is notified (or ``timeout`` seconds pass), run it.
         Returns the works run during the call, those the signal handler ran
-        included. Never runs anything inside a signal handler for RESUME."""
+        included. Never runs anything inside a signal handler for RESUME.
+
+        Before it blocks it spins a little (at most ~50 us, yielding the CPU
+        with sched_yield at each turn; adaptive: the budget halves after a
+        spin that found nothing and doubles after one that did; no spin on a
+        machine with one CPU), watching the task's notify flags: a work that
+        arrives meanwhile runs without a sleep and a wake-up."""
         self._require_current("wait")
         timeout = _security.timeout_seconds(timeout)
         start = self._ran_total
         deadline = None if timeout is None else time.monotonic() + timeout
         self._waiting = True
+        flagsp = self._flagsp
         try:
             while True:
                 self.checkpoint()
                 if self._ran_total > start:
                     return self._ran_total - start
+                budget = self._spin_ns
+                if budget:
+                    t0 = _mono()
+                    until = t0 + budget
+                    if deadline is not None:
+                        until = min(until, t0 + int((deadline - time.monotonic()) * 1e9))
+                    yield_ = os.sched_yield
+                    while not flagsp[0] & _F_NOTIFY:
+                        yield_()
+                        if _mono() >= until:
+                            break
+                    if flagsp[0] & _F_NOTIFY:
+                        self._spin_ns = min(_SPIN_MAX_NS, budget * 2)
+                        continue
+                    self._spin_ns = max(_SPIN_MIN_NS, budget // 2)
                 if deadline is None:
                     remaining = None
                 else:

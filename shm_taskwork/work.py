@@ -32,8 +32,14 @@ class Work:
     ran elsewhere is not tracked (it keeps saying ``"pending"``).
     """
 
+    # A Work made by add() or by a run is light: it is built with only the
+    # fields a callback reads at once (func_name, func_id, payload, ...) and a
+    # source (_src, _i) from which the others are filled in on first access
+    # (__getattr__ runs only for a slot that was never set). One made with
+    # Work(...) has every field from the start.
     __slots__ = ("func_name", "func_id", "payload", "sender_pid", "target", "target_gen",
-                 "enqueued_ns", "origin", "id", "domain", "_state", "reason", "target_name")
+                 "enqueued_ns", "origin", "id", "domain", "_state", "reason", "target_name",
+                 "_src", "_i")
 
     def __init__(self, func_name: str, func_id: int, payload: bytes, *, sender_pid: int = 0,
                  target: int = -1, target_gen: int = 0, enqueued_ns: int = 0,
@@ -55,6 +61,27 @@ class Work:
         # "orphaned"), and the name of the task it was for
         self.reason = reason
         self.target_name = target_name
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for a slot never set: a light Work's lazy field.
+        if name not in _LAZY:
+            raise AttributeError(f"'Work' object has no attribute {name!r}")
+        get = object.__getattribute__
+        try:
+            src, i = get(self, "_src"), get(self, "_i")
+        except AttributeError:
+            raise AttributeError(f"'Work' object has no attribute {name!r}") from None
+        for key, value in src.lazy_fields(i):
+            try:
+                get(self, key)
+            except AttributeError:  # not set yet (a value set by hand is kept)
+                object.__setattr__(self, key, value)
+        return get(self, name)
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (self.func_name, self.func_id, self.payload, self.sender_pid,
+                           self.target, self.target_gen, self.enqueued_ns, self.origin, self.id,
+                           self.domain, self._state, self.reason, self.target_name))
 
     @property
     def state(self) -> str:
@@ -93,3 +120,16 @@ class Work:
         why = f", reason={self.reason}" if self.reason else ""
         return (f"Work({self.func_name!r}, {ident}, target={self.target}, "
                 f"payload={len(self.payload)}B, state={self.state}{why})")
+
+
+_LAZY = frozenset(("sender_pid", "target", "target_gen", "enqueued_ns", "origin", "id", "domain",
+                   "_state", "reason", "target_name"))
+
+
+def _rebuild(func_name: str, func_id: int, payload: bytes, sender_pid: int, target: int,
+             target_gen: int, enqueued_ns: int, origin: str | None, id: int | None,
+             domain: str | None, state: str, reason: str | None,
+             target_name: str | None) -> Work:
+    return Work(func_name, func_id, payload, sender_pid=sender_pid, target=target,
+                target_gen=target_gen, enqueued_ns=enqueued_ns, origin=origin, id=id,
+                domain=domain, state=state, reason=reason, target_name=target_name)
