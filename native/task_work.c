@@ -746,11 +746,11 @@ int tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t
         r[TW_REC_ID] = ((uint64_t)O_GEN(o) << 32) | nodes[i];
         r[TW_REC_FUNC] = wi.func_id;
         r[TW_REC_ENQ] = wi.enqueued_ns;
-        r[TW_REC_SENDER] = (uint32_t)wi.sender_pid;
+        r[TW_REC_SENDER] = (uint32_t)wi.sender_pid | ((uint64_t)(oarea ? wi.origin_len : 0) << 32);
         r[TW_REC_OWNER_AT] = (uint64_t)((char *)&n->owner - d->base) / sizeof(uint64_t);
         r[TW_REC_RUNNING] = OWNER(O_GEN(o), TW_N_RUNNING, slot);
-        r[TW_REC_POFF] = ((uint64_t)wi.payload_len << 32) | poff;
-        r[TW_REC_OLEN] = oarea ? wi.origin_len : 0;
+        r[TW_REC_POFF] = poff;
+        r[TW_REC_PEND] = poff + wi.payload_len;
         poff += wi.payload_len;
         outcome[i] = TW_OUT_OK;
     }

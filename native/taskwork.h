@@ -473,11 +473,11 @@ int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
 #define TW_REC_ID       0   /* gen<<32 | node: the work id                    */
 #define TW_REC_FUNC     1
 #define TW_REC_ENQ      2
-#define TW_REC_SENDER   3   /* sender_pid                                     */
+#define TW_REC_SENDER   3   /* origin_len<<32 | sender_pid (origin at i * TW_ORIGIN_LEN) */
 #define TW_REC_OWNER_AT 4   /* the node's owner word, in 64-bit words from base */
 #define TW_REC_RUNNING  5   /* the owner value that makes it RUNNING          */
-#define TW_REC_POFF     6   /* payload_len<<32 | offset in parea              */
-#define TW_REC_OLEN     7   /* origin length (origin at i * TW_ORIGIN_LEN)    */
+#define TW_REC_POFF     6   /* the payload: parea[POFF .. PEND)               */
+#define TW_REC_PEND     7
 #define TW_OUT_SKIP     3
 #define TW_DONE_DELTA   ((TW_N_DONE - TW_N_RUNNING) << 24)
 int  tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,

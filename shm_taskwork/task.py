@@ -36,6 +36,7 @@ import socket
 import sys
 import threading
 import time
+from itertools import accumulate as _accumulate
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import _native, _security, callbacks
@@ -56,6 +57,7 @@ log = logging.getLogger("shm_taskwork")
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _F_NOTIFY = lib.TW_F_NOTIFY_RESUME | lib.TW_F_NOTIFY_SIGNAL
+_F_SIGNAL = lib.TW_F_NOTIFY_SIGNAL
 _DUE = lib.TW_DUE_EVENTFD | lib.TW_DUE_SIGNAL
 _DONE = lib.TW_DONE_EVENTFD | lib.TW_DONE_SIGNAL
 _NO_FDS = (-1, -1)
@@ -68,8 +70,10 @@ _mono = time.monotonic_ns
 _new_work = object.__new__
 # the batch run path (see native/taskwork.h, tw_run_load)
 _REC = lib.TW_REC_WORDS
-_POFF, _OWNER_AT, _RUNNING = lib.TW_REC_POFF, lib.TW_REC_OWNER_AT, lib.TW_REC_RUNNING
+_POFF, _PEND = lib.TW_REC_POFF, lib.TW_REC_PEND
+_OWNER_AT, _RUNNING = lib.TW_REC_OWNER_AT, lib.TW_REC_RUNNING
 _RUN_CHUNK = 1024
+_NIL = lib.TW_NIL
 _DONE_DELTA = lib.TW_DONE_DELTA
 # chunks up to this size time each callback (two clock reads a work would cost
 # more than the rest of the loop); larger ones count each the chunk's mean
@@ -87,14 +91,17 @@ class _AddSource:
     """The lazy fields of the Works one handle's add() returns (i: tw_add's
     return value, which carries the work id)."""
 
-    __slots__ = ("domain", "target", "target_gen", "sender_pid")
+    __slots__ = ("domain", "target", "target_gen", "sender_pid", "func_id", "func_name")
 
-    def __init__(self, domain: str, target: int, target_gen: int):
+    def __init__(self, domain: str, target: int, target_gen: int, func_id: int,
+                 func_name: str):
         self.domain, self.target, self.target_gen = domain, target, target_gen
+        self.func_id, self.func_name = func_id, func_name
         self.sender_pid = _MY_PID[0]
 
     def lazy_fields(self, rc: int) -> tuple:
-        return (("id", ((rc >> 28) << 32) | ((rc >> 4) & 0xFFFFFF)),
+        return (("func_name", self.func_name), ("func_id", self.func_id),
+                ("id", ((rc >> 28) << 32) | ((rc >> 4) & 0xFFFFFF)),
                 ("sender_pid", self.sender_pid), ("target", self.target),
                 ("target_gen", self.target_gen), ("origin", None), ("domain", self.domain),
                 ("_state", "pending"), ("reason", None), ("target_name", None))
@@ -105,12 +112,14 @@ class _ManySource(_AddSource):
 
     __slots__ = ("ids",)
 
-    def __init__(self, domain: str, target: int, target_gen: int, ids: list):
-        super().__init__(domain, target, target_gen)
+    def __init__(self, domain: str, target: int, target_gen: int, func_id: int,
+                 func_name: str, ids: list):
+        super().__init__(domain, target, target_gen, func_id, func_name)
         self.ids = ids
 
     def lazy_fields(self, i: int) -> tuple:
-        return (("id", self.ids[i]), ("sender_pid", self.sender_pid), ("target", self.target),
+        return (("func_name", self.func_name), ("func_id", self.func_id),
+                ("id", self.ids[i]), ("sender_pid", self.sender_pid), ("target", self.target),
                 ("target_gen", self.target_gen), ("origin", None), ("domain", self.domain),
                 ("_state", "pending"), ("reason", None), ("target_name", None))
 
@@ -119,22 +128,25 @@ class _RunSource:
     """The lazy fields of the Works of one loaded run chunk (i: the record's
     first word in recs)."""
 
-    __slots__ = ("domain", "target", "target_gen", "recs", "origins")
+    __slots__ = ("domain", "target", "target_gen", "recs", "origins", "func_name")
 
-    def __init__(self, domain: str, target: int, target_gen: int, recs: list,
+    def __init__(self, dom: "Domain", target: int, target_gen: int, recs: list,
                  origins: bytes | None):
-        self.domain, self.target, self.target_gen = domain, target, target_gen
+        self.domain, self.target, self.target_gen = dom.name, target, target_gen
         self.recs, self.origins = recs, origins
+        self.func_name = dom.func_name
 
     def lazy_fields(self, b: int) -> tuple:
         r = self.recs
         origin = None
-        olen = r[b + lib.TW_REC_OLEN]
+        olen = r[b + lib.TW_REC_SENDER] >> 32
         if olen and self.origins is not None:
             at = (b // _REC) * lib.TW_ORIGIN_LEN
             origin = self.origins[at:at + olen].decode(errors="replace")
-        pid = r[b + lib.TW_REC_SENDER]
-        return (("id", r[b + lib.TW_REC_ID]),
+        pid = r[b + lib.TW_REC_SENDER] & 0xFFFFFFFF
+        fid = r[b + lib.TW_REC_FUNC]
+        name = callbacks.name_of(fid) or self.func_name(fid)
+        return (("func_name", name), ("func_id", fid), ("id", r[b + lib.TW_REC_ID]),
                 ("sender_pid", pid - (1 << 32) if pid >= 1 << 31 else pid),
                 ("target", self.target), ("target_gen", self.target_gen),
                 ("enqueued_ns", r[b + lib.TW_REC_ENQ]), ("origin", origin),
@@ -300,8 +312,8 @@ class Task:
         h = ffi.new("struct tw_handle *")
         h.d, h.slot, h.gen, h.signum, h.own_efd = dom._d, slot, gen, self._signum, -1
         self._h = h
-        self._fc: dict[Any, tuple[int, str]] = {}   # callback -> (id, name), name put
-        self._asrc = _AddSource(dom.name, slot, gen)
+        # callback -> (id, name, the lazy fields of its Works): resolved once
+        self._fc: dict[Any, tuple[int, str, _AddSource]] = {}
         self._lean = not dom.record_origin
 
     # ---- registration -----------------------------------------------------
@@ -375,6 +387,8 @@ class Task:
         # the segment as 64-bit words: the run loop's stores into owner words
         t._seg = memoryview(ffi.buffer(dom._d.base, dom._d.size)).cast("Q")
         t._flagsp = ffi.cast("uint32_t *", ffi.addressof(dom._slot(t.id), "flags"))
+        slot_at = int(dom._d.slots_off) + t.id * ffi.sizeof("struct tw_slot")
+        t._head_at = (slot_at + ffi.offsetof("struct tw_slot", "head")) // 8
         t._spin_ns = _SPIN_MAX_NS if _SPIN else 0
         try:
             t._server = _FdServer(dom, t.id, efd)
@@ -535,12 +549,12 @@ class Task:
                 f"{what}: task {self.id} ({self.name}) has exited and accepts no more work (ESRCH)")
         check(rc, what, limit=f"max_procs={dom.max_procs}")
 
-    def _resolve(self, func: "CallbackRef") -> tuple[int, str]:
-        """(id, name) of func, its name put into the domain's table; cached
-        per handle so a hot add resolves each callback once."""
+    def _resolve(self, func: "CallbackRef") -> "tuple[int, str, _AddSource]":
+        """(id, name, source) of func, its name put into the domain's table;
+        cached per handle so a hot add resolves each callback once."""
         fid, fname = callbacks.resolve(func)
         self._dom._put_name(fid, fname)
-        got = (fid, fname)
+        got = (fid, fname, _AddSource(self._dom.name, self.id, self.gen, fid, fname))
         try:
             if len(self._fc) < 1024 and fid in self._dom._names_put:
                 self._fc[func] = got
@@ -555,7 +569,9 @@ class Task:
             got = self._fc.get(func)
         except TypeError:
             got = None
-        fid, fname = got if got is not None else self._resolve(func)
+        if got is None or got[2].sender_pid != _MY_PID[0]:  # new, or used across fork()
+            got = self._resolve(func)
+        fid, fname, src = got
         if payload.__class__ is not bytes:
             payload = _as_bytes(payload)
         if notify.__class__ is not int:
@@ -576,14 +592,9 @@ class Task:
             raise
         if rc < 0:
             self._add_error(rc, notify, len(payload), "add")
-        if rc & _DUE and not rc & _DONE:
+        if rc & 3 and not rc & 12:  # TW_DUE_* without TW_DONE_*: ours to deliver
             self._deliver(rc & 0xF)
-        src = self._asrc
-        if src.sender_pid != _MY_PID[0]:  # a handle used across fork()
-            src = self._asrc = _AddSource(dom.name, self.id, self.gen)
         w = _new_work(Work)
-        w.func_name = fname
-        w.func_id = fid
         w.payload = payload
         w.enqueued_ns = now
         w._src = src
@@ -625,7 +636,7 @@ class Task:
             got = self._fc.get(func)
         except TypeError:
             got = None
-        fid, fname = got if got is not None else self._resolve(func)
+        fid, fname, _ = got if got is not None else self._resolve(func)
         items = [p if p.__class__ is bytes else _as_bytes(p) for p in payloads]
         if isinstance(notify, bool) or not isinstance(notify, int):
             raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
@@ -638,11 +649,8 @@ class Task:
             dom.d  # raises: the domain is closed
         n = len(items)
         # one flat buffer and the offsets of each payload in it: one native call
-        offs = [0]
-        total = 0
-        for p in items:
-            total += len(p)
-            offs.append(total)
+        offs = [0, *_accumulate(map(len, items))]
+        total = offs[-1]
         if total >= 1 << 32:
             big = max(len(p) for p in items)
             self._add_error(-errno.E2BIG, notify, big, "add_many")
@@ -663,13 +671,11 @@ class Task:
             self._add_error(rc, notify, big, "add_many")
         if rc & _DUE and not rc & _DONE:
             self._deliver(rc)
-        src = _ManySource(dom.name, self.id, self.gen, ffi.unpack(ids, n))
+        src = _ManySource(dom.name, self.id, self.gen, fid, fname, ffi.unpack(ids, n))
         out = []
         append = out.append
         for i, p in enumerate(items):
             w = _new_work(Work)
-            w.func_name = fname
-            w.func_id = fid
             w.payload = p
             w.enqueued_ns = now
             w._src = src
@@ -808,6 +814,12 @@ class Task:
         """task_work_run(): run every queued work, newest first, including those
         the callbacks add meanwhile. Returns the number of works run."""
         self._require_current("run")
+        return self._run(raise_errors, False)
+
+    def _run(self, raise_errors: bool, keep_resume: bool) -> int:
+        """run(); with keep_resume (wait() only), NOTIFY_RESUME stays set on the
+        way out: adders keep not writing the eventfd while wait() spins, and
+        wait() clears it on its way to sleep."""
         if self._in_run:
             # A signal arrived while a callback ran: the outer run picks the
             # new works up (its loop detaches until the list is empty).
@@ -821,7 +833,9 @@ class Task:
             if self._unfinished:
                 self._finish_unfinished()
             # A wake-up is consumed once per run, not once per batch.
-            lib.tw_eventfd_drain(self._efd)
+            if not keep_resume:
+                lib.tw_eventfd_drain(self._efd)
+            bits = _F_SIGNAL if keep_resume else _F_NOTIFY
             cleared = False
             while True:
                 if self._bpos >= self._bend:
@@ -837,9 +851,11 @@ class Task:
                         # look once more: an adder whose push came after our
                         # last detach either is seen by this look or finds
                         # the flag clear and notifies (no lost wake-up).
-                        lib.tw_flags_clear(dom.d, self.id, _F_NOTIFY)
                         cleared = True
-                        continue
+                        if self._flagsp[0] & bits:
+                            lib.tw_flags_clear(dom.d, self.id, bits)
+                            continue
+                        break
                     cleared = False
                 ran += self._run_batch(errs)
         finally:
@@ -893,46 +909,68 @@ class Task:
     def _run_chunk(self, nodes: Any, k: int, errs: list) -> int:
         dom = self._dom
         recs = ffi.unpack(self._rec, k * _REC)
-        last = recs[(k - 1) * _REC + _POFF]
-        pl = ffi.buffer(self._parea, (last & 0xFFFFFFFF) + (last >> 32))[:]
-        src = _RunSource(dom.name, self.id, self.gen, recs,
+        pl = ffi.buffer(self._parea, recs[(k - 1) * _REC + _PEND])[:]
+        src = _RunSource(dom, self.id, self.gen, recs,
                          ffi.buffer(self._oarea, k * lib.TW_ORIGIN_LEN)[:] if self._oarea
                          else None)
         seg, outc, ends = self._seg, self._outc, self._ends
-        by_id, names = callbacks._BY_ID, callbacks._NAMES
+        by_id = callbacks._BY_ID
         kp = _KP_IN_CALLBACK
         stores = _STORE_STARTS
         timed = k <= _TIMED_CHUNK
         mono = _mono
+        new = _new_work
         ran = 0
         started = -1            # works 0..started have been started
         done = -1               # ... and 0..done have returned
         taken: set[int] = set()  # started out of order: a batch callback's works
         unknown: list[int] = []
+        last_fid = fn = None
+        plain = False           # fn is a known, synchronous, per-work callback
         try:
-            for i in range(k):
+            for i, fid, at, running, off, end in zip(
+                    range(k), recs[1::_REC], recs[_OWNER_AT::_REC], recs[_RUNNING::_REC],
+                    recs[_POFF::_REC], recs[_PEND::_REC]):
+                if fid != last_fid:
+                    last_fid, fn = fid, by_id.get(fid)
+                    plain = (fn is not None and not fn.__shm_taskwork_batch__
+                             and not fn.__shm_taskwork_async__ and stores and not kp)
+                if plain and (not taken or i not in taken):
+                    # the common path: a light Work, started, run, done
+                    w = new(Work)
+                    w.payload = pl[off:end]
+                    w._src = src
+                    w._i = i * _REC
+                    # DETACHED -> RUNNING: from this store on the work has
+                    # started (a reaper reports it interrupted, never reruns it)
+                    seg[at] = running
+                    started = i
+                    try:
+                        fn(w)
+                    except Exception as exc:
+                        outc[i] = lib.TW_OUT_ERROR
+                        log_callback_error(w, exc)
+                        errs.append(exc)
+                    if timed:
+                        ends[i] = mono()
+                    # RUNNING -> DONE: it ran; counted free from here on
+                    seg[at] = running + _DONE_DELTA
+                    done = i
+                    ran += 1
+                    continue
                 if i in taken:
                     continue
                 b = i * _REC
-                fid = recs[b + 1]
-                fn = by_id.get(fid)
                 if fn is not None and fn.__shm_taskwork_batch__:
-                    ran += self._run_batch_callback(fn, fid, names[fid], i, k, recs, pl, src,
-                                                    taken, errs, timed)
+                    ran += self._run_batch_callback(fn, fid, i, k, recs, pl, src, taken, errs,
+                                                    timed)
                     started = done = i
                     continue
-                pv = recs[b + _POFF]
-                off = pv & 0xFFFFFFFF
-                w = _new_work(Work)
-                w.func_name = names[fid] if fn is not None else dom.func_name(fid)
-                w.func_id = fid
-                w.payload = pl[off:off + (pv >> 32)]
+                w = new(Work)
+                w.payload = pl[off:end]
                 w._src = src
                 w._i = b
-                at, running = recs[b + _OWNER_AT], recs[b + _RUNNING]
                 if stores:
-                    # DETACHED -> RUNNING: from this store on the work has
-                    # started (a reaper reports it interrupted, never reruns it)
                     seg[at] = running
                 else:
                     check(lib.tw_run_start(dom.d, self.id, recs[b] & 0xFFFFFFFF), "run")
@@ -963,10 +1001,9 @@ class Task:
                 if timed:
                     ends[i] = mono()
                 if stores:
-                    # RUNNING -> DONE: it ran; counted free from here on
                     seg[at] = running + _DONE_DELTA
-                ran += 1
                 done = i
+                ran += 1
         except BaseException:
             # KeyboardInterrupt, SystemExit...: the work in progress is
             # finished as an error (as before); the rest stays for the next
@@ -984,9 +1021,8 @@ class Task:
             self._end_chunk(nodes, k, recs, started, taken, unknown, timed)
         return ran
 
-    def _run_batch_callback(self, fn: Any, fid: int, fname: str, i: int, k: int, recs: list,
-                            pl: bytes, src: "_RunSource", taken: set, errs: list,
-                            timed: bool) -> int:
+    def _run_batch_callback(self, fn: Any, fid: int, i: int, k: int, recs: list, pl: bytes,
+                            src: "_RunSource", taken: set, errs: list, timed: bool) -> int:
         """A batch callback: its works of this chunk (i and later), newest
         first, all started, then one call."""
         seg, outc, ends = self._seg, self._outc, self._ends
@@ -996,12 +1032,8 @@ class Task:
             b = j * _REC
             if recs[b + 1] != fid or j in taken:
                 continue
-            pv = recs[b + _POFF]
-            off = pv & 0xFFFFFFFF
             w = _new_work(Work)
-            w.func_name = fname
-            w.func_id = fid
-            w.payload = pl[off:off + (pv >> 32)]
+            w.payload = pl[recs[b + _POFF]:recs[b + _PEND]]
             w._src = src
             w._i = b
             works.append(w)
@@ -1113,27 +1145,54 @@ class Task:
         start = self._ran_total
         deadline = None if timeout is None else time.monotonic() + timeout
         self._waiting = True
-        flagsp = self._flagsp
+        flagsp, seg, head_at = self._flagsp, self._seg, self._head_at
         try:
             while True:
-                self.checkpoint()
+                # Run what was notified. NOTIFY_RESUME stays set (lazy clear):
+                # adders do not write the eventfd while we run and spin.
+                if self._bend > self._bpos or flagsp[0] & _F_NOTIFY:
+                    self._run(False, True)
                 if self._ran_total > start:
+                    # On the way out: clear, then look once more (a push
+                    # before the clear is run now; an adder after it finds
+                    # the flag clear and notifies, as after any run).
+                    if flagsp[0] & lib.TW_F_NOTIFY_RESUME:
+                        lib.tw_flags_clear(self._dom.d, self.id, lib.TW_F_NOTIFY_RESUME)
+                        lib.tw_eventfd_drain(self._efd)
+                        if (seg[head_at] & 0xFFFFFFFF) != _NIL:
+                            self._run(False, False)
                     return self._ran_total - start
+                resume = flagsp[0] & lib.TW_F_NOTIFY_RESUME
                 budget = self._spin_ns
                 if budget:
+                    # Spin: with NOTIFY_RESUME still set, a new work shows
+                    # in the head, not in the flag; without it, in the flag.
                     t0 = _mono()
                     until = t0 + budget
                     if deadline is not None:
                         until = min(until, t0 + int((deadline - time.monotonic()) * 1e9))
                     yield_ = os.sched_yield
-                    while not flagsp[0] & _F_NOTIFY:
-                        yield_()
+                    found = False
+                    while True:
+                        if (seg[head_at] & 0xFFFFFFFF) != _NIL if resume else flagsp[0] & _F_NOTIFY:
+                            found = True
+                            break
                         if _mono() >= until:
                             break
-                    if flagsp[0] & _F_NOTIFY:
+                        yield_()
+                    if found:
                         self._spin_ns = min(_SPIN_MAX_NS, budget * 2)
                         continue
                     self._spin_ns = max(_SPIN_MIN_NS, budget // 2)
+                if resume:
+                    # On the way to sleep: clear, drain, look once more. A push
+                    # before the clear is seen by this look; an adder after it
+                    # finds the flag clear and writes the eventfd.
+                    lib.tw_flags_clear(self._dom.d, self.id, lib.TW_F_NOTIFY_RESUME)
+                    lib.tw_eventfd_drain(self._efd)
+                    if (seg[head_at] & 0xFFFFFFFF) != _NIL:
+                        self._run(False, False)
+                        continue
                 if deadline is None:
                     remaining = None
                 else:

@@ -122,7 +122,7 @@ class Work:
                 f"payload={len(self.payload)}B, state={self.state}{why})")
 
 
-_LAZY = frozenset(("sender_pid", "target", "target_gen", "enqueued_ns", "origin", "id", "domain",
+_LAZY = frozenset(("func_name", "func_id", "sender_pid", "target", "target_gen", "enqueued_ns", "origin", "id", "domain",
                    "_state", "reason", "target_name"))
 
 
