@@ -769,6 +769,23 @@ int tw_run_start(struct tw_dom *d, uint32_t slot, uint32_t node)
     return 0;
 }
 
+int tw_run_start_many(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k)
+{
+    uint64_t o;
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    for (uint32_t i = 0; i < k; i++)
+        if (!ours(d, slot, nodes[i], TW_N_DETACHED, &o))
+            return -EUCLEAN;
+    for (uint32_t i = 0; i < k; i++) {
+        struct tw_node *n = NODE(d, nodes[i]);
+        o = LD_RLX(&n->owner);
+        /* Release: pairs with the reaper's acquire load (see tw_step). */
+        ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_RUNNING, slot));
+    }
+    return (int)k;
+}
+
 int tw_run_finish(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
                   const uint8_t *outcome, const uint64_t *end_ns)
 {

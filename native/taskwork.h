@@ -483,6 +483,9 @@ int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
 int  tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
                  uint64_t *rec, char *parea, char *oarea, uint8_t *outcome);
 int  tw_run_start(struct tw_dom *d, uint32_t slot, uint32_t node);
+/* tw_run_start for nodes[0..k) at once (a batch callback's works): all or,
+ * if one is not DETACHED here, none (-EUCLEAN). */
+int  tw_run_start_many(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k);
 int  tw_run_finish(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
                    const uint8_t *outcome, const uint64_t *end_ns);
 

@@ -872,6 +872,9 @@ class Task:
 
     def _detach(self) -> int:
         dom = self._dom
+        if (self._seg[self._head_at] & 0xFFFFFFFF) == _NIL and not (
+                self._flagsp[0] & lib.TW_F_EXITING):
+            return 0  # an empty list (one load): no native call, as in tw_detach
         n = lib.tw_detach(dom.d, self.id, self.gen, self._out, dom.pool_size)
         if n == -errno.ESRCH:
             return 0
@@ -965,6 +968,9 @@ class Task:
                     ran += self._run_batch_callback(fn, fid, i, k, recs, pl, src, taken, errs,
                                                     timed)
                     started = done = i
+                    if len(taken) == k:  # it took the whole chunk
+                        started = done = k - 1
+                        break
                     continue
                 w = new(Work)
                 w.payload = pl[off:end]
@@ -1026,6 +1032,39 @@ class Task:
         """A batch callback: its works of this chunk (i and later), newest
         first, all started, then one call."""
         seg, outc, ends = self._seg, self._outc, self._ends
+        if i == 0 and not taken and recs[1::_REC].count(fid) == k:
+            # The whole chunk is this callback's (the common case): its
+            # works are started by one native call, and finished as RUNNING
+            # nodes by tw_run_finish right after.
+            new = _new_work
+            works = []
+            append = works.append
+            for b, off, end in zip(range(0, k * _REC, _REC), recs[_POFF::_REC],
+                                   recs[_PEND::_REC]):
+                w = new(Work)
+                w.payload = pl[off:end]
+                w._src = src
+                w._i = b
+                append(w)
+            check(lib.tw_run_start_many(self._dom.d, self.id, self._out + self._bpos, k), "run")
+            taken.update(range(k))
+            idx = range(k)
+            if _KP_IN_CALLBACK:
+                lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
+            try:
+                fn(works)
+            except Exception as exc:
+                ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
+                log_callback_error(works[0], exc)
+                errs.extend([exc] * k)
+            except BaseException:
+                ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
+                raise
+            if timed:
+                now = _mono()
+                for j in idx:
+                    ends[j] = now
+            return k
         works = []
         idx = []
         for j in range(i, k):
@@ -1183,7 +1222,8 @@ class Task:
                     if found:
                         self._spin_ns = min(_SPIN_MAX_NS, budget * 2)
                         continue
-                    self._spin_ns = max(_SPIN_MIN_NS, budget // 2)
+                    # a spin that found nothing: spin a little less next time
+                    self._spin_ns = max(_SPIN_MIN_NS, budget - (budget >> 3))
                 if resume:
                     # On the way to sleep: clear, drain, look once more. A push
                     # before the clear is seen by this look; an adder after it
