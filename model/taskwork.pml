@@ -12,7 +12,8 @@
  * (a dead bit that keeps the list), takes the life lock over, takes pi_lock
  * (robust: a dead holder's lock is taken over), finishes the adders' marks on
  * the closed list, and files every node the task held: pending or detached
- * ones as orphaned, started ones as interrupted.
+ * ones as orphaned, started ones as interrupted; DONE ones (run, not yet
+ * given back by the batch run path) are freed unreported.
  * Checked: every add that returned success ends exactly one way - run,
  * cancelled, orphaned, or interrupted (a started work that may also have
  * run) - and every refused add queued nothing; a cancelled node is never
@@ -144,19 +145,46 @@ proctype runner() {
           fi
        od;
        unlock(); holding = 0;
+       /* The batch run path: the batch is copied out (no shared state
+        * changes), then each work is started by one store (RUNNING), run,
+        * and marked DONE by another store; DONE nodes are freed after the
+        * batch (a reaper frees those of a dead runner, unreported). Or the
+        * batch goes to one batch callback: every work started, one call. */
        i = 0;
-       do
-       :: i == k -> break
-       :: i < k ->
-          cur = batch[i];
-          assert(st[cur] == DETACHED);             /* never cancelled after detach */
-          st[cur] = RUNNING;
+       if
+       :: true ->
+          do
+          :: i == k -> break
+          :: i < k ->
+             cur = batch[i];
+             assert(st[cur] == DETACHED);          /* never cancelled after detach */
+             st[cur] = RUNNING;
+             maybe_die();
+             ran[cur]++;
+             maybe_die();
+             st[cur] = DONE;
+             i++
+          od
+       :: true ->
+          do
+          :: i == k -> break
+          :: i < k -> assert(st[batch[i]] == DETACHED); st[batch[i]] = RUNNING; i++
+          od;
           maybe_die();
-          ran[cur]++;
+          atomic {
+             i = 0;
+             do
+             :: i == k -> break
+             :: i < k -> ran[batch[i]]++; i++
+             od
+          };
           maybe_die();
-          st[cur] = DONE;
-          i++
-       od
+          i = 0;
+          do
+          :: i == k -> break
+          :: i < k -> st[batch[i]] = DONE; i++
+          od
+       fi
     od;
     runner_gone = 1;
 dead:
