@@ -1,21 +1,32 @@
 """``shm-taskwork bench``: this project beside its peers, in one run.
 
-Every case moves N messages of ``--size`` bytes from a producer process to a
-consumer process on this host and times the whole transfer, from the first
-send to the consumer having handled the last message. Peers:
+Throughput: every case moves N messages of ``--size`` bytes from producer
+process(es) to one consumer process on this host and times the whole
+transfer, from the first send to the consumer having handled the last
+message (each message is handed to a Python function, as a callback would
+be). Cases:
 
-  shm_taskwork add        one ``task.add`` per message (TWA_RESUME); the
-                          consumer sits in ``task.wait()`` and runs callbacks
-  shm_taskwork add_many   batches of ``--batch`` payloads per push
-  multiprocessing.Queue   put / get
-  faster-fifo             put / get (when the package is installed)
-  posix_ipc MessageQueue  send / receive
-  pipe                    fixed-size records through os.pipe
+  add                        one ``task.add`` per message (TWA_RESUME); the
+                             consumer sits in ``task.wait()``
+  add_many(B)                B payloads per push, a callback per work
+  add_many(B) batch cb       the same, one batch callback per run batch
+  add, P producers           P processes adding into the one task
+  multiprocessing.Queue      put / get
+  faster-fifo                put / get_many (its best mode for single sends)
+  posix_ipc MessageQueue     send / receive
+  pipe (1 read/record)       os.write / os.read per fixed-size record
+  pipe batched (B/write)     B records per write; the consumer reads what is
+                             there and calls a function per record
 
-Figures are rates (messages per second) and ratios against ``shm_taskwork
-add``; each case runs ``--repeat`` times and the best run counts (the least
-disturbed by the other core's load). The producer's side alone is reported
-too (``send``: time to hand all messages over). Nothing here asserts a speed.
+Round trips (p50 and p99 of ``--rtt-rounds``): a RESUME ping-pong between two
+tasks (each in ``wait()``), the same with TWA_SIGNAL, and a raw eventfd
+ping-pong (blocking reads), once with the two processes pinned to different
+CPUs and once both pinned to one CPU (``os.sched_setaffinity``).
+
+Each round of ``--repeat`` runs every case once, in turn, so each round gives
+a ratio measured under the same load; the table shows the median rate and
+the median ratio with its range over the rounds (the spread says how noisy
+the machine was). Nothing here asserts a speed.
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -34,16 +46,28 @@ def _stamp() -> float:
     return time.perf_counter()
 
 
+def _domain_name() -> str:
+    return f"/tw_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+
 # --- shm_taskwork ----------------------------------------------------------
 
-def _tw_consumer(name: str, n: int, ready, done):
+def _tw_consumer(name: str, n: int, batch_cb: bool, ready, done):
     from shm_taskwork import Domain, callback
 
     count = [0]
 
+    def handle(payload):
+        count[0] += 1
+
     @callback(name="bench.sink")
     def sink(work):
-        count[0] += 1
+        handle(work.payload)
+
+    @callback(name="bench.batch", batch=True)
+    def batch(works):
+        for w in works:
+            handle(w.payload)
 
     with Domain.open(name) as dom:
         task = dom.register("bench-consumer")
@@ -54,48 +78,77 @@ def _tw_consumer(name: str, n: int, ready, done):
         task.exit()
 
 
-def bench_shm_taskwork(n: int, size: int, batch: int = 0) -> tuple[float, float]:
-    from shm_taskwork import TWA_RESUME, Domain
+def _tw_producer(name: str, tid: int, n: int, size: int, batch: int, func: str, go, out):
+    from shm_taskwork import TWA_RESUME, Domain, PoolExhaustedError
 
-    name = f"/tw_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    dom = Domain.create(name, pool_size=max(1024, min(n, 1 << 20)), payload_size=max(size, 8),
+    with Domain.open(name) as dom:
+        task = dom.task(tid)
+        payload = b"x" * size
+        go.recv()
+        t0 = _stamp()
+        sent = 0
+        if batch:
+            chunk = [payload] * batch
+            add_many = task.add_many
+            while sent < n:
+                k = min(batch, n - sent)
+                try:
+                    add_many(func, chunk if k == batch else chunk[:k], TWA_RESUME)
+                    sent += k
+                except PoolExhaustedError:  # let the consumer drain
+                    time.sleep(0)
+        else:
+            add = task.add
+            while sent < n:
+                try:
+                    add(func, payload, TWA_RESUME)
+                    sent += 1
+                except PoolExhaustedError:
+                    time.sleep(0)
+        out.send((t0, _stamp()))
+
+
+def bench_shm_taskwork(n: int, size: int, batch: int = 0, batch_cb: bool = False,
+                       producers: int = 1) -> tuple[float, float]:
+    from shm_taskwork import Domain
+
+    name = _domain_name()
+    dom = Domain.create(name, pool_size=max(4096, min(n, 1 << 18)), payload_size=max(size, 8),
                         max_tasks=4)
     try:
         ready_r, ready_w = FORK.Pipe(False)
         done_r, done_w = FORK.Pipe(False)
-        p = FORK.Process(target=_tw_consumer, args=(name, n, ready_w, done_w))
-        p.start()
+        c = FORK.Process(target=_tw_consumer, args=(name, n, batch_cb, ready_w, done_w))
+        c.start()
         if not ready_r.poll(30):
             raise RuntimeError("bench consumer did not register")
-        task = dom.task(ready_r.recv())
-        payload = b"x" * size
-        t0 = _stamp()
-        if batch:
-            chunk = [payload] * batch
-            sent = 0
-            while sent < n:
-                k = min(batch, n - sent)
-                try:
-                    task.add_many("bench.sink", chunk[:k], TWA_RESUME)
-                    sent += k
-                except Exception as exc:  # pool momentarily empty: let it drain
-                    if type(exc).__name__ != "PoolExhaustedError":
-                        raise
-        else:
-            add = task.add
-            sent = 0
-            while sent < n:
-                try:
-                    add("bench.sink", payload, TWA_RESUME)
-                    sent += 1
-                except Exception as exc:
-                    if type(exc).__name__ != "PoolExhaustedError":
-                        raise
-        t1 = _stamp()
+        tid = ready_r.recv()
+        func = "bench.batch" if batch_cb else "bench.sink"
+        procs, gos, outs = [], [], []
+        for k in range(producers):
+            go_r, go_w = FORK.Pipe(False)
+            out_r, out_w = FORK.Pipe(False)
+            share = n // producers + (1 if k < n % producers else 0)
+            p = FORK.Process(target=_tw_producer,
+                             args=(name, tid, share, size, batch, func, go_r, out_w))
+            p.start()
+            procs.append(p)
+            gos.append(go_w)
+            outs.append(out_r)
+        time.sleep(0.05)  # every producer has opened the domain
+        for g in gos:
+            g.send(1)
+        spans = [o.recv() if o.poll(120) else None for o in outs]
+        if None in spans:
+            raise RuntimeError("a bench producer did not finish")
         if not done_r.poll(120):
             raise RuntimeError("bench consumer did not finish")
         t2 = done_r.recv()
-        p.join(30)
+        for p in procs:
+            p.join(30)
+        c.join(30)
+        t0 = min(s[0] for s in spans)
+        t1 = max(s[1] for s in spans)
         return t1 - t0, t2 - t0
     finally:
         dom.close()
@@ -104,16 +157,26 @@ def bench_shm_taskwork(n: int, size: int, batch: int = 0) -> tuple[float, float]
 
 # --- peers -------------------------------------------------------------------
 
-def _transfer(consumer, args: tuple, send, n: int, size: int) -> tuple[float, float]:
-    """Start ``consumer(*args, n, done)`` in a child, call ``send(payload)`` n
-    times here; (seconds to send all, seconds until the consumer had all)."""
+def _transfer(consumer, args: tuple, send, n: int, size: int, batch: int = 0):
+    """Start ``consumer(*args, n, done)`` in a child, send n messages here
+    (``send(payload)`` each, or ``send(b"".join(batch payloads))``);
+    (seconds to send all, seconds until the consumer had all)."""
     done_r, done_w = FORK.Pipe(False)
     p = FORK.Process(target=consumer, args=(*args, n, done_w))
     p.start()
+    time.sleep(0.02)
     payload = b"x" * size
     t0 = _stamp()
-    for _ in range(n):
-        send(payload)
+    if batch:
+        block = payload * batch
+        full, rest = divmod(n, batch)
+        for _ in range(full):
+            send(block)
+        if rest:
+            send(payload * rest)
+    else:
+        for _ in range(n):
+            send(payload)
     t1 = _stamp()
     if not done_r.poll(120):
         p.kill()
@@ -124,8 +187,13 @@ def _transfer(consumer, args: tuple, send, n: int, size: int) -> tuple[float, fl
 
 
 def _queue_consumer(q, n, done):
+    count = [0]
+
+    def handle(payload):
+        count[0] += 1
+
     for _ in range(n):
-        q.get()
+        handle(q.get())
     done.send(_stamp())
 
 
@@ -135,9 +203,14 @@ def bench_mp_queue(n: int, size: int):
 
 
 def _ff_consumer(q, n, done):
-    got = 0
-    while got < n:
-        got += len(q.get_many(timeout=10, max_messages_to_get=1000))
+    count = [0]
+
+    def handle(payload):
+        count[0] += 1
+
+    while count[0] < n:
+        for m in q.get_many(timeout=10, max_messages_to_get=1000):
+            handle(m)
     done.send(_stamp())
 
 
@@ -150,8 +223,13 @@ def bench_faster_fifo(n: int, size: int):
 def _mq_consumer(name, n, done):
     import posix_ipc
     q = posix_ipc.MessageQueue(name)
+    count = [0]
+
+    def handle(payload):
+        count[0] += 1
+
     for _ in range(n):
-        q.receive()
+        handle(q.receive()[0])
     done.send(_stamp())
 
 
@@ -167,104 +245,326 @@ def bench_posix_mq(n: int, size: int):
 
 
 def _pipe_consumer(fd, size, n, done):
-    left = n * size
-    while left:
-        left -= len(os.read(fd, min(left, 1 << 16)))
+    count = [0]
+
+    def handle(payload):
+        count[0] += 1
+
+    read = os.read
+    for _ in range(n):
+        rec = read(fd, size)
+        while len(rec) < size:  # a record split across two reads (rare)
+            rec += read(fd, size - len(rec))
+        handle(rec)
     done.send(_stamp())
 
 
-def bench_pipe(n: int, size: int):
+def _pipe_batched_consumer(fd, size, n, done):
+    count = [0]
+
+    def handle(payload):
+        count[0] += 1
+
+    read = os.read
+    left = n
+    buf = b""
+    while left:
+        buf += read(fd, 1 << 16)
+        k = min(len(buf) // size, left)
+        for i in range(0, k * size, size):
+            handle(buf[i:i + size])
+        buf = buf[k * size:]
+        left -= k
+    done.send(_stamp())
+
+
+def _bench_pipe(n: int, size: int, consumer, batch: int = 0):
     r, w = os.pipe()
     try:
-        return _transfer(_pipe_consumer, (r, size), lambda b: os.write(w, b), n, size)
+        write = os.write
+
+        def send(b):
+            while b:
+                b = b[write(w, b):]
+        return _transfer(consumer, (r, size), send, n, size, batch)
     finally:
         os.close(r)
         os.close(w)
 
 
-def cases(batch: int):
-    yield "shm_taskwork add", lambda n, s: bench_shm_taskwork(n, s)
-    yield f"shm_taskwork add_many({batch})", lambda n, s: bench_shm_taskwork(n, s, batch)
+def bench_pipe(n: int, size: int):
+    return _bench_pipe(n, size, _pipe_consumer)
+
+
+def bench_pipe_batched(n: int, size: int, batch: int):
+    return _bench_pipe(n, size, _pipe_batched_consumer, batch)
+
+
+# --- round trips ---------------------------------------------------------------
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+_PP: dict = {"peer": None, "mode": 0, "left": 0, "got": 0}
+
+
+def _rtt_callbacks() -> None:
+    """The ping-pong callbacks, registered before any fork: a TWA_SIGNAL
+    work may arrive the instant a task registers."""
+    from shm_taskwork import callback
+
+    @callback(name="bench.ping")
+    def ping(work):
+        _PP["left"] -= 1
+        _PP["peer"].add("bench.pong", work.payload, _PP["mode"])
+
+    @callback(name="bench.pong")
+    def pong(work):
+        _PP["got"] += 1
+
+
+def _tw_pong(name: str, rounds: int, mode: int, cpu, ready, done):
+    _pin(cpu)
+    from shm_taskwork import Domain
+
+    with Domain.open(name) as dom:
+        _PP["left"], _PP["mode"] = rounds, mode
+        me = dom.register("pong")
+        ready.send(me.id)
+        _PP["peer"] = dom.task(ready_recv(ready))
+        ready.send("go")
+        deadline = time.monotonic() + 120
+        while _PP["left"] > 0 and time.monotonic() < deadline:
+            me.wait(timeout=1)
+        done.send(1)
+        me.exit()
+
+
+def ready_recv(conn):
+    if not conn.poll(30):
+        raise RuntimeError("bench peer did not answer")
+    return conn.recv()
+
+
+def bench_rtt_tw(rounds: int, mode: int, cpus: tuple) -> list[int]:
+    from shm_taskwork import Domain
+
+    _rtt_callbacks()
+    name = _domain_name()
+    dom = Domain.create(name, pool_size=1024, payload_size=16, max_tasks=4)
+    a, b = FORK.Pipe(True)
+    done_r, done_w = FORK.Pipe(False)
+    total = rounds + 50
+    p = FORK.Process(target=_tw_pong, args=(name, total, mode, cpus[1], b, done_w))
+    p.start()
+    old = os.sched_getaffinity(0)
+    try:
+        _pin(cpus[0])
+        peer = dom.task(ready_recv(a))
+        me = dom.register("ping")
+        a.send(me.id)
+        ready_recv(a)
+        _PP["got"] = 0
+        times = []
+        deadline = time.monotonic() + 120
+        for i in range(total):
+            t0 = time.perf_counter_ns()
+            peer.add("bench.ping", b"p", mode)
+            while _PP["got"] <= i:
+                me.wait(timeout=1)
+                if time.monotonic() > deadline:
+                    raise RuntimeError("RTT bench: the peer stopped answering")
+            times.append(time.perf_counter_ns() - t0)
+        done_r.poll(30)
+        p.join(30)
+        me.exit()
+        return times[50:]
+    finally:
+        os.sched_setaffinity(0, old)
+        if p.is_alive():
+            p.kill()
+        dom.close()
+        dom.unlink()
+
+
+def _efd_pong(efd_in, efd_out, rounds, cpu, done):
+    _pin(cpu)
+    for _ in range(rounds):
+        os.eventfd_read(efd_in)
+        os.eventfd_write(efd_out, 1)
+    done.send(1)
+
+
+def bench_rtt_eventfd(rounds: int, cpus: tuple) -> list[int]:
+    e1, e2 = os.eventfd(0), os.eventfd(0)
+    done_r, done_w = FORK.Pipe(False)
+    total = rounds + 50
+    p = FORK.Process(target=_efd_pong, args=(e1, e2, total, cpus[1], done_w))
+    p.start()
+    old = os.sched_getaffinity(0)
+    try:
+        _pin(cpus[0])
+        times = []
+        for _ in range(total):
+            t0 = time.perf_counter_ns()
+            os.eventfd_write(e1, 1)
+            os.eventfd_read(e2)
+            times.append(time.perf_counter_ns() - t0)
+        done_r.poll(30)
+        p.join(30)
+        return times[50:]
+    finally:
+        os.sched_setaffinity(0, old)
+        os.close(e1)
+        os.close(e2)
+
+
+# --- the run -------------------------------------------------------------------
+
+def throughput_cases(batch: int, contention: bool):
+    yield "add", lambda n, s: bench_shm_taskwork(n, s)
+    yield f"add_many({batch})", lambda n, s: bench_shm_taskwork(n, s, batch)
+    yield f"add_many({batch}) batch cb", lambda n, s: bench_shm_taskwork(n, s, batch, True)
+    if contention:
+        for p in (1, 2, 4, 8):
+            yield f"add, {p} producers", \
+                lambda n, s, p=p: bench_shm_taskwork(n, s, producers=p)
     yield "multiprocessing.Queue", bench_mp_queue
     yield "faster-fifo", bench_faster_fifo
     yield "posix_ipc MessageQueue", bench_posix_mq
-    yield "pipe", bench_pipe
+    yield "pipe (1 read/record)", bench_pipe
+    yield f"pipe batched ({batch}/write)", lambda n, s: bench_pipe_batched(n, s, batch)
+
+
+# (case, baseline) pairs whose ratio the table shows
+def ratio_pairs(batch: int):
+    b = f"pipe batched ({batch}/write)"
+    return [("add", "multiprocessing.Queue"), ("add", "faster-fifo"),
+            ("add", "pipe (1 read/record)"), (f"add_many({batch})", b),
+            (f"add_many({batch}) batch cb", b), ("add, 8 producers", "add, 1 producers")]
+
+
+def rtt_cases(rounds: int):
+    from shm_taskwork import TWA_RESUME, TWA_SIGNAL
+    ncpu = len(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0))
+    placements = [("same CPU", (cpus[0], cpus[0]))]
+    if ncpu > 1:
+        placements.insert(0, ("2 CPUs", (cpus[0], cpus[1])))
+    for label, pl in placements:
+        yield f"RTT RESUME, {label}", lambda pl=pl: bench_rtt_tw(rounds, TWA_RESUME, pl)
+        yield f"RTT SIGNAL, {label}", lambda pl=pl: bench_rtt_tw(rounds, TWA_SIGNAL, pl)
+        yield f"RTT eventfd, {label}", lambda pl=pl: bench_rtt_eventfd(rounds, pl)
+
+
+def _summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("-n", "--messages", type=int, default=100_000, help="messages per case")
-    ap.add_argument("--size", type=int, default=64, help="payload bytes (default 64)")
-    ap.add_argument("--batch", type=int, default=64, help="payloads per add_many push")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per case; the best counts")
+    ap.add_argument("-n", "--messages", type=int, default=200_000, help="messages per case")
+    ap.add_argument("--size", type=int, default=40, help="payload bytes (default 40)")
+    ap.add_argument("--batch", type=int, default=100, help="payloads per add_many / pipe write")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds; medians and ranges over them")
     ap.add_argument("--only", default="", help="comma list of case-name substrings to run")
+    ap.add_argument("--rtt-rounds", type=int, default=2000, help="round trips per RTT case")
+    ap.add_argument("--no-rtt", action="store_true", help="skip the round-trip cases")
+    ap.add_argument("--no-contention", action="store_true", help="skip 1/2/4/8 producers")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--remote", action="store_true",
-                    help="add the remote rows: works through Redis and the bridge, beside "
-                         "Redis's own XADD/XREADGROUP round trip (a private redis-server "
-                         "unless --redis is given)")
-    ap.add_argument("--redis", metavar="URL", help="the Redis for --remote")
-    ap.add_argument("--latency-samples", type=int, default=200,
-                    help="one-at-a-time sends timed for the remote rows' p50/p99")
     a = ap.parse_args(argv)
-    if a.messages < 1 or a.size < 1 or a.batch < 1 or a.repeat < 1:
-        raise ValueError("--messages, --size, --batch and --repeat must be at least 1")
-    results = []
+    if a.messages < 1 or a.size < 1 or a.batch < 1 or a.repeat < 1 or a.rtt_rounds < 1:
+        raise ValueError("--messages, --size, --batch, --repeat, --rtt-rounds must be >= 1")
     only = [s.strip() for s in a.only.split(",") if s.strip()]
-    for name, fn in cases(a.batch):
-        if only and not any(s in name for s in only):
+
+    def wanted(name):
+        return not only or any(s in name for s in only)
+
+    cases = [(nm, fn) for nm, fn in throughput_cases(a.batch, not a.no_contention) if wanted(nm)]
+    runs: dict[str, list[tuple[float, float]]] = {nm: [] for nm, _ in cases}
+    skipped: dict[str, str] = {}
+    for _ in range(a.repeat):
+        for nm, fn in cases:
+            if nm in skipped:
+                continue
+            try:
+                runs[nm].append(fn(a.messages, a.size))
+            except ImportError as exc:
+                skipped[nm] = f"not installed: {exc.name}"
+    results = []
+    for nm, _ in cases:
+        if nm in skipped:
+            results.append({"case": nm, "skipped": skipped[nm]})
             continue
-        best = None
-        try:
-            for _ in range(a.repeat):
-                send, total = fn(a.messages, a.size)
-                if best is None or total < best[1]:
-                    best = (send, total)
-        except ImportError as exc:
-            results.append({"case": name, "skipped": f"not installed: {exc.name}"})
-            continue
-        results.append({"case": name, "messages": a.messages, "size": a.size,
-                        "send_s": best[0], "total_s": best[1],
-                        "rate": a.messages / best[1], "send_rate": a.messages / best[0]})
-    if a.remote or a.redis:
-        from shm_taskwork.tools import bench_remote
-        results += bench_remote.run(min(a.messages, 20_000), a.size, a.redis,
-                                    a.latency_samples)
-    base = next((r["rate"] for r in results if r.get("case") == "shm_taskwork add"), None)
-    for r in results:
-        if base and "rate" in r:
-            r["vs_shm_taskwork_add"] = r["rate"] / base
+        rates = [a.messages / tot for _, tot in runs[nm]]
+        results.append({"case": nm, "messages": a.messages, "size": a.size,
+                        "send_s": [s for s, _ in runs[nm]], "total_s": [t for _, t in runs[nm]],
+                        "rate": _summary(rates)})
+    ratios = []
+    for num, den in ratio_pairs(a.batch):
+        if runs.get(num) and runs.get(den):
+            per_round = [t_den / t_num for (_, t_num), (_, t_den) in zip(runs[num], runs[den])]
+            ratios.append({"case": num, "vs": den, "ratio": _summary(per_round)})
+    rtts = []
+    if not a.no_rtt:
+        for nm, fn in rtt_cases(a.rtt_rounds):
+            if not wanted(nm):
+                continue
+            p50s, p99s = [], []
+            for _ in range(max(1, a.repeat // 2)):
+                ts = sorted(fn())
+                p50s.append(ts[len(ts) // 2] / 1000)
+                p99s.append(ts[int(len(ts) * 0.99)] / 1000)
+            rtts.append({"case": nm, "rounds": a.rtt_rounds, "p50_us": _summary(p50s),
+                         "p99_us": _summary(p99s)})
+        by = {r["case"]: r for r in rtts}
+        for r in rtts:
+            if r["case"].startswith("RTT eventfd"):
+                continue
+            base = by.get("RTT eventfd, " + r["case"].split(", ", 1)[1])
+            if base:
+                ratios.append({"case": r["case"], "vs": base["case"],
+                               "ratio_p50": base and r["p50_us"]["median"] / base["p50_us"]["median"]})
+    out = {"host_cpus": os.cpu_count(), "repeat": a.repeat, "results": results, "rtt": rtts,
+           "ratios": ratios}
     if a.json:
-        print(json.dumps({"host_cpus": os.cpu_count(), "results": results}))
+        print(json.dumps(out))
         return 0
-    try:
-        from rich.console import Console
-        from rich.table import Table
-        t = Table(title=f"{a.messages} messages of {a.size} B, producer -> consumer process")
-        for col in ("case", "msgs/s end-to-end", "send msgs/s", "ratio to add"):
-            t.add_column(col, justify="right" if col != "case" else "left")
-        for r in results:
-            if "skipped" in r:
-                t.add_row(r["case"], r["skipped"], "", "")
-            else:
-                t.add_row(r["case"], f"{r['rate']:,.0f}", f"{r['send_rate']:,.0f}",
-                          f"{r.get('vs_shm_taskwork_add', 0):.2f}x")
-        Console().print(t)
-        for r in results:
-            if "p50_us" in r:
-                print(f"{r['case']}: {r['rate']:,.0f} works/s ({r['messages']}), "
-                      f"add-to-start p50 {r['p50_us']:,.0f} us, p99 {r['p99_us']:,.0f} us "
-                      f"({r['latency_samples']} one at a time)")
-    except ImportError:
-        for r in results:
-            if "skipped" in r:
-                print(f"{r['case']:<28} {r['skipped']}")
-            else:
-                print(f"{r['case']:<28} {r['rate']:>12,.0f}/s  send {r['send_rate']:>12,.0f}/s  "
-                      f"{r.get('vs_shm_taskwork_add', 0):.2f}x")
+    _print(out, a)
     return 0
+
+
+def _fmt_range(s: dict, fmt: str) -> str:
+    return f"{format(s['median'], fmt)} [{format(s['min'], fmt)}-{format(s['max'], fmt)}]"
+
+
+def _print(out: dict, a) -> None:
+    print(f"{a.messages} messages of {a.size} B, producer(s) -> consumer process; "
+          f"{a.repeat} rounds, median [min-max]; {out['host_cpus']} CPUs")
+    print(f"{'case':<32} {'msgs/s end to end':>34}")
+    for r in out["results"]:
+        if "skipped" in r:
+            print(f"{r['case']:<32} {r['skipped']:>34}")
+        else:
+            print(f"{r['case']:<32} {_fmt_range(r['rate'], ',.0f'):>34}")
+    if out["rtt"]:
+        print(f"\n{'round trip':<32} {'p50 us':>22} {'p99 us':>22}")
+        for r in out["rtt"]:
+            print(f"{r['case']:<32} {_fmt_range(r['p50_us'], '.1f'):>22} "
+                  f"{_fmt_range(r['p99_us'], '.1f'):>22}")
+    if out["ratios"]:
+        print(f"\n{'ratio':<62} {'median [min-max]':>22}")
+        for r in out["ratios"]:
+            if "ratio" in r:
+                print(f"{r['case'] + ' / ' + r['vs'] + ' (rate)':<62} "
+                      f"{_fmt_range(r['ratio'], '.2f'):>22}")
+            else:
+                print(f"{r['case'] + ' / ' + r['vs'] + ' (p50)':<62} "
+                      f"{r['ratio_p50']:>22.2f}")
 
 
 if __name__ == "__main__":
