@@ -16,7 +16,7 @@ BUILD_EXT   = rm -f shm_taskwork/_taskwork_cffi*.so && $(PY) setup.py build_ext 
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv build test typecheck test-asan test-slow stress demo docs model-check clean
+.PHONY: help venv build test typecheck test-asan test-slow stress demo docs model-check clean bench-native
 
 help:
 	@echo "make venv         create $(VENV) and install the package (editable) with dev extras"
@@ -29,6 +29,7 @@ help:
 	@echo "make demo         run the demo"
 	@echo "make docs         build the documentation into site/ (warnings are errors)"
 	@echo "make model-check  check the Promela model with spin (needs spin installed)"
+	@echo "make bench-native the native core (push + detach) against bare cmpxchg"
 	@echo "make clean        remove build artifacts"
 
 venv: $(VENV)/.stamp
@@ -102,3 +103,10 @@ clean:
 	rm -rf build *.egg-info .pytest_cache site
 	rm -f shm_taskwork/_taskwork_cffi* native/*.o *.o
 	rm -f model/pan model/pan.* model/_spin_nvr.tmp model/*.trail
+
+# The lock-free core alone against the bare atomics it is built from.
+bench-native:
+	gcc -O2 -std=gnu11 -o native/bench/bench_native native/bench/bench_native.c \
+	  native/segment.c native/life.c native/pool.c native/task_work.c native/reap.c -lpthread
+	./native/bench/bench_native
+	rm -f native/bench/bench_native
