@@ -56,15 +56,24 @@
  *                         CAS acq_rel under pi_lock. cancel: CAS acq_rel under
  *                         pi_lock. A reaper closes it with CAS (dead bit).
  *   slot.flags            fetch_or by notifiers (acq_rel), fetch_and by the
- *                         runner: NOTIFY_* cleared before the detach, so an add
- *                         that pushes after it finds the bit clear and notifies
- *                         again (no lost wake-up)
+ *                         runner. Lazy clear: NOTIFY_* stays set while a run
+ *                         goes on (adders then write no eventfd); the run
+ *                         clears it after its last detach found the list
+ *                         empty, then detaches once more. Lost wake-up: an
+ *                         add's push precedes its fetch_or; if that fetch_or
+ *                         comes after our clear it sees the bit clear and
+ *                         notifies; if before, the push precedes our clear
+ *                         (acq_rel), so the detach after the clear sees it.
+ *                         wait() keeps NOTIFY_RESUME set while it spins (it
+ *                         watches the head) and does clear, drain, look once
+ *                         more before it returns or blocks
  *   slot counters         relaxed fetch_add; statistics only
  *   slot histograms       latency and duration (struct tw_hist), written only
  *                         by the task's runner in tw_step: relaxed load + store
  *   name histograms       the same per callback name, by every runner: relaxed
  *                         fetch_add. Statistics only (a reader sums the buckets
  *                         for the count)
+ *   tw_run_* records      process-local (the runner's buffers), never shared
  *   node.started_ns       the runner, plain store while it owns the node
  *                         (DETACHED), before the release store that makes it
  *                         RUNNING; read back by the same runner when it finishes

@@ -4,8 +4,9 @@ Why no lock is needed on the add path: a work is pushed onto the task's list
 with one compare-and-swap in the native core (a Treiber push), and the
 notification that follows is decided by a fetch-or on the slot's flag word:
 only the adder that turns NOTIFY_RESUME (or NOTIFY_SIGNAL) from 0 to 1 writes
-the eventfd (or sends the signal). The runner clears the flags *before* it
-detaches the list, so an adder whose push lands after the detach finds the
+the eventfd (or sends the signal). The runner keeps the flags set while it
+runs (adders meanwhile notify nobody) and clears them on its way out, then
+detaches once more: an adder whose push lands after that detach finds the
 flag clear and notifies again: coalescing never loses a wake-up.
 
 Getting at another process's eventfd: ``pidfd_getfd(2)`` where the kernel
