@@ -732,7 +732,6 @@ int tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t
         if (!ours(d, slot, nodes[i], TW_N_DETACHED, &o))
             return -EUCLEAN;
         struct tw_node *n = NODE(d, nodes[i]);
-        uint64_t *r = rec + (uint64_t)i * TW_REC_WORDS;
         struct tw_work_info wi;
         tw_copy_info(d, nodes[i], n, o, &wi, parea + poff,
                      oarea ? oarea + (uint64_t)i * TW_ORIGIN_LEN : NULL);
@@ -743,17 +742,19 @@ int tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t
             tw_hist_add(&e->latency, lat);
         /* ours (DETACHED): read back by tw_step for an async callback */
         n->started_ns = now;
-        r[TW_REC_ID] = ((uint64_t)O_GEN(o) << 32) | nodes[i];
-        r[TW_REC_FUNC] = wi.func_id;
-        r[TW_REC_ENQ] = wi.enqueued_ns;
-        r[TW_REC_SENDER] = (uint32_t)wi.sender_pid | ((uint64_t)(oarea ? wi.origin_len : 0) << 32);
-        r[TW_REC_OWNER_AT] = (uint64_t)((char *)&n->owner - d->base) / sizeof(uint64_t);
-        r[TW_REC_RUNNING] = OWNER(O_GEN(o), TW_N_RUNNING, slot);
-        r[TW_REC_POFF] = poff;
-        r[TW_REC_PEND] = poff + wi.payload_len;
+#define R(f) rec[(uint64_t)(f) * k + i]
+        R(TW_REC_ID) = ((uint64_t)O_GEN(o) << 32) | nodes[i];
+        R(TW_REC_FUNC) = wi.func_id;
+        R(TW_REC_ENQ) = wi.enqueued_ns;
+        R(TW_REC_SENDER) = (uint32_t)wi.sender_pid | ((uint64_t)(oarea ? wi.origin_len : 0) << 32);
+        R(TW_REC_OWNER_AT) = (uint64_t)((char *)&n->owner - d->base) / sizeof(uint64_t);
+        R(TW_REC_RUNNING) = OWNER(O_GEN(o), TW_N_RUNNING, slot);
+        R(TW_REC_POFF) = poff;
+#undef R
         poff += wi.payload_len;
         outcome[i] = TW_OUT_OK;
     }
+    rec[(uint64_t)TW_REC_POFF * k + k] = poff;   /* the end of the last payload */
     return (int)k;
 }
 

@@ -453,19 +453,21 @@ int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
  *
  * tw_run_load copies what the callbacks need out of nodes[0..k) (DETACHED,
  * this slot: the caller's own, detached by tw_detach) into rec[] (TW_REC_WORDS
- * words per work), the payloads into parea (each at rec[TW_REC_POFF]) and the
- * origins into oarea (TW_ORIGIN_LEN each); it counts the enqueue-to-start
+ * words per work, as arrays: field f of work i at rec[f * k + i], so that the
+ * caller converts only the arrays it needs), the payloads into parea (work i
+ * at rec[POFF*k + i] .. rec[POFF*k + i + 1]) and the origins into oarea
+ * (TW_ORIGIN_LEN each); it counts the enqueue-to-start
  * latency with one clock read for the whole batch and zeroes outcome[0..k).
  * Nothing changes state: the works stay DETACHED, not started.
  *
- * The caller then starts each work by storing rec[TW_REC_RUNNING] into the
- * segment's word rec[TW_REC_OWNER_AT] (a 64-bit index from the base): that is
+ * The caller then starts each work by storing its RUNNING word into the
+ * segment's word at its OWNER_AT (a 64-bit index from the base): that is
  * the DETACHED -> RUNNING transition of tw_step, one aligned 8-byte store on
  * a node only the runner may change while the task lives (x86-64: a plain
  * store is a release store; elsewhere the caller uses tw_run_start). From it
  * on the work counts as started, exactly as before: a reaper reports it
  * interrupted, a not yet started one orphaned. When its callback returns the
- * caller stores rec[TW_REC_RUNNING] + TW_DONE_DELTA (RUNNING -> DONE): the
+ * caller stores RUNNING + TW_DONE_DELTA (RUNNING -> DONE): the
  * node counts free from then on (stats), and a reaper gives it back without
  * reporting it. Release again: the callback's effects come first.
  *
@@ -485,8 +487,7 @@ int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
 #define TW_REC_SENDER   3   /* origin_len<<32 | sender_pid (origin at i * TW_ORIGIN_LEN) */
 #define TW_REC_OWNER_AT 4   /* the node's owner word, in 64-bit words from base */
 #define TW_REC_RUNNING  5   /* the owner value that makes it RUNNING          */
-#define TW_REC_POFF     6   /* the payload: parea[POFF .. PEND)               */
-#define TW_REC_PEND     7
+#define TW_REC_POFF     6   /* payload offsets in parea: k + 1 of them        */
 #define TW_OUT_SKIP     3
 #define TW_DONE_DELTA   ((TW_N_DONE - TW_N_RUNNING) << 24)
 int  tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,

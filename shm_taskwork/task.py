@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from itertools import accumulate as _accumulate
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import _native, _security, callbacks
@@ -71,8 +72,7 @@ _mono = time.monotonic_ns
 _new_work = object.__new__
 # the batch run path (see native/taskwork.h, tw_run_load)
 _REC = lib.TW_REC_WORDS
-_POFF, _PEND = lib.TW_REC_POFF, lib.TW_REC_PEND
-_OWNER_AT, _RUNNING = lib.TW_REC_OWNER_AT, lib.TW_REC_RUNNING
+_POFF, _OWNER_AT, _RUNNING = lib.TW_REC_POFF, lib.TW_REC_OWNER_AT, lib.TW_REC_RUNNING
 _RUN_CHUNK = 1024
 _NIL = lib.TW_NIL
 _DONE_DELTA = lib.TW_DONE_DELTA
@@ -125,32 +125,45 @@ class _ManySource(_AddSource):
                 ("_state", "pending"), ("reason", None), ("target_name", None))
 
 
+class _Chunk:
+    """What the run loop keeps of a loaded chunk: owner-word positions and
+    RUNNING values, and the raw arrays (for node indices)."""
+
+    __slots__ = ("k", "ats", "runs", "raw")
+
+    def __init__(self, k: int, ats: list, runs: list, raw: bytes):
+        self.k, self.ats, self.runs, self.raw = k, ats, runs, raw
+
+    def node(self, i: int) -> int:
+        return memoryview(self.raw).cast("Q")[lib.TW_REC_ID * self.k + i] & 0xFFFFFFFF
+
+
 class _RunSource:
-    """The lazy fields of the Works of one loaded run chunk (i: the record's
-    first word in recs)."""
+    """The lazy fields of the Works of one loaded run chunk: a copy of the
+    chunk's id, func, enqueued and sender arrays (i: the work's index)."""
 
-    __slots__ = ("domain", "target", "target_gen", "recs", "origins", "func_name")
+    __slots__ = ("domain", "target", "target_gen", "raw", "k", "origins", "func_name")
 
-    def __init__(self, dom: "Domain", target: int, target_gen: int, recs: list,
+    def __init__(self, dom: "Domain", target: int, target_gen: int, raw: bytes, k: int,
                  origins: bytes | None):
         self.domain, self.target, self.target_gen = dom.name, target, target_gen
-        self.recs, self.origins = recs, origins
+        self.raw, self.k, self.origins = raw, k, origins
         self.func_name = dom.func_name
 
-    def lazy_fields(self, b: int) -> tuple:
-        r = self.recs
+    def lazy_fields(self, i: int) -> tuple:
+        mv, k = memoryview(self.raw).cast("Q"), self.k
+        fid = mv[lib.TW_REC_FUNC * k + i]
+        sender = mv[lib.TW_REC_SENDER * k + i]
+        pid, olen = sender & 0xFFFFFFFF, sender >> 32
         origin = None
-        olen = r[b + lib.TW_REC_SENDER] >> 32
         if olen and self.origins is not None:
-            at = (b // _REC) * lib.TW_ORIGIN_LEN
+            at = i * lib.TW_ORIGIN_LEN
             origin = self.origins[at:at + olen].decode(errors="replace")
-        pid = r[b + lib.TW_REC_SENDER] & 0xFFFFFFFF
-        fid = r[b + lib.TW_REC_FUNC]
-        name = callbacks.name_of(fid) or self.func_name(fid)
-        return (("func_name", name), ("func_id", fid), ("id", r[b + lib.TW_REC_ID]),
+        return (("func_name", callbacks.name_of(fid) or self.func_name(fid)), ("func_id", fid),
+                ("id", mv[lib.TW_REC_ID * k + i]),
                 ("sender_pid", pid - (1 << 32) if pid >= 1 << 31 else pid),
                 ("target", self.target), ("target_gen", self.target_gen),
-                ("enqueued_ns", r[b + lib.TW_REC_ENQ]), ("origin", origin),
+                ("enqueued_ns", mv[lib.TW_REC_ENQ * k + i]), ("origin", origin),
                 ("domain", self.domain), ("_state", "running"), ("reason", None),
                 ("target_name", None))
 
@@ -911,76 +924,115 @@ class Task:
         return ran
 
     def _run_chunk(self, nodes: Any, k: int, errs: list) -> int:
-        dom = self._dom
-        recs = ffi.unpack(self._rec, k * _REC)
-        pl = ffi.buffer(self._parea, recs[(k - 1) * _REC + _PEND])[:]
-        src = _RunSource(dom, self.id, self.gen, recs,
+        dom, rec = self._dom, self._rec
+        # ids, funcs, enqueued, senders: kept as bytes for the lazy fields
+        raw = ffi.buffer(rec, 8 * 4 * k)[:]
+        fids = raw[8 * k:16 * k]
+        homogeneous = fids == fids[:8] * k
+        offs = ffi.unpack(rec + _POFF * k, k + 1)
+        pl = ffi.buffer(self._parea, offs[k])[:]
+        src = _RunSource(dom, self.id, self.gen, raw, k,
                          ffi.buffer(self._oarea, k * lib.TW_ORIGIN_LEN)[:] if self._oarea
                          else None)
+        fid0 = int.from_bytes(fids[:8], sys.byteorder)
+        fn = callbacks._BY_ID.get(fid0)
+        if homogeneous and fn is not None and fn.__shm_taskwork_batch__:
+            return self._run_whole_batch(fn, nodes, k, offs, pl, src, errs)
+        chunk = _Chunk(k, ffi.unpack(rec + _OWNER_AT * k, k), ffi.unpack(rec + _RUNNING * k, k),
+                       raw)
+        if (homogeneous and fn is not None and not fn.__shm_taskwork_async__ and _STORE_STARTS
+                and not _KP_IN_CALLBACK):
+            return self._run_plain(fn, nodes, chunk, offs, pl, src, errs)
+        return self._run_mixed(nodes, chunk, memoryview(fids).cast("Q").tolist(), offs, pl,
+                               src, errs)
+
+    def _run_plain(self, fn: Any, nodes: Any, c: "_Chunk", offs: list, pl: bytes,
+                   src: _RunSource, errs: list) -> int:
+        """The common case: every work of the chunk is for one synchronous
+        per-work callback. Per work: a light Work, one store (started), the
+        call, one store (done). No native call."""
         seg, outc, ends = self._seg, self._outc, self._ends
-        by_id = callbacks._BY_ID
-        kp = _KP_IN_CALLBACK
-        stores = _STORE_STARTS
+        k = c.k
         timed = k <= _TIMED_CHUNK
-        mono = _mono
-        new = _new_work
-        ran = 0
-        started = -1            # works 0..started have been started
-        done = -1               # ... and 0..done have returned
-        taken: set[int] = set()  # started out of order: a batch callback's works
-        unknown: list[int] = []
-        last_fid = fn = None
-        plain = False           # fn is a known, synchronous, per-work callback
+        new, mono = _new_work, _mono
+        started = done = -1     # works 0..started have started, 0..done returned
         try:
-            for i, fid, at, running, off, end in zip(
-                    range(k), recs[1::_REC], recs[_OWNER_AT::_REC], recs[_RUNNING::_REC],
-                    recs[_POFF::_REC], recs[_PEND::_REC]):
-                if fid != last_fid:
-                    last_fid, fn = fid, by_id.get(fid)
-                    plain = (fn is not None and not fn.__shm_taskwork_batch__
-                             and not fn.__shm_taskwork_async__ and stores and not kp)
-                if plain and (not taken or i not in taken):
-                    # the common path: a light Work, started, run, done
-                    w = new(Work)
-                    w.payload = pl[off:end]
-                    w._src = src
-                    w._i = i * _REC
-                    # DETACHED -> RUNNING: from this store on the work has
-                    # started (a reaper reports it interrupted, never reruns it)
-                    seg[at] = running
-                    started = i
-                    try:
-                        fn(w)
-                    except Exception as exc:
-                        outc[i] = lib.TW_OUT_ERROR
-                        log_callback_error(w, exc)
-                        errs.append(exc)
-                    if timed:
-                        ends[i] = mono()
-                    # RUNNING -> DONE: it ran; counted free from here on
-                    seg[at] = running + _DONE_DELTA
-                    done = i
-                    ran += 1
-                    continue
-                if i in taken:
-                    continue
-                b = i * _REC
-                if fn is not None and fn.__shm_taskwork_batch__:
-                    ran += self._run_batch_callback(fn, fid, i, k, recs, pl, src, taken, errs,
-                                                    timed)
-                    started = done = i
-                    if len(taken) == k:  # it took the whole chunk
-                        started = done = k - 1
-                        break
-                    continue
+            for i, at, running, off, end in zip(range(k), c.ats, c.runs, offs,
+                                                 islice(offs, 1, None)):
                 w = new(Work)
                 w.payload = pl[off:end]
                 w._src = src
-                w._i = b
-                if stores:
+                w._i = i
+                # DETACHED -> RUNNING: from this store on the work has started
+                # (a reaper reports it interrupted, never runs it again)
+                seg[at] = running
+                started = i
+                try:
+                    fn(w)
+                except Exception as exc:
+                    outc[i] = lib.TW_OUT_ERROR
+                    log_callback_error(w, exc)
+                    errs.append(exc)
+                if timed:
+                    ends[i] = mono()
+                # RUNNING -> DONE: it ran; counted free from here on
+                seg[at] = running + _DONE_DELTA
+                done = i
+        except BaseException:
+            started = self._interrupted(c, started, done, set(), [])
+            raise
+        finally:
+            self._end_chunk(nodes, c, started, set(), [], timed)
+        return k
+
+    def _interrupted(self, c: "_Chunk", started: int, done: int, taken: set,
+                     unknown: list) -> int:
+        """After a BaseException (KeyboardInterrupt, SystemExit...) left the
+        loop: the work in progress is finished as an error (as before); the
+        rest stays for the next run. A work whose start was stored but not
+        yet noted counts as started. Returns the last started index."""
+        nxt = started + 1
+        if nxt < c.k and nxt not in taken and self._seg[c.ats[nxt]] == c.runs[nxt]:
+            started = nxt
+        if done < started < c.k and started not in taken and started not in unknown:
+            self._outc[started] = lib.TW_OUT_ERROR
+            self._ends[started] = _mono()
+        return started
+
+    def _run_mixed(self, nodes: Any, c: "_Chunk", fids: list, offs: list, pl: bytes,
+                   src: _RunSource, errs: list) -> int:
+        """Any chunk: several callbacks, unknown ones, async ones, batch
+        callbacks among others, a kill point, or no starting by stores."""
+        dom = self._dom
+        seg, outc, ends = self._seg, self._outc, self._ends
+        k = c.k
+        timed = k <= _TIMED_CHUNK
+        by_id = callbacks._BY_ID
+        mono = _mono
+        ran = 0
+        started = done = -1
+        taken: set[int] = set()  # started out of order: a batch callback's works
+        unknown: list[int] = []
+        try:
+            for i in range(k):
+                if i in taken:
+                    continue
+                fid = fids[i]
+                fn = by_id.get(fid)
+                if fn is not None and fn.__shm_taskwork_batch__:
+                    ran += self._run_batch_callback(fn, fid, i, c, fids, offs, pl, src, taken,
+                                                    errs, timed)
+                    started = done = i
+                    continue
+                w = _new_work(Work)
+                w.payload = pl[offs[i]:offs[i + 1]]
+                w._src = src
+                w._i = i
+                at, running = c.ats[i], c.runs[i]
+                if _STORE_STARTS:
                     seg[at] = running
                 else:
-                    check(lib.tw_run_start(dom.d, self.id, recs[b] & 0xFFFFFFFF), "run")
+                    check(lib.tw_run_start(dom.d, self.id, nodes[i]), "run")
                 started = i
                 if fn is None:
                     outc[i] = lib.TW_OUT_UNKNOWN
@@ -990,10 +1042,10 @@ class Task:
                                 w.id, w.func_name)
                     done = i
                     continue
-                if kp:
+                if _KP_IN_CALLBACK:
                     lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
                 if fn.__shm_taskwork_async__:
-                    node = recs[b] & 0xFFFFFFFF
+                    node = nodes[i]
                     ran += self._begin_async(w, fn, node, errs)
                     outc[i] = lib.TW_OUT_SKIP if self._aio_took(node) else lib.TW_OUT_ERROR
                     ends[i] = mono()
@@ -1007,91 +1059,82 @@ class Task:
                     errs.append(exc)
                 if timed:
                     ends[i] = mono()
-                if stores:
+                if _STORE_STARTS:
                     seg[at] = running + _DONE_DELTA
                 done = i
                 ran += 1
         except BaseException:
-            # KeyboardInterrupt, SystemExit...: the work in progress is
-            # finished as an error (as before); the rest stays for the next
-            # run. A work whose start was stored but not yet noted started.
-            nxt = started + 1
-            if nxt < k and nxt not in taken:
-                b = nxt * _REC
-                if seg[recs[b + _OWNER_AT]] == recs[b + _RUNNING]:
-                    started = nxt
-            if done < started < k and started not in taken and started not in unknown:
-                outc[started] = lib.TW_OUT_ERROR
-                ends[started] = mono()
+            started = self._interrupted(c, started, done, taken, unknown)
             raise
         finally:
-            self._end_chunk(nodes, k, recs, started, taken, unknown, timed)
+            self._end_chunk(nodes, c, started, taken, unknown, timed)
         return ran
 
-    def _run_batch_callback(self, fn: Any, fid: int, i: int, k: int, recs: list, pl: bytes,
-                            src: "_RunSource", taken: set, errs: list, timed: bool) -> int:
-        """A batch callback: its works of this chunk (i and later), newest
-        first, all started, then one call."""
-        seg, outc, ends = self._seg, self._outc, self._ends
-        if i == 0 and not taken and recs[1::_REC].count(fid) == k:
-            # The whole chunk is this callback's (the common case): its
-            # works are started by one native call, and finished as RUNNING
-            # nodes by tw_run_finish right after.
-            new = _new_work
-            works = []
-            append = works.append
-            for b, off, end in zip(range(0, k * _REC, _REC), recs[_POFF::_REC],
-                                   recs[_PEND::_REC]):
-                w = new(Work)
-                w.payload = pl[off:end]
-                w._src = src
-                w._i = b
-                append(w)
-            check(lib.tw_run_start_many(self._dom.d, self.id, self._out + self._bpos, k), "run")
-            taken.update(range(k))
-            idx = range(k)
+    def _run_whole_batch(self, fn: Any, nodes: Any, k: int, offs: list, pl: bytes,
+                         src: _RunSource, errs: list) -> int:
+        """The whole chunk is one batch callback's (its common case): its
+        works are started by one native call, the callback is called once,
+        and tw_run_finish frees them right after."""
+        outc = self._outc
+        new = _new_work
+        works = []
+        append = works.append
+        for i, off, end in zip(range(k), offs, islice(offs, 1, None)):
+            w = new(Work)
+            w.payload = pl[off:end]
+            w._src = src
+            w._i = i
+            append(w)
+        check(lib.tw_run_start_many(self._dom.d, self.id, nodes, k), "run")
+        try:
             if _KP_IN_CALLBACK:
                 lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
             try:
                 fn(works)
             except Exception as exc:
+                # one error per work of the list
                 ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
                 log_callback_error(works[0], exc)
                 errs.extend([exc] * k)
             except BaseException:
                 ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
                 raise
-            if timed:
-                now = _mono()
-                for j in idx:
-                    ends[j] = now
-            return k
+        finally:
+            rc = lib.tw_run_finish(self._dom.d, self.id, nodes, k, outc, ffi.NULL)
+            if rc < 0:
+                log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
+            self._bpos += k
+        return k
+
+    def _run_batch_callback(self, fn: Any, fid: int, i: int, c: "_Chunk", fids: list,
+                            offs: list, pl: bytes, src: _RunSource, taken: set, errs: list,
+                            timed: bool) -> int:
+        """A batch callback in a mixed chunk: its works of this chunk (i and
+        later), newest first, all started, then one call."""
+        seg, outc, ends = self._seg, self._outc, self._ends
         works = []
         idx = []
-        for j in range(i, k):
-            b = j * _REC
-            if recs[b + 1] != fid or j in taken:
+        for j in range(i, c.k):
+            if fids[j] != fid or j in taken:
                 continue
             w = _new_work(Work)
-            w.payload = pl[recs[b + _POFF]:recs[b + _PEND]]
+            w.payload = pl[offs[j]:offs[j + 1]]
             w._src = src
-            w._i = b
+            w._i = j
             works.append(w)
             idx.append(j)
         for j in idx:
-            b = j * _REC
             if _STORE_STARTS:
-                seg[recs[b + _OWNER_AT]] = recs[b + _RUNNING]
+                seg[c.ats[j]] = c.runs[j]
             else:
-                check(lib.tw_run_start(self._dom.d, self.id, recs[b] & 0xFFFFFFFF), "run")
+                check(lib.tw_run_start(self._dom.d, self.id, c.node(j)), "run")
             taken.add(j)
         if _KP_IN_CALLBACK:
             lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
         try:
             fn(works)
         except Exception as exc:
-            # one error per work of the list
-            for j in idx:
+            for j in idx:   # one error per work of the list
                 outc[j] = lib.TW_OUT_ERROR
             log_callback_error(works[0], exc)
             errs.extend([exc] * len(idx))
@@ -1103,18 +1146,17 @@ class Task:
             raise
         now = _mono() if timed else 0
         for j in idx:
-            b = j * _REC
             if timed:
                 ends[j] = now
             if _STORE_STARTS:
-                seg[recs[b + _OWNER_AT]] = recs[b + _RUNNING] + _DONE_DELTA
+                seg[c.ats[j]] = c.runs[j] + _DONE_DELTA
         return len(idx)
 
-    def _end_chunk(self, nodes: Any, k: int, recs: list, started: int, taken: set,
-                   unknown: list, timed: bool) -> None:
+    def _end_chunk(self, nodes: Any, c: "_Chunk", started: int, taken: set, unknown: list,
+                   timed: bool) -> None:
         """Finish the started works of a chunk (0..started, and those taken
         by batch callbacks); keep the others, detached, for the next run."""
-        dom, outc, ends = self._dom, self._outc, self._ends
+        dom, outc, ends, k = self._dom, self._outc, self._ends, c.k
         hi = max(started, max(taken) if taken else -1) + 1
         left = [j for j in range(started + 1, k) if j not in taken]
         for j in left:
@@ -1124,7 +1166,7 @@ class Task:
         if rc < 0:
             log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
         for j in unknown:
-            node = recs[j * _REC] & 0xFFFFFFFF
+            node = c.node(j)
             sc = self._sc
             rc = lib.tw_step(dom.d, self.id, node, lib.TW_OUT_UNKNOWN, lib.TW_NIL, sc.wi,
                              ffi.NULL, ffi.NULL)
@@ -1134,9 +1176,10 @@ class Task:
                           "at the next run", self.id, node, os.strerror(-rc))
         # The works not started stay detached, newest first, for the next run.
         if left:
-            base = self._bpos + k - len(left)
-            for n_, j in enumerate(left):
-                self._out[base + n_] = recs[j * _REC] & 0xFFFFFFFF
+            keep = [c.node(j) for j in left]
+            base = self._bpos + k - len(keep)
+            for n_, node in enumerate(keep):
+                self._out[base + n_] = node
             self._bpos = base
         else:
             self._bpos += k
