@@ -108,6 +108,9 @@ def _tw_producer(name: str, tid: int, n: int, size: int, batch: int, func: str, 
         out.send((t0, _stamp()))
 
 
+_NOTIFY: dict = {}
+
+
 def bench_shm_taskwork(n: int, size: int, batch: int = 0, batch_cb: bool = False,
                        producers: int = 1) -> tuple[float, float]:
     from shm_taskwork import Domain
@@ -149,6 +152,9 @@ def bench_shm_taskwork(n: int, size: int, batch: int = 0, batch_cb: bool = False
         c.join(30)
         t0 = min(s[0] for s in spans)
         t1 = max(s[1] for s in spans)
+        info = next((i for i in dom.tasks(reap=False) if i.id == tid), None)
+        if info is not None and info.added:  # eventfd writes per work (the storm)
+            _NOTIFY["last"] = info.resumes_sent / info.added
         return t1 - t0, t2 - t0
     finally:
         dom.close()
@@ -487,12 +493,16 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
     cases = [(nm, fn) for nm, fn in throughput_cases(a.batch, not a.no_contention) if wanted(nm)]
     runs: dict[str, list[tuple[float, float]]] = {nm: [] for nm, _ in cases}
     skipped: dict[str, str] = {}
+    notes: dict[str, list[float]] = {}   # eventfd writes per work, shm cases
     for _ in range(a.repeat):
         for nm, fn in cases:
             if nm in skipped:
                 continue
             try:
+                _NOTIFY.pop("last", None)
                 runs[nm].append(fn(a.messages, a.size))
+                if "last" in _NOTIFY:
+                    notes.setdefault(nm, []).append(_NOTIFY["last"])
             except ImportError as exc:
                 skipped[nm] = f"not installed: {exc.name}"
     results = []
@@ -501,9 +511,13 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
             results.append({"case": nm, "skipped": skipped[nm]})
             continue
         rates = [a.messages / tot for _, tot in runs[nm]]
-        results.append({"case": nm, "messages": a.messages, "size": a.size,
-                        "send_s": [s for s, _ in runs[nm]], "total_s": [t for _, t in runs[nm]],
-                        "rate": _summary(rates)})
+        r = {"case": nm, "messages": a.messages, "size": a.size,
+             "send_s": [s for s, _ in runs[nm]], "total_s": [t for _, t in runs[nm]],
+             "rate": _summary(rates),
+             "send_rate": _summary([a.messages / snd for snd, _ in runs[nm]])}
+        if nm in notes:
+            r["eventfd_writes_per_work"] = _summary(notes[nm])
+        results.append(r)
     ratios = []
     for num, den in ratio_pairs(a.batch):
         if runs.get(num) and runs.get(den):
@@ -545,12 +559,15 @@ def _fmt_range(s: dict, fmt: str) -> str:
 def _print(out: dict, a) -> None:
     print(f"{a.messages} messages of {a.size} B, producer(s) -> consumer process; "
           f"{a.repeat} rounds, median [min-max]; {out['host_cpus']} CPUs")
-    print(f"{'case':<32} {'msgs/s end to end':>34}")
+    print(f"{'case':<28} {'msgs/s end to end':>34} {'send msgs/s':>12} {'wakes/work':>10}")
     for r in out["results"]:
         if "skipped" in r:
-            print(f"{r['case']:<32} {r['skipped']:>34}")
+            print(f"{r['case']:<28} {r['skipped']:>34}")
         else:
-            print(f"{r['case']:<32} {_fmt_range(r['rate'], ',.0f'):>34}")
+            wakes = r.get("eventfd_writes_per_work")
+            print(f"{r['case']:<28} {_fmt_range(r['rate'], ',.0f'):>34} "
+                  f"{r['send_rate']['median']:>12,.0f} "
+                  f"{format(wakes['median'], '.4f') if wakes else '':>10}")
     if out["rtt"]:
         print(f"\n{'round trip':<32} {'p50 us':>22} {'p99 us':>22}")
         for r in out["rtt"]:
