@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from itertools import accumulate as _accumulate
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -169,6 +170,8 @@ class _RunSource:
 
 
 _SIGNAL_TASKS: dict[int, list["Task"]] = {}
+# every Task handle of this process, by id (equal handles are distinct here)
+_HANDLES: "weakref.WeakValueDictionary[int, Task]" = weakref.WeakValueDictionary()
 _PREV_HANDLERS: dict[int, object] = {}
 
 
@@ -329,6 +332,7 @@ class Task:
         # callback -> (id, name, the lazy fields of its Works): resolved once
         self._fc: dict[Any, tuple[int, str, _AddSource]] = {}
         self._lean = not dom.record_origin
+        _HANDLES[id(self)] = self  # its caches are cleared in a forked child
 
     # ---- registration -----------------------------------------------------
 
@@ -583,7 +587,7 @@ class Task:
             got = self._fc.get(func)
         except TypeError:
             got = None
-        if got is None or got[2].sender_pid != _MY_PID[0]:  # new, or used across fork()
+        if got is None:  # (the cache is cleared in a forked child: sender_pid)
             got = self._resolve(func)
         fid, fname, src = got
         if payload.__class__ is not bytes:
@@ -1608,6 +1612,8 @@ def _uninstall_exit_signal(signum: int, task: "Task") -> None:
 
 def _after_fork() -> None:
     _MY_PID[0] = os.getpid()
+    for t in list(_HANDLES.values()):
+        t._fc.clear()   # their Works' sender_pid is this process now
 
 
 os.register_at_fork(after_in_child=_after_fork)
