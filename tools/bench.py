@@ -482,6 +482,13 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
     ap.add_argument("--no-rtt", action="store_true", help="skip the round-trip cases")
     ap.add_argument("--no-contention", action="store_true", help="skip 1/2/4/8 producers")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--remote", action="store_true",
+                    help="add the remote rows: works through Redis and the bridge, beside "
+                         "Redis's own XADD/XREADGROUP round trip (a private redis-server "
+                         "unless --redis is given)")
+    ap.add_argument("--redis", metavar="URL", help="the Redis for --remote")
+    ap.add_argument("--latency-samples", type=int, default=200,
+                    help="one-at-a-time sends timed for the remote rows' p50/p99")
     a = ap.parse_args(argv)
     if a.messages < 1 or a.size < 1 or a.batch < 1 or a.repeat < 1 or a.rtt_rounds < 1:
         raise ValueError("--messages, --size, --batch, --repeat, --rtt-rounds must be >= 1")
@@ -518,6 +525,10 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
         if nm in notes:
             r["eventfd_writes_per_work"] = _summary(notes[nm])
         results.append(r)
+    if a.remote or a.redis:
+        from shm_taskwork.tools import bench_remote
+        results += bench_remote.run(min(a.messages, 20_000), a.size, a.redis,
+                                    a.latency_samples)
     ratios = []
     for num, den in ratio_pairs(a.batch):
         if runs.get(num) and runs.get(den):
@@ -563,6 +574,10 @@ def _print(out: dict, a) -> None:
     for r in out["results"]:
         if "skipped" in r:
             print(f"{r['case']:<28} {r['skipped']:>34}")
+        elif "p50_us" in r:  # a remote row (--remote)
+            print(f"{r['case']}: {r['rate']:,.0f} works/s ({r['messages']}), add-to-start "
+                  f"p50 {r['p50_us']:,.0f} us, p99 {r['p99_us']:,.0f} us "
+                  f"({r['latency_samples']} one at a time)")
         else:
             wakes = r.get("eventfd_writes_per_work")
             print(f"{r['case']:<28} {_fmt_range(r['rate'], ',.0f'):>34} "
