@@ -107,6 +107,6 @@ clean:
 # The lock-free core alone against the bare atomics it is built from.
 bench-native:
 	gcc -O2 -std=gnu11 -o native/bench/bench_native native/bench/bench_native.c \
-	  native/segment.c native/life.c native/pool.c native/task_work.c native/reap.c -lpthread
+	  $(wildcard native/*.c) -lpthread
 	./native/bench/bench_native
 	rm -f native/bench/bench_native
