@@ -403,7 +403,7 @@ class Task:
         t._outc = ffi.new("uint8_t[]", t._chunk)
         t._ends = ffi.new("uint64_t[]", t._chunk)
         # the segment as 64-bit words: the run loop's stores into owner words
-        t._seg = memoryview(ffi.buffer(dom._d.base, dom._d.size)).cast("Q")
+        t._seg = memoryview(ffi.buffer(dom._d.base, dom._d.size & ~7)).cast("Q")
         t._flagsp = ffi.cast("uint32_t *", ffi.addressof(dom._slot(t.id), "flags"))
         slot_at = int(dom._d.slots_off) + t.id * ffi.sizeof("struct tw_slot")
         t._head_at = (slot_at + ffi.offsetof("struct tw_slot", "head")) // 8
