@@ -715,6 +715,9 @@ static int ours(struct tw_dom *d, uint32_t slot, uint32_t node, uint32_t state, 
 {
     if (!node_ok(d, node))
         return 0;
+    /* Acquire: pairs with the release of the transition that made the node
+     * ours (the detach's CAS, or our own stores of the run loop). Only the
+     * runner changes a DETACHED, RUNNING or DONE node of a live task. */
     *o = LD_ACQ(&NODE(d, node)->owner);
     return O_STATE(*o) == state && O_AUX(*o) == slot;
 }
