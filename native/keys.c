@@ -236,22 +236,6 @@ static int lookup_or_reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint
     return -EBUSY;
 }
 
-static void fill_keyed(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
-                       uint64_t func_id, const char *payload, uint32_t len, uint64_t now_ns)
-{
-    n->func_id = func_id;
-    n->payload_len = len;
-    n->enqueued_ns = now_ns ? now_ns : tw_now_mono();
-    n->sender_pid = d->my_pid;
-    n->target = slot;
-    n->target_gen = gen;
-    n->reason = TW_R_NONE;
-    n->name_id = 0;
-    n->origin_len = 0;
-    if (len)
-        memcpy((char *)n + d->payload_off, payload, len);
-}
-
 int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen,
                      uint64_t func_id, const char *payload, uint32_t len, int notify_mode,
                      int efd, int pidfd, int signum, uint64_t now_ns, int is_current,
@@ -279,7 +263,7 @@ int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen
         return r;
     tw_killpoint(TW_KP_AFTER_ALLOC);
     struct tw_node *n = NODE(d, idx);
-    fill_keyed(d, n, slot, gen, func_id, payload, len, now_ns);
+    tw_fill_node(d, n, slot, gen, func_id, payload, len, NULL, 0, now_ns);
     uint32_t ngen = O_GEN(LD_RLX(&n->owner));
     int entry;
     uint64_t word;
@@ -323,7 +307,7 @@ int tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const 
     if (r)
         return r;
     struct tw_node *n = NODE(d, idx);
-    fill_keyed(d, n, 0, 0, func_id, payload, len, now_ns);
+    tw_fill_node(d, n, 0, 0, func_id, payload, len, NULL, 0, now_ns);
     uint64_t o = LD_RLX(&n->owner);
     int entry;
     uint64_t word;

@@ -241,7 +241,18 @@ int tw_check_notify(int notify_mode, int is_current)
     return mode;
 }
 
-static void fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
+/* Count v in a task histogram (one writer: the task's runner) and in the same
+ * histogram of the work's callback name, if the name table has it. */
+static void hist_note(struct tw_dom *d, struct tw_slot *s, uint64_t func_id, int duration,
+                      uint64_t v)
+{
+    struct tw_name *e = tw_name_find(d, func_id);
+    tw_hist_add_own(duration ? &s->duration : &s->latency, v);
+    if (e)
+        tw_hist_add(duration ? &e->duration : &e->latency, v);
+}
+
+void tw_fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
                       uint64_t func_id, const char *payload, uint32_t len, const char *origin,
                       uint32_t origin_len, uint64_t now_ns)
 {
@@ -362,7 +373,7 @@ int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
         return r;
     tw_killpoint(TW_KP_AFTER_ALLOC);
     struct tw_node *n = NODE(d, idx);
-    fill_node(d, n, slot, gen, func_id, payload, len, origin, origin_len, now_ns);
+    tw_fill_node(d, n, slot, gen, func_id, payload, len, origin, origin_len, now_ns);
     uint32_t ngen = O_GEN(LD_RLX(&n->owner));
     int64_t due = tw_push_node(d, slot, gen, idx, mode, efd, pidfd, signum);
     if (due < 0) {
@@ -415,7 +426,7 @@ static int add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func
             return r;
         }
         struct tw_node *n = NODE(d, idx);
-        fill_node(d, n, slot, gen, func_id, PAYLOAD_AT(i), LEN_AT(i), origin, origin_len,
+        tw_fill_node(d, n, slot, gen, func_id, PAYLOAD_AT(i), LEN_AT(i), origin, origin_len,
                   now_ns);
         n->next = first;
         if (first == TW_NIL)
@@ -666,10 +677,7 @@ int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_
             /* its callback ran: read the node before it goes back to the pool */
             uint64_t started = n->started_ns;
             uint64_t dur = now > started ? now - started : 0;
-            struct tw_name *e = tw_name_find(d, n->func_id);
-            tw_hist_add_own(&s->duration, dur);
-            if (e)
-                tw_hist_add(&e->duration, dur);
+            hist_note(d, s, n->func_id, 1, dur);
         }
         if (outcome == TW_OUT_UNKNOWN) {
             int r = tw_dl_file(d, done, o, TW_R_UNKNOWN, slot, LD_RLX(&s->name_id));
@@ -690,10 +698,7 @@ int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_
             return -EUCLEAN;
         uint64_t enq = n->enqueued_ns;
         uint64_t lat = now > enq ? now - enq : 0;
-        struct tw_name *e = tw_name_find(d, n->func_id);
-        tw_hist_add_own(&s->latency, lat);
-        if (e)
-            tw_hist_add(&e->latency, lat);
+        hist_note(d, s, n->func_id, 0, lat);
         n->started_ns = now;   /* ours (DETACHED): published by the store below */
         /* From here the work counts as started: cancel can no longer reach it
          * (it left the list at detach) and a reaper reports it interrupted,
@@ -739,10 +744,7 @@ int tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t
         tw_copy_info(d, nodes[i], n, o, &wi, parea + poff,
                      oarea ? oarea + (uint64_t)i * TW_ORIGIN_LEN : NULL);
         uint64_t lat = now > wi.enqueued_ns ? now - wi.enqueued_ns : 0;
-        struct tw_name *e = tw_name_find(d, wi.func_id);
-        tw_hist_add_own(&s->latency, lat);
-        if (e)
-            tw_hist_add(&e->latency, lat);
+        hist_note(d, s, wi.func_id, 0, lat);
         /* ours (DETACHED): read back by tw_step for an async callback */
         n->started_ns = now;
 #define R(f) rec[(uint64_t)(f) * k + i]
@@ -816,10 +818,7 @@ int tw_run_finish(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32
         } else {
             dur = now > started ? (now - started) / k : 0;
         }
-        struct tw_name *e = tw_name_find(d, n->func_id);
-        tw_hist_add_own(&s->duration, dur);
-        if (e)
-            tw_hist_add(&e->duration, dur);
+        hist_note(d, s, n->func_id, 1, dur);
         done++;
         errs += outcome[i] == TW_OUT_ERROR;
         tw_pool_push(d, nodes[i]);

@@ -684,11 +684,7 @@ class Task:
         except OverflowError:
             _check_notify_range(notify)
             raise
-        if rc < 0:
-            big = max(len(p) for p in items)
-            self._add_error(rc, notify, big, "add_many")
-        if rc & _DUE and not rc & _DONE:
-            self._deliver(rc)
+        self._added_many(rc, notify, items)
         src = _ManySource(dom.name, self.id, self.gen, fid, fname, ffi.unpack(ids, n))
         out = []
         append = out.append
@@ -700,6 +696,14 @@ class Task:
             w._i = i
             append(w)
         return out
+
+    def _added_many(self, rc: int, notify: int, items: list) -> None:
+        """After tw_add_many*: raise its error, or deliver the notification
+        it found due but could not send itself."""
+        if rc < 0:
+            self._add_error(rc, notify, max(len(p) for p in items), "add_many")
+        if rc & _DUE and not rc & _DONE:
+            self._deliver(rc)
 
     def _add_many_origin(self, fid: int, fname: str, items: list, notify: int) -> list[Work]:
         dom = self._dom
@@ -718,11 +722,7 @@ class Task:
         except OverflowError:
             _check_notify_range(notify)
             raise
-        if rc < 0:
-            big = max(len(p) for p in items)
-            self._add_error(rc, notify, big, "add_many")
-        if rc & _DUE and not rc & _DONE:
-            self._deliver(rc)
+        self._added_many(rc, notify, items)
         o = origin.decode(errors="replace") if origin else None
         return [Work(fname, fid, p, sender_pid=_MY_PID[0], target=self.id, target_gen=self.gen,
                      enqueued_ns=now, origin=o, id=ids[i], domain=dom.name, state="pending")
