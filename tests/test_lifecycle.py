@@ -61,8 +61,11 @@ TASK = r"""
 import os, signal, sys, time
 from shm_taskwork import Domain, callback
 
+RAN = []
+
 @callback(name="life.rec")
 def rec(work):
+    RAN.append(work.payload)
     print("ran", work.payload.decode(), flush=True)
 
 @callback(name="life.slow")
@@ -98,10 +101,11 @@ for line in sys.stdin:
             print("outer", flush=True)
         print("left", flush=True)
     elif cmd[0] == "spin":
-        # a busy main thread (signal handlers run between its bytecodes)
-        end = time.monotonic() + float(cmd[1])
+        # a busy main thread (signal handlers run between its bytecodes), until
+        # a work has run or the deadline passes
+        end, seen = time.monotonic() + float(cmd[1]), len(RAN)
         print("spinning", flush=True)
-        while time.monotonic() < end:
+        while time.monotonic() < end and len(RAN) == seen:
             pass
         print("spun", flush=True)
     elif cmd[0] == "quit":
@@ -520,7 +524,7 @@ def test_without_critical_signal_works_run_in_a_busy_loop(make_domain, spawn):
     run promptly from the handler while the main thread spins."""
     dom = make_domain("nocrit")
     w = Proc(spawn, dom, "busy")
-    w.send("spin 5")
+    w.send("spin 20")
     w.expect("spinning")
     dom.task(w.id).add(_rec, b"s", TWA_SIGNAL)
     line = w.expect("ran")
