@@ -32,7 +32,6 @@
  */
 #include "tw_internal.h"
 
-#include <linux/futex.h>
 #include <string.h>
 
 static inline struct tw_key *KEY(struct tw_dom *d, uint32_t i)
@@ -249,11 +248,9 @@ int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen
         return mode;
     if (len > d->payload_size)
         return -E2BIG;
-    int r = tw_slot_check(d, slot, gen);
+    int r = tw_target_open(d, slot, gen);
     if (r)
         return r;
-    if (tw_life_word(&SLOT(d, slot)->life) & FUTEX_OWNER_DIED)
-        return -EOWNERDEAD;
     r = tw_proc_claim(d);                   /* the entry names our process */
     if (r < 0)
         return r;

@@ -252,14 +252,6 @@ void tw_life_release_range(const void *base, uint64_t size)
     (void)request(OP_RELEASE_RANGE, NULL, base, size);
 }
 
-int tw_holder_count(void)
-{
-    pthread_mutex_lock(&H.mu);
-    int n = H.pid == getpid() ? nheld : 0;
-    pthread_mutex_unlock(&H.mu);
-    return n;
-}
-
 /* ------------------------------------------------------------------------ */
 /* reading death from the segment                                            */
 

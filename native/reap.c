@@ -24,7 +24,6 @@
  */
 #include "tw_internal.h"
 
-#include <linux/futex.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -223,7 +222,6 @@ int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot,
     if (r <= 0)
         return r == 0 ? -ENOENT : r;
     struct tw_node *n = NODE(d, node);
-    struct tw_slot *s = SLOT(d, slot);
     uint32_t ngen = gen + 1;
     uint64_t mine = OWNER(ngen, TW_N_ALLOC, (uint32_t)d->my_proc);
     ST_REL(&n->owner, mine);
@@ -231,11 +229,9 @@ int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot,
     n->target = slot;
     n->target_gen = tgen;
     n->enqueued_ns = now_ns ? now_ns : tw_now_mono();
-    int64_t due = -ESRCH;
-    if (tw_slot_check(d, slot, tgen) == 0)
-        due = (tw_life_word(&s->life) & FUTEX_OWNER_DIED) ? -EOWNERDEAD
-                                                      : tw_push_node(d, slot, tgen, node, mode,
-                                                                     efd, pidfd, signum);
+    int64_t due = tw_target_open(d, slot, tgen);
+    if (due == 0)
+        due = tw_push_node(d, slot, tgen, node, mode, efd, pidfd, signum);
     if (due < 0) {
         /* Not pushed: still ours; back to the dead letters as it was. */
         n->target = old_target;

@@ -319,13 +319,22 @@ static int push_chain(struct tw_slot *s, uint32_t gen, uint32_t first, struct tw
     return 0;
 }
 
-/* The one load that sees death on the add path: the kernel set
- * FUTEX_OWNER_DIED in the life word when the task's holder thread died.
- * (While a reaper holds the lock the bit is clear, but the reaper closed the
- * head before it took the lock, so the push fails instead.) */
-static inline int target_died(struct tw_slot *s)
+/*
+ * May (slot, gen) take a work now? 0, -ESRCH (exited, closed, or another
+ * registration), -EINVAL (no such slot), or -EOWNERDEAD: the one load that
+ * sees death on the add path - the kernel set FUTEX_OWNER_DIED in the life
+ * word when the task's holder thread died. (While a reaper holds the lock
+ * the bit is clear, but the reaper closed the head before it took the lock,
+ * so the push fails instead.) Every add path asks this before it takes a node.
+ */
+int tw_target_open(struct tw_dom *d, uint32_t slot, uint32_t gen)
 {
-    return __builtin_expect(tw_life_word(&s->life) & FUTEX_OWNER_DIED, 0) != 0;
+    int r = tw_slot_check(d, slot, gen);
+    if (r)
+        return r;
+    if (__builtin_expect(tw_life_word(&SLOT(d, slot)->life) & FUTEX_OWNER_DIED, 0))
+        return -EOWNERDEAD;
+    return 0;
 }
 
 /* Push node idx, which we own (ALLOC(me), filled), onto (slot, gen) and
@@ -360,11 +369,9 @@ int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
         return mode;
     if (len > d->payload_size)
         return -E2BIG;
-    int r = tw_slot_check(d, slot, gen);
+    int r = tw_target_open(d, slot, gen);
     if (r)
         return r;
-    if (target_died(SLOT(d, slot)))
-        return -EOWNERDEAD;
     if (notify_mode & TW_TWAF_NO_ALLOC)
         origin_len = 0;
     uint32_t idx;
@@ -403,12 +410,10 @@ static int add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func
             return flat && offs[i + 1] < offs[i] ? -EINVAL : -E2BIG;
     if (!now_ns)
         now_ns = tw_now_mono();   /* one clock read for the whole batch */
-    int r = tw_slot_check(d, slot, gen);
+    int r = tw_target_open(d, slot, gen);
     if (r || cnt == 0)
         return r;
     struct tw_slot *s = SLOT(d, slot);
-    if (target_died(s))
-        return -EOWNERDEAD;
     if (notify_mode & TW_TWAF_NO_ALLOC)
         origin_len = 0;
     /* Build the chain newest-first: payloads[cnt-1] ends up at the head, as if

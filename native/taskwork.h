@@ -400,7 +400,6 @@ int  tw_names_used(struct tw_dom *d);
 /* ---- liveness (life.c) ---- */
 int  tw_slot_dead(struct tw_dom *d, uint32_t slot);
 int  tw_proc_dead(struct tw_dom *d, uint32_t i);
-int  tw_holder_count(void);
 
 /* ---- processes (pool.c) ---- */
 uint64_t tw_proc_start_ticks(int pid);

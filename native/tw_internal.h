@@ -164,6 +164,7 @@ void tw_copy_info(struct tw_dom *d, uint32_t idx, struct tw_node *n, uint64_t ow
 int64_t tw_push_node(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t idx,
                      int mode, int efd, int pidfd, int signum);
 int  tw_check_notify(int notify, int is_current);
+int  tw_target_open(struct tw_dom *d, uint32_t slot, uint32_t gen);
 /* Fill a node we own (ALLOC) for an add: target, callback, payload, origin. */
 void tw_fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
                   uint64_t func_id, const char *payload, uint32_t len, const char *origin,

@@ -767,15 +767,6 @@ class Reaped:
     cancelled: int = 0
 
 
-def _pid_running(pid: int) -> bool:
-    """True if pid exists and is not a zombie (psutil)."""
-    import psutil
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
 def _after_fork_in_child() -> None:
     # The child is another process: its own process-table entry, pid and
     # start time; the parent's task is not the child's.

@@ -86,6 +86,28 @@ def python_script(body: str, *args: str, env: dict | None = None, **popen) -> su
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(body), *args], env=e, **popen)
 
 
+# A task process for the operator tools' tests: registers as argv[2], prints
+# its task id, runs its list on each "run" line, exits on anything else.
+SERVICE_TASK = """
+    import sys
+    from shm_taskwork import Domain, callback
+    dom = Domain.open(sys.argv[1])
+    task = dom.register(sys.argv[2])
+
+    @callback(name="test.known")
+    def known(work):
+        pass
+
+    print(task.id, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            print(task.run(), flush=True)
+        else:
+            break
+    task.exit()
+"""
+
+
 @pytest.fixture
 def spawn():
     procs: list[subprocess.Popen] = []

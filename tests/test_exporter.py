@@ -18,28 +18,10 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, readline, wait_until
+from conftest import ROOT, SERVICE_TASK, readline, wait_until
 
 from shm_taskwork import TWA_NONE, TWA_RESUME, Domain
 
-SERVICE = """
-    import sys
-    from shm_taskwork import Domain, callback
-    dom = Domain.open(sys.argv[1])
-    task = dom.register("svc")
-
-    @callback(name="test.known")
-    def known(work):
-        pass
-
-    print(task.id, flush=True)
-    for line in sys.stdin:
-        if line.strip() == "run":
-            print(task.run(), flush=True)
-        else:
-            break
-    task.exit()
-"""
 
 
 def _env() -> dict:
@@ -97,7 +79,7 @@ def value(m: dict, metric: str, **labels) -> float:
 
 def test_task_age_process_figures_and_table_fill(make_domain, spawn):
     dom = make_domain("exp")
-    child = spawn(SERVICE, dom.name, stdin=subprocess.PIPE)
+    child = spawn(SERVICE_TASK, dom.name, "svc", stdin=subprocess.PIPE)
     task = dom.task(int(readline(child)))
     proc, url = exporter(dom.name)
     try:

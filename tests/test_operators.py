@@ -16,7 +16,7 @@ import sys
 import posix_ipc
 import pytest
 
-from conftest import ROOT, readline, unique_name, wait_until
+from conftest import ROOT, SERVICE_TASK, readline, unique_name, wait_until
 
 import shm_taskwork
 from shm_taskwork import TWA_NONE, TWA_RESUME
@@ -37,28 +37,10 @@ def cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess
 
 
 # A task that runs on request; it knows test.known but not test.stranger.
-SERVICE = """
-    import sys
-    from shm_taskwork import Domain, callback
-    dom = Domain.open(sys.argv[1])
-    task = dom.register(sys.argv[2])
-
-    @callback(name="test.known")
-    def known(work):
-        pass
-
-    print(task.id, flush=True)
-    for line in sys.stdin:
-        if line.strip() == "run":
-            print(task.run(), flush=True)
-        else:
-            break
-    task.exit()
-"""
 
 
 def start(spawn, dom, name: str):
-    child = spawn(SERVICE, dom.name, name, stdin=subprocess.PIPE)
+    child = spawn(SERVICE_TASK, dom.name, name, stdin=subprocess.PIPE)
     return child, dom.task(int(readline(child)))
 
 
