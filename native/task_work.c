@@ -213,9 +213,27 @@ static int notify(struct tw_slot *s, int mode, int efd, int pidfd, int signum)
         old = __atomic_fetch_or(&s->flags, TW_F_NOTIFY_SIGNAL, __ATOMIC_ACQ_REL);
         if (!(old & TW_F_NOTIFY_SIGNAL)) {
             due |= TW_DUE_SIGNAL;
-            ADD_RLX(&s->c.signals_sent, 1);
+            /* Release, before the signal: a handler or watcher that sees the
+             * signal's effects and loads signals_sent (acquire) sees this
+             * count, so the signal counts as owed until acknowledged
+             * (sigwatch.c). */
+            __atomic_fetch_add(&s->c.signals_sent, 1, __ATOMIC_RELEASE);
             if (pidfd >= 0 && tw_pidfd_send(pidfd, signum) == 0)
                 due |= TW_DONE_SIGNAL;
+            /* The task's watcher sleeps on this word: wake it, so an owed
+             * signal is sent again even if the task stays idle. */
+            if (old & TW_F_SIGWATCH)
+                tw_sigwatch_kick(&s->flags);
+            /* wait() is blocked (or about to block) in select(): set on
+             * the same word before its last look, so either that look saw
+             * NOTIFY_SIGNAL or this fetch_or sees WAITING. Wake it as for
+             * RESUME; the handler may be deferred (README "TWA_SIGNAL is
+             * never stranded"). */
+            if (old & TW_F_WAITING) {
+                due |= TW_DUE_EVENTFD;
+                if (efd >= 0 && tw_eventfd_write(efd) == 0)
+                    due |= TW_DONE_EVENTFD;
+            }
         }
         break;
     case TW_TWA_SIGNAL_NO_IPI:

@@ -11,6 +11,8 @@
  *   reap.c       dead tasks and processes: reaping, dead letters, fsck's tools
  *   segment.c    the segment's format, robust locks with deadlines, names,
  *                fault injection
+ *   sigwatch.c   TWA_SIGNAL is never stranded: a watcher thread in a task's
+ *                own process re-sends a signal its handler has not taken
  *
  * Synchronization table (which operation may run beside which):
  *
@@ -67,6 +69,45 @@
  *                         wait() keeps NOTIFY_RESUME set while it spins (it
  *                         watches the head) and does clear, drain, look once
  *                         more before it returns or blocks
+ *   slot.flags SIGWATCH   fetch_or by the task's signal watcher before it
+ *                         sleeps on the flags word (futex); fetch_and when it
+ *                         wakes. An adder whose fetch_or turns NOTIFY_SIGNAL
+ *                         0->1 and sees SIGWATCH in the old value wakes it
+ *   slot.flags WAITING    fetch_or by wait() before it blocks in select(),
+ *                         fetch_and after. An adder whose fetch_or turns
+ *                         NOTIFY_SIGNAL 0->1 and sees WAITING in the old value
+ *                         writes the eventfd too: one atomic word, so either
+ *                         wait()'s look after its fetch_or sees NOTIFY_SIGNAL,
+ *                         or the adder sees WAITING (no lost wake-up)
+ *   c.signals_sent        fetch_add (release) by the adder that turned
+ *                         NOTIFY_SIGNAL 0->1, before it sends the signal
+ *   c.sig_ack             the task's signal handler, at its entry: release
+ *                         store of the signals_sent it read (acquire); a
+ *                         handler that could not run the list stores a value
+ *                         != signals_sent, so the signal stays owed
+ *
+ * Lost wake-ups, case by case (the notify bit is the only thing an adder
+ * looks at before it decides to notify):
+ *
+ *   who sleeps / defers        how an add after the runner's last look wakes it
+ *   -------------------------  ---------------------------------------------------
+ *   a run (lazy clear)         the adder's fetch_or comes after the clear: it sees
+ *                              the bit clear and notifies; or before: the detach
+ *                              after the clear sees its push
+ *   wait() in select, RESUME   clear + drain + look before select (as above)
+ *   wait() in select, SIGNAL   WAITING is set before the look; an adder that
+ *                              turns NOTIFY_SIGNAL 0->1 after the look sees
+ *                              WAITING and writes the eventfd
+ *   CPython defers the handler the signal was caught before the main thread
+ *   (signal caught just before entered a blocking call: nothing interrupts it,
+ *   a blocking system call)    and NOTIFY_SIGNAL stays set so adders coalesce.
+ *                              The signal is *owed* (NOTIFY_SIGNAL set, sig_ack
+ *                              != signals_sent, works queued); the watcher
+ *                              thread re-sends it to the main thread with
+ *                              tgkill after TW_SIG_RESEND_NS, then at growing
+ *                              intervals: the call returns EINTR, CPython runs
+ *                              the owed handler (README "TWA_SIGNAL is never
+ *                              stranded")
  *   slot counters         relaxed fetch_add; statistics only
  *   slot histograms       latency and duration (struct tw_hist), written only
  *                         by the task's runner in tw_step: relaxed load + store
@@ -109,7 +150,7 @@
 #include <pthread.h>
 
 #define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     8u
+#define TW_LAYOUT_VERSION     9u
 
 /* Notify modes: the kernel's values (include/linux/task_work.h). */
 #define TW_TWA_NONE           0
@@ -134,6 +175,8 @@
 #define TW_F_NOTIFY_SIGNAL    0x2u
 #define TW_F_EXITING          0x4u
 #define TW_F_DIED             0x8u  /* it ended by death, and was reaped        */
+#define TW_F_SIGWATCH         0x10u /* the task's signal watcher sleeps on flags  */
+#define TW_F_WAITING          0x20u /* wait() is (about to be) blocked in select  */
 
 /* Slot states. */
 #define TW_SLOT_FREE          0u
@@ -246,6 +289,8 @@ struct tw_counters {
     uint64_t signals_sent, resumes_sent, interrupted;
     int64_t  queued;           /* approximate: +1 per push, -n per detach/cancel */
     uint64_t max_pending;      /* high-water mark of queued                      */
+    uint64_t sig_ack;          /* the signals_sent the handler last took         */
+    uint64_t signals_resent;   /* owed signals the watcher sent again            */
 };
 
 /*
@@ -555,6 +600,54 @@ int  tw_eventfd_write(int efd);
 int  tw_eventfd_drain(int efd);
 int  tw_pidfd_send(int pidfd, int signum);
 int  tw_pidfd_getfd(int pidfd, int targetfd);
+
+/* ---- TWA_SIGNAL is never stranded (sigwatch.c) ----
+ *
+ * A signal sent to a task is *owed* while NOTIFY_SIGNAL is set, the task's
+ * handler has not acknowledged it (c.sig_ack != c.signals_sent) and works are
+ * queued. The watcher, a thread of the task's own process with every signal
+ * blocked, sends an owed signal again to the thread that runs the handler
+ * (tgkill) once it has been owed for TW_SIG_RESEND_NS, then after intervals
+ * that double up to TW_SIG_RESEND_MAX_NS: never a storm.
+ */
+#define TW_SIG_RESEND_NS      20000000LL    /* 20 ms                             */
+#define TW_SIG_RESEND_MAX_NS  1000000000LL  /* 1 s                               */
+#define TW_SIG_TICK_NS        10000000LL    /* the watcher's poll while armed    */
+#define TW_SIG_LINGER_NS      1000000000LL  /* idle this long: sleep on a futex  */
+#define TW_SIG_WATCH_MAX      64            /* watched slots per process         */
+
+/**
+ * tw_sig_ack() - the task's signal handler took the signals sent so far.
+ * @d: the domain. @slot: the task's slot. @ok: 1 at the handler's entry; 0
+ * when the handler could not run the list (a lock timeout, an error): the
+ * signal stays owed and the watcher sends it again.
+ *
+ * Async-signal-safe (loads and one store). Return: 0, or -EINVAL (bad slot).
+ */
+int  tw_sig_ack(struct tw_dom *d, uint32_t slot, int ok);
+/**
+ * tw_sigwatch_add() - watch a slot of this process's for owed signals.
+ * @d: the domain (stays mapped until tw_sigwatch_del()). @slot, @gen: the
+ * registration. @signum: its signal. @tid: the thread to signal (the one
+ * Python runs handlers in: the main thread).
+ *
+ * Starts the watcher thread on first use (every signal blocked). Return: 0,
+ * -EINVAL (bad slot or signal), -ENOSPC (TW_SIG_WATCH_MAX slots watched),
+ * -errno from pthread_create.
+ */
+int  tw_sigwatch_add(struct tw_dom *d, uint32_t slot, uint32_t gen, int signum, int tid);
+/**
+ * tw_sigwatch_del() - stop watching a slot of @d (every slot of @d if @slot
+ * is UINT32_MAX).
+ *
+ * When it returns the watcher no longer reads the slot: the caller may unmap
+ * the domain. Waits for the watcher at most ~1 s. Return: the number of
+ * entries removed.
+ */
+int  tw_sigwatch_del(struct tw_dom *d, uint32_t slot);
+/* Entries watched now, and owed signals sent again by this process so far. */
+int  tw_sigwatch_count(void);
+uint64_t tw_sigwatch_resent(void);
 
 /* ---- fault injection (segment.c) ---- */
 void tw_killpoint_set(int point, int64_t countdown);

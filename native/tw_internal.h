@@ -132,6 +132,10 @@ int  tw_life_release(struct tw_life *l);
 void tw_life_release_range(const void *base, uint64_t size);
 int  tw_slot_dead_s(struct tw_slot *s);
 
+/* ---- sigwatch.c ---- */
+/* Wake this slot's watcher (an adder saw TW_F_SIGWATCH as it armed the flag). */
+void tw_sigwatch_kick(uint32_t *flags);
+
 /* ---- pool.c ---- */
 int  tw_pool_pop(struct tw_dom *d, uint32_t *out);
 void tw_pool_push(struct tw_dom *d, uint32_t idx);

@@ -13,7 +13,7 @@ import platform
 import struct
 
 MAGIC = b"SHMTWRK\x01"
-LAYOUT_VERSION = 8
+LAYOUT_VERSION = 9
 NIL = 0xFFFFFFFF
 EXITED = 0xFFFFFFFE
 DEAD_EMPTY = 0xFFFFFFFD
@@ -105,6 +105,8 @@ COUNTERS = Struct("struct tw_counters", [
                               "signals_sent", "resumes_sent", "interrupted")],
     ("queued", "i64", 1),
     ("max_pending", "u64", 1),
+    ("sig_ack", "u64", 1),
+    ("signals_resent", "u64", 1),
 ])
 
 HIST = Struct("struct tw_hist", [("bucket", "u64", HIST_BUCKETS), ("sum_ns", "u64", 1)])

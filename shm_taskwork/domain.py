@@ -278,6 +278,7 @@ class Domain:
                         pass
         self._peer.clear()
         self._closed = True
+        lib.tw_sigwatch_del(self._d, 0xFFFFFFFF)  # the watcher reads slots: before unmap
         lib.tw_proc_release(self._d)
         lib.tw_unmap(self._d)
         _OPEN.discard(self)

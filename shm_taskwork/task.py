@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import platform
@@ -286,8 +287,12 @@ class _FdServer(threading.Thread):
 
 
 def _is_eventfd(fd: int) -> bool:
+    """True if fd is an eventfd opened non-blocking. A peer's descriptor that
+    could block us is never written to (README "Security": a member never
+    blocks on another member's descriptors; a full eventfd counts as notified)."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        return (os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+                and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK))
     except OSError:
         return False
 
@@ -417,6 +422,14 @@ class Task:
             t._server = None
         if install_handler:
             _SIGNAL_TASKS.setdefault(t._signum, []).append(t)
+            # TWA_SIGNAL is never stranded (README): a signal our handler has
+            # not taken while works wait is sent again to the main thread.
+            rc = lib.tw_sigwatch_add(dom.d, t.id, t.gen, t._signum,
+                                     threading.main_thread().native_id)
+            if rc < 0:
+                log.error("task %d of domain %s: no signal watcher (%s): a TWA_SIGNAL "
+                          "deferred by the interpreter may wait for the next signal",
+                          t.id, dom.name, os.strerror(-rc))
         t._handler = install_handler
         t._exit_signals = exits
         for sig in exits:
@@ -499,8 +512,9 @@ class Task:
             if efd >= 0 and not _is_eventfd(efd):
                 os.close(efd)
                 efd = -1
-                log.warning("task %d of domain %s: fd %d of its process is not an eventfd; "
-                            "asking the task itself", self.id, dom.name, efd_num)
+                log.warning("task %d of domain %s: fd %d of its process is not a "
+                            "non-blocking eventfd; asking the task itself",
+                            self.id, dom.name, efd_num)
         if efd < 0:
             efd, why = _security.fetch_eventfd(dom, s, pid)
             if why is not None:
@@ -509,7 +523,7 @@ class Task:
                 os.close(efd)
                 efd = -1
                 _security.refuse(dom, self.id, self.gen,
-                                 "not an eventfd: the task's fd server sent another kind of fd")
+                                 "not a non-blocking eventfd: the task's fd server sent another kind of fd")
         # The signal number came from the segment too: send it only if it is
         # one a task may use and the task handles (or blocks, or ignores) it.
         # Any other would meet its default action and kill or stop the task.
@@ -1235,6 +1249,11 @@ class Task:
         flagsp, seg, head_at = self._flagsp, self._seg, self._head_at
         try:
             while True:
+                # Every turn ends by the deadline, whatever the segment says
+                # (a forged head or flag must not keep us spinning).
+                if deadline is not None and self._ran_total == start and \
+                        time.monotonic() >= deadline:
+                    return 0
                 # Run what was notified. NOTIFY_RESUME stays set (lazy clear):
                 # adders do not write the eventfd while we run and spin.
                 if self._bend > self._bpos or flagsp[0] & _F_NOTIFY:
@@ -1288,7 +1307,19 @@ class Task:
                     if remaining <= 0:
                         return 0
                     remaining = min(remaining, 3600.0)  # a bound select() accepts
-                if select.select([self._efd], [], [], remaining)[0]:
+                # SIGNAL works get RESUME's guarantee: WAITING is set on the
+                # flags word before this last look, so an adder that arms
+                # NOTIFY_SIGNAL after it sees WAITING and writes the eventfd
+                # too (the signal's handler may be deferred by the
+                # interpreter; README "TWA_SIGNAL is never stranded").
+                if lib.tw_flags_set(self._dom.d, self.id, lib.TW_F_WAITING) & _F_SIGNAL:
+                    lib.tw_flags_clear(self._dom.d, self.id, lib.TW_F_WAITING)
+                    continue
+                try:
+                    ready = select.select([self._efd], [], [], remaining)[0]
+                finally:
+                    lib.tw_flags_clear(self._dom.d, self.id, lib.TW_F_WAITING)
+                if ready:
                     # Drain before the next checkpoint (the flag, not the
                     # eventfd, says whether work waits): an adder whose write
                     # landed after a run took its work leaves the eventfd
@@ -1420,6 +1451,8 @@ class Task:
             self._server.stop()
             self._server = None
         if self._handler:
+            # Before the mapping may go: the watcher reads our slot.
+            lib.tw_sigwatch_del(self._dom.d, self.id)
             _uninstall_handler(self._signum, self)
             self._handler = False
         for sig in getattr(self, "_exit_signals", ()):
@@ -1511,17 +1544,29 @@ def _on_signal(signum, frame):
     for t in list(_SIGNAL_TASKS.get(signum, ())):
         if not t.is_current:
             continue
+        d = t._dom.d
+        # Take the signals sent so far (README "TWA_SIGNAL is never
+        # stranded"): until this store the signal is owed, and the watcher
+        # thread sends it again. Inside a callback or critical() it is taken
+        # too: the works run when those end.
+        lib.tw_sig_ack(d, t.id, 1)
         try:
             if t._critical:
                 t._deferred = True   # runs when the outermost critical block ends
             elif t._in_run:
                 t._rerun = True
-            elif t._batch or lib.tw_flags_get(t._dom.d, t.id) & lib.TW_F_NOTIFY_SIGNAL:
+            elif t._batch or lib.tw_flags_get(d, t.id) & lib.TW_F_NOTIFY_SIGNAL:
                 t.run()
             if t._waiting:
                 lib.tw_eventfd_write(t._efd)  # make a concurrent wait() return
         except TaskWorkError as exc:
-            log.error("task-work signal handler: %r", exc)
+            # The list could not be run (a lock timeout, a corrupt list): the
+            # flag stays armed and the signal owed, so the watcher sends it
+            # again and the works run at the next chance.
+            lib.tw_flags_set(d, t.id, lib.TW_F_NOTIFY_SIGNAL)
+            lib.tw_sig_ack(d, t.id, 0)
+            log.error("task-work signal handler: %r (the works stay queued; the signal "
+                      "will be sent again)", exc)
     prev = _PREV_HANDLERS.get(signum)
     if callable(prev):
         prev(signum, frame)

@@ -100,7 +100,7 @@ def test_live_slot_and_node_read_through_python_view(make_domain):
             assert s["c"] == {"added": 1, "run": 0, "cancelled": 0, "orphaned": 0,
                               "errors": 0, "unknown": 0, "signals_sent": 0,
                               "resumes_sent": 0, "interrupted": 0, "queued": 1,
-                              "max_pending": 1}
+                              "max_pending": 1, "sig_ack": 0, "signals_resent": 0}
             n = L.read_node(m, h, work.node)
             assert n["owner"] >> 32 == work.id >> 32                  # generation
             assert (n["owner"] >> 24) & 0xFF == lib.TW_N_QUEUED
