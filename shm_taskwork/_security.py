@@ -305,14 +305,15 @@ def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", raw)
 
 
-def fetch_eventfd(dom, slot, pid: int) -> tuple[int, str | None]:
+def fetch_eventfd(dom, slot, pid: int) -> tuple[int, int | None, str | None]:
     """The task's eventfd over SCM_RIGHTS from the server named by the slot's
-    token: (fd, None), or (-1, why) when there is none or it is not trusted.
-    ``pid`` is the proven registrant; the server must be that process, with
-    that process's uid."""
+    token, and the signal the task says it takes: (fd, signum, None), or
+    (-1, None, why) when there is none or it is not trusted (why is None when
+    there is simply no server). ``pid`` is the proven registrant; the server
+    must be that process, with that process's uid."""
     token = read_fd_token(slot)
     if token is None:
-        return -1, None  # no server yet
+        return -1, None, None  # no server yet
     uid = process_uid(pid)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(2.0)
@@ -321,20 +322,22 @@ def fetch_eventfd(dom, slot, pid: int) -> tuple[int, str | None]:
             peer_pid, peer_uid, _ = peer_cred(s)
         except OSError as exc:
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                return -1, None  # the server is gone (the task is exiting)
-            return -1, f"connect: {exc!r}"
+                return -1, None, None  # the server is gone (the task is exiting)
+            return -1, None, f"connect: {exc!r}"
         if peer_pid != pid or uid is None or peer_uid != uid:
-            return -1, (f"peer credentials: the fd server is pid {peer_pid} uid {peer_uid}, "
-                        f"the registrant pid {pid} uid {uid}")
+            return -1, None, (f"peer credentials: the fd server is pid {peer_pid} uid "
+                              f"{peer_uid}, the registrant pid {pid} uid {uid}")
         try:
             msg, fds, _flags, _addr = socket.recv_fds(s, 16, 1)
         except OSError as exc:
-            return -1, f"receive: {exc!r}"
+            return -1, None, f"receive: {exc!r}"
     for extra in fds[1:]:
         os.close(extra)
-    if msg != b"E" or not fds:
-        return -1, "the task refused to hand over its eventfd (uid differs)"
-    return fds[0], None
+    if msg[:1] != b"E" or len(msg) != 2 or not fds:
+        for fd in fds[:1]:
+            os.close(fd)
+        return -1, None, "the task refused to hand over its eventfd (uid differs)"
+    return fds[0], msg[1], None
 
 
 # ---- arguments -------------------------------------------------------------------

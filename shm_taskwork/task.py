@@ -203,9 +203,12 @@ class _FdServer(threading.Thread):
     fail, the server logs it and listens on a fresh name: it never stops
     quietly while the task lives."""
 
-    def __init__(self, dom, slot: int, efd: int):
+    def __init__(self, dom, slot: int, efd: int, signum: int):
         super().__init__(name="shm_taskwork-fd-server", daemon=True)
         self.efd = efd
+        # The task's own word on its signal: a member may rewrite the slot's
+        # signum, not what this process answers (README "Security").
+        self.hello = b"E" + bytes([signum])
         self._dom = dom
         self._slot_index = slot
         # not `_stop`: threading.Thread has a method of that name (join, fork)
@@ -251,7 +254,7 @@ class _FdServer(threading.Thread):
                     if uid != os.getuid() and uid != 0:
                         conn.sendall(b"N")
                         continue
-                    socket.send_fds(conn, [b"E"], [self.efd])
+                    socket.send_fds(conn, [self.hello], [self.efd])
                 except OSError:
                     pass
 
@@ -414,7 +417,7 @@ class Task:
         t._head_at = (slot_at + ffi.offsetof("struct tw_slot", "head")) // 8
         t._spin_ns = _SPIN_MAX_NS if _SPIN else 0
         try:
-            t._server = _FdServer(dom, t.id, efd)
+            t._server = _FdServer(dom, t.id, efd, int(signum))
             t._server.start()
         except OSError as exc:
             log.error("task %d of domain %s: no fd server (%r): peers that cannot use "
@@ -515,15 +518,33 @@ class Task:
                 log.warning("task %d of domain %s: fd %d of its process is not a "
                             "non-blocking eventfd; asking the task itself",
                             self.id, dom.name, efd_num)
+        # The task's own server hands over its eventfd (if we have none yet)
+        # and says which signal it takes: the slot's number is a member's to
+        # rewrite, and a switched number would trigger another handler of
+        # the task's process.
+        got_efd, told, why = _security.fetch_eventfd(dom, s, pid)
+        if why is not None:
+            _security.refuse(dom, self.id, self.gen, why)
         if efd < 0:
-            efd, why = _security.fetch_eventfd(dom, s, pid)
-            if why is not None:
-                _security.refuse(dom, self.id, self.gen, why)
+            efd = got_efd
             if efd >= 0 and not _is_eventfd(efd):
                 os.close(efd)
                 efd = -1
                 _security.refuse(dom, self.id, self.gen,
                                  "not a non-blocking eventfd: the task's fd server sent another kind of fd")
+        elif got_efd >= 0:
+            os.close(got_efd)
+        if told is not None and told != self._signum:
+            _security.refuse(dom, self.id, self.gen,
+                             f"signal: the slot says signal {int(s.signum)}, the task itself "
+                             f"says {told}: sending {told}")
+            self._signum = self._h.signum = _security.sendable_signal(told)
+        elif told is None and self._signum != signal.SIGUSR1:
+            # No word from the task (its server is not up yet, or gone): only
+            # the default signal is sent on the slot's say-so; this add
+            # leaves the work queued and the next one asks again.
+            os.close(pidfd)
+            return -1, efd
         # The signal number came from the segment too: send it only if it is
         # one a task may use and the task handles (or blocks, or ignores) it.
         # Any other would meet its default action and kill or stop the task.
