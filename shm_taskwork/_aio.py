@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import signal
+import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
+from . import signals
 from ._native import ffi, lib
 from .errors import TaskWorkError
 
@@ -70,8 +71,6 @@ class LoopBinding:
     def detach(self) -> None:
         """Give the notifications back to the Python-level handler and the
         task's own wait(). Coroutines already scheduled keep running."""
-        from . import task as task_mod
-
         loop = self.loop
         if not loop.is_closed():
             try:
@@ -89,8 +88,7 @@ class LoopBinding:
             if threading.current_thread() is threading.main_thread():
                 # the library's handler again, or (no task wants the signal
                 # any more) ignore it, as _uninstall_handler does
-                users = task_mod._SIGNAL_TASKS.get(signum)
-                signal.signal(signum, task_mod._on_signal if users else signal.SIG_IGN)
+                signals.reinstall(signum)
         self._wake_waiters()
 
     # ---- the loop's callbacks ----------------------------------------------
@@ -107,9 +105,7 @@ class LoopBinding:
         self._wake_waiters()
 
     def _on_signal(self) -> None:
-        from .task import _on_signal
-
-        _on_signal(self.task._signum, None)
+        signals.dispatch(self.task._signum, None)
         self._wake_waiters()
 
     def _wake_waiters(self) -> None:
@@ -143,7 +139,7 @@ class LoopBinding:
         fut.add_done_callback(lambda f, w=work, n=node: self._finished(w, n, f))
 
     def _finished(self, work: "Work", node: int, fut: asyncio.Future[Any]) -> None:
-        from .task import log_callback_error
+        from .callbacks import log_callback_error
 
         self.outstanding.pop(node, None)
         task = self.task
@@ -168,9 +164,8 @@ class LoopBinding:
             task._finish_exit()
 
 
-def task_log():
-    from .task import log
-    return log
+def task_log() -> logging.Logger:
+    return logging.getLogger("shm_taskwork")
 
 
 def require_loop(loop: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop:

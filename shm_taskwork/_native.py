@@ -7,8 +7,8 @@ import, so a stale build fails loudly instead of misreading a segment.
 """
 from __future__ import annotations
 
-import errno
-import os
+import weakref
+from typing import Any
 
 from . import errors
 
@@ -70,36 +70,11 @@ KILLPOINTS = {"after_alloc": lib.TW_KP_AFTER_ALLOC, "after_push": lib.TW_KP_AFTE
 
 
 def check(rc: int, what: str, *, limit: str = "") -> int:
-    """Map a native return code (>= 0 ok, -errno) to SPEC §5's exceptions."""
+    """A native return code: >= 0 is returned, -errno raised as
+    ``errors.from_errno`` says (README "Errors")."""
     if rc >= 0:
         return rc
-    e = -rc
-    msg = f"{what}: {os.strerror(e)}"
-    if limit:
-        msg += f" ({limit})"
-    if e in (errno.ESRCH, errno.EOWNERDEAD):
-        raise errors.TaskExitedError(f"{what}: the task has exited and accepts no more work (ESRCH)")
-    if e == errno.EINVAL:
-        raise errors.InvalidModeError(msg, errno=e)
-    if e == errno.E2BIG:
-        raise errors.PayloadTooLargeError(msg, errno=e)
-    if e == errno.ENOMEM:
-        raise errors.PoolExhaustedError(msg, errno=e)
-    if e == errno.EPERM:
-        raise errors.NotCurrentTaskError(msg, errno=e)
-    if e == errno.ETIMEDOUT:
-        raise errors.DomainCorruptError(
-            f"{what}: a lock in the segment was not obtained within its deadline "
-            "(its holder is stuck, or the segment is corrupt)", errno=e)
-    if e in (errno.EUCLEAN, errno.EPROTO):
-        raise errors.DomainCorruptError(f"{what}: the segment is inconsistent", errno=e)
-    if e == errno.EUSERS:
-        raise errors.TaskWorkError(
-            f"{what}: the domain's process table is full of live processes "
-            f"({limit or 'max_procs'}); create the domain with a larger max_procs", errno=e)
-    if e == errno.ENOSPC:
-        raise errors.TaskWorkError(msg, errno=e)
-    raise errors.TaskWorkError(msg, errno=e)
+    raise errors.from_errno(-rc, what, limit=limit)
 
 
 class Scratch:
@@ -134,3 +109,8 @@ def start_ticks(pid: int) -> int:
 def killpoint(name: str) -> None:
     """Python-side kill points (e.g. ``in_callback``) share the native switch."""
     lib.tw_killpoint(KILLPOINTS[name])
+
+
+#: Every Domain this process maps (weak): the mapped core of this process,
+#: for the calls that must find a process's other views of a segment.
+OPEN: "weakref.WeakSet[Any]" = weakref.WeakSet()

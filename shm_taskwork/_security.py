@@ -359,9 +359,9 @@ def timeout_seconds(timeout) -> float | None:
 
 def not_this_handle(task, what: str) -> str:
     """Why ``what`` cannot run on a handle whose slot names this very process."""
-    from .domain import _OPEN
+    from ._native import OPEN
     dom = task._dom
-    for other in list(_OPEN):
+    for other in list(OPEN):
         cur = None if other is dom or other._closed else other.current
         if cur is not None and other.name == dom.name and (cur.id, cur.gen) == (task.id, task.gen):
             return (f"{what}: task {task.id} of domain {dom.name!r} is this process's "

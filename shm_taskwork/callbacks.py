@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 from typing import Any, Callable, TypeVar, Union, overload
 
 #: A callback as add() and the cancel calls take it: the registered function
@@ -28,6 +29,14 @@ def func_id(name: str) -> int:
     """The stable 64-bit id of a callback name."""
     v = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
     return v or 1
+
+
+TASK_NAME_PREFIX = "task:"   # task names share the domain's name table with callbacks
+
+
+def task_name_id(name: str) -> int:
+    """The name-table id of a task name (kept with its dead letters)."""
+    return func_id(TASK_NAME_PREFIX + name)
 
 
 def default_name(fn: Callable) -> str:
@@ -148,3 +157,12 @@ def require(func) -> Callable:
     if fn is None:
         raise UnknownCallbackError(f"callback {name!r} is not registered in this process")
     return fn
+
+
+def log_callback_error(work: Any, exc: BaseException) -> None:
+    """Log a callback that raised (logger ``shm_taskwork``), with where its
+    work was queued when the domain records origins."""
+    where = f" (queued at {work.origin})" if work.origin else ""
+    logging.getLogger("shm_taskwork").error(
+        "callback %s failed for work %#x%s: %r", work.func_name, work.id or 0, where, exc,
+        exc_info=exc)

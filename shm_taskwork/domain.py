@@ -17,12 +17,12 @@ import os
 import signal
 import struct
 import time
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import posix_ipc
 
 from . import _native, _security, callbacks
+from .callbacks import TASK_NAME_PREFIX, task_name_id  # noqa: F401  (tools read them here)
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME
 from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
@@ -43,7 +43,7 @@ LIMITS = {
     "names_cap": (1, 1 << 20),
 }
 
-_OPEN: "weakref.WeakSet[Domain]" = weakref.WeakSet()
+_OPEN = _native.OPEN   # every Domain this process maps
 
 
 def _normalize(name: str) -> str:
@@ -429,8 +429,8 @@ class Domain:
         and then end the process with the status the signal's default action
         gives. Without it the library does not touch those signals, and a
         task killed by one leaves its works as orphaned dead letters."""
-        from .task import Task  # task.py imports domain.py
-        return Task._register(self, name, signum, install_handler, exit_signals)
+        from .registration import Registration
+        return Registration._register(self, name, signum, install_handler, exit_signals)
 
     @property
     def current(self) -> "Task | None":
@@ -691,7 +691,7 @@ class Domain:
         the count run. A callback that raises is logged and its node freed,
         as in run(). (What ``retry_dead_letters()`` did before dead letters
         could be re-queued.)"""
-        from .task import log_callback_error
+        from .callbacks import log_callback_error
         ran = 0
         for w in self.dead_letters():
             fn = callbacks.lookup(w.func_id)
@@ -741,12 +741,6 @@ def _sweep_temporaries() -> None:
             pass
 
 
-TASK_NAME_PREFIX = "task:"   # task names share the name table with callbacks
-
-
-def task_name_id(name: str) -> int:
-    """The name-table id of a task name (kept with its dead letters)."""
-    return callbacks.func_id(TASK_NAME_PREFIX + name)
 
 
 def _check_reason(reason) -> None:

@@ -7,6 +7,7 @@ has an errno for carry it (``err.errno``); bad-input errors are also
 exceptions keeps working.
 """
 import errno as _errno
+import os
 
 
 class TaskWorkError(Exception):
@@ -74,6 +75,66 @@ class UnknownCallbackError(TaskWorkError, LookupError):
     """A callback name or id that is not registered in this process."""
 
 
+class KeyBusyError(BlockingIOError):
+    """Another live process is adding this key right now: try again later."""
+
+
+def from_errno(e: int, what: str, *, limit: str = "", **ctx: object) -> Exception:
+    """The exception for a native call's ``-e`` (README "Errors"): the one
+    place an errno becomes an exception. ``what`` names the call; ``ctx``
+    adds what the caller knows, for a message that names the limit:
+    ``notify`` and ``valid_modes``, ``size`` and ``payload_size``, ``domain`` and ``pool_size``,
+    ``task`` (a description) and ``dead`` (its process died), ``key``."""
+    msg = f"{what}: {os.strerror(e)}"
+    if limit:
+        msg += f" ({limit})"
+    if e == _errno.EBUSY and "key" in ctx:
+        return KeyBusyError(_errno.EBUSY,
+                            f"key {ctx['key']!r} is being added by another live process")
+    if e == _errno.ENOSPC and "key" in ctx:
+        return BlockingIOError(_errno.ENOSPC, "every entry of the key table is in flight; "
+                               "try again")
+    if e in (_errno.ESRCH, _errno.EOWNERDEAD):
+        if "task" in ctx:
+            if e == _errno.EOWNERDEAD:
+                return TaskExitedError(f"{what}: {ctx['task']} is dead (its process "
+                                       f"{ctx.get('pid')} died) and accepts no more work "
+                                       "(ESRCH)")
+            return TaskExitedError(f"{what}: {ctx['task']} has exited and accepts no more "
+                                   "work (ESRCH)")
+        return TaskExitedError(f"{what}: the task has exited and accepts no more work (ESRCH)")
+    if e == _errno.EINVAL:
+        if "notify" in ctx:
+            return InvalidModeError(f"{what}: notify={ctx['notify']!r} is not valid here: use "
+                                    f"{ctx.get('valid_modes')}", errno=e)
+        return InvalidModeError(msg, errno=e)
+    if e == _errno.E2BIG:
+        if "size" in ctx:
+            return PayloadTooLargeError(
+                f"{what}: payload of {ctx['size']} bytes is larger than the domain's "
+                f"payload_size ({ctx.get('payload_size')} bytes); nothing was queued", errno=e)
+        return PayloadTooLargeError(msg, errno=e)
+    if e == _errno.ENOMEM:
+        if "domain" in ctx:
+            return PoolExhaustedError(
+                f"{what}: the work pool of domain {ctx['domain']!r} is empty (pool_size="
+                f"{ctx.get('pool_size')}); nothing was queued", errno=e)
+        return PoolExhaustedError(msg, errno=e)
+    if e == _errno.EPERM:
+        return NotCurrentTaskError(msg, errno=e)
+    if e == _errno.ETIMEDOUT:
+        return DomainCorruptError(
+            f"{what}: a lock in the segment was not obtained within its deadline "
+            "(its holder is stuck, or the segment is corrupt)", errno=e)
+    if e in (_errno.EUCLEAN, _errno.EPROTO):
+        return DomainCorruptError(f"{what}: the segment is inconsistent", errno=e)
+    if e == _errno.EUSERS:
+        return TaskWorkError(
+            f"{what}: the domain's process table is full of live processes "
+            f"({limit or 'max_procs'}); create the domain with a larger max_procs", errno=e)
+    return TaskWorkError(msg, errno=e)
+
+
 __all__ = [
     "TaskWorkError",
     "TaskExitedError",
@@ -84,4 +145,5 @@ __all__ = [
     "NotCurrentTaskError",
     "DomainCorruptError",
     "UnknownCallbackError",
+    "KeyBusyError",
 ]

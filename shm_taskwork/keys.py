@@ -18,17 +18,18 @@ import hashlib
 import time
 from typing import TYPE_CHECKING
 
+from . import callbacks
 from ._native import check, ffi, lib
+from .callbacks import task_name_id
+from .errors import KeyBusyError, from_errno
+
+__all__ = ["KeyBusyError", "KeyRecord", "lookup", "dead_letter", "used", "key_id"]
 
 if TYPE_CHECKING:
     from .domain import Domain
 
 KEYS_CAP: int = lib.TW_KEYS_CAP
 STATES = {lib.TW_K_QUEUED: "queued", lib.TW_K_DEADLETTER: "dead_letter"}
-
-
-class KeyBusyError(BlockingIOError):
-    """Another live process is adding this key right now: try again later."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +53,9 @@ def _record(info) -> KeyRecord:
 
 
 def _busy(rc: int, key) -> None:
-    if rc == -errno.EBUSY:
-        raise KeyBusyError(errno.EBUSY, f"key {key!r} is being added by another live process")
-    if rc == -errno.ENOSPC:
-        raise BlockingIOError(errno.ENOSPC, f"every entry of the key table ({KEYS_CAP}) is in "
-                              "flight; try again")
+    """A keyed call's EBUSY/ENOSPC as errors.from_errno raises them."""
+    if rc in (-errno.EBUSY, -errno.ENOSPC):
+        raise from_errno(-rc, "add_keyed", key=key)
 
 
 def lookup(dom: "Domain", key: "str | bytes") -> KeyRecord | None:
@@ -72,8 +71,6 @@ def dead_letter(dom: "Domain", key: "str | bytes", func_name: str, payload: byte
                 target_name: str) -> KeyRecord:
     """File a work for ``target_name`` (no live task of that name) as an
     orphaned dead letter, once per key."""
-    from . import callbacks
-    from .domain import task_name_id
     fid = callbacks.func_id(func_name)
     dom._put_name(fid, func_name)
     nid = task_name_id(target_name)

@@ -412,7 +412,7 @@ def test_close_releases_the_task_when_exit_fails_on_a_corrupt_segment(make_domai
     """exit() cannot drain a list whose head points outside the pool; close()
     must still give back the eventfd, the fd-server thread and the handler."""
     import signal as _signal
-    from shm_taskwork.task import _on_signal
+    from shm_taskwork.signals import dispatch as _on_signal  # the package's handler
     dom = make_domain("corrupt_close")
     t = dom.register("doomed")
     efd, server = t.fileno(), t._server

@@ -326,7 +326,7 @@ def test_signal_between_publishing_the_slot_and_the_handler_does_not_kill(domain
         """
         import sys
         from shm_taskwork import Domain, callback
-        from shm_taskwork import task as taskmod
+        from shm_taskwork import notify
 
         ran = []
 
@@ -334,13 +334,13 @@ def test_signal_between_publishing_the_slot_and_the_handler_does_not_kill(domain
         def f(work):
             ran.append(work.payload)
 
-        class HeldServer(taskmod._FdServer):
+        class HeldServer(notify.FdServer):
             def __init__(self, *a, **k):
                 print("published", flush=True)
                 sys.stdin.readline()
                 super().__init__(*a, **k)
 
-        taskmod._FdServer = HeldServer
+        notify.FdServer = HeldServer
         dom = Domain.open(sys.argv[1])
         t = dom.register("held")
         t.exit()
