@@ -93,6 +93,10 @@ class TaskInfo(_Counters):
     registered_ns: int
     generation: int
     flags: int
+    #: True when the task's list could not be read: its lock was held by
+    #: another process past the reading call's lock budget, or the list is
+    #: inconsistent. ``pending`` then says 0, not what is queued.
+    unreadable: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,9 +113,32 @@ class DomainStats(_Counters):
     dead_letters: int
 
 
+def _lock_deadline(lock_timeout: float | None) -> int:
+    """CLOCK_MONOTONIC deadline (ns) of a reading call's lock waits."""
+    if lock_timeout is None:
+        lock_timeout = Domain.READ_LOCK_BUDGET
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or \
+            not 0 <= lock_timeout <= 3600:
+        raise ValueError(f"lock_timeout must be seconds between 0 and 3600 (or None: "
+                         f"Domain.READ_LOCK_BUDGET), got {lock_timeout!r}")
+    return time.monotonic_ns() + int(lock_timeout * 1e9)
+
+
+def _left(deadline_ns: int) -> int:
+    """What is left of a lock deadline (0: only try)."""
+    return max(0, deadline_ns - time.monotonic_ns())
+
+
 class Domain:
     """A mapped task-work domain. Use :meth:`create`, :meth:`open` or
     :meth:`open_or_create`; a context manager that closes (never unlinks)."""
+
+    #: The longest one reading call (:meth:`tasks`, :meth:`stats`,
+    #: :meth:`pending_works`) waits in all on locks other processes hold, in
+    #: seconds; past it the call only tries each lock and reports what it
+    #: could not read (``TaskInfo.unreadable``). Whoever can write the
+    #: segment can make a lock look held for ever (README, Security).
+    READ_LOCK_BUDGET = 1.0
 
     # class defaults: a half-built object can still be closed and unlinked
     _d: Any = None
@@ -477,11 +504,14 @@ class Domain:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         best = None
+        deadline = _lock_deadline(None)
         for i in self._live_slots(pid=pid, name=name):
             s = self._slot(i)
             if pid is not None:
                 return self._handle(i, s)
-            n = lib.tw_pending(self.d, i, s.gen)
+            n = lib.tw_snapshot_within(self.d, i, s.gen, ffi.NULL, ffi.NULL, 0, _left(deadline))
+            if n == -errno.ETIMEDOUT:
+                n = 1 << 40          # its list is held by someone: the last choice
             if n >= 0 and (best is None or n < best[0]):
                 best = (n, i, s)
         if best is not None:
@@ -519,14 +549,22 @@ class Domain:
 
     # ---- observability ----------------------------------------------------
 
-    def tasks(self, name: str | None = None, *, reap: bool = True) -> list[TaskInfo]:
+    def tasks(self, name: str | None = None, *, reap: bool = True,
+              lock_timeout: float | None = None) -> list[TaskInfo]:
         """A snapshot of every used slot (with ``name``: of the tasks of that
         name). Dead tasks are reaped first (``reap=False``: only read, as the
         continuous observers top and export do): a dead task shows as
         ``dead``, with the works it left counted ``orphaned``/``interrupted``
-        and kept as dead letters."""
+        and kept as dead letters.
+
+        Counting a task's pending works takes its list lock. The call waits
+        at most ``lock_timeout`` seconds in all (default
+        :attr:`READ_LOCK_BUDGET`; 0: only try) on locks other processes
+        hold; a task whose lock it could not get is reported with
+        ``unreadable=True`` instead of being waited for."""
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        deadline = _lock_deadline(lock_timeout)
         if reap:
             self._reap_dead()
         raw = name.encode() if name is not None else None
@@ -538,18 +576,28 @@ class Domain:
             if raw is not None and ffi.string(s.name) != raw:
                 continue
             c = s.c
-            pending = lib.tw_pending(self.d, i, s.gen)
+            # waits only for what is left of this call's budget
+            pending = lib.tw_snapshot_within(self.d, i, s.gen, ffi.NULL, ffi.NULL, 0,
+                                             _left(deadline))
             out.append(TaskInfo(
                 id=i, pid=s.pid, name=ffi.string(s.name).decode(errors="replace"),
                 state=self._slot_state(i, s), registered_ns=s.registered_ns, generation=s.gen,
                 added=c.added, run=c.run, cancelled=c.cancelled, orphaned=c.orphaned,
                 errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
                 resumes_sent=c.resumes_sent, interrupted=c.interrupted,
-                pending=max(0, pending), max_pending=c.max_pending, flags=s.flags))
+                pending=max(0, pending), max_pending=c.max_pending, flags=s.flags,
+                unreadable=pending in (-errno.ETIMEDOUT, -errno.EUCLEAN)))
         return out
 
-    def stats(self, *, reap: bool = True) -> DomainStats:
-        infos = self.tasks(reap=reap)
+    def stats(self, *, reap: bool = True, lock_timeout: float | None = None,
+              infos: "list[TaskInfo] | None" = None) -> DomainStats:
+        """The pool and the counters of every task summed; the lock budget
+        is that of :meth:`tasks` (a task it could not read adds 0 pending).
+        ``infos``: a list :meth:`tasks` just returned, summed instead of
+        reading the table again (``reap`` and ``lock_timeout`` then do not
+        apply)."""
+        if infos is None:
+            infos = self.tasks(reap=reap, lock_timeout=lock_timeout)
         free = lib.tw_pool_free_count(self.d)
         hdr = ffi.cast("struct tw_header *", self.d.base)
         sums = {k: sum(getattr(t, k) for t in infos) for k in COUNTERS}
@@ -595,8 +643,11 @@ class Domain:
         raw = ffi.unpack(buf, n).decode(errors="replace")
         return raw[len(TASK_NAME_PREFIX):] if raw.startswith(TASK_NAME_PREFIX) else raw
 
-    def pending_works(self, task_id: int) -> list[Work]:
-        """The pending works of one task, newest first (a snapshot)."""
+    def pending_works(self, task_id: int, *, lock_timeout: float | None = None) -> list[Work]:
+        """The pending works of one task, newest first (a snapshot). Waits at
+        most ``lock_timeout`` seconds (default :attr:`READ_LOCK_BUDGET`) for
+        the task's list lock while another process holds it, then raises
+        ``DomainCorruptError`` (ETIMEDOUT)."""
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             raise TypeError(f"a task id is an int, got {type(task_id).__name__}")
         s = self._slot(task_id) if 0 <= task_id < self.max_tasks else None
@@ -605,7 +656,8 @@ class Domain:
         n = self.pool_size
         nodes = ffi.new("uint32_t[]", n)
         gens = ffi.new("uint32_t[]", n)
-        cnt = lib.tw_snapshot(self.d, task_id, s.gen, nodes, gens, n)
+        cnt = lib.tw_snapshot_within(self.d, task_id, s.gen, nodes, gens, n,
+                                     _left(_lock_deadline(lock_timeout)))
         if cnt < 0:
             if -cnt == errno.ESRCH:
                 return []
