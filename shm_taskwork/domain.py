@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import signal
+import stat
 import struct
 import time
 import weakref
@@ -57,6 +58,28 @@ def _check_int(key: str, value) -> int:
     if not lo <= value <= hi:
         raise ValueError(f"{key}={value} is out of range: it must be between {lo} and {hi}")
     return value
+
+
+def _check_mode(mode) -> int:
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
+    return mode
+
+
+def _check_owner(name: str, st: os.stat_result, mode: int) -> None:
+    """PermissionError unless the segment (``st``) is this effective user's
+    and grants no bit outside ``mode``."""
+    have = stat.S_IMODE(st.st_mode)
+    euid = os.geteuid()
+    if st.st_uid == euid and not have & ~mode:
+        return
+    why = (f"it belongs to uid {st.st_uid}, not to this process (uid {euid})"
+           if st.st_uid != euid else
+           f"its mode {have:#o} grants more than the {mode:#o} asked for")
+    raise PermissionError(errno.EACCES,
+                          f"refusing to join domain {name!r}: it is owned by uid {st.st_uid} "
+                          f"gid {st.st_gid} with mode {have:#o}, and {why}; remove it or "
+                          f"pick another name", SHM_DIR + name)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -178,8 +201,7 @@ class Domain:
             max_procs = min(65536, 4 * max_tasks + 64)
         _check_int("max_procs", max_procs)
         _check_int("names_cap", names_cap)
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
-            raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
+        _check_mode(mode)
         size = lib.tw_layout_size(max_tasks, pool_size, payload_size, max_procs, names_cap,
                                   int(bool(record_origin)))
         _security.check_total_size(name, size)
@@ -227,16 +249,37 @@ class Domain:
         return cls(name, d, created=True)
 
     @classmethod
-    def open(cls, name: str) -> "Domain":
+    def open(cls, name: str, *, mode: int | None = None) -> "Domain":
         """Map an existing domain; ``FileNotFoundError`` if there is none,
-        ``DomainCorruptError`` if its header is not one this build can use."""
+        ``DomainCorruptError`` if its header is not one this build can use.
+
+        ``mode``: the segment must belong to this process's effective user
+        and grant no permission bit outside ``mode``, else
+        ``PermissionError`` naming its owner and mode - a name another user
+        took first (with mode 0666, say) is not joined silently. Without
+        ``mode`` nothing is checked but what the system checks (whoever may
+        open the segment may join it): that is how users share a domain
+        another one made."""
         name = _normalize(name)
+        if mode is not None:
+            _check_mode(mode)
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError as exc:
             raise FileNotFoundError(f"no domain named {name!r}") from exc
         except posix_ipc.PermissionsError:
             raise _security.permission_error(name, "open") from None
+        try:
+            # fstat of the descriptor that is mapped: what is checked is what is joined
+            st = os.fstat(shm.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DomainCorruptError(f"{name!r} is not a task-work domain (not a regular "
+                                         "file)")
+            if mode is not None:
+                _check_owner(name, st, mode)
+        except BaseException:
+            shm.close_fd()
+            raise
         size = shm.size  # read before close_fd()
         try:
             head = os.pread(shm.fd, 16, 0)
@@ -263,10 +306,16 @@ class Domain:
         """Open the domain, or create it with ``create_options`` if there is
         none. Any number of processes may call this at the same instant:
         exactly one creates it (a segment gets its name only once it is whole),
-        the others open what it made."""
+        the others open what it made.
+
+        With ``mode=M`` an existing segment is joined only if it belongs to
+        this process's effective user and grants nothing outside ``M`` (see
+        :meth:`open`); without ``mode`` (created 0600) any domain the system
+        lets this process open is joined."""
+        check_mode = create_options.get("mode")
         for _ in range(20):
             try:
-                return cls.open(name)
+                return cls.open(name, mode=check_mode)
             except FileNotFoundError:
                 pass
             try:
