@@ -51,6 +51,29 @@ def _normalize(name: str) -> str:
     return _security.domain_name(name)  # ValueError before any system call
 
 
+def printable(text: str) -> str:
+    """``text`` as a terminal or a log may show it: every character Python
+    calls not printable (C0 and C1 controls such as ESC, BEL and CR, DEL,
+    line separators, bidirectional overrides) written as its escape
+    (``\\x1b``, ``\\u202e``), and a backslash doubled, so what is shown can be
+    told apart from an escape. Names read from a segment were written by
+    whoever can write it (README, Security): the tools and the logs show
+    them through this, never raw."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else
+                       f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
+
+
 def _check_int(key: str, value) -> int:
     lo, hi = LIMITS[key]
     if isinstance(value, bool) or not isinstance(value, int):
@@ -435,11 +458,12 @@ class Domain:
         info = ffi.new("struct tw_reap_info *")
         s = self._slot(slot)
         name = ffi.string(s.name).decode(errors="replace")
+        shown = printable(name)  # for the log: the name is the segment's, anyone's
         pid = int(s.pid)
         rc = lib.tw_reap(self.d, slot, orphans, inter, n, info)
         if rc < 0:
             reap_log.error("could not reap dead task %d (%s) of domain %r: %s; the next one to "
-                           "notice tries again", slot, name, self.name, os.strerror(-rc))
+                           "notice tries again", slot, shown, self.name, os.strerror(-rc))
             return None
         if rc != 1:
             return None
@@ -463,12 +487,12 @@ class Domain:
                 w.target_name = name
                 out.interrupted.append(w)
                 reap_log.warning("task %d (%s, pid %d) of domain %r died while running work "
-                                 "%#x (%s): interrupted, not run again", slot, name, pid,
-                                 self.name, w.id, w.func_name, extra={"work": w})
+                                 "%#x (%s): interrupted, not run again", slot, shown, pid,
+                                 self.name, w.id, printable(w.func_name), extra={"work": w})
             lib.tw_free_node(self.d, node)
         if out.orphaned_count:
             reap_log.warning("task %d (%s, pid %d) of domain %r died: %d work(s) kept as "
-                             "orphaned dead letters", slot, name, pid, self.name,
+                             "orphaned dead letters", slot, shown, pid, self.name,
                              out.orphaned_count)
         return out
 
