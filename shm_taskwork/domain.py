@@ -496,15 +496,28 @@ class Domain:
                              out.orphaned_count)
         return out
 
-    def _reap_dead(self) -> list["Reaped"]:
+    def _reap_dead(self, deadline_ns: int | None = None) -> list["Reaped"]:
         """Reap every dead task this process notices now, and reclaim the
         process-table entries of dead processes (what a dead adder had
         allocated and not pushed goes back to the pool, what it had pushed
-        stays queued): nothing waits for fsck."""
+        stays queued): nothing waits for fsck.
+
+        A reap takes the task's list lock, waiting up to the lock deadline
+        (2 s) while another process holds it, and whoever writes the segment
+        can make it look held for ever. So the lock is tried first, waiting
+        only until ``deadline_ns`` (default: :attr:`READ_LOCK_BUDGET` from
+        now) for all the slots together; a slot whose lock stays held is
+        left to the next one to notice it (README, Security)."""
         out = []
         d = self.d
+        if deadline_ns is None:
+            deadline_ns = _lock_deadline(None)
         for i in range(self.max_tasks):
             if lib.tw_slot_dead(d, i) == 1:
+                probe = lib.tw_snapshot_within(d, i, self._slot(i).gen, ffi.NULL, ffi.NULL, 0,
+                                               _left(deadline_ns))
+                if probe == -errno.ETIMEDOUT:
+                    continue
                 r = self._reap(i)
                 if r is not None:
                     out.append(r)
@@ -639,7 +652,7 @@ class Domain:
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         deadline = _lock_deadline(lock_timeout)
         if reap:
-            self._reap_dead()
+            self._reap_dead(deadline)
         raw = name.encode() if name is not None else None
         out = []
         for i in range(self.max_tasks):
