@@ -174,7 +174,8 @@ def _table(title: str, head: tuple, rows: list[tuple], out, right=()) -> None:
 
 def print_status(rec: dict, out) -> None:
     d, p = rec["domain"], rec["pool"]
-    print(f"domain {printable(d['name'])}: {d['max_tasks']} task slots, pool of {d['pool_size']} nodes "
+    print(f"domain {printable(d['name'])}: {d['max_tasks']} task slots, pool of "
+          f"{d['pool_size']} nodes "
           f"with {d['payload_size']}-byte payloads"
           + (", origins recorded" if d.get("record_origin") else ""), file=out)
     print(f"pool: {p['pool_free']} free, {p['pool_used']} used of {p['pool_size']}; "
@@ -306,7 +307,8 @@ def check_domain(dom: Domain, *, max_dead_letters: int = 0, min_pool_free: float
             if e is not None and (oldest_ns is None or now - e > oldest_ns):
                 oldest_ns, oldest_task = now - e, t
     if max_oldest is not None and oldest_ns is not None and oldest_ns > max_oldest * 1e9:
-        warn.append(f"oldest pending work {fmt_age(oldest_ns)} old on {printable(oldest_task.name)} "
+        warn.append(f"oldest pending work {fmt_age(oldest_ns)} old on "
+                    f"{printable(oldest_task.name)} "
                     f"(task {oldest_task.id}; more than {max_oldest:g} s)")
     live = sum(1 for t in infos if t.state in LIVE_STATES)
     code = CRITICAL if crit else WARNING if warn else OK
@@ -331,7 +333,8 @@ def _check(args) -> int:
     except (TaskWorkError, OSError, ValueError) as exc:
         if isinstance(exc, BrokenPipeError):
             raise
-        code, line = UNKNOWN, f"SHM-TASKWORK UNKNOWN - {printable(args.name)}: {printable(str(exc))}"
+        code, line = (UNKNOWN, f"SHM-TASKWORK UNKNOWN - {printable(args.name)}: "
+                               f"{printable(str(exc))}")
     print(line)
     return code
 
