@@ -971,10 +971,42 @@ out:
 int tw_snapshot(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *nodes, uint32_t *gens,
                 uint32_t max)
 {
+    return tw_snapshot_within(d, slot, gen, nodes, gens, max, d->lock_timeout_ns);
+}
+
+/*
+ * The same snapshot for a reader that may wait at most timeout_ns (<= 0: only
+ * try) for pi_lock while another process holds it: -ETIMEDOUT then, at once.
+ * Whoever can write the segment can make the lock look held for ever; a
+ * reader bounds its wait and reports the slot unreadable instead (README,
+ * Security). The walk itself is bounded by the pool size, as in every list
+ * walk here.
+ */
+static int lock_try_only(pthread_mutex_t *m, uint32_t *recovered)
+{
+    /* tw_lock's first step (segment.c) without its wait: no clock read and
+     * no futex call, for a reader whose budget is spent. Busy: -ETIMEDOUT. */
+    if (!tw_mutex_sane(m))
+        return -EUCLEAN;
+    int r = pthread_mutex_trylock(m);
+    if (r == EOWNERDEAD) {
+        pthread_mutex_consistent(m);
+        ST_REL(recovered, 1u);
+        return 0;
+    }
+    if (r == 0)
+        return 0;
+    return r == EBUSY ? -ETIMEDOUT : -EUCLEAN;
+}
+
+int tw_snapshot_within(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *nodes,
+                       uint32_t *gens, uint32_t max, int64_t timeout_ns)
+{
     if (!slot_ok(d, slot))
         return -EINVAL;
     struct tw_slot *s = SLOT(d, slot);
-    int r = tw_lock(&s->pi_lock, d->lock_timeout_ns, &s->lock_recovered);
+    int r = timeout_ns > 0 ? tw_lock(&s->pi_lock, timeout_ns, &s->lock_recovered)
+                           : lock_try_only(&s->pi_lock, &s->lock_recovered);
     if (r)
         return r;
     uint64_t head = LD_ACQ(&s->head);

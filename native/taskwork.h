@@ -569,6 +569,10 @@ int  tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t
 int  tw_snapshot(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *nodes,
                  uint32_t *gens, uint32_t max);
 int  tw_pending(struct tw_dom *d, uint32_t slot, uint32_t gen);
+/* tw_snapshot waiting at most timeout_ns (<= 0: only trying) for the list
+ * lock another process holds: -ETIMEDOUT past it. */
+int  tw_snapshot_within(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *nodes,
+                        uint32_t *gens, uint32_t max, int64_t timeout_ns);
 
 /* ---- reading nodes ---- */
 int  tw_read_work(struct tw_dom *d, uint32_t node, uint32_t gen, struct tw_work_info *wi,

@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import signal
+import stat
 import struct
 import time
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,29 @@ def _normalize(name: str) -> str:
     return _security.domain_name(name)  # ValueError before any system call
 
 
+def printable(text: str) -> str:
+    """``text`` as a terminal or a log may show it: every character Python
+    calls not printable (C0 and C1 controls such as ESC, BEL and CR, DEL,
+    line separators, bidirectional overrides) written as its escape
+    (``\\x1b``, ``\\u202e``), and a backslash doubled, so what is shown can be
+    told apart from an escape. Names read from a segment were written by
+    whoever can write it (README, Security): the tools and the logs show
+    them through this, never raw."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else
+                       f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
+
+
 def _check_int(key: str, value) -> int:
     lo, hi = LIMITS[key]
     if isinstance(value, bool) or not isinstance(value, int):
@@ -57,6 +81,28 @@ def _check_int(key: str, value) -> int:
     if not lo <= value <= hi:
         raise ValueError(f"{key}={value} is out of range: it must be between {lo} and {hi}")
     return value
+
+
+def _check_mode(mode) -> int:
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
+    return mode
+
+
+def _check_owner(name: str, st: os.stat_result, mode: int) -> None:
+    """PermissionError unless the segment (``st``) is this effective user's
+    and grants no bit outside ``mode``."""
+    have = stat.S_IMODE(st.st_mode)
+    euid = os.geteuid()
+    if st.st_uid == euid and not have & ~mode:
+        return
+    why = (f"it belongs to uid {st.st_uid}, not to this process (uid {euid})"
+           if st.st_uid != euid else
+           f"its mode {have:#o} grants more than the {mode:#o} asked for")
+    raise PermissionError(errno.EACCES,
+                          f"refusing to join domain {name!r}: it is owned by uid {st.st_uid} "
+                          f"gid {st.st_gid} with mode {have:#o}, and {why}; remove it or "
+                          f"pick another name", SHM_DIR + name)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,6 +139,10 @@ class TaskInfo(_Counters):
     registered_ns: int
     generation: int
     flags: int
+    #: True when the task's list could not be read: its lock was held by
+    #: another process past the reading call's lock budget, or the list is
+    #: inconsistent. ``pending`` then says 0, not what is queued.
+    unreadable: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,9 +159,32 @@ class DomainStats(_Counters):
     dead_letters: int
 
 
+def _lock_deadline(lock_timeout: float | None) -> int:
+    """CLOCK_MONOTONIC deadline (ns) of a reading call's lock waits."""
+    if lock_timeout is None:
+        lock_timeout = Domain.READ_LOCK_BUDGET
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or \
+            not 0 <= lock_timeout <= 3600:
+        raise ValueError(f"lock_timeout must be seconds between 0 and 3600 (or None: "
+                         f"Domain.READ_LOCK_BUDGET), got {lock_timeout!r}")
+    return time.monotonic_ns() + int(lock_timeout * 1e9)
+
+
+def _left(deadline_ns: int) -> int:
+    """What is left of a lock deadline (0: only try)."""
+    return max(0, deadline_ns - time.monotonic_ns())
+
+
 class Domain:
     """A mapped task-work domain. Use :meth:`create`, :meth:`open` or
     :meth:`open_or_create`; a context manager that closes (never unlinks)."""
+
+    #: The longest one reading call (:meth:`tasks`, :meth:`stats`,
+    #: :meth:`pending_works`) waits in all on locks other processes hold, in
+    #: seconds; past it the call only tries each lock and reports what it
+    #: could not read (``TaskInfo.unreadable``). Whoever can write the
+    #: segment can make a lock look held for ever (README, Security).
+    READ_LOCK_BUDGET = 1.0
 
     # class defaults: a half-built object can still be closed and unlinked
     _d: Any = None
@@ -151,8 +224,7 @@ class Domain:
             max_procs = min(65536, 4 * max_tasks + 64)
         _check_int("max_procs", max_procs)
         _check_int("names_cap", names_cap)
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
-            raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
+        _check_mode(mode)
         size = lib.tw_layout_size(max_tasks, pool_size, payload_size, max_procs, names_cap,
                                   int(bool(record_origin)))
         _security.check_total_size(name, size)
@@ -200,16 +272,37 @@ class Domain:
         return cls(name, d, created=True)
 
     @classmethod
-    def open(cls, name: str) -> "Domain":
+    def open(cls, name: str, *, mode: int | None = None) -> "Domain":
         """Map an existing domain; ``FileNotFoundError`` if there is none,
-        ``DomainCorruptError`` if its header is not one this build can use."""
+        ``DomainCorruptError`` if its header is not one this build can use.
+
+        ``mode``: the segment must belong to this process's effective user
+        and grant no permission bit outside ``mode``, else
+        ``PermissionError`` naming its owner and mode - a name another user
+        took first (with mode 0666, say) is not joined silently. Without
+        ``mode`` nothing is checked but what the system checks (whoever may
+        open the segment may join it): that is how users share a domain
+        another one made."""
         name = _normalize(name)
+        if mode is not None:
+            _check_mode(mode)
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError as exc:
             raise FileNotFoundError(f"no domain named {name!r}") from exc
         except posix_ipc.PermissionsError:
             raise _security.permission_error(name, "open") from None
+        try:
+            # fstat of the descriptor that is mapped: what is checked is what is joined
+            st = os.fstat(shm.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DomainCorruptError(f"{name!r} is not a task-work domain (not a regular "
+                                         "file)")
+            if mode is not None:
+                _check_owner(name, st, mode)
+        except BaseException:
+            shm.close_fd()
+            raise
         size = shm.size  # read before close_fd()
         try:
             head = os.pread(shm.fd, 16, 0)
@@ -236,10 +329,16 @@ class Domain:
         """Open the domain, or create it with ``create_options`` if there is
         none. Any number of processes may call this at the same instant:
         exactly one creates it (a segment gets its name only once it is whole),
-        the others open what it made."""
+        the others open what it made.
+
+        With ``mode=M`` an existing segment is joined only if it belongs to
+        this process's effective user and grants nothing outside ``M`` (see
+        :meth:`open`); without ``mode`` (created 0600) any domain the system
+        lets this process open is joined."""
+        check_mode = create_options.get("mode")
         for _ in range(20):
             try:
-                return cls.open(name)
+                return cls.open(name, mode=check_mode)
             except FileNotFoundError:
                 pass
             try:
@@ -360,11 +459,12 @@ class Domain:
         info = ffi.new("struct tw_reap_info *")
         s = self._slot(slot)
         name = ffi.string(s.name).decode(errors="replace")
+        shown = printable(name)  # for the log: the name is the segment's, anyone's
         pid = int(s.pid)
         rc = lib.tw_reap(self.d, slot, orphans, inter, n, info)
         if rc < 0:
             reap_log.error("could not reap dead task %d (%s) of domain %r: %s; the next one to "
-                           "notice tries again", slot, name, self.name, os.strerror(-rc))
+                           "notice tries again", slot, shown, self.name, os.strerror(-rc))
             return None
         if rc != 1:
             return None
@@ -388,24 +488,37 @@ class Domain:
                 w.target_name = name
                 out.interrupted.append(w)
                 reap_log.warning("task %d (%s, pid %d) of domain %r died while running work "
-                                 "%#x (%s): interrupted, not run again", slot, name, pid,
-                                 self.name, w.id, w.func_name, extra={"work": w})
+                                 "%#x (%s): interrupted, not run again", slot, shown, pid,
+                                 self.name, w.id, printable(w.func_name), extra={"work": w})
             lib.tw_free_node(self.d, node)
         if out.orphaned_count:
             reap_log.warning("task %d (%s, pid %d) of domain %r died: %d work(s) kept as "
-                             "orphaned dead letters", slot, name, pid, self.name,
+                             "orphaned dead letters", slot, shown, pid, self.name,
                              out.orphaned_count)
         return out
 
-    def _reap_dead(self) -> list["Reaped"]:
+    def _reap_dead(self, deadline_ns: int | None = None) -> list["Reaped"]:
         """Reap every dead task this process notices now, and reclaim the
         process-table entries of dead processes (what a dead adder had
         allocated and not pushed goes back to the pool, what it had pushed
-        stays queued): nothing waits for fsck."""
+        stays queued): nothing waits for fsck.
+
+        A reap takes the task's list lock, waiting up to the lock deadline
+        (2 s) while another process holds it, and whoever writes the segment
+        can make it look held for ever. So the lock is tried first, waiting
+        only until ``deadline_ns`` (default: :attr:`READ_LOCK_BUDGET` from
+        now) for all the slots together; a slot whose lock stays held is
+        left to the next one to notice it (README, Security)."""
         out = []
         d = self.d
+        if deadline_ns is None:
+            deadline_ns = _lock_deadline(None)
         for i in range(self.max_tasks):
             if lib.tw_slot_dead(d, i) == 1:
+                probe = lib.tw_snapshot_within(d, i, self._slot(i).gen, ffi.NULL, ffi.NULL, 0,
+                                               _left(deadline_ns))
+                if probe == -errno.ETIMEDOUT:
+                    continue
                 r = self._reap(i)
                 if r is not None:
                     out.append(r)
@@ -478,11 +591,14 @@ class Domain:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         best = None
+        deadline = _lock_deadline(None)
         for i in self._live_slots(pid=pid, name=name):
             s = self._slot(i)
             if pid is not None:
                 return self._handle(i, s)
-            n = lib.tw_pending(self.d, i, s.gen)
+            n = lib.tw_snapshot_within(self.d, i, s.gen, ffi.NULL, ffi.NULL, 0, _left(deadline))
+            if n == -errno.ETIMEDOUT:
+                n = 1 << 40          # its list is held by someone: the last choice
             if n >= 0 and (best is None or n < best[0]):
                 best = (n, i, s)
         if best is not None:
@@ -520,16 +636,24 @@ class Domain:
 
     # ---- observability ----------------------------------------------------
 
-    def tasks(self, name: str | None = None, *, reap: bool = True) -> list[TaskInfo]:
+    def tasks(self, name: str | None = None, *, reap: bool = True,
+              lock_timeout: float | None = None) -> list[TaskInfo]:
         """A snapshot of every used slot (with ``name``: of the tasks of that
         name). Dead tasks are reaped first (``reap=False``: only read, as the
         continuous observers top and export do): a dead task shows as
         ``dead``, with the works it left counted ``orphaned``/``interrupted``
-        and kept as dead letters."""
+        and kept as dead letters.
+
+        Counting a task's pending works takes its list lock. The call waits
+        at most ``lock_timeout`` seconds in all (default
+        :attr:`READ_LOCK_BUDGET`; 0: only try) on locks other processes
+        hold; a task whose lock it could not get is reported with
+        ``unreadable=True`` instead of being waited for."""
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        deadline = _lock_deadline(lock_timeout)
         if reap:
-            self._reap_dead()
+            self._reap_dead(deadline)
         raw = name.encode() if name is not None else None
         out = []
         for i in range(self.max_tasks):
@@ -539,18 +663,28 @@ class Domain:
             if raw is not None and ffi.string(s.name) != raw:
                 continue
             c = s.c
-            pending = lib.tw_pending(self.d, i, s.gen)
+            # waits only for what is left of this call's budget
+            pending = lib.tw_snapshot_within(self.d, i, s.gen, ffi.NULL, ffi.NULL, 0,
+                                             _left(deadline))
             out.append(TaskInfo(
                 id=i, pid=s.pid, name=ffi.string(s.name).decode(errors="replace"),
                 state=self._slot_state(i, s), registered_ns=s.registered_ns, generation=s.gen,
                 added=c.added, run=c.run, cancelled=c.cancelled, orphaned=c.orphaned,
                 errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
                 resumes_sent=c.resumes_sent, interrupted=c.interrupted,
-                pending=max(0, pending), max_pending=c.max_pending, flags=s.flags))
+                pending=max(0, pending), max_pending=c.max_pending, flags=s.flags,
+                unreadable=pending in (-errno.ETIMEDOUT, -errno.EUCLEAN)))
         return out
 
-    def stats(self, *, reap: bool = True) -> DomainStats:
-        infos = self.tasks(reap=reap)
+    def stats(self, *, reap: bool = True, lock_timeout: float | None = None,
+              infos: "list[TaskInfo] | None" = None) -> DomainStats:
+        """The pool and the counters of every task summed; the lock budget
+        is that of :meth:`tasks` (a task it could not read adds 0 pending).
+        ``infos``: a list :meth:`tasks` just returned, summed instead of
+        reading the table again (``reap`` and ``lock_timeout`` then do not
+        apply)."""
+        if infos is None:
+            infos = self.tasks(reap=reap, lock_timeout=lock_timeout)
         free = lib.tw_pool_free_count(self.d)
         hdr = ffi.cast("struct tw_header *", self.d.base)
         sums = {k: sum(getattr(t, k) for t in infos) for k in COUNTERS}
@@ -596,8 +730,11 @@ class Domain:
         raw = ffi.unpack(buf, n).decode(errors="replace")
         return raw[len(TASK_NAME_PREFIX):] if raw.startswith(TASK_NAME_PREFIX) else raw
 
-    def pending_works(self, task_id: int) -> list[Work]:
-        """The pending works of one task, newest first (a snapshot)."""
+    def pending_works(self, task_id: int, *, lock_timeout: float | None = None) -> list[Work]:
+        """The pending works of one task, newest first (a snapshot). Waits at
+        most ``lock_timeout`` seconds (default :attr:`READ_LOCK_BUDGET`) for
+        the task's list lock while another process holds it, then raises
+        ``DomainCorruptError`` (ETIMEDOUT)."""
         if isinstance(task_id, bool) or not isinstance(task_id, int):
             raise TypeError(f"a task id is an int, got {type(task_id).__name__}")
         s = self._slot(task_id) if 0 <= task_id < self.max_tasks else None
@@ -606,7 +743,8 @@ class Domain:
         n = self.pool_size
         nodes = ffi.new("uint32_t[]", n)
         gens = ffi.new("uint32_t[]", n)
-        cnt = lib.tw_snapshot(self.d, task_id, s.gen, nodes, gens, n)
+        cnt = lib.tw_snapshot_within(self.d, task_id, s.gen, nodes, gens, n,
+                                     _left(_lock_deadline(lock_timeout)))
         if cnt < 0:
             if -cnt == errno.ESRCH:
                 return []

@@ -1,7 +1,15 @@
-"""Small helpers the operator programs share: argument types and formatting."""
+"""Small helpers the operator programs share: argument types, formatting,
+showing strings read from a segment, opening files in /dev/shm."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import stat
+
+# The one escaping of strings read from a segment (README, Security): the
+# tools show task, callback, domain names and origins through it, never raw.
+from shm_taskwork.domain import printable
 
 
 def number_arg(parse, what: str, lo: float | None = None, hi: float | None = None, *,
@@ -42,8 +50,50 @@ def _int10(text: str) -> int:
 positive_int = number_arg(_int10, "an integer", 1)
 #: argparse type: a whole number of at least 0.
 count_int = number_arg(_int10, "a whole number", 0)
-#: argparse type: a positive, finite number of seconds.
-positive_seconds = number_arg(float, "a number of seconds", 0, above=True)
+#: The longest span a seconds flag takes: about 31 years, well inside what
+#: sleeps and timers accept (a larger one would overflow them).
+MAX_SECONDS = 1e9
+#: argparse type: a positive, finite number of seconds, at most MAX_SECONDS.
+positive_seconds = number_arg(float, "a number of seconds", 0, MAX_SECONDS, above=True)
+
+
+def text_cell(value):
+    """A cell of a rich table: ``printable(str(value))`` as a ``Text``, which
+    rich shows as it is, never parsing it as markup (a name ``[/]`` or
+    ``[link=...]`` is text)."""
+    from rich.text import Text
+
+    if isinstance(value, Text):
+        return value
+    return Text(printable(str(value)))
+
+
+def open_regular(path: str) -> int | None:
+    """A read-only descriptor of ``path`` if it is a regular file, else None.
+
+    Anyone may make a FIFO, a socket or a device node in /dev/shm: opening a
+    FIFO for reading blocks until a writer comes. The path is looked at
+    without following a link and skipped unless regular; then opened with
+    O_NONBLOCK and O_NOFOLLOW (an open never waits) and checked again on
+    the descriptor, as it may have been replaced meanwhile. OSError of the
+    open (PermissionError, FileNotFoundError) is the caller's."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):   # a link or a socket now
+            return None
+        raise
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 def fmt_age(ns: int | None, compact: bool = False) -> str:
@@ -77,17 +127,24 @@ def fmt_bytes(n: float | None, compact: bool = False) -> str:
     return str(n)  # pragma: no cover
 
 
-def oldest_pending_ns(dom, task_id: int, gen: int) -> int | None:
-    """``enqueued_ns`` of the oldest pending work of one task, or None.
+def oldest_pending_ns(dom, task_id: int, gen: int, deadline_ns: int | None = None) -> int | None:
+    """``enqueued_ns`` of the oldest pending work of one task, or None (none,
+    or its list lock was held by another process until ``deadline_ns``, on
+    CLOCK_MONOTONIC; default: ``Domain.READ_LOCK_BUDGET`` from now).
 
     The list is newest first, so the oldest is the last node of a snapshot:
     one walk in C and one node read, however many works are pending."""
+    import time
+
     from shm_taskwork._native import ffi, lib
 
+    if deadline_ns is None:
+        deadline_ns = time.monotonic_ns() + int(dom.READ_LOCK_BUDGET * 1e9)
     n = dom.pool_size
     nodes = ffi.new("uint32_t[]", n)
     gens = ffi.new("uint32_t[]", n)
-    cnt = lib.tw_snapshot(dom.d, task_id, gen, nodes, gens, n)
+    cnt = lib.tw_snapshot_within(dom.d, task_id, gen, nodes, gens, n,
+                                 max(0, deadline_ns - time.monotonic_ns()))
     if cnt <= 0:
         return None
     w = dom._read(nodes[min(cnt, n) - 1], gens[min(cnt, n) - 1], "pending")

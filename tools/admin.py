@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import stat
 import sys
 
 FSCK_EPILOG = """\
@@ -59,7 +58,10 @@ LIST_EPILOG = """\
 A domain is a segment in /dev/shm whose first bytes are the magic
 SHMTWRK\\x01. One that cannot be opened (another layout version, a corrupt
 header, no permission to map it) is listed as unreadable, with the reason.
-Segments this user cannot read at all are counted under the table.
+Segments this user cannot read at all are counted under the table. Only
+regular files are opened: a FIFO, socket or device there is skipped. Task
+slots whose list lock another process held past the read's budget are
+counted in the note ("N slots unreadable").
 """
 
 DEAD_LETTERS_EPILOG = """\
@@ -186,8 +188,13 @@ MAGIC = b"SHMTWRK\x01"
 
 
 def list_domains(shm_dir: str = SHM_DIR) -> tuple[list[dict], int]:
-    """(one record per domain found, count of segments this user cannot read)."""
+    """(one record per domain found, count of segments this user cannot read).
+
+    Only regular files are opened, never blocking (``open_regular``): anyone
+    may leave a FIFO in /dev/shm, and opening one for reading would wait for
+    a writer for ever."""
     from shm_taskwork import Domain
+    from shm_taskwork.tools._common import open_regular
 
     found, unreadable = [], 0
     try:
@@ -197,10 +204,15 @@ def list_domains(shm_dir: str = SHM_DIR) -> tuple[list[dict], int]:
     for n in names:
         path = os.path.join(shm_dir, n)
         try:
-            with open(path, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode) or f.read(8) != MAGIC:
+            fd = open_regular(path)
+            if fd is None:
+                continue    # a FIFO, a socket, a device, a link: not a domain
+            try:
+                if os.pread(fd, 8, 0) != MAGIC:
                     continue
-                size = os.fstat(f.fileno()).st_size
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
         except PermissionError:
             unreadable += 1
             continue
@@ -210,13 +222,14 @@ def list_domains(shm_dir: str = SHM_DIR) -> tuple[list[dict], int]:
         try:
             with Domain.open(n) as dom:
                 infos = dom.tasks(reap=False)   # only look: a dead task shows as dead
-                st = dom.stats(reap=False)
+                st = dom.stats(infos=infos)
                 rec.update(max_tasks=dom.max_tasks, pool_size=dom.pool_size,
                            payload_size=dom.payload_size,
                            alive=sum(1 for t in infos if t.state in ("running", "exiting")),
                            dead=sum(1 for t in infos if t.state == "dead"),
                            pending=st.pending, dead_letters=st.dead_letters,
-                           pool_free=st.pool_free)
+                           pool_free=st.pool_free,
+                           unreadable_slots=sum(1 for t in infos if t.unreadable))
         except FileNotFoundError:
             continue  # destroyed meanwhile
         except PermissionError:
@@ -245,7 +258,7 @@ def _why_unreadable(path: str, exc: Exception) -> str:
 
 
 def _list(args) -> int:
-    from shm_taskwork.tools._common import fmt_bytes, plain_table
+    from shm_taskwork.tools._common import fmt_bytes, plain_table, printable
 
     found, unreadable = list_domains()
     if args.json:
@@ -256,13 +269,16 @@ def _list(args) -> int:
     else:
         rows = []
         for r in found:
+            name = printable(r["name"])   # a file name anyone may have chosen
             if r["error"]:
-                rows.append((r["name"], fmt_bytes(r["size"], compact=True), "-", "-", "-", "-",
-                             "-", f"unreadable: {r['error']}"))
+                rows.append((name, fmt_bytes(r["size"], compact=True), "-", "-", "-", "-",
+                             "-", f"unreadable: {printable(r['error'])}"))
             else:
-                rows.append((r["name"], fmt_bytes(r["size"], compact=True), r["alive"],
+                k = r.get("unreadable_slots", 0)
+                rows.append((name, fmt_bytes(r["size"], compact=True), r["alive"],
                              r["dead"], r["pending"], r["dead_letters"],
-                             f"{r['pool_free']}/{r['pool_size']}", ""))
+                             f"{r['pool_free']}/{r['pool_size']}",
+                             f"{_plural(k, 'slot')} unreadable (list lock held)" if k else ""))
         plain_table(("domain", "size", "tasks", "dead", "pending", "dead letters",
                      "pool free", "note"), rows, sys.stdout,
                     right={"size", "tasks", "dead", "pending", "dead letters", "pool free"})
@@ -289,7 +305,7 @@ def _dead_letters(args) -> int:
     import time
 
     from shm_taskwork import Domain
-    from shm_taskwork.tools._common import fmt_age, plain_table
+    from shm_taskwork.tools._common import fmt_age, plain_table, printable
 
     if args.to is not None and not args.retry:
         raise ValueError("--to goes with --retry")
@@ -306,7 +322,7 @@ def _dead_letters(args) -> int:
                 print(json.dumps({verb: n, "left": left}))
             else:
                 what = "dead letters" if args.reason is None else f"{args.reason} dead letters"
-                print(f"{dom.name}: {verb} {n} {what}; {left} left"
+                print(f"{printable(dom.name)}: {verb} {n} {what}; {left} left"
                       + (" (no live task to take them)" if left and args.retry else ""))
             return 0
         works = dom.dead_letters(reason=args.reason)
@@ -322,13 +338,13 @@ def _dead_letters(args) -> int:
             print(json.dumps(out))
             return 0
         if not works:
-            print(f"{dom.name}: no dead letters"
+            print(f"{printable(dom.name)}: no dead letters"
                   + (f" of reason {args.reason}" if args.reason else ""))
             return 0
-        print(f"{dom.name}: {_plural(len(works), 'dead letter')}"
+        print(f"{printable(dom.name)}: {_plural(len(works), 'dead letter')}"
               + (f" of reason {args.reason}" if args.reason else ""))
-        rows = [(f"{w.id:#x}", getattr(w, "reason", None) or "-", w.func_name,
-                 getattr(w, "target_name", None) or "-", w.target, w.sender_pid,
+        rows = [(f"{w.id:#x}", getattr(w, "reason", None) or "-", printable(w.func_name),
+                 printable(getattr(w, "target_name", None) or "-"), w.target, w.sender_pid,
                  fmt_age(now - w.enqueued_ns, compact=True) if w.enqueued_ns else "-",
                  f"{len(w.payload)}B") for w in works]
         plain_table(("work", "reason", "callback", "for task", "slot", "sender", "age",
@@ -426,8 +442,9 @@ def _fsck(args) -> int:
 
 def _who(dom, slot: int) -> str:
     from shm_taskwork._native import ffi
+    from shm_taskwork.tools._common import printable
     s = dom._slot(slot)
-    return f"{ffi.string(s.name).decode(errors='replace')}, pid {int(s.pid)}"
+    return f"{printable(ffi.string(s.name).decode(errors='replace'))}, pid {int(s.pid)}"
 
 
 def _dead_letter_count(dom) -> int:
@@ -436,6 +453,8 @@ def _dead_letter_count(dom) -> int:
 
 
 def _render(name: str, rep, who: dict, dead_letters: int) -> str:
+    from shm_taskwork.tools._common import printable
+    name = printable(name)
     found = not rep.clean
     if not found:
         # never "clean" while dead letters hold pool nodes
@@ -457,18 +476,18 @@ def _render(name: str, rep, who: dict, dead_letters: int) -> str:
     if rep.orphaned_by_callback:
         lines.append("  orphaned by callback:")
         for cb, n in sorted(rep.orphaned_by_callback.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"    {n:>8}  {cb}")
+            lines.append(f"    {n:>8}  {printable(cb)}")
     if rep.interrupted:
         lines.append(f"  interrupted (callback started, process died): {rep.interrupted}")
         for w in rep.interrupted_works[:10]:
-            lines.append(f"    {w.func_name}  task {w.target}  id {w.id:#x}")
+            lines.append(f"    {printable(w.func_name)}  task {w.target}  id {w.id:#x}")
     if rep.leaked:
         lines.append(f"  leaked nodes (held by dead processes, in no list): {rep.leaked}")
     if rep.settled:
         lines.append(f"  settled (pushed by a process that died before marking it queued; "
                      f"left queued for its task): {rep.settled}")
     for p in rep.problems:
-        lines.append(f"  problem: {p}")
+        lines.append(f"  problem: {printable(p)}")
     for p in rep.incomplete:
         lines.append(f"  incomplete: {p}")
     if dead_letters and found:

@@ -17,6 +17,10 @@ Metrics (labels ``domain``, ``task`` (the slot id) and ``name`` per task):
   shm_taskwork_task_up                1 while the process lives (running or
                                       exiting), 0 once it is dead or has exited
   shm_taskwork_task_info              1, with the pid and state as labels
+  shm_taskwork_task_unreadable        1 when the task's list could not be read at
+                                      this scrape (another process held its lock
+                                      past the scrape's lock budget): its pending
+                                      figures then say 0
   shm_taskwork_task_oldest_pending_seconds   age of the oldest pending work (0: none)
   shm_taskwork_task_cpu_seconds_total  CPU time (user + system) of the task's
                                       process, from psutil (live tasks only)
@@ -26,7 +30,9 @@ Metrics (labels ``domain``, ``task`` (the slot id) and ``name`` per task):
   shm_taskwork_task_duration_seconds  histogram: duration of its callbacks
   shm_taskwork_callback_latency_seconds / _duration_seconds   the same per
                                       callback name (label ``callback``), over
-                                      every task
+                                      every task (entries of the name table that
+                                      carry the same name are summed: one series
+                                      per name)
   (The runner keeps the histograms in the segment - per task in its slot, per
   callback in the name table - with one clock read per work; buckets are
   powers of two from 1.024 us to 68.7 s.)
@@ -57,10 +63,13 @@ import time
 
 from prometheus_client.registry import Collector
 
-from shm_taskwork.tools._common import oldest_pending_ns
+from shm_taskwork.tools._common import oldest_pending_ns, open_regular
 
 EPILOG = """\
-The exporter only reads the segment: it takes no lock and registers no task.
+The exporter only reads the segment: it registers no task and changes nothing.
+It takes a task's list lock only to count its works, and waits for locks
+other processes hold at most Domain.READ_LOCK_BUDGET seconds per scrape in
+all; a task it could not read has shm_taskwork_task_unreadable 1.
 It listens on 127.0.0.1 unless --addr says otherwise (the metrics name the
 processes of the host: think before exposing them). --port 0 lets the system
 pick a free port. The first line on stdout says where it listens. SIGTERM or
@@ -118,15 +127,21 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def segment_identity(name: str) -> tuple[int, int, int] | None:
     """(device, inode, created_ns) of the segment behind a domain name, or
-    None when there is none (or it is still being formatted)."""
+    None when there is none (or it is still being formatted, or the name is
+    not a regular file: a FIFO there is never opened in a way that blocks)."""
     from shm_taskwork._native import ffi
 
     path = "/dev/shm" + name
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            head = os.pread(f.fileno(), 8, 0)
-            raw = os.pread(f.fileno(), 8, ffi.offsetof("struct tw_header", "created_ns"))
+        fd = open_regular(path)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+            head = os.pread(fd, 8, 0)
+            raw = os.pread(fd, 8, ffi.offsetof("struct tw_header", "created_ns"))
+        finally:
+            os.close(fd)
     except OSError:
         return None
     if head != b"SHMTWRK\x01" or len(raw) != 8:
@@ -166,7 +181,8 @@ def hist_value(h) -> tuple[list[tuple[str, float]], float]:
 
 
 def callback_histograms(dom) -> list[tuple[str, object]]:
-    """(callback name, its name-table entry) for every callback name kept."""
+    """(callback name, its name-table entry) for every callback name kept
+    (a name may come more than once: see ``merged_callback_histograms``)."""
     from shm_taskwork._native import ffi
     from shm_taskwork.domain import TASK_NAME_PREFIX
 
@@ -181,6 +197,25 @@ def callback_histograms(dom) -> list[tuple[str, object]]:
         if not name.startswith(TASK_NAME_PREFIX):
             out.append((name, e))
     return out
+
+
+def merged_callback_histograms(dom) -> list[tuple[str, tuple, tuple]]:
+    """(callback name, latency, duration) per distinct callback name, each a
+    ``hist_value``. A name's id is a hash of it, so one name has one entry;
+    but whoever writes the segment can write a second entry with the same
+    name, and two series with the same labels make a scrape fail: entries
+    of one name are summed."""
+    merged: dict[str, list] = {}
+    for name, e in callback_histograms(dom):
+        lat, dur = hist_value(e.latency), hist_value(e.duration)
+        have = merged.get(name)
+        if have is None:
+            merged[name] = [lat, dur]
+            continue
+        for k, (buckets, total) in enumerate((lat, dur)):
+            old_b, old_s = have[k]
+            have[k] = ([(le, a + b) for (le, a), (_, b) in zip(old_b, buckets)], old_s + total)
+    return [(name, lat, dur) for name, (lat, dur) in merged.items()]
 
 
 def process_usage(pid: int) -> tuple[float, int] | None:
@@ -258,16 +293,17 @@ class DomainCollector(Collector):
         with self._lock:
             dom = self._current()
             if dom is not None:
+                # one lock budget for the whole scrape (README, Security)
+                deadline = time.monotonic_ns() + int(dom.READ_LOCK_BUDGET * 1e9)
                 infos = dom.tasks(reap=False)
-                stats = dom.stats(reap=False)
+                stats = dom.stats(infos=infos)
                 now = time.monotonic_ns()
-                oldest = {t.id: (oldest_pending_ns(dom, t.id, t.generation) if t.pending
-                                 else None) for t in infos}
+                oldest = {t.id: (oldest_pending_ns(dom, t.id, t.generation, deadline)
+                                 if t.pending else None) for t in infos}
                 fill = table_fill(dom)
                 slot_hists = {t.id: (hist_value(dom._slot(t.id).latency),
                                      hist_value(dom._slot(t.id).duration)) for t in infos}
-                cb_hists = [(name, hist_value(e.latency), hist_value(e.duration))
-                            for name, e in callback_histograms(dom)]
+                cb_hists = merged_callback_histograms(dom)
         domain = self.name
         up = GaugeMetricFamily(f"{PREFIX}_domain_up", "1 while the name leads to a readable "
                                "task-work domain, 0 while there is none.", labels=["domain"])
@@ -292,6 +328,10 @@ class DomainCollector(Collector):
         info = GaugeMetricFamily(f"{PREFIX}_task_info", "Always 1; the task's pid and state "
                                  "(running, exiting, exited, dead) as labels.",
                                  labels=labels + ["pid", "state"])
+        unreadable = GaugeMetricFamily(f"{PREFIX}_task_unreadable", "1 when the task's list "
+                                       "could not be read at this scrape: another process "
+                                       "held its lock past the scrape's lock budget (its "
+                                       "pending figures then say 0).", labels=labels)
         age = GaugeMetricFamily(f"{PREFIX}_task_oldest_pending_seconds", "Age of the oldest "
                                 "work pending on the task (0 when none is).", labels=labels)
         cpu = CounterMetricFamily(f"{PREFIX}_task_cpu_seconds", "CPU time (user + system) "
@@ -312,6 +352,7 @@ class DomainCollector(Collector):
             live = t.state in LIVE_STATES
             task_up.add_metric(values, 1 if live else 0)
             info.add_metric(values + [str(t.pid), t.state], 1)
+            unreadable.add_metric(values, 1 if t.unreadable else 0)
             e = oldest.get(t.id)
             age.add_metric(values, 0.0 if e is None else max(0, now - e) / 1e9)
             usage = process_usage(t.pid) if live and t.pid > 0 else None
@@ -325,6 +366,7 @@ class DomainCollector(Collector):
         yield from gauges.values()
         yield task_up
         yield info
+        yield unreadable
         yield age
         yield cpu
         yield rss

@@ -23,7 +23,7 @@ import time
 from shm_taskwork import Domain, NoSuchTaskError
 from shm_taskwork.tools._common import (count_int, fmt_age, fmt_bytes, number_arg,
                                        oldest_pending_ns, plain_table, positive_int,
-                                       positive_seconds)
+                                       positive_seconds, printable, text_cell)
 
 LIVE_STATES = ("running", "exiting")
 PSUTIL_FIELDS = ("cpu_percent", "rss", "process_status")
@@ -68,9 +68,10 @@ def process_figures(pids: list[int], interval: float) -> dict[int, dict]:
 
 
 def status_record(dom: Domain, interval: float = 0.1) -> dict:
-    """The object ``status --json`` prints."""
+    """The object ``status --json`` prints. A task whose list lock another
+    process held past the read's budget has ``"unreadable": true``."""
     infos = dom.tasks()   # reaps a dead task: it shows as dead, its works as dead letters
-    stats = dom.stats()
+    stats = dom.stats(infos=infos)  # the same read, summed
     now = time.monotonic_ns()
     live = [t.pid for t in infos if t.state in LIVE_STATES and t.pid > 0]
     figs = process_figures(live, interval)
@@ -150,27 +151,31 @@ def inspect_record(dom: Domain, key: str, *, limit: int | None = None,
 # ---- printing -------------------------------------------------------------------
 
 def _table(title: str, head: tuple, rows: list[tuple], out, right=()) -> None:
+    """A rich table. Every cell is shown escaped (``printable``) and as text,
+    never parsed as rich markup: the names in it are the segment's."""
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is a declared dependency
         print(title, file=out)
+        rows = [tuple(printable(str(x)) for x in r) for r in rows]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         for r in (head, *rows):
             print("  " + "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip(), file=out)
         return
     console = Console(file=out, width=None if out.isatty() else 200, highlight=False)
-    t = Table(title=title, title_justify="left")
+    t = Table(title=text_cell(title), title_justify="left")
     for h in head:
         t.add_column(h, justify="right" if h in right else "left", no_wrap=h != "origin")
     for r in rows:
-        t.add_row(*(str(x) for x in r))
+        t.add_row(*(text_cell(x) for x in r))
     console.print(t)
 
 
 def print_status(rec: dict, out) -> None:
     d, p = rec["domain"], rec["pool"]
-    print(f"domain {d['name']}: {d['max_tasks']} task slots, pool of {d['pool_size']} nodes "
+    print(f"domain {printable(d['name'])}: {d['max_tasks']} task slots, pool of "
+          f"{d['pool_size']} nodes "
           f"with {d['payload_size']}-byte payloads"
           + (", origins recorded" if d.get("record_origin") else ""), file=out)
     print(f"pool: {p['pool_free']} free, {p['pool_used']} used of {p['pool_size']}; "
@@ -184,13 +189,19 @@ def print_status(rec: dict, out) -> None:
     for t in rec["tasks"]:
         rows.append((t["id"], t["name"], t["pid"], t["state"], t["added"], t["run"],
                      t["cancelled"], t["orphaned"], t["errors"], t["unknown"], t["signals_sent"],
-                     t["resumes_sent"], t["pending"], t["max_pending"],
+                     t["resumes_sent"], "unreadable" if t.get("unreadable") else t["pending"],
+                     t["max_pending"],
                      "-" if t["cpu_percent"] is None else f"{t['cpu_percent']:.1f}",
                      fmt_bytes(t["rss"]), t["process_status"] or "-"))
     if rows:
         _table("tasks", head, rows, out, right=set(head) - {"name", "state", "process"})
     else:
         print("tasks: none registered", file=out)
+    unreadable = sum(1 for t in rec["tasks"] if t.get("unreadable"))
+    if unreadable:
+        print(f"{unreadable} task{'s' if unreadable != 1 else ''} unreadable: another process "
+              "held the list lock past this read's budget (their pending works are not "
+              "counted)", file=out)
     if rec["dead_letters"]:
         rows = [(f"{w['id']:#x}", w.get("reason") or "-", w["func_name"],
                  w.get("target_name") or "-", w["target"], w["sender_pid"],
@@ -207,13 +218,14 @@ def print_inspect(rec: dict, out, *, callback: str | None = None) -> None:
     works, and this prints them as fast as ``--json`` does."""
     t = rec["task"]
     total, shown = rec["total_pending"], len(rec["pending"])
-    out.write(f"task {t['id']} {t['name']!r} (pid {t['pid']}, {t['state']}) in {rec['domain']}: "
+    out.write(f"task {t['id']} {t['name']!r} (pid {t['pid']}, {t['state']}) in "
+              f"{printable(rec['domain'])}: "
               f"{total} pending work{'s' if total != 1 else ''}"
               + (", newest first" if total > 1 else "") + "\n")
     if not total:
         return
     by_cb = list(rec["by_callback"].items())
-    out.write("by callback: " + ", ".join(f"{cb} {n}" for cb, n in by_cb[:8])
+    out.write("by callback: " + ", ".join(f"{printable(cb)} {n}" for cb, n in by_cb[:8])
               + (f", and {len(by_cb) - 8} more callbacks" if len(by_cb) > 8 else "") + "\n")
     matching = total if callback is None else rec["by_callback"].get(callback, 0)
     if callback is not None:
@@ -222,8 +234,8 @@ def print_inspect(rec: dict, out, *, callback: str | None = None) -> None:
         out.write(f"showing the newest {shown} (--limit)\n")
     if not shown:
         return
-    rows = [(i, f"{w['id']:#x}", w["func_name"], fmt_age(w["age_ns"], compact=True),
-             w["sender_pid"], w["origin"] or "-", f"{w['payload_len']}B")
+    rows = [(i, f"{w['id']:#x}", printable(w["func_name"]), fmt_age(w["age_ns"], compact=True),
+             w["sender_pid"], printable(w["origin"] or "-"), f"{w['payload_len']}B")
             for i, w in enumerate(rec["pending"], 1)]
     plain_table(("#", "work", "callback", "age", "sender", "origin", "payload"), rows, out,
                 right={"#", "age", "sender", "payload"})
@@ -264,14 +276,16 @@ def check_domain(dom: Domain, *, max_dead_letters: int = 0, min_pool_free: float
     """(exit status, summary line) of ``status --check``. It only reads: a
     dead task stays dead (CRITICAL) until a process that adds, or fsck, reaps
     it; its works then are dead letters (WARNING)."""
+    # one lock budget for the whole check (README, Security)
+    deadline = time.monotonic_ns() + int(dom.READ_LOCK_BUDGET * 1e9)
     infos = dom.tasks(reap=False)
-    stats = dom.stats(reap=False)
+    stats = dom.stats(infos=infos)
     now = time.monotonic_ns()
     crit: list[str] = []
     warn: list[str] = []
     dead = [t for t in infos if t.state == "dead"]
     if dead:
-        who = ", ".join(f"{t.name} (task {t.id}, pid {t.pid})" for t in dead[:3])
+        who = ", ".join(f"{printable(t.name)} (task {t.id}, pid {t.pid})" for t in dead[:3])
         more = f" and {len(dead) - 3} more" if len(dead) > 3 else ""
         crit.append(f"{len(dead)} dead task{'s' if len(dead) != 1 else ''}: {who}{more}")
     free_pct = 100.0 * stats.pool_free / stats.pool_size if stats.pool_size else 0.0
@@ -281,15 +295,20 @@ def check_domain(dom: Domain, *, max_dead_letters: int = 0, min_pool_free: float
         warn.append(f"pool {free_pct:.1f}% free (less than {min_pool_free:g}%)")
     if stats.dead_letters > max_dead_letters:
         warn.append(f"{stats.dead_letters} dead letters (more than {max_dead_letters})")
+    unreadable = [t for t in infos if t.unreadable]
+    if unreadable:
+        warn.append(f"{len(unreadable)} task{'s' if len(unreadable) != 1 else ''} unreadable "
+                    "(another process held the list lock)")
     oldest_ns = None
     oldest_task = None
     for t in infos:
         if t.state in LIVE_STATES + ("dead",) and t.pending:
-            e = oldest_pending_ns(dom, t.id, t.generation)
+            e = oldest_pending_ns(dom, t.id, t.generation, deadline)
             if e is not None and (oldest_ns is None or now - e > oldest_ns):
                 oldest_ns, oldest_task = now - e, t
     if max_oldest is not None and oldest_ns is not None and oldest_ns > max_oldest * 1e9:
-        warn.append(f"oldest pending work {fmt_age(oldest_ns)} old on {oldest_task.name} "
+        warn.append(f"oldest pending work {fmt_age(oldest_ns)} old on "
+                    f"{printable(oldest_task.name)} "
                     f"(task {oldest_task.id}; more than {max_oldest:g} s)")
     live = sum(1 for t in infos if t.state in LIVE_STATES)
     code = CRITICAL if crit else WARNING if warn else OK
@@ -301,7 +320,7 @@ def check_domain(dom: Domain, *, max_dead_letters: int = 0, min_pool_free: float
             f"dead_letters={stats.dead_letters};{max_dead_letters} "
             f"pool_free={free_pct:.1f}%;{min_pool_free:g}:;;0;100 "
             f"oldest_pending={oldest_s:.3f}s;{'' if max_oldest is None else f'{max_oldest:g}'}")
-    return code, f"SHM-TASKWORK {CHECK_WORDS[code]} - {dom.name}: {what} | {perf}"
+    return code, f"SHM-TASKWORK {CHECK_WORDS[code]} - {printable(dom.name)}: {what} | {perf}"
 
 
 def _check(args) -> int:
@@ -314,7 +333,8 @@ def _check(args) -> int:
     except (TaskWorkError, OSError, ValueError) as exc:
         if isinstance(exc, BrokenPipeError):
             raise
-        code, line = UNKNOWN, f"SHM-TASKWORK UNKNOWN - {args.name}: {exc}"
+        code, line = (UNKNOWN, f"SHM-TASKWORK UNKNOWN - {printable(args.name)}: "
+                               f"{printable(str(exc))}")
     print(line)
     return code
 

@@ -2,12 +2,12 @@
 
 Every interval it reads the task table and the pool (``dom.tasks(reap=False)``,
 ``dom.stats()``), the oldest pending work of each task that has any
-(``dom.pending_works``: the list is newest first, so the last element is the
-oldest) and, for each live task, its process's CPU %, resident memory and
+(the list is newest first, so it is the last node of a snapshot) and, for
+each live task, its process's CPU %, resident memory and
 state from psutil. Rates (works run and added per second) are the difference
 between two snapshots divided by the time between them.
 
-Reading is all it does: it takes no lock, registers no task and changes
+Reading is all it does: it registers no task and changes
 nothing in the segment (it does not reap dead tasks: the next add, register
 or fsck does), so it may watch a domain under full load. Dead tasks (their
 process died) are shown in red and listed under the table with the works
@@ -26,7 +26,8 @@ import os
 import sys
 import time
 
-from shm_taskwork.tools._common import fmt_age, fmt_bytes, positive_int, positive_seconds
+from shm_taskwork.tools._common import (fmt_age, fmt_bytes, number_arg, oldest_pending_ns,
+                                       positive_int, printable, text_cell)
 
 EPILOG = """\
 columns:
@@ -35,11 +36,16 @@ columns:
   run/s add/s   rates over the last interval ('-' on the first frame)
   cpu% rss status   the task's process, from psutil ('-' for dead or exited tasks)
 
+A task whose list lock another process held past the frame's lock budget
+shows "unreadable" under pending (its pending works are not counted).
 A dead task (its process died) is flagged in red and listed under the table;
 its works become orphaned dead letters when it is reaped (at the next add,
 register or fsck), and `shm-taskwork dead-letters NAME --retry` re-queues them.
 Ctrl-C quits (exit status 0).
 """
+
+
+_interval = number_arg(float, "a number of seconds", 0, 86400, above=True)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -48,8 +54,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "rates, oldest pending age, and the process's CPU %, memory and state;\n"
         "dead tasks flagged.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="domain name")
-    p.add_argument("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
-                   help="time between frames (default 1.0)")
+    p.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
+                   help="time between frames (default 1.0; at most a day, 86400)")
     p.add_argument("--once", action="store_true",
                    help="sample twice one interval apart, print one frame, exit")
     p.add_argument("--iterations", type=positive_int, default=None, metavar="N",
@@ -106,17 +112,19 @@ class Sampler:
 
     def sample(self) -> Snapshot:
         dom = self.dom
+        # one lock budget for the whole frame (README, Security)
+        deadline = time.monotonic_ns() + int(dom.READ_LOCK_BUDGET * 1e9)
         tasks = dom.tasks(reap=False)
-        stats = dom.stats(reap=False)
+        stats = dom.stats(infos=tasks)
         now = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of enqueued_ns
         oldest: dict[int, int] = {}
         procs: dict[int, ProcFigures] = {}
         seen = set()
         for info in tasks:
             if info.pending > 0:
-                works = dom.pending_works(info.id)
-                if works:
-                    oldest[info.id] = max(0, now - works[-1].enqueued_ns)
+                e = oldest_pending_ns(dom, info.id, info.generation, deadline)
+                if e is not None:
+                    oldest[info.id] = max(0, now - e)
             if info.state in ("running", "exiting"):
                 procs[info.id] = self._figures(info)
                 seen.add((info.id, info.generation, info.pid))
@@ -153,7 +161,8 @@ def render(name: str, snap: Snapshot, prev: Snapshot | None, interval: float):
         before = {(t.id, t.generation): t for t in prev.tasks}
     dead = [t for t in snap.tasks if t.state == "dead"]
 
-    table = Table(box=box.SIMPLE_HEAD, title=f"shm-taskwork top {name}", title_justify="left",
+    table = Table(box=box.SIMPLE_HEAD, title=text_cell(f"shm-taskwork top {name}"),
+                  title_justify="left",
                   caption=None, pad_edge=False, expand=False)
     for col in COLUMNS:
         table.add_column(col, justify="right" if col in _RIGHT else "left", no_wrap=True,
@@ -164,14 +173,16 @@ def render(name: str, snap: Snapshot, prev: Snapshot | None, interval: float):
         state = Text(t.state, style="bold red" if t.state == "dead" else
                      ("yellow" if t.state == "exiting" else
                       ("dim" if t.state == "exited" else "green")))
-        cells = [str(t.id), t.name or "-", str(t.pid), state, str(t.pending),
+        cells = [str(t.id), t.name or "-", str(t.pid), state,
+                 "unreadable" if t.unreadable else str(t.pending),
                  fmt_age(snap.oldest_ns.get(t.id), compact=True), str(t.added), str(t.run), str(t.cancelled),
                  str(t.errors), str(t.unknown), str(t.orphaned),
                  _rate(t, old, "run", dt), _rate(t, old, "added", dt),
                  "-" if pf is None or pf.cpu is None else f"{pf.cpu:.1f}",
                  fmt_bytes(pf.rss if pf is not None else None, compact=True),
                  pf.status if pf is not None and pf.status else "-"]
-        table.add_row(*cells, style="red" if t.state == "dead" else None)
+        # as text, escaped: never rich markup (the names are the segment's)
+        table.add_row(*(text_cell(c) for c in cells), style="red" if t.state == "dead" else None)
 
     pool = Text.assemble(
         ("pool ", "bold"), f"used {st.pool_used}  free {st.pool_free}  size {st.pool_size}",
@@ -189,8 +200,13 @@ def render(name: str, snap: Snapshot, prev: Snapshot | None, interval: float):
         who = ", ".join(f"{t.id} (pid {t.pid}, {t.pending} pending, {t.orphaned} orphaned)"
                         for t in dead)
         parts.append(Text(f"DEAD tasks: {who}; their works become dead letters when reaped; "
-                          f"`shm-taskwork dead-letters {name} --retry` re-queues them",
+                          f"`shm-taskwork dead-letters {printable(name)} --retry` re-queues them",
                           style="bold red"))
+    unreadable = sum(1 for t in snap.tasks if t.unreadable)
+    if unreadable:
+        parts.append(Text(f"{unreadable} task{'s' if unreadable != 1 else ''} unreadable: "
+                          "another process held the list lock past this frame's budget",
+                          style="yellow"))
     return Group(*parts)
 
 
