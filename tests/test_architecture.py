@@ -4,6 +4,8 @@
   (imports made only for type annotations, under ``if TYPE_CHECKING:``, are
   not imports at run time and are not counted). So there is no import circle.
 - Only the modules in LIB_CALLERS call the compiled core (``lib``/``ffi``).
+- ``tools/`` use the public API and ``shm_taskwork.observe`` only: no
+  ``_native``, no ``ffi``/``lib``, no private attribute of a package object.
 """
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ PKG = os.path.join(ROOT, "shm_taskwork")
 # bottom to top: each module may import only from the ones before it
 LAYERS = [
     "_layout", "errors", "codec", "_native", "constants", "signals", "_security", "work",
-    "callbacks", "keys", "notify", "task", "_run", "_aio", "registration", "fsck",
-    "domain", "kernel", "remote", "__init__", "cli",
+    "callbacks", "keys", "notify", "task", "_run", "_aio", "registration", "observe",
+    "fsck", "domain", "kernel", "remote", "__init__", "cli",
 ]
 
 # the modules that may touch the compiled core
 LIB_CALLERS = {"_native", "constants", "_security", "keys", "notify", "task", "_run", "_aio",
-               "registration", "fsck", "domain"}
+               "registration", "observe", "fsck", "domain"}
 
 
 def _modules() -> list[str]:
@@ -110,3 +112,29 @@ def test_only_the_core_layers_call_the_compiled_core():
                 callers.add(mod)
                 break
     assert callers <= LIB_CALLERS, callers - LIB_CALLERS
+
+
+TOOLS = os.path.join(ROOT, "tools")
+# objects of the tools' own making whose private attributes they may use
+_OWN = {"self", "cls", "sys", "os"}
+
+
+def test_tools_use_the_public_api_only():
+    wrong = []
+    for name in sorted(os.listdir(TOOLS)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(TOOLS, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and (
+                    node.module.startswith("shm_taskwork._")
+                    or node.module == "shm_taskwork" and any(
+                        a.name.startswith("_") for a in node.names)):
+                wrong.append(f"{name}:{node.lineno} imports {node.module}")
+            elif isinstance(node, ast.Name) and node.id in ("ffi", "lib"):
+                wrong.append(f"{name}:{node.lineno} uses {node.id}")
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and \
+                    not node.attr.startswith("__") and not (
+                        isinstance(node.value, ast.Name) and node.value.id in _OWN):
+                wrong.append(f"{name}:{node.lineno} reaches .{node.attr}")
+    assert not wrong, wrong

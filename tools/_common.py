@@ -3,13 +3,14 @@ showing strings read from a segment, opening files in /dev/shm."""
 from __future__ import annotations
 
 import argparse
-import errno
-import os
-import stat
 
 # The one escaping of strings read from a segment (README, Security): the
 # tools show task, callback, domain names and origins through it, never raw.
 from shm_taskwork.domain import printable
+from shm_taskwork.observe import oldest_pending_ns, open_regular
+
+__all__ = ["printable", "text_cell", "oldest_pending_ns", "open_regular", "fmt_age", "fmt_bytes",
+           "plain_table", "number_arg"]
 
 
 def number_arg(parse, what: str, lo: float | None = None, hi: float | None = None, *,
@@ -68,34 +69,6 @@ def text_cell(value):
     return Text(printable(str(value)))
 
 
-def open_regular(path: str) -> int | None:
-    """A read-only descriptor of ``path`` if it is a regular file, else None.
-
-    Anyone may make a FIFO, a socket or a device node in /dev/shm: opening a
-    FIFO for reading blocks until a writer comes. The path is looked at
-    without following a link and skipped unless regular; then opened with
-    O_NONBLOCK and O_NOFOLLOW (an open never waits) and checked again on
-    the descriptor, as it may have been replaced meanwhile. OSError of the
-    open (PermissionError, FileNotFoundError) is the caller's."""
-    if not stat.S_ISREG(os.lstat(path).st_mode):
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-                     | os.O_NOCTTY)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):   # a link or a socket now
-            return None
-        raise
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
-
-
 def fmt_age(ns: int | None, compact: bool = False) -> str:
     """A duration in nanoseconds, in the unit that reads best (``compact``:
     no space before the unit, for columns split on white space)."""
@@ -125,30 +98,6 @@ def fmt_bytes(n: float | None, compact: bool = False) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)  # pragma: no cover
-
-
-def oldest_pending_ns(dom, task_id: int, gen: int, deadline_ns: int | None = None) -> int | None:
-    """``enqueued_ns`` of the oldest pending work of one task, or None (none,
-    or its list lock was held by another process until ``deadline_ns``, on
-    CLOCK_MONOTONIC; default: ``Domain.READ_LOCK_BUDGET`` from now).
-
-    The list is newest first, so the oldest is the last node of a snapshot:
-    one walk in C and one node read, however many works are pending."""
-    import time
-
-    from shm_taskwork._native import ffi, lib
-
-    if deadline_ns is None:
-        deadline_ns = time.monotonic_ns() + int(dom.READ_LOCK_BUDGET * 1e9)
-    n = dom.pool_size
-    nodes = ffi.new("uint32_t[]", n)
-    gens = ffi.new("uint32_t[]", n)
-    cnt = lib.tw_snapshot_within(dom.d, task_id, gen, nodes, gens, n,
-                                 max(0, deadline_ns - time.monotonic_ns()))
-    if cnt <= 0:
-        return None
-    w = dom._read(nodes[min(cnt, n) - 1], gens[min(cnt, n) - 1], "pending")
-    return None if w is None else w.enqueued_ns
 
 
 def plain_table(head: tuple, rows: list[tuple], out, right=()) -> None:

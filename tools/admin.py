@@ -242,17 +242,15 @@ def list_domains(shm_dir: str = SHM_DIR) -> tuple[list[dict], int]:
 
 def _why_unreadable(path: str, exc: Exception) -> str:
     """A short reason: the layout version when that is what differs."""
-    import struct
-
-    from shm_taskwork import _native
+    from shm_taskwork import observe
     try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-        version = struct.unpack_from("<I", head, 8)[0]
-    except (OSError, struct.error):
-        version = None
-    if version is not None and version != _native.LAYOUT_VERSION:
-        return f"layout version {version} (this build reads {_native.LAYOUT_VERSION})"
+        h = observe.segment_header(path[len("/dev/shm"):] if path.startswith("/dev/shm/")
+                                   else path)
+    except OSError:
+        h = None
+    version = h.layout_version if h is not None else None
+    if version is not None and version != observe.LAYOUT_VERSION:
+        return f"layout version {version} (this build reads {observe.LAYOUT_VERSION})"
     text = str(exc) or type(exc).__name__
     return text.split(";")[0]
 
@@ -441,15 +439,15 @@ def _fsck(args) -> int:
 
 
 def _who(dom, slot: int) -> str:
-    from shm_taskwork._native import ffi
+    from shm_taskwork import observe
     from shm_taskwork.tools._common import printable
-    s = dom._slot(slot)
-    return f"{printable(ffi.string(s.name).decode(errors='replace'))}, pid {int(s.pid)}"
+    name, pid = observe.slot_owner(dom, slot)
+    return f"{printable(name)}, pid {pid}"
 
 
 def _dead_letter_count(dom) -> int:
-    from shm_taskwork._native import ffi
-    return int(ffi.cast("struct tw_header *", dom.d.base).dl_count)
+    from shm_taskwork import observe
+    return observe.dead_letter_count(dom)
 
 
 def _render(name: str, rep, who: dict, dead_letters: int) -> str:

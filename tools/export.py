@@ -54,16 +54,14 @@ again it maps the new one; while there is none it serves only
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import struct
 import sys
 import threading
 import time
 
 from prometheus_client.registry import Collector
 
-from shm_taskwork.tools._common import oldest_pending_ns, open_regular
+from shm_taskwork import observe
 
 EPILOG = """\
 The exporter only reads the segment: it registers no task and changes nothing.
@@ -129,93 +127,19 @@ def segment_identity(name: str) -> tuple[int, int, int] | None:
     """(device, inode, created_ns) of the segment behind a domain name, or
     None when there is none (or it is still being formatted, or the name is
     not a regular file: a FIFO there is never opened in a way that blocks)."""
-    from shm_taskwork._native import ffi
-
-    path = "/dev/shm" + name
     try:
-        fd = open_regular(path)
-        if fd is None:
-            return None
-        try:
-            st = os.fstat(fd)
-            head = os.pread(fd, 8, 0)
-            raw = os.pread(fd, 8, ffi.offsetof("struct tw_header", "created_ns"))
-        finally:
-            os.close(fd)
+        h = observe.segment_header(name)
     except OSError:
         return None
-    if head != b"SHMTWRK\x01" or len(raw) != 8:
+    if h is None or not h.magic_ok or h.created_ns is None:
         return None
-    return st.st_dev, st.st_ino, struct.unpack("<Q", raw)[0]
+    return h.dev, h.ino, h.created_ns
 
 
-def table_fill(dom) -> dict[str, tuple[int, int]]:
-    """Entries in use and the size of the process and the callback-name tables."""
-    from shm_taskwork._native import ffi, lib
-
-    pid, start = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-    procs = 0
-    for i in range(dom.max_procs):
-        if lib.tw_proc_info(dom.d, i, pid, start) == 0 and pid[0]:
-            procs += 1
-    d = dom.d
-    names = ffi.cast("struct tw_name *", d.base + d.names_off)
-    used = sum(1 for i in range(d.names_cap) if names[i].id)
-    return {"proc_table": (procs, dom.max_procs), "name_table": (used, int(d.names_cap))}
-
-
-# The runner's histograms (struct tw_hist in native/taskwork.h): bucket k
-# counts values below 2**(k + 10) ns (and at least half that, for k > 0); the
-# last bucket has no upper bound.
-HIST_LE = [repr(2 ** (k + 10) / 1e9) for k in range(27)] + ["+Inf"]
-
-
-def hist_value(h) -> tuple[list[tuple[str, float]], float]:
-    """(cumulative buckets, sum in seconds) of a struct tw_hist."""
-    counts = list(h.bucket)
-    out, acc = [], 0
-    for le, c in zip(HIST_LE, counts):
-        acc += c
-        out.append((le, acc))
-    return out, h.sum_ns / 1e9
-
-
-def callback_histograms(dom) -> list[tuple[str, object]]:
-    """(callback name, its name-table entry) for every callback name kept
-    (a name may come more than once: see ``merged_callback_histograms``)."""
-    from shm_taskwork._native import ffi
-    from shm_taskwork.domain import TASK_NAME_PREFIX
-
-    d = dom.d
-    names = ffi.cast("struct tw_name *", d.base + d.names_off)
-    out = []
-    for i in range(d.names_cap):
-        e = names[i]
-        if not e.id or not e.ready:
-            continue
-        name = ffi.string(e.name, min(int(e.len), len(e.name) - 1)).decode(errors="replace")
-        if not name.startswith(TASK_NAME_PREFIX):
-            out.append((name, e))
-    return out
-
-
-def merged_callback_histograms(dom) -> list[tuple[str, tuple, tuple]]:
-    """(callback name, latency, duration) per distinct callback name, each a
-    ``hist_value``. A name's id is a hash of it, so one name has one entry;
-    but whoever writes the segment can write a second entry with the same
-    name, and two series with the same labels make a scrape fail: entries
-    of one name are summed."""
-    merged: dict[str, list] = {}
-    for name, e in callback_histograms(dom):
-        lat, dur = hist_value(e.latency), hist_value(e.duration)
-        have = merged.get(name)
-        if have is None:
-            merged[name] = [lat, dur]
-            continue
-        for k, (buckets, total) in enumerate((lat, dur)):
-            old_b, old_s = have[k]
-            have[k] = ([(le, a + b) for (le, a), (_, b) in zip(old_b, buckets)], old_s + total)
-    return [(name, lat, dur) for name, (lat, dur) in merged.items()]
+def hist_value(h: observe.Histogram) -> tuple[list[tuple[str, float]], float]:
+    """(cumulative buckets with their ``le`` labels, sum in seconds)."""
+    return ([("+Inf" if le == float("inf") else repr(le), float(n))
+             for le, n in h.cumulative()], h.sum_ns / 1e9)
 
 
 def process_usage(pid: int) -> tuple[float, int] | None:
@@ -298,12 +222,14 @@ class DomainCollector(Collector):
                 infos = dom.tasks(reap=False)
                 stats = dom.stats(infos=infos)
                 now = time.monotonic_ns()
-                oldest = {t.id: (oldest_pending_ns(dom, t.id, t.generation, deadline)
+                oldest = {t.id: (observe.oldest_pending_ns(dom, t.id, t.generation, deadline)
                                  if t.pending else None) for t in infos}
-                fill = table_fill(dom)
-                slot_hists = {t.id: (hist_value(dom._slot(t.id).latency),
-                                     hist_value(dom._slot(t.id).duration)) for t in infos}
-                cb_hists = merged_callback_histograms(dom)
+                fill = observe.table_fill(dom)
+                slot_hists = {t.id: tuple(hist_value(h)
+                                          for h in observe.task_histograms(dom, t.id))
+                              for t in infos}
+                cb_hists = [(name, hist_value(lat), hist_value(dur))
+                            for name, lat, dur in observe.callback_histograms(dom)]
         domain = self.name
         up = GaugeMetricFamily(f"{PREFIX}_domain_up", "1 while the name leads to a readable "
                                "task-work domain, 0 while there is none.", labels=["domain"])
