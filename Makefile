@@ -97,6 +97,14 @@ model-check:
 	  && grep -q "errors: 0" pan.out
 	cd model && $(SPIN) -a -DFREELIST -DNOTAG taskwork.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
 	  grep -q "assertion violated" pan.out && echo "without the tag spin finds the ABA, as it should"
+	cd model && $(SPIN) -a signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
+	  && grep -q "errors: 0" pan.out
+	cd model && $(SPIN) -a -DNA=3 -DNPER=1 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
+	  && grep -q "errors: 0" pan.out
+	cd model && $(SPIN) -a -DNOWATCH -DMAXFAIL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
+	  grep -q "invalid end state" pan.out && echo "without the watcher spin finds the deferred handler's stranded works, as it should"
+	cd model && $(SPIN) -a -DACKLOG signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
+	  grep -q "invalid end state" pan.out && echo "with a failed handler's ack standing spin finds the stranded works, as it should"
 	rm -f model/pan* model/*.trail model/_spin_nvr.tmp
 
 clean:
