@@ -599,6 +599,22 @@ void tw_fsck_unlock(struct tw_dom *d);
 int  tw_scan_owners(struct tw_dom *d, uint64_t *out);
 int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n);
 
+/**
+ * tw_progress() - works that runs have taken and not finished, per task.
+ * @d: the domain. @nslots: the length of the arrays (at most max_tasks).
+ * @running: out, per slot: works detached or started by a run of the
+ * slot's current registration, not yet returned. @done: out, per slot:
+ * works that returned and are not yet counted in the slot's counters.
+ * @oldest_enq: out, per slot: the smallest enqueued_ns among the running
+ * ones (0: none).
+ *
+ * Context: any process; loads only (no lock), one pass over the pool: a
+ * snapshot that may be a moment old, never torn per node.
+ * Return: the number of slots filled.
+ */
+int  tw_progress(struct tw_dom *d, uint32_t nslots, uint32_t *running, uint32_t *done,
+                 uint64_t *oldest_enq);
+
 /* ---- notifications (task_work.c) ---- */
 int  tw_eventfd_write(int efd);
 int  tw_eventfd_drain(int efd);

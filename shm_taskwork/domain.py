@@ -135,7 +135,11 @@ class TaskInfo(_Counters):
     id: int
     pid: int
     name: str
-    state: str  # running, exiting, exited, dead
+    #: ``running``, ``exiting``, ``exited``, ``dead`` (its process died and
+    #: nobody has reaped it yet) or ``reaped`` (reaped: its works are dead
+    #: letters or were given back, the slot is free for reuse; the row stays
+    #: until the slot is reused)
+    state: str
     registered_ns: int
     generation: int
     flags: int
@@ -143,6 +147,11 @@ class TaskInfo(_Counters):
     #: another process past the reading call's lock budget, or the list is
     #: inconsistent. ``pending`` then says 0, not what is queued.
     unreadable: bool = False
+    #: Works a run has taken and not finished (started or not): with
+    #: ``pending``, the task's whole backlog.
+    running: int = 0
+    #: Age in seconds, since it was queued, of the oldest running work (None: none).
+    oldest_running_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -432,11 +441,11 @@ class Domain:
                         + i * ffi.sizeof("struct tw_slot"))
 
     def _slot_state(self, i: int, s) -> str:
-        """running, exiting, exited, or dead: its process died (reaped or
-        not yet; a reaped one keeps saying so until its slot is reused)."""
+        """running, exiting, exited, dead (its process died, not reaped yet)
+        or reaped (a reaped one keeps saying so until its slot is reused)."""
         st = _native.SLOT_STATES.get(s.state, "corrupt")
         if st == "exited" and s.flags & lib.TW_F_DIED:
-            return "dead"
+            return "reaped"
         if st in ("running", "exiting", "claiming", "reaping") and lib.tw_slot_dead(self.d, i) == 1:
             return "dead"
         if st == "running" and s.flags & lib.TW_F_EXITING:
@@ -656,6 +665,13 @@ class Domain:
             self._reap_dead(deadline)
         raw = name.encode() if name is not None else None
         out = []
+        # Progress first, then the counters: a chunk freed in between is
+        # counted twice for a moment, never missed (readers keep the max).
+        nt = self.max_tasks
+        running, done = ffi.new("uint32_t[]", nt), ffi.new("uint32_t[]", nt)
+        oldest = ffi.new("uint64_t[]", nt)
+        lib.tw_progress(self.d, nt, running, done, oldest)
+        now = time.monotonic_ns()
         for i in range(self.max_tasks):
             s = self._slot(i)
             if s.state == lib.TW_SLOT_FREE or s.gen == 0:
@@ -669,11 +685,14 @@ class Domain:
             out.append(TaskInfo(
                 id=i, pid=s.pid, name=ffi.string(s.name).decode(errors="replace"),
                 state=self._slot_state(i, s), registered_ns=s.registered_ns, generation=s.gen,
-                added=c.added, run=c.run, cancelled=c.cancelled, orphaned=c.orphaned,
+                added=c.added, run=c.run + done[i], cancelled=c.cancelled, orphaned=c.orphaned,
                 errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
                 resumes_sent=c.resumes_sent, interrupted=c.interrupted,
                 pending=max(0, pending), max_pending=c.max_pending, flags=s.flags,
-                unreadable=pending in (-errno.ETIMEDOUT, -errno.EUCLEAN)))
+                unreadable=pending in (-errno.ETIMEDOUT, -errno.EUCLEAN),
+                running=running[i],
+                oldest_running_s=(max(0, now - oldest[i]) / 1e9 if running[i] and oldest[i]
+                                  else None)))
         return out
 
     def stats(self, *, reap: bool = True, lock_timeout: float | None = None,

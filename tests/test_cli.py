@@ -357,7 +357,7 @@ def test_status_marks_a_dead_task_and_gives_it_no_process_figures(service):
     child.communicate(timeout=15)
     rec = json.loads(cli("status", dom.name, "--json", "--interval", "0").stdout)
     [t] = rec["tasks"]
-    assert t["state"] == "dead"
+    assert t["state"] == "reaped"
     assert t["cpu_percent"] is None and t["rss"] is None and t["process_status"] is None
     assert (t["pending"], t["orphaned"]) == (0, 3)   # reaped: its works are dead letters
     assert [w["reason"] for w in rec["dead_letters"]].count("orphaned") == 3

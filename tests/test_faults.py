@@ -378,7 +378,7 @@ def test_task_killed(make_domain, spawn, caplog, point, ran_before, reaper):
     again.expect("adding")
     assert again.proc.wait(timeout=TIMEOUT) != 0
     assert "TaskExitedError" in again.proc.stderr.read()
-    assert info(dom, tid).state == "dead"
+    assert info(dom, tid).state == "reaped"
 
     # The bystander: still the same registration, its works all there.
     assert hb.pending() == 3
@@ -559,7 +559,7 @@ def test_fsck_without_repair_changes_nothing(make_domain, spawn):
     fixed = dom.fsck(repair=True)
     assert fixed.repaired and _segment_bytes(dom) != before
     assert (fixed.dead_tasks, fixed.orphaned, fixed.leaked) == ([did], 3, 2)
-    assert info(dom, did).state == "dead"
+    assert info(dom, did).state == "reaped"
     assert sorted(fixed.dead_processes) == sorted(reports[0].dead_processes)
     assert dom.fsck(repair=False).clean
     assert live.run_all() == 3 + 1 + 2  # L-*, A-0, M-0 M-1
@@ -708,7 +708,7 @@ def test_cli_fsck_json_and_repair(make_domain, spawn):
     assert rep["orphaned_by_callback"] == {"faults.record": 3}
     assert sorted(bytes.fromhex(w["payload"]).decode() for w in rep["orphaned_works"]) == \
         ["J-0", "J-1", "J-2"]
-    assert lib.tw_slot_dead(dom.d, tid) == 0 and info(dom, tid).state == "dead"  # reaped
+    assert lib.tw_slot_dead(dom.d, tid) == 0 and info(dom, tid).state == "reaped"
     with pytest.raises(TaskExitedError):
         h.add("faults.record", b"J-late")
     assert dom.drop_dead_letters() == 3

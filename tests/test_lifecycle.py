@@ -283,7 +283,7 @@ def test_death_is_seen_from_the_segment_and_every_add_raises(make_domain, spawn,
     assert sorted(x.payload for x in dl) == [b"p0", b"p1", b"p2"]
     assert {(x.reason, x.target_name) for x in dl} == {("orphaned", "worker")}
     info = dom.tasks(name="worker")[0]
-    assert (info.state, info.orphaned, info.pending) == ("dead", 3, 0)
+    assert (info.state, info.orphaned, info.pending) == ("reaped", 3, 0)
     st = dom.stats()
     assert st.pool_used == 3 and st.dead_letters == 3     # no node leaked by the adds
 
@@ -424,7 +424,7 @@ def test_slots_of_dead_tasks_are_reused_without_fsck(make_domain, spawn):
         assert {a.id, b.id} == {0, 1}
         _kill(a)
         _kill(b)
-    assert [t.state for t in dom.tasks()] == ["dead", "dead"]
+    assert [t.state for t in dom.tasks()] == ["reaped", "reaped"]
     mine = dom.register("me", install_handler=False)
     assert mine.id in (0, 1)
     mine.exit()

@@ -163,7 +163,7 @@ def scene(make_domain, spawn):
     t_last_add = time.monotonic()
     victim.kill()
     victim.wait(timeout=10)
-    wait_until(lambda: {t.id: t.state for t in dom.tasks()}.get(victim_id) == "dead",
+    wait_until(lambda: {t.id: t.state for t in dom.tasks()}.get(victim_id) == "reaped",
                what="the killed task to read as dead")
     return dict(dom=dom, live=live, victim=victim, live_id=live_id, victim_id=victim_id,
                 t_first_add=t_first_add, t_last_add=t_last_add)
@@ -195,7 +195,7 @@ def test_top_once_shows_counters_ages_processes_and_flags_the_dead_task(scene):
     assert re.fullmatch(r"[0-9.]+(KiB|MiB|GiB)", live["rss"]), live["rss"]
 
     assert dead["id"] == str(scene["victim_id"]) and dead["pid"] == str(scene["victim"].pid)
-    assert dead["state"] == "dead"
+    assert dead["state"] == "reaped"
     # reaped (by whoever noticed first): its 4 works are orphaned dead letters
     assert (dead["added"], dead["run"], dead["pending"], dead["orphaned"]) == ("4", "0", "0", "4")
     assert (dead["cpu%"], dead["rss"], dead["status"]) == ("-", "-", "-")
@@ -308,7 +308,7 @@ def check_exposition(text: str, scene) -> dict:
     info = {dict(lbl)["task"]: dict(lbl) for (n, lbl) in m if n == "shm_taskwork_task_info"}
     assert info[str(scene["live_id"])]["state"] == "running"
     assert info[str(scene["live_id"])]["pid"] == str(scene["live"].pid)
-    assert info[str(scene["victim_id"])]["state"] == "dead"
+    assert info[str(scene["victim_id"])]["state"] == "reaped"
     # every counter of SPEC §7 is there and agrees with the task table
     for t in dom.tasks():
         lbl = _task_labels(dom, t.id, t.name)

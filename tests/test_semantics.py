@@ -654,13 +654,13 @@ def test_taskinfo_and_domainstats_fields_and_states(domain, spawn):
     st = domain.stats()
     assert (st.tasks, st.pool_used, st.added, st.pending) == (1, 2, 3, 2)
 
-    # A task whose process died without exiting is "dead".
+    # A task whose process died without exiting is "reaped" once reaped (tasks() reaps first).
     child = spawn(_TASK_CHILD, domain.name, "doomed", stdin=subprocess.PIPE)
     child_id = int(child.stdout.readline())
     assert _info(domain, child_id).state == "running"
     child.kill()
     child.wait(timeout=30)
-    assert _info(domain, child_id).state == "dead"
+    assert _info(domain, child_id).state == "reaped"
     t.run()
     t.exit()
     assert domain.stats().pool_free == domain.pool_size

@@ -159,7 +159,7 @@ def render(name: str, snap: Snapshot, prev: Snapshot | None, interval: float):
     before = {}
     if prev is not None:
         before = {(t.id, t.generation): t for t in prev.tasks}
-    dead = [t for t in snap.tasks if t.state == "dead"]
+    dead = [t for t in snap.tasks if t.state in ("dead", "reaped")]
 
     table = Table(box=box.SIMPLE_HEAD, title=text_cell(f"shm-taskwork top {name}"),
                   title_justify="left",
