@@ -281,6 +281,7 @@ void tw_fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t g
     n->target = slot;
     n->target_gen = gen;
     n->reason = TW_R_NONE;
+    n->note = 0;
     n->name_id = 0;
     n->origin_len = 0;
     if (d->record_origin && origin && origin_len) {

@@ -209,6 +209,9 @@
 #define TW_R_ORPHANED         2u  /* its task died before running it           */
 #define TW_R_INTERRUPTED      3u  /* its task died in its callback; the reaper
                                      died too before it could report it        */
+#define TW_R_SHUTDOWN         4u  /* its task stopped (serve's drain deadline)
+                                     before running it                         */
+#define TW_R_FAILED           5u  /* its callback raised, retries spent        */
 
 /* What tw_add reports back (bit mask, >= 0). */
 #define TW_DUE_EVENTFD        0x1  /* NOTIFY_RESUME went 0->1: write the eventfd   */
@@ -377,7 +380,7 @@ struct tw_node {
     uint32_t target_gen;
     uint32_t origin_len;
     uint32_t reason;           /* TW_R_*: why it is (or was) a dead letter       */
-    uint32_t reserved;
+    uint32_t note;             /* attempt << 16 | error length (TW_R_FAILED)     */
     uint64_t name_id;          /* a dead letter's task name (name table id)      */
     uint64_t started_ns;       /* when its callback started (RUNNING)            */
     /* then: char origin[TW_ORIGIN_LEN] if record_origin; then the payload       */
@@ -614,6 +617,34 @@ int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64
  */
 int  tw_progress(struct tw_dom *d, uint32_t nslots, uint32_t *running, uint32_t *done,
                  uint64_t *oldest_enq);
+
+/**
+ * tw_file_taken() - file works a run took and did not start as dead letters.
+ * @d: the domain. @slot: the runner's task. @nodes, @n: nodes of a batch the
+ * runner detached (DETACHED, its own). @reason: TW_R_SHUTDOWN or TW_R_FAILED.
+ * @errtext, @errlen: for TW_R_FAILED, the error kept with each letter (cut
+ * to the room left after its payload); NULL/0 otherwise. @attempt: the
+ * attempt count kept with each letter.
+ *
+ * Context: the task's own process, for nodes it detached (DETACHED) or whose
+ * callback it started and that returned (RUNNING). Each node moves by CAS on
+ * its owner word, so a reaper of a runner that died meanwhile and this call
+ * never both file it. Return: the number filed, or -errno (dl_lock).
+ */
+int  tw_file_taken(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t n,
+                   uint32_t reason, const char *errtext, uint32_t errlen, uint32_t attempt);
+/**
+ * tw_node_note() - the attempt count and the error length kept in a node.
+ * Return: (attempt << 16) | error length, or -EINVAL.
+ */
+int  tw_node_note(struct tw_dom *d, uint32_t node);
+/**
+ * tw_node_error() - the error a TW_R_FAILED letter keeps after its payload.
+ * @node, @gen: the letter. @out, @max: where to copy it.
+ * Return: its length, -ENOENT (not that letter any more), -EUCLEAN (lengths
+ * out of range), -EINVAL.
+ */
+int  tw_node_error(struct tw_dom *d, uint32_t node, uint32_t gen, char *out, uint32_t max);
 
 /* ---- notifications (task_work.c) ---- */
 int  tw_eventfd_write(int efd);

@@ -135,7 +135,7 @@ NODE = Struct("struct tw_node", [
     ("owner", "u64", 1), ("next", "u32", 1), ("payload_len", "u32", 1), ("func_id", "u64", 1),
     ("enqueued_ns", "u64", 1), ("sender_pid", "i32", 1), ("target", "u32", 1),
     ("target_gen", "u32", 1), ("origin_len", "u32", 1), ("reason", "u32", 1),
-    ("reserved", "u32", 1), ("name_id", "u64", 1), ("started_ns", "u64", 1),
+    ("note", "u32", 1), ("name_id", "u64", 1), ("started_ns", "u64", 1),
 ])
 
 KEY = Struct("struct tw_key", [

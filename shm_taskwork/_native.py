@@ -57,6 +57,7 @@ SLOT_STATES = {lib.TW_SLOT_FREE: "free", lib.TW_SLOT_CLAIMING: "claiming",
 
 # why a node is a dead letter (node.reason)
 REASONS = {lib.TW_R_UNKNOWN: "unknown_callback", lib.TW_R_ORPHANED: "orphaned",
+           lib.TW_R_SHUTDOWN: "shutdown", lib.TW_R_FAILED: "failed",
            lib.TW_R_INTERRUPTED: "interrupted"}
 REASON_CODES = {v: k for k, v in REASONS.items()}
 

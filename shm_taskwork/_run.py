@@ -69,13 +69,14 @@ class _RunSource:
     """The lazy fields of the Works of one loaded run chunk: a copy of the
     chunk's id, func, enqueued and sender arrays (i: the work's index)."""
 
-    __slots__ = ("domain", "target", "target_gen", "raw", "k", "origins", "func_name")
+    __slots__ = ("domain", "target", "target_gen", "raw", "k", "origins", "func_name", "d")
 
     def __init__(self, dom: "Domain", target: int, target_gen: int, raw: bytes, k: int,
                  origins: bytes | None):
         self.domain, self.target, self.target_gen = dom.name, target, target_gen
         self.raw, self.k, self.origins = raw, k, origins
         self.func_name = dom.func_name
+        self.d = dom.d
 
     def lazy_fields(self, i: int) -> tuple:
         mv, k = memoryview(self.raw).cast("Q"), self.k
@@ -92,7 +93,11 @@ class _RunSource:
                 ("target", self.target), ("target_gen", self.target_gen),
                 ("enqueued_ns", mv[lib.TW_REC_ENQ * k + i]), ("origin", origin),
                 ("domain", self.domain), ("_state", "running"), ("reason", None),
-                ("target_name", None))
+                ("target_name", None),
+                # the node is ours while its callback runs: its note is stable
+                ("attempt", max(0, lib.tw_node_note(self.d, mv[lib.TW_REC_ID * k + i]
+                                                    & 0xFFFFFFFF)) >> 16),
+                ("error", None))
 
 
 class RunLoop:
@@ -101,6 +106,12 @@ class RunLoop:
     def _init_run_loop(self, dom: "Domain") -> None:
         """Allocate the buffers the run loop reuses for the registration's life."""
         self._unfinished: list[tuple[int, int]] = []   # (node, outcome) to finish again
+        self._failed_now: list = []     # (index, exception, callback) of this chunk
+        # a drain's deadline (CLOCK_MONOTONIC ns; 0: none): no work starts
+        # after it, the run stops and leaves the rest detached (_halted)
+        self._halt_at = 0
+        self._halted = False
+        self._failed_later: list = []   # failed works a lock timeout kept from filing
         self._out = ffi.new("uint32_t[]", dom.pool_size)
         self._bpos = self._bend = 0   # the detached batch: _out[_bpos:_bend], newest first
         self._sc = _native.Scratch(dom.payload_size)
@@ -140,6 +151,14 @@ class RunLoop:
         """Finish works whose end could not be recorded before (a dead-letter
         filing whose lock timed out): they stay ours until it succeeds."""
         dom, sc = self._dom, self._sc
+        one = ffi.new("uint32_t[1]")
+        while self._failed_later:
+            node, _gen, exc, _fn = self._failed_later[-1]
+            one[0] = node
+            text = f"{type(exc).__name__}: {exc}".encode(errors="replace")
+            check(lib.tw_file_taken(dom.d, self.id, one, 1, lib.TW_R_FAILED, text, len(text),
+                                    max(0, lib.tw_node_note(dom.d, node)) >> 16), "run")
+            self._failed_later.pop()
         while self._unfinished:
             node, outcome = self._unfinished[-1]
             check(lib.tw_step(dom.d, self.id, node, outcome, lib.TW_NIL, sc.wi, sc.payload,
@@ -154,7 +173,7 @@ class RunLoop:
         the chunk (frees the nodes, counts, histograms)."""
         ran = 0
         dom = self._dom
-        while self._bpos < self._bend:
+        while self._bpos < self._bend and not self._halted:
             k = min(self._chunk, self._bend - self._bpos)
             nodes = self._out + self._bpos
             rc = lib.tw_run_load(dom.d, self.id, nodes, k, self._rec, self._parea, self._oarea,
@@ -195,10 +214,15 @@ class RunLoop:
         k = c.k
         timed = k <= _TIMED_CHUNK
         new, mono = _new_work, _mono
+        keep = fn.__shm_taskwork_keep__
+        failed = self._failed_now = []
         started = done = -1     # works 0..started have started, 0..done returned
         try:
             for i, at, running, off, end in zip(range(k), c.ats, c.runs, offs,
                                                  islice(offs, 1, None)):
+                if self._halt_at and mono() >= self._halt_at:
+                    self._halted = True   # a drain's deadline: the rest stay detached
+                    break
                 w = new(Work)
                 w.payload = pl[off:end]
                 w._src = src
@@ -210,9 +234,16 @@ class RunLoop:
                 try:
                     fn(w)
                 except Exception as exc:
-                    outc[i] = lib.TW_OUT_ERROR
                     log_callback_error(w, exc)
                     errs.append(exc)
+                    if keep:
+                        # kept RUNNING (a reaper would report it interrupted)
+                        # until _end_chunk retries it or files it "failed"
+                        outc[i] = lib.TW_OUT_SKIP
+                        failed.append((i, exc, fn))
+                        done = i
+                        continue
+                    outc[i] = lib.TW_OUT_ERROR
                 if timed:
                     ends[i] = mono()
                 # RUNNING -> DONE: it ran; counted free from here on
@@ -223,7 +254,7 @@ class RunLoop:
             raise
         finally:
             self._end_chunk(nodes, c, started, set(), [], timed)
-        return k
+        return done + 1
 
     def _interrupted(self, c: "_Chunk", started: int, done: int, taken: set,
                      unknown: list) -> int:
@@ -250,6 +281,7 @@ class RunLoop:
         by_id = callbacks._BY_ID
         mono = _mono
         ran = 0
+        failed = self._failed_now = []
         started = done = -1
         taken: set[int] = set()  # started out of order: a batch callback's works
         unknown: list[int] = []
@@ -257,6 +289,9 @@ class RunLoop:
             for i in range(k):
                 if i in taken:
                     continue
+                if self._halt_at and mono() >= self._halt_at:
+                    self._halted = True   # a drain's deadline: the rest stay detached
+                    break
                 fid = fids[i]
                 fn = by_id.get(fid)
                 if fn is not None and fn.__shm_taskwork_batch__:
@@ -294,9 +329,15 @@ class RunLoop:
                 try:
                     fn(w)
                 except Exception as exc:
-                    outc[i] = lib.TW_OUT_ERROR
                     log_callback_error(w, exc)
                     errs.append(exc)
+                    if fn.__shm_taskwork_keep__:
+                        outc[i] = lib.TW_OUT_SKIP   # retried or filed in _end_chunk
+                        failed.append((i, exc, fn))
+                        done = i
+                        ran += 1
+                        continue
+                    outc[i] = lib.TW_OUT_ERROR
                 if timed:
                     ends[i] = mono()
                 if _STORE_STARTS:
@@ -325,17 +366,25 @@ class RunLoop:
             w._src = src
             w._i = i
             append(w)
+        if self._halt_at and _mono() >= self._halt_at:
+            self._halted = True   # a drain's deadline: the chunk stays detached
+            return 0
         check(lib.tw_run_start_many(self._dom.d, self.id, nodes, k), "run")
         try:
             if _KP_IN_CALLBACK:
                 lib.tw_killpoint(lib.TW_KP_IN_CALLBACK)
+            failed: list = []
             try:
                 fn(works)
             except Exception as exc:
                 # one error per work of the list
-                ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
                 log_callback_error(works[0], exc)
                 errs.extend([exc] * k)
+                if fn.__shm_taskwork_keep__:
+                    ffi.memmove(outc, bytes([lib.TW_OUT_SKIP]) * k, k)
+                    failed = [(i, exc, fn) for i in range(k)]
+                else:
+                    ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
             except BaseException:
                 ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
                 raise
@@ -344,6 +393,8 @@ class RunLoop:
             if rc < 0:
                 log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
             self._bpos += k
+        if failed:
+            self._settle_failed(nodes, src, failed)
         return k
 
     def _run_batch_callback(self, fn: Any, fid: int, i: int, c: "_Chunk", fids: list,
@@ -374,10 +425,15 @@ class RunLoop:
         try:
             fn(works)
         except Exception as exc:
-            for j in idx:   # one error per work of the list
-                outc[j] = lib.TW_OUT_ERROR
             log_callback_error(works[0], exc)
             errs.extend([exc] * len(idx))
+            if fn.__shm_taskwork_keep__:
+                for j in idx:   # retried or filed in _end_chunk
+                    outc[j] = lib.TW_OUT_SKIP
+                    self._failed_now.append((j, exc, fn))
+                return len(idx)
+            for j in idx:   # one error per work of the list
+                outc[j] = lib.TW_OUT_ERROR
         except BaseException:
             now = _mono()
             for j in idx:
@@ -392,6 +448,47 @@ class RunLoop:
                 seg[c.ats[j]] = c.runs[j] + _DONE_DELTA
         return len(idx)
 
+    def _settle_failed(self, nodes: Any, chunk: Any, failed: list) -> None:
+        """Works whose callback raised, still RUNNING and ours: each is
+        queued again on this task while it has retries left (Work.attempt
+        counts them), else filed as a "failed" dead letter keeping its error
+        (README "Workers in production"). Counted run and errors here, as
+        tw_run_finish skipped them."""
+        dom = self._dom
+        d, slot = dom.d, self.id
+        ids = memoryview(chunk.raw).cast("Q")
+        base = lib.TW_REC_ID * chunk.k
+        one = ffi.new("uint32_t[1]")
+        for i, exc, fn in failed:
+            node = nodes[i]
+            one[0] = node
+            lib.tw_slot_counter_add(d, slot, lib.TW_C_RUN, 1)
+            lib.tw_slot_counter_add(d, slot, lib.TW_C_ERRORS, 1)
+            attempt = max(0, lib.tw_node_note(d, node)) >> 16
+            if attempt < fn.__shm_taskwork_retries__:
+                rc = lib.tw_file_taken(d, slot, one, 1, lib.TW_R_FAILED, ffi.NULL, 0,
+                                       attempt + 1)
+                if rc == 1:
+                    # the letter goes straight back onto this task's list
+                    rc = lib.tw_requeue(d, node, ids[base + i] >> 32, slot, self.gen,
+                                        lib.TW_TWA_NONE, -1, -1, 0, _mono(), 1)
+                    if rc < 0:
+                        log.error("task %d: work at node %d could not be queued again (%s); "
+                                  "it stays a failed dead letter", slot, node,
+                                  os.strerror(-rc))
+                    continue
+            else:
+                text = f"{type(exc).__name__}: {exc}".encode(errors="replace")
+                rc = lib.tw_file_taken(d, slot, one, 1, lib.TW_R_FAILED, text, len(text),
+                                       attempt)
+                if rc == 1:
+                    continue
+            if rc < 0:
+                log.error("task %d: work at node %d failed and could not be filed (%s); it "
+                          "is reported interrupted if this process dies before the next "
+                          "try", slot, node, os.strerror(-rc))
+                self._failed_later.append((node, ids[base + i] >> 32, exc, fn))
+
     def _end_chunk(self, nodes: Any, c: "_Chunk", started: int, taken: set, unknown: list,
                    timed: bool) -> None:
         """Finish the started works of a chunk (0..started, and those taken
@@ -405,6 +502,9 @@ class RunLoop:
         rc = lib.tw_run_finish(dom.d, self.id, nodes, hi, outc, ends if timed else ffi.NULL)
         if rc < 0:
             log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
+        failed, self._failed_now = self._failed_now, []
+        if failed:
+            self._settle_failed(nodes, c, failed)
         for j in unknown:
             node = c.node(j)
             sc = self._sc

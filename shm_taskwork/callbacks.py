@@ -43,17 +43,24 @@ def default_name(fn: Callable) -> str:
     return f"{fn.__module__}:{fn.__qualname__}"
 
 
-@overload
-def callback(fn: F, *, name: str | None = None, batch: bool = False) -> F: ...
+ON_FAILURE = ("dead_letter", "drop")
+#: retries a callback may ask for: the attempt count lives in 16 bits of a node
+MAX_RETRIES = 1000
 
 
 @overload
-def callback(fn: None = None, *, name: str | None = None,
-             batch: bool = False) -> Callable[[F], F]: ...
+def callback(fn: F, *, name: str | None = None, batch: bool = False, retries: int = 0,
+             on_failure: str = "dead_letter") -> F: ...
+
+
+@overload
+def callback(fn: None = None, *, name: str | None = None, batch: bool = False,
+             retries: int = 0, on_failure: str = "dead_letter") -> Callable[[F], F]: ...
 
 
 def callback(fn: Callable[..., Any] | None = None, *,
-             name: str | None = None, batch: bool = False) -> Callable[..., Any]:
+             name: str | None = None, batch: bool = False, retries: int = 0,
+             on_failure: str = "dead_letter") -> Callable[..., Any]:
     """Register ``fn`` as a callback, under ``module:qualname`` or ``name``.
 
     Usable bare (``@callback``) or with a name (``@callback(name="app.flush")``).
@@ -66,9 +73,23 @@ def callback(fn: Callable[..., Any] | None = None, *,
     with the list of its works from that batch, newest first, instead of
     once per work; a batch callback that raises counts one error per work of
     the list. (Not for ``async def``.)
+    A callback that raises is kept (README "Workers in production"): it is
+    queued again on the same task and run again, up to ``retries`` times
+    (``Work.attempt`` is 0 the first time); after that its work becomes a
+    dead letter with ``reason="failed"`` and ``Work.error`` (the exception's
+    type and message, cut to the room its node has after the payload).
+    ``errors`` counts every raise. ``on_failure="drop"`` counts and logs the
+    raise and forgets the work. (``async def`` callbacks are counted and
+    logged, as with ``"drop"``.)
     Registering the same name twice replaces the function (a module reloaded);
     two different names with the same id are refused.
     """
+    if isinstance(retries, bool) or not isinstance(retries, int) or \
+            not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be an int from 0 to {MAX_RETRIES}, got {retries!r}")
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, "
+                         f"got {on_failure!r}")
 
     def register(f: Any) -> Any:
         if not callable(f):
@@ -90,6 +111,9 @@ def callback(fn: Callable[..., Any] | None = None, *,
         if batch and f.__shm_taskwork_async__:
             raise TypeError(f"callback {cb_name!r}: a batch callback cannot be async")
         f.__shm_taskwork_batch__ = bool(batch)
+        f.__shm_taskwork_retries__ = retries
+        # keep a failed work (retry it, then file it): not for async ones
+        f.__shm_taskwork_keep__ = on_failure == "dead_letter" and not f.__shm_taskwork_async__
         return f
 
     if fn is not None:

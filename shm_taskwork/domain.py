@@ -543,16 +543,25 @@ class Domain:
 
     def register(self, name: str | None = None, *, signum: int = signal.SIGUSR1,
                  install_handler: bool = True,
-                 exit_signals: "tuple[int, ...] | list[int]" = ()) -> "Task":
+                 exit_signals: "tuple[int, ...] | list[int]" = (),
+                 adopt: bool = False) -> "Task":
         """Register this process as a task of the domain; returns its Task.
 
         ``exit_signals`` (e.g. ``(signal.SIGTERM,)``): those signals make the
         task exit as the kernel's do_exit() would - its pending works run -
         and then end the process with the status the signal's default action
         gives. Without it the library does not touch those signals, and a
-        task killed by one leaves its works as orphaned dead letters."""
+        task killed by one leaves its works as orphaned dead letters.
+
+        ``adopt=True``: re-queue to the new task the ``orphaned`` and
+        ``shutdown`` dead letters left for its name, each exactly once
+        (``Task.adopt``), for code that keeps its own loop instead of
+        ``serve()``."""
         from .registration import Registration
-        return Registration._register(self, name, signum, install_handler, exit_signals)
+        t = Registration._register(self, name, signum, install_handler, exit_signals)
+        if adopt:
+            t.adopt()
+        return t
 
     @property
     def current(self) -> "Task | None":
@@ -737,6 +746,13 @@ class Domain:
         if state == "dead-letter":
             w.reason = _native.REASONS.get(wi.reason, "orphaned")
             w.target_name = self._name_of(wi.name_id)
+            note = lib.tw_node_note(self.d, wi.node)
+            w.attempt = max(0, note) >> 16
+            if w.reason == "failed" and note > 0 and note & 0xFFFF:
+                buf = ffi.new("char[]", self.payload_size or 1)
+                n = lib.tw_node_error(self.d, wi.node, wi.gen, buf, self.payload_size)
+                if n > 0:
+                    w.error = ffi.unpack(buf, n).decode(errors="replace")
         return w
 
     def _name_of(self, name_id: int) -> str | None:

@@ -29,14 +29,16 @@ import errno
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
-from . import _aio, _security, notify, signals
+from . import _aio, _security, notify, signals, systemd
 from ._native import check, ffi, lib
 from ._run import RunLoop, _NIL
 from .callbacks import TASK_NAME_PREFIX, log_callback_error, task_name_id
+from .constants import TWA_RESUME
 from .errors import TaskWorkError
 from .task import Task
 from .work import Work
@@ -119,6 +121,9 @@ class Registration(RunLoop, Task):
         self._critical = 0
         self._deferred = False
         self._terminate_with = 0
+        self._interrupt = False   # set by serve()'s stop signal: wait() returns
+        self._stops = 0           # stop signals serve() has seen
+        self._drain_s: float | None = None   # serve()'s drain_timeout
         self._h.own_efd = efd
         self._init_run_loop(dom)
         self._spin_ns = _SPIN_MAX_NS if _SPIN else 0
@@ -162,41 +167,49 @@ class Registration(RunLoop, Task):
             # new works up (its loop detaches until the list is empty).
             self._rerun = True
             return 0
-        self._in_run = True
         errs: list[BaseException] = []
         ran = 0
         dom = self._dom
-        try:
-            if self._unfinished:
-                self._finish_unfinished()
-            # A wake-up is consumed once per run, not once per batch.
-            if not keep_resume:
-                lib.tw_eventfd_drain(self._efd)
-            bits = _F_SIGNAL if keep_resume else _F_NOTIFY
-            cleared = False
-            while True:
-                if self._bpos >= self._bend:
-                    self._rerun = False
-                    n = self._detach()
-                    if n == 0:
-                        if self._rerun:
-                            continue
-                        if cleared:
+        again = True
+        while again:
+            self._in_run = True
+            try:
+                if self._unfinished or self._failed_later:
+                    self._finish_unfinished()
+                # A wake-up is consumed once per run, not once per batch.
+                if not keep_resume:
+                    lib.tw_eventfd_drain(self._efd)
+                bits = _F_SIGNAL if keep_resume else _F_NOTIFY
+                cleared = False
+                while not self._halted:
+                    if self._bpos >= self._bend:
+                        self._rerun = False
+                        n = self._detach()
+                        if n == 0:
+                            if self._rerun:
+                                continue
+                            if cleared:
+                                break
+                            # The lazy clear: NOTIFY_* stayed set while we
+                            # ran, so adders did not notify. Clear on the way
+                            # out, then look once more: an adder whose push
+                            # came after our last detach either is seen by
+                            # this look or finds the flag clear and notifies.
+                            cleared = True
+                            if self._flagsp[0] & bits:
+                                lib.tw_flags_clear(dom.d, self.id, bits)
+                                continue
                             break
-                        # The lazy clear: NOTIFY_* stayed set while we ran, so
-                        # adders did not notify. Clear on the way out, then
-                        # look once more: an adder whose push came after our
-                        # last detach either is seen by this look or finds
-                        # the flag clear and notifies (no lost wake-up).
-                        cleared = True
-                        if self._flagsp[0] & bits:
-                            lib.tw_flags_clear(dom.d, self.id, bits)
-                            continue
-                        break
-                    cleared = False
-                ran += self._run_batch(errs)
-        finally:
-            self._in_run = False
+                        cleared = False
+                    ran += self._run_batch(errs)
+            finally:
+                self._in_run = False
+            # A signal handler that came in after our last look, while
+            # _in_run was still set, took its signal and left the works to us
+            # (README "TWA_SIGNAL is never stranded"): look again. One that
+            # comes in from here on sees _in_run clear and runs them itself.
+            again = self._rerun and not self._halted
+            self._rerun = False
         self._ran_total += ran
         if self._exit_after_run:  # a callback called exit(): finish it now
             self._exit_after_run = False
@@ -254,6 +267,9 @@ class Registration(RunLoop, Task):
         flagsp, seg, head_at = self._flagsp, self._seg, self._head_at
         try:
             while True:
+                if self._interrupt:   # serve()'s stop signal: back to serve
+                    self._interrupt = False
+                    return self._ran_total - start
                 # Every turn ends by the deadline, whatever the segment says
                 # (a forged head or flag must not keep us spinning).
                 if deadline is not None and self._ran_total == start and \
@@ -332,6 +348,145 @@ class Registration(RunLoop, Task):
                     lib.tw_eventfd_drain(self._efd)
         finally:
             self._waiting = False
+
+    # ---- a worker: serve until stopped (README "Workers in production") -----
+
+    def serve(self, *, stop_signals: "tuple[int, ...] | list[int]" = (signal.SIGTERM,
+                                                                      signal.SIGINT),
+              drain_timeout: float | None = 30.0, adopt: bool = True,
+              watchdog: bool = True) -> int:
+        """Run works as they arrive (every notify mode, as wait() does) until
+        a stop signal; return the number of works run.
+
+        On the first stop signal it drains in the kernel's exit order: the
+        task is marked exiting; the works already queued run (works added
+        meanwhile too) until the list stays empty or ``drain_timeout``
+        seconds pass; what is still queued then becomes dead letters with
+        ``reason="shutdown"`` (never lost, never run twice); the exited
+        sentinel is installed and serve() returns, so a worker script ends
+        with status 0. A second stop signal ends the drain at once, the same
+        way. ``drain_timeout=None`` waits for the whole list.
+
+        ``adopt``: first re-queue to this task the dead letters left for its
+        name (``orphaned`` or ``shutdown``), each exactly once (see
+        :meth:`adopt`). Under systemd (``$NOTIFY_SOCKET``) it sends
+        ``READY=1`` once registered and adopted, ``STATUS=`` at most once a
+        second, ``WATCHDOG=1`` every half ``$WATCHDOG_USEC`` (``watchdog``),
+        waking for it by itself, and ``STOPPING=1`` when the drain begins.
+        Main thread only (signal handlers live there)."""
+        self._require_current("serve")
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("serve() needs the main thread (Python runs signal handlers there)")
+        stops = signals.exit_signal_set(stop_signals, self._signum)
+        clash = set(stops) & set(self._exit_signals)
+        if clash:
+            raise ValueError(f"serve(): {', '.join(signal.Signals(s).name for s in clash)} "
+                             "is one of this task's exit_signals; give it to one of the two")
+        drain = _security.timeout_seconds(drain_timeout)
+        start = self._ran_total
+        self._stops = 0
+        self._drain_s = drain
+        for sig in stops:
+            signals.subscribe(sig, self._on_stop, signals.PLAIN)
+        sd = systemd.Notifier.from_env()
+        try:
+            adopted = self.adopt() if adopt else 0
+            sd.ready(self._serve_status(start, adopted))
+            every = sd.watchdog_interval() if watchdog else None
+            next_wd = time.monotonic() + every if every else None
+            next_status = time.monotonic() + 1.0
+            while not self._stops:
+                now = time.monotonic()
+                if next_wd is not None and now >= next_wd:
+                    sd.watchdog()
+                    next_wd = now + every
+                if sd.enabled and now >= next_status:
+                    sd.status(self._serve_status(start, adopted))
+                    next_status = now + 1.0
+                wake = [t for t in (next_wd, next_status if sd.enabled else None) if t]
+                self.wait(None if not wake else max(0.0, min(wake) - now))
+            sd.stopping("draining")
+            left = self._drain(drain)
+            sd.status(f"stopped: ran {self._ran_total - start}, {left} left as shutdown "
+                      "dead letters")
+        finally:
+            for sig in stops:
+                signals.unsubscribe(sig, self._on_stop)
+            sd.close()
+        return self._ran_total - start
+
+    def _serve_status(self, start: int, adopted: int) -> str:
+        text = f"serving: ran {self._ran_total - start}"
+        return text + (f", adopted {adopted}" if adopted else "")
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        """serve()'s stop signal (a subscriber of ``signals``): the first
+        starts the drain, a second ends it at once."""
+        self._stops += 1
+        if self._stops > 1:
+            self._halt_at = 1          # in the past: no work starts any more
+        elif self._drain_s is not None:
+            # the drain's deadline counts from the first stop signal, also for
+            # a batch that is running now
+            self._halt_at = _mono() + int(self._drain_s * 1e9)
+        self._interrupt = True
+        if self._efd >= 0:
+            lib.tw_eventfd_write(self._efd)   # make a wait() in select return
+
+    def _drain(self, timeout: float | None) -> int:
+        """The kernel's exit order with a deadline; the works filed as
+        shutdown letters. Ends with the exited sentinel and the slot released."""
+        d = self._dom.d
+        lib.tw_flags_set(d, self.id, lib.TW_F_EXITING)
+        if self._stops > 1:
+            self._halt_at = 1
+        elif timeout is not None and not self._halt_at:
+            self._halt_at = _mono() + int(timeout * 1e9)
+        try:
+            for _ in range(1 << 20):
+                self._run(False, False)
+                if self._halted or lib.tw_slot_check(d, self.id, self.gen) == -errno.ESRCH:
+                    break
+        finally:
+            self._halt_at = 0
+        filed = 0
+        # What the deadline left: the detached works not started, then the
+        # list, detached (EXITING: an empty list becomes the exited sentinel).
+        for _ in range(1 << 20):
+            if self._bpos < self._bend:
+                n = self._bend - self._bpos
+                rc = lib.tw_file_taken(d, self.id, self._out + self._bpos, n,
+                                       lib.TW_R_SHUTDOWN, ffi.NULL, 0, 0)
+                check(rc, "serve: filing shutdown letters")
+                filed += rc
+                self._bpos = self._bend
+            if lib.tw_slot_check(d, self.id, self.gen) == -errno.ESRCH:
+                break
+            if self._detach() == 0 and \
+                    lib.tw_slot_check(d, self.id, self.gen) == -errno.ESRCH:
+                break
+        self._halted = False
+        if filed:
+            log.warning("task %d (%s) of domain %s stopped with %d work(s) not run: kept as "
+                        "shutdown dead letters", self.id, self.name, self._dom.name, filed)
+        self._exited = True
+        self._finish_exit()
+        return filed
+
+    def adopt(self) -> int:
+        """Re-queue to this task the dead letters whose ``target_name`` is its
+        name and whose reason is ``orphaned`` or ``shutdown``; the number
+        re-queued. Each letter goes to exactly one task even when several
+        workers of the name adopt at once (the re-queue takes it by CAS).
+        ``interrupted`` and ``failed`` letters are never adopted: they may
+        have had effects, and need a person."""
+        self._require_current("adopt")
+        n = 0
+        for w in self._dom.dead_letters():
+            if w.target_name == self.name and w.reason in ("orphaned", "shutdown"):
+                if self._requeue(w, TWA_RESUME):
+                    n += 1
+        return n
 
     def fileno(self) -> int:
         """The task's eventfd: readable when RESUME work waits. When it

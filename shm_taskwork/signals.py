@@ -8,6 +8,8 @@ subscriber of that signal, in subscription order. Two kinds of signal:
   subscribers, the handler that was installed before is called. When the
   last subscriber leaves, the signal is set to be ignored (a straggling
   notification must not kill the process with SIGUSR1's default action).
+- ``PLAIN`` (``serve()``'s stop signals): the subscribers only; when the
+  last one leaves, the handler installed before comes back.
 - ``EXIT`` (``register(exit_signals=...)``, the kernel's do_exit()): a
   subscriber returns True to say "not now" (a run or a critical block is in
   progress; it dies of the signal when that ends); when none does, the
@@ -27,6 +29,7 @@ from typing import Any, Callable
 
 NOTIFY = "notify"
 EXIT = "exit"
+PLAIN = "plain"   # serve()'s stop signals: the subscribers only
 
 Subscriber = Callable[[int, Any], Any]
 
@@ -71,6 +74,8 @@ def dispatch(signum: int, frame: Any = None) -> None:
         if not deferred:
             die_of(signum)
         return
+    if kind == PLAIN:
+        return
     if callable(prev):
         prev(signum, frame)
 
@@ -98,7 +103,7 @@ def unsubscribe(signum: int, fn: Subscriber) -> None:
     prev = _PREV.pop(signum, signal.SIG_DFL)
     kind = _KIND.pop(signum, NOTIFY)
     try:
-        if kind == EXIT:
+        if kind in (EXIT, PLAIN):
             signal.signal(signum, prev or signal.SIG_DFL)
         else:
             # Keep ignoring a straggling signal instead of dying of it.

@@ -65,7 +65,8 @@ class _AddSource:
                 ("id", ((rc >> 28) << 32) | ((rc >> 4) & 0xFFFFFF)),
                 ("sender_pid", self.sender_pid), ("target", self.target),
                 ("target_gen", self.target_gen), ("origin", None), ("domain", self.domain),
-                ("_state", "pending"), ("reason", None), ("target_name", None))
+                ("_state", "pending"), ("reason", None), ("target_name", None),
+                ("attempt", 0), ("error", None))
 
 
 class _ManySource(_AddSource):
@@ -82,7 +83,8 @@ class _ManySource(_AddSource):
         return (("func_name", self.func_name), ("func_id", self.func_id),
                 ("id", self.ids[i]), ("sender_pid", self.sender_pid), ("target", self.target),
                 ("target_gen", self.target_gen), ("origin", None), ("domain", self.domain),
-                ("_state", "pending"), ("reason", None), ("target_name", None))
+                ("_state", "pending"), ("reason", None), ("target_name", None),
+                ("attempt", 0), ("error", None))
 
 
 # every Task handle of this process, by id (equal handles are distinct here)
@@ -463,6 +465,19 @@ class Task:
 
     def detach_loop(self) -> None:
         """Undo attach_loop(); nothing to undo on a handle."""
+
+    def serve(self, *, stop_signals: "tuple[int, ...] | list[int]" = (15, 2),
+              drain_timeout: float | None = 30.0, adopt: bool = True,
+              watchdog: bool = True) -> int:
+        """Run works as they arrive until a stop signal, then drain (see the
+        registration: ``Registration.serve``)."""
+        self._require_current("serve")
+        raise AssertionError("unreachable: only a registration is current")
+
+    def adopt(self) -> int:
+        """Re-queue the dead letters left for this task's name (see the registration)."""
+        self._require_current("adopt")
+        raise AssertionError("unreachable: only a registration is current")
 
     async def wait_async(self, timeout: float | None = None) -> int:
         """``await``-able wait() (see the registration)."""

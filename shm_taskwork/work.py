@@ -39,13 +39,13 @@ class Work:
     # Work(...) has every field from the start.
     __slots__ = ("func_name", "func_id", "payload", "sender_pid", "target", "target_gen",
                  "enqueued_ns", "origin", "id", "domain", "_state", "reason", "target_name",
-                 "_src", "_i")
+                 "attempt", "error", "_src", "_i")
 
     def __init__(self, func_name: str, func_id: int, payload: bytes, *, sender_pid: int = 0,
                  target: int = -1, target_gen: int = 0, enqueued_ns: int = 0,
                  origin: str | None = None, id: int | None = None, domain: str | None = None,
                  state: str = "unqueued", reason: str | None = None,
-                 target_name: str | None = None):
+                 target_name: str | None = None, attempt: int = 0, error: str | None = None):
         self.func_name = func_name
         self.func_id = func_id
         self.payload = payload
@@ -61,6 +61,10 @@ class Work:
         # "orphaned"), and the name of the task it was for
         self.reason = reason
         self.target_name = target_name
+        # a callback that raised (README "Workers in production"): the run
+        # it is in (0 first), and, for a "failed" dead letter, the error
+        self.attempt = attempt
+        self.error = error
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for a slot never set: a light Work's lazy field.
@@ -81,7 +85,8 @@ class Work:
     def __reduce__(self) -> Any:
         return (_rebuild, (self.func_name, self.func_id, self.payload, self.sender_pid,
                            self.target, self.target_gen, self.enqueued_ns, self.origin, self.id,
-                           self.domain, self._state, self.reason, self.target_name))
+                           self.domain, self._state, self.reason, self.target_name,
+                           self.attempt, self.error))
 
     @property
     def state(self) -> str:
@@ -101,7 +106,8 @@ class Work:
         return {"id": self.id, "func_name": self.func_name, "payload": self.payload.hex(),
                 "sender_pid": self.sender_pid, "target": self.target,
                 "enqueued_ns": self.enqueued_ns, "origin": self.origin, "state": self.state,
-                "reason": self.reason, "target_name": self.target_name}
+                "reason": self.reason, "target_name": self.target_name,
+                "attempt": self.attempt, "error": self.error}
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Work):
@@ -122,14 +128,16 @@ class Work:
                 f"payload={len(self.payload)}B, state={self.state}{why})")
 
 
-_LAZY = frozenset(("func_name", "func_id", "sender_pid", "target", "target_gen", "enqueued_ns", "origin", "id", "domain",
-                   "_state", "reason", "target_name"))
+_LAZY = frozenset(("func_name", "func_id", "sender_pid", "target", "target_gen", "enqueued_ns",
+                   "origin", "id", "domain", "_state", "reason", "target_name", "attempt",
+                   "error"))
 
 
 def _rebuild(func_name: str, func_id: int, payload: bytes, sender_pid: int, target: int,
              target_gen: int, enqueued_ns: int, origin: str | None, id: int | None,
              domain: str | None, state: str, reason: str | None,
-             target_name: str | None) -> Work:
+             target_name: str | None, attempt: int = 0, error: str | None = None) -> Work:
     return Work(func_name, func_id, payload, sender_pid=sender_pid, target=target,
                 target_gen=target_gen, enqueued_ns=enqueued_ns, origin=origin, id=id,
-                domain=domain, state=state, reason=reason, target_name=target_name)
+                domain=domain, state=state, reason=reason, target_name=target_name,
+                attempt=attempt, error=error)

@@ -240,7 +240,12 @@ def test_raising_callback_does_not_stop_the_run(domain, task, caplog):
     assert all(r.levelno == logging.ERROR and r.exc_info for r in failures)
     assert "boom 1" in caplog.text and "boom 2" in caplog.text
     assert _info(domain, task.id).errors == 2
-    assert domain.stats().pool_free == domain.pool_size
+    # A work whose callback raised is kept: a "failed" dead letter with its
+    # error (README "Workers in production"); nothing else is left over.
+    letters = domain.dead_letters()
+    assert sorted((w.payload, w.reason, w.error, w.attempt) for w in letters) == [
+        (b"1", "failed", "ValueError: boom 1", 0), (b"2", "failed", "ValueError: boom 2", 0)]
+    assert domain.stats().pool_free == domain.pool_size - 2
 
 
 def test_run_raise_errors_raises_after_every_detached_work_ran(domain, task):
