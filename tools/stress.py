@@ -271,7 +271,8 @@ TREC = struct.Struct("<HHIQQQQ")   # kind, call, writer incarnation, id, added, 
 T_RUN, T_BLOCK = 1, 2
 # T_RUN: a callback ran work ``id`` (added at ``added``) from ``start`` to ``end``.
 # T_BLOCK: the main thread was in blocking call BLOCK_CALLS[call] from ``start``
-# to ``end`` (``id`` and ``added`` 0). All times CLOCK_MONOTONIC ns.
+# to ``end`` (``id`` and ``added`` 0); written with ``end`` 0 on the way in and
+# again on the way out. All times CLOCK_MONOTONIC ns.
 
 
 class Timing:
@@ -319,7 +320,7 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
         torn += len(raw) - whole
         runs = []        # (start, end, timed)
         adds = []        # add times of the timed works
-        blocks = []      # (enter, leave, call)
+        blocks = {}      # enter -> (leave, call); a call never left ends never
         inc = 0
         for kind, call, inc, wid, added, start, end in TREC.iter_unpack(raw[:whole]):
             if kind == T_RUN:
@@ -329,14 +330,15 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
                     adds.append(added)
                     waits.append(start - added)
             elif kind == T_BLOCK and 0 <= call < len(BLOCK_CALLS):
-                calls[BLOCK_CALLS[call]] += 1
-                blocks.append((start, end, BLOCK_CALLS[call]))
+                if start not in blocks:
+                    calls[BLOCK_CALLS[call]] += 1
+                blocks[start] = (end or 1 << 63, BLOCK_CALLS[call])
         nruns += len(runs)
         timed += len(adds)
         if any(runs[i][0] > runs[i + 1][0] for i in range(len(runs) - 1)):
             runs.sort()
         adds.sort()
-        blocks.sort()
+        spans = sorted((enter, leave, call) for enter, (leave, call) in blocks.items())
         n_adds = len(adds)
         i = queued = since = last_end = 0
         for start, end, counted in runs:
@@ -352,7 +354,7 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
                     longest = length
                 if length > bound_ns:
                     stalls.append((length / 1e6, inc, begin, start,
-                                   _overlapping(blocks, begin, start)))
+                                   _overlapping(spans, begin, start)))
                 if counted:
                     queued -= 1
             if end > last_end:
@@ -762,6 +764,8 @@ def block_round(a, task, timing: Timing) -> None:
             code = codes[k % len(names)]
             k += 1
             enter = time.monotonic_ns()
+            # entered (a SIGKILL inside the call leaves this one, with no end)
+            timing.put(T_BLOCK, code, 0, 0, enter, 0)
             if call == "readline":
                 helper.arm(rl_w, secs)
                 line.readline()
@@ -1117,6 +1121,16 @@ class Controller:
 
     def _judge_exit(self, c: Child) -> None:
         rc = c.proc.returncode
+        if c.killed_by_us or rc in (0, -signal.SIGKILL):
+            # Not a crash, yet something on stderr: the library logged an
+            # error (a signal handler that could not run the list, a
+            # notification not sent, ...).
+            tail = self._tail(c)
+            if tail:
+                how = "exited" if rc == 0 else f"died of {signal.Signals(-rc).name}" \
+                    if rc < 0 else f"exited with {rc}"
+                self.noisy.append(f"{c.role} {c.inc} (pid {c.proc.pid}, {how}) wrote to "
+                                  f"stderr: {tail}")
         if c.killed_by_us:
             return
         if rc == -signal.SIGKILL:
@@ -1127,12 +1141,6 @@ class Controller:
         elif rc != 0:
             self.crashed.append(f"{c.role} {c.inc} (pid {c.proc.pid}) exited with {rc}: "
                                 f"{self._tail(c)}")
-        else:
-            # A clean exit after writing to stderr: the library logged an
-            # error (a signal handler that could not run the list, ...).
-            tail = self._tail(c)
-            if tail:
-                self.noisy.append(f"{c.role} {c.inc} (pid {c.proc.pid}) wrote to stderr: {tail}")
 
     def reap(self, replace: bool) -> None:
         for c in list(self.children):
