@@ -715,6 +715,9 @@ class _BlockHelper(threading.Thread):
         self.stopping = threading.Event()
 
     def arm(self, fd: int, seconds: float) -> None:
+        # ``armed`` is read and written only under ``cond``: at most one line
+        # is owed, to the call the main thread is about to make, and that
+        # call consumes exactly it (a readline or read of the only line).
         with self.cond:
             self.armed = (fd, time.monotonic() + seconds)
             self.cond.notify()
@@ -732,7 +735,9 @@ class _BlockHelper(threading.Thread):
                 if self.armed is not None:
                     until = min(until, self.armed[1])
                 self.cond.wait(until - now)
-        # The end: every pipe becomes readable, the lock free.
+        # The end: every pipe becomes readable, the lock free. ``stopping`` is
+        # set before those wake-ups, so the call they end is the main
+        # thread's last (its loop tests ``stopping`` right after each call).
         self.stopping.set()
         for fd in self.pipes:
             os.write(fd, b"\n")
