@@ -385,8 +385,9 @@ def test_stall_judgement_of_every_case(tmp_path):
     assert m["stalled"] == 3 and m["max_stall_ms"] == 280.0
     assert m["stalls_by_call"] == {"readline": 0, "read": 2, "select": 0, "sleep": 0,
                                    "lock": 0, "wait": 0, "none": 1}
-    assert [(round(w[0]), w[1], w[4]) for w in m["worst_stalls"]] == [
-        (280, 7, "read"), (250, 8, "none"), (190, 8, "read")]
+    assert [(round(w[0]), w[1], w[4], w[5]) for w in m["worst_stalls"]] == [
+        (280, 7, ("read", 15 * ms, 310 * ms), "read"), (250, 8, ("none", 0, 0), "none"),
+        (190, 8, ("read", 1300 * ms, 1 << 63), "read")]
     assert m["timed_works"] == 7 and m["timed_runs"] == 9
     assert m["block_calls"]["read"] == 2 and m["block_calls"]["sleep"] == 1
     assert m["wait_ms"]["max"] == 281.0 and m["timing_torn_bytes"] == 2

@@ -304,7 +304,8 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
     the moment the queue went from none to some. A task's callbacks run one
     after another on its main thread, so its runs are in start order."""
     bound_ns = bound_ms * 1e6
-    stalls: list[tuple[float, int, int, int, str]] = []   # ms, task inc, begin, end, call
+    # ms, task inc, begin, end, (call, its entry, its exit), the call it ended in
+    stalls: list[tuple[float, int, int, int, tuple[str, int, int], str]] = []
     waits: list[int] = []
     calls = {c: 0 for c in BLOCK_CALLS}
     by_call = {c: 0 for c in (*BLOCK_CALLS, "none")}
@@ -354,13 +355,13 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
                     longest = length
                 if length > bound_ns:
                     stalls.append((length / 1e6, inc, begin, start,
-                                   _overlapping(spans, begin, start)))
+                                   _overlapping(spans, begin, start), _at(spans, start)))
                 if counted:
                     queued -= 1
             if end > last_end:
                 last_end = end
     for st in stalls:
-        by_call[st[4]] += 1
+        by_call[st[4][0]] += 1
     waits.sort()
     stalls.sort(reverse=True)
     return {
@@ -374,16 +375,25 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
     }
 
 
-def _overlapping(blocks: list, begin: int, end: int) -> str:
-    """The blocking call that overlaps [begin, end] most ("none" if none does)."""
-    best, name = 0, "none"
+def _at(blocks: list, t: int) -> str:
+    """The blocking call the main thread was in at ``t`` ("none" if none)."""
+    for enter, leave, call in reversed(blocks):
+        if enter <= t:
+            return call if t <= leave else "none"
+    return "none"
+
+
+def _overlapping(blocks: list, begin: int, end: int) -> tuple[str, int, int]:
+    """The blocking call that overlaps [begin, end] most, with its entry and
+    exit times (("none", 0, 0) if none does; exit 1 << 63: never left)."""
+    best, found = 0, ("none", 0, 0)
     for enter, leave, call in blocks:
         if enter >= end:
             break
         ov = min(leave, end) - max(enter, begin)
         if ov > best:
-            best, name = ov, call
-    return name
+            best, found = ov, (call, enter, leave)
+    return found
 
 
 class _ReapRecorder(logging.Handler):
@@ -1534,9 +1544,14 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
                 print(f"{prog}: {summary['stalled']} stall(s) longer than "
                       f"{a.stall_bound:g} ms (works queued, none run); the longest "
                       f"{len(worst)}:", file=sys.stderr)
-                for ms, inc, begin, end, call in worst:
+                for ms, inc, begin, end, (call, enter, leave), last in worst:
+                    where = call
+                    if call != "none":
+                        left = (f"left at {(leave - ctl.t0_ns) / 1e9:.3f} s" if leave < 1 << 63
+                                else "never left")
+                        where += f" (entered at {(enter - ctl.t0_ns) / 1e9:.3f} s, {left})"
                     print(f"  task {inc}: {ms:.1f} ms, from {(begin - ctl.t0_ns) / 1e9:.3f} s "
-                          f"into the run, in {call}", file=sys.stderr)
+                          f"into the run, in {where}; ended in {last}", file=sys.stderr)
             if "final_fsck" in failed:
                 print(f"{prog}: the final dry fsck is not clean: {summary['final_fsck']}",
                       file=sys.stderr)
