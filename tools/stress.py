@@ -138,6 +138,54 @@ always the JSON summary (``--json``: nothing else).
 With ``--domain NAME`` the domain is created under that name and, if the run
 fails, kept for ``shm-taskwork inspect``/``fsck``; the default private domain
 and the ledger directory are always removed.
+
+Tasks blocked in system calls (``--blocking``)
+----------------------------------------------
+A TWA_SIGNAL work runs from the task's SIGUSR1 handler, and CPython runs a
+Python handler only when the main thread next checks for signals: a signal
+caught just before the main thread enters a blocking system call leaves the
+handler owed. The library must still start every such work within a bound
+(docs/cli.md, "stress --blocking": while the task is alive, not in
+``critical()`` and not running a callback, no TWA_SIGNAL work waits more than
+100 ms for its run to begin because of a deferred handler). ``--blocking``
+checks that:
+
+* Every add is ``TWA_SIGNAL`` (``--modes signal``, the only mode allowed), and
+  its payload is 16 bytes: the ID, then the producer's ``CLOCK_MONOTONIC``
+  time in ns taken just before the add (the same clock in every process).
+* A task registers with the library's own SIGUSR1 handler and never calls
+  ``run()``: its main thread only goes round the blocking calls of
+  ``--block-in`` (default all), each lasting ``--block-for`` seconds (default
+  0.5): ``readline`` (a buffered text ``readline()`` on a pipe), ``read``
+  (``os.read`` on a pipe), ``select`` (on a pipe that stays empty, with that
+  timeout), ``sleep`` (``time.sleep``), ``lock`` (``Lock.acquire(timeout=)``
+  on a held lock) and ``wait`` (``task.wait(timeout=)``). A helper thread of
+  the task, with every signal blocked (a signal must reach the main thread, as
+  it would in an application), writes one line to the readline/read pipe when
+  its time is up, and when the stop comes writes to every pipe and releases
+  the lock, so those calls end at once (``sleep`` and ``wait`` end at their
+  timeout). Then the task exits (``exit()`` runs what is still queued).
+* The callback writes ``ran ID`` as always, and to the task's own timing file
+  one record: the ID, the add time from the payload, and the times the
+  callback started and returned. The main thread writes a record for each
+  blocking call (which one, entered, left).
+* A **stall** is a period during which the task had at least one work queued
+  and none started, not counting the time a callback was running: per task,
+  each work is queued from its add time to the start of its callback; a stall
+  ends at every callback start and begins at the later of the end of the
+  previous callback and the moment a work became queued when none was.
+  ``max_stall_ms`` is the longest, ``stalled`` the count of those longer than
+  ``--stall-bound`` (ms, default 100), ``stalls_by_call`` which blocking call
+  overlapped each of those most. A work whose callback never ran (cancelled,
+  orphaned, killed in its callback) queues nothing in this measure, and nor
+  does a dead letter retried to another task (its add time is not its queue
+  time there); their runs still end stalls. ``wait_ms`` gives percentiles of
+  every timed work's wait (add to callback start). A run is ``ok`` only if
+  ``stalled`` is 0 as well.
+* Combines with ``--seconds``, ``--tasks``, ``--producers``, ``--json``,
+  ``--cancel-rate``, ``--kill-every``/``--killpoints``, ``--restart`` and
+  ``--no-fsck``; not with ``--term`` (the exit signal's handler is a Python
+  handler deferred the same way, outside this bound).
 """
 from __future__ import annotations
 
@@ -148,6 +196,7 @@ import json
 import logging
 import os
 import random
+import select
 import shutil
 import signal
 import struct
@@ -177,6 +226,11 @@ DEAD_LETTERS_EVERY = 0.05   # --restart: how often the controller retries
 TERM_SHARE = 0.5       # --term: the share of kills that are a SIGTERM to a task
 GRACEFUL_SHARE = 0.5   # --term: the share of tasks registered with exit_signals
 REAP_LOGGER = "shm_taskwork.reap"
+# --blocking: the blocking calls a task's main thread goes round
+BLOCK_CALLS = ("readline", "read", "select", "sleep", "lock", "wait")
+BLOCK_FOR = 0.5        # default seconds per blocking call
+STALL_BOUND_MS = 100.0  # default bound on a stall (docs/cli.md, "stress --blocking")
+WAKE_POLL = 0.02       # how often a blocking task's helper looks for the stop
 
 # ---- the ledger -------------------------------------------------------------
 
@@ -205,9 +259,141 @@ class Ledger:
 
 
 def payload_id(work) -> int | None:
-    """The ID a stress work carries, or None for a foreign payload."""
+    """The ID a stress work carries, or None for a foreign payload. A payload
+    is the ID (8 bytes), or with ``--blocking`` the ID and the add time (16)."""
     p = work.payload
-    return struct.unpack("<Q", p)[0] if len(p) == 8 else None
+    return struct.unpack_from("<Q", p)[0] if len(p) in (8, 16) else None
+
+
+# ---- --blocking: the timing files -------------------------------------------
+
+TREC = struct.Struct("<HHIQQQQ")   # kind, call, writer incarnation, id, added, start, end
+T_RUN, T_BLOCK = 1, 2
+# T_RUN: a callback ran work ``id`` (added at ``added``) from ``start`` to ``end``.
+# T_BLOCK: the main thread was in blocking call BLOCK_CALLS[call] from ``start``
+# to ``end`` (``id`` and ``added`` 0); written with ``end`` 0 on the way in and
+# again on the way out. All times CLOCK_MONOTONIC ns.
+
+
+class Timing:
+    """One task process's timing file: one write(2) per record, as the ledger."""
+
+    def __init__(self, path: str, incarnation: int):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.inc = incarnation
+
+    def put(self, kind: int, call: int, wid: int, added: int, start: int, end: int) -> None:
+        os.write(self.fd, TREC.pack(kind, call, self.inc, wid, added, start, end))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _percentile(sorted_values: list, q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = frozenset()) -> dict:
+    """Judge the timing files of a ``--blocking`` run (the module docstring,
+    "Tasks blocked in system calls"). ``skip``: IDs whose add time is not the
+    time they were queued on the task that ran them (retried dead letters).
+
+    Per task file, a sweep in time order: a timed work's add makes it
+    queued, its callback's start ends that; any callback start ends the stall
+    in progress, which began at the later of the previous callback's end and
+    the moment the queue went from none to some. A task's callbacks run one
+    after another on its main thread, so its runs are in start order."""
+    bound_ns = bound_ms * 1e6
+    # ms, task inc, begin, end, (call, its entry, its exit), the call it ended in
+    stalls: list[tuple[float, int, int, int, tuple[str, int, int], str]] = []
+    waits: list[int] = []
+    calls = {c: 0 for c in BLOCK_CALLS}
+    by_call = {c: 0 for c in (*BLOCK_CALLS, "none")}
+    longest = 0
+    timed = nruns = 0
+    torn = 0
+    for fn in sorted(os.listdir(directory)):
+        if not fn.endswith(".timing"):
+            continue
+        with open(os.path.join(directory, fn), "rb") as f:
+            raw = f.read()
+        whole = len(raw) - len(raw) % TREC.size
+        torn += len(raw) - whole
+        runs = []        # (start, end, timed)
+        adds = []        # add times of the timed works
+        blocks = {}      # enter -> (leave, call); a call never left ends never
+        inc = 0
+        for kind, call, inc, wid, added, start, end in TREC.iter_unpack(raw[:whole]):
+            if kind == T_RUN:
+                counted = 0 < added <= start and wid not in skip
+                runs.append((start, end, counted))
+                if counted:
+                    adds.append(added)
+                    waits.append(start - added)
+            elif kind == T_BLOCK and 0 <= call < len(BLOCK_CALLS):
+                if start not in blocks:
+                    calls[BLOCK_CALLS[call]] += 1
+                blocks[start] = (end or 1 << 63, BLOCK_CALLS[call])
+        nruns += len(runs)
+        timed += len(adds)
+        if any(runs[i][0] > runs[i + 1][0] for i in range(len(runs) - 1)):
+            runs.sort()
+        adds.sort()
+        spans = sorted((enter, leave, call) for enter, (leave, call) in blocks.items())
+        n_adds = len(adds)
+        i = queued = since = last_end = 0
+        for start, end, counted in runs:
+            while i < n_adds and adds[i] <= start:
+                queued += 1
+                if queued == 1:
+                    since = adds[i]     # the queue went from none to some
+                i += 1
+            if queued:
+                begin = since if since > last_end else last_end
+                length = start - begin
+                if length > longest:
+                    longest = length
+                if length > bound_ns:
+                    stalls.append((length / 1e6, inc, begin, start,
+                                   _overlapping(spans, begin, start), _at(spans, start)))
+                if counted:
+                    queued -= 1
+            if end > last_end:
+                last_end = end
+    for st in stalls:
+        by_call[st[4][0]] += 1
+    waits.sort()
+    stalls.sort(reverse=True)
+    return {
+        "max_stall_ms": round(longest / 1e6, 3), "stalled": len(stalls),
+        "stall_bound_ms": bound_ms, "stalls_by_call": by_call, "timed_works": timed,
+        "timed_runs": nruns, "block_calls": calls, "timing_torn_bytes": torn,
+        "wait_ms": ({"p50": round(_percentile(waits, 0.5) / 1e6, 3),
+                     "p99": round(_percentile(waits, 0.99) / 1e6, 3),
+                     "max": round(waits[-1] / 1e6, 3)} if waits else None),
+        "worst_stalls": stalls[:20],
+    }
+
+
+def _at(blocks: list, t: int) -> str:
+    """The blocking call the main thread was in at ``t`` ("none" if none)."""
+    for enter, leave, call in reversed(blocks):
+        if enter <= t:
+            return call if t <= leave else "none"
+    return "none"
+
+
+def _overlapping(blocks: list, begin: int, end: int) -> tuple[str, int, int]:
+    """The blocking call that overlaps [begin, end] most, with its entry and
+    exit times (("none", 0, 0) if none does; exit 1 << 63: never left)."""
+    best, found = 0, ("none", 0, 0)
+    for enter, leave, call in blocks:
+        if enter >= end:
+            break
+        ov = min(leave, end) - max(enter, begin)
+        if ov > best:
+            best, found = ov, (call, enter, leave)
+    return found
 
 
 class _ReapRecorder(logging.Handler):
@@ -439,6 +625,15 @@ def account(directory: str) -> dict:
     return out
 
 
+def retried_ids(directory: str) -> set[int]:
+    """The IDs some ledger records as a retried dead letter."""
+    out = set()
+    for path in ledger_files(directory):
+        raw, _ = read_ledger(path)
+        out.update(wid for kind, _aux, _inc, wid in REC.iter_unpack(raw) if kind == RETRIED)
+    return out
+
+
 def describe(directory: str, wids: list[int]) -> list[str]:
     """Every record about each of ``wids``, one line per id."""
     want = {w: [] for w in wids}
@@ -463,17 +658,23 @@ def role_task(a) -> int:
 
     ledger = Ledger(a.ledger, a.incarnation)
     record_interrupted(ledger)
+    timing = Timing(a.timing, a.incarnation) if a.blocking else None
     seen = [0]
 
     @callback(name=CALLBACK)
     def record(work):
-        (wid,) = struct.unpack("<Q", work.payload)
+        start = time.monotonic_ns()
+        p = work.payload
+        wid = struct.unpack_from("<Q", p)[0]
         seen[0] += 1
         if a.inject == "lose" and seen[0] == 10:
             return                                  # test-only: a work vanishes
         ledger.put(RAN, wid)
         if a.inject == "duplicate" and seen[0] == 10:
             ledger.put(RAN, wid)                    # test-only: a work runs twice
+        if timing is not None:
+            added = struct.unpack_from("<Q", p, 8)[0] if len(p) == 16 else 0
+            timing.put(T_RUN, 0, wid, added, start, time.monotonic_ns())
 
     dom = Domain.open(a.domain)
     # Only a task that asks for it takes SIGTERM: the others die of it.
@@ -491,6 +692,11 @@ def role_task(a) -> int:
             if exc.errno != errno.ENOSPC or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+    if a.blocking:
+        block_round(a, task, timing)
+        task.exit()
+        dom.close()
+        return 0
     next_run = time.monotonic() + 0.2
     while not _stop_requested(a.stop, a.parent):
         task.wait(timeout=0.02)
@@ -501,6 +707,100 @@ def role_task(a) -> int:
     task.exit()
     dom.close()
     return 0
+
+
+class _BlockHelper(threading.Thread):
+    """The thread that ends a blocking task's calls: one line to the readline
+    or read pipe when the call's time is up (``arm``), and, once the stop is
+    requested, a line to every pipe and the held lock released. It blocks
+    every signal: the notifications must reach the main thread."""
+
+    def __init__(self, a, pipes: list[int], lock: threading.Lock):
+        super().__init__(name="stress-block-helper", daemon=True)
+        self.a = a
+        self.pipes = pipes
+        self.lock = lock
+        self.cond = threading.Condition()
+        self.armed: tuple[int, float] | None = None   # (write fd, monotonic deadline)
+        self.stopping = threading.Event()
+
+    def arm(self, fd: int, seconds: float) -> None:
+        # ``armed`` is read and written only under ``cond``: at most one line
+        # is owed, to the call the main thread is about to make, and that
+        # call consumes exactly it (a readline or read of the only line).
+        with self.cond:
+            self.armed = (fd, time.monotonic() + seconds)
+            self.cond.notify()
+
+    def run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        with self.cond:
+            while not _stop_requested(self.a.stop, self.a.parent):
+                now = time.monotonic()
+                if self.armed is not None and now >= self.armed[1]:
+                    os.write(self.armed[0], b"\n")
+                    self.armed = None
+                    continue
+                until = now + WAKE_POLL
+                if self.armed is not None:
+                    until = min(until, self.armed[1])
+                self.cond.wait(until - now)
+        # The end: every pipe becomes readable, the lock free. ``stopping`` is
+        # set before those wake-ups, so the call they end is the main
+        # thread's last (its loop tests ``stopping`` right after each call).
+        self.stopping.set()
+        for fd in self.pipes:
+            os.write(fd, b"\n")
+        try:
+            self.lock.release()
+        except RuntimeError:    # the main thread took it already
+            pass
+
+
+def block_round(a, task, timing: Timing) -> None:
+    """The main thread of a ``--blocking`` task: blocking calls in turn (from
+    a random one on), each recorded, until the stop. Every TWA_SIGNAL work
+    runs from the SIGUSR1 handler, inside or between these calls."""
+    rl_r, rl_w = os.pipe()
+    rd_r, rd_w = os.pipe()
+    sel_r, sel_w = os.pipe()     # written only at the end
+    line = os.fdopen(rl_r, "r")
+    lock = threading.Lock()
+    lock.acquire()
+    helper = _BlockHelper(a, [rl_w, rd_w, sel_w], lock)
+    helper.start()
+    names = a.block_in.split(",")
+    codes = [BLOCK_CALLS.index(n) for n in names]
+    k = random.Random(a.child_seed).randrange(len(names))
+    secs = a.block_for
+    try:
+        while not helper.stopping.is_set() and not _stop_requested(a.stop, a.parent):
+            call = names[k % len(names)]
+            code = codes[k % len(names)]
+            k += 1
+            enter = time.monotonic_ns()
+            # entered (a SIGKILL inside the call leaves this one, with no end)
+            timing.put(T_BLOCK, code, 0, 0, enter, 0)
+            if call == "readline":
+                helper.arm(rl_w, secs)
+                line.readline()
+            elif call == "read":
+                helper.arm(rd_w, secs)
+                os.read(rd_r, 64)
+            elif call == "select":
+                select.select([sel_r], [], [], secs)
+            elif call == "sleep":
+                time.sleep(secs)
+            elif call == "lock":
+                lock.acquire(timeout=secs)
+            else:
+                task.wait(timeout=secs)
+            timing.put(T_BLOCK, code, 0, 0, enter, time.monotonic_ns())
+    finally:
+        helper.join(timeout=10)
+        line.close()
+        for fd in (rl_w, rd_r, rd_w, sel_r, sel_w):
+            os.close(fd)
 
 
 def role_producer(a) -> int:
@@ -547,11 +847,16 @@ def role_producer(a) -> int:
         aux = mode | (MANY_FLAG if n > 1 else 0)
         for wid in wids:
             ledger.put(INTENT_ADD, wid, aux)
+        if a.blocking:      # the ID and the add time (CLOCK_MONOTONIC ns)
+            now_ns = time.monotonic_ns()
+            payloads = [struct.pack("<QQ", w, now_ns) for w in wids]
+        else:
+            payloads = [struct.pack("<Q", w) for w in wids]
         try:
             if n == 1:
-                works = [t.add(CALLBACK, struct.pack("<Q", wids[0]), notify=mode)]
+                works = [t.add(CALLBACK, payloads[0], notify=mode)]
             else:
-                works = t.add_many(CALLBACK, [struct.pack("<Q", w) for w in wids], notify=mode)
+                works = t.add_many(CALLBACK, payloads, notify=mode)
         except (TaskExitedError, PoolExhaustedError) as exc:
             for wid in wids:
                 ledger.put(ADD_FAILED, wid, aux)
@@ -638,9 +943,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--cancel-rate", type=_rate, default=0.1, metavar="R",
                    help="after an add, the chance that a producer cancels one of its own "
                         "recent works (0..1, default 0.1)")
-    p.add_argument("--modes", type=_modes, default=",".join(MODES), metavar="LIST",
+    p.add_argument("--modes", type=_modes, default=None, metavar="LIST",
                    help=f"notify modes to add with, comma-separated from {', '.join(MODES)} "
-                        "(default: all four)")
+                        "(default: all four; with --blocking only signal)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of every random choice (default: random; printed in the summary)")
     p.add_argument("--json", action="store_true",
@@ -664,6 +969,20 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--fsck", action=argparse.BooleanOptionalAction, default=True,
                    help="run fsck --repair every 0.1 s beside everything (default); with "
                         "--no-fsck none runs: reaping alone must keep the domain whole")
+    p.add_argument("--blocking", action="store_true",
+                   help="tasks sit in blocking system calls (readline, read, select, sleep, "
+                        "lock, wait) while producers add TWA_SIGNAL works run by the SIGUSR1 "
+                        "handler; also measure stalls (works queued, none run) and fail on "
+                        "any longer than --stall-bound")
+    p.add_argument("--block-in", type=_block_calls, default=None, metavar="LIST",
+                   help=f"--blocking: the calls to go round, comma-separated from "
+                        f"{', '.join(BLOCK_CALLS)} (default: all)")
+    p.add_argument("--block-for", type=_nonneg_float, default=None, metavar="SECONDS",
+                   help=f"--blocking: how long each blocking call lasts (default {BLOCK_FOR}; "
+                        "more than --stall-bound)")
+    p.add_argument("--stall-bound", type=_nonneg_float, default=None, metavar="MS",
+                   help=f"--blocking: the longest stall allowed, in ms (default "
+                        f"{STALL_BOUND_MS:g})")
     # test-only: prove that the checker can fail
     p.add_argument("--inject", choices=("lose", "duplicate", "leak"), default=None,
                    help=argparse.SUPPRESS)
@@ -676,7 +995,47 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--name", help=argparse.SUPPRESS)
     p.add_argument("--graceful", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--timing", help=argparse.SUPPRESS)
     return p
+
+
+def _block_calls(text: str) -> str:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in BLOCK_CALLS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"invalid call(s) {', '.join(map(repr, bad)) or '(none given)'}: "
+            f"choose from {', '.join(BLOCK_CALLS)} (comma-separated)")
+    return ",".join(dict.fromkeys(names))
+
+
+def resolve_blocking(p: argparse.ArgumentParser, a) -> None:
+    """Fill the defaults that depend on --blocking, and refuse what does not
+    combine with it (p.error: one line, exit status 2)."""
+    given = [f for f, v in (("--block-in", a.block_in), ("--block-for", a.block_for),
+                            ("--stall-bound", a.stall_bound)) if v is not None]
+    if not a.blocking:
+        if given:
+            p.error(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} "
+                    "with --blocking")
+        if a.modes is None:
+            a.modes = ",".join(MODES)
+        return
+    if a.modes is None:
+        a.modes = "signal"
+    elif a.modes != "signal":
+        p.error(f"--blocking adds TWA_SIGNAL works only: use --modes signal (got {a.modes})")
+    if a.term:
+        p.error("--blocking does not combine with --term: the exit signal's handler is "
+                "deferred the same way, outside the stall bound")
+    a.block_in = a.block_in or ",".join(BLOCK_CALLS)
+    a.block_for = BLOCK_FOR if a.block_for is None else a.block_for
+    a.stall_bound = STALL_BOUND_MS if a.stall_bound is None else a.stall_bound
+    if a.stall_bound <= 0:
+        p.error(f"--stall-bound must be > 0 ms (got {a.stall_bound:g})")
+    if a.block_for * 1000 <= a.stall_bound:
+        p.error(f"--block-for must be longer than --stall-bound ({a.block_for:g} s <= "
+                f"{a.stall_bound:g} ms): a shorter call ends any stall before the bound")
 
 
 class Controller:
@@ -694,6 +1053,8 @@ class Controller:
         self.killed_by = {"task": 0, "producer": 0}
         self.killpoint_deaths: dict[str, int] = {}
         self.crashed: list[str] = []
+        self.noisy: list[str] = []
+        self.t0_ns = 0
         self.hung = 0
         self.started = {"task": 0, "producer": 0}
         self.restarted = 0
@@ -749,6 +1110,11 @@ class Controller:
             cmd += ["--name", name]
         if graceful:
             cmd += ["--graceful"]
+        if self.a.blocking:
+            cmd += ["--blocking"]
+            if role == "task":
+                cmd += ["--block-in", self.a.block_in, "--block-for", repr(self.a.block_for),
+                        "--timing", os.path.join(self.tmp, f"{role}-{inc}.timing")]
         if self.a.inject in ("lose", "duplicate"):
             cmd += ["--inject", self.a.inject]
         with open(err_path, "wb") as err:
@@ -770,6 +1136,16 @@ class Controller:
 
     def _judge_exit(self, c: Child) -> None:
         rc = c.proc.returncode
+        if c.killed_by_us or rc in (0, -signal.SIGKILL):
+            # Not a crash, yet something on stderr: the library logged an
+            # error (a signal handler that could not run the list, a
+            # notification not sent, ...).
+            tail = self._tail(c)
+            if tail:
+                how = "exited" if rc == 0 else f"died of {signal.Signals(-rc).name}" \
+                    if rc < 0 else f"exited with {rc}"
+                self.noisy.append(f"{c.role} {c.inc} (pid {c.proc.pid}, {how}) wrote to "
+                                  f"stderr: {tail}")
         if c.killed_by_us:
             return
         if rc == -signal.SIGKILL:
@@ -937,12 +1313,12 @@ class Controller:
         name = a.domain or f"/tw_stress_{os.getpid()}_{uuid.uuid4().hex[:10]}"
         max_tasks = max(16, 4 * a.tasks)
         self.dom = Domain.create(name, max_tasks=max_tasks, pool_size=a.pool_size,
-                                 payload_size=8, max_procs=min(65536, 4 * (a.tasks + a.producers)
+                                 payload_size=16 if a.blocking else 8, max_procs=min(65536, 4 * (a.tasks + a.producers)
                                                                + 4 * max_tasks + 64))
 
         @callback(name=CALLBACK)
         def record(work):  # the controller registers the callback, as a task would
-            self.ledger.put(RAN, struct.unpack("<Q", work.payload)[0])
+            self.ledger.put(RAN, struct.unpack_from("<Q", work.payload)[0])
 
         for k in range(a.tasks):
             self.spawn("task", f"stress-t{k}" if a.restart else None)
@@ -956,6 +1332,7 @@ class Controller:
             fsck_thread.start()
         progress = _Progress(a.seconds) if sys.stderr.isatty() else None
         t0 = time.monotonic()
+        self.t0_ns = int(t0 * 1e9)
         end = t0 + a.seconds
         next_kill = t0 + a.kill_every if a.kill_every > 0 else float("inf")
         next_dl = t0 + DEAD_LETTERS_EVERY if a.restart else float("inf")
@@ -1017,6 +1394,12 @@ class Controller:
         final = self.dom.fsck(repair=False)
         stats = self.dom.stats()
         acc = account(self.tmp)
+        if a.blocking:
+            # A retried dead letter was queued on its new task at the retry,
+            # not at its add: its wait there is not measured.
+            # (Only --restart retries.)
+            acc["stalls"] = measure_stalls(self.tmp, a.stall_bound,
+                                           retried_ids(self.tmp) if a.restart else set())
         acc.update(leaked=stats.pool_size - stats.pool_free, killed=self.killed,
                    seconds=round(seconds, 3), rate=round(acc["added"] / seconds, 1) if seconds else 0.0,
                    dead_letters=dead_letters,
@@ -1074,7 +1457,9 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
     if "--bridge" in argv:          # the Redis bridge's stress (SPEC §10)
         from shm_taskwork.tools import bridge_stress
         return bridge_stress.main(argv, prog, command)
-    a = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    a = parser.parse_args(argv)
+    resolve_blocking(parser, a)
     if a.role == "task":
         return role_task(a)
     if a.role == "producer":
@@ -1112,6 +1497,7 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             "restarted": ctl.restarted, "interrupted_reports": acc["interrupted_reports"],
             "final_fsck": acc["final_fsck"],
             "dead_letter_problems": len(ctl.book.problems),
+            "children_with_stderr": len(ctl.noisy),
             "sigkills_sent": ctl.sigkills_sent, "killed_by_role": ctl.killed_by, "killpoint_deaths": ctl.killpoint_deaths,
             "started": ctl.started, "fsck_runs": ctl.fsck_runs,
             "fsck_leaked": ctl.fsck_leaked, "fsck_settled": ctl.fsck_settled,
@@ -1121,9 +1507,17 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             "cancel_rate": a.cancel_rate, "modes": a.modes.split(","),
             "killpoints": a.killpoints, "pool_size": a.pool_size, "seed": a.seed,
             "term": a.term, "restart": a.restart, "fsck": a.fsck,
+            "blocking": a.blocking,
         }
+        st = acc.get("stalls")
+        worst = []
+        if st is not None:
+            worst = st.pop("worst_stalls")
+            summary.update(st, block_in=a.block_in.split(","), block_for=a.block_for)
+        else:
+            summary.update(max_stall_ms=None, stalled=None, stall_bound_ms=None)
         failed = [k for k in ("lost", "duplicated", "leaked", "phantom", "crashed", "hung",
-                              "dead_letter_problems") if summary[k]]
+                              "dead_letter_problems", "stalled") if summary[k]]
         if not summary["final_fsck"]["clean"]:
             failed.append("final_fsck")
         summary["ok"] = ok = not failed
@@ -1142,8 +1536,22 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
                       "(and the dead letters dropped)", file=sys.stderr)
             for line in ctl.crashed[:20]:
                 print(f"{prog}: {line}", file=sys.stderr)
+            for line in ctl.noisy[:10]:
+                print(f"{prog}: {line}", file=sys.stderr)
             for line in ctl.book.problems[:20]:
                 print(f"{prog}: dead letters: {line}", file=sys.stderr)
+            if worst:
+                print(f"{prog}: {summary['stalled']} stall(s) longer than "
+                      f"{a.stall_bound:g} ms (works queued, none run); the longest "
+                      f"{len(worst)}:", file=sys.stderr)
+                for ms, inc, begin, end, (call, enter, leave), last in worst:
+                    where = call
+                    if call != "none":
+                        left = (f"left at {(leave - ctl.t0_ns) / 1e9:.3f} s" if leave < 1 << 63
+                                else "never left")
+                        where += f" (entered at {(enter - ctl.t0_ns) / 1e9:.3f} s, {left})"
+                    print(f"  task {inc}: {ms:.1f} ms, from {(begin - ctl.t0_ns) / 1e9:.3f} s "
+                          f"into the run, in {where}; ended in {last}", file=sys.stderr)
             if "final_fsck" in failed:
                 print(f"{prog}: the final dry fsck is not clean: {summary['final_fsck']}",
                       file=sys.stderr)
@@ -1165,8 +1573,15 @@ def _print_human(s: dict) -> None:
     print(f"  terminated {s['terminated']} ({s['terminated_graceful']} with exit_signals), "
           f"restarted {s['restarted']}, retried {s['retried']}, dead letters at the end "
           f"{s['dead_letters']}, final dry fsck {'clean' if s['final_fsck']['clean'] else 'NOT clean'}")
+    if s["blocking"]:
+        w = s["wait_ms"] or {"p50": "-", "p99": "-", "max": "-"}
+        print(f"  blocking in {','.join(s['block_in'])} ({s['block_for']} s each): "
+              f"{sum(s['block_calls'].values())} calls, {s['timed_works']} works timed, wait "
+              f"p50 {w['p50']} ms, p99 {w['p99']} ms, max {w['max']} ms; longest stall "
+              f"{s['max_stall_ms']} ms, {s['stalled']} over {s['stall_bound_ms']:g} ms")
     print(f"  lost {s['lost']}, duplicated {s['duplicated']}, leaked {s['leaked']}, "
-          f"phantom {s['phantom']}, crashed {s['crashed']}, hung {s['hung']}: "
+          f"phantom {s['phantom']}, crashed {s['crashed']}, hung {s['hung']}"
+          f"{', stalled ' + str(s['stalled']) if s['blocking'] else ''}: "
           f"{'OK' if s['ok'] else 'FAILED'}")
 
 
