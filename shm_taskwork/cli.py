@@ -27,6 +27,7 @@ COMMANDS = {
     "bench": ("shm_taskwork.tools.bench", "this project against its peers, in one run"),
     "export": ("shm_taskwork.tools.export", "Prometheus metrics"),
     "bridge": ("shm_taskwork.tools.bridge", "move works from Redis Streams into a domain"),
+    "worker": ("shm_taskwork.tools.worker", "register a task and serve it until stopped"),
 }
 
 # The exit status when a command could not do its job at all (no such domain,
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        # no command: the usage, on stderr, and status 2 (a usage error)
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     if argv[0] in ("-V", "--version", "version"):

@@ -388,6 +388,10 @@ class Registration(RunLoop, Task):
         self._drain_s = drain
         for sig in stops:
             signals.subscribe(sig, self._on_stop, signals.PLAIN)
+        # A caller may block the stop signals until serve() takes them (the
+        # worker command does, from its start): one that came meanwhile is
+        # delivered now, to the subscriber, and starts the drain.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         sd = systemd.Notifier.from_env()
         try:
             adopted = self.adopt() if adopt else 0

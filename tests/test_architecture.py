@@ -17,7 +17,8 @@ PKG = os.path.join(ROOT, "shm_taskwork")
 
 # bottom to top: each module may import only from the ones before it
 LAYERS = [
-    "_layout", "errors", "codec", "_native", "constants", "signals", "_security", "work",
+    "_layout", "errors", "codec", "_native", "constants", "signals", "systemd", "_security",
+    "work",
     "callbacks", "keys", "notify", "task", "_run", "_aio", "registration", "observe",
     "fsck", "domain", "kernel", "remote", "__init__", "cli",
 ]

@@ -89,7 +89,12 @@ def test_a_batch_callback_that_raises_counts_one_error_per_work(domain, task):
     assert len(ei.value.exceptions) == 3
     info = _info(domain, task.id)
     assert (info.run, info.errors) == (3, 3)
-    assert domain.stats().pool_free == domain.pool_size
+    # each work of the list is kept as a "failed" letter (README "Workers in
+    # production"); nothing else is left over
+    letters = domain.dead_letters()
+    assert sorted(w.payload for w in letters) == [b"f0", b"f1", b"f2"]
+    assert {w.reason for w in letters} == {"failed"}
+    assert domain.stats().pool_free == domain.pool_size - 3
 
 
 def test_cancelled_works_are_not_in_the_list(domain, task):

@@ -260,7 +260,9 @@ def test_run_raise_errors_raises_after_every_detached_work_ran(domain, task):
     assert LOG == [b"y", b"b", b"x", b"a"]          # all ran before the raise
     assert task.pending() == 0
     assert _info(domain, task.id).errors == 2
-    assert domain.stats().pool_free == domain.pool_size
+    # the two failed works are kept as "failed" letters, nothing else is left
+    assert sorted(w.payload for w in domain.dead_letters(reason="failed")) == [b"x", b"y"]
+    assert domain.stats().pool_free == domain.pool_size - 2
 
 
 def test_each_node_returns_to_the_pool_after_its_callback(domain, task):

@@ -37,6 +37,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv=None, prog: str | None = None, command: str = "worker") -> int:
+    import signal
+    # A stop signal before serve() takes it must not kill the worker with its
+    # queue: held until serve() subscribes (it unblocks them), then drained.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     args = build_parser(prog or "shm-taskwork worker").parse_args(argv)
     p = prog or "shm-taskwork worker"
     # `-m pkg.mod` finds modules as `python -m` does: the current directory first
