@@ -34,6 +34,16 @@ def note(work: Work) -> None:
     seen.append(work.payload.decode())
 
 
+@callback(name="typed.stop")
+def stop_me(work: Work) -> None:
+    os.kill(os.getpid(), signal.SIGHUP)
+
+
+@callback(name="typed.flaky", retries=1, on_failure="dead_letter")
+def flaky(work: Work) -> None:
+    raise ValueError(f"attempt {work.attempt}")
+
+
 @callback(name="typed.named")
 def named(work: Work) -> None:
     seen.append(f"{work.func_name}:{work.sender_pid}:{work.enqueued_ns > 0}")
@@ -98,6 +108,13 @@ def main() -> int:
         assert dom.retry_dead_letters(to=task) == 1
         task.run()
         assert dom.drop_dead_letters() == 1 and dom.run_dead_letters() == 0
+        task.add(flaky, b"f", TWA_NONE)
+        task.run()
+        [failed] = dom.dead_letters(reason="failed")
+        assert failed.attempt == 1 and failed.error == "ValueError: attempt 1"
+        assert dom.drop_dead_letters(reason="failed") == 1 and task.adopt() == 0
+        info: TaskInfo = dom.tasks("typed")[0]
+        assert info.running == 0 and info.oldest_running_s is None
 
         async def aio() -> int:
             task.attach_loop()
@@ -112,6 +129,13 @@ def main() -> int:
         stats: DomainStats = dom.stats()
         report: FsckReport = dom.fsck(repair=False)
         assert report.clean and not report.dead_tasks and stats.pool_size == 64
+        # serve() until a stop signal (here one a work sends), then drain:
+        # the work queued behind it still runs, and the task exits
+        task.add(note, b"drained", TWA_NONE)
+        task.add(stop_me, b"", TWA_RESUME)
+        served: int = task.serve(stop_signals=(signal.SIGHUP,), drain_timeout=1.0, adopt=False,
+                                 watchdog=False)
+        assert served == 2 and not task.is_current
         task.exit()
         try:
             task.add(note)

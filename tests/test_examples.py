@@ -8,6 +8,7 @@ import configparser
 import os
 import re
 import shlex
+import socket
 import signal
 import subprocess
 import sys
@@ -115,6 +116,8 @@ def test_units_parse_and_their_commands_are_real(make_domain):
             continue
         sub, args = argv[1], argv[2:]
         assert sub in COMMANDS, f"{f}: {sub!r} is not a shm-taskwork command"
+        if sub == "worker":
+            continue   # it serves until stopped: run by its own test below
         if sub == "export":
             args += ["--once"]   # served forever otherwise: one exposition proves the options
         r = cli(sub, *args)
@@ -124,33 +127,56 @@ def test_units_parse_and_their_commands_are_real(make_domain):
     assert exec_argv(fsck, "app")[1:] == ["fsck", "app", "--repair"]
 
 
-def test_worker_unit_runs_the_example_worker_and_stops_it_with_its_kill_signal(make_domain):
+def test_worker_unit_is_type_notify_and_drains_on_its_kill_signal(make_domain, tmp_path):
+    """The worker unit run as systemd would: its ExecStart (shm-taskwork
+    worker) in its WorkingDirectory, with a real NOTIFY_SOCKET and the
+    WATCHDOG_USEC its WatchdogSec gives; READY=1, WATCHDOG=1, the works run,
+    then KillSignal drains (STOPPING=1) and the worker exits 0."""
     dom = make_domain("worker")
     cp = unit("shm-taskwork-worker@.service")
+    svc = cp["Service"]
+    assert svc["Type"] == "notify"
     argv = exec_argv(cp, dom.name)
-    # the unit's paths, mapped onto this checkout and this interpreter
-    argv = [sys.executable if a.endswith("/python") else a.replace(INSTALL_DIR, ROOT + "/")
-            for a in argv]
-    assert argv[1] == os.path.join(EXAMPLES, "worker.py")
-    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    assert os.path.basename(argv[0]) == "shm-taskwork" and argv[1] == "worker"
+    drain = float(argv[argv.index("--drain-timeout") + 1])
+    assert float(svc["TimeoutStopSec"]) > drain, "systemd would SIGKILL the drain"
+    watchdog_s = float(svc["WatchdogSec"])
+    workdir = svc["WorkingDirectory"].replace(INSTALL_DIR + "examples", EXAMPLES)
+    assert os.path.isdir(workdir) and os.path.exists(
+        os.path.join(workdir, argv[argv.index("-m") + 1] + ".py"))
+    sock_path = str(tmp_path / "notify")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(sock_path)
+    srv.settimeout(30)
+    env = _env()
+    env.update(NOTIFY_SOCKET=sock_path, WATCHDOG_USEC=str(int(watchdog_s * 1e6)))
+    proc = subprocess.Popen([sys.executable, "-m", "shm_taskwork.cli", *argv[1:]], env=env,
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+    got: list[str] = []
+
+    def until(field: str) -> None:
+        while not any(m.startswith(field) for m in got):
+            got.extend(srv.recv(4096).decode().splitlines())
     try:
-        assert "ready" in readline(proc)
+        until("READY=1")
         task = dom.task(name="worker")
         task.add("app.reload", b"config.toml", TWA_SIGNAL)
         assert readline(proc).startswith("reloading config.toml (queued by pid")
-        task.add("app.ping", b"", TWA_NONE)   # held: runs when the task exits
-        proc.send_signal(getattr(signal, cp["Service"]["KillSignal"]))
+        task.add("app.ping", b"", TWA_NONE)   # held: runs in the drain
+        proc.send_signal(getattr(signal, svc["KillSignal"]))
+        until("STOPPING=1")
         out, err = proc.communicate(timeout=30)
     finally:
+        srv.close()
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=10)
     assert proc.returncode == 0, err
-    assert out.split() == ["pong", "exited"], out
+    assert out.split() == ["pong"], out
     assert [t.state for t in dom.tasks() if t.id == task.id] in ([], ["exited"])
     st = dom.stats()
-    assert st.pool_free == st.pool_size
+    assert st.pool_free == st.pool_size and dom.dead_letters() == []
 
 
 # ---- the asyncio server ------------------------------------------------------------------
