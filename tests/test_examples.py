@@ -246,4 +246,4 @@ def test_typed_usage_program_runs():
     r = subprocess.run([sys.executable, os.path.join(EXAMPLES, "typed_usage.py")], env=_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["five", "three", "one", "six", "async", "seven"]
+    assert r.stdout.split() == ["five", "three", "one", "six", "async", "seven", "drained"]
