@@ -236,6 +236,7 @@ class RunLoop:
                 except Exception as exc:
                     log_callback_error(w, exc)
                     errs.append(exc)
+                    self._count_raised(1, keep)
                     if keep:
                         # kept RUNNING (a reaper would report it interrupted)
                         # until _end_chunk retries it or files it "failed"
@@ -243,7 +244,6 @@ class RunLoop:
                         failed.append((i, exc, fn))
                         done = i
                         continue
-                    outc[i] = lib.TW_OUT_ERROR
                 if timed:
                     ends[i] = mono()
                 # RUNNING -> DONE: it ran; counted free from here on
@@ -331,13 +331,13 @@ class RunLoop:
                 except Exception as exc:
                     log_callback_error(w, exc)
                     errs.append(exc)
+                    self._count_raised(1, fn.__shm_taskwork_keep__)
                     if fn.__shm_taskwork_keep__:
                         outc[i] = lib.TW_OUT_SKIP   # retried or filed in _end_chunk
                         failed.append((i, exc, fn))
                         done = i
                         ran += 1
                         continue
-                    outc[i] = lib.TW_OUT_ERROR
                 if timed:
                     ends[i] = mono()
                 if _STORE_STARTS:
@@ -380,11 +380,10 @@ class RunLoop:
                 # one error per work of the list
                 log_callback_error(works[0], exc)
                 errs.extend([exc] * k)
+                self._count_raised(k, fn.__shm_taskwork_keep__)
                 if fn.__shm_taskwork_keep__:
                     ffi.memmove(outc, bytes([lib.TW_OUT_SKIP]) * k, k)
                     failed = [(i, exc, fn) for i in range(k)]
-                else:
-                    ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
             except BaseException:
                 ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
                 raise
@@ -427,13 +426,12 @@ class RunLoop:
         except Exception as exc:
             log_callback_error(works[0], exc)
             errs.extend([exc] * len(idx))
+            self._count_raised(len(idx), fn.__shm_taskwork_keep__)
             if fn.__shm_taskwork_keep__:
                 for j in idx:   # retried or filed in _end_chunk
                     outc[j] = lib.TW_OUT_SKIP
                     self._failed_now.append((j, exc, fn))
                 return len(idx)
-            for j in idx:   # one error per work of the list
-                outc[j] = lib.TW_OUT_ERROR
         except BaseException:
             now = _mono()
             for j in idx:
@@ -448,12 +446,21 @@ class RunLoop:
                 seg[c.ats[j]] = c.runs[j] + _DONE_DELTA
         return len(idx)
 
+    def _count_raised(self, n: int, kept: bool) -> None:
+        """Count n raises now, not when the chunk ends, so that ``errors`` is
+        current during a long batch (the outcome stays OK: tw_run_finish
+        counts the run). A kept work (retried or filed) is counted run here
+        too, as tw_run_finish skips it."""
+        d, slot = self._dom.d, self.id
+        lib.tw_slot_counter_add(d, slot, lib.TW_C_ERRORS, n)
+        if kept:
+            lib.tw_slot_counter_add(d, slot, lib.TW_C_RUN, n)
+
     def _settle_failed(self, nodes: Any, chunk: Any, failed: list) -> None:
         """Works whose callback raised, still RUNNING and ours: each is
         queued again on this task while it has retries left (Work.attempt
         counts them), else filed as a "failed" dead letter keeping its error
-        (README "Workers in production"). Counted run and errors here, as
-        tw_run_finish skipped them."""
+        (README "Workers in production"). Counted when they raised."""
         dom = self._dom
         d, slot = dom.d, self.id
         ids = memoryview(chunk.raw).cast("Q")
@@ -462,8 +469,6 @@ class RunLoop:
         for i, exc, fn in failed:
             node = nodes[i]
             one[0] = node
-            lib.tw_slot_counter_add(d, slot, lib.TW_C_RUN, 1)
-            lib.tw_slot_counter_add(d, slot, lib.TW_C_ERRORS, 1)
             attempt = max(0, lib.tw_node_note(d, node)) >> 16
             if attempt < fn.__shm_taskwork_retries__:
                 rc = lib.tw_file_taken(d, slot, one, 1, lib.TW_R_FAILED, ffi.NULL, 0,

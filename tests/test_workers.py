@@ -222,6 +222,10 @@ from shm_taskwork import Domain, callback
 @callback(name="wk.tick")
 def tick(work):
     time.sleep(0.2)
+@callback(name="wk.tickfail", on_failure="drop")
+def tickfail(work):
+    time.sleep(0.2)
+    raise ValueError("counted at once")
 dom = Domain.open(sys.argv[1])
 t = dom.register("busy")
 print(t.id, flush=True)
@@ -254,6 +258,25 @@ def test_work_in_progress_is_visible_during_a_long_batch(make_domain, spawn):
     assert readline(p, TIMEOUT) == "done"
     i = info()
     assert (i.run, i.running, i.oldest_running_s) == (20, 0, None)
+    p.stdin.write("\n")
+    p.stdin.flush()
+
+
+def test_errors_are_counted_as_they_happen_during_a_long_batch(make_domain, spawn):
+    dom = make_domain("wiperr", pool_size=256)
+    p = spawn(SLOW_TASK, dom.name, stdin=subprocess.PIPE)
+    tid = int(readline(p, TIMEOUT))
+    dom.task(tid).add_many("wk.tickfail", [b"x"] * 20, TWA_NONE)
+    p.stdin.write("go\n")
+    p.stdin.flush()
+
+    def info():
+        return next(i for i in dom.tasks(reap=False) if i.id == tid)
+    i = wait_until(lambda: (lambda x: x if x.errors >= 2 else None)(info()), TIMEOUT,
+                   what="errors to move during the batch")
+    assert i.running > 0 and i.errors <= i.run
+    assert readline(p, TIMEOUT) == "done"
+    assert (info().errors, info().run) == (20, 20)
     p.stdin.write("\n")
     p.stdin.flush()
 
