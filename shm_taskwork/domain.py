@@ -674,12 +674,19 @@ class Domain:
             self._reap_dead(deadline)
         raw = name.encode() if name is not None else None
         out = []
-        # Progress first, then the counters: a chunk freed in between is
-        # counted twice for a moment, never missed (readers keep the max).
+        # Works in progress: a run counts a chunk's works when it frees it,
+        # and the owner words say which of them returned before that. The
+        # two are read as one snapshot (seqlock-like, on the run counters):
+        # a chunk freed during the scan is scanned again, so ``run`` never
+        # counts a work twice nor drops one it showed, and never goes back.
         nt = self.max_tasks
         running, done = ffi.new("uint32_t[]", nt), ffi.new("uint32_t[]", nt)
         oldest = ffi.new("uint64_t[]", nt)
-        lib.tw_progress(self.d, nt, running, done, oldest)
+        for _ in range(4):
+            before = [self._slot(i).c.run for i in range(nt)]
+            lib.tw_progress(self.d, nt, running, done, oldest)
+            if all(self._slot(i).c.run == before[i] for i in range(nt)):
+                break
         now = time.monotonic_ns()
         for i in range(self.max_tasks):
             s = self._slot(i)
@@ -694,7 +701,8 @@ class Domain:
             out.append(TaskInfo(
                 id=i, pid=s.pid, name=ffi.string(s.name).decode(errors="replace"),
                 state=self._slot_state(i, s), registered_ns=s.registered_ns, generation=s.gen,
-                added=c.added, run=c.run + done[i], cancelled=c.cancelled, orphaned=c.orphaned,
+                added=c.added, run=before[i] + done[i], cancelled=c.cancelled,
+                orphaned=c.orphaned,
                 errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
                 resumes_sent=c.resumes_sent, interrupted=c.interrupted,
                 pending=max(0, pending), max_pending=c.max_pending, flags=s.flags,
