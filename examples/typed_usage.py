@@ -154,7 +154,7 @@ def main() -> int:
 
 
 def keyed_and_remote(dom: Domain, redis_url: str | None = None) -> list[str]:
-    """Keyed adds, and the bridge's client (SPEC §10) when a Redis is given."""
+    """Keyed adds, and the bridge's client (docs/contract.md "Beyond one host: the bridge") when a Redis is given."""
     from shm_taskwork.keys import KeyRecord, lookup
     t = dom.current or dom.register("typed-keyed")
     rec: KeyRecord = t.add_keyed("typed.noop", b"", TWA_NONE, key="typed-key")

@@ -1,6 +1,6 @@
 """shm_taskwork: the Linux kernel's task_work, for processes on one host.
 
-The public names of SPEC.md, nothing else.
+The public names of the contract (docs/contract.md), nothing else.
 """
 from .callbacks import callback
 from .constants import (TWA_FLAGS, TWA_NMI_CURRENT, TWA_NONE, TWA_RESUME, TWA_SIGNAL,

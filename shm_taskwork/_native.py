@@ -1,7 +1,7 @@
 """The one module that touches the compiled core (``lib``).
 
 Everything else calls the thin wrappers here; each return code is checked on
-the line after the call and mapped to the exceptions of SPEC §5 in one place
+the line after the call and mapped to the exceptions of docs/contract.md "Errors" in one place
 (:func:`check`). The layout version compiled into the extension is checked at
 import, so a stale build fails loudly instead of misreading a segment.
 """

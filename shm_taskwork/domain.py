@@ -107,7 +107,7 @@ def _check_owner(name: str, st: os.stat_result, mode: int) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Counters:
-    """The counters each task slot keeps in shared memory (SPEC §7)."""
+    """The counters each task slot keeps in shared memory (docs/contract.md "Observability")."""
 
     added: int
     run: int
@@ -130,7 +130,7 @@ COUNTERS = tuple(f.name for f in dataclasses.fields(_Counters))
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TaskInfo(_Counters):
-    """A snapshot of one used task slot (SPEC §7): the counters plus these."""
+    """A snapshot of one used task slot (docs/contract.md "Observability"): the counters plus these."""
 
     id: int
     pid: int
@@ -156,7 +156,7 @@ class TaskInfo(_Counters):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DomainStats(_Counters):
-    """Pool figures and the counters of every task summed (SPEC §7).
+    """Pool figures and the counters of every task summed (docs/contract.md "Observability").
 
     ``pool_free`` counts nodes whose owner word says free: exact once nothing
     is in flight (every added work run, cancelled, reclaimed or dropped)."""
@@ -241,7 +241,7 @@ class Domain:
         # formatted and mapped, then linked under the domain's name in one
         # step (link(2) fails if the name exists). An opener never sees a
         # half-made segment, and of racing creators exactly one link succeeds
-        # (SPEC §9, start together). The temporary name always goes.
+        # (docs/contract.md "Lifecycle without an operator", start together). The temporary name always goes.
         _sweep_temporaries()
         tmp = f"{SHM_DIR}/{_TMP_PREFIX}{os.getpid()}.{os.urandom(6).hex()}"
         try:
@@ -452,7 +452,7 @@ class Domain:
             return "exiting"
         return st
 
-    # ---- death and reaping (SPEC §9) --------------------------------------
+    # ---- death and reaping (docs/contract.md "Lifecycle without an operator") --------------------------------------
 
     def _reap(self, slot: int) -> "Reaped | None":
         """Reap task ``slot`` if its process is dead: close its list, file its
@@ -799,7 +799,7 @@ class Domain:
                 out.append(w)
         return out
 
-    # ---- dead letters (SPEC §9) -------------------------------------------
+    # ---- dead letters (docs/contract.md "Lifecycle without an operator") -------------------------------------------
 
     def _dl_nodes(self) -> list[int]:
         n = self.pool_size
@@ -893,7 +893,7 @@ class Domain:
     # ---- fsck -------------------------------------------------------------
 
     def fsck(self, *, repair: bool = False) -> "FsckReport":
-        """Find (and with ``repair=True`` reclaim) what dead processes held. §6."""
+        """Find (and with ``repair=True`` reclaim) what dead processes held. (docs/contract.md "Faults: dead processes")."""
         from .fsck import fsck
         return fsck(self, repair=repair)
 

@@ -1,4 +1,4 @@
-"""The exception tree of SPEC §5.
+"""The exception tree of docs/contract.md "Errors".
 
 ``TaskWorkError`` is the root and is never raised directly. Errors the kernel
 has an errno for carry it (``err.errno``); bad-input errors are also

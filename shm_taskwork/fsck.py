@@ -1,6 +1,6 @@
 """fsck: find what dead processes held, and with ``repair=True`` give it back.
 
-Nobody has to run it (SPEC §9): whoever notices a dead task reaps it, and a
+Nobody has to run it (docs/contract.md "Lifecycle without an operator"): whoever notices a dead task reaps it, and a
 process that needs a process-table entry reclaims a dead one's. fsck is the
 same repair done on purpose, for everything at once, plus a consistency check
 of the whole segment, and it is safe beside live processes in the middle of

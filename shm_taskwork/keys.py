@@ -1,4 +1,4 @@
-"""Keyed adds: a work queued at most once per key (SPEC §10, the bridge).
+"""Keyed adds: a work queued at most once per key (docs/contract.md "Beyond one host: the bridge", the bridge).
 
 ``task.add_keyed(func, payload, notify, key=...)`` records the key in the
 domain's key table before the push, so a caller that died after the push and

@@ -57,7 +57,7 @@ class Work:
         self.id = id
         self.domain = domain
         self._state = state
-        # dead letters (SPEC §9): why it is one ("unknown_callback" or
+        # dead letters (docs/contract.md "Lifecycle without an operator"): why it is one ("unknown_callback" or
         # "orphaned"), and the name of the task it was for
         self.reason = reason
         self.target_name = target_name

@@ -1,4 +1,4 @@
-"""asyncio (SPEC §11): ``attach_loop``/``detach_loop``, ``wait_async``, async
+"""asyncio (docs/contract.md "In the ecosystem"): ``attach_loop``/``detach_loop``, ``wait_async``, async
 callbacks; and ``Work.state`` of a cancelled handle.
 
 Each task runs in an unrelated process with a real event loop; this process

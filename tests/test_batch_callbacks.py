@@ -1,4 +1,4 @@
-"""SPEC §3: batch callbacks, and the batch run path under them.
+"""docs/contract.md "Callbacks and works": batch callbacks, and the batch run path under them.
 
 A batch callback is called once per run batch with the list of its works
 from that batch, newest first; cancel, exactly-once and crash rules are

@@ -1,4 +1,4 @@
-"""SPEC §5: every error on bad input. Each must leave the domain exactly as it
+"""docs/contract.md "Errors": every error on bad input. Each must leave the domain exactly as it
 was (pool, counters, pending list), carry the kernel's errno where there is
 one, and say what the limit or the valid choices are."""
 from __future__ import annotations

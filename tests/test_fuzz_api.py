@@ -1,5 +1,5 @@
 """Every public call with arguments a careless (or hostile) caller could pass
-(issue #10): each call works or raises a documented error - one of SPEC §5's,
+(issue #10): each call works or raises a documented error - one of docs/contract.md "Errors"'s,
 or TypeError, ValueError, FileNotFoundError, FileExistsError, PermissionError
 - never a dependency's (posix_ipc, cffi's OverflowError, AttributeError ...)
 and never a crash.

@@ -1,4 +1,4 @@
-"""SPEC §4 "Kernel-style functions": the kernel's names return the kernel's
+"""docs/contract.md "Kernel-style functions": the kernel's names return the kernel's
 values (0 / -errno, the removed work or None, a bool) instead of raising."""
 from __future__ import annotations
 

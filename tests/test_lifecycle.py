@@ -1,4 +1,4 @@
-"""SPEC §9: lifecycle without an operator.
+"""docs/contract.md "Lifecycle without an operator": lifecycle without an operator.
 
 Processes start together, die (SIGKILL, SIGTERM with its default action, a
 crash) and are replaced; nobody runs fsck. Every test here uses real,

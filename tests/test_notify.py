@@ -1,4 +1,4 @@
-"""Every notify mode between unrelated processes (SPEC §4, the notify table).
+"""Every notify mode between unrelated processes (docs/contract.md "Adding, running, cancelling", the notify table).
 
 The task is always a separate Python interpreter started with subprocess (not
 a fork): it opens the domain by name, registers, prints ``ready ...`` and then

@@ -1,4 +1,4 @@
-"""Packaging (SPEC §11): one installed package, the stable-ABI tag, the licence.
+"""Packaging (docs/contract.md "In the ecosystem"): one installed package, the stable-ABI tag, the licence.
 
 The wheel is built from this tree with ``pip wheel`` and installed into a
 fresh virtual environment; its commands then run from a directory that has an

@@ -1,4 +1,4 @@
-"""SPEC §4 "Semantics", bullet by bullet, and the API table of §2-§4.
+"""The contract (docs/contract.md "Callbacks and works", "Adding, running, cancelling"), bullet by bullet, and its API table.
 
 Each test states the kernel behaviour it checks. Everything is real: the
 segment, the eventfd, the robust pi_lock, and - where a second process is
