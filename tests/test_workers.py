@@ -236,22 +236,25 @@ sys.stdin.readline()
 """
 
 
-def test_work_in_progress_is_visible_during_a_long_batch(make_domain, spawn):
-    """101 works of 200 ms in one batch: before, run=0 pending=0 for the
-    whole batch. Now running counts the taken works and run moves within
-    100 ms of each work's end."""
-    dom = make_domain("wip", pool_size=256)
+def long_batch(dom: Domain, spawn, callback_name: str):
+    """A task process that runs 20 works of 200 ms of ``callback_name`` in
+    one batch; (process, a function giving the task's TaskInfo now)."""
     p = spawn(SLOW_TASK, dom.name, stdin=subprocess.PIPE)
     tid = int(readline(p, TIMEOUT))
-    dom.task(tid).add_many("wk.tick", [b"x"] * 20, TWA_NONE)
+    dom.task(tid).add_many(callback_name, [b"x"] * 20, TWA_NONE)
     p.stdin.write("go\n")
     p.stdin.flush()
+    return p, lambda: next(i for i in dom.tasks(reap=False) if i.id == tid)
 
-    def info():
-        return next(i for i in dom.tasks(reap=False) if i.id == tid)
+
+def test_work_in_progress_is_visible_during_a_long_batch(make_domain, spawn):
+    """20 works of 200 ms in one batch: before, run=0 pending=0 for the
+    whole batch. Now running counts the taken works and run moves as each
+    work returns."""
+    p, info = long_batch(make_domain("wip", pool_size=256), spawn, "wk.tick")
     i = wait_until(lambda: (lambda x: x if x.run >= 2 else None)(info()), TIMEOUT,
                    what="two works to finish")
-    assert i.pending == 0 and i.running == 20 - i.run or i.running == 20 - i.run - 1
+    assert i.pending == 0 and i.running in (20 - i.run, 20 - i.run - 1)
     assert i.oldest_running_s is not None and i.oldest_running_s > 0.3
     r0 = i.run
     wait_until(lambda: info().run >= r0 + 2, TIMEOUT, what="the run counter to move")
@@ -263,15 +266,7 @@ def test_work_in_progress_is_visible_during_a_long_batch(make_domain, spawn):
 
 
 def test_errors_are_counted_as_they_happen_during_a_long_batch(make_domain, spawn):
-    dom = make_domain("wiperr", pool_size=256)
-    p = spawn(SLOW_TASK, dom.name, stdin=subprocess.PIPE)
-    tid = int(readline(p, TIMEOUT))
-    dom.task(tid).add_many("wk.tickfail", [b"x"] * 20, TWA_NONE)
-    p.stdin.write("go\n")
-    p.stdin.flush()
-
-    def info():
-        return next(i for i in dom.tasks(reap=False) if i.id == tid)
+    p, info = long_batch(make_domain("wiperr", pool_size=256), spawn, "wk.tickfail")
     i = wait_until(lambda: (lambda x: x if x.errors >= 2 else None)(info()), TIMEOUT,
                    what="errors to move during the batch")
     assert i.running > 0 and i.errors <= i.run
