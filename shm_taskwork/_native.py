@@ -34,10 +34,6 @@ EXITED = lib.TW_EXITED
 N_FREE, N_ALLOC, N_QUEUED, N_CANCELLING, N_DETACHED, N_RUNNING, N_DEADLETTER, N_DONE = (
     lib.TW_N_FREE, lib.TW_N_ALLOC, lib.TW_N_QUEUED, lib.TW_N_CANCELLING,
     lib.TW_N_DETACHED, lib.TW_N_RUNNING, lib.TW_N_DEADLETTER, lib.TW_N_DONE)
-NODE_STATE_NAMES = {N_FREE: "free", N_ALLOC: "allocated", N_QUEUED: "queued",
-                    N_CANCELLING: "cancelling", N_DETACHED: "detached",
-                    N_RUNNING: "running", N_DEADLETTER: "dead-letter", N_DONE: "done"}
-
 
 def owner_gen(o: int) -> int:
     return o >> 32
@@ -105,11 +101,6 @@ def start_ticks(pid: int) -> int:
     if not 0 < pid <= 0x7FFFFFFF:
         return 0
     return lib.tw_proc_start_ticks(pid)
-
-
-def killpoint(name: str) -> None:
-    """Python-side kill points (e.g. ``in_callback``) share the native switch."""
-    lib.tw_killpoint(KILLPOINTS[name])
 
 
 #: Every Domain this process maps (weak): the mapped core of this process,
