@@ -29,8 +29,9 @@ from shm_taskwork import TWA_NONE
 
 CLI_TIMEOUT = 60
 CB = "test_ops.noop"
-TOP_COLUMNS = ("id", "name", "pid", "state", "pending", "oldest", "added", "run", "cancelled",
-               "errors", "unknown", "orphaned", "run/s", "add/s", "cpu%", "rss", "status")
+TOP_COLUMNS = ("id", "name", "pid", "state", "pending", "oldest", "running", "oldest_run", "run",
+               "run/s", "added", "add/s", "errors", "cancelled", "unknown", "orphaned", "cpu%",
+               "rss", "status")
 
 
 def _env() -> dict:
