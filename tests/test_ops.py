@@ -208,10 +208,10 @@ def test_top_once_shows_counters_ages_processes_and_flags_the_dead_task(scene):
         age = age_seconds(row["oldest"])
         assert t0 - scene["t_last_add"] - 0.01 <= age <= t1 - scene["t_first_add"] + 0.01, row
 
-    # the dead task is flagged under the table, with what to do about it
-    flag = [line for line in r.stdout.splitlines() if line.startswith("DEAD")]
+    # the reaped task is flagged under the table, with what to do about it
+    flag = [line for line in r.stdout.splitlines() if line.startswith("REAPED")]
     assert len(flag) == 1, r.stdout
-    assert f"{scene['victim_id']} (pid {scene['victim'].pid}, 0 pending, 4 orphaned)" in flag[0]
+    assert f"{scene['victim_id']} (pid {scene['victim'].pid}, 4 orphaned)" in flag[0]
     assert f"dead-letters {dom.name} --retry" in flag[0]
     # the pool line
     st = dom.stats()

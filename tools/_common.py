@@ -15,7 +15,7 @@ from shm_taskwork.observe import oldest_pending_ns, open_regular
 
 __all__ = ["printable", "text_cell", "oldest_pending_ns", "open_regular", "fmt_age", "fmt_bytes",
            "plain_table", "render_table", "fit_columns", "terminal_width", "percentile",
-           "preview", "work_id", "hidden_note", "rich_table", "number_arg"]
+           "preview", "work_id", "hidden_note", "say", "rich_table", "number_arg"]
 
 
 def number_arg(parse, what: str, lo: float | None = None, hi: float | None = None, *,
@@ -261,6 +261,19 @@ def render_table(head: tuple, rows: list[tuple], out, *, title: str | None = Non
     write("  ".join("-" * w for w in widths) + "\n")
     for r in cells:
         write(line.format(*r).rstrip() + "\n")
+
+
+def say(text: str, out, width: int | None = None) -> None:
+    """One line of prose, wrapped to the output's width (a pipe: unwrapped);
+    continuation lines are indented two spaces. No word is broken."""
+    import textwrap
+
+    width = terminal_width(out) if width is None else width
+    if len(text) <= width:
+        out.write(text + "\n")
+        return
+    out.write(textwrap.fill(text, width=max(40, width), subsequent_indent="  ",
+                            break_long_words=False, break_on_hyphens=False) + "\n")
 
 
 def hidden_note(hidden, out, width: int | None = None) -> None:

@@ -30,7 +30,7 @@ import time
 from shm_taskwork import Domain, NoSuchTaskError
 from shm_taskwork.tools._common import (count_int, fit_columns, fmt_age, fmt_bytes, hidden_note,
                                        number_arg, oldest_pending_ns, positive_int,
-                                       positive_seconds, preview, printable, render_table,
+                                       positive_seconds, preview, printable, render_table, say,
                                        terminal_width, work_id)
 
 LIVE_STATES = ("running", "exiting")
@@ -211,15 +211,16 @@ def _fitted(head, rows, out, drop, *, wide: bool, shrink=("name",)):
 
 def print_status(rec: dict, out, *, wide: bool = False) -> None:
     d, p = rec["domain"], rec["pool"]
-    print(f"domain {printable(d['name'])}: {d['max_tasks']} task slots, pool of "
-          f"{d['pool_size']} nodes "
-          f"with {d['payload_size']}-byte payloads"
-          + (", origins recorded" if d.get("record_origin") else ""), file=out)
-    print(f"pool: {p['pool_free']} free, {p['pool_used']} used of {p['pool_size']}; "
-          f"{p['tasks']} tasks; {p['dead_letters']} dead letters", file=out)
-    print("counters: " + ", ".join(f"{k} {p[k]}" for k in (
+    width = 10_000 if wide else None
+    say(f"domain {printable(d['name'])}: {d['max_tasks']} task slots, pool of "
+        f"{d['pool_size']} nodes "
+        f"with {d['payload_size']}-byte payloads"
+        + (", origins recorded" if d.get("record_origin") else ""), out, width)
+    say(f"pool: {p['pool_free']} free, {p['pool_used']} used of {p['pool_size']}; "
+        f"{p['tasks']} tasks; {p['dead_letters']} dead letters", out, width)
+    say("counters: " + ", ".join(f"{k} {p[k]}" for k in (
         "added", "run", "cancelled", "orphaned", "errors", "unknown", "signals_sent",
-        "resumes_sent", "pending", "running", "max_pending") if k in p), file=out)
+        "resumes_sent", "pending", "running", "max_pending") if k in p), out, width)
     rows = []
     for t in rec["tasks"]:
         rows.append((t["id"], t["name"], t["pid"], t["state"], t["added"], t["run"],
@@ -271,18 +272,19 @@ def print_inspect(rec: dict, out, *, callback: str | None = None,
     what = "running" if "running" in rec and "pending" not in rec else "pending"
     total, shown = rec[f"total_{what}"], len(rec[what])
     order = "oldest first" if rec.get("order") == "oldest" else "newest first"
-    head_line = (f"task {t['id']} {t['name']!r} (pid {t['pid']}, {t['state']}) in "
-                 f"{printable(rec['domain'])}: {total} {what} work{'s' if total != 1 else ''}"
+    width = 10_000 if wide else None
+    head_line = (f"task {t['id']} {printable(repr(t['name']))} (pid {t['pid']}, {t['state']}) "
+                 f"in {printable(rec['domain'])}: {total} {what} work{'s' if total != 1 else ''}"
                  + (f", {order}" if total > 1 else ""))
     if what == "pending" and t.get("running"):
         head_line += (f"; {t['running']} running (oldest {_age_s(t.get('oldest_running_s'))}: "
                       "--running lists them)")
-    out.write(head_line + "\n")
+    say(head_line, out, width)
     if not total:
         return
     by_cb = list(rec["by_callback"].items())
-    out.write("by callback: " + ", ".join(f"{printable(cb)} {n}" for cb, n in by_cb[:8])
-              + (f", and {len(by_cb) - 8} more callbacks" if len(by_cb) > 8 else "") + "\n")
+    say("by callback: " + ", ".join(f"{printable(cb)} {n}" for cb, n in by_cb[:8])
+        + (f", and {len(by_cb) - 8} more callbacks" if len(by_cb) > 8 else ""), out, width)
     matching = total if callback is None else rec["by_callback"].get(callback, 0)
     if callback is not None:
         out.write(f"callback {callback!r}: {matching} of them\n")

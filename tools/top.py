@@ -212,7 +212,7 @@ def render(name: str, snap: Snapshot, prev: Snapshot | None, interval: float,
     before = {}
     if prev is not None:
         before = {(t.id, t.generation): t for t in prev.tasks}
-    dead = [t for t in snap.tasks if t.state == "dead"]
+    dead = [t for t in snap.tasks if t.state == "dead"]   # died, nobody reaped it yet
 
     rows, styles = [], []
     for t in snap.tasks:
@@ -256,9 +256,15 @@ def render(name: str, snap: Snapshot, prev: Snapshot | None, interval: float,
     if dead:
         who = ", ".join(f"{t.id} (pid {t.pid}, {t.pending} pending, {t.running} running)"
                         for t in dead)
-        parts.append(Text(f"DEAD tasks: {who}; their works become dead letters when reaped; "
+        parts.append(Text(f"DEAD tasks: {who}; their works become dead letters when reaped "
+                          f"(the next add, register or `shm-taskwork fsck {printable(name)} "
+                          "--repair`)", style="bold red"))
+    reaped = [t for t in snap.tasks if t.state == "reaped"]
+    if reaped:
+        who = ", ".join(f"{t.id} (pid {t.pid}, {t.orphaned} orphaned)" for t in reaped)
+        parts.append(Text(f"REAPED tasks: {who}; their works are dead letters: "
                           f"`shm-taskwork dead-letters {printable(name)} --retry` re-queues them",
-                          style="bold red"))
+                          style="red"))
     unreadable = sum(1 for t in snap.tasks if t.unreadable)
     if unreadable:
         parts.append(Text(f"{unreadable} task{'s' if unreadable != 1 else ''} unreadable: "
