@@ -195,31 +195,38 @@ def fit_columns(head: tuple, rows: list[tuple], width: int, drop: tuple = (), *,
 
 
 def rich_table(head: tuple, rows: list[tuple], *, title: str | None = None, right=(),
-               wrap=(), escape: bool = True, row_styles: list | None = None):
+               wrap=(), escape: bool = True, row_styles: list | None = None,
+               sections=(), boxed: bool = False):
     """The rich ``Table`` that ``render_table`` prints, for a view that
     redraws it (``top``): the same layout, cells and escaping.
-    ``row_styles``: a rich style (or None) per row."""
+    ``row_styles``: a rich style (or None) per row; ``sections``: the
+    indices of the rows a rule follows (before a total); ``boxed``: rules
+    around and between the columns (a report read once, not a listing)."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
     # no vertical rules: two spaces between columns, none at the edges, so
     # the plain and the rich layout are the same width (fit_columns)
-    t = Table(title=text_cell(title) if title else None, title_justify="left",
-              box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
-              collapse_padding=True)
+    if boxed:
+        t = Table(title=text_cell(title) if title else None, title_justify="left")
+    else:
+        t = Table(title=text_cell(title) if title else None, title_justify="left",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
+                  collapse_padding=True)
     for h in head:
         t.add_column(h, justify="right" if h in right else "left", no_wrap=h not in wrap,
                      overflow="fold")
     for k, r in enumerate(rows):
         t.add_row(*(x if isinstance(x, Text) else text_cell(x) if escape else Text(str(x))
-                    for x in r), style=row_styles[k] if row_styles else None)
+                    for x in r), style=row_styles[k] if row_styles else None,
+                  end_section=k in sections)
     return t
 
 
 def render_table(head: tuple, rows: list[tuple], out, *, title: str | None = None,
                  right=(), wrap=(), rich: bool = False, width: int | None = None,
-                 escape: bool = True) -> None:
+                 escape: bool = True, sections=(), boxed: bool = False) -> None:
     """The one table renderer of the tools.
 
     Every cell is shown escaped (``printable``; ``escape=False``: the
@@ -233,6 +240,7 @@ def render_table(head: tuple, rows: list[tuple], out, *, title: str | None = Non
     rich costs a millisecond (for long listings). Both have two spaces
     between columns and none at the edges. ``width``: the line length to fit (default
     ``terminal_width(out)``); fit the columns first with ``fit_columns``.
+    ``sections``, ``boxed``: as ``rich_table`` (rich only).
     """
     width = terminal_width(out) if width is None else width
     if rich:
@@ -243,7 +251,8 @@ def render_table(head: tuple, rows: list[tuple], out, *, title: str | None = Non
     if rich:
         console = Console(file=out, width=min(width, UNLIMITED), highlight=False,
                           color_system="auto" if out.isatty() else None)
-        t = rich_table(head, rows, title=title, right=right, wrap=wrap, escape=escape)
+        t = rich_table(head, rows, title=title, right=right, wrap=wrap, escape=escape,
+                       sections=sections, boxed=boxed)
         with console.capture() as cap:
             console.print(t)
         # rich pads every line to the table's width: no trailing blanks
