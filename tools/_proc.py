@@ -49,9 +49,9 @@ class Link:
     the parent reads; ``recv`` reads one the parent sent."""
 
     def __init__(self, out_fd: int, in_fd: int | None = None):
-        self._out = out_fd
-        self._in = in_fd
-        self._buf = b""
+        self.events_fd = out_fd
+        self.input_fd = in_fd
+        self.unread = b""
 
     @classmethod
     def stdio(cls) -> "Link":
@@ -63,7 +63,7 @@ class Link:
         """Write one event (a JSON object) as one line, at once."""
         data = (json.dumps(event) + "\n").encode()
         while data:
-            data = data[os.write(self._out, data):]
+            data = data[os.write(self.events_fd, data):]
 
     def ready(self, **facts: Any) -> None:
         """The ready handshake: ``{"ev": "ready", **facts}``, said once."""
@@ -72,22 +72,22 @@ class Link:
     def recv(self, timeout: float | None = None) -> Any:
         """The next object the parent sent; ChildError on end of input or
         when none came within ``timeout`` seconds."""
-        if self._in is None:
+        if self.input_fd is None:
             raise ChildError("this link has no input")
         deadline = None if timeout is None else time.monotonic() + timeout
-        while b"\n" not in self._buf:
+        while b"\n" not in self.unread:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ChildError(f"nothing from the parent within {timeout:g}s")
                 import select
-                if not select.select([self._in], [], [], left)[0]:
+                if not select.select([self.input_fd], [], [], left)[0]:
                     continue
-            chunk = os.read(self._in, 1 << 16)
+            chunk = os.read(self.input_fd, 1 << 16)
             if not chunk:
                 raise ChildError("the parent closed its end")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
+            self.unread += chunk
+        line, self.unread = self.unread.split(b"\n", 1)
         return json.loads(line)
 
 
@@ -105,26 +105,26 @@ class Child:
         self.events: list[dict] = []
         self.noise: list[str] = []          # lines that were not JSON
         self.eof = False
-        self._out = out_fd                  # we read the child's events here
-        self._in = in_fd                    # and write to it here
-        self._proc = proc
-        self._errfile = errfile
-        self._status: int | None = None
-        self._buf = b""
+        self.events_fd = out_fd    # we read the child's events here
+        self.input_fd = in_fd      # and write to it here
+        self.proc = proc
+        self.errfile = errfile
+        self.status: int | None = None
+        self.unread = b""
 
     def poll(self) -> int | None:
         """Its exit status once it ended (negative: the signal), else None."""
-        if self._status is None:
-            if self._proc is not None:
-                self._status = self._proc.poll()
+        if self.status is None:
+            if self.proc is not None:
+                self.status = self.proc.poll()
             else:
                 try:
                     pid, st = os.waitpid(self.pid, os.WNOHANG)
                 except ChildProcessError:
-                    return self._status
+                    return self.status
                 if pid:
-                    self._status = os.waitstatus_to_exitcode(st)
-        return self._status
+                    self.status = os.waitstatus_to_exitcode(st)
+        return self.status
 
     def wait(self, timeout: float) -> int:
         """Its exit status; ChildError if it is still running after ``timeout`` s."""
@@ -133,14 +133,14 @@ class Child:
             if time.monotonic() > deadline:
                 raise ChildError(f"{self.name} (pid {self.pid}) did not end within {timeout:g}s")
             time.sleep(0.005)       # polling an exit status with a deadline
-        assert self._status is not None
-        return self._status
+        assert self.status is not None
+        return self.status
 
     def send(self, obj: Any) -> None:
         """One object to the child (a JSON line on its input)."""
         data = (json.dumps(obj) + "\n").encode()
         while data:
-            data = data[os.write(self._in, data):]
+            data = data[os.write(self.input_fd, data):]
 
     def kill(self, signum: int = signal.SIGKILL) -> None:
         if self.poll() is None:
@@ -149,11 +149,11 @@ class Child:
 
     def last_error_line(self) -> str:
         """The last non-blank line the child wrote on stderr ("" if none)."""
-        if self._errfile is None:
+        if self.errfile is None:
             return ""
         try:
-            self._errfile.seek(0)
-            text = self._errfile.read().decode(errors="replace")
+            self.errfile.seek(0)
+            text = self.errfile.read().decode(errors="replace")
         except (OSError, ValueError):
             return ""
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -233,8 +233,8 @@ class Children:
                                proc, errfile))
 
     def _add(self, child: Child) -> Child:
-        os.set_blocking(child._out, False)
-        self._sel.register(child._out, selectors.EVENT_READ, child)
+        os.set_blocking(child.events_fd, False)
+        self._sel.register(child.events_fd, selectors.EVENT_READ, child)
         self.children.append(child)
         return child
 
@@ -247,15 +247,15 @@ class Children:
         for key, _ in self._sel.select(timeout):
             child: Child = key.data
             try:
-                chunk = os.read(child._out, 1 << 16)
+                chunk = os.read(child.events_fd, 1 << 16)
             except BlockingIOError:
                 continue
             if not chunk:
                 child.eof = True
-                self._sel.unregister(child._out)
+                self._sel.unregister(child.events_fd)
                 continue
-            child._buf += chunk
-            *lines, child._buf = child._buf.split(b"\n")
+            child.unread += chunk
+            *lines, child.unread = child.unread.split(b"\n")
             for line in lines:
                 try:
                     ev = json.loads(line)
@@ -313,17 +313,17 @@ class Children:
         for c in self.children:
             with contextlib.suppress(ChildError):
                 c.wait(timeout)
-            for fd in (c._out, c._in):
-                if c._proc is None:
+            for fd in (c.events_fd, c.input_fd):
+                if c.proc is None:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-            if c._proc is not None:
-                for f in (c._proc.stdout, c._proc.stdin):
+            if c.proc is not None:
+                for f in (c.proc.stdout, c.proc.stdin):
                     with contextlib.suppress(OSError):
                         if f is not None:
                             f.close()
-            if c._errfile is not None:
-                c._errfile.close()
+            if c.errfile is not None:
+                c.errfile.close()
         with contextlib.suppress(Exception):
             self._sel.close()
 
