@@ -309,3 +309,20 @@ def test_every_command_that_prints_a_result_takes_json(make_domain, tmp_path):
     finally:
         r = cli("destroy", name, "--json")
     assert r.returncode == 0 and json.loads(r.stdout) == {"destroyed": name}
+
+
+def test_inspect_running_lists_the_works_a_run_holds(busy):
+    from shm_taskwork import Domain
+
+    dom, task, child = busy
+    if not hasattr(Domain, "running_works"):
+        r = cli("inspect", dom.name, str(task.id), "--running")
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+        pytest.skip("the package has no Domain.running_works() to list running works with")
+    rec = json.loads(cli("inspect", dom.name, str(task.id), "--running", "--oldest",
+                         "--json").stdout)
+    assert rec["total_running"] == 3
+    assert [bytes.fromhex(w["payload"]) for w in rec["running"]] == \
+        [b"run%d\n\x00" % i for i in range(3)]
+    text = cli("inspect", dom.name, str(task.id), "--running").stdout
+    assert "3 running works, newest first" in text and "run2\\n\\x00" in text
