@@ -189,8 +189,9 @@ class Children:
 
     def fork(self, name: str, target: Callable[..., Any], *args: Any) -> Child:
         """Fork a child that runs ``target(link, *args)`` and exits: status
-        0 when it returns, 1 when it raises (the traceback on stderr and an
-        ``{"ev": "error"}`` event)."""
+        0 when it returns, n on ``sys.exit(n)``, 1 when it raises (the
+        traceback on its stderr and an ``{"ev": "error"}`` event). Its
+        stderr is kept for ``last_error_line``."""
         ev_r, ev_w = os.pipe()
         in_r, in_w = os.pipe()
         errfile = tempfile.TemporaryFile()
@@ -203,10 +204,16 @@ class Children:
                 os.close(ev_r)
                 os.close(in_w)
                 os.dup2(errfile.fileno(), 2)
+                # sys.stderr may be an object of the parent's (a test runner's
+                # capture): the child's goes to its fd 2, the file kept
+                sys.stderr = open(2, "w", closefd=False)
                 link = Link(ev_w, in_r)
                 try:
                     target(link, *args)
                     status = 0
+                except SystemExit as exc:   # sys.exit(n) in the child: its status
+                    status = exc.code if isinstance(exc.code, int) else (
+                        0 if exc.code is None else 1)
                 except BaseException as exc:   # noqa: BLE001 - reported, then exit 1
                     traceback.print_exc()
                     with contextlib.suppress(Exception):
@@ -281,9 +288,14 @@ class Children:
             if left <= 0:
                 raise ChildError(f"timed out after {timeout:g}s waiting for {what}")
             if not self._sel.get_map():
+                # A child closes its output as it exits: give the exits a
+                # moment to be reaped, so the error can name a status.
+                for c in self.children:
+                    with contextlib.suppress(ChildError):
+                        c.wait(min(5.0, max(0.0, deadline - time.monotonic())))
                 dead = [c for c in self.children if c.poll() not in (None, 0)]
-                raise ChildError(f"every child closed its output before {what}"
-                                 + (f" ({dead[0].describe_end()})" if dead else ""))
+                raise ChildError(f"{dead[0].describe_end()} while waiting for {what}" if dead
+                                 else f"every child closed its output before {what}")
             self.pump(min(left, 0.5))
             for c in self.children:
                 if c.eof and c.poll() not in (None, 0):
