@@ -69,15 +69,25 @@ reasons:
   unknown_callback  the task that ran it did not know its callback
   orphaned          its task died before running it (pending, or detached
                     but not started)
-A work whose callback had started when its task died is not a dead letter:
-it is counted "interrupted" and never re-run (it may have had effects).
+  interrupted       its callback had started when its task died: never
+                    retried (it may have had effects)
 
 Without --retry or --drop the dead letters are listed (newest first) and
 nothing changes. --retry re-queues each one exactly once; one whose task has
-no live successor of its name stays, and is counted as left.
+no live successor of its name stays, is counted as left, and makes the exit
+status 1; interrupted letters are never retried (they may have had effects).
 """
 
-DL_REASONS = ("unknown_callback", "orphaned")
+def _reasons() -> tuple[str, ...]:
+    """The dead-letter reasons the package knows: its public list when it
+    has one (new reasons appear with it), else the three every version has."""
+    import shm_taskwork
+
+    return tuple(getattr(shm_taskwork, "DEAD_LETTER_REASONS",
+                         ("unknown_callback", "orphaned", "interrupted")))
+
+
+DL_REASONS = _reasons()
 
 
 def _int(text: str) -> int:
