@@ -1,4 +1,4 @@
-"""Operators (SPEC §11 command line): ``--version``, ``list``, ``status --check``,
+"""Operators (docs/cli.md): ``--version``, ``list``, ``status --check``,
 ``inspect --limit/--callback``, ``dead-letters``, fsck's exit statuses, and a
 quiet end on a closed pipe.
 
@@ -243,7 +243,7 @@ def test_fsck_exit_statuses_and_dead_letters_are_not_clean(make_domain, spawn):
     victim.kill()
     victim.wait(timeout=10)
     r = cli("fsck", dom.name)
-    if r.returncode == 0:   # already reaped by a reader (SPEC §9): nothing left to find
+    if r.returncode == 0:   # already reaped by a reader (README "Lifecycle without an operator"): nothing left to find
         assert "dead letter" in r.stdout
     else:
         assert r.returncode == 1, r.stderr

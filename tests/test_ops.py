@@ -1,4 +1,4 @@
-"""Operator tools: ``shm-taskwork top`` and ``shm-taskwork export`` (SPEC §7, §8).
+"""Operator tools: ``shm-taskwork top`` and ``shm-taskwork export`` (docs/cli.md, docs/operations.md).
 
 Every command runs as a real subprocess (``python -m shm_taskwork.cli``) and
 looks at tasks registered by unrelated processes started with subprocess: a
@@ -310,7 +310,7 @@ def check_exposition(text: str, scene) -> dict:
     assert info[str(scene["live_id"])]["state"] == "running"
     assert info[str(scene["live_id"])]["pid"] == str(scene["live"].pid)
     assert info[str(scene["victim_id"])]["state"] == "reaped"
-    # every counter of SPEC §7 is there and agrees with the task table
+    # every counter of TaskInfo is there and agrees with the task table
     for t in dom.tasks():
         lbl = _task_labels(dom, t.id, t.name)
         for k in ("added", "run", "cancelled", "orphaned", "errors", "unknown",

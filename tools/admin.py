@@ -9,7 +9,7 @@ domain's dead letters and re-queues (``--retry``) or drops (``--drop``) them.
 ``fsck NAME`` finds what dead processes held - tasks whose process is gone or
 whose pid now names another process, their pending works, works they had
 started, nodes a dead adder allocated and never queued - and with
-``--repair`` gives it all back (SPEC section 6).
+``--repair`` gives it all back (README "Lifecycle without an operator").
 
 Each ``main(argv, prog=..., command=...)`` returns the exit status. Errors are
 raised as ``TaskWorkError`` / ``OSError`` / ``ValueError``; the dispatcher

@@ -1,4 +1,4 @@
-"""``shm-taskwork export NAME``: Prometheus metrics of one domain (SPEC section 8).
+"""``shm-taskwork export NAME``: Prometheus metrics of one domain (docs/operations.md).
 
 A custom collector reads the domain at scrape time (``dom.tasks(reap=False)``,
 ``dom.stats()``): nothing is cached between scrapes and nothing is written to
@@ -342,7 +342,7 @@ class DomainCollector(Collector):
         yield from bridge_metrics(domain)
 
 
-# The bridge's figures (SPEC §10), from the bridges of this domain running on
+# The bridge's figures (README "More than one host"), from the bridges of this domain running on
 # this host: gauges and counters labelled by node.
 BRIDGE_GAUGES = {"lag": "Entries of the bridge's streams not yet read by its groups.",
                  "pending_entries": "Entries the bridge read or claimed and has not finished."}

@@ -15,7 +15,7 @@ in a fixed order and a line says so; ``--wide`` shows them all. Work ids are
 written ``0x`` and hex (``work_id``) in text and in JSON alike.
 
 Both only read the segment; neither registers a task or takes a work. With
-``--json`` each prints one JSON object (the field names of SPEC section 7).
+``--json`` each prints one JSON object (the field names of ``TaskInfo``, ``DomainStats`` and ``Work``, docs/api.md).
 Errors - no such domain (``FileNotFoundError``), no such task
 (``NoSuchTaskError``), a corrupt segment - are raised; the dispatcher prints
 them as one line on stderr and exits non-zero.
@@ -96,7 +96,7 @@ def status_record(dom: Domain, interval: float = 0.1) -> dict:
         rec["age_ns"] = now - w.enqueued_ns if w.enqueued_ns else None
         dead.append(rec)
     pool = stats.as_dict()
-    # works in progress (README "Workers in production"): pending + running
+    # works in progress (docs/cli.md): pending + running
     # is the backlog
     pool["running"] = sum(t.running for t in infos)
     return {
@@ -105,7 +105,7 @@ def status_record(dom: Domain, interval: float = 0.1) -> dict:
         "pool": pool,
         "tasks": tasks,
         "dead_letters": dead,
-        # one object per bridge of this domain running on this host (SPEC §10)
+        # one object per bridge of this domain running on this host (README "More than one host")
         "bridge": _bridges(dom),
     }
 
@@ -173,7 +173,7 @@ def inspect_record(dom: Domain, key: str, *, limit: int | None = None,
 
 def running_works(dom: Domain, task_id: int, gen: int) -> list:
     """The works a run of one task has taken and not finished, through
-    ``Domain.running_works`` (README "Workers in production"). A package
+    ``Domain.running_works`` (docs/cli.md, "Works in progress"). A package
     without it raises a one-line error saying so."""
     reader = getattr(dom, "running_works", None)
     if reader is None:

@@ -1,4 +1,4 @@
-"""``shm-taskwork top NAME``: a live view of one domain (SPEC section 8).
+"""``shm-taskwork top NAME``: a live view of one domain (docs/cli.md).
 
 Every interval it reads the task table and the pool (``dom.tasks(reap=False)``,
 ``dom.stats()``), the oldest pending work of each task that has any
