@@ -264,7 +264,7 @@ def test_q_quits_top_on_a_terminal(domain):
     out = b""
     try:
         deadline = time.monotonic() + 30
-        while b"q quits" not in out:            # the first frame is on the screen
+        while b"shm-taskwork top" not in out:   # the first frame is on the screen
             left = deadline - time.monotonic()
             assert left > 0, out
             if select.select([fd], [], [], left)[0]:
