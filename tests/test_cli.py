@@ -1,4 +1,4 @@
-"""The command line: ``shm-taskwork demo``, ``status`` and ``inspect`` (SPEC §8).
+"""The command line: ``shm-taskwork demo``, ``status`` and ``inspect`` (docs/cli.md).
 
 Every command runs as a real subprocess (``python -m shm_taskwork.cli``); the
 tasks they look at are registered by unrelated processes started with
@@ -215,7 +215,7 @@ def test_demo_json_ledger_with_an_asyncio_worker():
     assert c["cancel"] > 0 and c["cancel_func"] > 0 and c["cancel_match"] > 0
     assert rep["modes"]["TWA_NONE"]["cancelled"] == c["cancel"] + c["cancel_func"] + c["cancel_match"]
     assert c["after_run"] is False
-    # SIGNAL works: what SPEC §4 promises is that they run promptly, exactly
+    # SIGNAL works: what the README promises is that they run promptly, exactly
     # once, in the task's own process - each burst settled before the next
     # was sent, none ran twice or in another worker. Not *where*: on a loaded
     # machine the busy loop's checkpoint() may reach a work before the

@@ -1,4 +1,4 @@
-"""The exporter's metrics of SPEC §11: oldest pending age, CPU seconds and RSS
+"""The exporter's metrics (docs/operations.md): oldest pending age, CPU seconds and RSS
 per task, the fill of the process and name tables, and a domain destroyed and
 created again under the same name while the exporter runs.
 

@@ -1,4 +1,4 @@
-"""Operators (SPEC §11 command line): ``--version``, ``list``, ``status --check``,
+"""Operators (docs/cli.md): ``--version``, ``list``, ``status --check``,
 ``inspect --limit/--callback``, ``dead-letters``, fsck's exit statuses, and a
 quiet end on a closed pipe.
 
@@ -243,7 +243,7 @@ def test_fsck_exit_statuses_and_dead_letters_are_not_clean(make_domain, spawn):
     victim.kill()
     victim.wait(timeout=10)
     r = cli("fsck", dom.name)
-    if r.returncode == 0:   # already reaped by a reader (SPEC §9): nothing left to find
+    if r.returncode == 0:   # already reaped by a reader (README "Lifecycle without an operator"): nothing left to find
         assert "dead letter" in r.stdout
     else:
         assert r.returncode == 1, r.stderr
@@ -271,7 +271,7 @@ def test_dead_letters_list_retry_and_drop(make_domain, spawn):
     # re-queue them on a live task of the same name: each exactly once
     r = cli("dead-letters", dom.name, "--retry", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"retried": 3, "left": 0}
+    assert json.loads(r.stdout) == {"retried": 3, "left": 0, "no_target": 0}
     assert task.pending() == 3
     assert run_in(child) == 0          # still unknown there: dead letters again
     assert len(dom.dead_letters()) == 3

@@ -1,4 +1,4 @@
-"""Operator tools: ``shm-taskwork top`` and ``shm-taskwork export`` (SPEC §7, §8).
+"""Operator tools: ``shm-taskwork top`` and ``shm-taskwork export`` (docs/cli.md, docs/operations.md).
 
 Every command runs as a real subprocess (``python -m shm_taskwork.cli``) and
 looks at tasks registered by unrelated processes started with subprocess: a
@@ -29,8 +29,9 @@ from shm_taskwork import TWA_NONE
 
 CLI_TIMEOUT = 60
 CB = "test_ops.noop"
-TOP_COLUMNS = ("id", "name", "pid", "state", "pending", "oldest", "added", "run", "cancelled",
-               "errors", "unknown", "orphaned", "run/s", "add/s", "cpu%", "rss", "status")
+TOP_COLUMNS = ("id", "name", "pid", "state", "pending", "oldest", "running", "oldest_run", "run",
+               "run/s", "added", "add/s", "errors", "cancelled", "unknown", "orphaned", "cpu%",
+               "rss", "status")
 
 
 def _env() -> dict:
@@ -207,10 +208,10 @@ def test_top_once_shows_counters_ages_processes_and_flags_the_dead_task(scene):
         age = age_seconds(row["oldest"])
         assert t0 - scene["t_last_add"] - 0.01 <= age <= t1 - scene["t_first_add"] + 0.01, row
 
-    # the dead task is flagged under the table, with what to do about it
-    flag = [line for line in r.stdout.splitlines() if line.startswith("DEAD")]
+    # the reaped task is flagged under the table, with what to do about it
+    flag = [line for line in r.stdout.splitlines() if line.startswith("REAPED")]
     assert len(flag) == 1, r.stdout
-    assert f"{scene['victim_id']} (pid {scene['victim'].pid}, 0 pending, 4 orphaned)" in flag[0]
+    assert f"{scene['victim_id']} (pid {scene['victim'].pid}, 4 orphaned)" in flag[0]
     assert f"dead-letters {dom.name} --retry" in flag[0]
     # the pool line
     st = dom.stats()
@@ -309,7 +310,7 @@ def check_exposition(text: str, scene) -> dict:
     assert info[str(scene["live_id"])]["state"] == "running"
     assert info[str(scene["live_id"])]["pid"] == str(scene["live"].pid)
     assert info[str(scene["victim_id"])]["state"] == "reaped"
-    # every counter of SPEC §7 is there and agrees with the task table
+    # every counter of TaskInfo is there and agrees with the task table
     for t in dom.tasks():
         lbl = _task_labels(dom, t.id, t.name)
         for k in ("added", "run", "cancelled", "orphaned", "errors", "unknown",
@@ -424,3 +425,104 @@ def test_top_bad_arguments_are_usage_errors(domain, args):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
+
+
+# ---- the shared pieces of tools/: _proc and _common ------------------------------------------
+
+def _echo_child(link, greeting):
+    link.ready(greeting=greeting)
+    got = link.recv(timeout=30)
+    link.emit(ev="echo", got=got)
+
+
+def _dies_before_ready(link):
+    import sys as _sys
+    print("cannot open the thing", file=_sys.stderr)
+    raise SystemExit(3)
+
+
+def test_children_ready_handshake_and_both_directions():
+    from shm_taskwork.tools._proc import Children
+
+    with Children() as kids:
+        c = kids.fork("echo", _echo_child, "hi")
+        [ready] = kids.wait_ready(timeout=30)
+        assert ready["greeting"] == "hi" and ready["pid"] == c.pid
+        c.send({"n": 7})
+        assert kids.event(c, "echo", 30)["got"] == {"n": 7}
+        assert c.wait(30) == 0
+    assert c.poll() == 0
+
+
+def test_a_child_dying_before_ready_is_an_error_at_once_not_a_timeout():
+    from shm_taskwork.tools._proc import ChildError, Children
+
+    t0 = time.monotonic()
+    with Children() as kids:
+        kids.fork("doomed", _dies_before_ready)
+        with pytest.raises(ChildError) as err:
+            kids.wait_ready(timeout=60)
+    assert time.monotonic() - t0 < 30
+    msg = str(err.value)
+    assert "doomed" in msg and "status 3" in msg and "cannot open the thing" in msg, msg
+
+
+def test_children_kills_and_reaps_what_is_left_on_exit():
+    from shm_taskwork.tools._proc import Children
+
+    with Children() as kids:
+        c = kids.fork("echo", _echo_child, "hi")   # waits forever for a line
+        kids.wait_ready(timeout=30)
+    assert c.poll() == -signal.SIGKILL
+    with pytest.raises(ProcessLookupError):
+        os.kill(c.pid, 0)
+
+
+def test_a_spawned_program_speaks_through_stdio():
+    from shm_taskwork.tools._proc import Children
+
+    body = ("from shm_taskwork.tools._proc import Link\n"
+            "link = Link.stdio(); link.ready(); link.emit(ev='got', v=link.recv(30))\n")
+    env = _env()
+    with Children() as kids:
+        c = kids.spawn("prog", [sys.executable, "-c", body], env=env)
+        kids.wait_ready(timeout=30)
+        c.send([1, 2])
+        assert kids.event(c, "got", 30)["v"] == [1, 2]
+        assert c.wait(30) == 0
+
+
+def test_temp_domain_is_unlinked_however_the_block_ends():
+    from shm_taskwork.tools._proc import temp_domain
+
+    with pytest.raises(RuntimeError):
+        with temp_domain("tw_test_tmp", pool_size=64) as dom:
+            name = dom.name
+            assert os.path.exists("/dev/shm" + name)
+            raise RuntimeError("boom")
+    assert not os.path.exists("/dev/shm" + name)
+
+
+def test_percentile_is_nearest_rank():
+    from shm_taskwork.tools._common import percentile
+
+    xs = [5, 1, 4, 2, 3]
+    assert [percentile(xs, p) for p in (1, 20, 50, 80, 99, 100)] == [1, 1, 3, 4, 5, 5]
+    assert percentile(range(1, 101), 99) == 99
+    for bad in (0, 101, -1):
+        with pytest.raises(ValueError, match="more than 0 and at most 100"):
+            percentile(xs, bad)
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_fit_columns_drops_in_order_and_keeps_the_rest():
+    from shm_taskwork.tools._common import fit_columns
+
+    head = ("id", "name", "a", "b", "c")
+    rows = [(1, "n" * 10, "x" * 20, "y" * 20, "z" * 20)]
+    h, r = fit_columns(head, rows, 60, ("c", "b", "a"))
+    assert h == ("id", "name", "a", "b") and r == [(1, "n" * 10, "x" * 20, "y" * 20)]
+    h, _ = fit_columns(head, rows, 10, ("c", "b"))
+    assert h == ("id", "name", "a")          # never drops what is not listed
+    assert fit_columns(head, rows, 10_000, ("c",))[0] == head

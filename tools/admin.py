@@ -9,7 +9,7 @@ domain's dead letters and re-queues (``--retry``) or drops (``--drop``) them.
 ``fsck NAME`` finds what dead processes held - tasks whose process is gone or
 whose pid now names another process, their pending works, works they had
 started, nodes a dead adder allocated and never queued - and with
-``--repair`` gives it all back (SPEC section 6).
+``--repair`` gives it all back (README "Lifecycle without an operator").
 
 Each ``main(argv, prog=..., command=...)`` returns the exit status. Errors are
 raised as ``TaskWorkError`` / ``OSError`` / ``ValueError``; the dispatcher
@@ -69,15 +69,25 @@ reasons:
   unknown_callback  the task that ran it did not know its callback
   orphaned          its task died before running it (pending, or detached
                     but not started)
-A work whose callback had started when its task died is not a dead letter:
-it is counted "interrupted" and never re-run (it may have had effects).
+  interrupted       its callback had started when its task died: never
+                    retried (it may have had effects)
 
 Without --retry or --drop the dead letters are listed (newest first) and
 nothing changes. --retry re-queues each one exactly once; one whose task has
-no live successor of its name stays, and is counted as left.
+no live successor of its name stays, is counted as left, and makes the exit
+status 1; interrupted letters are never retried (they may have had effects).
 """
 
-DL_REASONS = ("unknown_callback", "orphaned")
+def _reasons() -> tuple[str, ...]:
+    """The dead-letter reasons the package knows: its public list when it
+    has one (new reasons appear with it), else the three every version has."""
+    import shm_taskwork
+
+    return tuple(getattr(shm_taskwork, "DEAD_LETTER_REASONS",
+                         ("unknown_callback", "orphaned", "interrupted")))
+
+
+DL_REASONS = _reasons()
 
 
 def _int(text: str) -> int:
@@ -125,6 +135,8 @@ def _parser(prog: str, command: str) -> argparse.ArgumentParser:
         p.add_argument("name", help="domain name")
         p.add_argument("--force", action="store_true",
                        help="remove it even if it is not a domain or has live tasks")
+        p.add_argument("--json", action="store_true",
+                       help='print one object: {"destroyed": NAME}')
         return p
     if command == "fsck":
         p = argparse.ArgumentParser(
@@ -162,7 +174,8 @@ def _parser(prog: str, command: str) -> argparse.ArgumentParser:
         p.add_argument("--reason", choices=DL_REASONS, default=None,
                        help="only the dead letters of this reason")
         p.add_argument("--json", action="store_true",
-                       help="print JSON: the list, or {\"retried\"|\"dropped\", \"left\"}")
+                       help="print JSON: the list, or {\"retried\"|\"dropped\", \"left\"} "
+                            "(--retry adds \"no_target\")")
         return p
     raise ValueError(f"tools.admin has no command {command!r}; it serves list, create, "
                      "destroy, dead-letters, fsck")
@@ -303,7 +316,7 @@ def _dead_letters(args) -> int:
     import time
 
     from shm_taskwork import Domain
-    from shm_taskwork.tools._common import fmt_age, plain_table, printable
+    from shm_taskwork.tools._common import fmt_age, plain_table, preview, printable, work_id
 
     if args.to is not None and not args.retry:
         raise ValueError("--to goes with --retry")
@@ -315,20 +328,34 @@ def _dead_letters(args) -> int:
             else:
                 n = dom.drop_dead_letters(reason=args.reason)
                 verb = "dropped"
-            left = len(dom.dead_letters(reason=args.reason))
+            still = dom.dead_letters(reason=args.reason)
+            left = len(still)
+            # --retry never re-queues an interrupted letter (it may have had
+            # effects): those stay by design; any other left had no live target
+            stuck = sum(1 for w in still if w.reason != "interrupted") if args.retry else 0
             if args.json:
-                print(json.dumps({verb: n, "left": left}))
+                out = {verb: n, "left": left}
+                if args.retry:
+                    out["no_target"] = stuck
+                print(json.dumps(out))
             else:
                 what = "dead letters" if args.reason is None else f"{args.reason} dead letters"
+                why = []
+                if stuck:
+                    why.append(f"{stuck} with no live task to take them")
+                if args.retry and left - stuck:
+                    why.append(f"{left - stuck} interrupted, never retried")
                 print(f"{printable(dom.name)}: {verb} {n} {what}; {left} left"
-                      + (" (no live task to take them)" if left and args.retry else ""))
-            return 0
+                      + (f" ({'; '.join(why)})" if why else ""))
+            # exit 1: the operator asked for a retry and some letters could not go
+            return 1 if stuck else 0
         works = dom.dead_letters(reason=args.reason)
         now = time.monotonic_ns()
         if args.json:
             out = []
             for w in works:
                 rec = w.as_dict()
+                rec["id"] = work_id(w.id)
                 rec["reason"] = getattr(w, "reason", None)
                 rec["target_name"] = getattr(w, "target_name", None)
                 rec["age_ns"] = now - w.enqueued_ns if w.enqueued_ns else None
@@ -341,12 +368,13 @@ def _dead_letters(args) -> int:
             return 0
         print(f"{printable(dom.name)}: {_plural(len(works), 'dead letter')}"
               + (f" of reason {args.reason}" if args.reason else ""))
-        rows = [(f"{w.id:#x}", getattr(w, "reason", None) or "-", printable(w.func_name),
+        rows = [(work_id(w.id), getattr(w, "reason", None) or "-", printable(w.func_name),
                  printable(getattr(w, "target_name", None) or "-"), w.target, w.sender_pid,
                  fmt_age(now - w.enqueued_ns, compact=True) if w.enqueued_ns else "-",
-                 f"{len(w.payload)}B") for w in works]
+                 preview(w.payload, 16) or "-", f"{len(w.payload)}B") for w in works]
         plain_table(("work", "reason", "callback", "for task", "slot", "sender", "age",
-                     "payload"), rows, sys.stdout, right={"slot", "sender", "age", "payload"})
+                     "payload", "size"), rows, sys.stdout,
+                    right={"slot", "sender", "age", "size"})
     return 0
 
 
@@ -407,7 +435,10 @@ def _destroy(args) -> int:
         posix_ipc.unlink_shared_memory(name)
     except posix_ipc.ExistentialError:
         raise FileNotFoundError(f"no domain named {name!r}") from None
-    print(f"destroyed {name}")
+    if args.json:
+        print(json.dumps({"destroyed": name}))
+    else:
+        print(f"destroyed {name}")
     return 0
 
 

@@ -39,20 +39,19 @@ import sys
 import time
 import uuid
 
-FORK = mp.get_context("fork")
+from shm_taskwork.tools._common import percentile
+from shm_taskwork.tools._proc import Children, temp_domain
+
+FORK = mp.get_context("fork")   # the queues of the peer cases
 
 
 def _stamp() -> float:
     return time.perf_counter()
 
 
-def _domain_name() -> str:
-    return f"/tw_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-
-
 # --- shm_taskwork ----------------------------------------------------------
 
-def _tw_consumer(name: str, n: int, batch_cb: bool, ready, done):
+def _tw_consumer(link, name: str, n: int, batch_cb: bool):
     from shm_taskwork import Domain, callback
 
     count = [0]
@@ -71,20 +70,21 @@ def _tw_consumer(name: str, n: int, batch_cb: bool, ready, done):
 
     with Domain.open(name) as dom:
         task = dom.register("bench-consumer")
-        ready.send(task.id)
+        link.ready(task=task.id)
         while count[0] < n:
             task.wait(timeout=5)
-        done.send(_stamp())
+        link.emit(ev="done", t=_stamp())
         task.exit()
 
 
-def _tw_producer(name: str, tid: int, n: int, size: int, batch: int, func: str, go, out):
+def _tw_producer(link, name: str, tid: int, n: int, size: int, batch: int, func: str):
     from shm_taskwork import TWA_RESUME, Domain, PoolExhaustedError
 
     with Domain.open(name) as dom:
         task = dom.task(tid)
         payload = b"x" * size
-        go.recv()
+        link.ready()
+        link.recv(timeout=60)   # "go": every producer starts at once
         t0 = _stamp()
         sent = 0
         if batch:
@@ -105,7 +105,7 @@ def _tw_producer(name: str, tid: int, n: int, size: int, batch: int, func: str, 
                     sent += 1
                 except PoolExhaustedError:
                     time.sleep(0)
-        out.send((t0, _stamp()))
+        link.emit(ev="done", t0=t0, t1=_stamp())
 
 
 _NOTIFY: dict = {}
@@ -113,83 +113,71 @@ _NOTIFY: dict = {}
 
 def bench_shm_taskwork(n: int, size: int, batch: int = 0, batch_cb: bool = False,
                        producers: int = 1) -> tuple[float, float]:
-    from shm_taskwork import Domain
-
-    name = _domain_name()
-    dom = Domain.create(name, pool_size=max(4096, min(n, 1 << 18)), payload_size=max(size, 8),
-                        max_tasks=4)
-    try:
-        ready_r, ready_w = FORK.Pipe(False)
-        done_r, done_w = FORK.Pipe(False)
-        c = FORK.Process(target=_tw_consumer, args=(name, n, batch_cb, ready_w, done_w))
-        c.start()
-        if not ready_r.poll(30):
-            raise RuntimeError("bench consumer did not register")
-        tid = ready_r.recv()
+    with temp_domain("tw_bench", pool_size=max(4096, min(n, 1 << 18)),
+                     payload_size=max(size, 8), max_tasks=4) as dom, Children() as kids:
+        c = kids.fork("bench consumer", _tw_consumer, dom.name, n, batch_cb)
+        tid = kids.wait_ready([c], timeout=30)[0]["task"]
         func = "bench.batch" if batch_cb else "bench.sink"
-        procs, gos, outs = [], [], []
+        procs = []
         for k in range(producers):
-            go_r, go_w = FORK.Pipe(False)
-            out_r, out_w = FORK.Pipe(False)
             share = n // producers + (1 if k < n % producers else 0)
-            p = FORK.Process(target=_tw_producer,
-                             args=(name, tid, share, size, batch, func, go_r, out_w))
-            p.start()
-            procs.append(p)
-            gos.append(go_w)
-            outs.append(out_r)
-        time.sleep(0.05)  # every producer has opened the domain
-        for g in gos:
-            g.send(1)
-        spans = [o.recv() if o.poll(120) else None for o in outs]
-        if None in spans:
-            raise RuntimeError("a bench producer did not finish")
-        if not done_r.poll(120):
-            raise RuntimeError("bench consumer did not finish")
-        t2 = done_r.recv()
+            procs.append(kids.fork(f"bench producer {k}", _tw_producer, dom.name, tid, share,
+                                   size, batch, func))
+        kids.wait_ready(procs, timeout=30)   # every producer has opened the domain
         for p in procs:
-            p.join(30)
-        c.join(30)
-        t0 = min(s[0] for s in spans)
-        t1 = max(s[1] for s in spans)
+            p.send("go")
+        spans = [kids.event(p, "done", 120) for p in procs]
+        t2 = kids.event(c, "done", 120)["t"]
+        for child in procs + [c]:
+            child.wait(30)
+        t0 = min(s["t0"] for s in spans)
+        t1 = max(s["t1"] for s in spans)
         info = next((i for i in dom.tasks(reap=False) if i.id == tid), None)
         if info is not None and info.added:  # eventfd writes per work (the storm)
             _NOTIFY["last"] = info.resumes_sent / info.added
         return t1 - t0, t2 - t0
-    finally:
-        dom.close()
-        dom.unlink()
 
 
 # --- peers -------------------------------------------------------------------
+
+class _Done:
+    """What a peer consumer is given to say it is done: ``done.send(t)``."""
+
+    def __init__(self, link):
+        self.link = link
+
+    def send(self, t: float) -> None:
+        self.link.emit(ev="done", t=t)
+
+
+def _consume(link, consumer, args: tuple, n: int) -> None:
+    link.ready()
+    consumer(*args, n, _Done(link))
+
 
 def _transfer(consumer, args: tuple, send, n: int, size: int, batch: int = 0):
     """Start ``consumer(*args, n, done)`` in a child, send n messages here
     (``send(payload)`` each, or ``send(b"".join(batch payloads))``);
     (seconds to send all, seconds until the consumer had all)."""
-    done_r, done_w = FORK.Pipe(False)
-    p = FORK.Process(target=consumer, args=(*args, n, done_w))
-    p.start()
-    time.sleep(0.02)
-    payload = b"x" * size
-    t0 = _stamp()
-    if batch:
-        block = payload * batch
-        full, rest = divmod(n, batch)
-        for _ in range(full):
-            send(block)
-        if rest:
-            send(payload * rest)
-    else:
-        for _ in range(n):
-            send(payload)
-    t1 = _stamp()
-    if not done_r.poll(120):
-        p.kill()
-        raise RuntimeError(f"{consumer.__name__} did not finish")
-    t2 = done_r.recv()
-    p.join(30)
-    return t1 - t0, t2 - t0
+    with Children() as kids:
+        p = kids.fork(consumer.__name__, _consume, consumer, args, n)
+        kids.wait_ready([p], timeout=30)
+        payload = b"x" * size
+        t0 = _stamp()
+        if batch:
+            block = payload * batch
+            full, rest = divmod(n, batch)
+            for _ in range(full):
+                send(block)
+            if rest:
+                send(payload * rest)
+        else:
+            for _ in range(n):
+                send(payload)
+        t1 = _stamp()
+        t2 = kids.event(p, "done", 120)["t"]
+        p.wait(30)
+        return t1 - t0, t2 - t0
 
 
 def _queue_consumer(q, n, done):
@@ -331,96 +319,82 @@ def _rtt_callbacks() -> None:
         _PP["got"] += 1
 
 
-def _tw_pong(name: str, rounds: int, mode: int, cpu, ready, done):
+def _tw_pong(link, name: str, rounds: int, mode: int, cpu):
     _pin(cpu)
     from shm_taskwork import Domain
 
     with Domain.open(name) as dom:
         _PP["left"], _PP["mode"] = rounds, mode
         me = dom.register("pong")
-        ready.send(me.id)
-        _PP["peer"] = dom.task(ready_recv(ready))
-        ready.send("go")
+        link.ready(task=me.id)
+        _PP["peer"] = dom.task(link.recv(timeout=30))
+        link.emit(ev="go")
         deadline = time.monotonic() + 120
         while _PP["left"] > 0 and time.monotonic() < deadline:
             me.wait(timeout=1)
-        done.send(1)
+        link.emit(ev="done")
         me.exit()
-
-
-def ready_recv(conn):
-    if not conn.poll(30):
-        raise RuntimeError("bench peer did not answer")
-    return conn.recv()
 
 
 def bench_rtt_tw(rounds: int, mode: int, cpus: tuple) -> list[int]:
-    from shm_taskwork import Domain
-
     _rtt_callbacks()
-    name = _domain_name()
-    dom = Domain.create(name, pool_size=1024, payload_size=16, max_tasks=4)
-    a, b = FORK.Pipe(True)
-    done_r, done_w = FORK.Pipe(False)
     total = rounds + 50
-    p = FORK.Process(target=_tw_pong, args=(name, total, mode, cpus[1], b, done_w))
-    p.start()
     old = os.sched_getaffinity(0)
-    try:
-        _pin(cpus[0])
-        peer = dom.task(ready_recv(a))
-        me = dom.register("ping")
-        a.send(me.id)
-        ready_recv(a)
-        _PP["got"] = 0
-        times = []
-        deadline = time.monotonic() + 120
-        for i in range(total):
-            t0 = time.perf_counter_ns()
-            peer.add("bench.ping", b"p", mode)
-            while _PP["got"] <= i:
-                me.wait(timeout=1)
-                if time.monotonic() > deadline:
-                    raise RuntimeError("RTT bench: the peer stopped answering")
-            times.append(time.perf_counter_ns() - t0)
-        done_r.poll(30)
-        p.join(30)
-        me.exit()
-        return times[50:]
-    finally:
-        os.sched_setaffinity(0, old)
-        if p.is_alive():
-            p.kill()
-        dom.close()
-        dom.unlink()
+    with temp_domain("tw_bench", pool_size=1024, payload_size=16, max_tasks=4) as dom, \
+            Children() as kids:
+        p = kids.fork("RTT peer", _tw_pong, dom.name, total, mode, cpus[1])
+        try:
+            _pin(cpus[0])
+            peer = dom.task(kids.wait_ready([p], timeout=30)[0]["task"])
+            me = dom.register("ping")
+            p.send(me.id)
+            kids.event(p, "go", 30)
+            _PP["got"] = 0
+            times = []
+            deadline = time.monotonic() + 120
+            for i in range(total):
+                t0 = time.perf_counter_ns()
+                peer.add("bench.ping", b"p", mode)
+                while _PP["got"] <= i:
+                    me.wait(timeout=1)
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("RTT bench: the peer stopped answering")
+                times.append(time.perf_counter_ns() - t0)
+            kids.event(p, "done", 30)
+            p.wait(30)
+            me.exit()
+            return times[50:]
+        finally:
+            os.sched_setaffinity(0, old)
 
 
-def _efd_pong(efd_in, efd_out, rounds, cpu, done):
+def _efd_pong(link, efd_in, efd_out, rounds, cpu):
     _pin(cpu)
+    link.ready()
     for _ in range(rounds):
         os.eventfd_read(efd_in)
         os.eventfd_write(efd_out, 1)
-    done.send(1)
+    link.emit(ev="done")
 
 
 def bench_rtt_eventfd(rounds: int, cpus: tuple) -> list[int]:
     e1, e2 = os.eventfd(0), os.eventfd(0)
-    done_r, done_w = FORK.Pipe(False)
     total = rounds + 50
-    p = FORK.Process(target=_efd_pong, args=(e1, e2, total, cpus[1], done_w))
-    p.start()
     old = os.sched_getaffinity(0)
     try:
-        _pin(cpus[0])
-        times = []
-        for _ in range(total):
-            t0 = time.perf_counter_ns()
-            os.eventfd_write(e1, 1)
-            os.eventfd_read(e2)
-            times.append(time.perf_counter_ns() - t0)
-        done_r.poll(30)
-        p.join(30)
-        return times[50:]
+        with Children() as kids:
+            p = kids.fork("eventfd peer", _efd_pong, e1, e2, total, cpus[1])
+            kids.wait_ready([p], timeout=30)
+            _pin(cpus[0])
+            times = []
+            for _ in range(total):
+                t0 = time.perf_counter_ns()
+                os.eventfd_write(e1, 1)
+                os.eventfd_read(e2)
+                times.append(time.perf_counter_ns() - t0)
+            kids.event(p, "done", 30)
+            p.wait(30)
+            return times[50:]
     finally:
         os.sched_setaffinity(0, old)
         os.close(e1)
@@ -541,9 +515,9 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
                 continue
             p50s, p99s = [], []
             for _ in range(max(1, a.repeat // 2)):
-                ts = sorted(fn())
-                p50s.append(ts[len(ts) // 2] / 1000)
-                p99s.append(ts[int(len(ts) * 0.99)] / 1000)
+                ts = fn()
+                p50s.append(percentile(ts, 50) / 1000)
+                p99s.append(percentile(ts, 99) / 1000)
             rtts.append({"case": nm, "rounds": a.rtt_rounds, "p50_us": _summary(p50s),
                          "p99_us": _summary(p99s)})
         by = {r["case"]: r for r in rtts}

@@ -45,22 +45,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
 import json
-import math
 import os
-import selectors
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 
 import shm_taskwork
 from shm_taskwork import (TWA_NMI_CURRENT, TWA_NONE, TWA_RESUME, TWA_SIGNAL, TWA_SIGNAL_NO_IPI,
                           Domain, TaskExitedError, callback)
-from shm_taskwork.tools._common import positive_int
+from shm_taskwork.tools._common import (UNLIMITED, percentile, positive_int, render_table, say,
+                                       terminal_width)
+from shm_taskwork.tools._proc import Child, ChildError, Children, temp_domain
 
 PREFIX = "tw_demo_"
 STYLES = ("waiter", "cruncher", "sleeper", "looper")
@@ -293,14 +291,13 @@ class DemoError(Exception):
 
 
 class _Worker:
-    def __init__(self, index: int, style: str, proc: subprocess.Popen, errfile):
+    """One worker process: its ``Child`` (pid, ready event, exit status)
+    and what the demo keeps about it."""
+
+    def __init__(self, index: int, style: str, child: Child):
         self.index = index
         self.style = style
-        self.proc = proc
-        self.errfile = errfile
-        self.buf = b""
-        self.eof = False
-        self.ready: dict | None = None
+        self.child = child
         self.exited: dict | None = None
         self.task = None
         self.name = f"{style}-{index}"
@@ -308,16 +305,24 @@ class _Worker:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.child.pid
+
+    @property
+    def ready(self) -> dict | None:
+        return self.child.ready
+
+    @property
+    def eof(self) -> bool:
+        return self.child.eof
+
+    def wait(self) -> int:
+        try:
+            return self.child.wait(STEP_TIMEOUT)
+        except ChildError as exc:
+            raise DemoError(str(exc)) from None
 
     def last_error_line(self) -> str:
-        try:
-            self.errfile.seek(0)
-            lines = [ln.strip() for ln in self.errfile.read().decode(errors="replace").splitlines()
-                     if ln.strip()]
-        except (OSError, ValueError):
-            return ""
-        return lines[-1] if lines else ""
+        return self.child.last_error_line()
 
 
 class _Sent:
@@ -327,19 +332,16 @@ class _Sent:
         self.seq, self.mode, self.worker, self.cb, self.work = seq, mode, worker, cb, work
 
 
-def _pct(values: list[int], q: float) -> int:
-    s = sorted(values)
-    return s[max(0, math.ceil(q * len(s)) - 1)]
-
-
 class Demo:
     def __init__(self, workers: int, works: int):
         self.nworkers = workers
         self.works = works
-        self.name = f"/{PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self.name: str | None = None      # the domain's, once made
         self.dom: Domain | None = None
+        self._domain = contextlib.ExitStack()
         self.workers: list[_Worker] = []
-        self.sel = selectors.DefaultSelector()
+        self._by_child: dict[int, _Worker] = {}
+        self.kids = Children(on_event=self._on_event)
         self.seq = itertools.count(1)
         self.sent: dict[int, _Sent] = {}
         self.ran: dict[int, dict] = {}
@@ -347,7 +349,6 @@ class Demo:
         self.cancelled: dict[int, str] = {}      # seq -> how
         self.nmi_added: dict[tuple[int, int], dict] = {}
         self.nmi_ran: dict[tuple[int, int], dict] = {}
-        self.noise: list[str] = []
         self.facts: dict = {}
         self.t0 = time.monotonic()
 
@@ -360,23 +361,20 @@ class Demo:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         for i in range(self.nworkers):
             style = STYLES[i % len(STYLES)]
-            errfile = tempfile.TemporaryFile()
             # Ctrl-C must not land between the fork and the bookkeeping: a
-            # worker Popen started but did not return would be left running.
+            # worker started but not recorded would be left running.
             # (The worker unblocks both signals first thing.)
             signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "shm_taskwork.tools.demo", "--worker", style, "--domain",
-                     self.name, "--index", str(i)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errfile, env=env,
-                    start_new_session=True)  # Ctrl-C reaches the supervisor, which stops them
-                w = _Worker(i, style, proc, errfile)
+                child = self.kids.spawn(
+                    f"worker {style}-{i}",
+                    [sys.executable, "-m", "shm_taskwork.tools.demo", "--worker", style,
+                     "--domain", self.name, "--index", str(i)], env=env)
+                w = _Worker(i, style, child)
                 self.workers.append(w)
+                self._by_child[id(child)] = w
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-            os.set_blocking(proc.stdout.fileno(), False)
-            self.sel.register(proc.stdout, selectors.EVENT_READ, w)
         self.wait_for(lambda: all(w.ready for w in self.workers), "the workers to register")
         for w in self.workers:
             w.task = self.dom.task(w.ready["task"])
@@ -385,31 +383,14 @@ class Demo:
                 raise DemoError(f"task {w.task.id} has pid {w.task.pid}, its worker is {w.pid}")
 
     def pump(self, timeout: float) -> None:
-        for key, _ in self.sel.select(timeout):
-            w: _Worker = key.data
-            try:
-                chunk = os.read(key.fileobj.fileno(), 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                w.eof = True
-                self.sel.unregister(key.fileobj)
-                continue
-            w.buf += chunk
-            *lines, w.buf = w.buf.split(b"\n")
-            for line in lines:
-                self.handle(w, line)
+        self.kids.pump(timeout)
 
-    def handle(self, w: _Worker, line: bytes) -> None:
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            self.noise.append(line.decode(errors="replace"))
-            return
+    def _on_event(self, child: Child, ev: dict) -> None:
+        self.handle(self._by_child[id(child)], ev)
+
+    def handle(self, w: _Worker, ev: dict) -> None:
         kind = ev.get("ev")
-        if kind == "ready":
-            w.ready = ev
-        elif kind == "exited":
+        if kind == "exited":
             w.exited = ev
         elif kind == "nmi_added":
             self.nmi_added[(w.index, ev["nmi"])] = ev
@@ -427,30 +408,15 @@ class Demo:
             self.ran[seq] = ev
 
     def wait_for(self, pred, what: str, timeout: float = STEP_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DemoError(f"timed out after {timeout:g}s waiting for {what}")
-            if not self.sel.get_map():
-                raise DemoError(f"every worker closed its output before {what}"
-                                + self._dead_worker_note())
-            self.pump(min(remaining, 0.5))
-            for w in self.workers:
-                if w.eof and not w.exited and w.proc.poll() is not None:
-                    raise DemoError(f"worker {w.name} (pid {w.pid}) died with status "
-                                    f"{w.proc.returncode} while waiting for {what}"
-                                    + self._note(w))
+        try:
+            self.kids.wait_for(pred, what, timeout)
+        except ChildError as exc:
+            raise DemoError(str(exc)) from None
 
-    def _note(self, w: _Worker) -> str:
-        line = w.last_error_line()
-        return f": {line}" if line else ""
-
-    def _dead_worker_note(self) -> str:
-        for w in self.workers:
-            if w.proc.poll() not in (None, 0):
-                return f" (worker {w.name} exited with {w.proc.returncode}{self._note(w)})"
-        return ""
+    @property
+    def noise(self) -> list[str]:
+        """Lines the workers printed that were not events."""
+        return [line for w in self.workers for line in w.child.noise]
 
     def live(self) -> list[_Worker]:
         return [w for w in self.workers if w.exited is None and not w.eof]
@@ -578,8 +544,8 @@ class Demo:
         self.wait_for(lambda: w.exited is not None, f"{w.name} to exit")
         self.wait_for(lambda: self.settled(held + [ctl]), f"{w.name}'s last works to run")
         try:
-            w.proc.wait(timeout=STEP_TIMEOUT)
-        except subprocess.TimeoutExpired:
+            w.child.wait(STEP_TIMEOUT)
+        except ChildError:
             raise DemoError(f"{w.name} (pid {w.pid}) did not end after its task exited") from None
         try:
             w.task.add("demo.flush_cache", b"{}", TWA_RESUME)
@@ -600,16 +566,16 @@ class Demo:
         self.wait_for(lambda: all(w.exited for w in ws), "the workers to shut down")
         self.wait_for(lambda: self.settled(ctl), "the shutdown works")
         for w in ws:
-            try:
-                w.proc.wait(timeout=STEP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                raise DemoError(f"{w.name} (pid {w.pid}) did not end") from None
+            w.wait()
 
     # ---- the whole run ---------------------------------------------------------
 
     def run(self) -> dict:
-        self.dom = Domain.create(self.name, max_tasks=max(8, self.nworkers),
-                                 pool_size=max(1024, 2 * self.works + 256), payload_size=128)
+        # a private domain, removed by cleanup() however the run ends
+        self.dom = self._domain.enter_context(temp_domain(
+            PREFIX.rstrip("_"), max_tasks=max(8, self.nworkers),
+            pool_size=max(1024, 2 * self.works + 256), payload_size=128))
+        self.name = self.dom.name
         self.start_workers()
         self.phase_none()
         # The first RESUME of each worker also runs the TWA_NONE works it holds.
@@ -630,27 +596,12 @@ class Demo:
 
     def cleanup(self) -> None:
         """Stop every child, reap it, remove the domain. Safe after any error."""
-        for w in self.workers:
-            if w.proc.poll() is None:
-                w.proc.kill()
-        for w in self.workers:
-            try:
-                w.proc.wait(timeout=STEP_TIMEOUT)
-            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable child
-                pass
-            if w.proc.stdout:
-                w.proc.stdout.close()
-            w.errfile.close()
-        self.sel.close()
+        self.kids.close(STEP_TIMEOUT)
+        self._domain.close()      # temp_domain: closed and unlinked
+        if self.name is None:     # interrupted before it was made: nothing to remove
+            self.facts["removed"] = True
+            return
         import posix_ipc
-        if self.dom is not None:
-            self.dom.close()
-            self.dom.unlink()
-        else:  # interrupted while creating it: the name is ours alone
-            try:
-                posix_ipc.unlink_shared_memory(self.name)
-            except posix_ipc.ExistentialError:
-                pass
         try:
             posix_ipc.SharedMemory(self.name).close_fd()
             self.facts["removed"] = False
@@ -680,8 +631,8 @@ class Demo:
             lats = [e["lat"] for e in ran]
             rows[mode] = {
                 "sent": sent, "ran": len(ran), "cancelled": cancelled, "lost": lost,
-                "latency_us": ({"median": round(_pct(lats, 0.5) / 1e3, 1),
-                                "p99": round(_pct(lats, 0.99) / 1e3, 1),
+                "latency_us": ({"median": round(percentile(lats, 50) / 1e3, 1),
+                                "p99": round(percentile(lats, 99) / 1e3, 1),
                                 "max": round(max(lats) / 1e3, 1)} if lats else None),
                 "where": dict(collections.Counter(e["where"] for e in ran).most_common()),
             }
@@ -697,7 +648,7 @@ class Demo:
                     lats = [self.ran[q]["lat"] for q, s in self.sent.items()
                             if s.mode == mode and s.worker == w.index and q in self.ran]
                 if lats:
-                    cells[mode] = {"n": len(lats), "median": round(_pct(lats, 0.5) / 1e3, 1),
+                    cells[mode] = {"n": len(lats), "median": round(percentile(lats, 50) / 1e3, 1),
                                    "max": round(max(lats) / 1e3, 1)}
             by_worker[w.name] = cells
         # the works that steer the demo itself: the three held for the retiring
@@ -713,8 +664,8 @@ class Demo:
                                               if q in self.ran).most_common())}
         lats = [self.ran[q]["lat"] for q in other if q in self.ran]
         if lats:
-            rows["control"]["latency_us"] = {"median": round(_pct(lats, 0.5) / 1e3, 1),
-                                             "p99": round(_pct(lats, 0.99) / 1e3, 1),
+            rows["control"]["latency_us"] = {"median": round(percentile(lats, 50) / 1e3, 1),
+                                             "p99": round(percentile(lats, 99) / 1e3, 1),
                                              "max": round(max(lats) / 1e3, 1)}
         totals = {k: sum(r[k] for r in rows.values()) for k in ("sent", "ran", "cancelled",
                                                                    "lost")}
@@ -753,7 +704,7 @@ class Demo:
                          "ran": (w.exited or {}).get("ran"),
                          "chunks": (w.exited or {}).get("chunks"),
                          "naps": (w.exited or {}).get("naps"),
-                         "status": w.proc.returncode} for w in self.workers],
+                         "status": w.child.poll()} for w in self.workers],
             "works_per_mode": self.works,
             "modes": rows,
             "totals": totals,
@@ -848,7 +799,6 @@ def tables(rep: dict) -> list[tuple[str, tuple, list[tuple], set]]:
 def render(rep: dict, out) -> None:
     try:
         from rich.console import Console
-        from rich.table import Table
     except ImportError:  # pragma: no cover - rich is a declared dependency
         Console = None
     lines_before = [
@@ -887,39 +837,25 @@ def render(rep: dict, out) -> None:
     if rep["problems"]:
         lines_after.append("problems: " + "; ".join(rep["problems"]))
     all_tables = tables(rep)
-    if Console is None:  # pragma: no cover
-        print(*lines_before, sep="\n", file=out)
-        for title, head, rows, _ in all_tables:
-            print(title, file=out)
-            _plain_table(head, rows, out)
-        print(*MODE_NOTES, *lines_after, sep="\n", file=out)
-        return
-    # the terminal's width, or $COLUMNS, or 80: the tables are made to fit 80
-    console = Console(file=out, highlight=False)
+    rich = Console is not None
+    # $COLUMNS or the terminal's width, else 80: the tables are made to fit 80
+    width = terminal_width(out)
+    width = 80 if width == UNLIMITED else width
     for ln in lines_before:
-        console.print(ln)
+        say(ln, out, width)
     for k, (title, head, rows, right) in enumerate(all_tables):
-        t = Table(title=title, title_justify="left")
-        for h in head:
-            # the long texts wrap (fold: never an ellipsis); figures never do
-            wraps = h in ("what it does meanwhile", "where: count")
-            t.add_column(h, justify="right" if h in right else "left", no_wrap=not wraps,
-                         overflow="fold")
-        for n, r in enumerate(rows):
-            t.add_row(*r, end_section=(n == len(rows) - 2 and r[0] != "" and k < 2))
-        console.print(t)
+        # the long texts wrap (never an ellipsis); figures never do
+        render_table(head, rows, out, title=title, right=right, rich=rich, width=width,
+                     boxed=True,
+                     wrap={"what it does meanwhile", "where: count"},
+                     sections={len(rows) - 2} if k < 2 and len(rows) > 1 and rows[-2][0] != ""
+                     else ())
+        out.write("\n")
         if k == 1:
             for ln in MODE_NOTES:
-                console.print(ln)
+                say(ln, out, width)
     for ln in lines_after:
-        console.print(ln)
-
-
-def _plain_table(head, rows, out) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    for r in (head, *rows):
-        print("  ".join(str(x).ljust(wd) for x, wd in zip(r, widths)).rstrip(), file=out)
-    print(file=out)
+        say(ln, out, width)
 
 
 # ---- entry point ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``shm-taskwork export NAME``: Prometheus metrics of one domain (SPEC section 8).
+"""``shm-taskwork export NAME``: Prometheus metrics of one domain (docs/operations.md).
 
 A custom collector reads the domain at scrape time (``dom.tasks(reap=False)``,
 ``dom.stats()``): nothing is cached between scrapes and nothing is written to
@@ -16,12 +16,18 @@ Metrics (labels ``domain``, ``task`` (the slot id) and ``name`` per task):
   shm_taskwork_task_max_pending       the most ever queued at once
   shm_taskwork_task_up                1 while the process lives (running or
                                       exiting), 0 once it is dead or has exited
-  shm_taskwork_task_info              1, with the pid and state as labels
+  shm_taskwork_task_info              1, with the pid and state as labels (state:
+                                      running, exiting, exited, dead - died, not
+                                      reaped yet - or reaped)
   shm_taskwork_task_unreadable        1 when the task's list could not be read at
                                       this scrape (another process held its lock
                                       past the scrape's lock budget): its pending
                                       figures then say 0
   shm_taskwork_task_oldest_pending_seconds   age of the oldest pending work (0: none)
+  shm_taskwork_running_works          works a run of the task has taken and not
+                                      finished (pending + running: its backlog)
+  shm_taskwork_oldest_running_seconds  age, since it was queued, of the oldest
+                                      of them (0: none)
   shm_taskwork_task_cpu_seconds_total  CPU time (user + system) of the task's
                                       process, from psutil (live tasks only)
   shm_taskwork_task_resident_memory_bytes   its resident set size (psutil)
@@ -252,7 +258,8 @@ class DomainCollector(Collector):
                                     "(running or exiting), 0 once it is dead or has exited.",
                                     labels=labels)
         info = GaugeMetricFamily(f"{PREFIX}_task_info", "Always 1; the task's pid and state "
-                                 "(running, exiting, exited, dead) as labels.",
+                                 "(running, exiting, exited, dead: died and not reaped yet, "
+                                 "reaped: its works are dead letters) as labels.",
                                  labels=labels + ["pid", "state"])
         unreadable = GaugeMetricFamily(f"{PREFIX}_task_unreadable", "1 when the task's list "
                                        "could not be read at this scrape: another process "
@@ -260,6 +267,11 @@ class DomainCollector(Collector):
                                        "pending figures then say 0).", labels=labels)
         age = GaugeMetricFamily(f"{PREFIX}_task_oldest_pending_seconds", "Age of the oldest "
                                 "work pending on the task (0 when none is).", labels=labels)
+        running = GaugeMetricFamily(f"{PREFIX}_running_works", "Works a run of the task "
+                                    "has taken and not finished.", labels=labels)
+        running_age = GaugeMetricFamily(f"{PREFIX}_oldest_running_seconds", "Age, since it "
+                                        "was queued, of the oldest work a run of the task has "
+                                        "taken and not finished (0 when none).", labels=labels)
         cpu = CounterMetricFamily(f"{PREFIX}_task_cpu_seconds", "CPU time (user + system) "
                                   "of the task's process (psutil).", labels=labels)
         rss = GaugeMetricFamily(f"{PREFIX}_task_resident_memory_bytes", "Resident set size "
@@ -281,6 +293,8 @@ class DomainCollector(Collector):
             unreadable.add_metric(values, 1 if t.unreadable else 0)
             e = oldest.get(t.id)
             age.add_metric(values, 0.0 if e is None else max(0, now - e) / 1e9)
+            running.add_metric(values, t.running)
+            running_age.add_metric(values, t.oldest_running_s or 0.0)
             usage = process_usage(t.pid) if live and t.pid > 0 else None
             if usage is not None:
                 cpu.add_metric(values, usage[0])
@@ -294,6 +308,8 @@ class DomainCollector(Collector):
         yield info
         yield unreadable
         yield age
+        yield running
+        yield running_age
         yield cpu
         yield rss
         yield t_lat
@@ -326,7 +342,7 @@ class DomainCollector(Collector):
         yield from bridge_metrics(domain)
 
 
-# The bridge's figures (SPEC §10), from the bridges of this domain running on
+# The bridge's figures (README "More than one host"), from the bridges of this domain running on
 # this host: gauges and counters labelled by node.
 BRIDGE_GAUGES = {"lag": "Entries of the bridge's streams not yet read by its groups.",
                  "pending_entries": "Entries the bridge read or claimed and has not finished."}
