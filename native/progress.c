@@ -44,3 +44,26 @@ int tw_progress(struct tw_dom *d, uint32_t nslots, uint32_t *running, uint32_t *
     }
     return (int)nslots;
 }
+
+int tw_running_nodes(struct tw_dom *d, uint32_t slot, uint32_t *nodes, uint32_t *gens,
+                     uint32_t max)
+{
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    /* Acquire: pairs with tw_register's release of the generation. */
+    uint32_t sgen = LD_ACQ(&SLOT(d, slot)->gen);
+    uint32_t n = 0;
+    /* Bounded: one pass over the pool. */
+    for (uint32_t i = 0; i < d->pool_size && n < max; i++) {
+        struct tw_node *nd = NODE(d, i);
+        uint64_t o = LD_ACQ(&nd->owner);
+        uint32_t st = O_STATE(o);
+        if ((st != TW_N_DETACHED && st != TW_N_RUNNING) || O_AUX(o) != slot ||
+            LD_RLX(&nd->target_gen) != sgen)
+            continue;
+        nodes[n] = i;
+        gens[n] = O_GEN(o);
+        n++;
+    }
+    return (int)n;
+}

@@ -617,6 +617,14 @@ int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64
  */
 int  tw_progress(struct tw_dom *d, uint32_t nslots, uint32_t *running, uint32_t *done,
                  uint64_t *oldest_enq);
+/**
+ * tw_running_nodes() - the nodes a run of @slot's registration has taken and
+ * not finished (detached or started), with their generations.
+ * Context: any process; loads only, one pass over the pool.
+ * Return: the number written to @nodes/@gens (at most @max), or -EINVAL.
+ */
+int  tw_running_nodes(struct tw_dom *d, uint32_t slot, uint32_t *nodes, uint32_t *gens,
+                      uint32_t max);
 
 /**
  * tw_file_taken() - file works a run took and did not start as dead letters.

@@ -5,6 +5,7 @@ The public names of the contract (docs/contract.md), nothing else.
 from .callbacks import callback
 from .constants import (TWA_FLAGS, TWA_NMI_CURRENT, TWA_NONE, TWA_RESUME, TWA_SIGNAL,
                         TWA_SIGNAL_NO_IPI, TWAF_NO_ALLOC)
+from ._native import DEAD_LETTER_REASONS
 from .domain import Domain, DomainStats, TaskInfo
 from .errors import (DomainCorruptError, InvalidModeError, NoSuchTaskError, NotCurrentTaskError,
                      PayloadTooLargeError, PoolExhaustedError, TaskExitedError, TaskWorkError,
@@ -18,6 +19,7 @@ from .work import Work
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEAD_LETTER_REASONS",
     "Domain", "DomainStats", "TaskInfo", "Task", "Work", "FsckReport", "callback",
     "TWA_NONE", "TWA_RESUME", "TWA_SIGNAL", "TWA_SIGNAL_NO_IPI", "TWA_NMI_CURRENT",
     "TWA_FLAGS", "TWAF_NO_ALLOC",

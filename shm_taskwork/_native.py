@@ -56,6 +56,8 @@ REASONS = {lib.TW_R_UNKNOWN: "unknown_callback", lib.TW_R_ORPHANED: "orphaned",
            lib.TW_R_SHUTDOWN: "shutdown", lib.TW_R_FAILED: "failed",
            lib.TW_R_INTERRUPTED: "interrupted"}
 REASON_CODES = {v: k for k, v in REASONS.items()}
+#: every reason a dead letter may have, for ``dead_letters(reason=)``
+DEAD_LETTER_REASONS = tuple(REASONS.values())
 
 KILLPOINTS = {"after_alloc": lib.TW_KP_AFTER_ALLOC, "after_push": lib.TW_KP_AFTER_PUSH,
               "after_detach": lib.TW_KP_AFTER_DETACH, "in_pi_lock": lib.TW_KP_IN_PI_LOCK,

@@ -47,8 +47,13 @@ LIMITS = {
 _OPEN = _native.OPEN   # every Domain this process maps
 
 
-def _normalize(name: str) -> str:
-    return _security.domain_name(name)  # ValueError before any system call
+def normalize_name(name: str) -> str:
+    """A domain name as the system names its segment (a leading ``/``);
+    ValueError, before any system call, for a name that cannot be one."""
+    return _security.domain_name(name)
+
+
+_normalize = normalize_name
 
 
 def printable(text: str) -> str:
@@ -166,6 +171,8 @@ class DomainStats(_Counters):
     pool_used: int
     tasks: int
     dead_letters: int
+    #: works runs have taken and not finished, every task summed
+    running: int = 0
 
 
 def _lock_deadline(lock_timeout: float | None) -> int:
@@ -727,7 +734,8 @@ class Domain:
         return DomainStats(pool_size=self.pool_size, pool_free=free,
                            pool_used=self.pool_size - free,
                            tasks=sum(1 for t in infos if t.state != "exited"),
-                           dead_letters=int(hdr.dl_count), **sums)
+                           dead_letters=int(hdr.dl_count),
+                           running=sum(t.running for t in infos), **sums)
 
     # ---- reading works ----------------------------------------------------
 
@@ -795,6 +803,27 @@ class Domain:
         out = []
         for k in range(min(cnt, n)):
             w = self._read(nodes[k], gens[k], "pending")
+            if w is not None:
+                out.append(w)
+        return out
+
+    def running_works(self, task_id: int, *, lock_timeout: float | None = None) -> list[Work]:
+        """The works a run of one task has taken and not finished (detached
+        or started), state ``"running"``, in no particular order: a snapshot
+        read from the works' owner words, without a lock (``lock_timeout``
+        is accepted for symmetry with :meth:`pending_works`)."""
+        if isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise TypeError(f"a task id is an int, got {type(task_id).__name__}")
+        if not 0 <= task_id < self.max_tasks:
+            raise NoSuchTaskError(f"no task {task_id}: ids are 0..{self.max_tasks - 1}")
+        _lock_deadline(lock_timeout)   # the same check of the argument
+        n = self.pool_size
+        nodes = ffi.new("uint32_t[]", n)
+        gens = ffi.new("uint32_t[]", n)
+        cnt = check(lib.tw_running_nodes(self.d, task_id, nodes, gens, n), "running_works")
+        out = []
+        for k in range(cnt):
+            w = self._read(nodes[k], gens[k], "running")
             if w is not None:
                 out.append(w)
         return out

@@ -129,7 +129,7 @@ def test_tools_use_the_public_api_only():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and (
                     node.module.startswith("shm_taskwork._")
-                    or node.module == "shm_taskwork" and any(
+                    or node.module.startswith("shm_taskwork") and any(
                         a.name.startswith("_") for a in node.names)):
                 wrong.append(f"{name}:{node.lineno} imports {node.module}")
             elif isinstance(node, ast.Name) and node.id in ("ffi", "lib"):

@@ -414,9 +414,9 @@ def _destroy(args) -> int:
     import posix_ipc
 
     from shm_taskwork import Domain, DomainCorruptError
-    from shm_taskwork.domain import _normalize
+    from shm_taskwork.domain import normalize_name
 
-    name = _normalize(args.name)
+    name = normalize_name(args.name)
     if not args.force:
         try:
             dom = Domain.open(name)
