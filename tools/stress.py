@@ -769,9 +769,10 @@ def serve_worker(a, task) -> None:
     ``--drain-timeout`` seconds. A sweeper (``--sweep``) owes itself the
     SIGTERM before it serves: it adopts its name's letters, runs all of them
     (no drain deadline) and returns."""
+    adopt = a.inject != "no-adopt"    # test-only: letters left for a name stay
     if a.sweep:
         os.kill(os.getpid(), signal.SIGTERM)   # pending: SIGTERM is blocked
-        task.serve(drain_timeout=None)
+        task.serve(drain_timeout=None, adopt=adopt)
         return
     done = threading.Event()
 
@@ -787,7 +788,7 @@ def serve_worker(a, task) -> None:
     watcher = threading.Thread(target=watch, name="stress-stop-watch", daemon=True)
     watcher.start()
     try:
-        task.serve(drain_timeout=a.drain_timeout)
+        task.serve(drain_timeout=a.drain_timeout, adopt=adopt)
     finally:
         # serve() has given SIGTERM back: a late one must not kill the
         # process on its way out (its works are all run or filed already).
@@ -1176,7 +1177,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         f"{SERVE_WORK_MS:g}, so that a stop finds a queue longer than the "
                         f"drain); producers then skip a task with {BACKLOG_CAP} works queued")
     # test-only: prove that the checker can fail
-    p.add_argument("--inject", choices=("lose", "duplicate", "leak"), default=None,
+    p.add_argument("--inject", choices=("lose", "duplicate", "leak", "no-adopt"), default=None,
                    help=argparse.SUPPRESS)
     # internal: the child roles
     p.add_argument("--role", choices=("task", "producer"), help=argparse.SUPPRESS)
@@ -1342,7 +1343,7 @@ class Controller:
             if role == "task":
                 cmd += ["--block-in", self.a.block_in, "--block-for", repr(self.a.block_for),
                         "--timing", os.path.join(self.tmp, f"{role}-{inc}.timing")]
-        if self.a.inject in ("lose", "duplicate"):
+        if self.a.inject in ("lose", "duplicate", "no-adopt"):
             cmd += ["--inject", self.a.inject]
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
@@ -1896,6 +1897,12 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             if summary["leaked"]:
                 print(f"{prog}: {summary['leaked']} pool node(s) not free after the drain "
                       "(and the dead letters dropped)", file=sys.stderr)
+            if summary["unadopted"]:
+                print(f"{prog}: {summary['unadopted']} orphaned or shutdown dead letter(s) "
+                      "left at the end: no worker of their name adopted them", file=sys.stderr)
+            if summary["sigterm_unclean"]:
+                print(f"{prog}: {summary['sigterm_unclean']} serve() worker(s) did not exit 0 "
+                      f"after a SIGTERM: {summary['sigterm_exits']}", file=sys.stderr)
             for line in ctl.crashed[:20]:
                 print(f"{prog}: {line}", file=sys.stderr)
             for line in ctl.noisy[:10]:
