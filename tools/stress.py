@@ -41,6 +41,21 @@ the controller, in its own session so a Ctrl-C reaches only the controller.
   (``dom.retry_dead_letters(to=NAME, reason="orphaned")``, every 0.05 s).
   Without it each task process has a name of its own and dead letters stay
   until the end.
+* ``--serve``: every task process is a ``task.serve()`` worker (README
+  "Workers in production"; docs/cli.md, "stress --serve"), with
+  ``--drain-timeout`` (default 0.2 s) and callbacks that take ``--work-ms``
+  (default 0.5 ms here; producers then skip a task with ``BACKLOG_CAP`` works
+  queued), so that a stop finds more queued than the drain runs. With
+  ``--term`` a worker that has said READY gets a SIGTERM (every 0.5 s, or
+  half of the ``--kill-every`` kills): it drains, files the rest as
+  ``shutdown`` dead letters and must exit 0. The next worker of its name
+  (``--restart``) adopts them, and the orphaned letters of a SIGKILLed one;
+  the controller retries nothing. Workers report over ``NOTIFY_SOCKET`` (a
+  datagram socket the controller reads): ``READY=1`` with the count adopted,
+  a last ``STATUS=`` with the count left as shutdown letters. At the end every
+  worker is waited for to say READY, then all get SIGTERM; then, for each name
+  with letters left, two workers start together, adopt them, run them all
+  (``drain_timeout=None``) and exit 0.
 * Death is seen in shared memory: whoever notices a dead task (a producer's
   add or ``dom.tasks()``, a new registration, the controller's ``dom.tasks()``)
   reaps it. Works whose callback had started are reported by the reaping
@@ -51,7 +66,8 @@ the controller, in its own session so a Ctrl-C reaches only the controller.
   ``--no-fsck`` runs none at all: reaping alone must keep the domain whole.
 * At the end: producers are stopped (they finish the operation in hand), with
   ``--restart`` the dead letters are retried once more, then the tasks are
-  stopped (``exit()`` runs everything queued); with fsck two
+  stopped (``exit()`` runs everything queued; with ``--serve``, as said
+  above); with fsck two
   ``fsck(repair=True)`` passes reclaim what killed processes held. The dead
   letters still present are read, recorded as their final outcome and dropped,
   and one dry ``fsck(repair=False)`` must then find nothing (``final_fsck``).
@@ -68,12 +84,21 @@ producer writes ``intent-add`` before ``add`` and ``added`` after it returned
 process writes ``interrupted`` for a work a reaper (or fsck) reported.
 
 Dead letters are read by the controller alone, and only the controller takes
-them off the list (retry, drop), so it can keep the count of each ID's copies
-on the list: a copy it had not seen is written ``orphaned ID``; a copy gone
-after its retry call is written ``retried ID``. An ID's ``orphaned`` minus its
-``retried`` is thus the number of copies on the list at the end (the final
+them off the list (retry, drop), or with ``--serve`` a worker of the letter's
+name while it adopts, so it can keep the count of each ID's copies on the
+list: a copy it had not seen is written ``orphaned ID`` (``shutdown ID`` for a
+shutdown letter); a copy gone after its retry call is written ``retried ID``,
+one gone while a worker of its target name was adopting (started before the
+read ended, not READY nor dead before the previous read began) ``adopted
+ID``. An ID's ``orphaned`` and ``shutdown`` minus its ``retried`` and
+``adopted`` is thus the number of copies on the list at the end (the final
 read is recorded the same way before the drop). A copy that vanishes when no
-retry was made is a fault of the core (``dead_letter_problems``).
+retry or adoption can explain it is a fault of the core
+(``dead_letter_problems``). With ``--serve`` the list is read after every
+task process's death, before its replacement starts, and before every
+SIGTERM, so a letter filed and adopted is seen both times; only a letter
+adopted and filed again between two reads (a worker SIGKILLed while it
+adopts) is seen as neither, which changes no judgement.
 
 How each ID is judged
 ---------------------
@@ -87,6 +112,7 @@ than ``retried``).
   callback had started, before it wrote its record. ``interrupted`` written
   more than once (a reaper killed while reaping and a second one reporting the
   work again, or fsck and the reap logger both) counts once.
+* A shutdown letter is judged as an orphaned one, and an adoption as a retry.
 * A dead letter that is retried is not an outcome: orphaned -> retried -> ran
   is executed once, and orphaned -> retried -> orphaned -> retried -> ran too
   (a retry to a task that died again). Orphaned, retried and then nothing is
@@ -122,7 +148,14 @@ kill points' (``killpoint_deaths``); ``terminated`` every task that died of
 a SIGTERM the controller sent (``sigterms_sent``), split into
 ``terminated_graceful`` (registered with ``exit_signals``) and
 ``terminated_abrupt``. ``retried`` is the sum of what
-``retry_dead_letters`` returned; ``orphaned`` counts the ``orphaned`` records
+``retry_dead_letters`` returned; ``shutdown_letters`` and ``adopted`` count
+the ``shutdown`` and ``adopted`` records (``shutdown_reported`` and
+``adopted_reported``: what the workers said over ``NOTIFY_SOCKET``);
+``unadopted`` (``--serve``) the orphaned and shutdown letters left at the end,
+which must be 0; ``task_exits`` and ``sigterm_exits`` the exit statuses of the
+task processes, and of those the controller SIGTERMed (with ``--serve`` each
+must be ``0``, or ``SIGKILL`` at a kill point: ``sigterm_unclean`` counts the
+others); ``orphaned`` counts the ``orphaned`` records
 (a work orphaned twice counts twice), ``interrupted`` the IDs reported
 interrupted, ``dead_letters`` the dead letters read at the end.
 ``--kill-every`` is a target: a kill waits for the victim to be reaped and its
@@ -131,7 +164,8 @@ killing in bursts. ``crashed`` counts children that exited with an error (a
 traceback on their stderr) or a SIGTERM nobody sent, ``hung`` those that did
 not stop within their deadline. The run exits 0 only if ``lost``,
 ``duplicated``, ``leaked``, ``phantom``, ``crashed``, ``hung`` and
-``dead_letter_problems`` are all 0 and the final dry fsck is clean; otherwise
+``dead_letter_problems`` (and with ``--serve`` ``unadopted`` and
+``sigterm_unclean``) are all 0 and the final dry fsck is clean; otherwise
 the offending IDs (the first 20) go to stderr. The last line of stdout is
 always the JSON summary (``--json``: nothing else).
 
