@@ -1048,15 +1048,16 @@ class NotifyListener:
     letters it adopted), ``STOPPING=1`` when its drain begins and a last
     ``STATUS=`` with the works it left as shutdown letters. A thread reads
     the socket all the time (a full queue would block the senders), and
-    ``SO_PASSCRED`` gives each datagram its sender's pid."""
+    ``SO_PASSCRED`` gives each datagram its sender's pid. The socket is an
+    abstract one (``@name``): no path length limit, no file to remove."""
 
     ADOPTED = re.compile(r"adopted (\d+)")
     LEFT = re.compile(r"(\d+) left as shutdown")
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, name: str):
+        self.path = "@" + name            # as NOTIFY_SOCKET spells an abstract socket
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(path)
+        self.sock.bind("\0" + name)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.lock = threading.Lock()
         # pid -> {"ready": monotonic time READY=1 came, "adopted": n,
@@ -1319,7 +1320,8 @@ class Controller:
         self.stop_sweepers = os.path.join(self.tmp, "stop-sweepers")   # never made
         # --serve: the workers' sd_notify datagrams; the task processes that
         # were (or may still be) adopting, for the book; exit statuses
-        self.notify = NotifyListener(os.path.join(self.tmp, "notify")) if a.serve else None
+        self.notify = (NotifyListener(f"shm-taskwork-stress-{os.getpid()}-{uuid.uuid4().hex[:10]}")
+                       if a.serve else None)
         self.windows: list[Child] = []
         self.last_observe = 0.0
         self.task_exits: collections.Counter = collections.Counter()
