@@ -1178,7 +1178,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--term", action="store_true",
                    help="make half of the kills a SIGTERM to a task; about half of the tasks "
                         "register with exit_signals=(SIGTERM,) (their works run before they "
-                        "die), the others die of it (their works become dead letters)")
+                        "die), the others die of it (their works become dead letters); with "
+                        "--serve a SIGTERM goes to a serving worker every 0.5 s, or as half of "
+                        "the --kill-every kills")
     p.add_argument("--restart", action="store_true",
                    help="replace a dead task by a process of the same name and retry the "
                         "orphaned dead letters to it (default: a new name per process, dead "
