@@ -488,3 +488,160 @@ def test_signal_between_publishing_the_slot_and_the_handler_does_not_kill(domain
         out, err = child.communicate(timeout=30)
     assert child.returncode == 0, (child.returncode, err)
     assert out.strip().endswith("ran 1")
+
+
+# ---- --serve: serve() workers stopped by SIGTERM mid-queue, adopted letters ----
+
+def serve_failure(s: dict, err: str) -> str:
+    keys = ("lost", "duplicated", "leaked", "phantom", "crashed", "hung", "unadopted",
+            "shutdown_letters", "shutdown_reported", "adopted", "adopted_reported", "orphaned",
+            "task_exits", "sigterm_exits", "dead_letter_problems", "final_fsck")
+    return f"{ {k: s.get(k) for k in keys} }\n{err[-3000:]}"
+
+
+def test_serve_workers_stopped_by_sigterm_mid_queue_lose_nothing(tmp_path):
+    # Each task process is a serve() worker whose callbacks take 1 ms, with
+    # about 300 works queued, so a SIGTERM (one every 0.5 s, and the stop at
+    # the end) finds more queued than a 0.2 s drain runs: the rest become shutdown letters, and the
+    # worker exits 0. Its replacement (same name) adopts them; at the end two
+    # workers per name adopt together whatever is left. Every work ran once,
+    # was cancelled once, or is accounted for; every shutdown letter was
+    # adopted.
+    p, out, err = run_stress("--serve", "--term", "--restart", "--drain-timeout", "0.2",
+                             "--work-ms", "1", "--tasks", "3", "--producers", "2",
+                             "--seconds", "4", "--seed", "21", "--json", tmpdir=str(tmp_path))
+    s = summary_of(out)
+    assert len(out.strip().splitlines()) == 1
+    assert s["serve"] is True and s["drain_timeout"] == 0.2 and s["work_ms"] == 1
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["leaked"] == 0, serve_failure(s, err)
+    assert s["phantom"] == 0 and s["crashed"] == 0 and s["hung"] == 0, serve_failure(s, err)
+    assert s["dead_letter_problems"] == 0, serve_failure(s, err)
+    # SIGTERMs were sent mid-run, and every SIGTERMed worker exited 0.
+    assert s["terminated"] > 0 and s["sigterm_exits"] == {"0": s["terminated"]}, s
+    assert s["task_exits"] == {"0": s["started"]["task"]}, s
+    # Shutdown letters were made, and each one adopted: what the ledger saw
+    # filed (shutdown, orphaned) all came back, as the workers themselves
+    # reported over NOTIFY_SOCKET (no SIGKILL here, so both views agree).
+    assert s["shutdown_letters"] > 0 and s["restarted"] > 0, serve_failure(s, err)
+    assert s["adopted"] == s["shutdown_letters"] + s["orphaned"], serve_failure(s, err)
+    assert s["shutdown_reported"] == s["shutdown_letters"], serve_failure(s, err)
+    assert s["adopted_reported"] == s["adopted"], serve_failure(s, err)
+    assert s["adopted_then_executed"] > 0 and s["sweepers"] > 0
+    assert s["unadopted"] == 0 and s["dead_letters"] == 0, serve_failure(s, err)
+    assert s["final_fsck"]["clean"] is True, s["final_fsck"]
+    assert p.returncode == 0 and s["ok"] is True, serve_failure(s, err)
+    assert leftovers(p.pid) == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_serve_checker_fails_when_letters_are_not_adopted(tmp_path):
+    # The adoption check can fail: workers that serve with adopt=False leave
+    # the shutdown letters of the workers they replace on the list.
+    p, out, err = run_stress("--serve", "--term", "--restart", "--tasks", "2",
+                             "--producers", "1", "--seconds", "1.5", "--seed", "2",
+                             "--work-ms", "1",
+                             "--inject", "no-adopt", "--json", tmpdir=str(tmp_path))
+    s = summary_of(out)
+    assert p.returncode == 1, (s, err[-2000:])
+    assert s["shutdown_letters"] > 0 and s["adopted"] == 0
+    assert s["unadopted"] == s["shutdown_letters"] + s["orphaned"] > 0 and s["ok"] is False
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["leaked"] == 0
+    assert "left at the end: no worker of their name adopted them" in err
+    assert leftovers(p.pid) == []
+
+
+def test_ledger_judgement_of_shutdown_and_adopted_letters(tmp_path):
+    # A shutdown letter is judged as an orphaned one, its adoption as a
+    # retry: filed -> adopted -> ran is one execution; adopted and then
+    # nowhere is lost; two copies filed at once, or adopted more than filed,
+    # is duplicated.
+    from shm_taskwork.tools import stress as st
+
+    P = 7 << 32
+    I, A, R, X = st.INTENT_ADD, st.ADDED, st.RAN, st.INTERRUPTED
+    O, S, RT, AD = st.ORPHANED, st.SHUTDOWN, st.RETRIED, st.ADOPTED
+    cases = {
+        P | 0: [S, AD, R],              # stopped mid-queue, adopted, run: executed
+        P | 1: [S, AD, S, AD, R],       # its adopter was stopped too: executed
+        P | 2: [O, AD, S, AD, X],       # killed, adopted, stopped, adopted, interrupted
+        P | 3: [S],                     # a dead letter at the end
+        P | 4: [S, AD],                 # LOST: adopted, then nowhere
+        P | 5: [S, S],                  # DUPLICATED: two copies on the list
+        P | 6: [S, AD, AD, R],          # DUPLICATED: adopted more than filed
+        P | 7: [S, R],                  # DUPLICATED: ran, yet still a dead letter
+        P | 8: [O, RT, S, AD, R],       # retried by the controller, then adopted: executed
+    }
+    prod = st.Ledger(str(tmp_path / "producer-7.ledger"), 7)
+    other = st.Ledger(str(tmp_path / "controller.ledger"), 0)
+    for wid, kinds in cases.items():
+        prod.put(I, wid, 1)
+        prod.put(A, wid, 1)
+        for kind in kinds:
+            other.put(kind, wid)
+    prod.close()
+    other.close()
+    acc = st.account(str(tmp_path))
+    assert acc["bad"] == {"lost": [P | 4], "duplicated": [P | 5, P | 6, P | 7], "phantom": []}
+    assert acc["settled"] == {"executed": 4, "cancelled": 0, "orphaned": 1,
+                              "cancelled_by_killed_canceller": 0}
+    assert acc["shutdown"] == 11 and acc["orphaned"] == 2
+    assert acc["adopted"] == 9 and acc["retried"] == 1
+    assert acc["adopted_then_executed"] == 4 and acc["retried_then_executed"] == 4
+
+
+def test_dead_letter_book_tells_adoption_from_a_vanished_letter(tmp_path):
+    # A shutdown letter is written 'shutdown'; a copy gone while a worker of
+    # its target name was adopting is 'adopted'; gone while none was, it is a
+    # problem (nobody else takes letters off the list).
+    import struct as _struct
+    from types import SimpleNamespace
+
+    from shm_taskwork.tools import stress as st
+
+    def dl(wid, name, reason="shutdown"):
+        return SimpleNamespace(payload=_struct.pack("<Q", wid), reason=reason,
+                               target_name=name)
+
+    led = st.Ledger(str(tmp_path / "controller.ledger"), 0)
+    book = st.DeadLetterBook(led)
+    book.observe([dl(1, "a"), dl(2, "b"), dl(3, "a", "orphaned")])
+    book.observe([dl(2, "b")], adopting={"a"})             # 1 and 3 adopted by a's worker
+    book.observe([dl(2, "b"), dl(1, "a")])                 # 1 filed again at a's stop
+    book.observe([], adopting={"a"})                       # 2 vanished: b was not adopting
+    led.close()
+    recs = [(st.KIND_NAMES[k], wid) for k, _aux, _inc, wid in
+            st.REC.iter_unpack(st.read_ledger(str(tmp_path / "controller.ledger"))[0])]
+    assert sorted(recs) == sorted([("shutdown", 1), ("shutdown", 2), ("orphaned", 3),
+                                   ("adopted", 1), ("adopted", 3), ("shutdown", 1),
+                                   ("adopted", 1)])
+    assert len(book.problems) == 1 and "0x2 (for 'b') vanished" in book.problems[0]
+    assert book.shutdown == 3 and book.orphaned == 1 and book.adopted == 3
+    assert book.adoptable_count == 0
+
+
+@pytest.mark.parametrize("args,text", [
+    (("--drain-timeout", "1"), "--drain-timeout only applies with --serve"),
+    (("--serve", "--blocking"), "--serve does not combine with --blocking"),
+])
+def test_serve_options_refused_with_one_line(args, text):
+    p, out, err = run_stress(*args, timeout=30)
+    assert p.returncode == 2 and text in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+@pytest.mark.slow
+def test_thirty_seconds_of_serve_workers_terminated_and_killed():
+    # SIGKILLs (the controller's and kill points') and SIGTERMs mid-queue: a
+    # killed worker's works become orphaned letters, a terminated one's
+    # shutdown letters; the next worker of the name adopts both.
+    p, out, err = run_stress("--serve", "--term", "--restart", "--tasks", "4",
+                             "--producers", "3", "--seconds", "30", "--kill-every", "0.2",
+                             "--json", timeout=400)
+    s = summary_of(out)
+    assert p.returncode == 0 and s["ok"] is True, serve_failure(s, err)
+    assert s["lost"] == 0 and s["duplicated"] == 0 and s["leaked"] == 0
+    assert s["killed"] > 0 and s["terminated"] > 0 and s["orphaned"] > 0
+    assert s["shutdown_letters"] > 0 and s["unadopted"] == 0
+    assert s["adopted"] == s["shutdown_letters"] + s["orphaned"], serve_failure(s, err)
+    assert set(s["sigterm_exits"]) <= {"0", "SIGKILL"} and s["sigterm_exits"]["0"] > 0
+    assert s["final_fsck"]["clean"] is True

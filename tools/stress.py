@@ -41,6 +41,21 @@ the controller, in its own session so a Ctrl-C reaches only the controller.
   (``dom.retry_dead_letters(to=NAME, reason="orphaned")``, every 0.05 s).
   Without it each task process has a name of its own and dead letters stay
   until the end.
+* ``--serve``: every task process is a ``task.serve()`` worker (README
+  "Workers in production"; docs/cli.md, "stress --serve"), with
+  ``--drain-timeout`` (default 0.2 s) and callbacks that take ``--work-ms``
+  (default 0.5 ms here; producers then skip a task with ``BACKLOG_CAP`` works
+  queued), so that a stop finds more queued than the drain runs. With
+  ``--term`` a worker that has said READY gets a SIGTERM (every 0.5 s, or
+  half of the ``--kill-every`` kills): it drains, files the rest as
+  ``shutdown`` dead letters and must exit 0. The next worker of its name
+  (``--restart``) adopts them, and the orphaned letters of a SIGKILLed one;
+  the controller retries nothing. Workers report over ``NOTIFY_SOCKET`` (a
+  datagram socket the controller reads): ``READY=1`` with the count adopted,
+  a last ``STATUS=`` with the count left as shutdown letters. At the end every
+  worker is waited for to say READY, then all get SIGTERM; then, for each name
+  with letters left, two workers start together, adopt them, run them all
+  (``drain_timeout=None``) and exit 0.
 * Death is seen in shared memory: whoever notices a dead task (a producer's
   add or ``dom.tasks()``, a new registration, the controller's ``dom.tasks()``)
   reaps it. Works whose callback had started are reported by the reaping
@@ -51,7 +66,8 @@ the controller, in its own session so a Ctrl-C reaches only the controller.
   ``--no-fsck`` runs none at all: reaping alone must keep the domain whole.
 * At the end: producers are stopped (they finish the operation in hand), with
   ``--restart`` the dead letters are retried once more, then the tasks are
-  stopped (``exit()`` runs everything queued); with fsck two
+  stopped (``exit()`` runs everything queued; with ``--serve``, as said
+  above); with fsck two
   ``fsck(repair=True)`` passes reclaim what killed processes held. The dead
   letters still present are read, recorded as their final outcome and dropped,
   and one dry ``fsck(repair=False)`` must then find nothing (``final_fsck``).
@@ -68,12 +84,21 @@ producer writes ``intent-add`` before ``add`` and ``added`` after it returned
 process writes ``interrupted`` for a work a reaper (or fsck) reported.
 
 Dead letters are read by the controller alone, and only the controller takes
-them off the list (retry, drop), so it can keep the count of each ID's copies
-on the list: a copy it had not seen is written ``orphaned ID``; a copy gone
-after its retry call is written ``retried ID``. An ID's ``orphaned`` minus its
-``retried`` is thus the number of copies on the list at the end (the final
+them off the list (retry, drop), or with ``--serve`` a worker of the letter's
+name while it adopts, so it can keep the count of each ID's copies on the
+list: a copy it had not seen is written ``orphaned ID`` (``shutdown ID`` for a
+shutdown letter); a copy gone after its retry call is written ``retried ID``,
+one gone while a worker of its target name was adopting (started before the
+read ended, not READY nor dead before the previous read began) ``adopted
+ID``. An ID's ``orphaned`` and ``shutdown`` minus its ``retried`` and
+``adopted`` is thus the number of copies on the list at the end (the final
 read is recorded the same way before the drop). A copy that vanishes when no
-retry was made is a fault of the core (``dead_letter_problems``).
+retry or adoption can explain it is a fault of the core
+(``dead_letter_problems``). With ``--serve`` the list is read after every
+task process's death, before its replacement starts, and before every
+SIGTERM, so a letter filed and adopted is seen both times; only a letter
+adopted and filed again between two reads (a worker SIGKILLed while it
+adopts) is seen as neither, which changes no judgement.
 
 How each ID is judged
 ---------------------
@@ -87,6 +112,7 @@ than ``retried``).
   callback had started, before it wrote its record. ``interrupted`` written
   more than once (a reaper killed while reaping and a second one reporting the
   work again, or fsck and the reap logger both) counts once.
+* A shutdown letter is judged as an orphaned one, and an adoption as a retry.
 * A dead letter that is retried is not an outcome: orphaned -> retried -> ran
   is executed once, and orphaned -> retried -> orphaned -> retried -> ran too
   (a retry to a task that died again). Orphaned, retried and then nothing is
@@ -122,7 +148,14 @@ kill points' (``killpoint_deaths``); ``terminated`` every task that died of
 a SIGTERM the controller sent (``sigterms_sent``), split into
 ``terminated_graceful`` (registered with ``exit_signals``) and
 ``terminated_abrupt``. ``retried`` is the sum of what
-``retry_dead_letters`` returned; ``orphaned`` counts the ``orphaned`` records
+``retry_dead_letters`` returned; ``shutdown_letters`` and ``adopted`` count
+the ``shutdown`` and ``adopted`` records (``shutdown_reported`` and
+``adopted_reported``: what the workers said over ``NOTIFY_SOCKET``);
+``unadopted`` (``--serve``) the orphaned and shutdown letters left at the end,
+which must be 0; ``task_exits`` and ``sigterm_exits`` the exit statuses of the
+task processes, and of those the controller SIGTERMed (with ``--serve`` each
+must be ``0``, or ``SIGKILL`` at a kill point: ``sigterm_unclean`` counts the
+others); ``orphaned`` counts the ``orphaned`` records
 (a work orphaned twice counts twice), ``interrupted`` the IDs reported
 interrupted, ``dead_letters`` the dead letters read at the end.
 ``--kill-every`` is a target: a kill waits for the victim to be reaped and its
@@ -131,7 +164,8 @@ killing in bursts. ``crashed`` counts children that exited with an error (a
 traceback on their stderr) or a SIGTERM nobody sent, ``hung`` those that did
 not stop within their deadline. The run exits 0 only if ``lost``,
 ``duplicated``, ``leaked``, ``phantom``, ``crashed``, ``hung`` and
-``dead_letter_problems`` are all 0 and the final dry fsck is clean; otherwise
+``dead_letter_problems`` (and with ``--serve`` ``unadopted`` and
+``sigterm_unclean``) are all 0 and the final dry fsck is clean; otherwise
 the offending IDs (the first 20) go to stderr. The last line of stdout is
 always the JSON summary (``--json``: nothing else).
 
@@ -196,9 +230,11 @@ import json
 import logging
 import os
 import random
+import re
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -231,17 +267,23 @@ BLOCK_CALLS = ("readline", "read", "select", "sleep", "lock", "wait")
 BLOCK_FOR = 0.5        # default seconds per blocking call
 STALL_BOUND_MS = 100.0  # default bound on a stall (docs/cli.md, "stress --blocking")
 WAKE_POLL = 0.02       # how often a blocking task's helper looks for the stop
+SERVE_DRAIN = 0.2      # --serve: default drain deadline, short so that a stop leaves works
+SWEEPERS_PER_NAME = 2  # --serve: workers of one name that adopt together at the end
+SERVE_WORK_MS = 0.5    # --serve: default time a callback takes
+SERVE_TERM_EVERY = 0.5  # --serve --term without --kill-every: a SIGTERM this often
+BACKLOG_CAP = 300      # --work-ms > 0: producers skip a task with this many works queued
 
 # ---- the ledger -------------------------------------------------------------
 
 REC = struct.Struct("<HHIQ")   # kind, aux (notify mode), writer incarnation, id
 INTENT_ADD, ADDED, ADD_FAILED, CANCEL_INTENT, CANCELLED, CANCEL_MISSED, RAN, \
-    ORPHANED, INTERRUPTED, RETRIED = range(1, 11)
-NKINDS = 11
+    ORPHANED, INTERRUPTED, RETRIED, SHUTDOWN, ADOPTED = range(1, 13)
+NKINDS = 13
 KIND_NAMES = {INTENT_ADD: "intent-add", ADDED: "added", ADD_FAILED: "add-failed",
               CANCEL_INTENT: "cancel-intent", CANCELLED: "cancelled",
               CANCEL_MISSED: "cancel-missed", RAN: "ran", ORPHANED: "orphaned",
-              INTERRUPTED: "interrupted", RETRIED: "retried"}
+              INTERRUPTED: "interrupted", RETRIED: "retried", SHUTDOWN: "shutdown",
+              ADOPTED: "adopted"}
 
 
 class Ledger:
@@ -431,32 +473,43 @@ def record_interrupted(ledger: Ledger) -> _ReapRecorder:
 class DeadLetterBook:
     """The controller's view of the dead-letter list, written to its ledger.
 
-    Only the controller takes dead letters off the list (retry, drop), so the
-    number of copies of each ID on the list only grows between two of its
-    reads, unless it retried in between. ``observe(works)`` compares a fresh
-    read with the counts it holds: a new copy is written ``orphaned`` (or
-    ``interrupted``, for a dead letter filed with that reason); a copy gone is
-    written ``retried`` if ``retried_since`` says a retry was made since the
-    last read, and is a problem otherwise (a dead letter vanished)."""
+    Only the controller (retry, drop) and, with ``--serve``, a starting
+    worker of the letter's name (``serve()`` adopts) take dead letters off the
+    list, so the number of copies of each ID on the list only grows between
+    two of its reads, unless one of those happened in between.
+    ``observe(works)`` compares a fresh read with the counts it holds: a new
+    copy is written ``orphaned`` or ``shutdown`` (its reason; ``interrupted``
+    for a dead letter filed with that reason); a copy gone is written
+    ``retried`` if ``retried_since`` says the controller retried since the
+    last read, ``adopted`` if its target name is in ``adopting`` (a worker of
+    that name was adopting since the last read), and is a problem otherwise
+    (a dead letter vanished)."""
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
-        self.held: collections.Counter = collections.Counter()        # orphaned copies
+        self.held: collections.Counter = collections.Counter()   # orphaned/shutdown copies
+        self.names: dict[int, str | None] = {}                   # id -> target name
         self.interrupted: collections.Counter = collections.Counter()
         self.problems: list[str] = []
         self.orphaned = 0           # orphaned records written
+        self.shutdown = 0           # shutdown records written
         self.retried_records = 0    # retried records written
+        self.adopted = 0            # adopted records written
 
-    def observe(self, works, *, retried_since: bool = False) -> None:
+    def observe(self, works, *, retried_since: bool = False,
+                adopting: frozenset | set = frozenset()) -> None:
         now: collections.Counter = collections.Counter()
         inter: collections.Counter = collections.Counter()
+        kinds: dict[int, int] = {}
         for w in works:
             wid = payload_id(w)
             reason = getattr(w, "reason", "orphaned")
             if wid is None:
                 self._problem(f"dead letter {w!r} carries a foreign payload")
-            elif reason == "orphaned":
+            elif reason in ("orphaned", "shutdown"):
                 now[wid] += 1
+                kinds[wid] = ORPHANED if reason == "orphaned" else SHUTDOWN
+                self.names[wid] = getattr(w, "target_name", None)
             elif reason == "interrupted":
                 inter[wid] += 1
             else:
@@ -468,16 +521,27 @@ class DeadLetterBook:
         for wid in set(now) | set(self.held):
             diff = now[wid] - self.held[wid]
             if diff > 0:
+                kind = kinds[wid]
                 for _ in range(diff):
-                    self.ledger.put(ORPHANED, wid)
-                self.orphaned += diff
+                    self.ledger.put(kind, wid)
+                if kind == SHUTDOWN:
+                    self.shutdown += diff
+                else:
+                    self.orphaned += diff
             elif diff < 0:
                 if retried_since:
                     for _ in range(-diff):
                         self.ledger.put(RETRIED, wid)
                     self.retried_records -= diff
+                elif self.names.get(wid) in adopting:
+                    for _ in range(-diff):
+                        self.ledger.put(ADOPTED, wid)
+                    self.adopted -= diff
                 else:
-                    self._problem(f"dead letter {wid:#x} vanished with no retry or drop")
+                    self._problem(f"dead letter {wid:#x} (for {self.names.get(wid)!r}) "
+                                  "vanished with no retry, drop or adoption")
+            if not now[wid]:
+                self.names.pop(wid, None)
         self.held = now
 
     def _problem(self, text: str) -> None:
@@ -489,6 +553,12 @@ class DeadLetterBook:
     @property
     def held_count(self) -> int:
         return sum(self.held.values()) + sum(self.interrupted.values())
+
+    @property
+    def adoptable_count(self) -> int:
+        """Copies on the list that a worker of their name would adopt
+        (``orphaned`` and ``shutdown``)."""
+        return sum(self.held.values())
 
 
 def ledger_files(directory: str) -> list[str]:
@@ -543,7 +613,8 @@ def account(directory: str) -> dict:
             if a[seq] < 255:
                 a[seq] += 1
     out = dict(intended=0, added=0, add_failed=0, unconfirmed=0, ran=0, cancelled=0,
-               orphaned=0, retried=0, interrupted=0, interrupted_reports=0,
+               orphaned=0, shutdown=0, retried=0, adopted=0, adopted_then_executed=0,
+               interrupted=0, interrupted_reports=0,
                ran_and_interrupted=0, retried_then_executed=0, cancel_attempts=0,
                cancel_missed=0, cancel_unconfirmed=0, unconfirmed_executed=0,
                unconfirmed_orphaned=0, unconfirmed_cancelled=0, unconfirmed_nowhere=0,
@@ -552,14 +623,18 @@ def account(directory: str) -> dict:
     bad: dict[str, list[int]] = {"lost": [], "duplicated": [], "phantom": []}
 
     def judge(wid: int, c) -> None:
-        ran, inter, canc, orph, retr = (c[RAN], c[INTERRUPTED], c[CANCELLED], c[ORPHANED],
-                                        c[RETRIED])
+        ran, inter, canc = c[RAN], c[INTERRUPTED], c[CANCELLED]
+        # a copy filed (orphaned or shutdown) and a copy taken back (retried
+        # by the controller, adopted by a worker) are judged alike
+        orph, retr = c[ORPHANED] + c[SHUTDOWN], c[RETRIED] + c[ADOPTED]
         out["ran"] += ran
         out["interrupted"] += inter > 0
         out["interrupted_reports"] += inter
         out["cancelled"] += canc
-        out["orphaned"] += orph
-        out["retried"] += retr
+        out["orphaned"] += c[ORPHANED]
+        out["shutdown"] += c[SHUTDOWN]
+        out["retried"] += c[RETRIED]
+        out["adopted"] += c[ADOPTED]
         out["cancel_attempts"] += c[CANCEL_INTENT]
         out["cancel_missed"] += c[CANCEL_MISSED]
         cancel_open = c[CANCEL_INTENT] > c[CANCELLED] + c[CANCEL_MISSED]
@@ -586,6 +661,7 @@ def account(directory: str) -> dict:
             bad["phantom"].append(wid)
         if executed and retr and not dup:
             out["retried_then_executed"] += 1
+            out["adopted_then_executed"] += c[ADOPTED] > 0
         if c[ADDED] and outcomes and not dup:
             settled["executed" if executed else "cancelled" if canc else "orphaned"] += 1
         elif c[ADDED] and not outcomes and not dup:
@@ -656,6 +732,12 @@ def _stop_requested(stop_file: str, parent: int) -> bool:
 def role_task(a) -> int:
     from shm_taskwork import Domain, TaskWorkError, callback
 
+    if a.serve:
+        # SIGTERM waits, blocked, until serve() takes it (serve() unblocks its
+        # stop signals once its handler is in place): a stop that comes while
+        # the worker is still registering starts the drain instead of
+        # killing the process (README "Workers in production").
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     ledger = Ledger(a.ledger, a.incarnation)
     record_interrupted(ledger)
     timing = Timing(a.timing, a.incarnation) if a.blocking else None
@@ -669,6 +751,8 @@ def role_task(a) -> int:
         seen[0] += 1
         if a.inject == "lose" and seen[0] == 10:
             return                                  # test-only: a work vanishes
+        if a.work_ms:
+            time.sleep(a.work_ms / 1000)            # a callback with something to do
         ledger.put(RAN, wid)
         if a.inject == "duplicate" and seen[0] == 10:
             ledger.put(RAN, wid)                    # test-only: a work runs twice
@@ -697,6 +781,10 @@ def role_task(a) -> int:
         task.exit()
         dom.close()
         return 0
+    if a.serve:
+        serve_worker(a, task)
+        dom.close()
+        return 0
     next_run = time.monotonic() + 0.2
     while not _stop_requested(a.stop, a.parent):
         task.wait(timeout=0.02)
@@ -707,6 +795,40 @@ def role_task(a) -> int:
     task.exit()
     dom.close()
     return 0
+
+
+def serve_worker(a, task) -> None:
+    """A ``--serve`` task: ``task.serve()`` until a SIGTERM (the controller's,
+    or its own once the stop is requested), draining for at most
+    ``--drain-timeout`` seconds. A sweeper (``--sweep``) owes itself the
+    SIGTERM before it serves: it adopts its name's letters, runs all of them
+    (no drain deadline) and returns."""
+    adopt = a.inject != "no-adopt"    # test-only: letters left for a name stay
+    if a.sweep:
+        os.kill(os.getpid(), signal.SIGTERM)   # pending: SIGTERM is blocked
+        task.serve(drain_timeout=None, adopt=adopt)
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        # A thread with every signal blocked: the SIGTERM it sends is
+        # process-directed and reaches the main thread, in serve().
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        while not done.wait(0.05):
+            if _stop_requested(a.stop, a.parent):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    watcher = threading.Thread(target=watch, name="stress-stop-watch", daemon=True)
+    watcher.start()
+    try:
+        task.serve(drain_timeout=a.drain_timeout, adopt=adopt)
+    finally:
+        # serve() has given SIGTERM back: a late one must not kill the
+        # process on its way out (its works are all run or filed already).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        done.set()
+        watcher.join(timeout=5)
 
 
 class _BlockHelper(threading.Thread):
@@ -812,6 +934,7 @@ def role_producer(a) -> int:
     modes = [MODES[m] for m in a.modes.split(",")]
     dom = Domain.open(a.domain)
     names: list[str] = []    # names of the running tasks (a snapshot)
+    backlog: dict[str, int] = {}   # name -> its backlog at the snapshot, plus our adds
     handles: dict = {}       # name -> the live task dom.task(name=...) gave
     mine: list = []          # (task, work, id) of own recent adds
     refresh = 0.0
@@ -824,15 +947,22 @@ def role_producer(a) -> int:
             break
         now = time.monotonic()
         if now >= refresh or not names:
-            # dom.tasks() also reaps the dead tasks it comes across
-            names = sorted({info.name for info in dom.tasks() if info.state == "running"})
-            refresh = now + 0.1
+            # dom.tasks() also reaps the dead tasks it comes across; with
+            # slow callbacks a task whose backlog (pending + running, this
+            # producer's adds since counted) is full gets nothing new
+            infos = [i for i in dom.tasks() if i.state == "running"]
+            backlog = {i.name: i.pending + i.running for i in infos}
+            names = sorted(backlog)
+            refresh = now + (0.02 if a.work_ms else 0.1)
             if not names:
                 if _stop_requested(a.stop, a.parent):
                     break
                 time.sleep(0.005)
                 continue
         name = names[rng.randrange(len(names))]
+        if a.work_ms and backlog.get(name, 0) >= BACKLOG_CAP:
+            names.remove(name)
+            continue
         t = handles.get(name)
         if t is None:
             try:
@@ -865,6 +995,7 @@ def role_producer(a) -> int:
             else:
                 time.sleep(0.002)
             continue
+        backlog[name] = backlog.get(name, 0) + n
         for wid, w in zip(wids, works):
             ledger.put(ADDED, wid, aux)
             mine.append((t, w, wid))
@@ -885,15 +1016,101 @@ def role_producer(a) -> int:
 
 class Child:
     __slots__ = ("role", "inc", "proc", "killpoint", "killed_by_us", "err_path", "started",
-                 "name", "graceful")
+                 "name", "graceful", "sweeper", "ended")
 
-    def __init__(self, role, inc, proc, killpoint, err_path, name=None, graceful=False):
+    def __init__(self, role, inc, proc, killpoint, err_path, name=None, graceful=False,
+                 sweeper=False):
         self.role, self.inc, self.proc, self.killpoint = role, inc, proc, killpoint
         self.killed_by_us = False
         self.err_path = err_path
         self.started = time.monotonic()
         self.name = name
         self.graceful = graceful
+        self.sweeper = sweeper
+        self.ended: float | None = None    # when the controller saw it exit
+
+
+def status_name(rc: int) -> str:
+    """An exit status as the summary shows it: "0", "1", "SIGKILL"."""
+    if rc < 0:
+        try:
+            return signal.Signals(-rc).name
+        except ValueError:
+            return f"signal {-rc}"
+    return str(rc)
+
+
+class NotifyListener:
+    """The controller's end of systemd's notification protocol (sd_notify),
+    for ``--serve``: every task process gets ``NOTIFY_SOCKET`` naming this
+    datagram socket, as under a ``Type=notify`` unit, and ``serve()`` sends
+    ``READY=1`` once registered and adopted (its ``STATUS=`` says how many
+    letters it adopted), ``STOPPING=1`` when its drain begins and a last
+    ``STATUS=`` with the works it left as shutdown letters. A thread reads
+    the socket all the time (a full queue would block the senders), and
+    ``SO_PASSCRED`` gives each datagram its sender's pid. The socket is an
+    abstract one (``@name``): no path length limit, no file to remove."""
+
+    ADOPTED = re.compile(r"adopted (\d+)")
+    LEFT = re.compile(r"(\d+) left as shutdown")
+
+    def __init__(self, name: str):
+        self.path = "@" + name            # as NOTIFY_SOCKET spells an abstract socket
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.bind("\0" + name)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.lock = threading.Lock()
+        # pid -> {"ready": monotonic time READY=1 came, "adopted": n,
+        #         "stopping": time, "shutdown": n}; written by the thread
+        #         under ``lock``, read under it
+        self.by_pid: dict[int, dict] = {}
+        self.unknown = 0          # datagrams with no sender credentials
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="stress-notify", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.done.is_set():
+            if not select.select([self.sock], [], [], 0.05)[0]:
+                continue
+            while True:
+                try:
+                    data, anc, _flags, _addr = self.sock.recvmsg(
+                        4096, socket.CMSG_SPACE(struct.calcsize("iII")), socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                pid = None
+                for level, typ, cdata in anc:
+                    if level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
+                        pid = struct.unpack_from("i", cdata)[0]
+                self._note(pid, data.decode(errors="replace"), time.monotonic())
+
+    def _note(self, pid: int | None, text: str, when: float) -> None:
+        if pid is None:
+            self.unknown += 1
+            return
+        fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        status = fields.get("STATUS", "")
+        with self.lock:
+            d = self.by_pid.setdefault(pid, {})
+            if fields.get("READY") == "1":
+                d["ready"] = when
+                m = self.ADOPTED.search(status)
+                d["adopted"] = int(m.group(1)) if m else 0
+            if fields.get("STOPPING") == "1":
+                d["stopping"] = when
+            m = self.LEFT.search(status)
+            if m:
+                d["shutdown"] = int(m.group(1))
+
+    def get(self, pid: int) -> dict:
+        with self.lock:
+            return dict(self.by_pid.get(pid, {}))
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
 
 
 # ---- the controller -------------------------------------------------------------
@@ -961,7 +1178,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--term", action="store_true",
                    help="make half of the kills a SIGTERM to a task; about half of the tasks "
                         "register with exit_signals=(SIGTERM,) (their works run before they "
-                        "die), the others die of it (their works become dead letters)")
+                        "die), the others die of it (their works become dead letters); with "
+                        "--serve a SIGTERM goes to a serving worker every 0.5 s, or as half of "
+                        "the --kill-every kills")
     p.add_argument("--restart", action="store_true",
                    help="replace a dead task by a process of the same name and retry the "
                         "orphaned dead letters to it (default: a new name per process, dead "
@@ -983,8 +1202,19 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--stall-bound", type=_nonneg_float, default=None, metavar="MS",
                    help=f"--blocking: the longest stall allowed, in ms (default "
                         f"{STALL_BOUND_MS:g})")
+    p.add_argument("--serve", action="store_true",
+                   help="each task process is a task.serve() worker: a SIGTERM (--term, and "
+                        "the stop at the end) makes it drain for --drain-timeout seconds, file "
+                        "what is left as shutdown dead letters and exit 0; a worker that "
+                        "starts adopts its name's orphaned and shutdown letters")
+    p.add_argument("--drain-timeout", type=_nonneg_float, default=None, metavar="SECONDS",
+                   help=f"--serve: serve()'s drain deadline (default {SERVE_DRAIN:g})")
+    p.add_argument("--work-ms", type=_nonneg_float, default=None, metavar="MS",
+                   help=f"how long each callback takes (default 0; with --serve "
+                        f"{SERVE_WORK_MS:g}, so that a stop finds a queue longer than the "
+                        f"drain); producers then skip a task with {BACKLOG_CAP} works queued")
     # test-only: prove that the checker can fail
-    p.add_argument("--inject", choices=("lose", "duplicate", "leak"), default=None,
+    p.add_argument("--inject", choices=("lose", "duplicate", "leak", "no-adopt"), default=None,
                    help=argparse.SUPPRESS)
     # internal: the child roles
     p.add_argument("--role", choices=("task", "producer"), help=argparse.SUPPRESS)
@@ -996,6 +1226,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--name", help=argparse.SUPPRESS)
     p.add_argument("--graceful", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--timing", help=argparse.SUPPRESS)
+    p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -1038,6 +1269,22 @@ def resolve_blocking(p: argparse.ArgumentParser, a) -> None:
                 f"{a.stall_bound:g} ms): a shorter call ends any stall before the bound")
 
 
+def resolve_serve(p: argparse.ArgumentParser, a) -> None:
+    """Fill --drain-timeout's default and refuse what does not combine with
+    --serve (p.error: one line, exit status 2)."""
+    if a.work_ms is None:
+        a.work_ms = SERVE_WORK_MS if a.serve and a.role is None else 0.0
+    if not a.serve:
+        if a.drain_timeout is not None and a.role is None:
+            p.error("--drain-timeout only applies with --serve")
+        return
+    if a.blocking:
+        p.error("--serve does not combine with --blocking: a serve() worker waits in "
+                "serve(), not in the blocking calls --blocking measures")
+    if a.drain_timeout is None and not a.sweep:
+        a.drain_timeout = SERVE_DRAIN
+
+
 class Controller:
     def __init__(self, a, out):
         self.a = a
@@ -1072,6 +1319,19 @@ class Controller:
         self.tmp = tempfile.mkdtemp(prefix="shm-taskwork-stress-")
         self.stop_producers = os.path.join(self.tmp, "stop-producers")
         self.stop_tasks = os.path.join(self.tmp, "stop-tasks")
+        self.stop_sweepers = os.path.join(self.tmp, "stop-sweepers")   # never made
+        # --serve: the workers' sd_notify datagrams; the task processes that
+        # were (or may still be) adopting, for the book; exit statuses
+        self.notify = (NotifyListener(f"shm-taskwork-stress-{os.getpid()}-{uuid.uuid4().hex[:10]}")
+                       if a.serve else None)
+        self.windows: list[Child] = []
+        self.last_observe = 0.0
+        self.task_exits: collections.Counter = collections.Counter()
+        self.sigterm_exits: collections.Counter = collections.Counter()
+        self.sweepers = 0
+        self.shutdown_reported = 0
+        self.adopted_reported = 0
+        self.ready = 0
         self.ledger = Ledger(os.path.join(self.tmp, "controller.ledger"), 0)
         self.book = DeadLetterBook(self.ledger)
         self.reaps = record_interrupted(self.ledger)
@@ -1084,46 +1344,54 @@ class Controller:
 
     # -- children --
 
-    def spawn(self, role: str, name: str | None = None) -> Child:
+    def spawn(self, role: str, name: str | None = None, sweeper: bool = False) -> Child:
         self.inc += 1
         inc = self.inc
         env = self.env
         kp = None
-        if self.a.killpoints and self.rng.random() < KILLPOINT_SHARE:
+        if self.a.killpoints and not sweeper and self.rng.random() < KILLPOINT_SHARE:
             points = TASK_KILLPOINTS if role == "task" else PRODUCER_KILLPOINTS
             point = self.rng.choice(sorted(points))
             count = self.rng.randint(1, points[point])
             kp = f"{point}:{count}"
             env = dict(env, SHM_TASKWORK_KILLPOINT=kp)
-        graceful = role == "task" and self.a.term and self.rng.random() < GRACEFUL_SHARE
+        graceful = (role == "task" and self.a.term and not self.a.serve
+                    and self.rng.random() < GRACEFUL_SHARE)
         if role == "task" and name is None:
             name = f"stress-t{inc}"
         err_path = os.path.join(self.tmp, f"{role}-{inc}.err")
         cmd = [sys.executable, "-m", "shm_taskwork.tools.stress", "--role", role,
                "--domain", self.dom.name,
                "--ledger", os.path.join(self.tmp, f"{role}-{inc}.ledger"),
-               "--stop", self.stop_producers if role == "producer" else self.stop_tasks,
+               "--stop", (self.stop_producers if role == "producer" else
+                          self.stop_sweepers if sweeper else self.stop_tasks),
                "--parent", str(os.getpid()), "--incarnation", str(inc),
                "--child-seed", str(self.a.seed * 1000003 + inc), "--modes", self.a.modes,
-               "--cancel-rate", repr(self.a.cancel_rate)]
+               "--cancel-rate", repr(self.a.cancel_rate), "--work-ms", repr(self.a.work_ms)]
         if name is not None:
             cmd += ["--name", name]
         if graceful:
             cmd += ["--graceful"]
+        if self.a.serve and role == "task":
+            cmd += ["--serve"]
+            cmd += ["--sweep"] if sweeper else ["--drain-timeout", repr(self.a.drain_timeout)]
+            env = dict(env, NOTIFY_SOCKET=self.notify.path)
         if self.a.blocking:
             cmd += ["--blocking"]
             if role == "task":
                 cmd += ["--block-in", self.a.block_in, "--block-for", repr(self.a.block_for),
                         "--timing", os.path.join(self.tmp, f"{role}-{inc}.timing")]
-        if self.a.inject in ("lose", "duplicate"):
+        if self.a.inject in ("lose", "duplicate", "no-adopt"):
             cmd += ["--inject", self.a.inject]
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=err,
                                     start_new_session=True)
-        c = Child(role, inc, proc, kp, err_path, name, graceful)
+        c = Child(role, inc, proc, kp, err_path, name, graceful, sweeper)
         self.children.append(c)
         self.started[role] += 1
+        if self.a.serve and role == "task":
+            self.windows.append(c)
         return c
 
     def _tail(self, c: Child) -> str:
@@ -1136,11 +1404,26 @@ class Controller:
 
     def _judge_exit(self, c: Child) -> None:
         rc = c.proc.returncode
+        c.ended = time.monotonic()
+        if c.role == "task":
+            self.task_exits[status_name(rc)] += 1
+            if self.notify is not None:
+                note = self.notify.get(c.proc.pid)
+                self.ready += "ready" in note
+                self.adopted_reported += note.get("adopted", 0)
+                self.shutdown_reported += note.get("shutdown", 0)
+        if c.role == "task" and self.a.serve and rc == -signal.SIGTERM and not c.killed_by_us:
+            self.crashed.append(f"task {c.inc} (pid {c.proc.pid}, a serve() worker) died of "
+                                f"SIGTERM: serve() must drain and return, exit 0: "
+                                f"{self._tail(c)}")
+            return
         if c.killed_by_us or rc in (0, -signal.SIGKILL):
             # Not a crash, yet something on stderr: the library logged an
             # error (a signal handler that could not run the list, a
-            # notification not sent, ...).
-            tail = self._tail(c)
+            # notification not sent, ...). A serve() worker's warning that
+            # it kept works as shutdown letters is what --serve provokes.
+            tail = "\n".join(line for line in self._tail(c).splitlines()
+                             if "kept as shutdown dead letters" not in line)
             if tail:
                 how = "exited" if rc == 0 else f"died of {signal.Signals(-rc).name}" \
                     if rc < 0 else f"exited with {rc}"
@@ -1158,26 +1441,42 @@ class Controller:
                                 f"{self._tail(c)}")
 
     def reap(self, replace: bool) -> None:
-        for c in list(self.children):
-            if c.proc.poll() is None:
-                continue
+        gone = [c for c in self.children if c.proc.poll() is not None]
+        for c in gone:
             self.children.remove(c)
             self._judge_exit(c)
-            if replace:
+        if self.a.serve and any(c.role == "task" for c in gone):
+            # The letters a dead worker left (shutdown letters it filed,
+            # orphaned ones its reaping files now) are on the list before a
+            # worker of its name can adopt them: the book sees every one.
+            self.observe()
+        if replace:
+            for c in gone:
                 same = c.role == "task" and self.a.restart
                 self.spawn(c.role, c.name if same else None)
                 self.restarted += same
 
-    def kill_one(self) -> None:
+    def kill_one(self, term_only: bool = False) -> None:
         live = [c for c in self.children if c.proc.poll() is None]
         if not live:
             return
         sig = signal.SIGKILL
-        if self.a.term and self.rng.random() < TERM_SHARE:
+        if self.a.term and (term_only or self.rng.random() < TERM_SHARE):
             tasks = [c for c in live if c.role == "task"]
+            if self.notify is not None:
+                # a serve() worker takes SIGTERM once serve() runs: before
+                # that (the interpreter starting) SIGTERM's default action
+                # applies, as for any program
+                tasks = [c for c in tasks if "ready" in self.notify.get(c.proc.pid)]
             if tasks:
                 live, sig = tasks, signal.SIGTERM
+            elif term_only:
+                return
         c = self.rng.choice(live)
+        if self.a.serve:
+            # what the victim adopted leaves the list in the book's view
+            # before the victim can file it again
+            self.observe()
         try:
             c.proc.send_signal(sig)
         except ProcessLookupError:
@@ -1185,7 +1484,7 @@ class Controller:
         if sig == signal.SIGTERM:
             self.sigterms_sent += 1
         try:
-            # a task with exit_signals first runs what it has queued
+            # a task with exit_signals (or serve()) first runs what it has queued
             c.proc.wait(timeout=10 if sig == signal.SIGKILL else 30)
         except subprocess.TimeoutExpired:  # pragma: no cover - a D-state process, a hang
             self.hung += 1
@@ -1195,7 +1494,12 @@ class Controller:
             c.killed_by_us = True
             c.proc.wait(timeout=10)
             return
-        if c.proc.returncode == -sig:
+        if sig == signal.SIGTERM:
+            self.sigterm_exits[status_name(c.proc.returncode)] += 1
+        if sig == signal.SIGTERM and self.a.serve and c.proc.returncode == 0:
+            c.killed_by_us = True      # drained and returned: a clean stop
+            self.terminated += 1
+        elif c.proc.returncode == -sig and not (self.a.serve and sig == signal.SIGTERM):
             c.killed_by_us = True
             if sig == signal.SIGKILL:
                 self.killed_by[c.role] += 1
@@ -1258,8 +1562,7 @@ class Controller:
         from shm_taskwork import NoSuchTaskError, TaskExitedError
 
         live = {i.name for i in self.dom.tasks() if i.state == "running"}
-        dls = self.dom.dead_letters()
-        self.book.observe(dls)
+        dls = self.observe()
         if not retry:
             return
         names = sorted({w.target_name for w in dls if getattr(w, "reason", None) == "orphaned"}
@@ -1274,6 +1577,80 @@ class Controller:
             self.retry_calls += 1
             self.retried += n
         self.book.observe(self.dom.dead_letters(), retried_since=True)
+
+    def observe(self) -> list:
+        """Read the dead letters into the book. With --serve, a copy gone
+        since the last read was adopted if a worker of its name was adopting
+        in the meantime: started before this read ended, and not READY (nor
+        dead) before the last read began."""
+        begun = time.monotonic()
+        dls = self.dom.dead_letters()
+        since = self.last_observe
+        adopting = set()
+        keep = []
+        for c in self.windows:
+            end = c.ended
+            if self.notify is not None:
+                ready = self.notify.get(c.proc.pid).get("ready")
+                if ready is not None and (end is None or ready < end):
+                    end = ready
+            if end is None or end >= since:
+                adopting.add(c.name)
+                keep.append(c)
+        self.windows = keep          # a window closed before this read stays closed
+        self.book.observe(dls, adopting=adopting)
+        self.last_observe = begun
+        return dls
+
+    def await_ready(self, timeout: float) -> None:
+        """--serve, before the stop at the end: every task process has said
+        READY (it has adopted) or died, and the book has read the list since,
+        so that what a worker adopted and files again at its stop counts as
+        two moves. A worker that never says READY in time is hung."""
+        deadline = time.monotonic() + timeout
+        waiting = [c for c in self.children if c.role == "task"]
+        while waiting:
+            waiting = [c for c in waiting if c.proc.poll() is None
+                       and "ready" not in self.notify.get(c.proc.pid)]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                for c in waiting:
+                    self.hung += 1
+                    self.crashed.append(f"task {c.inc} (pid {c.proc.pid}) did not say READY "
+                                        f"within {timeout:.0f}s: {self._tail(c)}")
+                break
+            time.sleep(0.01)     # the listener thread notes READY as it comes
+        self.reap(replace=False)
+        self.observe()
+
+    def sweep(self) -> None:
+        """--serve, at the end: the letters still filed for a name (shutdown
+        letters of the last stop, orphaned ones filed late) are adopted by
+        SWEEPERS_PER_NAME workers of that name started together (each letter
+        must go to exactly one), which serve with no drain deadline and stop
+        at once: they run all of them and exit 0."""
+        names = sorted({w.target_name for w in self.dom.dead_letters()
+                        if w.reason in ("orphaned", "shutdown") and w.target_name})
+        per = max(1, (self.max_tasks // 2) // SWEEPERS_PER_NAME)
+        for i in range(0, len(names), per):
+            kids = [self.spawn("task", n, sweeper=True) for n in names[i:i + per]
+                    for _ in range(SWEEPERS_PER_NAME)]
+            self.sweepers += len(kids)
+            deadline = time.monotonic() + 60
+            for c in kids:
+                try:
+                    c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.hung += 1
+                    self.crashed.append(f"sweeper {c.inc} (pid {c.proc.pid}) did not stop "
+                                        f"within 60s: {self._tail(c)}")
+                    c.proc.kill()
+                    c.killed_by_us = True
+                    c.proc.wait(timeout=10)
+                self.children.remove(c)
+                self._judge_exit(c)
+            self.observe()
 
     # -- fsck --
 
@@ -1311,7 +1688,7 @@ class Controller:
 
         a = self.a
         name = a.domain or f"/tw_stress_{os.getpid()}_{uuid.uuid4().hex[:10]}"
-        max_tasks = max(16, 4 * a.tasks)
+        max_tasks = self.max_tasks = max(16, 4 * a.tasks)
         self.dom = Domain.create(name, max_tasks=max_tasks, pool_size=a.pool_size,
                                  payload_size=16 if a.blocking else 8, max_procs=min(65536, 4 * (a.tasks + a.producers)
                                                                + 4 * max_tasks + 64))
@@ -1334,8 +1711,12 @@ class Controller:
         t0 = time.monotonic()
         self.t0_ns = int(t0 * 1e9)
         end = t0 + a.seconds
-        next_kill = t0 + a.kill_every if a.kill_every > 0 else float("inf")
-        next_dl = t0 + DEAD_LETTERS_EVERY if a.restart else float("inf")
+        every = a.kill_every
+        if every == 0 and a.serve and a.term:
+            every = SERVE_TERM_EVERY       # SIGTERMs alone
+        next_kill = t0 + every if every > 0 else float("inf")
+        # --serve: workers adopt; the controller only reads the list
+        next_dl = t0 + DEAD_LETTERS_EVERY if a.restart or a.serve else float("inf")
         try:
             while True:
                 now = time.monotonic()
@@ -1343,11 +1724,11 @@ class Controller:
                     break
                 self.reap(replace=True)
                 if now >= next_kill:
-                    self.kill_one()
+                    self.kill_one(term_only=a.kill_every == 0)
                     self.reap(replace=True)
-                    next_kill = max(next_kill + a.kill_every, time.monotonic())
+                    next_kill = max(next_kill + every, time.monotonic())
                 if now >= next_dl:
-                    self.dead_letter_pass(retry=True)
+                    self.dead_letter_pass(retry=not a.serve)
                     next_dl = time.monotonic() + DEAD_LETTERS_EVERY
                 if self.fsck_error is not None:
                     raise self.fsck_error
@@ -1361,8 +1742,10 @@ class Controller:
             # the tasks: exit() runs everything still queued.
             self.reap(replace=False)
             self.stop_role("producer", self.stop_producers, 30)
-            if a.restart:
+            if a.restart and not a.serve:
                 self.dead_letter_pass(retry=True)
+            if a.serve:
+                self.await_ready(30)
             self.stop_role("task", self.stop_tasks, 60)
         finally:
             stop_fsck.set()
@@ -1378,9 +1761,13 @@ class Controller:
             # Whatever killed processes still held.
             self.fsck_once()
             self.fsck_once()
+        if a.serve:
+            self.observe()
+            self.sweep()
         # What is left on the dead-letter list is each work's final outcome.
         self.dead_letter_pass(retry=False)
         dead_letters = self.book.held_count
+        unadopted = self.book.adoptable_count
         dropped = self.dom.drop_dead_letters()
         if dropped != dead_letters or self.dom.dead_letters():
             self.book.problems.append(f"{dead_letters} dead letter(s) read at the end, "
@@ -1402,7 +1789,7 @@ class Controller:
                                            retried_ids(self.tmp) if a.restart else set())
         acc.update(leaked=stats.pool_size - stats.pool_free, killed=self.killed,
                    seconds=round(seconds, 3), rate=round(acc["added"] / seconds, 1) if seconds else 0.0,
-                   dead_letters=dead_letters,
+                   dead_letters=dead_letters, unadopted=unadopted,
                    final_fsck={"clean": final.clean, "dead_tasks": len(final.dead_tasks),
                                "dead_processes": len(final.dead_processes),
                                "orphaned": final.orphaned, "interrupted": final.interrupted,
@@ -1413,6 +1800,8 @@ class Controller:
 
     def cleanup(self, keep_domain: bool) -> None:
         self.kill_all()
+        if self.notify is not None:
+            self.notify.close()
         if self.dom is not None:
             self.dom.close()
             if not keep_domain:
@@ -1460,6 +1849,7 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
     parser = build_parser(prog)
     a = parser.parse_args(argv)
     resolve_blocking(parser, a)
+    resolve_serve(parser, a)
     if a.role == "task":
         return role_task(a)
     if a.role == "producer":
@@ -1508,6 +1898,16 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             "killpoints": a.killpoints, "pool_size": a.pool_size, "seed": a.seed,
             "term": a.term, "restart": a.restart, "fsck": a.fsck,
             "blocking": a.blocking,
+            "serve": a.serve, "drain_timeout": a.drain_timeout, "work_ms": a.work_ms,
+            "shutdown_letters": acc["shutdown"], "shutdown_reported": ctl.shutdown_reported,
+            "adopted": acc["adopted"], "adopted_reported": ctl.adopted_reported,
+            "adopted_then_executed": acc["adopted_then_executed"],
+            "unadopted": acc["unadopted"] if a.serve else None,
+            "sweepers": ctl.sweepers, "workers_ready": ctl.ready,
+            "task_exits": dict(ctl.task_exits), "sigterm_exits": dict(ctl.sigterm_exits),
+            # a SIGTERMed serve() worker exits 0 (or dies at a kill point)
+            "sigterm_unclean": (sum(n for k, n in ctl.sigterm_exits.items()
+                                    if k not in ("0", "SIGKILL")) if a.serve else 0),
         }
         st = acc.get("stalls")
         worst = []
@@ -1517,7 +1917,8 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
         else:
             summary.update(max_stall_ms=None, stalled=None, stall_bound_ms=None)
         failed = [k for k in ("lost", "duplicated", "leaked", "phantom", "crashed", "hung",
-                              "dead_letter_problems", "stalled") if summary[k]]
+                              "dead_letter_problems", "stalled", "unadopted",
+                              "sigterm_unclean") if summary[k]]
         if not summary["final_fsck"]["clean"]:
             failed.append("final_fsck")
         summary["ok"] = ok = not failed
@@ -1534,6 +1935,12 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             if summary["leaked"]:
                 print(f"{prog}: {summary['leaked']} pool node(s) not free after the drain "
                       "(and the dead letters dropped)", file=sys.stderr)
+            if summary["unadopted"]:
+                print(f"{prog}: {summary['unadopted']} orphaned or shutdown dead letter(s) "
+                      "left at the end: no worker of their name adopted them", file=sys.stderr)
+            if summary["sigterm_unclean"]:
+                print(f"{prog}: {summary['sigterm_unclean']} serve() worker(s) did not exit 0 "
+                      f"after a SIGTERM: {summary['sigterm_exits']}", file=sys.stderr)
             for line in ctl.crashed[:20]:
                 print(f"{prog}: {line}", file=sys.stderr)
             for line in ctl.noisy[:10]:
@@ -1573,6 +1980,14 @@ def _print_human(s: dict) -> None:
     print(f"  terminated {s['terminated']} ({s['terminated_graceful']} with exit_signals), "
           f"restarted {s['restarted']}, retried {s['retried']}, dead letters at the end "
           f"{s['dead_letters']}, final dry fsck {'clean' if s['final_fsck']['clean'] else 'NOT clean'}")
+    if s["serve"]:
+        ex = ", ".join(f"{k} {v}" for k, v in sorted(s["task_exits"].items())) or "none"
+        tx = ", ".join(f"{k} {v}" for k, v in sorted(s["sigterm_exits"].items())) or "none"
+        print(f"  serve (drain {s['drain_timeout']:g} s): shutdown letters {s['shutdown_letters']} "
+              f"(workers said {s['shutdown_reported']}), adopted {s['adopted']} (workers said "
+              f"{s['adopted_reported']}), then run {s['adopted_then_executed']}, unadopted "
+              f"{s['unadopted']}, sweepers {s['sweepers']}")
+        print(f"  worker exits: {ex}; after a SIGTERM mid-run: {tx}")
     if s["blocking"]:
         w = s["wait_ms"] or {"p50": "-", "p99": "-", "max": "-"}
         print(f"  blocking in {','.join(s['block_in'])} ({s['block_for']} s each): "
@@ -1581,7 +1996,8 @@ def _print_human(s: dict) -> None:
               f"{s['max_stall_ms']} ms, {s['stalled']} over {s['stall_bound_ms']:g} ms")
     print(f"  lost {s['lost']}, duplicated {s['duplicated']}, leaked {s['leaked']}, "
           f"phantom {s['phantom']}, crashed {s['crashed']}, hung {s['hung']}"
-          f"{', stalled ' + str(s['stalled']) if s['blocking'] else ''}: "
+          f"{', stalled ' + str(s['stalled']) if s['blocking'] else ''}"
+          f"{', unadopted ' + str(s['unadopted']) if s['serve'] else ''}: "
           f"{'OK' if s['ok'] else 'FAILED'}")
 
 
