@@ -140,12 +140,22 @@ def _read_record(d: str, fn: str) -> dict | None:
         return None
     finally:
         os.close(fd)
-    if not isinstance(rec, dict) or not isinstance(rec.get("domain"), str):
+    if not isinstance(rec, dict) or not isinstance(rec.get("domain"), str) or \
+            not isinstance(rec.get("node"), str):
         return None
     pid = rec.get("pid")
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return None
+    for k in _FIGURES:
+        v = rec.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None
     return rec
+
+
+#: The numbers a bridge's figures hold (read by ``status`` and ``export``).
+_FIGURES = ("lag", "pending_entries", "delivered", "duplicates_suppressed", "refused",
+            "dead_letters", "cancelled", "taken_over", "uptime_s")
 
 
 def running_bridges(domain: str) -> list[dict]:
@@ -645,7 +655,7 @@ class Bridge:
                         if not self._name_known(target):
                             raise Refused(f"no task named {_text(target)} was ever "
                                           "registered in this domain") from None
-                        if lib.tw_pool_free_count(self.dom.d) < self.dom.pool_size // 4:
+                        if lib.tw_pool_free_count(self.dom.d) <= self.dom.pool_size // 4:
                             raise Refused("less than a quarter of the pool is free: no "
                                           "dead letter is filed") from None
                     rec = keys.dead_letter(self.dom, wid, func, payload, target)
