@@ -507,3 +507,20 @@ def test_bridge_stress_with_malformed_entries(rs):
     assert s["ok"] and s["malformed"] >= 20 and s["malformed_not_refused"] == 0
     assert s["malformed_ran"] == 0 and s["lost"] == 0 and s["duplicated"] == 0
     assert s["queued"] > 0 and s["phantom"] == 0
+
+
+def test_a_stream_deleted_or_of_another_type_never_stops_the_bridge(make_domain, bridges, rs):
+    a = make_domain("a")
+    t = a.register("w", install_handler=False)
+    stream = f"{BASE}:node:{NODE}"
+    with Cluster(rs.url) as cl:
+        p = bridges.start(a)
+        published(cl)
+        alive_and_delivering(cl, p, t)
+        cl.r.delete(stream)                   # its group goes with it
+        cl.r.set(stream, "not a stream")
+        wait_until(lambda: "WRONGTYPE" in open(p.err.name).read(), timeout=30,
+                   what="the bridge to meet the key of another type")
+        assert p.poll() is None
+        cl.r.delete(stream)
+        alive_and_delivering(cl, p, t)

@@ -383,8 +383,13 @@ class Bridge:
             if stream.startswith(self.keys.any("")) and \
                     stream[len(self.keys.any("")):] not in names:
                 self.groups.discard(stream)
-        for n in names:
-            self._group(self.keys.any(n))
+        # (made again here if a fault dropped them: see guarded)
+        for stream in (self.keys.node(self.node), self.keys.ctl(self.node),
+                       *(self.keys.any(n) for n in sorted(names))):
+            try:
+                self._group(stream)
+            except self.redis_mod.ResponseError as exc:
+                self.log(f"stream {_text(stream)}: {_text(exc, 200)}")
         self.publish()
         self.lag = self.pending = 0
         for stream in list(self.groups):
@@ -871,15 +876,15 @@ class Bridge:
         self.resume()
         self.read_pending()
         last_refresh = last_claim = last_line = time.monotonic()
-        self.take_over()
+        self.guarded(self.take_over)
         while not self.stop:
-            self.read()
+            self.guarded(self.read)
             now = time.monotonic()
             if now - last_refresh >= 1.0:
-                self.refresh()
+                self.guarded(self.refresh)
                 last_refresh = now
             if now - last_claim >= max(0.1, self.claim_idle_ms / 2000):
-                self.take_over()
+                self.guarded(self.take_over)
                 last_claim = now
             if self.progress and now - last_line >= 5.0:
                 self.line()
@@ -893,6 +898,24 @@ class Bridge:
             pass
         self.dom.close()
         return 0
+
+    def guarded(self, step) -> None:
+        """One step of the loop. Redis keys of the wrong type, a group
+        deleted under the bridge, a bug of ours: logged, the groups made
+        again, and the bridge goes on; only a lost connection ends it."""
+        try:
+            step()
+        except self.redis_mod.ConnectionError:
+            raise
+        except Exception as exc:
+            self.log(f"{step.__name__}: {type(exc).__name__}: {_text(exc, 200)}")
+            self.groups.clear()
+            for stream in (self.keys.node(self.node), self.keys.ctl(self.node)):
+                try:
+                    self._group(stream)
+                except self.redis_mod.ResponseError as exc2:
+                    self.log(f"stream {_text(stream)}: {_text(exc2, 200)}")
+            time.sleep(self.block_ms / 1000)    # no busy loop on a lasting fault
 
     def line(self) -> None:
         s = self.stats
