@@ -212,7 +212,7 @@ return 1
 MAX_FIELDS = 16
 FIELD_MAX = 1024          # bytes of a field name, and of any value but the payload
 READ_COUNT = 64           # entries one read returns at most
-READ_BYTES = 8 << 20      # and about this many bytes at most
+READ_BYTES = 8 << 20      # and its entries' copies (about 4 per payload byte) this many
 OVERSIZE = "__oversize__"
 
 # Screens one entry inside Redis: an entry with too many fields, or a field
@@ -334,7 +334,9 @@ class Bridge:
         self.started = time.time()
         ps = self.dom.payload_size
         # One read: at most READ_COUNT entries and about READ_BYTES bytes.
-        self.read_count = max(1, min(READ_COUNT, READ_BYTES // (ps + MAX_FIELDS * FIELD_MAX)))
+        # (the payload, its hex and JSON copies for the claimed hash)
+        self.read_count = max(1, min(READ_COUNT,
+                                     READ_BYTES // (4 * ps + MAX_FIELDS * FIELD_MAX)))
         self.limits = [ps, FIELD_MAX, MAX_FIELDS]
         self.status_dir = private_dir()
         self.status_path = os.path.join(
