@@ -1,4 +1,5 @@
-"""``shm-taskwork bridge DOMAIN --redis URL [--node NODE] [--allow PATTERN ...]``
+"""``shm-taskwork bridge DOMAIN (--redis URL | --redis-url-file PATH) [--node NODE]
+[--allow PATTERN ...]`` (or the URL in ``$SHM_TASKWORK_REDIS_URL``)
 
 Moves works from Redis Streams into the local domain (SPEC §10; the key
 layout is in :mod:`shm_taskwork.remote`). One bridge per host and domain.
@@ -9,7 +10,12 @@ started again (same ``--node``) queues the work exactly once:
   read      XREADGROUP (own stream, the "any node" streams of the task names
             alive here, the control stream); at start the entries this node
             had read and not claimed (its pending list), and periodically
-            XAUTOCLAIM of entries a dead bridge of another node left there
+            XAUTOCLAIM of entries a dead bridge of another node left there.
+            Reads run in a script that caps their count and bytes and keeps
+            an oversize entry's bytes inside Redis (README, Security)
+  check     everything read is input from a stranger: fields, types, names,
+            notify mode, the payload against payload_size, --allow, and an
+            "any" entry's target; a bad entry is refused with a reason
   claim     one script: SET out:ID delivering:NODE NX, HSET claimed:NODE,
             XACK + XDEL (or only XACK if the work's fate was decided already)
   add       the keyed local add (key = the work's id): recorded in the segment
@@ -818,7 +824,7 @@ class Bridge:
             if got or self.stop or time.monotonic() >= deadline:
                 break
             time.sleep(pause)
-            pause = min(pause * 2, 0.02)
+            pause = min(pause * 2, 0.01)
         n = 0
         for stream, entries in got or []:
             self.dispatch_safely(_s(stream), entries)
