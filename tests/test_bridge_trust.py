@@ -312,8 +312,8 @@ def test_a_work_id_names_one_stream_entry(make_domain, bridges, rs):
         eid = cl.r.xadd(stream, {"id": victim.id, "func": "evil.run", "payload": b"theirs",
                                  "notify": "0", "target": "w"})
         wait_until(lambda: cl.r.xlen(stream) == 0, timeout=30, what="the entry to be handled")
-        assert state_of(cl.r, stream, eid)["state"] == "refused"
         assert cl.state(victim) is None               # untouched: still to be taken
+        assert state_of(cl.r, stream, eid)["state"] == "refused"
         bridges.start(b, "host-b")
         assert cl.outcome(victim, timeout=30) == "queued"
         assert pa.poll() is None
