@@ -19,6 +19,11 @@ Keys, under ``PREFIX`` (``stw``) and the domain's name::
     stw:{dom}:nodes          hash: node -> the domain sizes its bridge publishes
     stw:{dom}:done:{id}      list: pushed when a work's outcome is final
 
+A work's id is not chosen by its sender: it is :func:`work_id` of the stream
+and the entry id Redis gave its XADD, so an outcome, a claim or a cancel
+always refers to the one stream entry it belongs to, and no sender can name
+(overwrite, refuse or cancel) another sender's work by reusing its id.
+
 Exactly once. A work's ``out`` key is set once, atomically, by whoever
 comes first: a bridge claiming it (``delivering:NODE``, recorded in the
 node's ``claimed`` hash and acknowledged in the stream in the same script), a
@@ -33,13 +38,15 @@ consumer) or another node's bridge (XAUTOCLAIM) takes them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 import os
 import time
 import uuid
 from typing import Any, Iterable
 
-from .constants import TWA_NMI_CURRENT, TWA_RESUME, VALID_MODES
+from .constants import TWA_NMI_CURRENT, TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
 from .errors import InvalidModeError, PayloadTooLargeError
 
 PREFIX = "stw"
@@ -48,6 +55,56 @@ FINAL = ("queued", "dead_letter", "cancelled", "refused")
 LIMIT_TTL = 1.0          # seconds a sender trusts the sizes it read
 OUTCOME_TTL = 7 * 24 * 3600  # seconds a work's state is kept in Redis
 DONE_TTL = 3600          # seconds a done-list (a wake-up for outcome()) is kept
+
+
+#: What a remote work's fields may hold (checked by the sender and again by
+#: the bridge, which trusts nothing it reads from Redis): a callback name as
+#: the domain's name table keeps it, a task name as a slot keeps it.
+CALLBACK_NAME_MAX = 111
+TASK_NAME_MAX = 47
+#: The notify modes a remote task takes: TWA_NONE..TWA_SIGNAL_NO_IPI,
+#: optionally with TWAF_NO_ALLOC (TWA_NMI_CURRENT is the caller's own task only).
+REMOTE_MODES = frozenset(m | f for m in (0, 1, 2, 3) for f in (0, TWAF_NO_ALLOC))
+WORK_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def work_id(stream: str, entry_id: str) -> str:
+    """The cluster-wide id of the work in ``stream`` at ``entry_id``: 32 hex
+    digits, derived, never chosen by a sender."""
+    h = hashlib.blake2b(f"{stream}\0{entry_id}".encode(), digest_size=16)
+    return h.hexdigest()
+
+
+def check_name(name, what: str, limit: int) -> str:
+    """A callback or task name as every domain keeps it: a non-empty str of
+    at most ``limit`` bytes (UTF-8) without NUL; else ValueError naming the rule."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty str of at most {limit} bytes, got "
+                         f"{type(name).__name__ if not isinstance(name, str) else repr(name)}")
+    if "\0" in name:
+        raise ValueError(f"{what} may not contain NUL, got {name[:40]!r}")
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be encodable as UTF-8, got {name[:40]!r}") from None
+    if size > limit:
+        raise ValueError(f"{what} is at most {limit} bytes (UTF-8), got {size} bytes: "
+                         f"{name[:40]!r}...")
+    return name
+
+
+def check_notify(notify) -> int:
+    """A notify mode a remote task takes, else InvalidModeError."""
+    if not isinstance(notify, int) or isinstance(notify, bool):
+        raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
+    if notify & 0xFF == TWA_NMI_CURRENT and 0 <= notify < (1 << 16):
+        raise InvalidModeError(
+            "TWA_NMI_CURRENT is only for the calling process's own task; a remote task "
+            f"cannot take it: use {VALID_MODES} without it")
+    if notify not in REMOTE_MODES:
+        raise InvalidModeError(f"notify={notify!r} is not valid: use {VALID_MODES} "
+                               "(TWA_NMI_CURRENT excepted)")
+    return notify
 
 
 def _redis():
@@ -171,19 +228,13 @@ class RemoteTask:
         return min(sizes) if sizes else None
 
     def _check(self, func: str, payloads: list[bytes], notify: int) -> str:
-        if not isinstance(notify, int) or isinstance(notify, bool):
-            raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
-        if notify & 0xFF == TWA_NMI_CURRENT:
-            raise InvalidModeError(
-                "TWA_NMI_CURRENT is only for the calling process's own task; a remote task "
-                f"cannot take it: use {VALID_MODES} without it")
-        if notify & 0xFF not in (0, 1, 2, 3) or notify & ~0xFFFF:
-            raise InvalidModeError(f"notify={notify!r} is not valid: use {VALID_MODES}")
+        check_notify(notify)
         if isinstance(func, str):
             name = func
         else:
             from . import callbacks
             _, name = callbacks.resolve(func)
+        check_name(name, "a callback name", CALLBACK_NAME_MAX)
         limit = self._limit()
         for p in payloads:
             if limit is not None and len(p) > limit:
@@ -203,15 +254,16 @@ class RemoteTask:
         payloads = [bytes(p) for p in payloads]
         name = self._check(func, payloads, notify)
         now = time.time_ns()
-        works = [RemoteWork(uuid.uuid4().hex, self.node, self.keys.domain, self.name, name, p,
+        works = [RemoteWork("", self.node, self.keys.domain, self.name, name, p,
                             notify, now, stream=self.stream) for p in payloads]
         pipe = self.cluster.r.pipeline(transaction=False)
         for w in works:
-            pipe.xadd(self.stream, {"id": w.id, "func": name, "payload": w.payload,
+            pipe.xadd(self.stream, {"func": name, "payload": w.payload,
                                     "notify": str(notify), "target": self.name,
                                     "sent_ns": str(now)})
         for w, eid in zip(works, pipe.execute()):
             w.entry_id = eid.decode() if isinstance(eid, bytes) else eid
+            w.id = work_id(self.stream, w.entry_id)
         return works
 
 
@@ -242,8 +294,9 @@ class Cluster:
     def task(self, domain: str, *, name: str, node: str | None = None) -> RemoteTask:
         """A handle to task ``name`` of ``domain`` on ``node`` (None: any
         node that has a live task of that name)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError("task(): name= is a non-empty str")
+        check_name(name, "task(): name=", TASK_NAME_MAX)
+        if node is not None:
+            check_name(node, "task(): node=", 255)
         return RemoteTask(self, domain, name, node)
 
     def nodes(self, domain: str) -> dict[str, dict]:

@@ -138,6 +138,8 @@ def test_any_node_refused_dead_letter(make_domain, bridges, rs):
         r = cl.task("app", name="w", node="host-b").add("evil.rm_rf", b"/")
         assert cl.outcome(r, timeout=30) == "refused"
         assert tb.pending() == 0
+        # a name the domain has known, with no live task now: a dead letter
+        a.register("ghost", install_handler=False).exit()
         d = cl.task("app", name="ghost", node="host-a").add("test.remote.rec", b"boo")
         assert cl.outcome(d, timeout=30) == "dead_letter"
         [dl] = a.dead_letters()

@@ -1,4 +1,5 @@
-"""``shm-taskwork bridge DOMAIN --redis URL [--node NODE] [--allow PATTERN ...]``
+"""``shm-taskwork bridge DOMAIN (--redis URL | --redis-url-file PATH) [--node NODE]
+[--allow PATTERN ...]`` (or the URL in ``$SHM_TASKWORK_REDIS_URL``)
 
 Moves works from Redis Streams into the local domain (SPEC §10; the key
 layout is in :mod:`shm_taskwork.remote`). One bridge per host and domain.
@@ -9,7 +10,12 @@ started again (same ``--node``) queues the work exactly once:
   read      XREADGROUP (own stream, the "any node" streams of the task names
             alive here, the control stream); at start the entries this node
             had read and not claimed (its pending list), and periodically
-            XAUTOCLAIM of entries a dead bridge of another node left there
+            XAUTOCLAIM of entries a dead bridge of another node left there.
+            Reads run in a script that caps their count and bytes and keeps
+            an oversize entry's bytes inside Redis (README, Security)
+  check     everything read is input from a stranger: fields, types, names,
+            notify mode, the payload against payload_size, --allow, and an
+            "any" entry's target; a bad entry is refused with a reason
   claim     one script: SET out:ID delivering:NODE NX, HSET claimed:NODE,
             XACK + XDEL (or only XACK if the work's fate was decided already)
   add       the keyed local add (key = the work's id): recorded in the segment
@@ -30,7 +36,9 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -64,14 +72,101 @@ def killpoint(name: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StatusDirError(PermissionError):
+    """The status directory exists but is not private to this user."""
+
+
 def status_dir() -> str:
-    """Where running bridges leave their figures for ``status`` and ``export``."""
-    return os.environ.get("SHM_TASKWORK_RUN_DIR") or os.path.join(
-        tempfile.gettempdir(), "shm_taskwork-bridges")
+    """Where running bridges leave their figures for ``status`` and ``export``.
+
+    ``$SHM_TASKWORK_RUN_DIR`` if set; else ``$XDG_RUNTIME_DIR/shm_taskwork``
+    (a per-user directory the session manager made private); else, as root,
+    ``/run/shm_taskwork``; else ``$TMPDIR/shm_taskwork-bridges-UID`` (the
+    fallback when no runtime directory exists: it carries the user id, and
+    :func:`private_dir` refuses it if another user made it first). Wherever
+    it is, the directory is mode 0700 and owned by the bridge's user."""
+    env = os.environ.get("SHM_TASKWORK_RUN_DIR")
+    if env:
+        return env
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
+        try:
+            st = os.stat(xdg)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                return os.path.join(xdg, "shm_taskwork")
+        except OSError:
+            pass
+    if os.geteuid() == 0 and os.path.isdir("/run"):
+        return "/run/shm_taskwork"
+    return os.path.join(tempfile.gettempdir(), f"shm_taskwork-bridges-{os.geteuid()}")
+
+
+def _check_private(path: str, st: os.stat_result) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise StatusDirError(f"status directory {path} is a symbolic link; refusing it "
+                             "(it must be a directory of mode 0700 owned by uid "
+                             f"{os.geteuid()})")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StatusDirError(f"status directory {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise StatusDirError(f"status directory {path} is owned by uid {st.st_uid}, not by "
+                             f"this bridge's uid {os.geteuid()}; refusing it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise StatusDirError(f"status directory {path} has mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}; it must be 0700")
+
+
+def private_dir() -> str:
+    """The status directory, made (mode 0700) if missing; StatusDirError if
+    it exists with another owner, other mode bits, or as a symbolic link."""
+    d = status_dir()
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(d)
+    _check_private(d, st)
+    return d
+
+
+def _read_record(d: str, fn: str) -> dict | None:
+    """One bridge's figures, or None: never follows a link, never blocks on
+    a FIFO, and anything but a JSON object of the expected shape is skipped."""
+    try:
+        fd = os.open(os.path.join(d, fn), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            rec = json.loads(f.read(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(rec, dict) or not isinstance(rec.get("domain"), str) or \
+            not isinstance(rec.get("node"), str):
+        return None
+    pid = rec.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return None
+    for k in _FIGURES:
+        v = rec.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None
+    return rec
+
+
+#: The numbers a bridge's figures hold (read by ``status`` and ``export``).
+_FIGURES = ("lag", "pending_entries", "delivered", "duplicates_suppressed", "refused",
+            "dead_letters", "cancelled", "taken_over", "uptime_s")
 
 
 def running_bridges(domain: str) -> list[dict]:
-    """The figures of every live bridge of ``domain`` on this host."""
+    """The figures of every live bridge of ``domain`` on this host (a
+    malformed or foreign file in the status directory is skipped)."""
     d = status_dir()
     dom = domain.lstrip("/")
     out = []
@@ -82,16 +177,12 @@ def running_bridges(domain: str) -> list[dict]:
     for fn in names:
         if not fn.endswith(".json"):
             continue
-        try:
-            with open(os.path.join(d, fn)) as f:
-                rec = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if rec.get("domain") != dom:
+        rec = _read_record(d, fn)
+        if rec is None or rec["domain"] != dom:
             continue
         try:
-            os.kill(int(rec["pid"]), 0)
-        except (OSError, KeyError, ValueError):
+            os.kill(rec["pid"], 0)
+        except (OSError, OverflowError):
             continue            # its bridge is gone
         out.append(rec)
     return out
@@ -99,6 +190,9 @@ def running_bridges(domain: str) -> list[dict]:
 
 # KEYS: out:ID, claimed, stream ; ARGV: id, delivering JSON, entry fields JSON,
 # group, entry id, keep ttl
+# Invariant: the work's fate is set once (SET NX); only the bridge that set it
+# records the entry in its claimed hash; the stream entry is acknowledged in
+# the same script, so no reader sees it claimed and still pending.
 CLAIM = """
 local got = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', tonumber(ARGV[6]))
 if got then
@@ -119,9 +213,100 @@ redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
 return 1
 """
 
+#: Limits of what one entry may hold, checked inside Redis before the entry
+#: is sent to the bridge (the payload's own limit is the domain's payload_size).
+MAX_FIELDS = 16
+FIELD_MAX = 1024          # bytes of a field name, and of any value but the payload
+READ_COUNT = 64           # entries one read returns at most
+READ_BYTES = 8 << 20      # and its entries' copies (about 4 per payload byte) this many
+OVERSIZE = "__oversize__"
+
+# Screens one entry inside Redis: an entry with too many fields, or a field
+# larger than its limit, is returned as {OVERSIZE, what} instead of its
+# fields, so its bytes never reach the bridge. ARGV[5]: payload limit,
+# ARGV[6]: limit of the other fields, ARGV[7]: most fields.
+_SCREEN = """
+local function screen(e)
+  local f = e[2]
+  if not f then return end
+  local bad = nil
+  if #f > 2 * tonumber(ARGV[7]) then bad = 'fields=' .. (#f / 2) end
+  if not bad then
+    for k = 1, #f, 2 do
+      local lim = tonumber(ARGV[6])
+      if f[k] == 'payload' then lim = tonumber(ARGV[5]) end
+      if #f[k] > tonumber(ARGV[6]) then bad = 'field name of ' .. #f[k] .. ' bytes' break end
+      if #f[k + 1] > lim then bad = f[k] .. ' of ' .. #f[k + 1] .. ' bytes' break end
+    end
+  end
+  if bad then e[2] = {'%s', bad} end
+end
+""" % OVERSIZE
+
+# KEYS: streams ; ARGV: group, consumer, start ('>' or '0'), count, limits.
+# A non-blocking XREADGROUP of at most ARGV[4] entries over every stream.
+READ = _SCREEN + """
+local left = tonumber(ARGV[4])
+local out = {}
+for i, s in ipairs(KEYS) do
+  if left <= 0 then break end
+  local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left,
+                         'STREAMS', s, ARGV[3])
+  if res and res[1] and #res[1][2] > 0 then
+    for j, e in ipairs(res[1][2]) do screen(e) end
+    out[#out + 1] = {s, res[1][2]}
+    left = left - #res[1][2]
+  end
+end
+return out
+"""
+
+# KEYS: stream ; ARGV: group, consumer, min idle ms, count, limits, start id.
+TAKE = _SCREEN + """
+local res = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[8],
+                       'COUNT', ARGV[4])
+for j, e in ipairs(res[2]) do screen(e) end
+return {res[1], res[2]}
+"""
+
+# KEYS: claimed hash ; ARGV: cursor, count, value limit, field limit.
+# One HSCAN step; a field or value over its limit comes back as false.
+SCAN_CLAIMED = """
+local res = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local kv = res[2]
+local out = {}
+for k = 1, #kv, 2 do
+  if #kv[k] > tonumber(ARGV[4]) then
+    redis.call('HDEL', KEYS[1], kv[k])
+  elseif #kv[k + 1] > tonumber(ARGV[3]) then
+    out[#out + 1] = kv[k]
+    out[#out + 1] = false
+  else
+    out[#out + 1] = kv[k]
+    out[#out + 1] = kv[k + 1]
+  end
+end
+return {res[1], out}
+"""
+
 
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _text(v, limit: int = 60) -> str:
+    """An untrusted value for a log line or a reason: escaped, shortened."""
+    if isinstance(v, bytes):
+        v = v.decode(errors="replace")
+    v = str(v)
+    return repr(v[:limit] + ("..." if len(v) > limit else ""))
+
+
+class Refused(Exception):
+    """A work the bridge will not queue; its message is the reason."""
+
+
+_NOTIFY_RE = re.compile(rb"-?[0-9]{1,6}\Z")
 
 
 class Bridge:
@@ -138,6 +323,9 @@ class Bridge:
         self.claim_script = self.r.register_script(CLAIM)
         self.record_script = self.r.register_script(RECORD)
         self.refuse_script = self.r.register_script(remote.SET_IF_NONE)
+        self.read_script = self.r.register_script(READ)
+        self.take_script = self.r.register_script(TAKE)
+        self.scan_script = self.r.register_script(SCAN_CLAIMED)
         self.claim_idle_ms = int(claim_idle * 1000)
         self.keep = int(keep)
         self.block_ms = block_ms
@@ -150,8 +338,23 @@ class Bridge:
         self.lag = 0
         self.pending = 0
         self.started = time.time()
+        ps = self.dom.payload_size
+        # One read: at most READ_COUNT entries and about READ_BYTES bytes.
+        # (the payload, its hex and JSON copies for the claimed hash)
+        self.read_count = max(1, min(READ_COUNT,
+                                     READ_BYTES // (4 * ps + MAX_FIELDS * FIELD_MAX)))
+        self.limits = [ps, FIELD_MAX, MAX_FIELDS]
+        self.status_dir = private_dir()
         self.status_path = os.path.join(
-            status_dir(), f"{self.dom.name.lstrip('/')}.{node}.json".replace("/", "_"))
+            self.status_dir,
+            f"{self.dom.name.lstrip('/')}.{node}.json".replace("/", "_"))
+        self.logged = 0
+
+    def log(self, msg: str) -> None:
+        """One line on stderr; untrusted parts are escaped by the caller (_text)."""
+        self.logged += 1
+        if self.logged <= 1000 or self.logged % 1000 == 0:
+            print(f"shm-taskwork bridge {self.node}: {msg}", file=sys.stderr, flush=True)
 
     # ---- setup ------------------------------------------------------------
 
@@ -169,20 +372,32 @@ class Bridge:
         d = self.dom
         info = {"payload_size": d.payload_size, "pool_size": d.pool_size,
                 "max_tasks": d.max_tasks, "pid": os.getpid(), "seen": time.time(),
-                "names": sorted(self.names)}
+                "names": sorted(self.names), "max_fields": MAX_FIELDS,
+                "field_bytes": FIELD_MAX}
         self.r.hset(self.keys.nodes, self.node, json.dumps(info))
 
     def refresh(self) -> None:
         """The task names alive here: this node serves their "any" groups."""
-        names = {t.name for t in self.dom.tasks() if t.state in ("running", "exiting") and t.name}
+        names = set()
+        for t in self.dom.tasks():
+            if t.state in ("running", "exiting") and t.name:
+                try:     # a name read from the segment is input too
+                    names.add(remote.check_name(t.name, "a task name", remote.TASK_NAME_MAX))
+                except ValueError:
+                    pass
         self.names = names
         # A name no longer alive here: its works are for the other nodes.
         for stream in list(self.groups):
             if stream.startswith(self.keys.any("")) and \
                     stream[len(self.keys.any("")):] not in names:
                 self.groups.discard(stream)
-        for n in names:
-            self._group(self.keys.any(n))
+        # (made again here if a fault dropped them: see guarded)
+        for stream in (self.keys.node(self.node), self.keys.ctl(self.node),
+                       *(self.keys.any(n) for n in sorted(names))):
+            try:
+                self._group(stream)
+            except self.redis_mod.ResponseError as exc:
+                self.log(f"stream {_text(stream)}: {_text(exc, 200)}")
         self.publish()
         self.lag = self.pending = 0
         for stream in list(self.groups):
@@ -191,7 +406,7 @@ class Bridge:
                     if _s(g["name"]) == remote.GROUP:
                         self.lag += int(g.get("lag") or 0)
                         self.pending += int(g.get("pending") or 0)
-            except self.redis_mod.ResponseError:
+            except (self.redis_mod.ResponseError, TypeError, ValueError):
                 pass
         self.pending += int(self.r.hlen(self.keys.claimed(self.node)))
         self.write_status()
@@ -204,58 +419,164 @@ class Bridge:
                 "uptime_s": round(time.time() - self.started, 1), **self.stats}
 
     def write_status(self) -> None:
-        os.makedirs(status_dir(), mode=0o700, exist_ok=True)
-        tmp = f"{self.status_path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.figures(), f)
-        os.replace(tmp, self.status_path)
+        """Write the figures without following links: a new file (O_EXCL,
+        O_NOFOLLOW, 0600) in the private directory, renamed over the old."""
+        _check_private(self.status_dir, os.lstat(self.status_dir))
+        tmp = f"{self.status_path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.figures(), f)
+            os.replace(tmp, self.status_path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
-    # ---- one work -----------------------------------------------------------
+    # ---- checks: everything read from Redis is input from a stranger ----------
 
     def allowed(self, func: str) -> bool:
         return any(fnmatch.fnmatchcase(func, p) for p in self.allow)
+
+    def _names(self, func, target, stream: str) -> tuple[str, str]:
+        try:
+            func = remote.check_name(func, "the callback name", remote.CALLBACK_NAME_MAX)
+            target = remote.check_name(target, "the target task name", remote.TASK_NAME_MAX)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        if stream.startswith(self.keys.any("")):
+            if target != stream[len(self.keys.any("")):]:
+                raise Refused(f"an entry of stream {_text(stream)} may target only task "
+                              f"{_text(stream[len(self.keys.any('')):])}, not {_text(target)}")
+        elif stream != self.keys.node(self.node):
+            raise Refused(f"stream {_text(stream)} is not one this bridge serves")
+        if not self.allowed(func):
+            raise Refused(f"callback {_text(func)} matches no --allow pattern")
+        return func, target
+
+    def check_entry(self, stream: str, fields: dict) -> dict:
+        """The work of one stream entry, validated; Refused(reason) if bad."""
+        f = {}
+        for k, v in fields.items():
+            if not isinstance(k, bytes) or not isinstance(v, bytes):
+                raise Refused("an entry's fields are byte strings")
+            f[k.decode(errors="replace")] = v
+        if OVERSIZE in f:
+            raise Refused(f"entry too large ({_text(f[OVERSIZE])}): the limits are "
+                          f"payload_size={self.dom.payload_size} bytes, {FIELD_MAX} bytes for "
+                          f"any other field, {MAX_FIELDS} fields")
+        missing = [k for k in ("func", "payload", "notify", "target") if k not in f]
+        if missing:
+            raise Refused(f"entry lacks field(s) {', '.join(missing)}")
+        try:
+            func, target = f["func"].decode(), f["target"].decode()
+        except UnicodeDecodeError:
+            raise Refused("func and target must be UTF-8") from None
+        func, target = self._names(func, target, stream)
+        if not _NOTIFY_RE.match(f["notify"]):
+            raise Refused(f"notify={_text(f['notify'])} is not an integer: use "
+                          f"{remote.VALID_MODES}")
+        notify = self._notify(int(f["notify"]))
+        payload = f["payload"]
+        if len(payload) > self.dom.payload_size:
+            raise Refused(f"payload of {len(payload)} bytes is larger than payload_size "
+                          f"({self.dom.payload_size} bytes)")
+        return {"func": func, "payload": payload, "notify": notify, "target": target,
+                "stream": stream}
+
+    def _notify(self, notify) -> int:
+        try:
+            return remote.check_notify(notify)
+        except TaskWorkError as exc:
+            raise Refused(str(exc)) from None
+
+    def check_claimed(self, wid: str, raw) -> dict:
+        """A work of the claimed hash, validated again (the hash is input too)."""
+        if raw is None:
+            raise Refused("claimed entry larger than its limit")
+        try:
+            e = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise Refused("claimed entry is not JSON") from None
+        if not isinstance(e, dict):
+            raise Refused("claimed entry is not a JSON object")
+        for k, typ in (("func", str), ("payload", str), ("notify", int), ("target", str),
+                       ("stream", str), ("entry", str)):
+            if not isinstance(e.get(k), typ) or isinstance(e.get(k), bool):
+                raise Refused(f"claimed entry: {k} missing or not a {typ.__name__}")
+        if remote.work_id(e["stream"], e["entry"]) != wid:
+            raise Refused("claimed entry does not belong to its stream entry")
+        func, target = self._names(e["func"], e["target"], e["stream"])
+        notify = self._notify(e["notify"])
+        if len(e["payload"]) > 2 * self.dom.payload_size:
+            raise Refused(f"claimed payload larger than payload_size "
+                          f"({self.dom.payload_size} bytes)")
+        try:
+            payload = bytes.fromhex(e["payload"])
+        except ValueError:
+            raise Refused("claimed payload is not hex") from None
+        return {"func": func, "payload": payload, "notify": notify, "target": target,
+                "stream": e["stream"], "entry": e["entry"]}
+
+    # ---- one work -----------------------------------------------------------
+
+    def refused(self, wid: str, stream: str, eid: str, reason: str) -> str:
+        self.log(f"refused entry {_text(eid)} of {_text(stream)}: {reason}")
+        return json.dumps({"state": "refused", "node": self.node, "reason": reason,
+                           "stream": stream, "entry": eid})
 
     def handle_batch(self, stream: str, batch: list) -> None:
         """One read batch of a work stream: every claim (or refusal) in one
         pipeline, then the local adds, then every record in one pipeline.
         The steps keep their order per work, so a kill between any two is
-        what the essay above says (a batch only widens each step)."""
+        what the essay above says (a batch only widens each step). Each
+        entry is checked before its claim; a bad one is refused, acknowledged
+        and removed, and the batch goes on."""
         pipe = self.r.pipeline(transaction=False)
         todo = []
         for eid, fields in batch:
-            f = {_s(k): v for k, v in fields.items()}
             killpoint("bridge_read")
-            if "id" not in f:           # not ours: acknowledge it away
-                pipe.xack(stream, remote.GROUP, eid)
-                continue
-            wid = _s(f["id"])
-            if not self.allowed(_s(f["func"])):
-                st = json.dumps({"state": "refused", "node": self.node,
-                                 "reason": f"callback {_s(f['func'])!r} matches no --allow "
-                                           "pattern"})
+            wid = remote.work_id(stream, eid)
+            try:
+                e = self.check_entry(stream, fields)
+                reason = None
+            except Refused as exc:
+                reason = str(exc)
+            except Exception as exc:       # one entry never stops the bridge
+                reason = f"entry could not be read ({type(exc).__name__})"
+            if reason is not None:
+                st = self.refused(wid, stream, eid, reason)
                 self.refuse_script(keys=[self.keys.out(wid), self.keys.done(wid)],
                                    args=[st, remote.DONE_TTL, self.keep], client=pipe)
                 pipe.xack(stream, remote.GROUP, eid)
                 pipe.xdel(stream, eid)
                 todo.append(("refused", wid, st))
                 continue
-            entry = json.dumps({"func": _s(f["func"]), "payload": f["payload"].hex(),
-                                "notify": int(f["notify"]), "target": _s(f["target"])})
-            mine = json.dumps({"state": "delivering", "node": self.node})
+            entry = json.dumps({"func": e["func"], "payload": e["payload"].hex(),
+                                "notify": e["notify"], "target": e["target"],
+                                "stream": stream, "entry": eid})
+            mine = json.dumps({"state": "delivering", "node": self.node, "stream": stream,
+                               "entry": eid})
             self.claim_script(keys=[self.keys.out(wid), self.keys.claimed(self.node), stream],
                               args=[wid, mine, entry, remote.GROUP, eid, self.keep],
                               client=pipe)
-            todo.append(("claim", wid, (mine, entry)))
-        results = iter(pipe.execute())
+            todo.append(("claim", wid, (mine, e, eid)))
+        results = iter(pipe.execute(raise_on_error=False))
         claimed = []
         for kind, wid, extra in todo:
-            got = _s(next(results))
+            got = next(results)
             if kind == "refused":
                 next(results), next(results)            # xack, xdel
-                if got == extra:
+                if isinstance(got, bytes) and _s(got) == extra:
                     self.stats["refused"] += 1
-            elif got == extra[0]:
-                claimed.append((wid, json.loads(extra[1])))
+            elif isinstance(got, bytes) and _s(got) == extra[0]:
+                e = dict(extra[1], entry=extra[2])
+                claimed.append((wid, e))
+            elif isinstance(got, Exception):
+                self.log(f"claim of {_text(extra[2])} failed: {_text(got, 200)}")
             # else: decided already (cancelled, or another node's claim)
         self.deliver_many(claimed)
 
@@ -269,7 +590,14 @@ class Bridge:
         outs = []
         for wid, e in works:
             killpoint("bridge_claimed")
-            outs.append((wid, self.add_one(wid, e)))
+            try:
+                out = self.add_one(wid, e)
+            except Refused as exc:
+                out = json.loads(self.refused(wid, e["stream"], e["entry"], str(exc)))
+                self.stats["refused"] += 1
+            except Exception as exc:       # one work never stops the bridge
+                out = self.after_error(wid, e, exc)
+            outs.append((wid, out))
             killpoint("bridge_added")
         if not outs:
             return
@@ -283,35 +611,24 @@ class Bridge:
         for _ in outs:
             killpoint("bridge_recorded")
 
-    def add_one(self, wid: str, e: dict) -> dict:
-        """The keyed local add of one claimed work; its outcome record."""
+    def after_error(self, wid: str, e: dict, exc: Exception) -> dict:
+        """The outcome of a work whose add raised: the key table says whether
+        it was queued after all; if not, it is refused with the error."""
         from shm_taskwork import keys
-        func, payload, notify, target = e["func"], bytes.fromhex(e["payload"]), e["notify"], \
-            e["target"]
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                try:
-                    t = self.dom.task(name=target)
-                except NoSuchTaskError:
-                    rec = keys.dead_letter(self.dom, wid, func, payload, target)
-                    gen = None
-                else:
-                    rec = t.add_keyed(func, payload, notify, key=wid)
-                    gen = t.gen
-                break
-            except TaskExitedError:
-                continue            # it died between lookup and push: choose again
-            except keys.KeyBusyError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        self.stats["delivered" if rec.fresh else "duplicates_suppressed"] += 1
-        if rec.state == "dead_letter":
-            if rec.fresh:
-                self.stats["dead_letters"] += 1
-            return {"state": "dead_letter", "node": self.node, "local_id": rec.work_id}
-        if gen is None or not rec.fresh:
+        try:
+            rec = keys.lookup(self.dom, wid)
+        except Exception:
+            rec = None
+        if rec is not None:
+            if rec.state == "dead_letter":
+                return {"state": "dead_letter", "node": self.node, "local_id": rec.work_id}
+            return self.queued(rec, None)
+        reason = f"{type(exc).__name__}: {exc}"
+        self.stats["refused"] += 1
+        return json.loads(self.refused(wid, e["stream"], e["entry"], reason[:300]))
+
+    def queued(self, rec, gen) -> dict:
+        if gen is None:
             try:
                 gen = self.dom.task(rec.slot).gen
             except (NoSuchTaskError, TaskWorkError):
@@ -319,30 +636,110 @@ class Bridge:
         return {"state": "queued", "node": self.node, "local_id": rec.work_id,
                 "slot": rec.slot, "gen": gen}
 
-    def control(self, stream: str, eid: str, fields: dict) -> None:
-        from shm_taskwork import Work
-        f = {_s(k): _s(v) for k, v in fields.items()}
-        ok = False
-        if f.get("op") == "cancel":
-            st = remote._state(self.r.get(self.keys.out(f["id"])))
-            if st and st["state"] == "queued" and st.get("node") == self.node:
+    def _name_known(self, target: str) -> bool:
+        """True if a task of this name was ever registered in the domain."""
+        from shm_taskwork._native import ffi, lib
+        from shm_taskwork.domain import task_name_id
+        buf = ffi.new("char[]", lib.TW_FUNC_NAME_LEN)
+        return lib.tw_name_get(self.dom.d, task_name_id(target), buf,
+                               lib.TW_FUNC_NAME_LEN) >= 0
+
+    def add_one(self, wid: str, e: dict) -> dict:
+        """The keyed local add of one claimed work; its outcome record.
+
+        A work for a task name this domain has never known is refused (a
+        Redis writer could otherwise fill the pool with dead letters), and so
+        is a dead letter while less than a quarter of the pool is free; a
+        full pool refuses the work (PoolExhaustedError)."""
+        from shm_taskwork import keys
+        from shm_taskwork._native import lib
+        from shm_taskwork.errors import PoolExhaustedError
+        func, payload, notify, target = e["func"], e["payload"], e["notify"], e["target"]
+        if isinstance(payload, str):
+            payload = bytes.fromhex(payload)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
                 try:
-                    t = self.dom.task(int(st["slot"]))
-                    w = Work("", 0, b"", target=int(st["slot"]), target_gen=int(st["gen"]),
-                             id=int(st["local_id"]), domain=self.dom.name)
-                    ok = t.cancel(w)
-                except (NoSuchTaskError, TaskWorkError):
-                    ok = False
-                if ok:
-                    st["state"] = "cancelled"
-                    self.r.set(self.keys.out(f["id"]), json.dumps(st), ex=self.keep)
-                    self.stats["cancelled"] += 1
-        if f.get("reply"):
-            rk = self.keys.reply(f["reply"])
-            self.r.rpush(rk, "1" if ok else "0")
-            self.r.expire(rk, 60)
+                    t = self.dom.task(name=target)
+                except NoSuchTaskError:
+                    known = keys.lookup(self.dom, wid)
+                    if known is None:
+                        if not self._name_known(target):
+                            raise Refused(f"no task named {_text(target)} was ever "
+                                          "registered in this domain") from None
+                        if lib.tw_pool_free_count(self.dom.d) <= self.dom.pool_size // 4:
+                            raise Refused("less than a quarter of the pool is free: no "
+                                          "dead letter is filed") from None
+                    rec = keys.dead_letter(self.dom, wid, func, payload, target)
+                    gen = None
+                else:
+                    rec = t.add_keyed(func, payload, notify, key=wid)
+                    gen = t.gen
+                break
+            except TaskExitedError:
+                if time.monotonic() > deadline:
+                    raise
+                continue            # it died between lookup and push: choose again
+            except keys.KeyBusyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+            except PoolExhaustedError:
+                raise Refused(f"the pool of domain {self.dom.name!r} is full "
+                              f"(pool_size={self.dom.pool_size})") from None
+        self.stats["delivered" if rec.fresh else "duplicates_suppressed"] += 1
+        if rec.state == "dead_letter":
+            if rec.fresh:
+                self.stats["dead_letters"] += 1
+            return {"state": "dead_letter", "node": self.node, "local_id": rec.work_id}
+        return self.queued(rec, gen if rec.fresh else None)
+
+    def control(self, stream: str, eid: str, fields: dict) -> None:
+        """A cancel request. The work to cancel is the one this domain's key
+        table says it queued under that work id: a record in Redis (which
+        anyone who can write there could forge) names nothing by itself."""
+        ok = False
+        try:
+            f = {_s(k): _s(v) for k, v in fields.items()}
+            wid, reply = f.get("id", ""), f.get("reply", "")
+            if f.get("op") != "cancel" or not remote.WORK_ID_RE.match(wid):
+                self.log(f"ignored control entry {_text(eid)}: op must be 'cancel' with an id "
+                         "of 32 hex digits")
+            else:
+                ok = self.cancel_local(wid)
+            if reply and remote.WORK_ID_RE.match(reply):
+                rk = self.keys.reply(reply)
+                self.r.rpush(rk, "1" if ok else "0")
+                self.r.expire(rk, 60)
+        except self.redis_mod.ConnectionError:
+            raise
+        except Exception as exc:           # one entry never stops the bridge
+            self.log(f"control entry {_text(eid)}: {type(exc).__name__}: {_text(exc, 200)}")
         self.r.xack(stream, remote.GROUP, eid)
         self.r.xdel(stream, eid)
+
+    def cancel_local(self, wid: str) -> bool:
+        from shm_taskwork import Work, keys
+        st = remote._state(self.r.get(self.keys.out(wid)))
+        if not isinstance(st, dict) or st.get("state") != "queued" or \
+                st.get("node") != self.node:
+            return False
+        rec = keys.lookup(self.dom, wid)
+        if rec is None or rec.state != "queued":
+            return False            # nothing this bridge queued under that id
+        try:
+            t = self.dom.task(rec.slot)
+            w = Work("", 0, b"", target=rec.slot, target_gen=t.gen, id=rec.work_id,
+                     domain=self.dom.name)
+            ok = t.cancel(w)
+        except (NoSuchTaskError, TaskWorkError):
+            ok = False
+        if ok:
+            st["state"] = "cancelled"
+            self.r.set(self.keys.out(wid), json.dumps(st), ex=self.keep)
+            self.stats["cancelled"] += 1
+        return ok
 
     # ---- the loop -----------------------------------------------------------
 
@@ -350,29 +747,112 @@ class Bridge:
         batch = []
         for eid, fields in entries:
             eid = _s(eid)
-            if fields is None:      # deleted while pending
+            if not fields:      # deleted while pending
                 self.r.xack(stream, remote.GROUP, eid)
             elif stream == self.keys.ctl(self.node):
-                self.control(stream, eid, fields)
+                self.control(stream, eid, self._pairs(fields))
             else:
-                batch.append((eid, fields))
+                batch.append((eid, self._pairs(fields)))
         if batch:
             self.handle_batch(stream, batch)
 
-    def resume(self) -> None:
-        """Finish what this node claimed before it was stopped or killed."""
-        self.deliver_many([(_s(wid), json.loads(entry)) for wid, entry in
-                           self.r.hgetall(self.keys.claimed(self.node)).items()])
+    @staticmethod
+    def _pairs(fields) -> dict:
+        """Entry fields as the scripts return them (a flat list) or as
+        redis-py's parsed reply (a dict)."""
+        if isinstance(fields, dict):
+            return fields
+        return {fields[i]: fields[i + 1] for i in range(0, len(fields) - 1, 2)}
 
-    def read(self, start: str, count: int = 64) -> int:
-        streams = {s: start for s in sorted(self.groups)}
-        got = self.r.xreadgroup(remote.GROUP, self.node, streams, count=count,
-                                block=None if start == "0" else self.block_ms)
+    def resume(self) -> None:
+        """Finish what this node claimed before it was stopped or killed.
+        Each claimed entry is checked as a new one (the hash is input too),
+        and only a claim this node made (its ``out`` record says it is
+        delivering here, for that very stream entry) is queued."""
+        key = self.keys.claimed(self.node)
+        cursor = "0"
+        vmax = 2 * self.dom.payload_size + 4 * FIELD_MAX
+        while True:
+            nxt, kv = self.scan_script(keys=[key], args=[cursor, 64, vmax, 64])
+            works, pipe = [], self.r.pipeline(transaction=False)
+            for i in range(0, len(kv) - 1, 2):
+                wid = _s(kv[i])
+                if not remote.WORK_ID_RE.match(wid):
+                    self.log(f"dropped claimed entry {_text(wid)}: not a work id")
+                    pipe.hdel(key, kv[i])
+                    continue
+                try:
+                    # only a claim this node made: its out record says so
+                    st = remote._state(self.r.get(self.keys.out(wid)))
+                    if not isinstance(st, dict) or st.get("state") != "delivering" or \
+                            st.get("node") != self.node:
+                        self.log(f"dropped claimed entry {wid}: no claim of this node")
+                        pipe.hdel(key, wid)
+                        continue
+                    e = self.check_claimed(wid, kv[i + 1])
+                    if st.get("entry") != e["entry"] or st.get("stream") != e["stream"]:
+                        self.log(f"dropped claimed entry {wid}: not the entry claimed")
+                        pipe.hdel(key, wid)
+                        continue
+                    works.append((wid, e))
+                except Refused as exc:
+                    st = self.refused(wid, "", "", str(exc))
+                    self.stats["refused"] += 1
+                    self.record_script(keys=[self.keys.out(wid), key, self.keys.done(wid)],
+                                       args=[wid, st, remote.DONE_TTL, self.keep],
+                                       client=pipe)
+                except Exception as exc:       # one work never stops the bridge
+                    self.log(f"dropped claimed entry {wid}: {type(exc).__name__}")
+                    pipe.hdel(key, wid)
+            pipe.execute()
+            self.deliver_many(works)
+            cursor = _s(nxt)
+            if cursor == "0":
+                break
+
+    def read(self, count: int | None = None) -> int:
+        """One capped read (count and bytes, see READ) of new entries of
+        every stream; finding none, it waits up to block_ms, polling (a
+        blocking XREADGROUP would hand over entries of any size)."""
+        count = count or self.read_count
+        streams = sorted(self.groups)
+        deadline = time.monotonic() + self.block_ms / 1000
+        pause = 0.001
+        while True:
+            got = self.read_script(keys=streams, args=[remote.GROUP, self.node, ">", count,
+                                                       *self.limits])
+            if got or self.stop or time.monotonic() >= deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
         n = 0
         for stream, entries in got or []:
-            self.dispatch(_s(stream), entries)
+            self.dispatch_safely(_s(stream), entries)
             n += len(entries)
         return n
+
+    def read_pending(self) -> None:
+        """The entries this node had read and not claimed (its pending
+        list), each stream from its start: an entry that stays pending is
+        passed, never read again in this loop."""
+        for stream in sorted(self.groups):
+            start = "0"
+            while not self.stop:
+                got = self.read_script(keys=[stream], args=[remote.GROUP, self.node, start,
+                                                            self.read_count, *self.limits])
+                if not got:
+                    break
+                entries = got[0][1]
+                self.dispatch_safely(stream, entries)
+                start = _s(entries[-1][0])
+
+    def dispatch_safely(self, stream: str, entries) -> None:
+        try:
+            self.dispatch(stream, entries)
+        except self.redis_mod.ConnectionError:
+            raise
+        except Exception as exc:       # a bug of ours: logged, the bridge goes on
+            self.log(f"entries of {_text(stream)}: {type(exc).__name__}: {_text(exc, 200)}")
 
     def take_over(self) -> None:
         """XAUTOCLAIM: entries read, never claimed, by a bridge silent for
@@ -382,14 +862,15 @@ class Bridge:
                 continue
             start = "0-0"
             for _ in range(100):
-                res = self.r.xautoclaim(stream, remote.GROUP, self.node, self.claim_idle_ms,
-                                        start_id=start, count=64)
+                res = self.take_script(keys=[stream],
+                                       args=[remote.GROUP, self.node, self.claim_idle_ms,
+                                             self.read_count, *self.limits, start])
                 nxt, entries = res[0], res[1]
                 if entries:
                     self.stats["taken_over"] += len(entries)
                     # kept in Redis too: a bridge's own figures end with it
                     self.r.hincrby(f"{self.keys.base}:stats", "taken_over", len(entries))
-                    self.dispatch(stream, entries)
+                    self.dispatch_safely(stream, entries)
                 start = _s(nxt)
                 if start == "0-0":
                     break
@@ -401,18 +882,17 @@ class Bridge:
         self._group(self.keys.ctl(self.node))
         self.refresh()
         self.resume()
-        while not self.stop and self.read("0"):      # our own unclaimed reads
-            pass
+        self.read_pending()
         last_refresh = last_claim = last_line = time.monotonic()
-        self.take_over()
+        self.guarded(self.take_over)
         while not self.stop:
-            self.read(">")
+            self.guarded(self.read)
             now = time.monotonic()
             if now - last_refresh >= 1.0:
-                self.refresh()
+                self.guarded(self.refresh)
                 last_refresh = now
             if now - last_claim >= max(0.1, self.claim_idle_ms / 2000):
-                self.take_over()
+                self.guarded(self.take_over)
                 last_claim = now
             if self.progress and now - last_line >= 5.0:
                 self.line()
@@ -427,6 +907,24 @@ class Bridge:
         self.dom.close()
         return 0
 
+    def guarded(self, step) -> None:
+        """One step of the loop. Redis keys of the wrong type, a group
+        deleted under the bridge, a bug of ours: logged, the groups made
+        again, and the bridge goes on; only a lost connection ends it."""
+        try:
+            step()
+        except self.redis_mod.ConnectionError:
+            raise
+        except Exception as exc:
+            self.log(f"{step.__name__}: {type(exc).__name__}: {_text(exc, 200)}")
+            self.groups.clear()
+            for stream in (self.keys.node(self.node), self.keys.ctl(self.node)):
+                try:
+                    self._group(stream)
+                except self.redis_mod.ResponseError as exc2:
+                    self.log(f"stream {_text(stream)}: {_text(exc2, 200)}")
+            time.sleep(self.block_ms / 1000)    # no busy loop on a lasting fault
+
     def line(self) -> None:
         s = self.stats
         print(f"bridge {self.keys.domain}@{self.node}: delivered {s['delivered']}, "
@@ -439,13 +937,57 @@ class Bridge:
 
 
 def _redact(url: str) -> str:
-    """The URL without its password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        cred, host = rest.rsplit("@", 1)
-        user = cred.split(":", 1)[0]
-        return f"{scheme}://{user + ':***' if ':' in cred else user}@{host}"
-    return url
+    """The URL without its password, in every form redis-py reads one:
+    ``scheme://user:password@host``, ``scheme://:password@host``,
+    ``unix://:password@/path``, and ``?password=`` in the query (``redis://``,
+    ``rediss://``, ``unix://``). A URL that does not parse is not shown."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    try:
+        u = urlsplit(url)
+        netloc = u.netloc
+        if "@" in netloc:
+            cred, host = netloc.rsplit("@", 1)
+            user, colon, _ = cred.partition(":")
+            netloc = f"{user}{':***' if colon else ''}@{host}"
+        query = u.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs],
+                              safe="*/")
+        out = f"{u.scheme}://{netloc}{u.path}" if u.scheme else urlunsplit(
+            ("", netloc, u.path, "", ""))
+        return out + (f"?{query}" if query else "") + (f"#{u.fragment}" if u.fragment else "")
+    except ValueError:
+        return "<a Redis URL that does not parse>"
+
+
+URL_ENV = "SHM_TASKWORK_REDIS_URL"
+
+
+def redis_url(a) -> str:
+    """The Redis URL from --redis, --redis-url-file or $SHM_TASKWORK_REDIS_URL
+    (the last two keep a password out of argv, which any local user can read
+    in /proc). ValueError naming the three if none (or two) is given."""
+    given = [x for x in (a.redis, a.redis_url_file) if x is not None]
+    if len(given) > 1:
+        raise ValueError("give the Redis URL once: --redis URL or --redis-url-file PATH")
+    if a.redis_url_file is not None:
+        try:
+            with open(a.redis_url_file) as f:
+                lines = [ln.strip() for ln in f.read(65536).splitlines() if ln.strip()]
+        except OSError as exc:
+            raise ValueError(f"--redis-url-file {a.redis_url_file}: {exc.strerror}") from None
+        if len(lines) != 1:
+            raise ValueError(f"--redis-url-file {a.redis_url_file}: the file must hold one "
+                             f"URL on one line, found {len(lines)} lines")
+        return lines[0]
+    if a.redis is not None:
+        return a.redis
+    env = os.environ.get(URL_ENV, "").strip()
+    if env:
+        return env
+    raise ValueError(f"no Redis URL: give --redis URL, --redis-url-file PATH or set "
+                     f"${URL_ENV}")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -453,8 +995,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         prog=prog, description="Move works from Redis Streams into a local domain "
         "(one bridge per host and domain).")
     p.add_argument("domain", help="the local domain")
-    p.add_argument("--redis", required=True, metavar="URL",
-                   help="redis://[user:password@]host:port/db, rediss:// (TLS), unix:///path")
+    p.add_argument("--redis", metavar="URL",
+                   help="redis://[user:password@]host:port/db, rediss:// (TLS), unix:///path "
+                        "(a password here is visible to local users in the process's argv: "
+                        f"prefer --redis-url-file or ${URL_ENV})")
+    p.add_argument("--redis-url-file", metavar="PATH",
+                   help="read the Redis URL from this file (one line)")
     p.add_argument("--node", default=remote.default_node(),
                    help="this host's node name (default: the host name)")
     p.add_argument("--allow", action="append", default=[], metavar="PATTERN",
@@ -475,26 +1021,42 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv=None, prog: str | None = None, command: str = "bridge") -> int:
-    a = build_parser(prog or "shm-taskwork bridge").parse_args(argv)
+    prog = prog or "shm-taskwork bridge"
+    parser = build_parser(prog)
+    a = parser.parse_args(argv)
+    try:
+        url = redis_url(a)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        remote.check_name(a.node, "--node", 200)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         import redis  # noqa: F401
     except ImportError:
-        print("shm-taskwork bridge: the redis client is not installed: "
+        print(f"{prog}: the redis client is not installed: "
               "pip install 'shm-taskwork[remote]'", file=sys.stderr)
         return 2
     progress = sys.stderr.isatty() if a.progress is None else a.progress
+    import redis
     try:
-        b = Bridge(a.domain, a.redis, a.node, a.allow, claim_idle=a.claim_idle, progress=progress,
+        b = Bridge(a.domain, url, a.node, a.allow, claim_idle=a.claim_idle, progress=progress,
                    cluster_name=a.cluster_name, keep=max(1, int(a.keep_outcomes)))
     except FileNotFoundError:
-        print(f"shm-taskwork bridge: no domain {a.domain!r} on this host "
+        print(f"{prog}: no domain {a.domain!r} on this host "
               "(create it first: shm-taskwork create NAME)", file=sys.stderr)
         return 1
-    import redis
+    except StatusDirError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:     # a URL redis-py cannot read: never echoed whole
+        print(f"{prog}: {str(exc).replace(url, _redact(url))}", file=sys.stderr)
+        return 2
     try:
         return b.run()
     except redis.ConnectionError as exc:
-        print(f"shm-taskwork bridge: Redis at {_redact(a.redis)}: {exc}", file=sys.stderr)
+        print(f"{prog}: Redis at {_redact(url)}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -19,6 +19,13 @@ and the ledger is judged, per work: outcome ``queued`` - ran exactly once;
 ``cancelled`` - never ran; no final outcome, or queued and never run: ``lost``;
 run twice: ``duplicated``; a run nobody sent: ``phantom``.
 
+``--malformed P`` makes each producer send, with probability P per send, a
+malformed entry written straight to the stream instead (a missing field, a
+bad notify mode, a name too long or with NUL, a payload over payload_size, a
+callback no ``--allow`` matches, an ``any`` entry for another task, a control
+entry without an id). Every such entry must end ``refused`` and never run,
+while every good work is still delivered exactly once.
+
 Without ``--redis`` a private redis-server is started in a temporary
 directory (Debian's package). The run's keys are removed from Redis at the end.
 """
@@ -61,6 +68,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--cancel-rate", type=number_arg(float, "a probability", 0, 1), default=0.05)
     p.add_argument("--settle", type=positive_seconds, default=120.0, metavar="SECONDS",
                    help="how long the end may take for every work to get its outcome")
+    p.add_argument("--malformed", type=number_arg(float, "a probability", 0, 1), default=0.0,
+                   metavar="P", help="send a malformed entry instead of a work with this "
+                   "probability (each must end refused)")
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--role", choices=("worker", "producer"), help=argparse.SUPPRESS)
@@ -93,9 +103,32 @@ def role_worker(a) -> int:
     return 0
 
 
+def malformed(rng: random.Random, tag: str) -> tuple[bool, dict]:
+    """One malformed entry: (to the "any" stream only, fields)."""
+    good = {"func": "stress.bridge.rec", "payload": tag.encode(), "notify": "0", "target": "w"}
+    kind = rng.randrange(10)
+    if kind < 3:
+        good.pop(("func", "payload", "target", "notify")[rng.randrange(4)])
+    elif kind == 3:
+        good["notify"] = rng.choice(["abc", "4", "99", str(2 ** 70), "-1", ""])
+    elif kind == 4:
+        good["func"] = "stress." + "n" * 200
+    elif kind == 5:
+        good["func"] = "stress.\0nul"
+    elif kind == 6:
+        good["payload"] = tag.encode() + b"x" * 70000
+    elif kind == 7:
+        good["func"] = "evil.not_allowed"
+    elif kind == 8:
+        return True, dict(good, target="not-w")
+    else:
+        good["target"] = "t" * 100
+    return False, good
+
+
 def role_producer(a) -> int:
     from shm_taskwork import TWA_NONE, TWA_RESUME, TWA_SIGNAL, TWA_SIGNAL_NO_IPI
-    from shm_taskwork.remote import Cluster
+    from shm_taskwork.remote import Cluster, Keys, work_id
     rng = random.Random(a.seed)
     log = open(os.path.join(a.dir, f"sent.{a.index}"), "a", buffering=1)
     stop = os.path.join(a.dir, "stop-producers")
@@ -108,6 +141,16 @@ def role_producer(a) -> int:
         t0 = time.monotonic()
         while not os.path.exists(stop):
             t = rng.choice(targets)
+            if a.malformed and rng.random() < a.malformed:
+                tag = f"bad{a.index}-{seq}"
+                seq += 1
+                any_only, fields = malformed(rng, tag)
+                stream = targets[-1].stream if any_only else t.stream
+                eid = cl.r.xadd(stream, fields).decode()
+                log.write(f"bad {tag} {work_id(stream, eid)}\n")
+                if rng.random() < 0.1:      # a control entry without an id
+                    cl.r.xadd(Keys(a.cluster).ctl(rng.choice(NODES)), {"op": "cancel"})
+                continue
             n = rng.randint(2, 5) if rng.random() < 0.2 else 1
             payloads = [f"p{a.index}-{seq + i}".encode() for i in range(n)]
             seq += n
@@ -232,7 +275,8 @@ class Run:
             self.producers.append(self.spawn([
                 "--role", "producer", "--redis", self.url, "--cluster", self.cluster,
                 "--dir", self.dir, "--index", str(i), "--seed", str(self.rng.randrange(1 << 30)),
-                "--rate", str(a.rate), "--cancel-rate", str(a.cancel_rate)]))
+                "--rate", str(a.rate), "--cancel-rate", str(a.cancel_rate),
+                "--malformed", str(a.malformed)]))
         for p in self.producers:
             self.wait_ready(p)
         t0 = time.monotonic()
@@ -256,7 +300,7 @@ class Run:
         open(os.path.join(self.dir, "stop-producers"), "w").close()
         for p in self.producers:
             p.wait(60)
-        sent, cancels = self.read_sent()
+        sent, cancels, bad = self.read_sent()
         # settle: the bridges (now left alone) must give every work an outcome
         out_key = f"stw:{self.cluster}:out"
         deadline = time.monotonic() + a.settle
@@ -264,13 +308,13 @@ class Run:
         outcomes: dict[str, str] = {}
         while True:
             self.check_bridges(allow_killpoint=False)
-            ids = list(sent.values())
+            ids = list(sent.values()) + list(bad.values())
             for i in range(0, len(ids), 1000):
                 chunk = ids[i:i + 1000]
                 for rid, v in zip(chunk, self.r.mget([f"{out_key}:{x}" for x in chunk])):
                     if v is not None:
                         outcomes[rid] = json.loads(v)["state"]
-            if all(outcomes.get(rid) in final for rid in sent.values()):
+            if all(outcomes.get(rid) in final for rid in ids):
                 break
             if time.monotonic() > deadline:
                 break
@@ -282,13 +326,14 @@ class Run:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
-        s = self.judge(sent, cancels, outcomes, seconds)
+        s = self.judge(sent, cancels, outcomes, seconds, bad)
         s["taken_over"] = int(self.r.hget(f"stw:{self.cluster}:stats", "taken_over") or 0)
         return s
 
     def read_sent(self):
         sent: dict[str, str] = {}
         cancels: dict[str, str] = {}
+        bad: dict[str, str] = {}
         for fn in os.listdir(self.dir):
             if fn.startswith("sent."):
                 with open(os.path.join(self.dir, fn)) as f:
@@ -298,9 +343,11 @@ class Run:
                             sent[parts[1]] = parts[2]
                         elif len(parts) == 3 and parts[0] == "cancel":
                             cancels[parts[1]] = parts[2]
-        return sent, cancels
+                        elif len(parts) == 3 and parts[0] == "bad":
+                            bad[parts[1]] = parts[2]
+        return sent, cancels, bad
 
-    def judge(self, sent, cancels, outcomes, seconds) -> dict:
+    def judge(self, sent, cancels, outcomes, seconds, bad=None) -> dict:
         runs: collections.Counter = collections.Counter()
         for fn in os.listdir(self.dir):
             if fn.startswith("ran."):
@@ -329,13 +376,19 @@ class Run:
                 cancelled_ran += 1
             if cancels.get(rid) == "1" and (oc != "cancelled" or n):
                 cancel_wrong += 1
+        bad = bad or {}
+        # a malformed entry: refused, never run (its run would be a phantom too)
+        bad_not_refused = sum(1 for rid in bad.values() if outcomes.get(rid) != "refused")
+        bad_ran = sum(1 for tag in bad if runs.get(tag))
         phantom = sum(1 for p in runs if p not in sent)
         return {
             "sent": len(sent), "queued": by_outcome["queued"], "ran": sum(runs.values()),
             "cancelled": by_outcome["cancelled"], "dead_letter": by_outcome["dead_letter"],
             "refused": by_outcome["refused"], "lost": lost, "duplicated": duplicated,
             "undecided": undecided, "cancelled_ran": cancelled_ran,
-            "cancel_wrong": cancel_wrong, "cancel_unknown": cancel_unknown, "phantom": phantom, "killed": self.killed,
+            "cancel_wrong": cancel_wrong, "cancel_unknown": cancel_unknown, "phantom": phantom,
+            "malformed": len(bad), "malformed_not_refused": bad_not_refused,
+            "malformed_ran": bad_ran, "killed": self.killed,
             "killpoint_deaths": dict(self.killpoint_deaths), "bridge_starts": self.bridge_starts,
             "seconds": round(seconds, 2), "rate": round(len(sent) / seconds, 1) if seconds else 0,
         }
@@ -379,14 +432,16 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
     finally:
         run.cleanup()
     ok = not (s["lost"] or s["duplicated"] or s["phantom"] or s["cancelled_ran"]
-              or s["cancel_wrong"])
+              or s["cancel_wrong"] or s["malformed_not_refused"] or s["malformed_ran"])
     s["ok"] = ok
     if a.json:
         print(json.dumps(s))
     else:
         print(f"bridge stress: {s['sent']} sent, {s['queued']} queued, {s['ran']} ran, "
               f"{s['cancelled']} cancelled; lost {s['lost']}, duplicated {s['duplicated']}, "
-              f"phantom {s['phantom']}; {s['killed']} bridge kills in {s['seconds']} s: "
+              f"phantom {s['phantom']}; malformed {s['malformed']} "
+              f"(not refused {s['malformed_not_refused']}, ran {s['malformed_ran']}); "
+              f"{s['killed']} bridge kills in {s['seconds']} s: "
               f"{'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 
