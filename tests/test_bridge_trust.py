@@ -485,7 +485,7 @@ def test_no_url_is_a_one_line_error(make_domain, tmp_path):
 
 
 def test_redact_every_url_form():
-    from shm_taskwork.tools.bridge import _redact
+    from shm_taskwork.remote.bridge import redact as _redact
     for url in ["redis://u:pw@h:6379/0", "redis://:pw@h", "redis://h/0?password=pw",
                 "unix://:pw@/tmp/s.sock?db=0", "unix:///tmp/s?db=0&password=pw",
                 "rediss://u:pw@h/1", "rediss://h?ssl_cert_reqs=none&password=pw"]:

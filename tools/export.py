@@ -170,9 +170,9 @@ class DomainCollector(Collector):
     domain destroyed and created again is mapped anew."""
 
     def __init__(self, dom=None, *, name: str | None = None):
-        from shm_taskwork.domain import _normalize
+        from shm_taskwork.domain import normalize_name
 
-        self.name = _normalize(name if name is not None else dom.name)
+        self.name = normalize_name(name if name is not None else dom.name)
         self.dom = dom
         self.ident = segment_identity(self.name) if dom is not None else None
         self.reopened = 0

@@ -46,8 +46,9 @@ import time
 import uuid
 from typing import Any, Iterable
 
-from .constants import TWA_NMI_CURRENT, TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
-from .errors import InvalidModeError, PayloadTooLargeError
+from ..constants import TWA_NMI_CURRENT, TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
+from ..errors import InvalidModeError, PayloadTooLargeError
+from . import scripts
 
 PREFIX = "stw"
 GROUP = "bridges"
@@ -153,20 +154,6 @@ class Keys:
         return f"{self.base}:reply:{token}"
 
 
-# KEYS[1]=out:ID KEYS[2]=done:ID; ARGV[1]=state JSON ARGV[2]=done ttl ARGV[3]=keep ttl
-# Set the work's state if it has none; a final state wakes outcome().
-# Returns the state now recorded (ours if we set it).
-SET_IF_NONE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[3])) then
-  local st = cjson.decode(ARGV[1])['state']
-  if st ~= 'delivering' then
-    redis.call('RPUSH', KEYS[2], ARGV[1])
-    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
-  end
-  return ARGV[1]
-end
-return redis.call('GET', KEYS[1])
-"""
 
 
 @dataclasses.dataclass
@@ -232,7 +219,7 @@ class RemoteTask:
         if isinstance(func, str):
             name = func
         else:
-            from . import callbacks
+            from .. import callbacks
             _, name = callbacks.resolve(func)
         check_name(name, "a callback name", CALLBACK_NAME_MAX)
         limit = self._limit()
@@ -273,7 +260,7 @@ class Cluster:
     def __init__(self, url: str):
         self.url = url
         self.r = connect(url)
-        self._set_if_none = self.r.register_script(SET_IF_NONE)
+        self._set_if_none = self.r.register_script(scripts.SET_IF_NONE)
 
     def __enter__(self) -> "Cluster":
         return self

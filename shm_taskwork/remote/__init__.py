@@ -1,0 +1,20 @@
+"""Beyond one host: works travel through Redis Streams (docs/contract.md
+"Beyond one host: the bridge"; README "More than one host").
+
+Three parts, bottom to top: ``scripts`` (the Redis scripts of the
+exactly-once protocol), ``sender`` (``Cluster``, ``RemoteTask``,
+``RemoteWork``: what a process on any host uses to queue works onto a
+task of another host) and ``bridge`` (``Bridge``: what runs on each host and
+moves works from its streams into the local domain; the command line is
+``shm-taskwork bridge``).
+"""
+from __future__ import annotations
+
+from .sender import (CALLBACK_NAME_MAX, DONE_TTL, FINAL, GROUP, LIMIT_TTL, OUTCOME_TTL, PREFIX,
+                     REMOTE_MODES, TASK_NAME_MAX, WORK_ID_RE, Cluster, Keys, RemoteTask,
+                     RemoteWork, check_name, check_notify, connect, default_node, work_id)
+
+__all__ = ["CALLBACK_NAME_MAX", "DONE_TTL", "FINAL", "GROUP", "LIMIT_TTL", "OUTCOME_TTL",
+           "PREFIX", "REMOTE_MODES", "TASK_NAME_MAX", "WORK_ID_RE", "Cluster", "Keys",
+           "RemoteTask", "RemoteWork", "check_name", "check_notify", "connect",
+           "default_node", "work_id"]
