@@ -52,7 +52,8 @@ ffibuilder.set_source(
     "shm_taskwork._taskwork_cffi",
     '#include "taskwork.h"\n',
     sources=[os.path.relpath(os.path.join(HERE, f"{name}.c"))
-             for name in ("segment", "life", "sigwatch", "pool", "task_work", "reap", "keys")],
+             for name in ("sys", "segment", "life", "sigwatch", "proc", "pool", "deadletter", "keys",
+                         "task_work", "reap")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=extra_cflags,
     extra_link_args=extra_ldflags,

@@ -22,20 +22,19 @@
  *   -EUCLEAN    the segment is inconsistent (bad index, walk too long)
  *   -ETIMEDOUT  a lock was not obtained in time (owner stuck or corrupt)
  *   -EUSERS     the process table is full of live processes
+ *
+ * Layer: task_work. Calls sys, segment, life, sigwatch, the process table,
+ * the pool, the dead letters, the key table; never reap.c.
  */
 #include "tw_internal.h"
 
 #include <linux/futex.h>
+#include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef SYS_pidfd_send_signal
-#define SYS_pidfd_send_signal 424
-#endif
-#ifndef SYS_pidfd_getfd
-#define SYS_pidfd_getfd 438
-#endif
+
+static void recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *s);
 
 /* ------------------------------------------------------------------------ */
 /* tasks: registration and exit, ordered by the slot's life lock              */
@@ -160,35 +159,6 @@ uint32_t tw_flags_clear(struct tw_dom *d, uint32_t slot, uint32_t bits)
 
 /* ------------------------------------------------------------------------ */
 /* notifications                                                              */
-
-int tw_eventfd_write(int efd)
-{
-    uint64_t one = 1;
-    if (write(efd, &one, sizeof(one)) == sizeof(one))
-        return 0;
-    return errno == EAGAIN ? 0 : -errno;   /* EAGAIN: counter full, already readable */
-}
-
-int tw_eventfd_drain(int efd)
-{
-    uint64_t v;
-    if (read(efd, &v, sizeof(v)) == sizeof(v))
-        return 1;
-    return errno == EAGAIN ? 0 : -errno;
-}
-
-int tw_pidfd_send(int pidfd, int signum)
-{
-    if (syscall(SYS_pidfd_send_signal, pidfd, signum, NULL, 0) == 0)
-        return 0;
-    return -errno;
-}
-
-int tw_pidfd_getfd(int pidfd, int targetfd)
-{
-    long r = syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
-    return r < 0 ? -errno : (int)r;
-}
 
 /* Set the notify flag of mode; perform the notification when the flag was
  * clear and the caller gave us the descriptor. Returns TW_DUE_* | TW_DONE_*. */
@@ -585,7 +555,7 @@ int tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uint
     if (r)
         return r;
     if (LD_ACQ(&s->lock_recovered))
-        tw_recover_cancelling(d, slot, s);
+        recover_cancelling(d, slot, s);
     uint32_t n = 0, stop = TW_NIL;
     head = LD_ACQ(&s->head);
     for (;;) {
@@ -1023,4 +993,197 @@ int tw_read_work(struct tw_dom *d, uint32_t node, uint32_t gen, struct tw_work_i
     if (LD_RLX(&n->owner) != o)
         return -ESTALE;
     return 0;
+}
+
+/*
+ * Re-queue a dead letter on a task: take it from the list, give it a new
+ * generation (a new work id), and push it as an add would. Exactly once: the
+ * take is exclusive (under dl_lock), and the node keeps a dead-letter reason
+ * until its push, so a re-queuer that dies in between leaves it to go back to
+ * the dead letters, never to the pool. Returns tw_add's packed result, 0 -
+ * -ENOENT if the dead letter was taken by someone else, or -ESRCH/-EOWNERDEAD
+ * when the target accepts no work (the dead letter is filed again).
+ */
+int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot, uint32_t tgen,
+                   int notify_mode, int efd, int pidfd, int signum, uint64_t now_ns,
+                   int is_current)
+{
+    int mode = tw_check_notify(notify_mode, is_current);
+    if (mode < 0)
+        return mode;
+    if (!node_ok(d, node) || !slot_ok(d, slot))
+        return -EINVAL;
+    int r = tw_dl_take(d, node, gen);
+    if (r <= 0)
+        return r == 0 ? -ENOENT : r;
+    struct tw_node *n = NODE(d, node);
+    uint32_t ngen = gen + 1;
+    uint64_t mine = OWNER(ngen, TW_N_ALLOC, (uint32_t)d->my_proc);
+    ST_REL(&n->owner, mine);
+    uint32_t old_target = n->target, old_gen = n->target_gen;
+    n->target = slot;
+    n->target_gen = tgen;
+    n->enqueued_ns = now_ns ? now_ns : tw_now_mono();
+    int64_t due = tw_target_open(d, slot, tgen);
+    if (due == 0)
+        due = tw_push_node(d, slot, tgen, node, mode, efd, pidfd, signum);
+    if (due < 0) {
+        /* Not pushed: still ours; back to the dead letters as it was. */
+        n->target = old_target;
+        n->target_gen = old_gen;
+        r = tw_dl_file(d, node, mine, n->reason ? n->reason : TW_R_ORPHANED,
+                       slot_ok(d, old_target) ? old_target : 0, n->name_id);
+        return r < 0 ? r : due;
+    }
+    return (int64_t)(((uint64_t)ngen << 28) | ((uint64_t)node << 4) | (uint64_t)due);
+}
+
+/* May a node with owner word o be linked on the list of (slot, gen)? */
+int tw_linked_state(struct tw_dom *d, struct tw_node *n, uint64_t o, uint32_t slot, uint32_t gen)
+{
+    uint32_t st = O_STATE(o);
+    if (st == TW_N_QUEUED || st == TW_N_CANCELLING)
+        return O_AUX(o) == slot;
+    if (st == TW_N_ALLOC)   /* pushed, not yet marked by its adder */
+        return LD_RLX(&n->target) == slot && LD_RLX(&n->target_gen) == gen;
+    return 0;
+}
+
+/* Mark in `linked` every node on the list from `from` (bounded walk). */
+static void mark_list(struct tw_dom *d, uint8_t *linked, uint32_t from)
+{
+    for (uint32_t cur = from, k = 0; cur != TW_NIL && !idx_closed(cur) && k <= d->pool_size;
+         k++) {
+        if (!node_ok(d, cur) || linked[cur])
+            return;                         /* out of range, or a cycle */
+        linked[cur] = 1;
+        cur = LD_ACQ(&NODE(d, cur)->next);
+    }
+}
+
+/*
+ * A canceller died holding pi_lock (we were told by EOWNERDEAD). It may have
+ * left a node CANCELLING: still linked (it is a queued work again) or
+ * unlinked (nobody else will ever see it: give it back to the pool and count
+ * it cancelled). Called by the task's own runner with pi_lock held before it
+ * detaches, so "linked" is decidable: the list is all there is.
+ */
+static void recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *s)
+{
+    /* One pass over the list into a bitmap, then one over the pool: O(pool)
+     * however many nodes a dead canceller (or a scribbler) left marked. */
+    uint8_t *linked = calloc(d->pool_size, 1);
+    if (!linked || tw_proc_claim(d) < 0) {
+        free(linked);
+        return;                             /* lock_recovered stays set: next run */
+    }
+    mark_list(d, linked, H_IDX(LD_ACQ(&s->head)));
+    for (uint32_t i = 0; i < d->pool_size; i++) {
+        struct tw_node *n = NODE(d, i);
+        uint64_t o = LD_ACQ(&n->owner);
+        if (O_STATE(o) != TW_N_CANCELLING || O_AUX(o) != slot)
+            continue;
+        /* We hold pi_lock, so no live canceller owns this mark. */
+        if (linked[i]) {
+            ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_QUEUED, slot));
+        } else {
+            ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc));
+            ADD_RLX(&s->c.cancelled, 1);
+            tw_pool_push(d, i);
+        }
+    }
+    free(linked);
+    ST_REL(&s->lock_recovered, 0u);
+}
+
+int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen,
+                     uint64_t func_id, const char *payload, uint32_t len, int notify_mode,
+                     int efd, int pidfd, int signum, uint64_t now_ns, int is_current,
+                     struct tw_key_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    if (key == 0)
+        return -EINVAL;
+    int mode = tw_check_notify(notify_mode, is_current);
+    if (mode < 0)
+        return mode;
+    if (len > d->payload_size)
+        return -E2BIG;
+    int r = tw_target_open(d, slot, gen);
+    if (r)
+        return r;
+    r = tw_proc_claim(d);                   /* the entry names our process */
+    if (r < 0)
+        return r;
+    uint32_t idx;
+    r = tw_pool_pop(d, &idx);
+    if (r)
+        return r;
+    tw_killpoint(TW_KP_AFTER_ALLOC);
+    struct tw_node *n = NODE(d, idx);
+    tw_fill_node(d, n, slot, gen, func_id, payload, len, NULL, 0, now_ns);
+    uint32_t ngen = O_GEN(LD_RLX(&n->owner));
+    int entry;
+    uint64_t word;
+    r = tw_key_reserve(d, key, idx, ngen, TW_K_QUEUED, slot, info, &entry, &word);
+    if (r != 0) {
+        tw_pool_push(d, idx);               /* recorded before, or an error */
+        return r == 1 ? 0 : r;
+    }
+    tw_killpoint(TW_KP_KEY_RESERVED);
+    int64_t due = tw_push_node(d, slot, gen, idx, mode, efd, pidfd, signum);
+    if (due < 0) {
+        /* Not pushed: the entry says so before the node can be reused. */
+        tw_key_finish(d, entry, word, TW_K_VOID);
+        tw_pool_push(d, idx);
+        return due;
+    }
+    tw_killpoint(TW_KP_KEY_PUSHED);
+    tw_key_finish(d, entry, word, TW_K_QUEUED);
+    tw_key_fill_info(d, entry, info, 1);
+    info->work = ((uint64_t)ngen << 32) | idx;
+    info->state = TW_K_QUEUED;
+    info->slot = slot;
+    return due;
+}
+
+int tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const char *payload,
+                        uint32_t len, uint64_t name_id, uint64_t now_ns,
+                        struct tw_key_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    if (key == 0)
+        return -EINVAL;
+    if (len > d->payload_size)
+        return -E2BIG;
+    int r = tw_proc_claim(d);
+    if (r < 0)
+        return r;
+    uint32_t idx;
+    r = tw_pool_pop(d, &idx);
+    if (r)
+        return r;
+    struct tw_node *n = NODE(d, idx);
+    tw_fill_node(d, n, 0, 0, func_id, payload, len, NULL, 0, now_ns);
+    uint64_t o = LD_RLX(&n->owner);
+    int entry;
+    uint64_t word;
+    r = tw_key_reserve(d, key, idx, O_GEN(o), TW_K_DEADLETTER, 0, info, &entry, &word);
+    if (r != 0) {
+        tw_pool_push(d, idx);
+        return r == 1 ? 0 : r;
+    }
+    tw_killpoint(TW_KP_KEY_RESERVED);
+    r = tw_dl_file(d, idx, o, TW_R_ORPHANED, 0, name_id);
+    if (r != 1) {
+        tw_key_finish(d, entry, word, TW_K_VOID);
+        tw_pool_push(d, idx);
+        return r < 0 ? r : -EAGAIN;
+    }
+    tw_killpoint(TW_KP_KEY_PUSHED);
+    tw_key_finish(d, entry, word, TW_K_DEADLETTER);
+    tw_key_fill_info(d, entry, info, 1);
+    info->work = ((uint64_t)O_GEN(o) << 32) | idx;
+    info->state = TW_K_DEADLETTER;
+    return 1;
 }
