@@ -563,6 +563,60 @@ int  tw_add_many_flat(const struct tw_handle *h, uint64_t func_id, const char *b
                       const uint32_t *offs, uint32_t n, int notify, int efd, int pidfd,
                       int is_current, uint64_t now_ns, uint64_t *work_ids_out);
 
+/*
+ * The add engine: every add path above (tw_add, tw_add_h, tw_add_many,
+ * tw_add_many_flat, tw_add_nmi, tw_add_keyed, tw_deadletter_keyed,
+ * tw_requeue) is tw_queue() with one of these requests. Fields a path does
+ * not use stay zero, except src (TW_NIL: no source node), efd and pidfd (-1).
+ */
+struct tw_add_req {
+    uint32_t slot, gen;        /* the target registration                       */
+    uint64_t func_id;
+    /* the payloads: one (payload, len); count of them (payloads[i], lens[i]);
+     * or one flat buffer (payload, offs[0..count]: payload i is
+     * payload[offs[i] .. offs[i+1])) */
+    const char *payload;
+    uint32_t len;
+    uint32_t count;            /* with payloads or offs                         */
+    const char *const *payloads;
+    const uint32_t *lens;
+    const uint32_t *offs;
+    int32_t  notify;           /* TWA_* | TWAF_*                                */
+    int32_t  is_current;       /* the caller's own task (TWA_NMI_CURRENT)       */
+    const char *origin;        /* recorded if the domain records origins        */
+    uint32_t origin_len;
+    int32_t  efd, pidfd, signum;  /* how to notify: -1 = leave it to the caller */
+    uint64_t now_ns;           /* the enqueue time; 0: read the clock           */
+    uint64_t key;              /* with key_info: queue at most once per key     */
+    struct tw_key_info *key_info;
+    uint32_t to_deadletter;    /* file as a dead letter (needs a key), no task  */
+    uint32_t src;              /* re-queue the dead letter (src, src_gen);      */
+    uint32_t src_gen;          /*   TW_NIL: take new nodes from the pool        */
+    uint32_t pad;
+    uint64_t name_id;          /* to_deadletter: the task name's id             */
+    uint64_t *work_ids_out;    /* gen<<32 | node of each work (count of them)   */
+};
+/**
+ * tw_queue() - queue works on a task (or file one as a dead letter).
+ * @d: the domain.
+ * @r: the request (see struct tw_add_req).
+ *
+ * Checks the notify mode and the payload sizes, checks that the target takes
+ * work, takes the nodes (or the dead letter @r->src), fills them, records
+ * the key, pushes them with one lock-free CAS, and notifies. A failure after
+ * the nodes were taken gives them back (or files the dead letter again, or
+ * voids the key): nothing queued, nothing leaked.
+ *
+ * Context: any thread of any process; async-signal-safe for a request of
+ * one payload, no key, no source node, on the caller's own task whose
+ * process entry is claimed (tw_add_nmi()).
+ * Return: (gen << 28) | (node << 4) | TW_DUE_*|TW_DONE_* bits of the newest
+ * work; 0 for a key recorded before (@r->key_info says what and where) or
+ * for count 0; or -EINVAL, -E2BIG, -ESRCH, -EOWNERDEAD, -ENOMEM, -EUSERS,
+ * -ENOENT (the dead letter is gone), -EBUSY/-ENOSPC (key table), -errno.
+ */
+int64_t tw_queue(struct tw_dom *d, const struct tw_add_req *r);
+
 /* ---- cancel (task_work.c) ---- */
 int  tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t key,
                struct tw_work_info *wi, char *payload_out, char *origin_out);
