@@ -113,11 +113,3 @@ int tw_proc_busy(struct tw_dom *d, uint32_t i)
     return 0;
 }
 
-int tw_procs_used(struct tw_dom *d)
-{
-    uint32_t n = 0;
-    for (uint32_t i = 0; i < d->max_procs; i++)
-        if (LD_RLX(&PROC(d, i)->pid))
-            n++;
-    return (int)n;
-}

@@ -432,11 +432,3 @@ struct tw_name *tw_name_find(struct tw_dom *d, uint64_t id)
     return NULL;
 }
 
-int tw_names_used(struct tw_dom *d)
-{
-    uint32_t n = 0;
-    for (uint32_t k = 0; k < d->names_cap; k++)
-        if (LD_RLX(&NAME(d, k)->id))
-            n++;
-    return (int)n;
-}

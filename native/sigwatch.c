@@ -65,7 +65,6 @@ static struct {
     struct watch w[TW_SIG_WATCH_MAX];
     uint64_t armed_ns;         /* the last time a watched NOTIFY_SIGNAL was set  */
     uint32_t *sleeping_on;     /* the futex word the thread sleeps on, or NULL  */
-    uint64_t resent;
 } W = { .mu = PTHREAD_MUTEX_INITIALIZER };
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
@@ -150,7 +149,6 @@ static int check(struct watch *w, uint64_t now)
     if (now >= w->next_ns) {
         if (tw_tgkill(W.pid, w->tid, w->signum) == 0) {
             ADD_RLX(&s->c.signals_resent, 1);
-            W.resent++;
         }
         /* Rate limit: two resends a TW_SIG_RESEND_NS apart (a resend that
          * itself lands just before a blocking call is rare), then doubling. */
@@ -329,20 +327,4 @@ int tw_sigwatch_del(struct tw_dom *d, uint32_t slot)
     return removed;
 }
 
-int tw_sigwatch_count(void)
-{
-    pthread_once(&init_once, init);
-    pthread_mutex_lock(&W.mu);
-    int n = W.pid == getpid() ? W.n : 0;
-    pthread_mutex_unlock(&W.mu);
-    return n;
-}
 
-uint64_t tw_sigwatch_resent(void)
-{
-    pthread_once(&init_once, init);
-    pthread_mutex_lock(&W.mu);
-    uint64_t n = W.resent;
-    pthread_mutex_unlock(&W.mu);
-    return n;
-}

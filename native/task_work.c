@@ -129,14 +129,6 @@ int tw_release_slot(struct tw_dom *d, uint32_t slot, uint32_t gen)
     return 0;
 }
 
-int tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n)
-{
-    if (!slot_ok(d, slot) || which > TW_C_INTERRUPTED)
-        return -EINVAL;
-    uint64_t *c = &SLOT(d, slot)->c.added;
-    ADD_RLX(&c[which], n);
-    return 0;
-}
 
 uint32_t tw_flags_get(struct tw_dom *d, uint32_t slot)
 {
@@ -819,65 +811,38 @@ void tw_copy_info(struct tw_dom *d, uint32_t idx, struct tw_node *n, uint64_t ow
 }
 
 /*
- * One step of task_work_run's second half: finish `done` (the callback of a
- * RUNNING node returned: free it, or file it as a dead letter when its
- * callback is unknown here) and begin `next` (DETACHED -> RUNNING, copied out
- * to wi/payload_out). Either may be TW_NIL. One native call per work.
- *
- * On an error nothing of the step is done: a failure to finish `done`
- * returns before `next` is begun, so the caller keeps both (the first to
- * finish again later, the second still DETACHED, to begin later).
- *
- * The histograms (struct tw_hist) cost one clock read per step: `next`'s
- * enqueue-to-start latency and `done`'s callback duration, counted for the
- * task and for the callback's name.
+ * Finish `done`, a work whose callback ran outside the batch run path (an
+ * async callback, a callback unknown here): free it, or file it as a dead
+ * letter when its callback is unknown here (TW_OUT_UNKNOWN). One clock read:
+ * its callback's duration, counted for the task and for the callback's name.
+ * On an error nothing is done: the node stays RUNNING, the caller's.
  */
 int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_t next,
             struct tw_work_info *wi, char *payload_out, char *origin_out)
 {
-    if (!slot_ok(d, slot) || (done != TW_NIL && !node_ok(d, done)) ||
-        (next != TW_NIL && !node_ok(d, next)))
+    if (!slot_ok(d, slot) || (done != TW_NIL && !node_ok(d, done)) || next != TW_NIL)
         return -EINVAL;
+    if (done == TW_NIL)
+        return 0;
     struct tw_slot *s = SLOT(d, slot);
-    uint64_t now = (done != TW_NIL || next != TW_NIL) ? tw_now_mono() : 0;
-    if (done != TW_NIL) {
-        struct tw_node *n = NODE(d, done);
-        uint64_t o = LD_ACQ(&n->owner);
-        if (O_STATE(o) != TW_N_RUNNING || O_AUX(o) != slot)
-            return -EUCLEAN;
-        if (outcome != TW_OUT_UNKNOWN) {
-            /* its callback ran: read the node before it goes back to the pool */
-            uint64_t started = n->started_ns;
-            uint64_t dur = now > started ? now - started : 0;
-            hist_note(d, s, n->func_id, 1, dur);
-        }
-        if (outcome == TW_OUT_UNKNOWN) {
-            int r = tw_dl_file(d, done, o, TW_R_UNKNOWN, slot, LD_RLX(&s->name_id));
-            if (r < 0)
-                return r;   /* dl_lock stuck: the node stays RUNNING, ours */
-            ADD_RLX(&s->c.unknown, 1);
-        } else {
-            ADD_RLX(&s->c.run, 1);
-            if (outcome == TW_OUT_ERROR)
-                ADD_RLX(&s->c.errors, 1);
-            tw_pool_push(d, done);
-        }
+    struct tw_node *n = NODE(d, done);
+    uint64_t o = LD_ACQ(&n->owner);
+    if (O_STATE(o) != TW_N_RUNNING || O_AUX(o) != slot)
+        return -EUCLEAN;
+    if (outcome == TW_OUT_UNKNOWN) {
+        int r = tw_dl_file(d, done, o, TW_R_UNKNOWN, slot, LD_RLX(&s->name_id));
+        if (r < 0)
+            return r;   /* dl_lock stuck: the node stays RUNNING, ours */
+        ADD_RLX(&s->c.unknown, 1);
+        return 0;
     }
-    if (next != TW_NIL) {
-        struct tw_node *n = NODE(d, next);
-        uint64_t o = LD_ACQ(&n->owner);
-        if (O_STATE(o) != TW_N_DETACHED || O_AUX(o) != slot)
-            return -EUCLEAN;
-        uint64_t enq = n->enqueued_ns;
-        uint64_t lat = now > enq ? now - enq : 0;
-        hist_note(d, s, n->func_id, 0, lat);
-        n->started_ns = now;   /* ours (DETACHED): published by the store below */
-        /* From here the work counts as started: cancel can no longer reach it
-         * (it left the list at detach) and a reaper reports it interrupted,
-         * not orphaned, if we die. Release: pairs with the reaper's acquire. */
-        ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_RUNNING, slot));
-        tw_copy_info(d, next, n, o, wi, payload_out, origin_out);
-    }
+    /* its callback ran: read the node before it goes back to the pool */
+    uint64_t now = tw_now_mono(), started = n->started_ns;
+    hist_note(d, s, n->func_id, 1, now > started ? now - started : 0);
+    ADD_RLX(&s->c.run, 1);
+    if (outcome == TW_OUT_ERROR)
+        ADD_RLX(&s->c.errors, 1);
+    tw_pool_push(d, done);
     return 0;
 }
 
@@ -942,7 +907,8 @@ int tw_run_start(struct tw_dom *d, uint32_t slot, uint32_t node)
     uint64_t o;
     if (!slot_ok(d, slot) || !ours(d, slot, node, TW_N_DETACHED, &o))
         return -EUCLEAN;
-    /* Release: pairs with the reaper's acquire load (see tw_step). */
+    /* Release: pairs with the reaper's acquire load; from here a reaper
+     * reports the work interrupted, not orphaned. */
     ST_REL(&NODE(d, node)->owner, OWNER(O_GEN(o), TW_N_RUNNING, slot));
     return 0;
 }
@@ -958,7 +924,8 @@ int tw_run_start_many(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, ui
     for (uint32_t i = 0; i < k; i++) {
         struct tw_node *n = NODE(d, nodes[i]);
         o = LD_RLX(&n->owner);
-        /* Release: pairs with the reaper's acquire load (see tw_step). */
+        /* Release: pairs with the reaper's acquire load; from here a reaper
+     * reports the work interrupted, not orphaned. */
         ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_RUNNING, slot));
     }
     return (int)k;

@@ -238,17 +238,6 @@
 #define TW_KP_KEY_RESERVED    12 /* key entry RESERVED, node not yet pushed     */
 #define TW_KP_KEY_PUSHED      13 /* keyed node pushed, key entry not yet final  */
 
-/* Counter numbers for tw_slot_counter_add. */
-#define TW_C_ADDED 0
-#define TW_C_RUN 1
-#define TW_C_CANCELLED 2
-#define TW_C_ORPHANED 3
-#define TW_C_ERRORS 4
-#define TW_C_UNKNOWN 5
-#define TW_C_SIGNALS 6
-#define TW_C_RESUMES 7
-#define TW_C_INTERRUPTED 8
-
 struct tw_header {
     char     magic[8];
     uint32_t layout_version;
@@ -440,7 +429,6 @@ uint32_t tw_layout_version(void);
 uint32_t tw_node_header_size(void);
 int  tw_name_put(struct tw_dom *d, uint64_t id, const char *name, uint32_t len);
 int  tw_name_get(struct tw_dom *d, uint64_t id, char *out, uint32_t cap);
-int  tw_names_used(struct tw_dom *d);
 
 /* ---- liveness (life.c) ---- */
 int  tw_slot_dead(struct tw_dom *d, uint32_t slot);
@@ -452,7 +440,6 @@ int  tw_proc_claim(struct tw_dom *d);
 void tw_proc_release(struct tw_dom *d);
 int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start);
 int  tw_proc_busy(struct tw_dom *d, uint32_t i);
-int  tw_procs_used(struct tw_dom *d);
 
 /* ---- tasks (task_work.c) ---- */
 int  tw_register(struct tw_dom *d, const char *name, uint64_t name_id, int32_t signum,
@@ -647,7 +634,6 @@ int  tw_free_leaks(struct tw_dom *d, const uint8_t *proc_dead, uint32_t *out, ui
 int  tw_fsck_lock(struct tw_dom *d);
 void tw_fsck_unlock(struct tw_dom *d);
 int  tw_scan_owners(struct tw_dom *d, uint64_t *out);
-int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n);
 
 /* ---- notifications (task_work.c) ---- */
 int  tw_eventfd_write(int efd);
@@ -699,9 +685,6 @@ int  tw_sigwatch_add(struct tw_dom *d, uint32_t slot, uint32_t gen, int signum, 
  * entries removed.
  */
 int  tw_sigwatch_del(struct tw_dom *d, uint32_t slot);
-/* Entries watched now, and owed signals sent again by this process so far. */
-int  tw_sigwatch_count(void);
-uint64_t tw_sigwatch_resent(void);
 
 /* ---- fault injection (segment.c) ---- */
 void tw_killpoint_set(int point, int64_t countdown);
