@@ -3,7 +3,7 @@
  * keys.c - idempotent adds: a work queued at most once per key, across the
  * adder's own death.
  *
- * The problem (the Redis bridge, SPEC §10): a process takes a message, adds
+ * The problem (the Redis bridge): a process takes a message, adds
  * its work, then acknowledges the message. Killed between the add and the
  * acknowledgement, its successor gets the message again and must not queue
  * the work a second time - but the work may have run and its node been
