@@ -1,6 +1,7 @@
 /*
  * tw_internal.h - what the native sources share and Python never sees:
- * addressing, atomics, and the helpers each file offers the others.
+ * addressing, atomics, and the helpers each layer offers the layers above
+ * it, grouped by layer from the bottom (sys.c) to the top (reap.c).
  */
 #ifndef SHM_TASKWORK_INTERNAL_H
 #define SHM_TASKWORK_INTERNAL_H
