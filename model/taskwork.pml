@@ -1,5 +1,7 @@
 /*
- * taskwork.pml - the list algorithms of native/task_work.c and reap.c, for spin.
+ * taskwork.pml - the list algorithms of native/task_work.c (the push of the add
+ * engine tw_queue, detach, cancel), native/reap.c (reaping) and native/pool.c
+ * (the free list), for spin.
  *
  * Part 1 (task list, a task that may die): adders check the task's life word
  * (one load), then push with compare-and-swap on the head (no lock), then mark

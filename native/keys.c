@@ -3,7 +3,7 @@
  * keys.c - idempotent adds: a work queued at most once per key, across the
  * adder's own death.
  *
- * The problem (the Redis bridge, SPEC §10): a process takes a message, adds
+ * The problem (the Redis bridge): a process takes a message, adds
  * its work, then acknowledges the message. Killed between the add and the
  * acknowledgement, its successor gets the message again and must not queue
  * the work a second time - but the work may have run and its node been
@@ -29,6 +29,10 @@
  *
  * The entry outlives the work. Eviction is by ring position (see taskwork.h):
  * a key is remembered until TW_KEYS_CAP newer keyed adds.
+ *
+ * Layer: key table. Calls sys, segment, life, the process table; reclaims a
+ * dead reserver's process entry through tw_dead_proc_ops. The keyed adds
+ * themselves (steps 1 and 3) are the add engine's (task_work.c).
  */
 #include "tw_internal.h"
 
@@ -104,7 +108,7 @@ static int resolve(struct tw_dom *d, struct tw_key *k, uint64_t word)
         if (tw_proc_dead(d, proc) != 1)
             return 0;                       /* its adder lives: in flight */
         struct tw_reap_info info;
-        int r = tw_proc_reclaim(d, proc, 0, &info);
+        int r = tw_dead_proc_ops.reclaim ? tw_dead_proc_ops.reclaim(d, proc, 0, &info) : -EAGAIN;
         return r < 0 && r != -EAGAIN ? r : -EAGAIN;
     }
     finish(k, word, LD_RLX(&k->want));      /* fails if a reclaimer voided it */
@@ -208,7 +212,7 @@ static int reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen, 
 
 /* Look key up and, if unknown, reserve it for node; keys_lock held inside.
  * 1: recorded before (info), 0: reserved (*entry), -errno. */
-static int lookup_or_reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen,
+int tw_key_reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen,
                              uint32_t want, uint32_t slot, struct tw_key_info *info, int *entry,
                              uint64_t *word)
 {
@@ -235,100 +239,6 @@ static int lookup_or_reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint
     return -EBUSY;
 }
 
-int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen,
-                     uint64_t func_id, const char *payload, uint32_t len, int notify_mode,
-                     int efd, int pidfd, int signum, uint64_t now_ns, int is_current,
-                     struct tw_key_info *info)
-{
-    memset(info, 0, sizeof(*info));
-    if (key == 0)
-        return -EINVAL;
-    int mode = tw_check_notify(notify_mode, is_current);
-    if (mode < 0)
-        return mode;
-    if (len > d->payload_size)
-        return -E2BIG;
-    int r = tw_target_open(d, slot, gen);
-    if (r)
-        return r;
-    r = tw_proc_claim(d);                   /* the entry names our process */
-    if (r < 0)
-        return r;
-    uint32_t idx;
-    r = tw_pool_pop(d, &idx);
-    if (r)
-        return r;
-    tw_killpoint(TW_KP_AFTER_ALLOC);
-    struct tw_node *n = NODE(d, idx);
-    tw_fill_node(d, n, slot, gen, func_id, payload, len, NULL, 0, now_ns);
-    uint32_t ngen = O_GEN(LD_RLX(&n->owner));
-    int entry;
-    uint64_t word;
-    r = lookup_or_reserve(d, key, idx, ngen, TW_K_QUEUED, slot, info, &entry, &word);
-    if (r != 0) {
-        tw_pool_push(d, idx);               /* recorded before, or an error */
-        return r == 1 ? 0 : r;
-    }
-    struct tw_key *k = KEY(d, (uint32_t)entry);
-    tw_killpoint(TW_KP_KEY_RESERVED);
-    int64_t due = tw_push_node(d, slot, gen, idx, mode, efd, pidfd, signum);
-    if (due < 0) {
-        /* Not pushed: the entry says so before the node can be reused. */
-        finish(k, word, TW_K_VOID);
-        tw_pool_push(d, idx);
-        return due;
-    }
-    tw_killpoint(TW_KP_KEY_PUSHED);
-    finish(k, word, TW_K_QUEUED);
-    fill_info(k, info, 1);
-    info->work = ((uint64_t)ngen << 32) | idx;
-    info->state = TW_K_QUEUED;
-    info->slot = slot;
-    return due;
-}
-
-int tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const char *payload,
-                        uint32_t len, uint64_t name_id, uint64_t now_ns,
-                        struct tw_key_info *info)
-{
-    memset(info, 0, sizeof(*info));
-    if (key == 0)
-        return -EINVAL;
-    if (len > d->payload_size)
-        return -E2BIG;
-    int r = tw_proc_claim(d);
-    if (r < 0)
-        return r;
-    uint32_t idx;
-    r = tw_pool_pop(d, &idx);
-    if (r)
-        return r;
-    struct tw_node *n = NODE(d, idx);
-    tw_fill_node(d, n, 0, 0, func_id, payload, len, NULL, 0, now_ns);
-    uint64_t o = LD_RLX(&n->owner);
-    int entry;
-    uint64_t word;
-    r = lookup_or_reserve(d, key, idx, O_GEN(o), TW_K_DEADLETTER, 0, info, &entry, &word);
-    if (r != 0) {
-        tw_pool_push(d, idx);
-        return r == 1 ? 0 : r;
-    }
-    struct tw_key *k = KEY(d, (uint32_t)entry);
-    tw_killpoint(TW_KP_KEY_RESERVED);
-    r = tw_dl_file(d, idx, o, TW_R_ORPHANED, 0, name_id);
-    if (r != 1) {
-        finish(k, word, TW_K_VOID);
-        tw_pool_push(d, idx);
-        return r < 0 ? r : -EAGAIN;
-    }
-    tw_killpoint(TW_KP_KEY_PUSHED);
-    finish(k, word, TW_K_DEADLETTER);
-    fill_info(k, info, 1);
-    info->work = ((uint64_t)O_GEN(o) << 32) | idx;
-    info->state = TW_K_DEADLETTER;
-    return 1;
-}
-
 int tw_keys_used(struct tw_dom *d)
 {
     int n = 0;
@@ -337,4 +247,14 @@ int tw_keys_used(struct tw_dom *d)
         n += st != TW_K_EMPTY && st != TW_K_VOID;
     }
     return n;
+}
+
+void tw_key_finish(struct tw_dom *d, int entry, uint64_t word, uint32_t state)
+{
+    finish(KEY(d, (uint32_t)entry), word, state);
+}
+
+void tw_key_fill_info(struct tw_dom *d, int entry, struct tw_key_info *info, uint32_t fresh)
+{
+    fill_info(KEY(d, (uint32_t)entry), info, fresh);
 }

@@ -4,7 +4,7 @@
  * (TW_R_SHUTDOWN), and works whose callback raised once their retries were
  * spent (TW_R_FAILED), with the error kept beside the payload.
  *
- * Layer: above the dead-letter list (reap.c's tw_dl_file) and the pool. The
+ * Layer: above the dead-letter list (deadletter.c) and the pool. The
  * runner owns the nodes it detached (DETACHED, aux = its slot) and those whose
  * callback it started (RUNNING): each is filed by a CAS on its owner word
  * from exactly the value the runner left there, so a reaper that finds the
@@ -77,4 +77,14 @@ int tw_node_error(struct tw_dom *d, uint32_t node, uint32_t gen, char *out, uint
     if (LD_ACQ(&nd->owner) != o)
         return -ENOENT;
     return (int)elen;
+}
+
+int tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n)
+{
+    if (!slot_ok(d, slot) || which > TW_C_INTERRUPTED)
+        return -EINVAL;
+    uint64_t *c = &SLOT(d, slot)->c.added;
+    /* Relaxed: a statistic; readers tolerate a moment's lag. */
+    ADD_RLX(&c[which], n);
+    return 0;
 }

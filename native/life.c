@@ -29,6 +29,8 @@
  * Callers reach the holder through a request slot guarded by two
  * process-local mutexes; fork() gets a fresh, empty holder in the child (the
  * child holds nothing: the parent's locks stay the parent's).
+ *
+ * Layer: life. Calls sys, segment.
  */
 #include "tw_internal.h"
 
@@ -36,6 +38,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -298,4 +301,18 @@ int tw_proc_dead(struct tw_dom *d, uint32_t i)
     if (!pid || !tw_word_dead(tw_life_word(&p->life)))
         return 0;
     return LD_ACQ(&p->pid) == pid;
+}
+
+/* Unmap. The holder thread must first let go of every life lock in the
+ * mapping: glibc keeps held robust mutexes on a per-thread list that it walks
+ * on unlock, and the kernel walks it when the thread dies; an entry in
+ * memory that is gone would break both. */
+void tw_unmap(struct tw_dom *d)
+{
+    if (d->base) {
+        tw_life_release_range(d->base, d->size);
+        munmap(d->base, d->size);
+    }
+    d->base = NULL;
+    d->size = 0;
 }

@@ -2,7 +2,8 @@
  * progress.c - what runs are doing now, for readers (README "Workers in
  * production": works in progress are visible).
  *
- * Layer: a reader above the segment. It only loads: no lock, no store. A run
+ * Layer: a reader above the segment (it calls nothing). It only loads: no
+ * lock, no store. A run
  * takes works off a task's list (DETACHED), starts them (RUNNING) and marks
  * each one that returned (DONE) with single stores into its owner word; the
  * slot's counters move when the run frees its chunk. So the owner words say,

@@ -6,6 +6,8 @@
  * A segment is formatted in full before it gets its name (the Python side
  * formats it under a temporary name and links it into place), so an opener
  * never sees a half-made one; the magic is still written last.
+ *
+ * Layer: segment. Calls sys.
  */
 #include "tw_internal.h"
 
@@ -79,13 +81,6 @@ void tw_killpoint(int point)
 
 /* ------------------------------------------------------------------------ */
 /* clocks and robust locks, never waited on forever                          */
-
-uint64_t tw_now_mono(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 int tw_mutex_init_robust(pthread_mutex_t *m)
 {
@@ -362,20 +357,6 @@ int tw_map(struct tw_dom *d, int fd, uint64_t size)
     return r;
 }
 
-/* Unmap. The holder thread must first let go of every life lock in the
- * mapping: glibc keeps held robust mutexes on a per-thread list that it walks
- * on unlock, and the kernel walks it when the thread dies; an entry in
- * memory that is gone would break both. */
-void tw_unmap(struct tw_dom *d)
-{
-    if (d->base) {
-        tw_life_release_range(d->base, d->size);
-        munmap(d->base, d->size);
-    }
-    d->base = NULL;
-    d->size = 0;
-}
-
 /* ------------------------------------------------------------------------ */
 /* callback names: open addressing on the id, claimed by CAS                  */
 
@@ -451,11 +432,3 @@ struct tw_name *tw_name_find(struct tw_dom *d, uint64_t id)
     return NULL;
 }
 
-int tw_names_used(struct tw_dom *d)
-{
-    uint32_t n = 0;
-    for (uint32_t k = 0; k < d->names_cap; k++)
-        if (LD_RLX(&NAME(d, k)->id))
-            n++;
-    return (int)n;
-}

@@ -33,6 +33,8 @@
  * fetch_or turns NOTIFY_SIGNAL 0->1 and finds SIGWATCH set wakes it (one
  * FUTEX_WAKE, only for the first signal after an idle second). A watcher of
  * several slots keeps polling.
+ *
+ * Layer: sigwatch. Calls sys, segment, life.
  */
 #include "tw_internal.h"
 
@@ -63,23 +65,15 @@ static struct {
     struct watch w[TW_SIG_WATCH_MAX];
     uint64_t armed_ns;         /* the last time a watched NOTIFY_SIGNAL was set  */
     uint32_t *sleeping_on;     /* the futex word the thread sleeps on, or NULL  */
-    uint64_t resent;
 } W = { .mu = PTHREAD_MUTEX_INITIALIZER };
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
-
-static void futex_wake(uint32_t *word)
-{
-    /* Shared (no FUTEX_PRIVATE_FLAG): the word is in the segment. EFAULT
-     * (the segment was unmapped) is harmless. */
-    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
 
 /* Called by an adder (notify() in task_work.c) that turned NOTIFY_SIGNAL 0->1
  * and saw TW_F_SIGWATCH in the old flags. */
 void tw_sigwatch_kick(uint32_t *flags)
 {
-    futex_wake(flags);
+    tw_futex_wake(flags);
 }
 
 /* The child of a fork() has no watcher thread and watches nothing: its
@@ -153,9 +147,8 @@ static int check(struct watch *w, uint64_t now)
         return 1;
     }
     if (now >= w->next_ns) {
-        if (syscall(SYS_tgkill, W.pid, w->tid, w->signum) == 0) {
+        if (tw_tgkill(W.pid, w->tid, w->signum) == 0) {
             ADD_RLX(&s->c.signals_resent, 1);
-            W.resent++;
         }
         /* Rate limit: two resends a TW_SIG_RESEND_NS apart (a resend that
          * itself lands just before a blocking call is rare), then doubling. */
@@ -204,7 +197,7 @@ static void *watcher_main(void *arg)
          * returned at once; a remapped address would never be woken) costs
          * at most this long. A change of any bit returns at once (EAGAIN). */
         struct timespec rel = { 60, 0 };
-        syscall(SYS_futex, word, FUTEX_WAIT, val, &rel, NULL, 0);
+        tw_futex_wait(word, val, &rel);
         pthread_mutex_lock(&W.mu);
         if (W.sleeping_on == word) {
             /* Still ours (tw_sigwatch_del clears sleeping_on before the slot
@@ -248,7 +241,7 @@ static void wake_sleeper(void)
 {
     if (W.sleeping_on) {
         __atomic_fetch_and(W.sleeping_on, ~TW_F_SIGWATCH, __ATOMIC_ACQ_REL);
-        futex_wake(W.sleeping_on);
+        tw_futex_wake(W.sleeping_on);
     }
     pthread_cond_broadcast(&W.cv);
 }
@@ -334,20 +327,4 @@ int tw_sigwatch_del(struct tw_dom *d, uint32_t slot)
     return removed;
 }
 
-int tw_sigwatch_count(void)
-{
-    pthread_once(&init_once, init);
-    pthread_mutex_lock(&W.mu);
-    int n = W.pid == getpid() ? W.n : 0;
-    pthread_mutex_unlock(&W.mu);
-    return n;
-}
 
-uint64_t tw_sigwatch_resent(void)
-{
-    pthread_once(&init_once, init);
-    pthread_mutex_lock(&W.mu);
-    uint64_t n = W.resent;
-    pthread_mutex_unlock(&W.mu);
-    return n;
-}

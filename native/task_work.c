@@ -22,20 +22,19 @@
  *   -EUCLEAN    the segment is inconsistent (bad index, walk too long)
  *   -ETIMEDOUT  a lock was not obtained in time (owner stuck or corrupt)
  *   -EUSERS     the process table is full of live processes
+ *
+ * Layer: task_work. Calls sys, segment, life, sigwatch, the process table,
+ * the pool, the dead letters, the key table; never reap.c.
  */
 #include "tw_internal.h"
 
 #include <linux/futex.h>
+#include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef SYS_pidfd_send_signal
-#define SYS_pidfd_send_signal 424
-#endif
-#ifndef SYS_pidfd_getfd
-#define SYS_pidfd_getfd 438
-#endif
+
+static void recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *s);
 
 /* ------------------------------------------------------------------------ */
 /* tasks: registration and exit, ordered by the slot's life lock              */
@@ -130,14 +129,6 @@ int tw_release_slot(struct tw_dom *d, uint32_t slot, uint32_t gen)
     return 0;
 }
 
-int tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n)
-{
-    if (!slot_ok(d, slot) || which > TW_C_INTERRUPTED)
-        return -EINVAL;
-    uint64_t *c = &SLOT(d, slot)->c.added;
-    ADD_RLX(&c[which], n);
-    return 0;
-}
 
 uint32_t tw_flags_get(struct tw_dom *d, uint32_t slot)
 {
@@ -160,35 +151,6 @@ uint32_t tw_flags_clear(struct tw_dom *d, uint32_t slot, uint32_t bits)
 
 /* ------------------------------------------------------------------------ */
 /* notifications                                                              */
-
-int tw_eventfd_write(int efd)
-{
-    uint64_t one = 1;
-    if (write(efd, &one, sizeof(one)) == sizeof(one))
-        return 0;
-    return errno == EAGAIN ? 0 : -errno;   /* EAGAIN: counter full, already readable */
-}
-
-int tw_eventfd_drain(int efd)
-{
-    uint64_t v;
-    if (read(efd, &v, sizeof(v)) == sizeof(v))
-        return 1;
-    return errno == EAGAIN ? 0 : -errno;
-}
-
-int tw_pidfd_send(int pidfd, int signum)
-{
-    if (syscall(SYS_pidfd_send_signal, pidfd, signum, NULL, 0) == 0)
-        return 0;
-    return -errno;
-}
-
-int tw_pidfd_getfd(int pidfd, int targetfd)
-{
-    long r = syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
-    return r < 0 ? -errno : (int)r;
-}
 
 /* Set the notify flag of mode; perform the notification when the flag was
  * clear and the caller gave us the descriptor. Returns TW_DUE_* | TW_DONE_*. */
@@ -248,7 +210,7 @@ static int notify(struct tw_slot *s, int mode, int efd, int pidfd, int signum)
 /* ------------------------------------------------------------------------ */
 /* add                                                                        */
 
-int tw_check_notify(int notify_mode, int is_current)
+static int tw_check_notify(int notify_mode, int is_current)
 {
     int mode = notify_mode & ~TW_TWA_FLAGS;
     int flags = notify_mode & TW_TWA_FLAGS;
@@ -270,8 +232,8 @@ static void hist_note(struct tw_dom *d, struct tw_slot *s, uint64_t func_id, int
         tw_hist_add(duration ? &e->duration : &e->latency, v);
 }
 
-void tw_fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
-                      uint64_t func_id, const char *payload, uint32_t len, const char *origin,
+static void tw_fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
+                        uint64_t func_id, const char *payload, uint32_t len, const char *origin,
                       uint32_t origin_len, uint64_t now_ns)
 {
     n->func_id = func_id;
@@ -346,7 +308,7 @@ static int push_chain(struct tw_slot *s, uint32_t gen, uint32_t first, struct tw
  * the bit is clear, but the reaper closed the head before it took the lock,
  * so the push fails instead.) Every add path asks this before it takes a node.
  */
-int tw_target_open(struct tw_dom *d, uint32_t slot, uint32_t gen)
+static int tw_target_open(struct tw_dom *d, uint32_t slot, uint32_t gen)
 {
     int r = tw_slot_check(d, slot, gen);
     if (r)
@@ -356,125 +318,275 @@ int tw_target_open(struct tw_dom *d, uint32_t slot, uint32_t gen)
     return 0;
 }
 
-/* Push node idx, which we own (ALLOC(me), filled), onto (slot, gen) and
- * notify. Returns the TW_DUE/TW_DONE bits, or -ESRCH with the node still ours. */
-int64_t tw_push_node(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t idx,
-                     int mode, int efd, int pidfd, int signum)
+/* ------------------------------------------------------------------------ */
+/* the add engine: every add path is tw_queue() with a request               */
+
+/* Payload i of a request: the one payload, payloads[i], or buf[offs[i] ..
+ * offs[i+1]). */
+static inline __attribute__((always_inline)) const char *req_payload(const struct tw_add_req *r,
+                                                                    uint32_t i)
 {
-    struct tw_node *n = NODE(d, idx);
-    struct tw_slot *s = SLOT(d, slot);
-    uint64_t o = LD_RLX(&n->owner);
-    /* Pushed while still ALLOC(me): if we die before the push, the node is
-     * plainly ours and on no list (given back when our process entry is
-     * reclaimed); if we die after it, that reclaim finds it linked and
-     * finishes mark_queued() for us. */
-    int r = push_chain(s, gen, idx, n);
-    if (r)
-        return r;
-    tw_killpoint(TW_KP_AFTER_PUSH);
-    mark_queued(d, idx, O_GEN(o), slot);
-    ADD_RLX(&s->c.added, 1);
-    note_queued(s, 1);
-    return notify(s, mode, efd, pidfd, signum);
+    if (r->offs)
+        return r->payload + r->offs[i];
+    return r->payloads ? r->payloads[i] : r->payload;
 }
+
+static inline __attribute__((always_inline)) uint32_t req_len(const struct tw_add_req *r,
+                                                             uint32_t i)
+{
+    if (r->offs)
+        return r->offs[i + 1] - r->offs[i];
+    return r->lens ? r->lens[i] : r->len;
+}
+
+/* The packed result of an add of one node: gen (32 bits) | node (24 bits,
+ * MAX_POOL_LIMIT) | due (4 bits), < 2^60. */
+static inline int64_t packed(uint32_t ngen, uint32_t idx, int64_t due)
+{
+    return (int64_t)(((uint64_t)ngen << 28) | ((uint64_t)idx << 4) | (uint64_t)due);
+}
+
+/* Take the dead letter r->src (gen r->src_gen) for a re-queue: it becomes
+ * ours (ALLOC) with a new generation and r's target; its payload stays.
+ * 1 taken, 0 not there (-ENOENT to the caller), -errno. */
+static int take_src(struct tw_dom *d, const struct tw_add_req *r, uint32_t *old_target,
+                    uint32_t *old_gen)
+{
+    int rc = tw_dl_take(d, r->src, r->src_gen);
+    if (rc <= 0)
+        return rc;
+    struct tw_node *n = NODE(d, r->src);
+    /* Release: whoever reads the owner word (a reclaimer, fsck) sees the new
+     * generation only after the take; the node keeps its dead-letter reason
+     * until the push, so if we die before it, it goes back to the dead
+     * letters, never to the pool. */
+    ST_REL(&n->owner, OWNER(r->src_gen + 1, TW_N_ALLOC, (uint32_t)d->my_proc));
+    *old_target = n->target;
+    *old_gen = n->target_gen;
+    n->target = r->slot;
+    n->target_gen = r->gen;
+    n->enqueued_ns = r->now_ns ? r->now_ns : tw_now_mono();
+    return 1;
+}
+
+/*
+ * The engine. Steps, each the same for every kind of add:
+ *   check    the notify mode and the payload sizes
+ *   open     the target accepts work (tw_target_open)
+ *   take     nodes from the pool (count of them), or the dead letter src
+ *   fill     target, callback, payload, origin
+ *   key      record (key -> node) before the push, once per key
+ *   push     one lock-free CAS for the whole chain (or file the node as a
+ *            dead letter: to_deadletter)
+ *   undo     a failed push gives the nodes back (or files src again, or
+ *            voids the key) - nothing queued, nothing leaked
+ *   mark     ALLOC(me) -> QUEUED(slot), counters, notify
+ * always_inline: each thin wrapper below compiles to the engine with its
+ * constant request fields folded in, so the lean add keeps its short path.
+ */
+static inline __attribute__((always_inline)) int64_t queue(struct tw_dom *d,
+                                                          const struct tw_add_req *r)
+{
+    const int requeue = r->src != TW_NIL, dl = r->to_deadletter;
+    const int single = !r->payloads && !r->offs;   /* one payload (or src) */
+    const uint32_t cnt = single ? 1 : r->count;
+    uint32_t origin_len = r->origin_len;
+    uint64_t now_ns = r->now_ns;
+    int mode = TW_TWA_NONE, rc;
+
+    if (r->key_info)
+        memset(r->key_info, 0, sizeof(*r->key_info));
+    if (r->key_info && r->key == 0)
+        return -EINVAL;
+    /* check */
+    if (!dl) {
+        mode = tw_check_notify(r->notify, r->is_current);
+        if (mode < 0)
+            return mode;
+    }
+    if (requeue) {
+        if (!node_ok(d, r->src) || !slot_ok(d, r->slot))
+            return -EINVAL;
+    } else if (single) {
+        if (r->len > d->payload_size)
+            return -E2BIG;
+    } else {
+        for (uint32_t i = 0; i < cnt; i++)
+            if ((r->offs && r->offs[i + 1] < r->offs[i]) || req_len(r, i) > d->payload_size)
+                return r->offs && r->offs[i + 1] < r->offs[i] ? -EINVAL : -E2BIG;
+        if (!now_ns)
+            now_ns = tw_now_mono();   /* one clock read for the whole batch */
+    }
+    /* open; a re-queue takes its dead letter first, then looks (and files
+     * it again if the target takes no work) */
+    uint32_t old_target = 0, old_gen = 0;
+    if (requeue) {
+        rc = take_src(d, r, &old_target, &old_gen);
+        if (rc <= 0)
+            return rc == 0 ? -ENOENT : rc;
+    } else if (!dl) {
+        rc = tw_target_open(d, r->slot, r->gen);
+        if (rc || cnt == 0)
+            return rc;
+    }
+    if (r->key_info) {
+        rc = tw_proc_claim(d);                   /* the key entry names our process */
+        if (rc < 0)
+            return rc;
+    }
+    if (r->notify & TW_TWAF_NO_ALLOC)
+        origin_len = 0;
+
+    /* take + fill: the chain newest first (payload cnt-1 at the head, as if
+     * each had been added in order) */
+    uint32_t first = TW_NIL, lastidx = TW_NIL, ngen = 0;
+    if (requeue) {
+        first = lastidx = r->src;
+        ngen = r->src_gen + 1;
+    } else {
+        for (uint32_t i = 0; i < cnt; i++) {
+            uint32_t idx;
+            rc = tw_pool_pop(d, &idx);
+            if (rc) {
+                /* Give back what we took. The indices come from work_ids_out,
+                 * not from the nodes' ->next: those are in the segment, where
+                 * anything may have changed. */
+                for (uint32_t k = 0; k < i; k++)
+                    tw_pool_push(d, (uint32_t)r->work_ids_out[k]);
+                return rc;
+            }
+            if (single && !dl)
+                tw_killpoint(TW_KP_AFTER_ALLOC);
+            struct tw_node *n = NODE(d, idx);
+            tw_fill_node(d, n, dl ? 0 : r->slot, dl ? 0 : r->gen, r->func_id,
+                         req_payload(r, i), req_len(r, i), r->origin, origin_len, now_ns);
+            ngen = O_GEN(LD_RLX(&n->owner));
+            if (!single) {
+                n->next = first;
+                r->work_ids_out[i] = ((uint64_t)ngen << 32) | idx;
+            } else if (r->work_ids_out) {
+                r->work_ids_out[0] = ((uint64_t)ngen << 32) | idx;
+            }
+            if (first == TW_NIL)
+                lastidx = idx;
+            first = idx;
+        }
+        if (!single)
+            tw_killpoint(TW_KP_AFTER_ALLOC);
+    }
+
+    /* key: record before the push */
+    int entry = -1;
+    uint64_t word = 0;
+    if (r->key_info) {
+        rc = tw_key_reserve(d, r->key, first, ngen, dl ? TW_K_DEADLETTER : TW_K_QUEUED,
+                            dl ? 0 : r->slot, r->key_info, &entry, &word);
+        if (rc != 0) {
+            tw_pool_push(d, first);              /* recorded before, or an error */
+            return rc == 1 ? 0 : rc;
+        }
+        tw_killpoint(TW_KP_KEY_RESERVED);
+    }
+
+    /* push (or file) */
+    struct tw_slot *s = dl ? NULL : SLOT(d, r->slot);
+    if (dl) {
+        rc = tw_dl_file(d, first, LD_RLX(&NODE(d, first)->owner), TW_R_ORPHANED, 0,
+                        r->name_id);
+        rc = rc == 1 ? 0 : rc < 0 ? rc : -EAGAIN;
+    } else {
+        /* A re-queued node was opened after its take. Pushed while still
+         * ALLOC(me): if we die before the push, the node is plainly ours and
+         * on no list (given back, or filed again, when our process entry is
+         * reclaimed); if we die after it, that reclaim finds it linked and
+         * finishes mark_queued() for us. */
+        rc = requeue ? tw_target_open(d, r->slot, r->gen) : 0;
+        if (rc == 0)
+            rc = push_chain(s, r->gen, first, NODE(d, lastidx));
+    }
+
+    /* undo */
+    if (rc) {
+        if (entry >= 0)
+            tw_key_finish(d, entry, word, TW_K_VOID);   /* before the node can be reused */
+        if (requeue) {
+            struct tw_node *n = NODE(d, first);
+            n->target = old_target;
+            n->target_gen = old_gen;
+            int fr = tw_dl_file(d, first, OWNER(ngen, TW_N_ALLOC, (uint32_t)d->my_proc),
+                                n->reason ? n->reason : TW_R_ORPHANED,
+                                slot_ok(d, old_target) ? old_target : 0, n->name_id);
+            return fr < 0 ? fr : rc;
+        }
+        if (single)
+            tw_pool_push(d, first);              /* never reachable: still only ours */
+        else
+            for (uint32_t k = 0; k < cnt; k++)
+                tw_pool_push(d, (uint32_t)r->work_ids_out[k]);
+        return rc;
+    }
+    if (!dl)
+        tw_killpoint(TW_KP_AFTER_PUSH);
+
+    /* mark */
+    int64_t due = 0;
+    if (!dl) {
+        if (single)
+            mark_queued(d, first, ngen, r->slot);
+        else
+            for (uint32_t k = 0; k < cnt; k++)
+                mark_queued(d, (uint32_t)r->work_ids_out[k], (uint32_t)(r->work_ids_out[k] >> 32),
+                            r->slot);
+        ADD_RLX(&s->c.added, cnt);
+        note_queued(s, cnt);
+        due = notify(s, mode, r->efd, r->pidfd, r->signum);
+    }
+    if (entry >= 0) {
+        tw_killpoint(TW_KP_KEY_PUSHED);
+        tw_key_finish(d, entry, word, dl ? TW_K_DEADLETTER : TW_K_QUEUED);
+        tw_key_fill_info(d, entry, r->key_info, 1);
+        r->key_info->work = ((uint64_t)ngen << 32) | first;
+        r->key_info->state = dl ? TW_K_DEADLETTER : TW_K_QUEUED;
+        if (!dl)
+            r->key_info->slot = r->slot;
+    }
+    return packed(ngen, first, due);
+}
+
+int64_t tw_queue(struct tw_dom *d, const struct tw_add_req *r)
+{
+    return queue(d, r);
+}
+
+/* A request without a source node: new nodes from the pool. */
+#define REQ(...) ((struct tw_add_req){ .src = TW_NIL, __VA_ARGS__ })
+#define REQ_SRC(...) ((struct tw_add_req){ __VA_ARGS__ })
 
 int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                const char *payload, uint32_t len, int notify_mode, const char *origin,
                uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
                int is_current)
 {
-    int mode = tw_check_notify(notify_mode, is_current);
-    if (mode < 0)
-        return mode;
-    if (len > d->payload_size)
-        return -E2BIG;
-    int r = tw_target_open(d, slot, gen);
-    if (r)
-        return r;
-    if (notify_mode & TW_TWAF_NO_ALLOC)
-        origin_len = 0;
-    uint32_t idx;
-    r = tw_pool_pop(d, &idx);
-    if (r)
-        return r;
-    tw_killpoint(TW_KP_AFTER_ALLOC);
-    struct tw_node *n = NODE(d, idx);
-    tw_fill_node(d, n, slot, gen, func_id, payload, len, origin, origin_len, now_ns);
-    uint32_t ngen = O_GEN(LD_RLX(&n->owner));
-    int64_t due = tw_push_node(d, slot, gen, idx, mode, efd, pidfd, signum);
-    if (due < 0) {
-        tw_pool_push(d, idx);      /* never reachable: still only ours */
-        return due;
-    }
-    /* gen (32 bits) | node (24 bits, MAX_POOL_LIMIT) | due (4 bits): < 2^60 */
-    return (int64_t)(((uint64_t)ngen << 28) | ((uint64_t)idx << 4) | (uint64_t)due);
+    const struct tw_add_req r = REQ(.slot = slot, .gen = gen, .func_id = func_id,
+                                    .payload = payload, .len = len, .notify = notify_mode,
+                                    .is_current = is_current, .origin = origin,
+                                    .origin_len = origin_len, .efd = efd, .pidfd = pidfd,
+                                    .signum = signum, .now_ns = now_ns);
+    return queue(d, &r);
 }
 
-/* Payload i: payloads[i] (lens[i] bytes), or from one flat buffer (flat,
- * offs[i] .. offs[i+1]) when flat is given. */
-#define PAYLOAD_AT(i) (flat ? flat + offs[i] : payloads[i])
-#define LEN_AT(i)     (flat ? offs[(i) + 1] - offs[i] : lens[i])
-
-static int add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
-                    const char *const *payloads, const uint32_t *lens, const char *flat,
-                    const uint32_t *offs, uint32_t cnt, int notify_mode, const char *origin,
-                    uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
-                    int is_current, uint64_t *work_ids_out)
+int64_t tw_add_h(const struct tw_handle *h, uint64_t func_id, const char *payload,
+                 uint32_t len, int notify_mode, int efd, int pidfd, int is_current,
+                 uint64_t now_ns)
 {
-    int mode = tw_check_notify(notify_mode, is_current);
-    if (mode < 0)
-        return mode;
-    for (uint32_t i = 0; i < cnt; i++)
-        if ((flat && offs[i + 1] < offs[i]) || LEN_AT(i) > d->payload_size)
-            return flat && offs[i + 1] < offs[i] ? -EINVAL : -E2BIG;
-    if (!now_ns)
-        now_ns = tw_now_mono();   /* one clock read for the whole batch */
-    int r = tw_target_open(d, slot, gen);
-    if (r || cnt == 0)
-        return r;
-    struct tw_slot *s = SLOT(d, slot);
-    if (notify_mode & TW_TWAF_NO_ALLOC)
-        origin_len = 0;
-    /* Build the chain newest-first: payloads[cnt-1] ends up at the head, as if
-     * each had been added in order. */
-    uint32_t first = TW_NIL, lastidx = TW_NIL;
-    for (uint32_t i = 0; i < cnt; i++) {
-        uint32_t idx;
-        r = tw_pool_pop(d, &idx);
-        if (r) {
-            /* Give back what we took: nothing queued, nothing leaked. The
-             * indices come from work_ids_out, not from the nodes' ->next:
-             * those are in the segment, where anything may have changed. */
-            for (uint32_t k = 0; k < i; k++)
-                tw_pool_push(d, (uint32_t)work_ids_out[k]);
-            return r;
-        }
-        struct tw_node *n = NODE(d, idx);
-        tw_fill_node(d, n, slot, gen, func_id, PAYLOAD_AT(i), LEN_AT(i), origin, origin_len,
-                  now_ns);
-        n->next = first;
-        if (first == TW_NIL)
-            lastidx = idx;
-        first = idx;
-        work_ids_out[i] = ((uint64_t)O_GEN(LD_RLX(&n->owner)) << 32) | idx;
-    }
-    tw_killpoint(TW_KP_AFTER_ALLOC);
-    r = push_chain(s, gen, first, NODE(d, lastidx));
-    if (r) {
-        for (uint32_t k = 0; k < cnt; k++)
-            tw_pool_push(d, (uint32_t)work_ids_out[k]);
-        return r;
-    }
-    tw_killpoint(TW_KP_AFTER_PUSH);
-    for (uint32_t k = 0; k < cnt; k++)
-        mark_queued(d, (uint32_t)work_ids_out[k], (uint32_t)(work_ids_out[k] >> 32), slot);
-    ADD_RLX(&s->c.added, cnt);
-    note_queued(s, cnt);
-    return notify(s, mode, efd, pidfd, signum);
+    const struct tw_add_req r = REQ(.slot = h->slot, .gen = h->gen, .func_id = func_id,
+                                    .payload = payload, .len = len, .notify = notify_mode,
+                                    .is_current = is_current,
+                                    .efd = is_current ? h->own_efd : efd,
+                                    .pidfd = is_current ? -1 : pidfd, .signum = h->signum,
+                                    .now_ns = now_ns);
+    return queue(h->d, &r);
 }
-
-#undef PAYLOAD_AT
-#undef LEN_AT
 
 int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                 const char *const *payloads, const uint32_t *lens, uint32_t cnt,
@@ -482,55 +594,84 @@ int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                 int pidfd, int signum, uint64_t now_ns, int is_current,
                 uint64_t *work_ids_out)
 {
-    return add_many(d, slot, gen, func_id, payloads, lens, NULL, NULL, cnt, notify_mode,
-                    origin, origin_len, efd, pidfd, signum, now_ns, is_current, work_ids_out);
+    const struct tw_add_req r = REQ(.slot = slot, .gen = gen, .func_id = func_id,
+                                    .payloads = payloads, .lens = lens, .count = cnt,
+                                    .notify = notify_mode, .is_current = is_current,
+                                    .origin = origin, .origin_len = origin_len, .efd = efd,
+                                    .pidfd = pidfd, .signum = signum, .now_ns = now_ns,
+                                    .work_ids_out = work_ids_out);
+    int64_t rc = queue(d, &r);
+    return rc < 0 ? (int)rc : (int)(rc & 0xf);
 }
 
 int tw_add_many_flat(const struct tw_handle *h, uint64_t func_id, const char *buf,
-                     const uint32_t *offs, uint32_t n, int notify, int efd, int pidfd,
+                     const uint32_t *offs, uint32_t n, int notify_mode, int efd, int pidfd,
                      int is_current, uint64_t now_ns, uint64_t *work_ids_out)
 {
-    if (is_current) {
-        efd = h->own_efd;
-        pidfd = -1;
-    }
-    return add_many(h->d, h->slot, h->gen, func_id, NULL, NULL, buf, offs, n, notify, NULL, 0,
-                    efd, pidfd, h->signum, now_ns, is_current, work_ids_out);
+    const struct tw_add_req r = REQ(.slot = h->slot, .gen = h->gen, .func_id = func_id,
+                                    .payload = buf, .offs = offs, .count = n,
+                                    .notify = notify_mode, .is_current = is_current,
+                                    .efd = is_current ? h->own_efd : efd,
+                                    .pidfd = is_current ? -1 : pidfd, .signum = h->signum,
+                                    .now_ns = now_ns, .work_ids_out = work_ids_out);
+    int64_t rc = queue(h->d, &r);
+    return rc < 0 ? (int)rc : (int)(rc & 0xf);
 }
 
-/* The lean add (see taskwork.h): tw_add with the handle's fixed arguments. */
-int64_t tw_add_h(const struct tw_handle *h, uint64_t func_id, const char *payload,
-                 uint32_t len, int notify, int efd, int pidfd, int is_current,
-                 uint64_t now_ns)
-{
-    if (is_current) {
-        efd = h->own_efd;
-        pidfd = -1;
-    }
-    return tw_add(h->d, h->slot, h->gen, func_id, payload, len, notify, NULL, 0, efd, pidfd,
-                  h->signum, now_ns, is_current);
-}
-
-/*
- * TWA_NMI_CURRENT: async-signal-safe. No lock, no allocation beyond the
- * lock-free pool, no stdio: pop, push, fetch_or, write(2). Callable from a C
- * signal handler of the task's own process (whose process entry was claimed
- * at registration, so the pool never needs to claim one here).
- */
 int tw_add_nmi(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                const char *payload, uint32_t len, int efd, uint64_t now_ns,
                uint64_t *work_id_out)
 {
     if (!slot_ok(d, slot) || SLOT(d, slot)->pid != d->my_pid || d->my_proc < 0)
         return -EINVAL;
-    int64_t r = tw_add(d, slot, gen, func_id, payload, len, TW_TWA_NMI_CURRENT, NULL, 0, efd, -1,
-                       0, now_ns, 1);
-    if (r < 0)
-        return (int)r;
-    if (work_id_out)
-        *work_id_out = ((uint64_t)(r >> 28) << 32) | (((uint64_t)r >> 4) & 0xffffff);
-    return (int)(r & 0xf);
+    const struct tw_add_req r = REQ(.slot = slot, .gen = gen, .func_id = func_id,
+                                    .payload = payload, .len = len,
+                                    .notify = TW_TWA_NMI_CURRENT, .is_current = 1, .efd = efd, .pidfd = -1,
+                                    .now_ns = now_ns, .work_ids_out = work_id_out);
+    int64_t rc = queue(d, &r);
+    return rc < 0 ? (int)rc : (int)(rc & 0xf);
 }
+
+int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen,
+                     uint64_t func_id, const char *payload, uint32_t len, int notify_mode,
+                     int efd, int pidfd, int signum, uint64_t now_ns, int is_current,
+                     struct tw_key_info *info)
+{
+    const struct tw_add_req r = REQ(.slot = slot, .gen = gen, .func_id = func_id,
+                                    .payload = payload, .len = len, .notify = notify_mode,
+                                    .is_current = is_current, .efd = efd, .pidfd = pidfd,
+                                    .signum = signum, .now_ns = now_ns, .key = key,
+                                    .key_info = info);
+    int64_t rc = queue(d, &r);
+    return rc < 0 ? rc : (rc & 0xf);
+}
+
+int tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const char *payload,
+                        uint32_t len, uint64_t name_id, uint64_t now_ns,
+                        struct tw_key_info *info)
+{
+    const struct tw_add_req r = REQ(.func_id = func_id, .payload = payload, .len = len,
+                                    .now_ns = now_ns, .key = key, .key_info = info,
+                                    .to_deadletter = 1, .name_id = name_id);
+    int64_t rc = queue(d, &r);
+    if (rc < 0)
+        return (int)rc;
+    return info->fresh ? 1 : 0;
+}
+
+int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot, uint32_t tgen,
+                   int notify_mode, int efd, int pidfd, int signum, uint64_t now_ns,
+                   int is_current)
+{
+    const struct tw_add_req r = REQ_SRC(.slot = slot, .gen = tgen, .notify = notify_mode,
+                                    .is_current = is_current, .efd = efd, .pidfd = pidfd,
+                                    .signum = signum, .now_ns = now_ns, .src = node,
+                                    .src_gen = gen);
+    return queue(d, &r);
+}
+
+#undef REQ
+#undef REQ_SRC
 
 /* ------------------------------------------------------------------------ */
 /* run                                                                        */
@@ -586,7 +727,7 @@ int tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uint
     if (r)
         return r;
     if (LD_ACQ(&s->lock_recovered))
-        tw_recover_cancelling(d, slot, s);
+        recover_cancelling(d, slot, s);
     uint32_t n = 0, stop = TW_NIL;
     head = LD_ACQ(&s->head);
     for (;;) {
@@ -671,65 +812,38 @@ void tw_copy_info(struct tw_dom *d, uint32_t idx, struct tw_node *n, uint64_t ow
 }
 
 /*
- * One step of task_work_run's second half: finish `done` (the callback of a
- * RUNNING node returned: free it, or file it as a dead letter when its
- * callback is unknown here) and begin `next` (DETACHED -> RUNNING, copied out
- * to wi/payload_out). Either may be TW_NIL. One native call per work.
- *
- * On an error nothing of the step is done: a failure to finish `done`
- * returns before `next` is begun, so the caller keeps both (the first to
- * finish again later, the second still DETACHED, to begin later).
- *
- * The histograms (struct tw_hist) cost one clock read per step: `next`'s
- * enqueue-to-start latency and `done`'s callback duration, counted for the
- * task and for the callback's name.
+ * Finish `done`, a work whose callback ran outside the batch run path (an
+ * async callback, a callback unknown here): free it, or file it as a dead
+ * letter when its callback is unknown here (TW_OUT_UNKNOWN). One clock read:
+ * its callback's duration, counted for the task and for the callback's name.
+ * On an error nothing is done: the node stays RUNNING, the caller's.
  */
 int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_t next,
             struct tw_work_info *wi, char *payload_out, char *origin_out)
 {
-    if (!slot_ok(d, slot) || (done != TW_NIL && !node_ok(d, done)) ||
-        (next != TW_NIL && !node_ok(d, next)))
+    if (!slot_ok(d, slot) || (done != TW_NIL && !node_ok(d, done)) || next != TW_NIL)
         return -EINVAL;
+    if (done == TW_NIL)
+        return 0;
     struct tw_slot *s = SLOT(d, slot);
-    uint64_t now = (done != TW_NIL || next != TW_NIL) ? tw_now_mono() : 0;
-    if (done != TW_NIL) {
-        struct tw_node *n = NODE(d, done);
-        uint64_t o = LD_ACQ(&n->owner);
-        if (O_STATE(o) != TW_N_RUNNING || O_AUX(o) != slot)
-            return -EUCLEAN;
-        if (outcome != TW_OUT_UNKNOWN) {
-            /* its callback ran: read the node before it goes back to the pool */
-            uint64_t started = n->started_ns;
-            uint64_t dur = now > started ? now - started : 0;
-            hist_note(d, s, n->func_id, 1, dur);
-        }
-        if (outcome == TW_OUT_UNKNOWN) {
-            int r = tw_dl_file(d, done, o, TW_R_UNKNOWN, slot, LD_RLX(&s->name_id));
-            if (r < 0)
-                return r;   /* dl_lock stuck: the node stays RUNNING, ours */
-            ADD_RLX(&s->c.unknown, 1);
-        } else {
-            ADD_RLX(&s->c.run, 1);
-            if (outcome == TW_OUT_ERROR)
-                ADD_RLX(&s->c.errors, 1);
-            tw_pool_push(d, done);
-        }
+    struct tw_node *n = NODE(d, done);
+    uint64_t o = LD_ACQ(&n->owner);
+    if (O_STATE(o) != TW_N_RUNNING || O_AUX(o) != slot)
+        return -EUCLEAN;
+    if (outcome == TW_OUT_UNKNOWN) {
+        int r = tw_dl_file(d, done, o, TW_R_UNKNOWN, slot, LD_RLX(&s->name_id));
+        if (r < 0)
+            return r;   /* dl_lock stuck: the node stays RUNNING, ours */
+        ADD_RLX(&s->c.unknown, 1);
+        return 0;
     }
-    if (next != TW_NIL) {
-        struct tw_node *n = NODE(d, next);
-        uint64_t o = LD_ACQ(&n->owner);
-        if (O_STATE(o) != TW_N_DETACHED || O_AUX(o) != slot)
-            return -EUCLEAN;
-        uint64_t enq = n->enqueued_ns;
-        uint64_t lat = now > enq ? now - enq : 0;
-        hist_note(d, s, n->func_id, 0, lat);
-        n->started_ns = now;   /* ours (DETACHED): published by the store below */
-        /* From here the work counts as started: cancel can no longer reach it
-         * (it left the list at detach) and a reaper reports it interrupted,
-         * not orphaned, if we die. Release: pairs with the reaper's acquire. */
-        ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_RUNNING, slot));
-        tw_copy_info(d, next, n, o, wi, payload_out, origin_out);
-    }
+    /* its callback ran: read the node before it goes back to the pool */
+    uint64_t now = tw_now_mono(), started = n->started_ns;
+    hist_note(d, s, n->func_id, 1, now > started ? now - started : 0);
+    ADD_RLX(&s->c.run, 1);
+    if (outcome == TW_OUT_ERROR)
+        ADD_RLX(&s->c.errors, 1);
+    tw_pool_push(d, done);
     return 0;
 }
 
@@ -794,7 +908,8 @@ int tw_run_start(struct tw_dom *d, uint32_t slot, uint32_t node)
     uint64_t o;
     if (!slot_ok(d, slot) || !ours(d, slot, node, TW_N_DETACHED, &o))
         return -EUCLEAN;
-    /* Release: pairs with the reaper's acquire load (see tw_step). */
+    /* Release: pairs with the reaper's acquire load; from here a reaper
+     * reports the work interrupted, not orphaned. */
     ST_REL(&NODE(d, node)->owner, OWNER(O_GEN(o), TW_N_RUNNING, slot));
     return 0;
 }
@@ -810,7 +925,8 @@ int tw_run_start_many(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, ui
     for (uint32_t i = 0; i < k; i++) {
         struct tw_node *n = NODE(d, nodes[i]);
         o = LD_RLX(&n->owner);
-        /* Release: pairs with the reaper's acquire load (see tw_step). */
+        /* Release: pairs with the reaper's acquire load; from here a reaper
+     * reports the work interrupted, not orphaned. */
         ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_RUNNING, slot));
     }
     return (int)k;
@@ -1057,3 +1173,64 @@ int tw_read_work(struct tw_dom *d, uint32_t node, uint32_t gen, struct tw_work_i
         return -ESTALE;
     return 0;
 }
+
+
+/* May a node with owner word o be linked on the list of (slot, gen)? */
+int tw_linked_state(struct tw_dom *d, struct tw_node *n, uint64_t o, uint32_t slot, uint32_t gen)
+{
+    uint32_t st = O_STATE(o);
+    if (st == TW_N_QUEUED || st == TW_N_CANCELLING)
+        return O_AUX(o) == slot;
+    if (st == TW_N_ALLOC)   /* pushed, not yet marked by its adder */
+        return LD_RLX(&n->target) == slot && LD_RLX(&n->target_gen) == gen;
+    return 0;
+}
+
+/* Mark in `linked` every node on the list from `from` (bounded walk). */
+static void mark_list(struct tw_dom *d, uint8_t *linked, uint32_t from)
+{
+    for (uint32_t cur = from, k = 0; cur != TW_NIL && !idx_closed(cur) && k <= d->pool_size;
+         k++) {
+        if (!node_ok(d, cur) || linked[cur])
+            return;                         /* out of range, or a cycle */
+        linked[cur] = 1;
+        cur = LD_ACQ(&NODE(d, cur)->next);
+    }
+}
+
+/*
+ * A canceller died holding pi_lock (we were told by EOWNERDEAD). It may have
+ * left a node CANCELLING: still linked (it is a queued work again) or
+ * unlinked (nobody else will ever see it: give it back to the pool and count
+ * it cancelled). Called by the task's own runner with pi_lock held before it
+ * detaches, so "linked" is decidable: the list is all there is.
+ */
+static void recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *s)
+{
+    /* One pass over the list into a bitmap, then one over the pool: O(pool)
+     * however many nodes a dead canceller (or a scribbler) left marked. */
+    uint8_t *linked = calloc(d->pool_size, 1);
+    if (!linked || tw_proc_claim(d) < 0) {
+        free(linked);
+        return;                             /* lock_recovered stays set: next run */
+    }
+    mark_list(d, linked, H_IDX(LD_ACQ(&s->head)));
+    for (uint32_t i = 0; i < d->pool_size; i++) {
+        struct tw_node *n = NODE(d, i);
+        uint64_t o = LD_ACQ(&n->owner);
+        if (O_STATE(o) != TW_N_CANCELLING || O_AUX(o) != slot)
+            continue;
+        /* We hold pi_lock, so no live canceller owns this mark. */
+        if (linked[i]) {
+            ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_QUEUED, slot));
+        } else {
+            ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc));
+            ADD_RLX(&s->c.cancelled, 1);
+            tw_pool_push(d, i);
+        }
+    }
+    free(linked);
+    ST_REL(&s->lock_recovered, 0u);
+}
+
+

@@ -1,392 +1,45 @@
 /*
- * taskwork.h - the kernel's task_work lists, rebuilt over POSIX shared memory.
+ * taskwork.h - the kernel's task_work lists, rebuilt over POSIX shared memory:
+ * the API. The shared layout, with its synchronization table, is tw_layout.h.
  *
- * Sources, by concept:
- *   task_work.c  the list operations of kernel/task_work.c: add, run (detach,
- *                step), cancel; registration and exit of a task
- *   pool.c       the node pool (a tagged Treiber stack), the process table
- *   life.c       liveness: robust "life" locks held for a whole registration
- *                by one holder thread per process; death is a bit in shared
- *                memory (FUTEX_OWNER_DIED, written by the kernel)
- *   reap.c       dead tasks and processes: reaping, dead letters, fsck's tools
- *   segment.c    the segment's format, robust locks with deadlines, names,
- *                fault injection
- *   sigwatch.c   TWA_SIGNAL is never stranded: a watcher thread in a task's
- *                own process re-sends a signal its handler has not taken
+ * Sources, by layer (bottom to top; a file calls only the layers below it,
+ * reap.c may call every one):
+ *   sys.c         clock, /proc, eventfd, pidfd, futex, tgkill
+ *   segment.c     the segment's format and mapping, robust locks with
+ *                 deadlines, callback names, fault injection
+ *   life.c        liveness: robust "life" locks held for a whole registration
+ *                 by one holder thread per process; death is a bit in shared
+ *                 memory (FUTEX_OWNER_DIED, written by the kernel)
+ *   sigwatch.c    TWA_SIGNAL is never stranded: a watcher thread in a task's
+ *                 own process re-sends a signal its handler has not taken
+ *   proc.c        the process table
+ *   pool.c        the node pool (a tagged Treiber stack)
+ *   deadletter.c  the dead letters
+ *   keys.c        the key table of keyed adds
+ *   task_work.c   the list operations of kernel/task_work.c: registration,
+ *                 the add engine (tw_queue), run (detach, the batch path),
+ *                 cancel, reading works
+ *   reap.c        dead tasks and dead processes: reaping, reclaiming
  *
- * Synchronization table (which operation may run beside which):
- *
- *   operation            needs                       may run beside
- *   -------------------  --------------------------  ------------------------------
- *   tw_add / add_many    nothing (Treiber push)      everything
- *   detach (run)         the task's process; pi_lock add (a push makes it retry)
- *   cancel_*             the task's pi_lock          add
- *   free-list pop        nothing (tagged head)       pop, push
- *   free-list push       nothing (tagged head)       pop, push
- *   dead-letter ops      dl_lock                     everything else
- *   register / exit      the slot's life lock        everything; the life lock
- *                                                    orders every state change
- *   reap (a dead task)   its life lock (EOWNERDEAD), add (fails: head closed),
- *                        then pi_lock, then dl_lock  other reapers (they back off)
- *   proc-entry reclaim   the entry's life lock       everything; fsck_lock for a
- *                                                    free-list check
- *   fsck repair          fsck_lock                   everything; it reaps as above
- *
- *   keyed add reserve    keys_lock (lookup + claim   everything; the push after
- *                        of a ring entry)            it is lock-free as in tw_add
- *
- * Lock order: keys_lock (never held across another lock) ; life (trylock
- * only) -> pi_lock -> dl_lock; fsck_lock -> life.
- * Every lock in the segment is robust and taken with a CLOCK_MONOTONIC
- * deadline, or only tried: nothing waits forever.
- *
- * One line per shared field: who writes it, with what ordering.
- *
- *   hdr.magic..sizes      creator, before the segment is linked under its name
- *   hdr.free_head         pop/push: CAS acq_rel, (tag<<32 | idx); tag++ on every
- *                         change so a stale CAS fails (no ABA)
- *   hdr.dl_head/dl_count  under dl_lock, release stores
- *   slot.life             robust futex (struct tw_life): taken by CAS by the
- *                         registrant's holder thread for the registration's
- *                         life; by a reaper's holder after death. The word is
- *                         the owner's TID; the kernel sets FUTEX_OWNER_DIED in
- *                         it when that thread dies: adders read it with one
- *                         acquire load
- *   slot.state            under the life lock, release stores
- *   slot.head             (gen<<32 | idx). add: CAS release (pairs with the
- *                         acquire loads of detach, cancel and reap). detach:
- *                         CAS acq_rel under pi_lock. cancel: CAS acq_rel under
- *                         pi_lock. A reaper closes it with CAS (dead bit).
- *   slot.flags            fetch_or by notifiers (acq_rel), fetch_and by the
- *                         runner. Lazy clear: NOTIFY_* stays set while a run
- *                         goes on (adders then write no eventfd); the run
- *                         clears it after its last detach found the list
- *                         empty, then detaches once more. Lost wake-up: an
- *                         add's push precedes its fetch_or; if that fetch_or
- *                         comes after our clear it sees the bit clear and
- *                         notifies; if before, the push precedes our clear
- *                         (acq_rel), so the detach after the clear sees it.
- *                         wait() keeps NOTIFY_RESUME set while it spins (it
- *                         watches the head) and does clear, drain, look once
- *                         more before it returns or blocks
- *   slot.flags SIGWATCH   fetch_or by the task's signal watcher before it
- *                         sleeps on the flags word (futex); fetch_and when it
- *                         wakes. An adder whose fetch_or turns NOTIFY_SIGNAL
- *                         0->1 and sees SIGWATCH in the old value wakes it
- *   slot.flags WAITING    fetch_or by wait() before it blocks in select(),
- *                         fetch_and after. An adder whose fetch_or turns
- *                         NOTIFY_SIGNAL 0->1 and sees WAITING in the old value
- *                         writes the eventfd too: one atomic word, so either
- *                         wait()'s look after its fetch_or sees NOTIFY_SIGNAL,
- *                         or the adder sees WAITING (no lost wake-up)
- *   c.signals_sent        fetch_add (release) by the adder that turned
- *                         NOTIFY_SIGNAL 0->1, before it sends the signal
- *   c.sig_ack             the task's signal handler, at its entry: release
- *                         store of the signals_sent it read (acquire); a
- *                         handler that could not run the list stores a value
- *                         != signals_sent, so the signal stays owed
- *
- * Lost wake-ups, case by case (the notify bit is the only thing an adder
- * looks at before it decides to notify):
- *
- *   who sleeps / defers        how an add after the runner's last look wakes it
- *   -------------------------  ---------------------------------------------------
- *   a run (lazy clear)         the adder's fetch_or comes after the clear: it sees
- *                              the bit clear and notifies; or before: the detach
- *                              after the clear sees its push
- *   wait() in select, RESUME   clear + drain + look before select (as above)
- *   wait() in select, SIGNAL   WAITING is set before the look; an adder that
- *                              turns NOTIFY_SIGNAL 0->1 after the look sees
- *                              WAITING and writes the eventfd
- *   CPython defers the handler the signal was caught before the main thread
- *   (signal caught just before entered a blocking call: nothing interrupts it,
- *   a blocking system call)    and NOTIFY_SIGNAL stays set so adders coalesce.
- *                              The signal is *owed* (NOTIFY_SIGNAL set, sig_ack
- *                              != signals_sent, works queued); the watcher
- *                              thread re-sends it to the main thread with
- *                              tgkill after TW_SIG_RESEND_NS, then at growing
- *                              intervals: the call returns EINTR, CPython runs
- *                              the owed handler (README "TWA_SIGNAL is never
- *                              stranded")
- *   slot counters         relaxed fetch_add; statistics only
- *   slot histograms       latency and duration (struct tw_hist), written only
- *                         by the task's runner in tw_step: relaxed load + store
- *   name histograms       the same per callback name, by every runner: relaxed
- *                         fetch_add. Statistics only (a reader sums the buckets
- *                         for the count)
- *   tw_run_* records      process-local (the runner's buffers), never shared
- *   node.started_ns       the runner, plain store while it owns the node
- *                         (DETACHED), before the release store that makes it
- *                         RUNNING; read back by the same runner when it finishes
- *   node.owner            (gen<<32 | state<<24 | aux): release store by the owner
- *                         of the node at each transition, CAS where two parties
- *                         may race; acquire load by everyone else. The batch
- *                         run path's DETACHED -> RUNNING -> DONE are single
- *                         aligned 8-byte stores by the runner (x86: release)
- *   node.next             written by the node's owner before it publishes the node
- *                         (release CAS of the push), by cancel under pi_lock,
- *                         and by dead-letter filing under dl_lock
- *   node payload, meta    written before the push; read by runner after acquire
- *   proc.life             robust futex: held by the process's holder thread while
- *                         the entry is claimed (before pid is stored, until after
- *                         it is cleared)
- *   key.word (state)      RESERVED: release store under keys_lock, after the
- *                         entry's other fields; RESERVED -> QUEUED/DEADLETTER/
- *                         VOID: CAS acq_rel by the reserver, a resolver
- *                         (tw_key_lookup) or a reclaimer (settle_node)
- *   hdr.keys_next         under keys_lock
- *   proc.intent[k]        claimed by CAS from ~0 by one pop/push of the process;
- *                         seq_cst stores before its free-list CAS, ~0 after
- *
- * Every value read from the segment is treated as hostile: indices are
- * bounds-checked, walks are bounded by pool_size, locks are taken with a
- * deadline. Functions return 0 / a positive count, or -errno; they never print.
+ * Conventions. Every function returns 0, a count or a bit mask (>= 0), or a
+ * negative errno; none prints. A struct tw_dom is one process's view of a
+ * mapped domain: its functions may be called from any thread, but the caller
+ * serializes calls that change the view itself (tw_map, tw_attach,
+ * tw_unmap). Errors common to most calls:
+ *   -EINVAL      bad argument (index, mode)
+ *   -ESRCH       the task exited, or (slot, gen) is an older registration
+ *   -EOWNERDEAD  the task's process died: reap it (tw_reap), then it is ESRCH
+ *   -E2BIG       payload larger than the domain's payload_size
+ *   -ENOMEM      the pool is empty
+ *   -EPERM       not the task's own process
+ *   -EUCLEAN     the segment is inconsistent (bad index, walk too long)
+ *   -ETIMEDOUT   a lock was not obtained in time (owner stuck or corrupt)
+ *   -EUSERS      the process table is full of live processes
  */
 #ifndef SHM_TASKWORK_H
 #define SHM_TASKWORK_H
 
-#include <stdint.h>
-#include <stddef.h>
-#include <pthread.h>
-
-#define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     9u
-
-/* Notify modes: the kernel's values (include/linux/task_work.h). */
-#define TW_TWA_NONE           0
-#define TW_TWA_RESUME         1
-#define TW_TWA_SIGNAL         2
-#define TW_TWA_SIGNAL_NO_IPI  3
-#define TW_TWA_NMI_CURRENT    4
-#define TW_TWA_FLAGS          0xff00
-#define TW_TWAF_NO_ALLOC      0x0100
-
-/* 32-bit list indices. NIL ends a list; EXITED is the work_exited sentinel:
- * "all we need is ->next == NULL" becomes "all we need is a value no node has".
- * A head whose index has the DEAD bit is closed too: its task died, and the
- * index below the bit (DEAD_EMPTY: none) is the list a reaper will settle. */
-#define TW_NIL                0xffffffffu
-#define TW_EXITED             0xfffffffeu
-#define TW_DEAD_EMPTY         0xfffffffdu
-#define TW_DEAD_BIT           0x80000000u
-
-/* Slot flag bits (TIF_* and PF_EXITING). */
-#define TW_F_NOTIFY_RESUME    0x1u
-#define TW_F_NOTIFY_SIGNAL    0x2u
-#define TW_F_EXITING          0x4u
-#define TW_F_DIED             0x8u  /* it ended by death, and was reaped        */
-#define TW_F_SIGWATCH         0x10u /* the task's signal watcher sleeps on flags  */
-#define TW_F_WAITING          0x20u /* wait() is (about to be) blocked in select  */
-
-/* Slot states. */
-#define TW_SLOT_FREE          0u
-#define TW_SLOT_CLAIMING      1u
-#define TW_SLOT_RUNNING       2u
-#define TW_SLOT_EXITING       3u
-#define TW_SLOT_EXITED        4u
-#define TW_SLOT_REAPING       5u  /* dead; a reaper holds its life lock     */
-
-/* Node ownership states (bits 24..31 of the low half of node.owner). */
-#define TW_N_FREE             0u  /* on the free list (or being popped)          */
-#define TW_N_ALLOC            1u  /* aux = proc index of the allocating process;
-                                     also just after its push, until the adder's
-                                     CAS makes it QUEUED (or a runner, canceller,
-                                     reaper or fsck takes it by CAS first)       */
-#define TW_N_QUEUED           2u  /* aux = task slot; linked from slot.head      */
-#define TW_N_CANCELLING       3u  /* aux = task slot; a canceller holds pi_lock  */
-#define TW_N_DETACHED         4u  /* aux = task slot; in a run batch, not started */
-#define TW_N_RUNNING          5u  /* aux = task slot; its callback has started   */
-#define TW_N_DEADLETTER       6u  /* on the domain's dead-letter list            */
-#define TW_N_DONE             7u  /* aux = task slot; its callback returned: the
-                                     runner gives it back (tw_run_finish), or a
-                                     reaper does if the runner died. Counted free */
-
-/* Why a node is a dead letter (node.reason); non-zero on an ALLOC node: a
- * dead letter being re-queued, which goes back to the dead letters if its
- * re-queuer dies before the push. */
-#define TW_R_NONE             0u
-#define TW_R_UNKNOWN          1u  /* its callback was unknown in the runner    */
-#define TW_R_ORPHANED         2u  /* its task died before running it           */
-#define TW_R_INTERRUPTED      3u  /* its task died in its callback; the reaper
-                                     died too before it could report it        */
-#define TW_R_SHUTDOWN         4u  /* its task stopped (serve's drain deadline)
-                                     before running it                         */
-#define TW_R_FAILED           5u  /* its callback raised, retries spent        */
-
-/* What tw_add reports back (bit mask, >= 0). */
-#define TW_DUE_EVENTFD        0x1  /* NOTIFY_RESUME went 0->1: write the eventfd   */
-#define TW_DUE_SIGNAL         0x2  /* NOTIFY_SIGNAL went 0->1: send the signal     */
-#define TW_DONE_EVENTFD       0x4  /* ...and tw_add wrote it itself                */
-#define TW_DONE_SIGNAL        0x8  /* ...and tw_add sent it itself                 */
-
-#define TW_NAME_LEN           48
-#define TW_FUNC_NAME_LEN      112
-#define TW_ORIGIN_LEN         128
-#define TW_FD_TOKEN_LEN       16
-
-/* Kill points for fault injection (SHM_TASKWORK_KILLPOINT=name[:n][:stop]):
- * the n-th pass SIGKILLs the process, or with ":stop" SIGSTOPs it there. */
-#define TW_KP_NONE            0
-#define TW_KP_AFTER_ALLOC     1  /* node allocated, not pushed                  */
-#define TW_KP_AFTER_PUSH      2  /* pushed, notification not sent               */
-#define TW_KP_AFTER_DETACH    3  /* batch detached and marked, nothing run      */
-#define TW_KP_IN_PI_LOCK      4  /* cancel holds pi_lock, node marked, linked   */
-#define TW_KP_MID_POP         5  /* free-list CAS done, owner not yet written   */
-#define TW_KP_IN_CALLBACK     6  /* (python side) callback started              */
-#define TW_KP_IN_CLAIM        7  /* proc entry locked, pid not yet stored       */
-#define TW_KP_IN_REGISTER     8  /* slot claimed, registration not published    */
-#define TW_KP_IN_REAP         9  /* reaper holds a dead task's life lock        */
-#define TW_KP_IN_DL_FILE      10 /* dl_lock held, node marked, not yet linked   */
-#define TW_KP_IN_DETACH       11 /* pi_lock held, batch marked, not detached    */
-#define TW_KP_KEY_RESERVED    12 /* key entry RESERVED, node not yet pushed     */
-#define TW_KP_KEY_PUSHED      13 /* keyed node pushed, key entry not yet final  */
-
-/* Counter numbers for tw_slot_counter_add. */
-#define TW_C_ADDED 0
-#define TW_C_RUN 1
-#define TW_C_CANCELLED 2
-#define TW_C_ORPHANED 3
-#define TW_C_ERRORS 4
-#define TW_C_UNKNOWN 5
-#define TW_C_SIGNALS 6
-#define TW_C_RESUMES 7
-#define TW_C_INTERRUPTED 8
-
-struct tw_header {
-    char     magic[8];
-    uint32_t layout_version;
-    uint32_t node_size;
-    uint32_t header_size;
-    uint32_t slot_size;
-    uint32_t max_tasks;
-    uint32_t pool_size;
-    uint32_t payload_size;
-    uint32_t max_procs;
-    uint32_t names_cap;
-    uint32_t record_origin;
-    uint64_t slots_off;
-    uint64_t procs_off;
-    uint64_t names_off;
-    uint64_t nodes_off;
-    uint64_t total_size;
-    uint64_t created_ns;
-    uint64_t free_head;        /* tag<<32 | idx */
-    uint64_t dl_head;          /* idx (u32) under dl_lock */
-    uint64_t dl_count;
-    uint64_t fsck_runs;
-    uint64_t reaped;           /* dead tasks reaped (by anyone)                 */
-    uint64_t procs_reclaimed;  /* process-table entries of dead processes reused */
-    uint64_t keys_off;         /* the key table (struct tw_key[TW_KEYS_CAP])     */
-    uint64_t keys_next;        /* next ring position; under keys_lock           */
-    uint32_t keys_cap;
-    uint32_t keys_pad;
-    uint64_t reserved[1];
-    pthread_mutex_t dl_lock;   /* robust, process-shared */
-    pthread_mutex_t fsck_lock; /* one repairing fsck at a time */
-    pthread_mutex_t keys_lock; /* one key reservation at a time (tw_add_keyed) */
-    char     pad[64];
-};
-
-struct tw_counters {
-    uint64_t added, run, cancelled, orphaned, errors, unknown;
-    uint64_t signals_sent, resumes_sent, interrupted;
-    int64_t  queued;           /* approximate: +1 per push, -n per detach/cancel */
-    uint64_t max_pending;      /* high-water mark of queued                      */
-    uint64_t sig_ack;          /* the signals_sent the handler last took         */
-    uint64_t signals_resent;   /* owed signals the watcher sent again            */
-};
-
-/*
- * A life lock: a bare robust futex. `word` is 0 (free) or the TID of the
- * holder thread of the process that holds it; when that thread dies the
- * kernel sets FUTEX_OWNER_DIED in it (and clears the TID). `next` links the
- * holder thread's robust list (set_robust_list(2)): the holder only ever
- * writes these links, from its own private record of what it holds, and never
- * follows them - a scribbled link can mislead the kernel's walk at the
- * holder's death, never make a live process write through it.
- */
-struct tw_life {
-    uint32_t word;
-    uint32_t pad;
-    uint64_t next;
-};
-
-/*
- * A histogram kept by the runner (SPEC §11): enqueue-to-start latency and
- * callback duration, per task (in its slot) and per callback name (in the
- * name table). Bucket b counts the values v (nanoseconds) whose bit length
- * minus TW_HIST_SHIFT is b, clamped: bucket 0 is v < 2^10 ns (1.024 us),
- * bucket b is [2^(b+9), 2^(b+10)) ns, the last one everything from 2^36 ns
- * (68.7 s) on. One clock read and a few relaxed increments per work.
- */
-#define TW_HIST_BUCKETS 28
-#define TW_HIST_SHIFT   10
-struct tw_hist {
-    uint64_t bucket[TW_HIST_BUCKETS];
-    uint64_t sum_ns;
-};
-
-struct tw_slot {
-    uint64_t head;             /* gen<<32 | idx (TW_NIL, TW_EXITED, dead or a node) */
-    uint32_t state;
-    uint32_t gen;
-    uint32_t flags;
-    int32_t  pid;
-    uint64_t start_ticks;      /* /proc/PID/stat field 22 of the registrant      */
-    uint64_t registered_ns;
-    int32_t  signum;
-    int32_t  efd;              /* the eventfd's number in the task's process     */
-    uint32_t uid;
-    uint32_t lock_recovered;   /* set by whoever got EOWNERDEAD on pi_lock       */
-    uint64_t name_id;          /* the task name's id in the name table           */
-    uint8_t  fd_token[TW_FD_TOKEN_LEN]; /* where the task hands out its eventfd  */
-    char     name[TW_NAME_LEN];
-    struct tw_counters c;
-    struct tw_hist latency;    /* enqueue -> callback start, this registration   */
-    struct tw_hist duration;   /* callback start -> return                       */
-    pthread_mutex_t pi_lock;   /* robust, process-shared                         */
-    struct tw_life life;       /* held while the registrant lives                */
-    char     pad[64];
-};
-
-#define TW_INTENTS 8
-struct tw_proc {
-    uint64_t pid;              /* 0 = free; stored after life is locked          */
-    uint64_t start_ticks;
-    /* One word per free-list operation in flight in this process (threads, a
-     * signal handler interrupting an add): claimed by CAS from ~0, then the
-     * node being popped/pushed (low 32 bits), back to ~0 when done.           */
-    uint64_t intent[TW_INTENTS];
-    struct tw_life life;       /* held while the process has the entry           */
-};
-
-struct tw_name {
-    uint64_t id;               /* 0 = empty; claimed by CAS                      */
-    uint32_t ready;            /* release store after name is written            */
-    uint32_t len;
-    char     name[TW_FUNC_NAME_LEN];
-    struct tw_hist latency;    /* works of this callback, every task             */
-    struct tw_hist duration;
-};
-
-struct tw_node {
-    uint64_t owner;            /* gen<<32 | state<<24 | aux                      */
-    uint32_t next;             /* list link or free-list link                    */
-    uint32_t payload_len;
-    uint64_t func_id;
-    uint64_t enqueued_ns;
-    int32_t  sender_pid;
-    uint32_t target;           /* slot index                                     */
-    uint32_t target_gen;
-    uint32_t origin_len;
-    uint32_t reason;           /* TW_R_*: why it is (or was) a dead letter       */
-    uint32_t note;             /* attempt << 16 | error length (TW_R_FAILED)     */
-    uint64_t name_id;          /* a dead letter's task name (name table id)      */
-    uint64_t started_ns;       /* when its callback started (RUNNING)            */
-    /* then: char origin[TW_ORIGIN_LEN] if record_origin; then the payload       */
-};
-
-#define TW_NODE_HDR  ((uint32_t)sizeof(struct tw_node))
+#include "tw_layout.h"
 
 /* Process-local view of a mapped domain. Sizes are copied from the header once
  * it is validated; later reads of the segment never change them. */
@@ -430,67 +83,584 @@ struct tw_reap_info {
     uint32_t refiled;          /* a dead re-queuer's dead letter, filed again    */
 };
 
-/* ---- segment (segment.c) ---- */
+/* ======================================================================== */
+/* sys.c                                                                     */
+
+/**
+ * tw_proc_start_ticks() - when process @pid started.
+ * @pid: a process id.
+ *
+ * Context: any. Return: field 22 of /proc/@pid/stat (clock ticks since boot),
+ * or 0 if it cannot be read (no such process).
+ */
+uint64_t tw_proc_start_ticks(int pid);
+/**
+ * tw_eventfd_write() - add 1 to an eventfd.
+ * @efd: the eventfd.
+ *
+ * Context: async-signal-safe. Return: 0 (also when the counter is full: it
+ * is readable already), or -errno.
+ */
+int  tw_eventfd_write(int efd);
+/**
+ * tw_eventfd_drain() - read an eventfd (non-blocking) to zero.
+ * @efd: the eventfd, opened O_NONBLOCK.
+ *
+ * Return: 1 if it was readable, 0 if not, or -errno.
+ */
+int  tw_eventfd_drain(int efd);
+/**
+ * tw_pidfd_send() - pidfd_send_signal(2).
+ * @pidfd: the process's pidfd. @signum: the signal.
+ *
+ * Return: 0, or -errno.
+ */
+int  tw_pidfd_send(int pidfd, int signum);
+/**
+ * tw_pidfd_getfd() - pidfd_getfd(2): a copy of another process's descriptor.
+ * @pidfd: the process's pidfd. @targetfd: its descriptor number.
+ *
+ * Return: the new descriptor (the caller closes it), or -errno.
+ */
+int  tw_pidfd_getfd(int pidfd, int targetfd);
+
+/* ======================================================================== */
+/* segment.c                                                                 */
+
+/**
+ * tw_layout_size() - bytes a domain of these sizes needs.
+ * @max_tasks, @pool_size, @payload_size, @max_procs, @names_cap: the sizes.
+ * @record_origin: 1 if every node keeps an origin of TW_ORIGIN_LEN bytes.
+ *
+ * Return: the size in bytes (the caller checks the limits with tw_format).
+ */
 uint64_t tw_layout_size(uint32_t max_tasks, uint32_t pool_size, uint32_t payload_size,
                         uint32_t max_procs, uint32_t names_cap, uint32_t record_origin);
+/**
+ * tw_format() - lay out a new domain in @base.
+ * @base: zeroed memory of at least tw_layout_size() bytes, not yet visible
+ *        under the domain's name. @size: its size.
+ * @max_tasks ... @record_origin: as tw_layout_size(). @now_ns: creation time.
+ *
+ * Writes the header (the magic last), the slots, the process table, the
+ * name table and the free list of every node; initializes the robust locks.
+ * Context: the creator alone. Return: 0, -EINVAL (a size out of its limits,
+ * or @size too small), or -errno from a lock's initialization.
+ */
 int  tw_format(void *base, uint64_t size, uint32_t max_tasks, uint32_t pool_size,
                uint32_t payload_size, uint32_t max_procs, uint32_t names_cap,
                uint32_t record_origin, uint64_t now_ns);
+/**
+ * tw_map() - map the domain in descriptor @fd and validate it (tw_attach).
+ * @d: the view to fill. @fd: the shared-memory object. @size: its size.
+ *
+ * Return: 0, -EUCLEAN/-EPROTO as tw_attach(), or -errno from mmap.
+ */
 int  tw_map(struct tw_dom *d, int fd, uint64_t size);
+/**
+ * tw_attach() - validate a mapped domain and fill the view @d.
+ * @d: the view. @base: the mapping. @size: its size.
+ *
+ * Every size in the header is checked against its limit and against @size;
+ * @d keeps copies, so later scribbles on the header cannot move its bounds.
+ * Return: 0, -EPROTO (another layout version), -EUCLEAN (bad magic, sizes
+ * or offsets).
+ */
 int  tw_attach(struct tw_dom *d, void *base, uint64_t size);
-void tw_unmap(struct tw_dom *d);
+/**
+ * tw_layout_version() - TW_LAYOUT_VERSION of this build.
+ */
 uint32_t tw_layout_version(void);
+/**
+ * tw_node_header_size() - sizeof(struct tw_node) in this build.
+ */
 uint32_t tw_node_header_size(void);
+/**
+ * tw_name_put() - record callback name @name under @id in the name table.
+ * @d: the domain. @id: the name's id (non-zero). @name, @len: the name.
+ *
+ * Return: 0 (recorded, or already there), -EINVAL (@id 0), -ENAMETOOLONG
+ * (@len >= TW_FUNC_NAME_LEN), -ENOSPC (the table is full).
+ */
 int  tw_name_put(struct tw_dom *d, uint64_t id, const char *name, uint32_t len);
+/**
+ * tw_name_get() - the callback name recorded under @id.
+ * @d: the domain. @id: the id. @out, @cap: where the name goes.
+ *
+ * Return: its length, -EINVAL, or -ENOENT (not recorded, or not whole yet).
+ */
 int  tw_name_get(struct tw_dom *d, uint64_t id, char *out, uint32_t cap);
-int  tw_names_used(struct tw_dom *d);
+/**
+ * tw_fsck_lock() - take the domain's fsck lock (one repairing fsck at a time).
+ * @d: the domain.
+ *
+ * Return: 0, -ETIMEDOUT, or -EUCLEAN (the lock was scribbled). A lock whose
+ * holder died is taken over.
+ */
+int  tw_fsck_lock(struct tw_dom *d);
+/**
+ * tw_fsck_unlock() - release the fsck lock taken by tw_fsck_lock().
+ */
+void tw_fsck_unlock(struct tw_dom *d);
+/**
+ * tw_killpoint_set() - arm a kill point (fault injection) in this process.
+ * @point: TW_KP_*. @countdown: the pass that kills (1: the next one); a
+ * negative one stops the process (SIGSTOP) there instead of killing it.
+ */
+void tw_killpoint_set(int point, int64_t countdown);
+/**
+ * tw_killpoint_get() - the armed kill point (TW_KP_NONE if none).
+ */
+int  tw_killpoint_get(void);
+/**
+ * tw_killpoint() - pass kill point @point: the armed pass SIGKILLs (or
+ * SIGSTOPs) this process. Context: async-signal-safe.
+ */
+void tw_killpoint(int point);
 
-/* ---- liveness (life.c) ---- */
+/* ======================================================================== */
+/* life.c                                                                    */
+
+/**
+ * tw_unmap() - let go of every life lock this process holds in @d, then
+ * unmap it.
+ * @d: the view (its base is NULL afterwards).
+ *
+ * Context: no other thread uses @d any more (tw_sigwatch_del() first).
+ */
+void tw_unmap(struct tw_dom *d);
+/**
+ * tw_slot_dead() - did the task in @slot die (and was not reaped yet)?
+ * @d: the domain. @slot: the slot.
+ *
+ * One acquire load of the slot's life word. Return: 1 dead (or being
+ * reaped), 0 alive, free or exited, -EINVAL.
+ */
 int  tw_slot_dead(struct tw_dom *d, uint32_t slot);
+/**
+ * tw_proc_dead() - did the process of process-table entry @i die holding it?
+ * @d: the domain. @i: the entry.
+ *
+ * Return: 1 dead, 0 alive or free, -EINVAL.
+ */
 int  tw_proc_dead(struct tw_dom *d, uint32_t i);
 
-/* ---- processes (pool.c) ---- */
-uint64_t tw_proc_start_ticks(int pid);
-int  tw_proc_claim(struct tw_dom *d);
-void tw_proc_release(struct tw_dom *d);
-int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start);
-int  tw_proc_busy(struct tw_dom *d, uint32_t i);
-int  tw_procs_used(struct tw_dom *d);
+/* ======================================================================== */
+/* sigwatch.c: TWA_SIGNAL is never stranded
+ *
+ * A signal sent to a task is *owed* while NOTIFY_SIGNAL is set, the task's
+ * handler has not acknowledged it (c.sig_ack != c.signals_sent) and works are
+ * queued. The watcher, a thread of the task's own process with every signal
+ * blocked, sends an owed signal again to the thread that runs the handler
+ * (tgkill) once it has been owed for TW_SIG_RESEND_NS, then after intervals
+ * that double up to TW_SIG_RESEND_MAX_NS: never a storm.
+ */
+#define TW_SIG_RESEND_NS      20000000LL    /* 20 ms                             */
+#define TW_SIG_RESEND_MAX_NS  1000000000LL  /* 1 s                               */
+#define TW_SIG_TICK_NS        10000000LL    /* the watcher's poll while armed    */
+#define TW_SIG_LINGER_NS      1000000000LL  /* idle this long: sleep on a futex  */
+#define TW_SIG_WATCH_MAX      64            /* watched slots per process         */
 
-/* ---- tasks (task_work.c) ---- */
+/**
+ * tw_sig_ack() - the task's signal handler took the signals sent so far.
+ * @d: the domain. @slot: the task's slot. @ok: 1 at the handler's entry; 0
+ * when the handler could not run the list (a lock timeout, an error): the
+ * signal stays owed and the watcher sends it again.
+ *
+ * Context: async-signal-safe (loads and one store). Return: 0, or -EINVAL.
+ */
+int  tw_sig_ack(struct tw_dom *d, uint32_t slot, int ok);
+/**
+ * tw_sigwatch_add() - watch a slot of this process's for owed signals.
+ * @d: the domain (stays mapped until tw_sigwatch_del()). @slot, @gen: the
+ * registration. @signum: its signal. @tid: the thread to signal (the one
+ * Python runs handlers in: the main thread).
+ *
+ * Starts the watcher thread on first use (every signal blocked). Return: 0,
+ * -EINVAL (bad slot or signal), -ENOSPC (TW_SIG_WATCH_MAX slots watched),
+ * -errno from pthread_create.
+ */
+int  tw_sigwatch_add(struct tw_dom *d, uint32_t slot, uint32_t gen, int signum, int tid);
+/**
+ * tw_sigwatch_del() - stop watching a slot of @d (every slot of @d if @slot
+ * is UINT32_MAX).
+ *
+ * When it returns the watcher no longer reads the slot: the caller may unmap
+ * the domain. Waits for the watcher at most ~1 s. Return: the number of
+ * entries removed.
+ */
+int  tw_sigwatch_del(struct tw_dom *d, uint32_t slot);
+
+/* ======================================================================== */
+/* proc.c: the process table                                                 */
+
+/**
+ * tw_proc_claim() - this process's entry in the process table.
+ * @d: the domain.
+ *
+ * Claims one on first use (a free entry, else one a dead process left,
+ * settled first); every pop or push of the pool needs it. A forked child
+ * claims its own.
+ * Return: the entry's index, or -EUSERS (every entry held by a live process).
+ */
+int  tw_proc_claim(struct tw_dom *d);
+/**
+ * tw_proc_release() - give back this process's entry (pid first, then its
+ * life lock). Context: no pool operation of this process is in flight.
+ */
+void tw_proc_release(struct tw_dom *d);
+/**
+ * tw_proc_info() - pid and start time recorded in entry @i.
+ * @d: the domain. @i: the entry. @pid, @start: filled (pid 0: free).
+ *
+ * Return: 0, or -EINVAL.
+ */
+int  tw_proc_info(struct tw_dom *d, uint32_t i, uint64_t *pid, uint64_t *start);
+/**
+ * tw_proc_busy() - has entry @i a free-list operation in flight (an intent)?
+ *
+ * Return: 1, 0, or -EINVAL.
+ */
+int  tw_proc_busy(struct tw_dom *d, uint32_t i);
+
+/* ======================================================================== */
+/* pool.c: the node pool                                                     */
+
+/**
+ * tw_pool_free_count() - nodes free or DONE (run, on their way back).
+ *
+ * A racy count (statistics). Return: the count.
+ */
+int  tw_pool_free_count(struct tw_dom *d);
+/**
+ * tw_node_state() - the owner word of @node.
+ * @d: the domain. @node: the node. @owner_out: gen<<32 | state<<24 | aux.
+ *
+ * Return: 0, or -EINVAL.
+ */
+int  tw_node_state(struct tw_dom *d, uint32_t node, uint64_t *owner_out);
+/**
+ * tw_free_node() - give back to the pool a node the caller owns (ALLOC by
+ * this process: an interrupted work after tw_reap(), a leak tw_free_leaks()
+ * found).
+ *
+ * Return: 0, or -EINVAL.
+ */
+int  tw_free_node(struct tw_dom *d, uint32_t node);
+/**
+ * tw_free_leaks() - FREE nodes on no free list that no live process moves.
+ * @d: the domain. @proc_dead: per process entry, 1 if its intents do not
+ * protect anything (NULL: all do). @out, @max: the nodes found.
+ * @tries: walks attempted before giving up on a free list that never holds
+ * still.
+ *
+ * Context: hold the fsck lock. Return: the number found, -EAGAIN (the list
+ * never held still), -EUCLEAN (the free list is broken), -ENOMEM.
+ */
+int  tw_free_leaks(struct tw_dom *d, const uint8_t *proc_dead, uint32_t *out, uint32_t max,
+                   uint32_t tries);
+/**
+ * tw_scan_owners() - copy every node's owner word into @out (pool_size of
+ * them). Return: pool_size.
+ */
+int  tw_scan_owners(struct tw_dom *d, uint64_t *out);
+
+/* ======================================================================== */
+/* deadletter.c                                                              */
+
+/**
+ * tw_dl_list() - the dead letters, newest first.
+ * @d: the domain. @out, @max: the nodes (at most @max written).
+ *
+ * Context: takes dl_lock. Return: the number of dead letters (may exceed
+ * @max), -ETIMEDOUT, -EUCLEAN.
+ */
+int  tw_dl_list(struct tw_dom *d, uint32_t *out, uint32_t max);
+/**
+ * tw_dl_take() - unlink dead letter (@node, @gen) and make it the caller's
+ * (ALLOC), keeping its reason: should the caller die holding it, it goes
+ * back to the dead letters, never to the pool.
+ *
+ * Return: 1 taken, 0 not there (taken by someone else), -EINVAL, -EUSERS,
+ * -ETIMEDOUT, -EUCLEAN.
+ */
+int  tw_dl_take(struct tw_dom *d, uint32_t node, uint32_t gen);
+/**
+ * tw_dl_done() - a taken dead letter is done.
+ * @d: the domain. @node: a node tw_dl_take() gave the caller.
+ * @outcome: TW_OUT_UNKNOWN files it again (its callback is still unknown
+ * here); anything else gives it back to the pool.
+ *
+ * Return: 0, -EINVAL, -EUCLEAN (not the caller's), -ETIMEDOUT.
+ */
+int  tw_dl_done(struct tw_dom *d, uint32_t node, int outcome);
+
+/* ======================================================================== */
+/* keys.c: the key table of keyed adds (see tw_layout.h)                     */
+
+/**
+ * tw_key_lookup() - what the key table says of @key.
+ * @d: the domain. @key: the key. @info: filled when recorded.
+ *
+ * A RESERVED entry is resolved: a dead reserver's process entry is
+ * reclaimed, which settles it.
+ * Return: 1 (@info filled: QUEUED or DEADLETTER), 0 unknown or VOID,
+ * -EBUSY (a live process is adding it), -errno.
+ */
+int  tw_key_lookup(struct tw_dom *d, uint64_t key, struct tw_key_info *info);
+/**
+ * tw_keys_used() - key entries that are neither EMPTY nor VOID.
+ */
+int  tw_keys_used(struct tw_dom *d);
+
+/* ======================================================================== */
+/* task_work.c: tasks                                                        */
+
+/**
+ * tw_register() - register the calling process as a task.
+ * @d: the domain. @name: the task's name (NULL: none). @name_id: its id in
+ * the name table. @signum: its TWA_SIGNAL signal. @efd: its eventfd (a
+ * descriptor number in this process). @uid: its user. @now_ns: now.
+ * @gen_out: the registration's generation.
+ *
+ * Claims a FREE or EXITED slot: its life lock first (held for the whole
+ * registration by this process's holder thread), then the fields, then a
+ * new head (new generation, empty list) and RUNNING.
+ * Return: the slot, -ENOSPC (no free slot), -EUSERS.
+ */
 int  tw_register(struct tw_dom *d, const char *name, uint64_t name_id, int32_t signum,
                  int32_t efd, uint32_t uid, uint64_t now_ns, uint32_t *gen_out);
+/**
+ * tw_slot_check() - does (@slot, @gen) take work (its head is open)?
+ *
+ * Return: 0, -ESRCH, -EINVAL.
+ */
 int  tw_slot_check(struct tw_dom *d, uint32_t slot, uint32_t gen);
+/**
+ * tw_release_slot() - after exit (the head holds the exited sentinel): the
+ * slot becomes EXITED and its life lock is let go; it may be claimed again.
+ *
+ * Context: the task's own process. Return: 0, -EINVAL, -ESRCH.
+ */
 int  tw_release_slot(struct tw_dom *d, uint32_t slot, uint32_t gen);
+/**
+ * tw_flags_get() - the slot's flags (TW_F_*), acquire. 0 for a bad slot.
+ */
+uint32_t tw_flags_get(struct tw_dom *d, uint32_t slot);
+/**
+ * tw_flags_set() - fetch_or @bits into the slot's flags (acq_rel).
+ * Return: the old flags (0 for a bad slot).
+ */
+uint32_t tw_flags_set(struct tw_dom *d, uint32_t slot, uint32_t bits);
+/**
+ * tw_flags_clear() - fetch_and ~@bits on the slot's flags (acq_rel). The
+ * runner clears NOTIFY_* before it detaches: an adder that pushes after the
+ * detach sees the bit clear and notifies again.
+ * Return: the old flags (0 for a bad slot).
+ */
+uint32_t tw_flags_clear(struct tw_dom *d, uint32_t slot, uint32_t bits);
 
-/* ---- add (task_work.c) ---- */
-/* Returns -errno, or (gen << 28) | (node << 4) | TW_DUE_*|TW_DONE_* bits: the
- * work id (gen<<32|node) comes back in the return value, so the hot path has
- * no out-parameter a signal handler could overwrite. -EOWNERDEAD: the task's
- * process is dead (its head is now closed): reap it, then report ESRCH. */
+/* ======================================================================== */
+/* task_work.c: add                                                          */
+
+/* What an add reports back (bit mask, >= 0). */
+#define TW_DUE_EVENTFD        0x1  /* NOTIFY_RESUME went 0->1: write the eventfd   */
+#define TW_DUE_SIGNAL         0x2  /* NOTIFY_SIGNAL went 0->1: send the signal     */
+#define TW_DONE_EVENTFD       0x4  /* ...and the add wrote it itself               */
+#define TW_DONE_SIGNAL        0x8  /* ...and the add sent it itself                */
+
+/*
+ * The lean add: what never changes for a handle is packed once in a
+ * struct tw_handle (the caller keeps it; the native side only reads it).
+ */
+struct tw_handle {
+    struct tw_dom *d;
+    uint32_t slot, gen;
+    int32_t  signum, own_efd;
+};
+/*
+ * The add engine: every add entry point below is tw_queue() with one of
+ * these requests. Fields a path does not use stay zero, except src (TW_NIL:
+ * no source node), efd and pidfd (-1: none).
+ */
+struct tw_add_req {
+    uint32_t slot, gen;        /* the target registration                       */
+    uint64_t func_id;
+    /* the payloads: one (payload, len); count of them (payloads[i], lens[i]);
+     * or one flat buffer (payload, offs[0..count]: payload i is
+     * payload[offs[i] .. offs[i+1])) */
+    const char *payload;
+    uint32_t len;
+    uint32_t count;            /* with payloads or offs                         */
+    const char *const *payloads;
+    const uint32_t *lens;
+    const uint32_t *offs;
+    int32_t  notify;           /* TWA_* | TWAF_*                                */
+    int32_t  is_current;       /* the caller's own task (TWA_NMI_CURRENT)       */
+    const char *origin;        /* recorded if the domain records origins        */
+    uint32_t origin_len;
+    int32_t  efd, pidfd, signum;  /* how to notify: -1 = leave it to the caller */
+    uint64_t now_ns;           /* the enqueue time; 0: read the clock           */
+    uint64_t key;              /* with key_info: queue at most once per key     */
+    struct tw_key_info *key_info;
+    uint32_t to_deadletter;    /* file as a dead letter (needs a key), no task  */
+    uint32_t src;              /* re-queue the dead letter (src, src_gen);      */
+    uint32_t src_gen;          /*   TW_NIL: take new nodes from the pool        */
+    uint32_t pad;
+    uint64_t name_id;          /* to_deadletter: the task name's id             */
+    uint64_t *work_ids_out;    /* gen<<32 | node of each work (count of them)   */
+};
+/**
+ * tw_queue() - queue works on a task (or file one as a dead letter).
+ * @d: the domain.
+ * @r: the request (see struct tw_add_req).
+ *
+ * Checks the notify mode and the payload sizes, checks that the target
+ * takes work, takes the nodes (or the dead letter @r->src), fills them,
+ * records the key, pushes them with one lock-free CAS, and notifies. A
+ * failure after the nodes were taken gives them back (or files the dead
+ * letter again, or voids the key): nothing queued, nothing leaked.
+ *
+ * Context: any thread of any process; lock-free unless @r has a key
+ * (keys_lock) or a source node (dl_lock). Async-signal-safe for one
+ * payload, no key, no source node, on the caller's own task whose process
+ * entry is claimed (tw_add_nmi()).
+ * Return: (gen << 28) | (node << 4) | TW_DUE_*|TW_DONE_* of the newest work
+ * (the work id gen<<32|node comes back in the return value, so the hot path
+ * has no out-parameter a signal handler could overwrite); 0 for count 0 or
+ * for a key recorded before (@r->key_info says what and where); -EINVAL,
+ * -E2BIG, -ESRCH, -EOWNERDEAD, -ENOMEM, -EUSERS, -ENOENT (the dead letter is
+ * gone), -EBUSY or -ENOSPC (key table), -ETIMEDOUT.
+ */
+int64_t tw_queue(struct tw_dom *d, const struct tw_add_req *r);
+/**
+ * tw_add() - task_work_add(): queue one work on (@slot, @gen).
+ * @d: the domain. @slot, @gen: the task. @func_id: the callback's name id.
+ * @payload, @len: the payload. @notify: TWA_* | TWAF_* (TWAF_NO_ALLOC: no
+ * origin). @origin, @origin_len: where it was added (if recorded).
+ * @efd, @pidfd: the task's eventfd / pidfd in this process (-1: the caller
+ * notifies, as the TW_DUE_* bits say). @signum: the task's signal.
+ * @now_ns: enqueue time (0: read the clock). @is_current: the caller's own
+ * task (TWA_NMI_CURRENT needs it).
+ *
+ * Context: any thread of any process; lock-free. Return: as tw_queue().
+ */
 int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                const char *payload, uint32_t len, int notify, const char *origin,
                uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
                int is_current);
+/**
+ * tw_add_h() - tw_add() through a handle: no origin; the descriptors are
+ * @efd/@pidfd for a peer, the handle's own_efd (and no pidfd) when
+ * @is_current.
+ *
+ * Context: as tw_add(). Return: as tw_add().
+ */
+int64_t tw_add_h(const struct tw_handle *h, uint64_t func_id, const char *payload,
+                 uint32_t len, int notify, int efd, int pidfd, int is_current,
+                 uint64_t now_ns);
+/**
+ * tw_add_many() - queue @n works with one push and one notification.
+ * @payloads, @lens: payload i. @work_ids_out: gen<<32 | node of work i.
+ * The other arguments as tw_add(). One clock read for the batch.
+ *
+ * All or nothing: payload n-1 ends at the head, as if each had been added
+ * in order. Return: the TW_DUE_*|TW_DONE_* bits (0 for @n 0), or -errno as
+ * tw_add() (nothing queued).
+ */
 int  tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                  const char *const *payloads, const uint32_t *lens, uint32_t n,
                  int notify, const char *origin, uint32_t origin_len, int efd,
                  int pidfd, int signum, uint64_t now_ns, int is_current,
                  uint64_t *work_ids_out);
-/* Async-signal-safe: the own task, RESUME flag + write of the own eventfd. */
+/**
+ * tw_add_many_flat() - tw_add_many() through a handle, from one flat
+ * buffer: payload i is @buf[@offs[i] .. @offs[i+1]).
+ *
+ * Return: as tw_add_many(); -EINVAL if an offset goes backwards.
+ */
+int  tw_add_many_flat(const struct tw_handle *h, uint64_t func_id, const char *buf,
+                      const uint32_t *offs, uint32_t n, int notify, int efd, int pidfd,
+                      int is_current, uint64_t now_ns, uint64_t *work_ids_out);
+/**
+ * tw_add_nmi() - TWA_NMI_CURRENT: queue on the caller's own task from a
+ * signal handler: RESUME flag, and the write of @efd.
+ * @work_id_out: gen<<32 | node (may be NULL).
+ *
+ * Context: async-signal-safe: no lock, no allocation beyond the lock-free
+ * pool, no stdio. The process entry was claimed at registration.
+ * Return: the TW_DUE_*|TW_DONE_* bits, -EINVAL (not this process's task),
+ * or -errno as tw_add().
+ */
 int  tw_add_nmi(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                 const char *payload, uint32_t len, int efd, uint64_t now_ns,
                 uint64_t *work_id_out);
+/**
+ * tw_add_keyed() - tw_add(), at most once per @key across the adder's own
+ * death: (key -> node) is recorded in the key table before the push.
+ * @key: non-zero. @info: what the table says (fresh: this call queued it).
+ *
+ * Return: the TW_DUE_*|TW_DONE_* bits (fresh), 0 (recorded before: @info
+ * says what and where), -EINVAL (@key 0), -EBUSY (a live process is adding
+ * this key right now), -ENOSPC (every ring entry is RESERVED), or -errno as
+ * tw_add().
+ */
+int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen,
+                     uint64_t func_id, const char *payload, uint32_t len, int notify,
+                     int efd, int pidfd, int signum, uint64_t now_ns, int is_current,
+                     struct tw_key_info *info);
+/**
+ * tw_deadletter_keyed() - file a work as a dead letter (reason ORPHANED,
+ * task name @name_id), at most once per @key.
+ *
+ * Return: 1 filed, 0 recorded before (@info), -EINVAL, -E2BIG, -EBUSY,
+ * -ENOSPC, -EAGAIN (the node changed hands while filed), -errno.
+ */
+int  tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const char *payload,
+                         uint32_t len, uint64_t name_id, uint64_t now_ns,
+                         struct tw_key_info *info);
+/**
+ * tw_requeue() - queue dead letter (@node, @gen) on (@slot, @tgen), with a
+ * new generation (a new work id), exactly once: the take is exclusive, and
+ * the node keeps its dead-letter reason until the push.
+ *
+ * Return: as tw_add(); -ENOENT (taken by someone else); -ESRCH or
+ * -EOWNERDEAD when the target takes no work (the dead letter is filed
+ * again).
+ */
+int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot, uint32_t tgen,
+                   int notify, int efd, int pidfd, int signum, uint64_t now_ns, int is_current);
 
-/* ---- run (task_work.c) ---- */
-uint32_t tw_flags_clear(struct tw_dom *d, uint32_t slot, uint32_t bits);
-uint32_t tw_flags_get(struct tw_dom *d, uint32_t slot);
-uint32_t tw_flags_set(struct tw_dom *d, uint32_t slot, uint32_t bits);
-int  tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uint32_t max);
+/* ======================================================================== */
+/* task_work.c: run                                                          */
+
 /* outcome of a finished work */
 #define TW_OUT_OK       0
 #define TW_OUT_ERROR    1
 #define TW_OUT_UNKNOWN  2  /* callback unknown here: the node goes to the dead letters */
+
+/**
+ * tw_detach() - task_work_run()'s first half: take the whole list.
+ * @d: the domain. @slot, @gen: the caller's own task. @out, @max: the
+ * batch, newest first.
+ *
+ * An empty list needs no lock (an EXITING task's is closed with the exited
+ * sentinel: later adds fail with -ESRCH). A non-empty one is taken under
+ * pi_lock, each node marked DETACHED before the head lets go of it.
+ * Context: the task's own process. Return: the count, -EPERM, -ESRCH,
+ * -ETIMEDOUT (nothing taken), -EUCLEAN.
+ */
+int  tw_detach(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *out, uint32_t max);
+/**
+ * tw_step() - finish @done, a RUNNING work of @slot whose callback ran
+ * outside the batch run path (an async callback), or that is unknown here.
+ * @outcome: TW_OUT_OK or TW_OUT_ERROR (freed and counted), TW_OUT_UNKNOWN
+ * (filed as a dead letter, reason UNKNOWN). @next: TW_NIL. @done TW_NIL:
+ * nothing to do. @wi, @payload_out, @origin_out: unused.
+ *
+ * Context: the task's runner. Return: 0, -EINVAL, -EUCLEAN (@done is not a
+ * RUNNING work of @slot), -ETIMEDOUT (dl_lock: nothing done).
+ */
 int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
              uint32_t next, struct tw_work_info *wi, char *payload_out, char *origin_out);
 
@@ -503,29 +673,28 @@ int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
  * words per work, as arrays: field f of work i at rec[f * k + i], so that the
  * caller converts only the arrays it needs), the payloads into parea (work i
  * at rec[POFF*k + i] .. rec[POFF*k + i + 1]) and the origins into oarea
- * (TW_ORIGIN_LEN each); it counts the enqueue-to-start
- * latency with one clock read for the whole batch and zeroes outcome[0..k).
- * Nothing changes state: the works stay DETACHED, not started.
+ * (TW_ORIGIN_LEN each); it counts the enqueue-to-start latency with one
+ * clock read for the whole batch and zeroes outcome[0..k). Nothing changes
+ * state: the works stay DETACHED, not started.
  *
  * The caller then starts each work by storing its RUNNING word into the
- * segment's word at its OWNER_AT (a 64-bit index from the base): that is
- * the DETACHED -> RUNNING transition of tw_step, one aligned 8-byte store on
- * a node only the runner may change while the task lives (x86-64: a plain
- * store is a release store; elsewhere the caller uses tw_run_start). From it
- * on the work counts as started, exactly as before: a reaper reports it
- * interrupted, a not yet started one orphaned. When its callback returns the
- * caller stores RUNNING + TW_DONE_DELTA (RUNNING -> DONE): the
- * node counts free from then on (stats), and a reaper gives it back without
- * reporting it. Release again: the callback's effects come first.
+ * segment's word at its OWNER_AT (a 64-bit index from the base): the
+ * DETACHED -> RUNNING transition, one aligned 8-byte store on a node only
+ * the runner may change while the task lives (x86-64: a plain store is a
+ * release store; elsewhere the caller uses tw_run_start). From then on the
+ * work counts as started: a reaper reports it interrupted, a not yet started
+ * one orphaned. When its callback returns the caller stores RUNNING +
+ * TW_DONE_DELTA (RUNNING -> DONE): the node counts free from then on
+ * (stats), and a reaper gives it back without reporting it. Release again:
+ * the callback's effects come first.
  *
- * tw_run_finish ends nodes[0..k): each RUNNING node of this slot whose
- * outcome is TW_OUT_OK or TW_OUT_ERROR is counted and returned to the pool;
- * (RUNNING or DONE) TW_OUT_SKIP and TW_OUT_UNKNOWN nodes are left alone (not started; scheduled
- * on a loop; or to be filed as a dead letter through tw_step). end_ns[i], if
- * given, is when work i's callback returned (its start: the previous one's
- * end); without it each work is counted the batch's mean duration.
- * Returns the number of works finished, or -EUCLEAN if a node was not ours
- * (those are left alone; the rest is finished).
+ * tw_run_finish ends nodes[0..k): each RUNNING or DONE node of this slot
+ * whose outcome is TW_OUT_OK or TW_OUT_ERROR is counted and returned to the
+ * pool; TW_OUT_SKIP and TW_OUT_UNKNOWN nodes are left alone (not started;
+ * scheduled on a loop; or to be filed as a dead letter through tw_step).
+ * end_ns[i], if given, is when work i's callback returned (its start: the
+ * previous one's end); without it each work is counted the batch's mean
+ * duration.
  */
 #define TW_REC_WORDS    8
 #define TW_REC_ID       0   /* gen<<32 | node: the work id                    */
@@ -537,70 +706,121 @@ int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
 #define TW_REC_POFF     6   /* payload offsets in parea: k + 1 of them        */
 #define TW_OUT_SKIP     3
 #define TW_DONE_DELTA   ((TW_N_DONE - TW_N_RUNNING) << 24)
+/**
+ * tw_run_load() - copy a detached batch out for its callbacks (see above).
+ * @d: the domain. @slot: the caller's own task. @nodes, @k: the batch.
+ * @rec: TW_REC_WORDS * @k + 1 words. @parea: room for @k payloads.
+ * @oarea: @k * TW_ORIGIN_LEN bytes, or NULL (no origins). @outcome: @k.
+ *
+ * Context: the task's runner. Return: @k, -EINVAL, -EUCLEAN (a node is
+ * not DETACHED for @slot; nothing is loaded after it).
+ */
 int  tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
                  uint64_t *rec, char *parea, char *oarea, uint8_t *outcome);
+/**
+ * tw_run_start() - DETACHED -> RUNNING for @node with a release store, for
+ * machines where a plain store is not one.
+ *
+ * Return: 0, or -EUCLEAN (not DETACHED for @slot).
+ */
 int  tw_run_start(struct tw_dom *d, uint32_t slot, uint32_t node);
-/* tw_run_start for nodes[0..k) at once (a batch callback's works): all or,
- * if one is not DETACHED here, none (-EUCLEAN). */
+/**
+ * tw_run_start_many() - tw_run_start() for @nodes[0..@k) (a batch
+ * callback's works): all, or none if one is not DETACHED here.
+ *
+ * Return: @k, -EINVAL, or -EUCLEAN (none started).
+ */
 int  tw_run_start_many(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k);
+/**
+ * tw_run_finish() - end a batch (see above).
+ * @outcome: per work, TW_OUT_*. @end_ns: per work, when its callback
+ * returned, or NULL.
+ *
+ * Return: the number of works finished, -EINVAL, or -EUCLEAN if a node was
+ * not ours (those are left alone; the rest is finished).
+ */
 int  tw_run_finish(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
                    const uint8_t *outcome, const uint64_t *end_ns);
 
-/*
- * The lean add: what never changes for a handle is packed once in a
- * struct tw_handle (the caller keeps it; the native side only reads it).
- * tw_add_h is tw_add with the clock read in C when now_ns is 0, the origin
- * off, and the descriptors from the handle: efd/pidfd for a peer, own_efd
- * when is_current. Same return value as tw_add.
- */
-struct tw_handle {
-    struct tw_dom *d;
-    uint32_t slot, gen;
-    int32_t  signum, own_efd;
-};
-int64_t tw_add_h(const struct tw_handle *h, uint64_t func_id, const char *payload,
-                 uint32_t len, int notify, int efd, int pidfd, int is_current,
-                 uint64_t now_ns);
-/* add_many from one flat buffer: payload i is buf[offs[i] .. offs[i+1]). */
-int  tw_add_many_flat(const struct tw_handle *h, uint64_t func_id, const char *buf,
-                      const uint32_t *offs, uint32_t n, int notify, int efd, int pidfd,
-                      int is_current, uint64_t now_ns, uint64_t *work_ids_out);
+/* ======================================================================== */
+/* task_work.c: cancel and reading                                           */
 
-/* ---- cancel (task_work.c) ---- */
+/**
+ * tw_cancel() - task_work_cancel_match(): unlink the newest pending work of
+ * (@slot, @gen) that matches.
+ * @mode: 0 exact (@key = gen<<32 | node), 1 by callback (@key = func id).
+ * @wi, @payload_out, @origin_out: the removed work (payload_size and
+ * TW_ORIGIN_LEN bytes, or NULL).
+ *
+ * Under pi_lock: a work a run has detached is out of reach, as in the
+ * kernel. Return: 1 removed (and given back to the pool), 0 none matched,
+ * -EINVAL, -ESRCH, -EUSERS, -ETIMEDOUT, -EUCLEAN.
+ */
 int  tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t key,
                struct tw_work_info *wi, char *payload_out, char *origin_out);
+/**
+ * tw_snapshot() - the pending works of (@slot, @gen), newest first, under
+ * pi_lock.
+ * @nodes, @gens, @max: at most @max of them (NULL: count only).
+ *
+ * Return: the number pending (may exceed @max), -EINVAL, -ESRCH,
+ * -ETIMEDOUT, -EUCLEAN.
+ */
 int  tw_snapshot(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *nodes,
                  uint32_t *gens, uint32_t max);
-int  tw_pending(struct tw_dom *d, uint32_t slot, uint32_t gen);
-/* tw_snapshot waiting at most timeout_ns (<= 0: only trying) for the list
- * lock another process holds: -ETIMEDOUT past it. */
+/**
+ * tw_snapshot_within() - tw_snapshot() waiting at most @timeout_ns (<= 0:
+ * only trying) for the list lock another process holds.
+ * Context: readers (status, list, export) that bound their total wait.
+ * Return: as tw_snapshot(); -ETIMEDOUT past the deadline.
+ */
 int  tw_snapshot_within(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t *nodes,
                         uint32_t *gens, uint32_t max, int64_t timeout_ns);
-
-/* ---- reading nodes ---- */
+/**
+ * tw_pending() - tw_snapshot() that only counts.
+ */
+int  tw_pending(struct tw_dom *d, uint32_t slot, uint32_t gen);
+/**
+ * tw_read_work() - copy @node out if it still has generation @gen.
+ *
+ * Seqlock-style: the owner word is read before and after the copy.
+ * Return: 0, -EINVAL, -ESTALE (another generation, or it changed during
+ * the copy).
+ */
 int  tw_read_work(struct tw_dom *d, uint32_t node, uint32_t gen, struct tw_work_info *wi,
                   char *payload_out, char *origin_out);
 
-/* ---- reaping and dead letters (reap.c) ---- */
+/* ======================================================================== */
+/* reap.c                                                                    */
+
+/**
+ * tw_reap() - reap the dead task in @slot.
+ * @orphans: nodes filed as dead letters (ORPHANED). @interrupted: started
+ * works, now ALLOC by the caller: read them, then tw_free_node(). @max:
+ * room in each (pool_size: every node listed; a larger batch is settled all
+ * the same, only the lists are cut). @info: what was done.
+ *
+ * Closes the head, takes the life lock (EOWNERDEAD: the only reaper), then
+ * pi_lock, then dl_lock. A reaper that dies half-way leaves a state the
+ * next one finishes. Return: 1 reaped, 0 not dead (or reaped already), 2
+ * another live process is reaping it, -errno.
+ */
 int  tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interrupted,
              uint32_t max, struct tw_reap_info *info);
+/**
+ * tw_proc_reclaim() - reclaim the entry of a dead process and leave it free:
+ * nodes it pushed are queued works, nodes it had not pushed go back to the
+ * pool (or to the dead letters), a node it was moving on the free list is
+ * found by a validated walk.
+ * @fsck_locked: the caller holds the fsck lock. @info: what was done.
+ *
+ * Return: 1 reclaimed, 0 not dead (or someone else took it), -EAGAIN (the
+ * free list never held still: try again), -errno.
+ */
 int  tw_proc_reclaim(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info);
-int  tw_dl_list(struct tw_dom *d, uint32_t *out, uint32_t max);
-int  tw_dl_take(struct tw_dom *d, uint32_t node, uint32_t gen);
-int  tw_dl_done(struct tw_dom *d, uint32_t node, int outcome);
-int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot, uint32_t tgen,
-                   int notify, int efd, int pidfd, int signum, uint64_t now_ns, int is_current);
 
-/* ---- pool / stats / fsck (pool.c, reap.c) ---- */
-int  tw_pool_free_count(struct tw_dom *d);
-int  tw_node_state(struct tw_dom *d, uint32_t node, uint64_t *owner_out);
-int  tw_free_node(struct tw_dom *d, uint32_t node);
-int  tw_free_leaks(struct tw_dom *d, const uint8_t *proc_dead, uint32_t *out, uint32_t max,
-                   uint32_t tries);
-int  tw_fsck_lock(struct tw_dom *d);
-void tw_fsck_unlock(struct tw_dom *d);
-int  tw_scan_owners(struct tw_dom *d, uint64_t *out);
-int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n);
+/* ======================================================================== */
+/* progress.c - what runs are doing now, for readers (loads only)             */
 
 /**
  * tw_progress() - works that runs have taken and not finished, per task.
@@ -626,18 +846,21 @@ int  tw_progress(struct tw_dom *d, uint32_t nslots, uint32_t *running, uint32_t 
 int  tw_running_nodes(struct tw_dom *d, uint32_t slot, uint32_t *nodes, uint32_t *gens,
                       uint32_t max);
 
+/* ======================================================================== */
+/* letters.c - a live runner files its own works as dead letters             */
+
 /**
- * tw_file_taken() - file works a run took and did not start as dead letters.
+ * tw_file_taken() - file works a run took and did not finish as dead letters.
  * @d: the domain. @slot: the runner's task. @nodes, @n: nodes of a batch the
- * runner detached (DETACHED, its own). @reason: TW_R_SHUTDOWN or TW_R_FAILED.
- * @errtext, @errlen: for TW_R_FAILED, the error kept with each letter (cut
- * to the room left after its payload); NULL/0 otherwise. @attempt: the
- * attempt count kept with each letter.
+ * runner detached (DETACHED) or whose callback it started (RUNNING).
+ * @reason: TW_R_SHUTDOWN or TW_R_FAILED. @errtext, @errlen: for TW_R_FAILED,
+ * the error kept with each letter (cut to the room left after its payload);
+ * NULL/0 otherwise. @attempt: the attempt count kept with each letter.
  *
- * Context: the task's own process, for nodes it detached (DETACHED) or whose
- * callback it started and that returned (RUNNING). Each node moves by CAS on
- * its owner word, so a reaper of a runner that died meanwhile and this call
- * never both file it. Return: the number filed, or -errno (dl_lock).
+ * Context: the task's own process. Each node moves by CAS on its owner word
+ * from the value the runner left there, so a reaper of a runner that died
+ * meanwhile and this call never both file it.
+ * Return: the number filed, or -errno (dl_lock).
  */
 int  tw_file_taken(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t n,
                    uint32_t reason, const char *errtext, uint32_t errlen, uint32_t attempt);
@@ -653,127 +876,12 @@ int  tw_node_note(struct tw_dom *d, uint32_t node);
  * out of range), -EINVAL.
  */
 int  tw_node_error(struct tw_dom *d, uint32_t node, uint32_t gen, char *out, uint32_t max);
-
-/* ---- notifications (task_work.c) ---- */
-int  tw_eventfd_write(int efd);
-int  tw_eventfd_drain(int efd);
-int  tw_pidfd_send(int pidfd, int signum);
-int  tw_pidfd_getfd(int pidfd, int targetfd);
-
-/* ---- TWA_SIGNAL is never stranded (sigwatch.c) ----
- *
- * A signal sent to a task is *owed* while NOTIFY_SIGNAL is set, the task's
- * handler has not acknowledged it (c.sig_ack != c.signals_sent) and works are
- * queued. The watcher, a thread of the task's own process with every signal
- * blocked, sends an owed signal again to the thread that runs the handler
- * (tgkill) once it has been owed for TW_SIG_RESEND_NS, then after intervals
- * that double up to TW_SIG_RESEND_MAX_NS: never a storm.
- */
-#define TW_SIG_RESEND_NS      20000000LL    /* 20 ms                             */
-#define TW_SIG_RESEND_MAX_NS  1000000000LL  /* 1 s                               */
-#define TW_SIG_TICK_NS        10000000LL    /* the watcher's poll while armed    */
-#define TW_SIG_LINGER_NS      1000000000LL  /* idle this long: sleep on a futex  */
-#define TW_SIG_WATCH_MAX      64            /* watched slots per process         */
-
 /**
- * tw_sig_ack() - the task's signal handler took the signals sent so far.
- * @d: the domain. @slot: the task's slot. @ok: 1 at the handler's entry; 0
- * when the handler could not run the list (a lock timeout, an error): the
- * signal stays owed and the watcher sends it again.
- *
- * Async-signal-safe (loads and one store). Return: 0, or -EINVAL (bad slot).
+ * tw_slot_counter_add() - add @n to counter @which (TW_C_*) of @slot.
+ * Context: the task's own runner, for works it counts outside a chunk's
+ * finish (a callback that raised is counted when it raises). Relaxed
+ * fetch_add: statistics. Return: 0, or -EINVAL.
  */
-int  tw_sig_ack(struct tw_dom *d, uint32_t slot, int ok);
-/**
- * tw_sigwatch_add() - watch a slot of this process's for owed signals.
- * @d: the domain (stays mapped until tw_sigwatch_del()). @slot, @gen: the
- * registration. @signum: its signal. @tid: the thread to signal (the one
- * Python runs handlers in: the main thread).
- *
- * Starts the watcher thread on first use (every signal blocked). Return: 0,
- * -EINVAL (bad slot or signal), -ENOSPC (TW_SIG_WATCH_MAX slots watched),
- * -errno from pthread_create.
- */
-int  tw_sigwatch_add(struct tw_dom *d, uint32_t slot, uint32_t gen, int signum, int tid);
-/**
- * tw_sigwatch_del() - stop watching a slot of @d (every slot of @d if @slot
- * is UINT32_MAX).
- *
- * When it returns the watcher no longer reads the slot: the caller may unmap
- * the domain. Waits for the watcher at most ~1 s. Return: the number of
- * entries removed.
- */
-int  tw_sigwatch_del(struct tw_dom *d, uint32_t slot);
-/* Entries watched now, and owed signals sent again by this process so far. */
-int  tw_sigwatch_count(void);
-uint64_t tw_sigwatch_resent(void);
-
-/* ---- fault injection (segment.c) ---- */
-void tw_killpoint_set(int point, int64_t countdown);
-int  tw_killpoint_get(void);
-void tw_killpoint(int point);
-
-
-/* ---- keyed adds: the key table (keys.c) ----
- *
- * An idempotent add for whoever must not queue a work twice across its own
- * crash (the Redis bridge): tw_add_keyed records (key -> node) in the domain's
- * key table BEFORE the push, so a later caller with the same key learns
- * "queued (maybe already run)" or "filed as a dead letter", never queues it
- * again, and a key whose adder died before the push is "never pushed" (VOID)
- * and may be added anew. The record outlives the work: it stays after the
- * node is run and freed.
- *
- * Eviction: the table is a ring of TW_KEYS_CAP entries. A reservation takes
- * the next ring position whose entry is not RESERVED; the key it held is
- * forgotten. So a key is remembered until TW_KEYS_CAP newer keyed adds were
- * made in the domain - a caller must not retry a key older than that.
- * Keys are 64-bit hashes chosen by the caller; 0 is not a key.
- */
-#define TW_KEYS_CAP           4096
-#define TW_K_EMPTY            0u  /* never used, or evicted                      */
-#define TW_K_RESERVED         1u  /* recorded, push (or filing) in flight        */
-#define TW_K_QUEUED           2u  /* pushed onto a task's list                   */
-#define TW_K_DEADLETTER       3u  /* filed as a dead letter (no live task)       */
-#define TW_K_VOID             4u  /* its adder failed or died before the push    */
-
-struct tw_key {
-    uint64_t key;
-    uint64_t work;             /* gen<<32 | node of the keyed work               */
-    uint64_t word;             /* seq<<8 | TW_K_* state. seq: the reservation's
-                                  ring position + 1, so a CAS that finishes one
-                                  reservation can never finish a later one of
-                                  the same entry                                 */
-    uint32_t proc;             /* the reserver's process entry                   */
-    uint32_t want;             /* TW_K_QUEUED or TW_K_DEADLETTER                 */
-    uint32_t slot;             /* target task slot (QUEUED)                      */
-    uint32_t pad;
-};
-
-struct tw_key_info {
-    uint64_t work;
-    uint32_t state;            /* TW_K_QUEUED or TW_K_DEADLETTER                 */
-    uint32_t fresh;            /* 1: this call queued it; 0: recorded before     */
-    uint32_t slot;
-    uint32_t pad;
-};
-
-/* Queue (slot, gen) <- work, once per key. Returns the TW_DUE/TW_DONE bits
- * (fresh) or 0 (already recorded: info says what and where), or -errno as
- * tw_add, or -EBUSY (a live process is adding this key right now), -ENOSPC
- * (every ring entry is RESERVED). */
-int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen,
-                     uint64_t func_id, const char *payload, uint32_t len, int notify,
-                     int efd, int pidfd, int signum, uint64_t now_ns, int is_current,
-                     struct tw_key_info *info);
-/* File a work as a dead letter (reason ORPHANED, task name name_id), once per
- * key: 1 filed, 0 already recorded (info), -errno. */
-int  tw_deadletter_keyed(struct tw_dom *d, uint64_t key, uint64_t func_id, const char *payload,
-                         uint32_t len, uint64_t name_id, uint64_t now_ns,
-                         struct tw_key_info *info);
-/* What the table says of key: 1 (info filled), 0 unknown or VOID, -EBUSY (a
- * live process is adding it), -errno. Settles a dead reserver's entry. */
-int  tw_key_lookup(struct tw_dom *d, uint64_t key, struct tw_key_info *info);
-int  tw_keys_used(struct tw_dom *d);
+int  tw_slot_counter_add(struct tw_dom *d, uint32_t slot, uint32_t which, uint64_t n);
 
 #endif

@@ -1,6 +1,7 @@
 /*
  * tw_internal.h - what the native sources share and Python never sees:
- * addressing, atomics, and the helpers each file offers the others.
+ * addressing, atomics, and the helpers each layer offers the layers above
+ * it, grouped by layer from the bottom (sys.c) to the top (reap.c).
  */
 #ifndef SHM_TASKWORK_INTERNAL_H
 #define SHM_TASKWORK_INTERNAL_H
@@ -9,6 +10,7 @@
 #include "taskwork.h"
 
 #include <errno.h>
+#include <time.h>
 
 #define OWNER(gen, st, aux) \
     (((uint64_t)(uint32_t)(gen) << 32) | ((uint64_t)((st) & 0xff) << 24) | ((aux) & 0xffffffu))
@@ -75,8 +77,34 @@ static inline uint32_t dead_of(uint32_t idx)
     return idx == TW_NIL ? TW_DEAD_EMPTY : (idx | TW_DEAD_BIT);
 }
 
-/* ---- segment.c ---- */
+/*
+ * The layers, bottom to top. A file calls only the files of the layers below
+ * its own (reap.c, the top, may call every one). The one way up: the process
+ * table and the key table settle a dead process's entry through
+ * tw_dead_proc_ops, which reap.c fills in when the library is loaded.
+ *
+ *   sys.c        the system: clock, /proc, eventfd, pidfd, futex, tgkill
+ *   segment.c    format, map, names, robust locks, fault injection
+ *   life.c       life locks: liveness of tasks and processes; unmapping
+ *   sigwatch.c   the watcher of owed TWA_SIGNAL signals
+ *   proc.c       the process table
+ *   pool.c       the node pool (tagged Treiber stack)
+ *   deadletter.c the dead-letter list
+ *   keys.c       the key table of keyed adds
+ *   task_work.c  tasks, the add engine, run, cancel, reading works
+ *   reap.c       dead tasks and dead processes
+ */
+
+/* ---- sys.c ---- */
 uint64_t tw_now_mono(void);
+/* Wake every waiter on a futex word (shared: it may be in the segment). */
+void tw_futex_wake(uint32_t *word);
+/* Sleep while *word == val, at most rel (shared futex). */
+void tw_futex_wait(uint32_t *word, uint32_t val, const struct timespec *rel);
+/* Send signum to thread tid of process pid: 0 or -errno. */
+int  tw_tgkill(int pid, int tid, int signum);
+
+/* ---- segment.c ---- */
 /* The name-table entry of a name id, or NULL (none, or not yet written). */
 struct tw_name *tw_name_find(struct tw_dom *d, uint64_t id);
 
@@ -136,12 +164,22 @@ int  tw_slot_dead_s(struct tw_slot *s);
 /* Wake this slot's watcher (an adder saw TW_F_SIGWATCH as it armed the flag). */
 void tw_sigwatch_kick(uint32_t *flags);
 
+/* ---- proc.c ---- */
+/* How the process table and the key table settle a dead process's entry
+ * (reap.c's tw_proc_settle and tw_proc_reclaim). NULL members: such an
+ * entry is left alone. */
+struct tw_dead_proc_ops {
+    int (*settle)(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info);
+    int (*reclaim)(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info);
+};
+extern struct tw_dead_proc_ops tw_dead_proc_ops;
+
 /* ---- pool.c ---- */
 int  tw_pool_pop(struct tw_dom *d, uint32_t *out);
 void tw_pool_push(struct tw_dom *d, uint32_t idx);
 int  tw_reachable(struct tw_dom *d, uint32_t from, uint32_t node);
 
-/* ---- reap.c ---- */
+/* ---- deadletter.c ---- */
 int  tw_dl_lock(struct tw_dom *d);
 void tw_dl_unlock(struct tw_dom *d);
 /* File node (owner word expect) as a dead letter; hold dl_lock. 1 filed, 0
@@ -150,28 +188,33 @@ int  tw_dl_file_locked(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_
                        uint32_t slot, uint64_t name_id);
 int  tw_dl_file(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t reason,
                 uint32_t slot, uint64_t name_id);
+
+/* ---- keys.c ---- */
+/* Look key up and, if unknown, reserve a ring entry for (node, gen) with the
+ * final state want: 1 recorded before (info filled), 0 reserved (*entry,
+ * *word: the RESERVED word), -errno. */
+int  tw_key_reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen,
+                    uint32_t want, uint32_t slot, struct tw_key_info *info, int *entry,
+                    uint64_t *word);
+/* RESERVED (word) -> state, unless a resolver or reclaimer got there first. */
+void tw_key_finish(struct tw_dom *d, int entry, uint64_t word, uint32_t state);
+void tw_key_fill_info(struct tw_dom *d, int entry, struct tw_key_info *info, uint32_t fresh);
+/* A reclaimer gives back (VOID) or files (DEADLETTER) the node of a dead
+ * reserver: settle the key entry that names it, before the node moves. */
+void tw_keys_settle(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t state);
+
+/* ---- task_work.c ---- */
+void tw_copy_info(struct tw_dom *d, uint32_t idx, struct tw_node *n, uint64_t owner,
+                  struct tw_work_info *wi, char *payload_out, char *origin_out);
+/* May a node with owner word o be linked on the list of (slot, gen)? */
+int  tw_linked_state(struct tw_dom *d, struct tw_node *n, uint64_t o, uint32_t slot,
+                     uint32_t gen);
+
+/* ---- reap.c ---- */
 /* Settle what the dead process of entry i held (hold its life lock): the
  * nodes it was popping or pushing, then the nodes it had allocated. Adopts
  * the entry as d->my_proc if the caller has none. 0, or -EAGAIN (the free
  * list never held still: try later). */
 int  tw_proc_settle(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info);
-/* keys.c: a reclaimer gives back (VOID) or files (DEADLETTER) the node of a
- * dead reserver: settle the key entry that names it, before the node moves. */
-void tw_keys_settle(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t state);
-void tw_recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *s);
-int  tw_linked_state(struct tw_dom *d, struct tw_node *n, uint64_t o, uint32_t slot,
-                     uint32_t gen);
-
-/* ---- task_work.c ---- */
-void tw_copy_info(struct tw_dom *d, uint32_t idx, struct tw_node *n, uint64_t owner,
-                  struct tw_work_info *wi, char *payload_out, char *origin_out);
-int64_t tw_push_node(struct tw_dom *d, uint32_t slot, uint32_t gen, uint32_t idx,
-                     int mode, int efd, int pidfd, int signum);
-int  tw_check_notify(int notify, int is_current);
-int  tw_target_open(struct tw_dom *d, uint32_t slot, uint32_t gen);
-/* Fill a node we own (ALLOC) for an add: target, callback, payload, origin. */
-void tw_fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
-                  uint64_t func_id, const char *payload, uint32_t len, const char *origin,
-                  uint32_t origin_len, uint64_t now_ns);
 
 #endif

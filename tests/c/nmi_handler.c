@@ -4,7 +4,7 @@
  * A program with no Python in it plays a task: it dlopen()s the package's
  * native extension, maps a domain, registers itself with its own eventfd and
  * calls tw_add_nmi() from a sigaction() handler. Then it runs its own list
- * with tw_detach()/tw_step(), exits the task and prints one line:
+ * with tw_detach() and the batch run path, exits the task and prints one line:
  *
  *     ok slot=N handler_adds=N main_adds=N ran=N resume_due=N
  *
@@ -55,7 +55,9 @@ SYM(tw_register);
 SYM(tw_add);
 SYM(tw_add_nmi);
 SYM(tw_detach);
-SYM(tw_step);
+SYM(tw_run_load);
+SYM(tw_run_start_many);
+SYM(tw_run_finish);
 SYM(tw_pending);
 SYM(tw_flags_get);
 SYM(tw_flags_set);
@@ -79,7 +81,8 @@ static volatile uint64_t h_last_id;
 
 static uint32_t *batch;
 static char *pbuf;
-static char obuf[TW_ORIGIN_LEN];
+static uint64_t *rec;
+static uint8_t *outcome;
 
 static void fail(const char *what, long v)
 {
@@ -108,11 +111,12 @@ static void on_signal(int sig)
     errno = saved;
 }
 
-/* task_work_run: drain, clear, detach, run newest first; until empty. */
+/* task_work_run: drain, clear, detach, load, start and finish the batch
+ * (the batch run path: tw_run_load, tw_run_start_many, tw_run_finish);
+ * until empty. */
 static int run_all(void)
 {
     int total = 0;
-    struct tw_work_info wi;
     for (;;) {
         p_tw_eventfd_drain(efd);
         p_tw_flags_clear(&dom, slot, TW_F_NOTIFY_RESUME | TW_F_NOTIFY_SIGNAL);
@@ -121,22 +125,25 @@ static int run_all(void)
             fail("tw_detach", n);
         if (n == 0)
             return total;
-        uint32_t prev = TW_NIL;
+        int rc = p_tw_run_load(&dom, slot, batch, (uint32_t)n, rec, pbuf, NULL, outcome);
+        if (rc != n)
+            fail("tw_run_load", rc);
         for (int i = 0; i < n; i++) {
-            int rc = p_tw_step(&dom, slot, prev, TW_OUT_OK, batch[i], &wi, pbuf, obuf);
-            if (rc < 0)
-                fail("tw_step", rc);
-            if (wi.func_id != fid || wi.target != slot || wi.sender_pid != getpid())
-                fail("a work with the wrong callback, target or sender", (long)wi.node);
-            if (wi.payload_len != sizeof(payload) - 1 ||
-                memcmp(pbuf, payload, wi.payload_len) != 0)
-                fail("a work with the wrong payload", (long)wi.node);
-            prev = batch[i];
-            total++;
+            uint64_t off = rec[(uint64_t)TW_REC_POFF * n + i];
+            uint64_t len = rec[(uint64_t)TW_REC_POFF * n + i + 1] - off;
+            if (rec[(uint64_t)TW_REC_FUNC * n + i] != fid ||
+                (uint32_t)rec[(uint64_t)TW_REC_SENDER * n + i] != (uint32_t)getpid())
+                fail("a work with the wrong callback or sender", (long)batch[i]);
+            if (len != sizeof(payload) - 1 || memcmp(pbuf + off, payload, len) != 0)
+                fail("a work with the wrong payload", (long)batch[i]);
         }
-        int rc = p_tw_step(&dom, slot, prev, TW_OUT_OK, TW_NIL, &wi, pbuf, obuf);
-        if (rc < 0)
-            fail("tw_step (finish)", rc);
+        rc = p_tw_run_start_many(&dom, slot, batch, (uint32_t)n);
+        if (rc != n)
+            fail("tw_run_start_many", rc);
+        rc = p_tw_run_finish(&dom, slot, batch, (uint32_t)n, outcome, NULL);
+        if (rc != n)
+            fail("tw_run_finish", rc);
+        total += n;
     }
 }
 
@@ -180,7 +187,8 @@ int main(int argc, char **argv)
         if (!p_##name) { fprintf(stderr, "fail: %s is not exported\n", #name); return 1; } \
     } while (0)
     LOAD(tw_map); LOAD(tw_unmap); LOAD(tw_register); LOAD(tw_add); LOAD(tw_add_nmi);
-    LOAD(tw_detach); LOAD(tw_step); LOAD(tw_pending); LOAD(tw_flags_get); LOAD(tw_flags_set);
+    LOAD(tw_detach); LOAD(tw_run_load); LOAD(tw_run_start_many); LOAD(tw_run_finish);
+    LOAD(tw_pending); LOAD(tw_flags_get); LOAD(tw_flags_set);
     LOAD(tw_flags_clear); LOAD(tw_eventfd_drain); LOAD(tw_slot_check); LOAD(tw_release_slot);
     LOAD(tw_proc_release); LOAD(tw_pool_free_count);
 
@@ -195,8 +203,10 @@ int main(int argc, char **argv)
     if (rc)
         fail("tw_map", rc);
     batch = calloc(dom.pool_size, sizeof(*batch));
-    pbuf = calloc(1, dom.payload_size + 1);
-    if (!batch || !pbuf)
+    pbuf = calloc(dom.pool_size, (uint64_t)dom.payload_size + 1);
+    rec = calloc((uint64_t)TW_REC_WORDS * dom.pool_size + 1, sizeof(*rec));
+    outcome = calloc(dom.pool_size, 1);
+    if (!batch || !pbuf || !rec || !outcome)
         fail("calloc", 0);
 
     efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
