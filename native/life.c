@@ -194,19 +194,9 @@ static int ensure_holder(void)
     pid_t me = getpid();
     if (H.pid == me)
         return 0;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    pthread_attr_t a;
-    pthread_attr_init(&a);
-    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&a, 64 * 1024);
-    pthread_t th;
-    int r = pthread_create(&th, &a, holder_main, NULL);
-    pthread_attr_destroy(&a);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (r)
-        return -r;
+    int r = tw_thread_start_quiet(holder_main);
+    if (r < 0)
+        return r;
     H.pid = me;
     return 0;
 }

@@ -7,6 +7,7 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <linux/futex.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,4 +97,20 @@ void tw_futex_wait(uint32_t *word, uint32_t val, const struct timespec *rel)
 int tw_tgkill(int pid, int tid, int signum)
 {
     return syscall(SYS_tgkill, pid, tid, signum) == 0 ? 0 : -errno;
+}
+
+int tw_thread_start_quiet(void *(*fn)(void *))
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&a, 64 * 1024);
+    pthread_t th;
+    int r = pthread_create(&th, &a, fn, NULL);
+    pthread_attr_destroy(&a);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return -r;
 }

@@ -96,6 +96,10 @@ static inline uint32_t dead_of(uint32_t idx)
  */
 
 /* ---- sys.c ---- */
+/* Start a detached thread running fn(NULL) with every signal blocked (it
+ * inherits a full mask: no signal meant for Python's handler lands there),
+ * with a small stack. 0 or -errno. */
+int  tw_thread_start_quiet(void *(*fn)(void *));
 uint64_t tw_now_mono(void);
 /* Wake every waiter on a futex word (shared: it may be in the segment). */
 void tw_futex_wake(uint32_t *word);

@@ -1,32 +1,8 @@
 """``shm-taskwork bridge DOMAIN (--redis URL | --redis-url-file PATH) [--node NODE]
-[--allow PATTERN ...]`` (or the URL in ``$SHM_TASKWORK_REDIS_URL``)
-
-The command line of the bridge (``shm_taskwork.remote.bridge``), which moves works from Redis Streams into the local domain (SPEC §10; the key
-layout is in :mod:`shm_taskwork.remote`). One bridge per host and domain.
-
-Each entry goes through these steps; a bridge SIGKILLed between any two and
-started again (same ``--node``) queues the work exactly once:
-
-  read      XREADGROUP (own stream, the "any node" streams of the task names
-            alive here, the control stream); at start the entries this node
-            had read and not claimed (its pending list), and periodically
-            XAUTOCLAIM of entries a dead bridge of another node left there.
-            Reads run in a script that caps their count and bytes and keeps
-            an oversize entry's bytes inside Redis (README, Security)
-  check     everything read is input from a stranger: fields, types, names,
-            notify mode, the payload against payload_size, --allow, and an
-            "any" entry's target; a bad entry is refused with a reason
-  claim     one script: SET out:ID delivering:NODE NX, HSET claimed:NODE,
-            XACK + XDEL (or only XACK if the work's fate was decided already)
-  add       the keyed local add (key = the work's id): recorded in the segment
-            before the push, so a repeat is recognised, never queued twice
-  record    one script: out[id] = outcome, HDEL claimed:NODE, wake outcome()
-
-At start the bridge first finishes what its ``claimed`` hash holds.
-``SHM_TASKWORK_KILLPOINT=bridge_read|bridge_claimed|bridge_added|bridge_recorded[:N]``
-SIGKILLs the bridge at the N-th pass of that point (fault injection, as the
-core's kill points; ``key_reserved`` and ``key_pushed`` are inside the keyed
-add).
+[--allow PATTERN ...]`` (or the URL in ``$SHM_TASKWORK_REDIS_URL``): the
+command line of the bridge. The bridge itself, its steps and what a restart
+finishes, is ``shm_taskwork.remote.bridge``; the key layout is in
+``shm_taskwork.remote.sender``. One bridge per host and domain.
 
 SIGTERM or SIGINT: finish the entry in hand, then exit 0.
 """
