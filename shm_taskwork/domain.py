@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import posix_ipc
 
 from . import _native, _security, callbacks
-from .callbacks import TASK_NAME_PREFIX, task_name_id  # noqa: F401  (tools read them here)
+from .callbacks import TASK_NAME_PREFIX, task_name_id
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME
 from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
@@ -806,6 +806,17 @@ class Domain:
             if w is not None:
                 out.append(w)
         return out
+
+    def pool_free(self) -> int:
+        """Nodes whose owner word says free now (one pass, no lock): the
+        room left for adds and dead letters."""
+        return lib.tw_pool_free_count(self.d)
+
+    def task_name_known(self, name: str) -> bool:
+        """True if a task of this name was ever registered in the domain
+        (the name table keeps every task name it had room for)."""
+        buf = ffi.new("char[]", lib.TW_FUNC_NAME_LEN)
+        return lib.tw_name_get(self.d, task_name_id(name), buf, lib.TW_FUNC_NAME_LEN) >= 0
 
     def running_works(self, task_id: int, *, lock_timeout: float | None = None) -> list[Work]:
         """The works a run of one task has taken and not finished (detached

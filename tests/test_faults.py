@@ -1,4 +1,4 @@
-"""SPEC section 6: nothing is lost when a process dies.
+"""docs/contract.md "Faults: dead processes": nothing is lost when a process dies.
 
 Every test here makes a real, unrelated process (started with subprocess)
 die by SIGKILL at a chosen instruction - the native core's kill points,

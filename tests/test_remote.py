@@ -1,4 +1,4 @@
-"""SPEC §10: the bridge over Redis Streams, against a real redis-server
+"""docs/contract.md "Beyond one host: the bridge": the bridge over Redis Streams, against a real redis-server
 (Debian's package) on a Unix socket in a temporary directory. Two domains
 with two bridges of different --node names play two hosts."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Scribbled memory: a live segment full of garbage must not crash, hang, or
-make the library signal a process it has not verified (SPEC section 2).
+make the library signal a process it has not verified (docs/contract.md "Shared memory: the domain").
 
 Hypothesis chooses the damage: random bytes and random (often plausible:
 small indices, the NIL and EXITED markers, list heads) 32- and 64-bit words at

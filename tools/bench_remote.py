@@ -1,4 +1,4 @@
-"""The remote rows of ``shm-taskwork bench --remote`` (SPEC §10, issue item 7).
+"""The remote rows of ``shm-taskwork bench --remote`` (docs/contract.md "Beyond one host: the bridge").
 
 Two cases through one Redis on this machine, each in two phases:
 
@@ -26,12 +26,9 @@ import tempfile
 import time
 import uuid
 
+from shm_taskwork.tools._common import percentile
+
 FORK = mp.get_context("fork")
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 # --- redis floor -----------------------------------------------------------------
@@ -177,7 +174,7 @@ def _row(case: str, n: int, size: int, total_s: float, lat_ns: list) -> dict:
     us = [x / 1000 for x in lat_ns]
     return {"case": case, "messages": n, "size": size, "total_s": total_s,
             "send_s": total_s, "rate": n / total_s, "send_rate": n / total_s,
-            "p50_us": _pct(us, 50), "p99_us": _pct(us, 99),
+            "p50_us": percentile(us, 50), "p99_us": percentile(us, 99),
             "mean_us": statistics.fmean(us) if us else 0.0, "latency_samples": len(us)}
 
 

@@ -1,5 +1,5 @@
 """``shm-taskwork stress --bridge [--redis URL] ...``: the bridge's exactly once
-under fire (SPEC §10).
+under fire (docs/contract.md "Beyond one host: the bridge").
 
 Two domains play two hosts (nodes ``host-a`` and ``host-b``), each with
 ``--workers`` worker processes of the task name ``w`` and one bridge.

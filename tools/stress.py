@@ -1843,7 +1843,7 @@ class _Progress:
 
 def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--bridge" in argv:          # the Redis bridge's stress (SPEC §10)
+    if "--bridge" in argv:          # the Redis bridge's stress (docs/contract.md "Beyond one host: the bridge")
         from shm_taskwork.tools import bridge_stress
         return bridge_stress.main(argv, prog, command)
     parser = build_parser(prog)

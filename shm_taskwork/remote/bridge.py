@@ -536,11 +536,7 @@ class Bridge:
 
     def _name_known(self, target: str) -> bool:
         """True if a task of this name was ever registered in the domain."""
-        from shm_taskwork._native import ffi, lib
-        from shm_taskwork.domain import task_name_id
-        buf = ffi.new("char[]", lib.TW_FUNC_NAME_LEN)
-        return lib.tw_name_get(self.dom.d, task_name_id(target), buf,
-                               lib.TW_FUNC_NAME_LEN) >= 0
+        return self.dom.task_name_known(target)
 
     def add_one(self, wid: str, e: dict) -> dict:
         """The keyed local add of one claimed work; its outcome record.
@@ -550,7 +546,6 @@ class Bridge:
         is a dead letter while less than a quarter of the pool is free; a
         full pool refuses the work (PoolExhaustedError)."""
         from shm_taskwork import keys
-        from shm_taskwork._native import lib
         from shm_taskwork.errors import PoolExhaustedError
         func, payload, notify, target = e["func"], e["payload"], e["notify"], e["target"]
         if isinstance(payload, str):
@@ -566,7 +561,7 @@ class Bridge:
                         if not self._name_known(target):
                             raise Refused(f"no task named {_text(target)} was ever "
                                           "registered in this domain") from None
-                        if lib.tw_pool_free_count(self.dom.d) <= self.dom.pool_size // 4:
+                        if self.dom.pool_free() <= self.dom.pool_size // 4:
                             raise Refused("less than a quarter of the pool is free: no "
                                           "dead letter is filed") from None
                     rec = keys.dead_letter(self.dom, wid, func, payload, target)

@@ -1,4 +1,4 @@
-"""Beyond one host: works travel through Redis Streams (SPEC §10).
+"""Beyond one host: works travel through Redis Streams (docs/contract.md "Beyond one host: the bridge").
 
 A sender (:class:`Cluster`) appends each work to a stream; one bridge per host
 and domain (``shm-taskwork bridge``) moves it into its local domain with the
@@ -158,7 +158,7 @@ class Keys:
 
 @dataclasses.dataclass
 class RemoteWork:
-    """A work sent to a task of another host (SPEC §10)."""
+    """A work sent to a task of another host (docs/contract.md "Beyond one host: the bridge")."""
     id: str
     node: str | None
     domain: str
