@@ -115,6 +115,24 @@ def test_only_the_core_layers_call_the_compiled_core():
     assert callers <= LIB_CALLERS, callers - LIB_CALLERS
 
 
+def test_the_remote_package_is_layered_and_never_calls_the_core():
+    """remote/: scripts < sender < bridge, and no lib/ffi (it uses the API)."""
+    order = ["scripts", "sender", "bridge"]
+    wrong = []
+    for i, mod in enumerate(order):
+        tree = ast.parse(open(os.path.join(PKG, "remote", mod + ".py")).read())
+        for node in _runtime_nodes(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                wrong += [f"remote.{mod} imports remote.{n}" for n in names
+                          if n in order and order.index(n) >= i]
+            if isinstance(node, ast.Name) and node.id in ("lib", "ffi"):
+                wrong.append(f"remote.{mod} uses {node.id}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_native"):
+                wrong.append(f"remote.{mod} imports _native")
+    assert not wrong, wrong
+
+
 TOOLS = os.path.join(ROOT, "tools")
 # objects of the tools' own making whose private attributes they may use
 _OWN = {"self", "cls", "sys", "os"}
