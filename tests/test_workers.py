@@ -149,7 +149,13 @@ def test_a_second_stop_signal_ends_the_drain_at_once(make_domain, workdir):
     tid = serving(dom, "w", p.pid)
     dom.task(tid).add_many("wk.slow", [f"s{i}".encode() for i in range(50)], TWA_NONE)
     p.send_signal(signal.SIGTERM)
-    wait_until(lambda: len(ran(workdir)) >= 1, TIMEOUT, what="the drain to begin")
+
+    def draining():
+        if p.poll() is not None:   # a worker that died is not draining: say how
+            pytest.fail(f"the worker ended ({p.returncode}) before its drain began: "
+                        f"{p.stderr.read()}")
+        return len(ran(workdir)) >= 1
+    wait_until(draining, TIMEOUT, what="the drain to begin")
     p.send_signal(signal.SIGINT)
     t0 = time.monotonic()
     rc, err = finish(p)
