@@ -53,7 +53,6 @@ def normalize_name(name: str) -> str:
     return _security.domain_name(name)
 
 
-_normalize = normalize_name
 
 
 def printable(text: str) -> str:
@@ -232,7 +231,7 @@ class Domain:
 
         ``max_procs`` bounds the processes that may allocate works at once
         (adders and tasks); it defaults to ``4 * max_tasks + 64``."""
-        name = _normalize(name)
+        name = normalize_name(name)
         _check_int("max_tasks", max_tasks)
         _check_int("pool_size", pool_size)
         _check_int("payload_size", payload_size)
@@ -299,7 +298,7 @@ class Domain:
         ``mode`` nothing is checked but what the system checks (whoever may
         open the segment may join it): that is how users share a domain
         another one made."""
-        name = _normalize(name)
+        name = normalize_name(name)
         if mode is not None:
             _check_mode(mode)
         try:
@@ -689,14 +688,14 @@ class Domain:
         nt = self.max_tasks
         running, done = ffi.new("uint32_t[]", nt), ffi.new("uint32_t[]", nt)
         oldest = ffi.new("uint64_t[]", nt)
+        slots = [self._slot(i) for i in range(nt)]
         for _ in range(4):
-            before = [self._slot(i).c.run for i in range(nt)]
+            before = [s.c.run for s in slots]
             lib.tw_progress(self.d, nt, running, done, oldest)
-            if all(self._slot(i).c.run == before[i] for i in range(nt)):
+            if all(s.c.run == b for s, b in zip(slots, before)):
                 break
         now = time.monotonic_ns()
-        for i in range(self.max_tasks):
-            s = self._slot(i)
+        for i, s in enumerate(slots):
             if s.state == lib.TW_SLOT_FREE or s.gen == 0:
                 continue
             if raw is not None and ffi.string(s.name) != raw:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 import time
 import weakref
@@ -466,7 +467,8 @@ class Task:
     def detach_loop(self) -> None:
         """Undo attach_loop(); nothing to undo on a handle."""
 
-    def serve(self, *, stop_signals: "tuple[int, ...] | list[int]" = (15, 2),
+    def serve(self, *, stop_signals: "tuple[int, ...] | list[int]" = (signal.SIGTERM,
+                                                                      signal.SIGINT),
               drain_timeout: float | None = 30.0, adopt: bool = True,
               watchdog: bool = True) -> int:
         """Run works as they arrive until a stop signal, then drain (see the

@@ -108,6 +108,25 @@ SERVICE_TASK = """
 """
 
 
+def cli_env(columns: int | None = 200) -> dict:
+    """The environment of a ``shm-taskwork`` child: this checkout on the path,
+    ``COLUMNS`` as given (None: unset, as a pipe would leave it)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("COLUMNS", None)
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
+    return env
+
+
+def run_cli(*args: str, columns: int | None = 200, timeout: float = 60,
+            **run) -> subprocess.CompletedProcess:
+    """``shm-taskwork ARGS`` in a child, bounded in time; its output as text."""
+    return subprocess.run([sys.executable, "-m", "shm_taskwork.cli", *args],
+                          env=cli_env(columns), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **run)
+
+
 @pytest.fixture
 def spawn():
     procs: list[subprocess.Popen] = []

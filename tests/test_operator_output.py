@@ -18,7 +18,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, SERVICE_TASK, readline, wait_until
+from conftest import ROOT, SERVICE_TASK, readline, run_cli, wait_until
 
 from shm_taskwork import TWA_NONE, TWA_RESUME
 
@@ -46,13 +46,7 @@ BLOCKING = """
 
 
 def cli(*args: str, columns: int | None = 200, timeout: float = CLI_TIMEOUT):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("COLUMNS", None)
-    if columns is not None:
-        env["COLUMNS"] = str(columns)
-    return subprocess.run([sys.executable, "-m", "shm_taskwork.cli", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_cli(*args, columns=columns, timeout=timeout)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ import sys
 import posix_ipc
 import pytest
 
-from conftest import ROOT, SERVICE_TASK, readline, unique_name, wait_until
+from conftest import (ROOT, SERVICE_TASK, cli_env, readline, run_cli, unique_name,
+                      wait_until)
 
 import shm_taskwork
 from shm_taskwork import TWA_NONE, TWA_RESUME
@@ -25,15 +26,11 @@ CLI_TIMEOUT = 60
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["COLUMNS"] = "200"
-    return env
+    return cli_env(200)
 
 
 def cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shm_taskwork.cli", *args], env=_env(),
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return run_cli(*args, columns=200, timeout=timeout)
 
 
 # A task that runs on request; it knows test.known but not test.stranger.

@@ -28,11 +28,12 @@ import time
 
 import pytest
 
-from conftest import ROOT, SERVICE_TASK, readline, unique_name, wait_until
+from conftest import (ROOT, SERVICE_TASK, cli_env, readline, run_cli, unique_name,
+                      wait_until)
 from test_security import stranger  # noqa: F401  (a fixture: the member as user nobody)
 
 from shm_taskwork import TWA_NONE, Domain
-from shm_taskwork._native import ffi, lib
+from shm_taskwork._native import ffi
 
 CLI_TIMEOUT = 30.0
 
@@ -45,16 +46,11 @@ RAW = ("\x1b", "\x07", "\x9b", "\r", "\u2028")
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["COLUMNS"] = "250"
-    return env
+    return cli_env(250)
 
 
 def cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shm_taskwork.cli", *args], env=_env(),
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          errors="surrogateescape")
+    return run_cli(*args, columns=250, timeout=timeout, errors="surrogateescape")
 
 
 def assert_escaped(res: subprocess.CompletedProcess, *, must_show: tuple[str, ...] = ()) -> str:

@@ -46,6 +46,9 @@ import time
 import uuid
 from typing import Any, Iterable
 
+from .._layout import NAME_LEN
+from .._security import check_text
+from ..callbacks import NAME_LIMIT
 from ..constants import TWA_NMI_CURRENT, TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
 from ..errors import InvalidModeError, PayloadTooLargeError
 from . import scripts
@@ -61,8 +64,8 @@ DONE_TTL = 3600          # seconds a done-list (a wake-up for outcome()) is kept
 #: What a remote work's fields may hold (checked by the sender and again by
 #: the bridge, which trusts nothing it reads from Redis): a callback name as
 #: the domain's name table keeps it, a task name as a slot keeps it.
-CALLBACK_NAME_MAX = 111
-TASK_NAME_MAX = 47
+CALLBACK_NAME_MAX = NAME_LIMIT
+TASK_NAME_MAX = NAME_LEN - 1
 #: The notify modes a remote task takes: TWA_NONE..TWA_SIGNAL_NO_IPI,
 #: optionally with TWAF_NO_ALLOC (TWA_NMI_CURRENT is the caller's own task only).
 REMOTE_MODES = frozenset(m | f for m in (0, 1, 2, 3) for f in (0, TWAF_NO_ALLOC))
@@ -82,15 +85,7 @@ def check_name(name, what: str, limit: int) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{what} must be a non-empty str of at most {limit} bytes, got "
                          f"{type(name).__name__ if not isinstance(name, str) else repr(name)}")
-    if "\0" in name:
-        raise ValueError(f"{what} may not contain NUL, got {name[:40]!r}")
-    try:
-        size = len(name.encode())
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} must be encodable as UTF-8, got {name[:40]!r}") from None
-    if size > limit:
-        raise ValueError(f"{what} is at most {limit} bytes (UTF-8), got {size} bytes: "
-                         f"{name[:40]!r}...")
+    check_text(name, what, limit)
     return name
 
 
