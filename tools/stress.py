@@ -1516,17 +1516,22 @@ class Controller:
             pass
         deadline = time.monotonic() + timeout
         for c in [c for c in self.children if c.role == role]:
-            try:
-                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.hung += 1
-                self.crashed.append(f"{role} {c.inc} (pid {c.proc.pid}) did not stop within "
-                                    f"{timeout:.0f}s: {self._tail(c)}")
-                c.proc.kill()
-                c.killed_by_us = True
-                c.proc.wait(timeout=10)
-            self.children.remove(c)
-            self._judge_exit(c)
+            self._reap_by(c, role, deadline, timeout)
+
+    def _reap_by(self, c, what: str, deadline: float, timeout: float) -> None:
+        """Wait for child c until deadline; one that has not stopped by then
+        is hung: killed and counted. Then it is judged and forgotten."""
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.hung += 1
+            self.crashed.append(f"{what} {c.inc} (pid {c.proc.pid}) did not stop within "
+                                f"{timeout:.0f}s: {self._tail(c)}")
+            c.proc.kill()
+            c.killed_by_us = True
+            c.proc.wait(timeout=10)
+        self.children.remove(c)
+        self._judge_exit(c)
 
     def kill_all(self) -> None:
         for c in self.children:
@@ -1639,17 +1644,7 @@ class Controller:
             self.sweepers += len(kids)
             deadline = time.monotonic() + 60
             for c in kids:
-                try:
-                    c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    self.hung += 1
-                    self.crashed.append(f"sweeper {c.inc} (pid {c.proc.pid}) did not stop "
-                                        f"within 60s: {self._tail(c)}")
-                    c.proc.kill()
-                    c.killed_by_us = True
-                    c.proc.wait(timeout=10)
-                self.children.remove(c)
-                self._judge_exit(c)
+                self._reap_by(c, "sweeper", deadline, 60)
             self.observe()
 
     # -- fsck --

@@ -149,8 +149,6 @@ class Keys:
         return f"{self.base}:reply:{token}"
 
 
-
-
 @dataclasses.dataclass
 class RemoteWork:
     """A work sent to a task of another host (docs/contract.md "Beyond one host: the bridge")."""
