@@ -67,7 +67,7 @@ ffibuilder.set_source(
     '#include "taskwork.h"\n',
     sources=[os.path.relpath(os.path.join(HERE, f"{name}.c"))
              for name in ("sys", "segment", "life", "sigwatch", "proc", "pool", "deadletter", "keys",
-                         "task_work", "reap", "progress", "letters")],
+                         "task_work", "reap", "progress", "letters", "outcome")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=extra_cflags,
     extra_link_args=extra_ldflags,

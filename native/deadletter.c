@@ -65,6 +65,12 @@ void tw_dl_unlock(struct tw_dom *d)
 int tw_dl_file_locked(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t reason,
                       uint32_t slot, uint64_t name_id)
 {
+    return tw_dl_file_locked_ex(d, node, expect, reason, slot, name_id, 1);
+}
+
+int tw_dl_file_locked_ex(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t reason,
+                         uint32_t slot, uint64_t name_id, int settle)
+{
     struct tw_header *h = HDR(d);
     struct tw_node *n = NODE(d, node);
     /* Mark first (acq_rel CAS: whoever else wants the node - an adder's
@@ -80,6 +86,10 @@ int tw_dl_file_locked(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t
     /* Release: readers of the list without the lock (tools) see a whole node. */
     ST_REL(&h->dl_head, (uint64_t)node);
     ADD_RLX(&h->dl_count, 1);
+    /* A dead letter is final for the work that became it: its outcome
+     * (dead_letter, or failed with its error) is written by its filer. */
+    if (settle)
+        tw_outcome_letter(d, node, O_GEN(expect), reason);
     return 1;
 }
 

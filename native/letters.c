@@ -45,7 +45,10 @@ int tw_file_taken(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32
         if (elen)
             memcpy((char *)nd + d->payload_off + nd->payload_len, errtext, elen);
         nd->note = ((attempt & 0xffff) << 16) | elen;
-        filed += tw_dl_file_locked(d, idx, o, reason, slot, name_id);
+        /* A failed work filed with no error is filed to be queued again at
+         * once (a retry): not its end, so its outcome is not settled. */
+        filed += tw_dl_file_locked_ex(d, idx, o, reason, slot, name_id,
+                                      !(reason == TW_R_FAILED && errtext == NULL));
     }
     tw_dl_unlock(d);
     return filed;

@@ -128,6 +128,8 @@ int tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interr
             if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
                 ADD_RLX(&s->c.run, 1);
+                /* settled by the runner, unless it died before it could */
+                tw_outcome_settle_node(d, i, O_GEN(o), TW_O_RAN, NULL, 0);
                 tw_pool_push(d, i);
             }
             continue;
@@ -143,6 +145,9 @@ int tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interr
             n->reason = TW_R_INTERRUPTED;
             if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                /* its callback had started: interrupted (unless the runner
+                 * settled it before it died: then that record stands) */
+                tw_outcome_settle_node(d, i, O_GEN(o), TW_O_INTERRUPTED, NULL, 0);
                 if (info->interrupted < max)
                     interrupted[info->interrupted] = i;
                 else
@@ -154,6 +159,7 @@ int tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interr
             if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
                 ADD_RLX(&s->c.cancelled, 1);
+                tw_outcome_settle_node(d, i, O_GEN(o), TW_O_CANCELLED, NULL, 0);
                 tw_pool_push(d, i);
                 info->cancelled++;
             }

@@ -187,8 +187,14 @@ static uint32_t node_size_for(uint32_t payload_size, uint32_t record_origin)
 uint32_t tw_layout_version(void) { return TW_LAYOUT_VERSION; }
 uint32_t tw_node_header_size(void) { return TW_NODE_HDR; }
 
+uint32_t tw_outcome_rec_size(uint32_t payload_size)
+{
+    return (uint32_t)align64(sizeof(struct tw_outcome) + payload_size);
+}
+
 uint64_t tw_layout_size(uint32_t max_tasks, uint32_t pool_size, uint32_t payload_size,
-                        uint32_t max_procs, uint32_t names_cap, uint32_t record_origin)
+                        uint32_t max_procs, uint32_t names_cap, uint32_t record_origin,
+                        uint32_t outcomes)
 {
     uint64_t off = align64(sizeof(struct tw_header));
     off += align64((uint64_t)max_tasks * sizeof(struct tw_slot));
@@ -196,25 +202,27 @@ uint64_t tw_layout_size(uint32_t max_tasks, uint32_t pool_size, uint32_t payload
     off += align64((uint64_t)names_cap * sizeof(struct tw_name));
     off += (uint64_t)pool_size * node_size_for(payload_size, record_origin);
     off += (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key);   /* nodes end 64-aligned */
+    off = align64(off);
+    off += (uint64_t)outcomes * tw_outcome_rec_size(payload_size);
     return off;
 }
 
 static int sizes_ok(uint32_t max_tasks, uint32_t pool_size, uint32_t payload_size,
-                    uint32_t max_procs, uint32_t names_cap)
+                    uint32_t max_procs, uint32_t names_cap, uint32_t outcomes)
 {
-    return max_tasks >= 1 && max_tasks <= MAX_TASKS_LIMIT && pool_size >= 1 &&
+    return outcomes >= 1 && outcomes <= TW_OUTCOMES_LIMIT && max_tasks >= 1 && max_tasks <= MAX_TASKS_LIMIT && pool_size >= 1 &&
            pool_size <= MAX_POOL_LIMIT && payload_size <= MAX_PAYLOAD && max_procs >= 1 &&
            max_procs <= MAX_PROCS_LIMIT && names_cap >= 1 && names_cap <= (1u << 20);
 }
 
 int tw_format(void *base, uint64_t size, uint32_t max_tasks, uint32_t pool_size,
               uint32_t payload_size, uint32_t max_procs, uint32_t names_cap,
-              uint32_t record_origin, uint64_t now_ns)
+              uint32_t record_origin, uint32_t outcomes, uint64_t now_ns)
 {
-    if (!sizes_ok(max_tasks, pool_size, payload_size, max_procs, names_cap))
+    if (!sizes_ok(max_tasks, pool_size, payload_size, max_procs, names_cap, outcomes))
         return -EINVAL;
     if (size < tw_layout_size(max_tasks, pool_size, payload_size, max_procs, names_cap,
-                              record_origin))
+                              record_origin, outcomes))
         return -EINVAL;
     char *b = base;
     struct tw_header *h = base;
@@ -242,6 +250,12 @@ int tw_format(void *base, uint64_t size, uint32_t max_tasks, uint32_t pool_size,
     h->keys_cap = TW_KEYS_CAP;
     off += (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key);
     memset(b + h->keys_off, 0, (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key));
+    off = align64(off);
+    h->out_off = off;
+    h->out_cap = outcomes;
+    h->out_rec_size = tw_outcome_rec_size(payload_size);
+    off += (uint64_t)outcomes * h->out_rec_size;
+    memset(b + h->out_off, 0, (uint64_t)outcomes * h->out_rec_size);
     h->total_size = off;
     h->created_ns = now_ns;
     h->dl_head = TW_NIL;
@@ -296,10 +310,11 @@ int tw_attach(struct tw_dom *d, void *base, uint64_t size)
         h->slot_size != sizeof(struct tw_slot))
         return -EPROTO;
     uint32_t mt = h->max_tasks, ps = h->pool_size, pl = h->payload_size, mp = h->max_procs,
-             nc = h->names_cap, ro = h->record_origin;
-    if (ro > 1 || !sizes_ok(mt, ps, pl, mp, nc) || h->node_size != node_size_for(pl, ro))
+             nc = h->names_cap, ro = h->record_origin, oc = h->out_cap;
+    if (ro > 1 || !sizes_ok(mt, ps, pl, mp, nc, oc) || h->node_size != node_size_for(pl, ro) ||
+        h->out_rec_size != tw_outcome_rec_size(pl))
         return -EUCLEAN;
-    uint64_t need = tw_layout_size(mt, ps, pl, mp, nc, ro);
+    uint64_t need = tw_layout_size(mt, ps, pl, mp, nc, ro, oc);
     if (need > size || h->total_size != need)
         return -EUCLEAN;
     uint64_t off = align64(sizeof(struct tw_header));
@@ -317,6 +332,9 @@ int tw_attach(struct tw_dom *d, void *base, uint64_t size)
     off += (uint64_t)ps * h->node_size;
     if (h->keys_off != off || h->keys_cap != TW_KEYS_CAP)
         return -EUCLEAN;
+    off = align64(off + (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key));
+    if (h->out_off != off)
+        return -EUCLEAN;
     d->base = base;
     d->size = size;
     d->max_tasks = mt;
@@ -325,6 +343,9 @@ int tw_attach(struct tw_dom *d, void *base, uint64_t size)
     d->node_size = h->node_size;
     d->max_procs = mp;
     d->names_cap = nc;
+    d->out_cap = oc;
+    d->out_rec_size = h->out_rec_size;
+    d->out_off = h->out_off;
     d->record_origin = ro;
     d->origin_off = TW_NODE_HDR;
     d->payload_off = TW_NODE_HDR + (ro ? TW_ORIGIN_LEN : 0);

@@ -94,6 +94,11 @@ void tw_futex_wait(uint32_t *word, uint32_t val, const struct timespec *rel)
     syscall(SYS_futex, word, FUTEX_WAIT, val, rel, NULL, 0);
 }
 
+int tw_futex_wait_rc(uint32_t *word, uint32_t val, const struct timespec *rel)
+{
+    return syscall(SYS_futex, word, FUTEX_WAIT, val, rel, NULL, 0) == 0 ? 0 : -errno;
+}
+
 int tw_tgkill(int pid, int tid, int signum)
 {
     return syscall(SYS_tgkill, pid, tid, signum) == 0 ? 0 : -errno;

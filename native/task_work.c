@@ -234,8 +234,10 @@ static void hist_note(struct tw_dom *d, struct tw_slot *s, uint64_t func_id, int
 
 static void tw_fill_node(struct tw_dom *d, struct tw_node *n, uint32_t slot, uint32_t gen,
                         uint64_t func_id, const char *payload, uint32_t len, const char *origin,
-                      uint32_t origin_len, uint64_t now_ns)
+                      uint32_t origin_len, uint64_t now_ns, uint32_t track)
 {
+    /* Before the push (release CAS): whoever takes the node sees it. */
+    n->track = track;
     n->func_id = func_id;
     n->payload_len = len;
     n->enqueued_ns = now_ns ? now_ns : tw_now_mono();
@@ -356,6 +358,10 @@ static int take_src(struct tw_dom *d, const struct tw_add_req *r, uint32_t *old_
     if (rc <= 0)
         return rc;
     struct tw_node *n = NODE(d, r->src);
+    /* Its outcome first, while the node still has its old generation: a
+     * reader of the old id finds the node (ours, pending) or the record
+     * naming the new id, never neither. */
+    tw_outcome_requeued(d, r->src, r->src_gen, r->src_gen + 1);
     /* Release: whoever reads the owner word (a reclaimer, fsck) sees the new
      * generation only after the take; the node keeps its dead-letter reason
      * until the push, so if we die before it, it goes back to the dead
@@ -459,7 +465,8 @@ static inline __attribute__((always_inline)) int64_t queue(struct tw_dom *d,
                 tw_killpoint(TW_KP_AFTER_ALLOC);
             struct tw_node *n = NODE(d, idx);
             tw_fill_node(d, n, dl ? 0 : r->slot, dl ? 0 : r->gen, r->func_id,
-                         req_payload(r, i), req_len(r, i), r->origin, origin_len, now_ns);
+                         req_payload(r, i), req_len(r, i), r->origin, origin_len, now_ns,
+                         r->track ? TW_T_TRACKED : TW_T_NONE);
             ngen = O_GEN(LD_RLX(&n->owner));
             if (!single) {
                 n->next = first;
@@ -569,7 +576,8 @@ int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
 {
     const struct tw_add_req r = REQ(.slot = slot, .gen = gen, .func_id = func_id,
                                     .payload = payload, .len = len, .notify = notify_mode,
-                                    .is_current = is_current, .origin = origin,
+                                    .is_current = is_current & 1,
+                                    .track = (is_current & TW_ADD_TRACK) != 0, .origin = origin,
                                     .origin_len = origin_len, .efd = efd, .pidfd = pidfd,
                                     .signum = signum, .now_ns = now_ns);
     return queue(d, &r);
@@ -581,9 +589,10 @@ int64_t tw_add_h(const struct tw_handle *h, uint64_t func_id, const char *payloa
 {
     const struct tw_add_req r = REQ(.slot = h->slot, .gen = h->gen, .func_id = func_id,
                                     .payload = payload, .len = len, .notify = notify_mode,
-                                    .is_current = is_current,
-                                    .efd = is_current ? h->own_efd : efd,
-                                    .pidfd = is_current ? -1 : pidfd, .signum = h->signum,
+                                    .is_current = is_current & 1,
+                                    .track = (is_current & TW_ADD_TRACK) != 0,
+                                    .efd = (is_current & 1) ? h->own_efd : efd,
+                                    .pidfd = (is_current & 1) ? -1 : pidfd, .signum = h->signum,
                                     .now_ns = now_ns);
     return queue(h->d, &r);
 }
@@ -596,7 +605,8 @@ int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
 {
     const struct tw_add_req r = REQ(.slot = slot, .gen = gen, .func_id = func_id,
                                     .payloads = payloads, .lens = lens, .count = cnt,
-                                    .notify = notify_mode, .is_current = is_current,
+                                    .notify = notify_mode, .is_current = is_current & 1,
+                                    .track = (is_current & TW_ADD_TRACK) != 0,
                                     .origin = origin, .origin_len = origin_len, .efd = efd,
                                     .pidfd = pidfd, .signum = signum, .now_ns = now_ns,
                                     .work_ids_out = work_ids_out);
@@ -610,9 +620,10 @@ int tw_add_many_flat(const struct tw_handle *h, uint64_t func_id, const char *bu
 {
     const struct tw_add_req r = REQ(.slot = h->slot, .gen = h->gen, .func_id = func_id,
                                     .payload = buf, .offs = offs, .count = n,
-                                    .notify = notify_mode, .is_current = is_current,
-                                    .efd = is_current ? h->own_efd : efd,
-                                    .pidfd = is_current ? -1 : pidfd, .signum = h->signum,
+                                    .notify = notify_mode, .is_current = is_current & 1,
+                                    .track = (is_current & TW_ADD_TRACK) != 0,
+                                    .efd = (is_current & 1) ? h->own_efd : efd,
+                                    .pidfd = (is_current & 1) ? -1 : pidfd, .signum = h->signum,
                                     .now_ns = now_ns, .work_ids_out = work_ids_out);
     int64_t rc = queue(h->d, &r);
     return rc < 0 ? (int)rc : (int)(rc & 0xf);
@@ -639,7 +650,8 @@ int64_t tw_add_keyed(struct tw_dom *d, uint64_t key, uint32_t slot, uint32_t gen
 {
     const struct tw_add_req r = REQ(.slot = slot, .gen = gen, .func_id = func_id,
                                     .payload = payload, .len = len, .notify = notify_mode,
-                                    .is_current = is_current, .efd = efd, .pidfd = pidfd,
+                                    .is_current = is_current & 1,
+                                    .track = (is_current & TW_ADD_TRACK) != 0, .efd = efd, .pidfd = pidfd,
                                     .signum = signum, .now_ns = now_ns, .key = key,
                                     .key_info = info);
     int64_t rc = queue(d, &r);
@@ -664,7 +676,8 @@ int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot,
                    int is_current)
 {
     const struct tw_add_req r = REQ_SRC(.slot = slot, .gen = tgen, .notify = notify_mode,
-                                    .is_current = is_current, .efd = efd, .pidfd = pidfd,
+                                    .is_current = is_current & 1,
+                                    .track = (is_current & TW_ADD_TRACK) != 0, .efd = efd, .pidfd = pidfd,
                                     .signum = signum, .now_ns = now_ns, .src = node,
                                     .src_gen = gen);
     return queue(d, &r);
@@ -843,6 +856,9 @@ int tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome, uint32_
     ADD_RLX(&s->c.run, 1);
     if (outcome == TW_OUT_ERROR)
         ADD_RLX(&s->c.errors, 1);
+    /* a tracked work the caller did not settle (tw_settle): no result */
+    tw_outcome_settle_node(d, done, O_GEN(o), outcome == TW_OUT_ERROR ? TW_O_FAILED : TW_O_RAN,
+                           NULL, 0);
     tw_pool_push(d, done);
     return 0;
 }
@@ -872,7 +888,7 @@ int tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t
         return -EINVAL;
     struct tw_slot *s = SLOT(d, slot);
     uint64_t now = tw_now_mono();   /* one clock read: every work's start */
-    uint64_t poff = 0;
+    uint64_t poff = 0, tracked = 0;
     for (uint32_t i = 0; i < k; i++) {
         uint64_t o;
         if (!ours(d, slot, nodes[i], TW_N_DETACHED, &o))
@@ -889,7 +905,11 @@ int tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t
         R(TW_REC_ID) = ((uint64_t)O_GEN(o) << 32) | nodes[i];
         R(TW_REC_FUNC) = wi.func_id;
         R(TW_REC_ENQ) = wi.enqueued_ns;
-        R(TW_REC_SENDER) = (uint32_t)wi.sender_pid | ((uint64_t)(oarea ? wi.origin_len : 0) << 32);
+        /* ours (DETACHED): its adder wrote track before its push */
+        uint64_t tr = LD_RLX(&n->track) == TW_T_TRACKED;
+        tracked += tr;
+        R(TW_REC_SENDER) = (uint32_t)wi.sender_pid | ((uint64_t)(oarea ? wi.origin_len : 0) << 32) |
+                           (tr << 62);
         R(TW_REC_OWNER_AT) = (uint64_t)((char *)&n->owner - d->base) / sizeof(uint64_t);
         R(TW_REC_RUNNING) = OWNER(O_GEN(o), TW_N_RUNNING, slot);
         R(TW_REC_POFF) = poff;
@@ -898,6 +918,7 @@ int tw_run_load(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t
         outcome[i] = TW_OUT_OK;
     }
     rec[(uint64_t)TW_REC_POFF * k + k] = poff;   /* the end of the last payload */
+    rec[(uint64_t)TW_REC_WORDS * k + 1] = tracked;
     return (int)k;
 }
 
@@ -961,6 +982,11 @@ int tw_run_finish(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32
         hist_note(d, s, n->func_id, 1, dur);
         done++;
         errs += outcome[i] == TW_OUT_ERROR;
+        /* A tracked work the run loop did not settle itself (tw_settle: a
+         * batch callback's, one cut short): its outcome, with no result. */
+        if (__builtin_expect(LD_RLX(&n->track) == TW_T_TRACKED, 0))
+            tw_outcome_settle_node(d, nodes[i], O_GEN(o),
+                                   outcome[i] == TW_OUT_ERROR ? TW_O_FAILED : TW_O_RAN, NULL, 0);
         tw_pool_push(d, nodes[i]);
     }
     ADD_RLX(&s->c.run, done);
@@ -1080,6 +1106,7 @@ out:
     tw_copy_info(d, found, NODE(d, found), owner, wi, payload_out, origin_out);
     __atomic_sub_fetch(&s->c.queued, 1, __ATOMIC_RELAXED);
     ADD_RLX(&s->c.cancelled, 1);
+    tw_outcome_settle_node(d, found, O_GEN(owner), TW_O_CANCELLED, NULL, 0);
     tw_pool_push(d, found);
     return 1;
 }
@@ -1226,6 +1253,7 @@ static void recover_cancelling(struct tw_dom *d, uint32_t slot, struct tw_slot *
         } else {
             ST_REL(&n->owner, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc));
             ADD_RLX(&s->c.cancelled, 1);
+            tw_outcome_settle_node(d, i, O_GEN(o), TW_O_CANCELLED, NULL, 0);
             tw_pool_push(d, i);
         }
     }

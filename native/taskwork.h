@@ -55,6 +55,8 @@ struct tw_dom {
     uint64_t my_start;
     uint64_t slots_off, procs_off, names_off, nodes_off;
     int64_t  lock_timeout_ns;
+    uint32_t out_cap, out_rec_size;   /* the outcome ring (tw_layout.h)          */
+    uint64_t out_off;
 };
 
 /* What a reader gets for one work (copied out while the node is owned). */
@@ -131,16 +133,25 @@ int  tw_pidfd_getfd(int pidfd, int targetfd);
  * tw_layout_size() - bytes a domain of these sizes needs.
  * @max_tasks, @pool_size, @payload_size, @max_procs, @names_cap: the sizes.
  * @record_origin: 1 if every node keeps an origin of TW_ORIGIN_LEN bytes.
+ * @outcomes: outcome records kept (the ring of tw_layout.h, "outcome records").
  *
  * Return: the size in bytes (the caller checks the limits with tw_format).
  */
 uint64_t tw_layout_size(uint32_t max_tasks, uint32_t pool_size, uint32_t payload_size,
-                        uint32_t max_procs, uint32_t names_cap, uint32_t record_origin);
+                        uint32_t max_procs, uint32_t names_cap, uint32_t record_origin,
+                        uint32_t outcomes);
+/**
+ * tw_outcome_rec_size() - bytes of one outcome record for @payload_size.
+ * @payload_size: the domain's payload size (a result has as much room).
+ *
+ * Return: sizeof(struct tw_outcome) + @payload_size, rounded up to 64.
+ */
+uint32_t tw_outcome_rec_size(uint32_t payload_size);
 /**
  * tw_format() - lay out a new domain in @base.
  * @base: zeroed memory of at least tw_layout_size() bytes, not yet visible
  *        under the domain's name. @size: its size.
- * @max_tasks ... @record_origin: as tw_layout_size(). @now_ns: creation time.
+ * @max_tasks ... @outcomes: as tw_layout_size(). @now_ns: creation time.
  *
  * Writes the header (the magic last), the slots, the process table, the
  * name table and the free list of every node; initializes the robust locks.
@@ -149,7 +160,7 @@ uint64_t tw_layout_size(uint32_t max_tasks, uint32_t pool_size, uint32_t payload
  */
 int  tw_format(void *base, uint64_t size, uint32_t max_tasks, uint32_t pool_size,
                uint32_t payload_size, uint32_t max_procs, uint32_t names_cap,
-               uint32_t record_origin, uint64_t now_ns);
+               uint32_t record_origin, uint32_t outcomes, uint64_t now_ns);
 /**
  * tw_map() - map the domain in descriptor @fd and validate it (tw_attach).
  * @d: the view to fill. @fd: the shared-memory object. @size: its size.
@@ -483,6 +494,11 @@ struct tw_handle {
  * these requests. Fields a path does not use stay zero, except src (TW_NIL:
  * no source node), efd and pidfd (-1: none).
  */
+/* OR-ed into the is_current argument of the add entries (tw_add, tw_add_h,
+ * tw_add_many, tw_add_many_flat, tw_add_keyed): track each work's outcome
+ * (add(..., track=True)). Not a notify flag: those are the kernel's. */
+#define TW_ADD_TRACK    2
+
 struct tw_add_req {
     uint32_t slot, gen;        /* the target registration                       */
     uint64_t func_id;
@@ -506,7 +522,7 @@ struct tw_add_req {
     uint32_t to_deadletter;    /* file as a dead letter (needs a key), no task  */
     uint32_t src;              /* re-queue the dead letter (src, src_gen);      */
     uint32_t src_gen;          /*   TW_NIL: take new nodes from the pool        */
-    uint32_t pad;
+    uint32_t track;            /* record each work's outcome (TW_T_TRACKED)     */
     uint64_t name_id;          /* to_deadletter: the task name's id             */
     uint64_t *work_ids_out;    /* gen<<32 | node of each work (count of them)   */
 };
@@ -700,7 +716,9 @@ int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
 #define TW_REC_ID       0   /* gen<<32 | node: the work id                    */
 #define TW_REC_FUNC     1
 #define TW_REC_ENQ      2
-#define TW_REC_SENDER   3   /* origin_len<<32 | sender_pid (origin at i * TW_ORIGIN_LEN) */
+#define TW_REC_SENDER   3   /* tracked<<62 | origin_len<<32 | sender_pid (origin at
+                               i * TW_ORIGIN_LEN); tracked: its outcome is
+                               recorded (tw_settle before its DONE store) */
 #define TW_REC_OWNER_AT 4   /* the node's owner word, in 64-bit words from base */
 #define TW_REC_RUNNING  5   /* the owner value that makes it RUNNING          */
 #define TW_REC_POFF     6   /* payload offsets in parea: k + 1 of them        */
@@ -709,7 +727,8 @@ int  tw_step(struct tw_dom *d, uint32_t slot, uint32_t done, int outcome,
 /**
  * tw_run_load() - copy a detached batch out for its callbacks (see above).
  * @d: the domain. @slot: the caller's own task. @nodes, @k: the batch.
- * @rec: TW_REC_WORDS * @k + 1 words. @parea: room for @k payloads.
+ * @rec: TW_REC_WORDS * @k + 2 words; rec[TW_REC_WORDS * @k + 1] receives the
+ * number of tracked works in the batch. @parea: room for @k payloads.
  * @oarea: @k * TW_ORIGIN_LEN bytes, or NULL (no origins). @outcome: @k.
  *
  * Context: the task's runner. Return: @k, -EINVAL, -EUCLEAN (a node is
@@ -741,6 +760,70 @@ int  tw_run_start_many(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, u
  */
 int  tw_run_finish(struct tw_dom *d, uint32_t slot, const uint32_t *nodes, uint32_t k,
                    const uint8_t *outcome, const uint64_t *end_ns);
+
+/* ======================================================================== */
+/* outcome.c: what became of a tracked work (tw_layout.h "outcome records")  */
+
+/* What a reader gets of one outcome. */
+struct tw_outcome_info {
+    uint64_t work;             /* the id asked about                             */
+    uint64_t retried_as;       /* the id it was queued again as, or 0            */
+    uint64_t settled_ns;       /* CLOCK_MONOTONIC; 0 while not settled           */
+    uint32_t outcome;          /* TW_O_*                                         */
+    uint32_t len;              /* bytes copied to data: result or error text     */
+    uint32_t slot;             /* the task it was for                            */
+    uint32_t reason;           /* TW_R_* of a dead letter                        */
+};
+
+/**
+ * tw_outcome_final() - is @outcome one a work ends in?
+ * @outcome: TW_O_*.
+ *
+ * Return: 1 for ran, failed, cancelled, dead_letter and interrupted; 0 for
+ * pending, running and retried.
+ */
+int  tw_outcome_final(uint32_t outcome);
+/**
+ * tw_outcome_read() - the outcome of tracked work @work, now.
+ * @d: the domain. @work: gen<<32 | node. @oi: filled. @data, @cap: room for
+ * the result or error text (up to payload_size bytes).
+ *
+ * Lock-free: the node while it is pending or running, else its record (the
+ * newest of that id: a re-queued letter's names the new id).
+ * Context: any process. Return: TW_O_* (>= 0); -ENOENT (not tracked, or its
+ * record was reused by out_cap newer settles); -EINVAL; -EUCLEAN (a record
+ * says nonsense).
+ */
+int  tw_outcome_read(struct tw_dom *d, uint64_t work, struct tw_outcome_info *oi, char *data,
+                     uint32_t cap);
+/**
+ * tw_outcome_wait() - tw_outcome_read(), sleeping at most @timeout_ns first
+ * if the outcome is not final (a futex on the node's wake word, woken by
+ * whoever settles it).
+ * @timeout_ns: the most to sleep (<= 0: only look).
+ *
+ * Context: any thread; a signal ends the sleep. Return: as tw_outcome_read
+ * after the sleep (final, retried, or still pending/running at the end of
+ * @timeout_ns), or -EINTR if a signal ended it before a final outcome.
+ */
+int  tw_outcome_wait(struct tw_dom *d, uint64_t work, int64_t timeout_ns,
+                     struct tw_outcome_info *oi, char *data, uint32_t cap);
+/**
+ * tw_settle() - the runner's record of its tracked RUNNING work @node:
+ * @outcome TW_O_RAN (@data: the callback's result) or TW_O_FAILED (@data:
+ * "Type: message"), @len bytes (cut to payload_size). Before the DONE store.
+ *
+ * Context: the task's runner. Return: 1 settled, 0 not tracked (or settled
+ * already), -EINVAL, -EUCLEAN (not RUNNING for @slot).
+ */
+int  tw_settle(struct tw_dom *d, uint32_t slot, uint32_t node, uint32_t outcome,
+               const char *data, uint32_t len);
+/**
+ * tw_outcome_tracked() - the track word of @node (TW_T_*), for its runner.
+ *
+ * Return: TW_T_*, or -EINVAL.
+ */
+int  tw_outcome_tracked(struct tw_dom *d, uint32_t node);
 
 /* ======================================================================== */
 /* task_work.c: cancel and reading                                           */

@@ -105,6 +105,8 @@ uint64_t tw_now_mono(void);
 void tw_futex_wake(uint32_t *word);
 /* Sleep while *word == val, at most rel (shared futex). */
 void tw_futex_wait(uint32_t *word, uint32_t val, const struct timespec *rel);
+/* The same, returning 0, -EAGAIN (*word != val), -ETIMEDOUT or -EINTR. */
+int  tw_futex_wait_rc(uint32_t *word, uint32_t val, const struct timespec *rel);
 /* Send signum to thread tid of process pid: 0 or -errno. */
 int  tw_tgkill(int pid, int tid, int signum);
 
@@ -177,6 +179,22 @@ struct tw_dead_proc_ops {
     int (*reclaim)(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap_info *info);
 };
 extern struct tw_dead_proc_ops tw_dead_proc_ops;
+
+/* ---- outcome.c (the ring of tw_layout.h "outcome records") ---- */
+/* Settle tracked node (node, gen), owned by the caller: write its record,
+ * mark it SETTLED, wake its waiters. 1 settled, 0 untracked or settled. */
+int  tw_outcome_settle_node(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t outcome,
+                            const char *data, uint32_t len);
+/* The same for a node just filed as a dead letter for `reason` (failed:
+ * with the error kept beside its payload). */
+int  tw_outcome_letter(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t reason);
+/* A dead letter (node, old_gen), ours, is about to be queued again as
+ * new_gen: record that for the old id, and track the new work. */
+void tw_outcome_requeued(struct tw_dom *d, uint32_t node, uint32_t old_gen, uint32_t new_gen);
+/* File a node as a dead letter under dl_lock (deadletter.c); settle: 0 for
+ * a filing that is not the work's end (a retry queues it again at once). */
+int  tw_dl_file_locked_ex(struct tw_dom *d, uint32_t node, uint64_t expect, uint32_t reason,
+                          uint32_t slot, uint64_t name_id, int settle);
 
 /* ---- pool.c ---- */
 int  tw_pool_pop(struct tw_dom *d, uint32_t *out);

@@ -140,7 +140,7 @@
 #include <pthread.h>
 
 #define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     9u
+#define TW_LAYOUT_VERSION     10u
 
 /* Notify modes: the kernel's values (include/linux/task_work.h). */
 #define TW_TWA_NONE           0
@@ -252,8 +252,11 @@ struct tw_header {
     uint64_t keys_off;         /* the key table (struct tw_key[TW_KEYS_CAP])     */
     uint64_t keys_next;        /* next ring position; under keys_lock           */
     uint32_t keys_cap;
-    uint32_t keys_pad;
-    uint64_t reserved[1];
+    uint32_t out_cap;          /* outcome records (the "outcomes" option)       */
+    uint64_t out_off;          /* the outcome ring (struct tw_outcome[out_cap]) */
+    uint64_t out_seq;          /* settles so far: the next record's sequence    */
+    uint32_t out_rec_size;     /* sizeof(struct tw_outcome) + payload_size, 64-aligned */
+    uint32_t out_pad;
     pthread_mutex_t dl_lock;   /* robust, process-shared */
     pthread_mutex_t fsck_lock; /* one repairing fsck at a time */
     pthread_mutex_t keys_lock; /* one key reservation at a time (tw_add_keyed) */
@@ -349,6 +352,10 @@ struct tw_name {
     uint64_t id;               /* 0 = empty; claimed by CAS                      */
     uint32_t ready;            /* release store after name is written            */
     uint32_t len;
+    uint32_t codec;            /* TW_CODEC_*: how the callback reads its payload;
+                                  CAS from 0 (raw) by the first process that
+                                  declares one for the name                       */
+    uint32_t codec_pad;
     char     name[TW_FUNC_NAME_LEN];
     struct tw_hist latency;    /* works of this callback, every task             */
     struct tw_hist duration;
@@ -368,10 +375,69 @@ struct tw_node {
     uint32_t note;             /* attempt << 16 | error length (TW_R_FAILED)     */
     uint64_t name_id;          /* a dead letter's task name (name table id)      */
     uint64_t started_ns;       /* when its callback started (RUNNING)            */
+    uint32_t track;            /* TW_T_*: is its outcome recorded (track=True)   */
+    uint32_t wake;             /* futex word: bit 0 set by a waiter of its outcome */
     /* then: char origin[TW_ORIGIN_LEN] if record_origin; then the payload       */
 };
 
 #define TW_NODE_HDR  ((uint32_t)sizeof(struct tw_node))
+
+/* ---- outcome records (outcome.c) ----
+ *
+ * A tracked work (add(..., track=True)) has node.track = TW_T_TRACKED from
+ * its fill until whoever settles it - the runner (ran, failed), a canceller
+ * (cancelled), a dead-letter filing (dead_letter, failed), a reaper
+ * (interrupted, dead_letter) - writes its outcome record and stores
+ * TW_T_SETTLED. While it is pending or running its outcome is read from the
+ * node itself (owner word, same generation); once settled, from its record.
+ *
+ * The records are a ring of out_cap entries in settle order: settle number s
+ * (a fetch_add on hdr.out_seq) writes entry s % out_cap, so a record stays
+ * readable until out_cap newer tracked works have settled (docs/contract.md
+ * "Outcomes"). Each entry is a seqlock: seq = 2s+1 while its writer fills it,
+ * 2s+2 when it is whole; a writer takes the entry by CAS from any value below
+ * 2s+1, so a late writer never overwrites a newer record, and a writer that
+ * dies mid-record leaves an odd seq that readers skip.
+ *
+ * A waiter sets bit 0 of node.wake, looks once more, and sleeps on the word
+ * (FUTEX_WAIT, in bounded slices); a settler publishes the record, then
+ * exchanges the word with 0 and wakes every sleeper if the bit was set. One
+ * word, seq_cst on both sides: either the settler sees the bit, or the
+ * waiter's look sees the record (no lost wake-up).
+ */
+#define TW_T_NONE             0u  /* untracked: nothing is recorded              */
+#define TW_T_TRACKED          1u  /* tracked, not settled yet                     */
+#define TW_T_SETTLED          2u  /* its record is written                        */
+
+#define TW_O_PENDING          0u
+#define TW_O_RUNNING          1u
+#define TW_O_RAN              2u  /* its callback returned; data: the result      */
+#define TW_O_FAILED           3u  /* it raised (retries spent); data: the error   */
+#define TW_O_CANCELLED        4u
+#define TW_O_DEAD_LETTER      5u  /* orphaned, shutdown or unknown callback       */
+#define TW_O_INTERRUPTED      6u  /* its task died in its callback                */
+#define TW_O_RETRIED          7u  /* not final: queued again as retried_as        */
+
+#define TW_OUTCOMES_DEFAULT   4096u
+#define TW_OUTCOMES_LIMIT     (1u << 20)
+
+struct tw_outcome {
+    uint64_t seq;              /* seqlock: 2s+1 writing, 2s+2 whole, 0 never used */
+    uint64_t work;             /* gen<<32 | node: the settled work's id          */
+    uint64_t retried_as;       /* the id it was queued again as (0: none)        */
+    uint64_t settled_ns;       /* CLOCK_MONOTONIC                                */
+    uint32_t outcome;          /* TW_O_*                                         */
+    uint32_t len;              /* bytes of data (<= payload_size)                */
+    uint32_t slot;             /* the task it was for                            */
+    uint32_t pad;
+    /* then payload_size bytes: the result (ran) or "Type: message" (failed) */
+};
+
+/* Codecs a callback may declare (name table, tw_name.codec). */
+#define TW_CODEC_RAW          0u
+#define TW_CODEC_JSON         1u
+#define TW_CODEC_PICKLE       2u
+#define TW_CODEC_MSGPACK      3u
 
 /* ---- the key table (keys.c) ----
  *

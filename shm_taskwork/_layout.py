@@ -13,7 +13,7 @@ import platform
 import struct
 
 MAGIC = b"SHMTWRK\x01"
-LAYOUT_VERSION = 9
+LAYOUT_VERSION = 10
 NIL = 0xFFFFFFFF
 EXITED = 0xFFFFFFFE
 DEAD_EMPTY = 0xFFFFFFFD
@@ -26,6 +26,7 @@ INTENTS = 8
 HIST_BUCKETS = 28
 HIST_SHIFT = 10
 KEYS_CAP = 4096
+OUTCOMES_DEFAULT = 4096
 
 # sizeof(pthread_mutex_t) in glibc, by machine; alignment is 8 (4 on 32-bit x86).
 _MUTEX = {"x86_64": 40, "aarch64": 48, "ppc64le": 40, "s390x": 40, "riscv64": 40, "i686": 24}
@@ -93,7 +94,8 @@ HEADER = Struct("struct tw_header", [
                               "total_size", "created_ns", "free_head", "dl_head",
                               "dl_count", "fsck_runs", "reaped", "procs_reclaimed")],
     ("keys_off", "u64", 1), ("keys_next", "u64", 1), ("keys_cap", "u32", 1),
-    ("keys_pad", "u32", 1), ("reserved", "u64", 1),
+    ("out_cap", "u32", 1), ("out_off", "u64", 1), ("out_seq", "u64", 1),
+    ("out_rec_size", "u32", 1), ("out_pad", "u32", 1),
     ("dl_lock", "mutex", 1),
     ("fsck_lock", "mutex", 1),
     ("keys_lock", "mutex", 1),
@@ -127,7 +129,8 @@ PROC = Struct("struct tw_proc", [
 ])
 
 NAME = Struct("struct tw_name", [
-    ("id", "u64", 1), ("ready", "u32", 1), ("len", "u32", 1), ("name", "char", FUNC_NAME_LEN),
+    ("id", "u64", 1), ("ready", "u32", 1), ("len", "u32", 1), ("codec", "u32", 1),
+    ("codec_pad", "u32", 1), ("name", "char", FUNC_NAME_LEN),
     ("latency", HIST, 1), ("duration", HIST, 1),
 ])
 
@@ -136,6 +139,7 @@ NODE = Struct("struct tw_node", [
     ("enqueued_ns", "u64", 1), ("sender_pid", "i32", 1), ("target", "u32", 1),
     ("target_gen", "u32", 1), ("origin_len", "u32", 1), ("reason", "u32", 1),
     ("note", "u32", 1), ("name_id", "u64", 1), ("started_ns", "u64", 1),
+    ("track", "u32", 1), ("wake", "u32", 1),
 ])
 
 KEY = Struct("struct tw_key", [
@@ -143,7 +147,12 @@ KEY = Struct("struct tw_key", [
     ("want", "u32", 1), ("slot", "u32", 1), ("pad", "u32", 1),
 ])
 
-STRUCTS = (HEADER, COUNTERS, HIST, LIFE, SLOT, PROC, NAME, NODE, KEY)
+OUTCOME = Struct("struct tw_outcome", [
+    ("seq", "u64", 1), ("work", "u64", 1), ("retried_as", "u64", 1), ("settled_ns", "u64", 1),
+    ("outcome", "u32", 1), ("len", "u32", 1), ("slot", "u32", 1), ("pad", "u32", 1),
+])
+
+STRUCTS = (HEADER, COUNTERS, HIST, LIFE, SLOT, PROC, NAME, NODE, KEY, OUTCOME)
 
 
 def _align64(x: int) -> int:
@@ -155,17 +164,23 @@ def node_size(payload_size: int, record_origin: bool) -> int:
     return _align64(NODE.size + (ORIGIN_LEN if record_origin else 0) + payload_size)
 
 
+def outcome_rec_size(payload_size: int) -> int:
+    """Bytes per outcome record: its header and room for a result; 64-aligned."""
+    return _align64(OUTCOME.size + payload_size)
+
+
 def offsets(max_tasks: int, pool_size: int, payload_size: int, max_procs: int,
-            names_cap: int, record_origin: bool) -> dict:
+            names_cap: int, record_origin: bool, outcomes: int = OUTCOMES_DEFAULT) -> dict:
     """Where each table starts, and the segment's total size."""
     slots = _align64(HEADER.size)
     procs = slots + _align64(max_tasks * SLOT.size)
     names = procs + _align64(max_procs * PROC.size)
     nodes = names + _align64(names_cap * NAME.size)
     keys = nodes + pool_size * node_size(payload_size, record_origin)
-    total = keys + KEYS_CAP * KEY.size
+    out = _align64(keys + KEYS_CAP * KEY.size)
+    total = out + outcomes * outcome_rec_size(payload_size)
     return {"slots_off": slots, "procs_off": procs, "names_off": names,
-            "nodes_off": nodes, "keys_off": keys, "total_size": total}
+            "nodes_off": nodes, "keys_off": keys, "out_off": out, "total_size": total}
 
 
 def read_header(buf) -> dict:

@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - a build problem, said plainly
         "`pip install .`) in the source tree"
     ) from exc
 
-LAYOUT_VERSION = 9
+LAYOUT_VERSION = 10
 if lib.tw_layout_version() != LAYOUT_VERSION:  # pragma: no cover
     raise ImportError(
         f"shm_taskwork native core has layout version {lib.tw_layout_version()}, "

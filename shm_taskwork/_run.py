@@ -82,7 +82,7 @@ class _RunSource:
         mv, k = memoryview(self.raw).cast("Q"), self.k
         fid = mv[lib.TW_REC_FUNC * k + i]
         sender = mv[lib.TW_REC_SENDER * k + i]
-        pid, olen = sender & 0xFFFFFFFF, sender >> 32
+        pid, olen = sender & 0xFFFFFFFF, (sender >> 32) & 0xFFFF
         origin = None
         if olen and self.origins is not None:
             at = i * lib.TW_ORIGIN_LEN
@@ -118,7 +118,7 @@ class RunLoop:
         # records, payloads and origins of up to _chunk works per native call
         # (at most ~1 MiB of payload buffer)
         self._chunk = max(1, min(_RUN_CHUNK, (1 << 20) // max(1, dom.payload_size)))
-        self._rec = ffi.new("uint64_t[]", self._chunk * lib.TW_REC_WORDS)
+        self._rec = ffi.new("uint64_t[]", self._chunk * lib.TW_REC_WORDS + 2)
         self._parea = ffi.new("char[]", self._chunk * max(1, dom.payload_size))
         self._oarea = (ffi.new("char[]", self._chunk * lib.TW_ORIGIN_LEN) if dom.record_origin
                        else ffi.NULL)

@@ -42,6 +42,7 @@ LIMITS = {
     "payload_size": (0, 1 << 20),
     "max_procs": (1, 65536),
     "names_cap": (1, 1 << 20),
+    "outcomes": (1, 1 << 20),     # lib.TW_OUTCOMES_LIMIT
 }
 
 _OPEN = _native.OPEN   # every Domain this process maps
@@ -226,11 +227,15 @@ class Domain:
     @classmethod
     def create(cls, name: str, *, max_tasks: int = 64, pool_size: int = 65536,
                payload_size: int = 224, mode: int = 0o600, record_origin: bool = False,
-               max_procs: int | None = None, names_cap: int = 1024) -> "Domain":
+               max_procs: int | None = None, names_cap: int = 1024,
+               outcomes: int = 4096) -> "Domain":
         """Create a domain; ``FileExistsError`` if the name is taken.
 
         ``max_procs`` bounds the processes that may allocate works at once
-        (adders and tasks); it defaults to ``4 * max_tasks + 64``."""
+        (adders and tasks); it defaults to ``4 * max_tasks + 64``.
+        ``outcomes`` is how many outcome records of tracked works the domain
+        keeps: a record stays readable until that many newer tracked works
+        have settled (docs/contract.md "Outcomes")."""
         name = normalize_name(name)
         _check_int("max_tasks", max_tasks)
         _check_int("pool_size", pool_size)
@@ -239,9 +244,10 @@ class Domain:
             max_procs = min(65536, 4 * max_tasks + 64)
         _check_int("max_procs", max_procs)
         _check_int("names_cap", names_cap)
+        _check_int("outcomes", outcomes)
         _check_mode(mode)
         size = lib.tw_layout_size(max_tasks, pool_size, payload_size, max_procs, names_cap,
-                                  int(bool(record_origin)))
+                                  int(bool(record_origin)), outcomes)
         _security.check_total_size(name, size)
         # Made whole before it has its name: created under a temporary name,
         # formatted and mapped, then linked under the domain's name in one
@@ -265,7 +271,8 @@ class Domain:
             with mmap.mmap(fd, size) as m:
                 buf = ffi.from_buffer(m)
                 rc = lib.tw_format(buf, size, max_tasks, pool_size, payload_size, max_procs,
-                                   names_cap, int(bool(record_origin)), time.monotonic_ns())
+                                   names_cap, int(bool(record_origin)), outcomes,
+                                   time.monotonic_ns())
                 ffi.release(buf)
             check(rc, f"format domain {name!r}")
             check(lib.tw_map(d, fd, size), f"map domain {name!r}")

@@ -44,15 +44,15 @@ def test_mutex_and_constants_match_c():
 
 
 @pytest.mark.parametrize("params", [
-    (1, 1, 0, 1, 1, 0),
-    (8, 256, 224, 96, 1024, 0),
-    (8, 256, 224, 96, 1024, 1),
-    (64, 65536, 224, 320, 1024, 0),
-    (3, 17, 1, 7, 5, 1),
-    (4096, 1000, 1 << 20, 65536, 1 << 20, 1),
+    (1, 1, 0, 1, 1, 0, 1),
+    (8, 256, 224, 96, 1024, 0, 4096),
+    (8, 256, 224, 96, 1024, 1, 5),
+    (64, 65536, 224, 320, 1024, 0, 4096),
+    (3, 17, 1, 7, 5, 1, 3),
+    (4096, 1000, 1 << 20, 65536, 1 << 20, 1, 1 << 20),
 ])
 def test_layout_size_matches_c(params):
-    max_tasks, pool_size, payload_size, max_procs, names_cap, origin = params
+    max_tasks, pool_size, payload_size, max_procs, names_cap, origin, outcomes = params
     assert L.offsets(*params)["total_size"] == lib.tw_layout_size(*params)
     assert L.node_size(payload_size, bool(origin)) % 64 == 0
 

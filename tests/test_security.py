@@ -371,7 +371,7 @@ def _big_leftovers(tag: str) -> list[str]:
 def test_an_oversized_domain_fails_fast_and_leaves_nothing(spawn):
     name = unique_name("huge")
     kind, said = _create_capped(spawn, name, 2**24, 2**20)
-    size = lib.tw_layout_size(64, 2**24, 2**20, 4 * 64 + 64, 1024, 0)
+    size = lib.tw_layout_size(64, 2**24, 2**20, 4 * 64 + 64, 1024, 0, 4096)
     assert kind == "ValueError", said
     assert f"{size:,} bytes" in said and f"{_security.MAX_DOMAIN_BYTES:,}" in said, said
     assert _big_leftovers(name.lstrip("/")) == []
@@ -384,7 +384,7 @@ def test_a_domain_larger_than_the_free_shared_memory_fails_fast_and_leaves_nothi
         pytest.skip(f"/dev/shm has {free:,} bytes free, more than the stated maximum")
     # the smallest payload that makes a 2**24-node pool too big for the free space
     payload = next(p for p in range(0, 2**20 + 1, 64)
-                   if lib.tw_layout_size(64, 2**24, p, 320, 1024, 0) > free)
+                   if lib.tw_layout_size(64, 2**24, p, 320, 1024, 0, 4096) > free)
     name = unique_name("nofit")
     kind, said = _create_capped(spawn, name, 2**24, payload)
     assert kind == "ValueError", said

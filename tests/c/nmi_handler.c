@@ -204,7 +204,7 @@ int main(int argc, char **argv)
         fail("tw_map", rc);
     batch = calloc(dom.pool_size, sizeof(*batch));
     pbuf = calloc(dom.pool_size, (uint64_t)dom.payload_size + 1);
-    rec = calloc((uint64_t)TW_REC_WORDS * dom.pool_size + 1, sizeof(*rec));
+    rec = calloc((uint64_t)TW_REC_WORDS * dom.pool_size + 2, sizeof(*rec));
     outcome = calloc(dom.pool_size, 1);
     if (!batch || !pbuf || !rec || !outcome)
         fail("calloc", 0);
