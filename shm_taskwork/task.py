@@ -199,7 +199,7 @@ class Task:
             got = self._resolve(func)
         fid, fname, src = got
         if payload.__class__ is not bytes:
-            payload = _as_bytes(payload)
+            payload = _as_bytes(payload, self._dom, fid)
         if notify.__class__ is not int:
             raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
         dom = self._dom
@@ -263,7 +263,7 @@ class Task:
         except TypeError:
             got = None
         fid, fname, _ = got if got is not None else self._resolve(func)
-        items = [p if p.__class__ is bytes else _as_bytes(p) for p in payloads]
+        items = [p if p.__class__ is bytes else _as_bytes(p, self._dom, fid) for p in payloads]
         if isinstance(notify, bool) or not isinstance(notify, int):
             raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
         if not items:
@@ -512,7 +512,7 @@ class Task:
         :class:`~shm_taskwork.keys.KeyBusyError` while another live process
         is adding the same key."""
         fid, fname = callbacks.resolve(func)
-        payload = _as_bytes(payload) if payload.__class__ is not bytes else payload
+        payload = _as_bytes(payload, self._dom, fid) if payload.__class__ is not bytes else payload
         if notify.__class__ is not int:
             raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
         dom = self._dom
@@ -546,7 +546,9 @@ def _check_notify_range(notify: int) -> None:
                                errno=errno.EINVAL)
 
 
-def _as_bytes(payload) -> bytes:
+def _as_bytes(payload, dom: "Domain", fid: int) -> bytes:
+    """The bytes of a payload for callback ``fid`` in ``dom``: a bytes-like
+    payload as it is (docs/contract.md "Codecs" for objects)."""
     try:
         return bytes(memoryview(payload))
     except TypeError:
