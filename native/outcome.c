@@ -93,7 +93,10 @@ int tw_outcome_settle_node(struct tw_dom *d, uint32_t node, uint32_t gen, uint32
      * of SETTLED below comes from the same owner. */
     if (LD_ACQ(&n->track) != TW_T_TRACKED)
         return 0;
-    uint32_t reason = outcome == TW_O_DEAD_LETTER ? LD_RLX(&n->reason) : 0;
+    /* reason: a dead letter's TW_R_*; for ran, 1 if there is a result (a
+     * callback that returned b"" has one; one that returned None has not) */
+    uint32_t reason = outcome == TW_O_DEAD_LETTER ? LD_RLX(&n->reason)
+                    : outcome == TW_O_RAN ? (data != NULL) : 0;
     put(d, ((uint64_t)gen << 32) | node, outcome, 0, LD_RLX(&n->target), reason, data, len);
     /* Release: a reader that sees SETTLED finds the record in the ring. */
     ST_REL(&n->track, TW_T_SETTLED);
@@ -179,8 +182,8 @@ static int find(struct tw_dom *d, uint64_t work, struct tw_outcome_info *oi, cha
     return -ENOENT;
 }
 
-int tw_outcome_read(struct tw_dom *d, uint64_t work, struct tw_outcome_info *oi, char *data,
-                    uint32_t cap)
+static int read_outcome(struct tw_dom *d, uint64_t work, struct tw_outcome_info *oi, char *data,
+                        uint32_t cap)
 {
     uint32_t node = (uint32_t)work, gen = (uint32_t)(work >> 32);
     memset(oi, 0, sizeof(*oi));
@@ -214,6 +217,15 @@ int tw_outcome_read(struct tw_dom *d, uint64_t work, struct tw_outcome_info *oi,
     default:
         return -ENOENT;
     }
+}
+
+int tw_outcome_read(struct tw_dom *d, uint64_t work, struct tw_outcome_info *oi, char *data,
+                    uint32_t cap)
+{
+    int r = read_outcome(d, work, oi, data, cap);
+    if (r >= 0)
+        oi->outcome = (uint32_t)r;
+    return r;
 }
 
 int tw_outcome_wait(struct tw_dom *d, uint64_t work, int64_t timeout_ns,

@@ -772,7 +772,8 @@ struct tw_outcome_info {
     uint32_t outcome;          /* TW_O_*                                         */
     uint32_t len;              /* bytes copied to data: result or error text     */
     uint32_t slot;             /* the task it was for                            */
-    uint32_t reason;           /* TW_R_* of a dead letter                        */
+    uint32_t reason;           /* TW_R_* of a dead letter; for ran, 1 if it has a
+                                  result (data, maybe empty)                     */
 };
 
 /**

@@ -7,9 +7,10 @@ from .constants import (TWA_FLAGS, TWA_NMI_CURRENT, TWA_NONE, TWA_RESUME, TWA_SI
                         TWA_SIGNAL_NO_IPI, TWAF_NO_ALLOC)
 from ._native import DEAD_LETTER_REASONS
 from .domain import Domain, DomainStats, TaskInfo
-from .errors import (DomainCorruptError, InvalidModeError, NoSuchTaskError, NotCurrentTaskError,
-                     PayloadTooLargeError, PoolExhaustedError, TaskExitedError, TaskWorkError,
-                     UnknownCallbackError)
+from .errors import (CallbackFailedError, DomainCorruptError, InvalidModeError, NoSuchTaskError,
+                     NotCurrentTaskError, OutcomeUnknownError, PayloadTooLargeError,
+                     PoolExhaustedError, TaskExitedError, TaskWorkError, UnknownCallbackError,
+                     WorkLostError)
 from .fsck import FsckReport
 from .kernel import (init_task_work, task_work_add, task_work_cancel, task_work_cancel_func,
                      task_work_cancel_match, task_work_pending, task_work_run)
@@ -25,7 +26,7 @@ __all__ = [
     "TWA_FLAGS", "TWAF_NO_ALLOC",
     "TaskWorkError", "TaskExitedError", "InvalidModeError", "PayloadTooLargeError",
     "PoolExhaustedError", "NoSuchTaskError", "NotCurrentTaskError", "DomainCorruptError",
-    "UnknownCallbackError",
+    "UnknownCallbackError", "CallbackFailedError", "WorkLostError", "OutcomeUnknownError",
     "init_task_work", "task_work_add", "task_work_run", "task_work_pending",
     "task_work_cancel_match", "task_work_cancel_func", "task_work_cancel",
 ]

@@ -195,15 +195,20 @@ class RunLoop:
                          else None)
         fid0 = int.from_bytes(fids[:8], sys.byteorder)
         fn = callbacks._BY_ID.get(fid0)
+        # tracked works in the chunk (their outcome is settled per work, with
+        # the callback's result): only the general loop does that
+        tracked = rec[_REC * k + 1]
         if homogeneous and fn is not None and fn.__shm_taskwork_batch__:
-            return self._run_whole_batch(fn, nodes, k, offs, pl, src, errs)
+            return self._run_whole_batch(fn, nodes, k, offs, pl, src, errs, tracked)
         chunk = _Chunk(k, ffi.unpack(rec + _OWNER_AT * k, k), ffi.unpack(rec + _RUNNING * k, k),
                        raw)
         if (homogeneous and fn is not None and not fn.__shm_taskwork_async__ and _STORE_STARTS
-                and not _KP_IN_CALLBACK):
+                and not _KP_IN_CALLBACK and not tracked):
             return self._run_plain(fn, nodes, chunk, offs, pl, src, errs)
+        trk = memoryview(raw).cast("Q")[lib.TW_REC_SENDER * k:(lib.TW_REC_SENDER + 1) * k] \
+            if tracked else None
         return self._run_mixed(nodes, chunk, memoryview(fids).cast("Q").tolist(), offs, pl,
-                               src, errs)
+                               src, errs, trk)
 
     def _run_plain(self, fn: Any, nodes: Any, c: "_Chunk", offs: list, pl: bytes,
                    src: "_RunSource", errs: list) -> int:
@@ -271,9 +276,10 @@ class RunLoop:
         return started
 
     def _run_mixed(self, nodes: Any, c: "_Chunk", fids: list, offs: list, pl: bytes,
-                   src: "_RunSource", errs: list) -> int:
+                   src: "_RunSource", errs: list, trk: Any = None) -> int:
         """Any chunk: several callbacks, unknown ones, async ones, batch
-        callbacks among others, a kill point, or no starting by stores."""
+        callbacks among others, tracked works, a kill point, or no starting
+        by stores. trk: the chunk's sender words (bit 62: tracked), or None."""
         dom = self._dom
         seg, outc, ends = self._seg, self._outc, self._ends
         k = c.k
@@ -327,7 +333,7 @@ class RunLoop:
                     done = i
                     continue
                 try:
-                    fn(w)
+                    ret = fn(w)
                 except Exception as exc:
                     log_callback_error(w, exc)
                     errs.append(exc)
@@ -338,6 +344,11 @@ class RunLoop:
                         done = i
                         ran += 1
                         continue
+                    if trk is not None and trk[i] >> 62:
+                        self._settle(nodes[i], lib.TW_O_FAILED, _error_text(exc))
+                else:
+                    if trk is not None and trk[i] >> 62:
+                        self._settle_result(nodes[i], ret)
                 if timed:
                     ends[i] = mono()
                 if _STORE_STARTS:
@@ -352,7 +363,7 @@ class RunLoop:
         return ran
 
     def _run_whole_batch(self, fn: Any, nodes: Any, k: int, offs: list, pl: bytes,
-                         src: "_RunSource", errs: list) -> int:
+                         src: "_RunSource", errs: list, tracked: int = 0) -> int:
         """The whole chunk is one batch callback's (its common case): its
         works are started by one native call, the callback is called once,
         and tw_run_finish frees them right after."""
@@ -384,6 +395,10 @@ class RunLoop:
                 if fn.__shm_taskwork_keep__:
                     ffi.memmove(outc, bytes([lib.TW_OUT_SKIP]) * k, k)
                     failed = [(i, exc, fn) for i in range(k)]
+                elif tracked:   # (untracked ones: tw_settle says 0)
+                    text = _error_text(exc)
+                    for i in range(k):
+                        self._settle(nodes[i], lib.TW_O_FAILED, text)
             except BaseException:
                 ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
                 raise
@@ -445,6 +460,29 @@ class RunLoop:
             if _STORE_STARTS:
                 seg[c.ats[j]] = c.runs[j] + _DONE_DELTA
         return len(idx)
+
+    def _settle(self, node: int, outcome: int, data: "bytes | None") -> None:
+        """Record the outcome of a tracked RUNNING work of ours, before its
+        DONE store (docs/contract.md "Outcomes"); data: result or error."""
+        rc = lib.tw_settle(self._dom.d, self.id, node, outcome,
+                           ffi.NULL if data is None else data, 0 if data is None else len(data))
+        if rc < 0:
+            log.error("task %d: recording the outcome of the work at node %d: %s", self.id,
+                      node, os.strerror(-rc))
+
+    def _settle_result(self, node: int, ret: Any) -> None:
+        """A tracked work's callback returned ret: ran, with ret as its
+        result if it is bytes; bytes larger than payload_size cannot be
+        delivered, so the outcome is failed (as a future whose result cannot
+        be sent back)."""
+        if ret.__class__ is not bytes:
+            ret = bytes(ret) if isinstance(ret, (bytearray, memoryview)) else None
+        if ret is not None and len(ret) > self._dom.payload_size:
+            self._settle(node, lib.TW_O_FAILED,
+                         f"ValueError: the callback returned {len(ret)} bytes, more than "
+                         f"payload_size={self._dom.payload_size}".encode())
+            return
+        self._settle(node, lib.TW_O_RAN, ret)
 
     def _count_raised(self, n: int, kept: bool) -> None:
         """Count n raises now, not when the chunk ends, so that ``errors`` is
@@ -528,3 +566,8 @@ class RunLoop:
             self._bpos = base
         else:
             self._bpos += k
+
+
+def _error_text(exc: BaseException) -> bytes:
+    """How an outcome records an exception: "Type: message"."""
+    return f"{type(exc).__name__}: {exc}".encode(errors="replace")

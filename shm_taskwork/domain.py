@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import posix_ipc
 
-from . import _native, _security, callbacks
+from . import _native, _security, callbacks, errors
 from .callbacks import TASK_NAME_PREFIX, task_name_id
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME
@@ -217,6 +217,7 @@ class Domain:
         self.payload_size: int = d.payload_size
         self.max_procs: int = d.max_procs
         self.record_origin = bool(d.record_origin)
+        self.outcomes: int = d.out_cap   # outcome records kept (create's outcomes=)
         self._names_put: set[int] = set()
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
         self._current = None
@@ -747,6 +748,37 @@ class Domain:
 
     def _scratch(self) -> _native.Scratch:
         return _native.Scratch(self.payload_size)
+
+    def work(self, work_id: int) -> Work:
+        """A handle on the tracked work ``work_id`` (from any process): wait
+        on it, read its outcome, result and error (docs/contract.md
+        "Outcomes"). ``OutcomeUnknownError`` if no outcome is recorded for
+        that id: not tracked, or its record was reused after ``outcomes``
+        newer tracked works settled."""
+        if isinstance(work_id, bool) or not isinstance(work_id, int):
+            raise TypeError(f"work() takes a work id (int), got {type(work_id).__name__}")
+        if not 0 <= work_id < 1 << 64 or (work_id & 0xFFFFFFFF) >= self.pool_size:
+            raise errors.OutcomeUnknownError(
+                f"no work {work_id:#x} in domain {self.name!r}: its node part must be below "
+                f"pool_size={self.pool_size}")
+        oi = ffi.new("struct tw_outcome_info *")
+        rc = lib.tw_outcome_read(self.d, work_id, oi, ffi.NULL, 0)
+        if rc == -errno.ENOENT:
+            raise errors.OutcomeUnknownError(
+                f"no outcome is recorded for work {work_id:#x} in domain {self.name!r}: it "
+                f"was not added with track=True, or its record was reused after "
+                f"outcomes={self.outcomes} newer tracked works settled")
+        check(rc, "work")
+        node, gen = work_id & 0xFFFFFFFF, work_id >> 32
+        w = None
+        if rc in (lib.TW_O_PENDING, lib.TW_O_RUNNING):
+            w = self._read(node, gen, "pending" if rc == lib.TW_O_PENDING else "running")
+        if w is None:   # settled: the node is gone; what the record says
+            w = Work("", 0, b"", id=work_id, domain=self.name, target=int(oi.slot),
+                     state="unqueued")
+        w._tracked = True
+        w._dom = self
+        return w
 
     def _read(self, node: int, gen: int, state: str) -> Work | None:
         sc = self._scratch()

@@ -75,6 +75,33 @@ class UnknownCallbackError(TaskWorkError, LookupError):
     """A callback name or id that is not registered in this process."""
 
 
+class CallbackFailedError(TaskWorkError):
+    """``task.call()``: the callback raised (its retries spent). The message
+    is the remote error ("Type: message"); ``work`` is the work's handle."""
+
+    def __init__(self, message: str, *, work: object = None):
+        super().__init__(message)
+        self.work = work
+
+
+class WorkLostError(TaskWorkError):
+    """``task.call()``: the work will never give a result - its outcome is
+    ``dead_letter`` (orphaned, shutdown, unknown callback), ``interrupted``
+    (its task died in the callback) or ``cancelled`` (by someone else).
+    ``outcome`` says which; ``work`` is the work's handle."""
+
+    def __init__(self, message: str, *, work: object = None, outcome: str | None = None):
+        super().__init__(message)
+        self.work = work
+        self.outcome = outcome
+
+
+class OutcomeUnknownError(TaskWorkError, LookupError):
+    """No outcome is recorded for a work id: it was not added with
+    ``track=True``, or its record was reused after ``outcomes`` newer
+    tracked works settled (docs/contract.md "Outcomes")."""
+
+
 class KeyBusyError(BlockingIOError):
     """Another live process is adding this key right now: try again later."""
 

@@ -41,7 +41,7 @@ from .callbacks import TASK_NAME_PREFIX, log_callback_error, task_name_id
 from .constants import TWA_RESUME
 from .errors import TaskWorkError
 from .task import Task
-from .work import Work
+from .work import FINAL, Work
 
 if TYPE_CHECKING:
     import asyncio
@@ -248,6 +248,22 @@ class Registration(RunLoop, Task):
                     self._terminate()
                 elif not self._in_run:
                     self.run()
+
+    def _await_outcome(self, w: "Work", timeout: float | None) -> str:
+        """call() on the task's own process: its works cannot run while it
+        sleeps, so it runs them (wait) until w's outcome is final."""
+        if not self.is_current or w.target != self.id:
+            return w.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.run()
+            now = w.outcome
+            if now in FINAL:
+                return now
+            left = 0.25 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"work {w.id:#x} is still {now} after {timeout} s")
+            self.wait(min(left, 0.25))
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until work is notified (or ``timeout`` seconds pass), run it.

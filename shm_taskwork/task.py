@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shm_taskwork")
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_ADD_TRACK = lib.TW_ADD_TRACK
 _DUE = lib.TW_DUE_EVENTFD | lib.TW_DUE_SIGNAL
 _DONE = lib.TW_DONE_EVENTFD | lib.TW_DONE_SIGNAL
 _NO_FDS = (-1, -1)
@@ -189,8 +190,12 @@ class Task:
         return got
 
     def add(self, func: "CallbackRef", payload: "bytes | bytearray | memoryview" = b"",
-            notify: int = TWA_RESUME) -> Work:
-        """Queue ``func(work)`` on this task (task_work_add). Lock-free."""
+            notify: int = TWA_RESUME, *, track: bool = False) -> Work:
+        """Queue ``func(work)`` on this task (task_work_add). Lock-free.
+
+        ``track=True`` records the work's outcome in the domain: the Work
+        returned can then ``wait()`` for it and read ``outcome``,
+        ``result`` and ``error`` (docs/contract.md "Outcomes")."""
         try:
             got = self._fc.get(func)
         except TypeError:
@@ -206,13 +211,13 @@ class Task:
         if dom._closed:
             dom.d  # raises: the domain is closed
         if not self._lean:
-            return self._add_origin(fid, fname, payload, notify)
+            return self._add_origin(fid, fname, payload, notify, track)
         current = self._own and self.pid == _MY_PID[0] and not self._exited
         pidfd, efd = _NO_FDS if current else dom._peer.get(self._key, _NO_FDS)
         now = _mono()  # the Work we return carries the node's enqueued_ns
         try:
-            rc = lib.tw_add_h(self._h, fid, payload, len(payload), notify, efd, pidfd, current,
-                              now)
+            rc = lib.tw_add_h(self._h, fid, payload, len(payload), notify, efd, pidfd,
+                              current | _ADD_TRACK if track else current, now)
         except OverflowError:
             _check_notify_range(notify)
             raise
@@ -225,9 +230,13 @@ class Task:
         w.enqueued_ns = now
         w._src = src
         w._i = rc
+        if track:
+            w._tracked = True
+            w._dom = dom
         return w
 
-    def _add_origin(self, fid: int, fname: str, payload: bytes, notify: int) -> Work:
+    def _add_origin(self, fid: int, fname: str, payload: bytes, notify: int,
+                    track: bool) -> Work:
         """add() in a domain that records origins (the caller's file:line)."""
         dom = self._dom
         origin = _origin() if not notify & TWAF_NO_ALLOC else b""
@@ -239,7 +248,8 @@ class Task:
         now = _mono()
         try:
             rc = lib.tw_add(dom.d, self.id, self.gen, fid, payload, len(payload), notify, origin,
-                            len(origin), efd, pidfd, self._signum, now, current)
+                            len(origin), efd, pidfd, self._signum, now,
+                            current | _ADD_TRACK if track else current)
         except OverflowError:
             _check_notify_range(notify)
             raise
@@ -248,16 +258,21 @@ class Task:
         wid, due = _native.unpack_add(rc)
         if due & _DUE and not due & _DONE:
             _notify.deliver(self, due)
-        return Work(fname, fid, payload, sender_pid=_MY_PID[0], target=self.id,
-                    target_gen=self.gen, enqueued_ns=now,
-                    origin=origin.decode(errors="replace") if origin else None,
-                    id=wid, domain=dom.name, state="pending")
+        w = Work(fname, fid, payload, sender_pid=_MY_PID[0], target=self.id,
+                 target_gen=self.gen, enqueued_ns=now,
+                 origin=origin.decode(errors="replace") if origin else None,
+                 id=wid, domain=dom.name, state="pending")
+        if track:
+            w._tracked = True
+            w._dom = dom
+        return w
 
     def add_many(self, func: "CallbackRef",
                  payloads: "Iterable[bytes | bytearray | memoryview]",
-                 notify: int = TWA_RESUME) -> list[Work]:
+                 notify: int = TWA_RESUME, *, track: bool = False) -> list[Work]:
         """Queue one work per payload with a single push and one notification.
-        The last payload is the newest (it runs first, as if added last)."""
+        The last payload is the newest (it runs first, as if added last).
+        ``track=True`` records each work's outcome (see :meth:`add`)."""
         try:
             got = self._fc.get(func)
         except TypeError:
@@ -270,7 +285,7 @@ class Task:
             return []
         dom = self._dom
         if not self._lean:
-            return self._add_many_origin(fid, fname, items, notify)
+            return self._add_many_origin(fid, fname, items, notify, track)
         if dom._closed:
             dom.d  # raises: the domain is closed
         n = len(items)
@@ -287,8 +302,8 @@ class Task:
         pidfd, efd = _NO_FDS if current else dom._peer.get(self._key, _NO_FDS)
         now = _mono()
         try:
-            rc = lib.tw_add_many_flat(self._h, fid, flat, coffs, n, notify, efd, pidfd, current,
-                                      now, ids)
+            rc = lib.tw_add_many_flat(self._h, fid, flat, coffs, n, notify, efd, pidfd,
+                                      current | _ADD_TRACK if track else current, now, ids)
         except OverflowError:
             _check_notify_range(notify)
             raise
@@ -302,6 +317,9 @@ class Task:
             w.enqueued_ns = now
             w._src = src
             w._i = i
+            if track:
+                w._tracked = True
+                w._dom = dom
             append(w)
         return out
 
@@ -313,7 +331,8 @@ class Task:
         if rc & _DUE and not rc & _DONE:
             _notify.deliver(self, rc)
 
-    def _add_many_origin(self, fid: int, fname: str, items: list, notify: int) -> list[Work]:
+    def _add_many_origin(self, fid: int, fname: str, items: list, notify: int,
+                         track: bool) -> list[Work]:
         dom = self._dom
         origin = _origin() if not notify & TWAF_NO_ALLOC else b""
         keep = [ffi.from_buffer(p) for p in items]
@@ -326,15 +345,20 @@ class Task:
         try:
             rc = lib.tw_add_many(dom.d, self.id, self.gen, fid, ptrs, lens, len(items), notify,
                                  origin, len(origin), efd, pidfd, self._signum, now,
-                                 int(current), ids)
+                                 int(current) | (_ADD_TRACK if track else 0), ids)
         except OverflowError:
             _check_notify_range(notify)
             raise
         self._added_many(rc, notify, items)
         o = origin.decode(errors="replace") if origin else None
-        return [Work(fname, fid, p, sender_pid=_MY_PID[0], target=self.id, target_gen=self.gen,
-                     enqueued_ns=now, origin=o, id=ids[i], domain=dom.name, state="pending")
-                for i, p in enumerate(items)]
+        out = [Work(fname, fid, p, sender_pid=_MY_PID[0], target=self.id, target_gen=self.gen,
+                    enqueued_ns=now, origin=o, id=ids[i], domain=dom.name, state="pending")
+               for i, p in enumerate(items)]
+        if track:
+            for w in out:
+                w._tracked = True
+                w._dom = dom
+        return out
 
     def _requeue(self, work: Work, notify: int = TWA_RESUME) -> bool:
         """Re-queue dead letter ``work`` on this task (see
@@ -387,6 +411,41 @@ class Task:
             return False
         work.state = "cancelled"
         return True
+
+    # ---- call: add, wait, result (docs/contract.md "Outcomes") -------------
+
+    def call(self, func: "CallbackRef", payload: Any = b"", *, timeout: float | None = None,
+             notify: int = TWA_RESUME) -> bytes | None:
+        """Add ``func(work)`` tracked, wait for its outcome and return its
+        result (the bytes it returned, or None).
+
+        Raises :class:`~shm_taskwork.errors.CallbackFailedError` (it raised;
+        the message is its error), :class:`~shm_taskwork.errors.WorkLostError`
+        (``dead_letter``, ``interrupted``, or cancelled by someone else), or
+        ``TimeoutError`` at the deadline: the work is then cancelled if it has
+        not started, and its handle is the exception's ``work``. On the
+        caller's own task the works are run while it waits."""
+        w = self.add(func, payload, notify, track=True)
+        try:
+            outcome = self._await_outcome(w, timeout)
+        except TimeoutError:
+            took = self.cancel(w)
+            state = "cancelled: it had not started" if took else f"it is {w.outcome}"
+            exc = TimeoutError(f"call {w.func_name}: no outcome within {timeout} s ({state})")
+            exc.work = w  # type: ignore[attr-defined]
+            raise exc from None
+        if outcome == "ran":
+            return w.result
+        if outcome == "failed":
+            raise errors.CallbackFailedError(w.error or "the callback raised", work=w)
+        raise errors.WorkLostError(
+            f"call {w.func_name}: work {w.id:#x} ended {outcome}"
+            + (f" ({w.reason})" if outcome == "dead_letter" and w.reason else ""),
+            work=w, outcome=outcome)
+
+    def _await_outcome(self, w: Work, timeout: float | None) -> str:
+        """Wait for w's outcome (the registration runs its own works meanwhile)."""
+        return w.wait(timeout)
 
     def cancel_func(self, func: "CallbackRef") -> Work | None:
         """task_work_cancel_func(): remove the most recently queued pending work
@@ -501,7 +560,8 @@ class Task:
     # ---- keyed add (README "More than one host": the bridge) -----------------
 
     def add_keyed(self, func: "CallbackRef", payload: "bytes | bytearray | memoryview" = b"",
-                  notify: int = TWA_RESUME, *, key: "str | bytes") -> "KeyRecord":
+                  notify: int = TWA_RESUME, *, key: "str | bytes",
+                  track: bool = False) -> "KeyRecord":
         """Queue ``func(work)`` once per ``key`` (see :mod:`shm_taskwork.keys`).
 
         The key is recorded in the domain before the push. Returns a
@@ -510,7 +570,8 @@ class Task:
         queued, maybe already run, or filed as a dead letter) and nothing was
         queued now. Raises as :meth:`add`, and
         :class:`~shm_taskwork.keys.KeyBusyError` while another live process
-        is adding the same key."""
+        is adding the same key. ``track=True`` records the outcome of a work
+        this call queues: ``dom.work(record.work_id)`` reads it."""
         fid, fname = callbacks.resolve(func)
         payload = _as_bytes(payload, self._dom, fid) if payload.__class__ is not bytes else payload
         if notify.__class__ is not int:
@@ -526,7 +587,8 @@ class Task:
         try:
             rc = lib.tw_add_keyed(dom.d, _keys.key_id(key), self.id, self.gen, fid, payload,
                                   len(payload), notify, efd, pidfd, self._signum,
-                                  time.monotonic_ns(), current, info)
+                                  time.monotonic_ns(), current | _ADD_TRACK if track else current,
+                                  info)
         except OverflowError:
             _check_notify_range(notify)
             raise

@@ -1,7 +1,19 @@
-"""Work: what a callback receives and what ``add`` returns."""
+"""Work: what a callback receives and what ``add`` returns, and the outcome
+of a tracked work (docs/contract.md "Outcomes")."""
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from typing import Any
+
+from . import outcomes as _outcomes
+from .outcomes import FINAL
+
+# A waiter sleeps on a futex in slices of at most this long, so that a
+# Python signal handler the interpreter owes runs within it (a signal that
+# arrives during the sleep ends it at once). Not a poll: the settler wakes it.
+_WAIT_SLICE_S = 0.25
 
 # (domain, work id) of the works this process cancelled, newest last and
 # bounded: a handle still saying "pending" looks here when its state is read,
@@ -39,7 +51,7 @@ class Work:
     # Work(...) has every field from the start.
     __slots__ = ("func_name", "func_id", "payload", "sender_pid", "target", "target_gen",
                  "enqueued_ns", "origin", "id", "domain", "_state", "reason", "target_name",
-                 "attempt", "error", "_src", "_i")
+                 "attempt", "error", "_src", "_i", "_tracked", "_dom", "_out")
 
     def __init__(self, func_name: str, func_id: int, payload: bytes, *, sender_pid: int = 0,
                  target: int = -1, target_gen: int = 0, enqueued_ns: int = 0,
@@ -67,7 +79,11 @@ class Work:
         self.error = error
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for a slot never set: a light Work's lazy field.
+        # Only reached for a slot never set: a light Work's lazy field, or
+        # the outcome fields of a work that is not tracked.
+        if name in _UNTRACKED:
+            object.__setattr__(self, name, None if name != "_tracked" else False)
+            return object.__getattribute__(self, name)
         if name not in _LAZY:
             raise AttributeError(f"'Work' object has no attribute {name!r}")
         get = object.__getattribute__
@@ -97,6 +113,94 @@ class Work:
     @state.setter
     def state(self, value: str) -> None:
         self._state = value
+
+    # ---- the outcome of a tracked work (docs/contract.md "Outcomes") ------
+
+    @property
+    def tracked(self) -> bool:
+        """Whether this work's outcome is recorded (``add(..., track=True)``)."""
+        return bool(self._tracked)
+
+    @property
+    def outcome(self) -> str | None:
+        """``pending``, ``running``, or a final outcome: ``ran``, ``failed``,
+        ``cancelled``, ``dead_letter``, ``interrupted``. None for a work
+        that is not tracked. Read from the domain each time until final."""
+        if not self._tracked:
+            return None
+        if self._out is not None:
+            return self._out[0]
+        return self._look(0)
+
+    @property
+    def result(self) -> bytes | None:
+        """The bytes the callback returned, once the outcome is ``ran``
+        (None for any other return value, or any other outcome)."""
+        if self._tracked and self._out is None:
+            self._look(0)
+        out = self._out
+        return out[1] if out is not None and out[0] == "ran" else None
+
+    @property
+    def retried_as(self) -> int | None:
+        """The id this dead letter was queued again as (``retry_dead_letters``,
+        a worker's adoption), or None: follow it with ``dom.work(id)``."""
+        if self._tracked and self._out is None:
+            self._look(0)
+        out = self._out
+        return out[2] if out is not None else None
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the outcome is final and return it; ``TimeoutError``
+        at the deadline (the work is left as it is). The waiter sleeps in
+        the kernel, woken by whoever settles the work."""
+        return self._wait(timeout, None)
+
+    async def wait_async(self, timeout: float | None = None) -> str:
+        """``wait()`` for asyncio: the sleep happens in a worker thread; a
+        cancelled await stops it within one slice."""
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, self._wait, timeout, stop)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    def _wait(self, timeout: float | None, stop: "threading.Event | None") -> str:
+        if not self._tracked:
+            raise ValueError(f"work {self._ident()} is not tracked: add it with track=True "
+                             "to wait for its outcome")
+        if timeout is not None and (timeout != timeout or timeout < 0):
+            raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._out is not None:
+                return self._out[0]
+            if stop is not None and stop.is_set():
+                raise asyncio.CancelledError()
+            left = _WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                now = self._look(0)
+                if now in FINAL:
+                    return now
+                raise TimeoutError(f"work {self._ident()} is still {now} after {timeout} s")
+            self._look(int(min(left, _WAIT_SLICE_S) * 1e9))
+
+    def _look(self, sleep_ns: int) -> str:
+        """Read the outcome (sleeping at most sleep_ns first if it is not
+        final); cache it once final."""
+        name, result, error, retried_as = _outcomes.look(self._dom, self.id, sleep_ns,
+                                                         self._ident())
+        if name in FINAL:
+            if error is not None:
+                self.error = error
+            self._out = (name, result, retried_as)
+        return name
+
+    def _ident(self) -> str:
+        return f"{self.id:#x}" if isinstance(self.id, int) else repr(self.id)
 
     @property
     def node(self) -> int | None:
@@ -128,6 +232,7 @@ class Work:
                 f"payload={len(self.payload)}B, state={self.state}{why})")
 
 
+_UNTRACKED = frozenset(("_tracked", "_dom", "_out"))
 _LAZY = frozenset(("func_name", "func_id", "sender_pid", "target", "target_gen", "enqueued_ns",
                    "origin", "id", "domain", "_state", "reason", "target_name", "attempt",
                    "error"))
