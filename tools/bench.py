@@ -773,7 +773,7 @@ def _print(out: dict, a) -> None:
             wakes = r.get("eventfd_writes_per_work")
             print(f"{r['case']:<28} {_fmt_range(r['rate'], ',.0f'):>34} "
                   f"{r['send_rate']['median']:>12,.0f} "
-                  f"{format(wakes['median'], '.4f') if wakes else '':>10}")
+                  f"{format(wakes['median'], '.4f') if wakes else '':>10}".rstrip())
     if out["rtt"]:
         print(f"\n{'round trip':<32} {'p50 us':>22} {'p99 us':>22}")
         for r in out["rtt"]:
