@@ -220,6 +220,11 @@ class Domain:
         self.outcomes: int = d.out_cap   # outcome records kept (create's outcomes=)
         self._names_put: set[int] = set()
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
+        # (slot, gen) -> the one struct tw_handle of this process for that
+        # registration, shared by every Task object of it: it carries how to
+        # notify the task (its descriptors in _peer, or the own eventfd), so
+        # the lean add passes nothing else (task.Task.add; Domain._add_handle)
+        self._handles: dict[tuple[int, int], Any] = {}
         self._current = None
         _OPEN.add(self)
 
@@ -391,6 +396,11 @@ class Domain:
                 cur.exit()
             except TaskWorkError:
                 cur._release_local()  # the slot is the segment's problem now
+        for h in self._handles.values():
+            # before the descriptors close and the mapping goes: no add may
+            # use them any more (tw_add_h says -EBADF for a NULL domain)
+            h.current, h.own_efd, h.efd, h.pidfd = 0, -1, -1, -1
+            h.d = ffi.NULL
         for pidfd, efd in self._peer.values():
             for fd in (pidfd, efd):
                 if fd >= 0:
@@ -467,6 +477,24 @@ class Domain:
         return st
 
     # ---- death and reaping (docs/contract.md "Lifecycle without an operator") --------------------------------------
+
+    def _add_handle(self, slot: int, gen: int, signum: int) -> Any:
+        """The shared struct tw_handle of registration (slot, gen)."""
+        h = self._handles.get((slot, gen))
+        if h is None:
+            if len(self._handles) >= 4 * self.max_tasks:
+                # registrations come and go: forget those with no descriptors
+                for k in [k for k, v in self._handles.items()
+                          if not v.current and v.efd < 0 and v.pidfd < 0]:
+                    del self._handles[k]
+            h = ffi.new("struct tw_handle *")
+            h.d, h.slot, h.gen, h.signum = self._d, slot, gen, signum
+            h.own_efd = h.efd = h.pidfd = -1
+            h.current = 0
+            pidfd, efd = self._peer.get((slot, gen), (-1, -1))
+            h.pidfd, h.efd = pidfd, efd
+            self._handles[(slot, gen)] = h
+        return h
 
     def _reap_if_dead(self, slot: int) -> None:
         """Reap task ``slot`` if its process died (a waiter on one of its
