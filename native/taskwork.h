@@ -202,6 +202,29 @@ int  tw_name_put(struct tw_dom *d, uint64_t id, const char *name, uint32_t len);
  */
 int  tw_name_get(struct tw_dom *d, uint64_t id, char *out, uint32_t cap);
 /**
+ * tw_name_set_codec() - record the codec callback @id declares (TW_CODEC_*).
+ * @d: the domain. @id: a name already recorded by tw_name_put().
+ * @codec: TW_CODEC_JSON, TW_CODEC_PICKLE or TW_CODEC_MSGPACK.
+ *
+ * The first declaration wins: a name takes a codec once (CAS from
+ * TW_CODEC_RAW) and keeps it for the life of the segment.
+ *
+ * Return: the codec the name has after the call - @codec if this call
+ * recorded it or it was there already, another one if a process declared
+ * that one first - or -EINVAL (@id 0, @codec raw or unknown), -ENOENT (the
+ * name is not recorded, or not whole yet), -EUCLEAN (the recorded codec is
+ * no TW_CODEC_* value: scribbled).
+ */
+int  tw_name_set_codec(struct tw_dom *d, uint64_t id, uint32_t codec);
+/**
+ * tw_name_codec() - the codec recorded for callback @id.
+ * @d: the domain. @id: the name's id.
+ *
+ * Return: TW_CODEC_* (TW_CODEC_RAW: none declared), -EINVAL (@id 0),
+ * -ENOENT (the name is not recorded), -EUCLEAN (not a TW_CODEC_* value).
+ */
+int  tw_name_codec(struct tw_dom *d, uint64_t id);
+/**
  * tw_fsck_lock() - take the domain's fsck lock (one repairing fsck at a time).
  * @d: the domain.
  *

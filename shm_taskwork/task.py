@@ -624,12 +624,13 @@ def _check_notify_range(notify: int) -> None:
 
 def _as_bytes(payload, dom: "Domain", fid: int) -> bytes:
     """The bytes of a payload for callback ``fid`` in ``dom``: a bytes-like
-    payload as it is (docs/contract.md "Codecs" for objects)."""
+    payload as it is, any other object encoded with the codec the callback
+    declared (docs/contract.md "Codecs"); a raw callback's is a TypeError."""
     try:
         return bytes(memoryview(payload))
     except TypeError:
-        raise TypeError(f"payload must be bytes-like, got {type(payload).__name__}; "
-                        "encode objects first (see shm_taskwork.codec)") from None
+        pass
+    return dom._encode_payload(fid, payload)
 
 
 def _after_fork() -> None:
