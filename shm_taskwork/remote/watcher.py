@@ -108,10 +108,6 @@ class Watcher:
             self._inbox.extend(items)
             self._cv.notify()
 
-    def in_flight(self) -> int:
-        with self._cv:
-            return len(self.works) + len(self._inbox) + len(self.ready)
-
     def close(self, timeout: float = 10.0) -> None:
         """One last pass (no wait), its records flushed, then the thread ends;
         what is still in flight stays in the watch hash for the next start."""
