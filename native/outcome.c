@@ -142,10 +142,17 @@ void tw_outcome_requeued(struct tw_dom *d, uint32_t node, uint32_t old_gen, uint
         put(d, old_id, failed ? TW_O_FAILED : TW_O_DEAD_LETTER, new_id, slot, reason,
             (char *)n + d->payload_off + plen, elen);
     }
-    /* The new work is tracked as the old one was, and not settled yet. */
+    /* The new work is tracked as the old one was, and not settled yet.
+     * Its waiters are woken by take_src once the new generation is stored
+     * (tw_outcome_wake): before that a reader of the old id reads it as
+     * pending. */
     ST_REL(&n->track, TW_T_TRACKED);
+}
+
+void tw_outcome_wake(struct tw_dom *d, uint32_t node)
+{
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    wake(n);
+    wake(NODE(d, node));
 }
 
 /* The newest whole record of `work`, newest first, at most out_cap of them.
@@ -198,6 +205,14 @@ static int read_outcome(struct tw_dom *d, uint64_t work, struct tw_outcome_info 
     uint64_t o = LD_ACQ(&n->owner);
     uint32_t tr = LD_ACQ(&n->track), st = O_STATE(o);
     int live = O_GEN(o) == gen && tr == TW_T_TRACKED;
+    /* Not settled yet, and on a list, in a run batch or in its callback:
+     * no record can exist (a settler stores SETTLED after its record, and
+     * before the node changes state), so the ring is not searched - a
+     * waiter's look stays O(1) while its work is pending. */
+    if (live && st >= TW_N_ALLOC && st <= TW_N_RUNNING) {
+        oi->slot = LD_RLX(&n->target);
+        return st == TW_N_RUNNING ? TW_O_RUNNING : TW_O_PENDING;
+    }
     int r = find(d, work, oi, data, cap);
     if (r != -ENOENT)
         return r;

@@ -125,11 +125,13 @@ int tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interr
         if (ost == TW_N_DONE && O_AUX(o) == slot && LD_RLX(&n->target_gen) == gen) {
             /* Its callback returned; the runner died before giving it back.
              * It ran: counted run, freed, not reported. */
+            /* settled by the runner, unless it died before it could; first,
+             * while the node still says what it is (a reader never sees it
+             * pending), as no one else writes a dead runner's node */
+            tw_outcome_settle_node(d, i, O_GEN(o), TW_O_RAN, NULL, 0);
             if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
                 ADD_RLX(&s->c.run, 1);
-                /* settled by the runner, unless it died before it could */
-                tw_outcome_settle_node(d, i, O_GEN(o), TW_O_RAN, NULL, 0);
                 tw_pool_push(d, i);
             }
             continue;
@@ -143,11 +145,12 @@ int tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interr
              * die first it becomes a dead letter, not a silent free. (No one
              * else writes a dead runner's RUNNING node.) */
             n->reason = TW_R_INTERRUPTED;
+            /* its callback had started: interrupted (unless the runner
+             * settled it before it died: then that record stands). Before
+             * the CAS, while the node still reads as running. */
+            tw_outcome_settle_node(d, i, O_GEN(o), TW_O_INTERRUPTED, NULL, 0);
             if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
-                /* its callback had started: interrupted (unless the runner
-                 * settled it before it died: then that record stands) */
-                tw_outcome_settle_node(d, i, O_GEN(o), TW_O_INTERRUPTED, NULL, 0);
                 if (info->interrupted < max)
                     interrupted[info->interrupted] = i;
                 else
@@ -155,11 +158,12 @@ int tw_reap(struct tw_dom *d, uint32_t slot, uint32_t *orphans, uint32_t *interr
                 info->interrupted++;
             }
         } else if (ost == TW_N_CANCELLING && !linked[i]) {
-            /* Unlinked by a canceller that died before it could give it back. */
+            /* Unlinked by a canceller that died before it could give it back
+             * (we hold pi_lock: no live canceller owns it). */
+            tw_outcome_settle_node(d, i, O_GEN(o), TW_O_CANCELLED, NULL, 0);
             if (CAS(&n->owner, &o, OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc),
                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
                 ADD_RLX(&s->c.cancelled, 1);
-                tw_outcome_settle_node(d, i, O_GEN(o), TW_O_CANCELLED, NULL, 0);
                 tw_pool_push(d, i);
                 info->cancelled++;
             }

@@ -367,6 +367,7 @@ static int take_src(struct tw_dom *d, const struct tw_add_req *r, uint32_t *old_
      * until the push, so if we die before it, it goes back to the dead
      * letters, never to the pool. */
     ST_REL(&n->owner, OWNER(r->src_gen + 1, TW_N_ALLOC, (uint32_t)d->my_proc));
+    tw_outcome_wake(d, r->src);   /* a waiter of the old id reads its record now */
     *old_target = n->target;
     *old_gen = n->target_gen;
     n->target = r->slot;
@@ -1098,7 +1099,9 @@ int tw_cancel(struct tw_dom *d, uint32_t slot, uint32_t gen, int mode, uint64_t 
                 continue;
             }
         }
-        /* Unlinked: the node is ours. */
+        /* Unlinked: the node is ours. Its outcome first, while it still
+         * reads as being cancelled (a reader never sees it pending again). */
+        tw_outcome_settle_node(d, cur, O_GEN(o), TW_O_CANCELLED, NULL, 0);
         owner = OWNER(O_GEN(o), TW_N_ALLOC, (uint32_t)d->my_proc);
         ST_REL(&n->owner, owner);
         found = cur;
@@ -1112,7 +1115,6 @@ out:
     tw_copy_info(d, found, NODE(d, found), owner, wi, payload_out, origin_out);
     __atomic_sub_fetch(&s->c.queued, 1, __ATOMIC_RELAXED);
     ADD_RLX(&s->c.cancelled, 1);
-    tw_outcome_settle_node(d, found, O_GEN(owner), TW_O_CANCELLED, NULL, 0);
     tw_pool_push(d, found);
     return 1;
 }
