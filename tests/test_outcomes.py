@@ -71,6 +71,7 @@ def worker(make_domain, spawn):
         proc.wait(20)
 
 
+@pytest.mark.asan
 def test_a_tracked_work_run_by_another_process_reports_ran_and_its_result(worker):
     dom, _proc, task = worker
     w = task.add("oc.echo", b"hi", track=True)
@@ -112,12 +113,14 @@ def test_a_result_larger_than_the_payload_size_is_a_failure_that_says_so(worker)
         task.call("oc.big", b"", timeout=20)
 
 
+@pytest.mark.asan
 def test_a_callback_with_retries_is_followed_to_its_last_attempt(worker):
     _dom, _proc, task = worker
     w = task.add("oc.flaky", b"", track=True)
     assert w.wait(20) == "ran" and w.result == b"third"
 
 
+@pytest.mark.asan
 def test_call_timeout_cancels_a_work_that_has_not_started(make_domain, spawn):
     dom = make_domain("octo", pool_size=32)
     # a task that never runs its list: it reads stdin and does nothing
@@ -177,6 +180,7 @@ def test_a_work_pending_when_its_task_is_killed_ends_dead_letter(make_domain, sp
     assert [x.id for x in dom.dead_letters()] == [w.id]
 
 
+@pytest.mark.asan
 def test_call_on_a_task_killed_in_the_callback_raises_work_lost_interrupted(worker):
     dom, proc, task = worker
     got: dict = {}
@@ -213,6 +217,7 @@ def test_another_process_waits_on_a_work_by_its_id(worker, spawn):
     assert other.wait(10) == 0
 
 
+@pytest.mark.asan
 def test_a_retried_dead_letter_names_its_new_work(make_domain, spawn):
     dom = make_domain("ocre", pool_size=32)
     idle = spawn("""
@@ -239,6 +244,7 @@ def test_a_retried_dead_letter_names_its_new_work(make_domain, spawn):
     worker.wait(20)
 
 
+@pytest.mark.asan
 def test_outcome_records_are_bounded_by_the_outcomes_option(make_domain):
     dom = make_domain("ocring", pool_size=32, outcomes=4)
     task = dom.register("own")
@@ -267,6 +273,7 @@ def test_call_on_the_callers_own_task_runs_it_meanwhile(make_domain):
     assert dom.stats().pool_free == dom.pool_size
 
 
+@pytest.mark.asan
 def test_add_many_and_add_keyed_track_too(make_domain):
     dom = make_domain("ocmany", pool_size=16)
     task = dom.register("own")
