@@ -69,14 +69,14 @@ class _RunSource:
     """The lazy fields of the Works of one loaded run chunk: a copy of the
     chunk's id, func, enqueued and sender arrays (i: the work's index)."""
 
-    __slots__ = ("domain", "target", "target_gen", "raw", "k", "origins", "func_name", "d")
+    __slots__ = ("domain", "target", "target_gen", "raw", "k", "origins", "dom", "d")
 
     def __init__(self, dom: "Domain", target: int, target_gen: int, raw: bytes, k: int,
                  origins: bytes | None):
+        # built once per chunk (per work, for a round trip): plain stores only
         self.domain, self.target, self.target_gen = dom.name, target, target_gen
         self.raw, self.k, self.origins = raw, k, origins
-        self.func_name = dom.func_name
-        self.d = dom.d
+        self.dom, self.d = dom, dom._d
 
     def lazy_fields(self, i: int) -> tuple:
         mv, k = memoryview(self.raw).cast("Q"), self.k
@@ -87,7 +87,8 @@ class _RunSource:
         if olen and self.origins is not None:
             at = i * lib.TW_ORIGIN_LEN
             origin = self.origins[at:at + olen].decode(errors="replace")
-        return (("func_name", callbacks.name_of(fid) or self.func_name(fid)), ("func_id", fid),
+        return (("func_name", callbacks.name_of(fid) or self.dom.func_name(fid)),
+                ("func_id", fid),
                 ("id", mv[lib.TW_REC_ID * k + i]),
                 ("sender_pid", pid - (1 << 32) if pid >= 1 << 31 else pid),
                 ("target", self.target), ("target_gen", self.target_gen),
@@ -187,7 +188,7 @@ class RunLoop:
         # ids, funcs, enqueued, senders: kept as bytes for the lazy fields
         raw = ffi.buffer(rec, 8 * 4 * k)[:]
         fids = raw[8 * k:16 * k]
-        homogeneous = fids == fids[:8] * k
+        homogeneous = k == 1 or fids == fids[:8] * k
         offs = ffi.unpack(rec + _POFF * k, k + 1)
         pl = ffi.buffer(self._parea, offs[k])[:]
         src = _RunSource(dom, self.id, self.gen, raw, k,
@@ -202,19 +203,21 @@ class RunLoop:
             return self._run_whole_batch(fn, nodes, k, offs, pl, src, errs, tracked)
         chunk = _Chunk(k, ffi.unpack(rec + _OWNER_AT * k, k), ffi.unpack(rec + _RUNNING * k, k),
                        raw)
-        if (homogeneous and fn is not None and not fn.__shm_taskwork_async__ and _STORE_STARTS
-                and not _KP_IN_CALLBACK and not tracked):
-            return self._run_plain(fn, nodes, chunk, offs, pl, src, errs)
         trk = memoryview(raw).cast("Q")[lib.TW_REC_SENDER * k:(lib.TW_REC_SENDER + 1) * k] \
             if tracked else None
+        if (homogeneous and fn is not None and not fn.__shm_taskwork_async__ and _STORE_STARTS
+                and not _KP_IN_CALLBACK):
+            return self._run_plain(fn, nodes, chunk, offs, pl, src, errs, trk)
         return self._run_mixed(nodes, chunk, memoryview(fids).cast("Q").tolist(), offs, pl,
                                src, errs, trk)
 
     def _run_plain(self, fn: Any, nodes: Any, c: "_Chunk", offs: list, pl: bytes,
-                   src: "_RunSource", errs: list) -> int:
+                   src: "_RunSource", errs: list, trk: Any = None) -> int:
         """The common case: every work of the chunk is for one synchronous
         per-work callback. Per work: a light Work, one store (started), the
-        call, one store (done). No native call."""
+        call, one store (done). No native call, but one per tracked work
+        (trk: the chunk's sender words, bit 62 tracked; None: none is): its
+        outcome, with the callback's result, before its DONE store."""
         seg, outc, ends = self._seg, self._outc, self._ends
         k = c.k
         timed = k <= _TIMED_CHUNK
@@ -237,7 +240,7 @@ class RunLoop:
                 seg[at] = running
                 started = i
                 try:
-                    fn(w)
+                    ret = fn(w)
                 except Exception as exc:
                     log_callback_error(w, exc)
                     errs.append(exc)
@@ -249,6 +252,11 @@ class RunLoop:
                         failed.append((i, exc, fn))
                         done = i
                         continue
+                    if trk is not None and trk[i] >> 62:
+                        self._settle(nodes[i], lib.TW_O_FAILED, _error_text(exc))
+                else:
+                    if trk is not None and trk[i] >> 62:
+                        self._settle_result(nodes[i], ret)
                 if timed:
                     ends[i] = mono()
                 # RUNNING -> DONE: it ran; counted free from here on
