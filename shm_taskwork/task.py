@@ -201,7 +201,8 @@ class Task:
         ``track=True`` records the work's outcome in the domain: the Work
         returned can then ``wait()`` for it and read ``outcome``,
         ``result`` and ``error`` (docs/contract.md "Outcomes")."""
-        # The lean add (README "Decisions": the add path): one cache lookup,
+        # The lean add (README "Decisions where the contract is silent", "The
+        # add path"): one cache lookup,
         # one native call through the registration's shared handle (it
         # carries how to notify; a closed domain's says -EBADF), one light
         # Work. Everything else is the slow path's.
