@@ -118,7 +118,8 @@ int tw_outcome_letter(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t re
                                   (char *)n + d->payload_off + plen, elen);
 }
 
-void tw_outcome_requeued(struct tw_dom *d, uint32_t node, uint32_t old_gen, uint32_t new_gen)
+void tw_outcome_requeued(struct tw_dom *d, uint32_t node, uint32_t old_gen, uint32_t new_gen,
+                         int retry)
 {
     struct tw_node *n = NODE(d, node);
     uint32_t tr = LD_ACQ(&n->track);
@@ -126,15 +127,17 @@ void tw_outcome_requeued(struct tw_dom *d, uint32_t node, uint32_t old_gen, uint
         return;
     uint64_t old_id = ((uint64_t)old_gen << 32) | node, new_id = ((uint64_t)new_gen << 32) | node;
     uint32_t slot = LD_RLX(&n->target), reason = LD_RLX(&n->reason);
-    if (tr == TW_T_TRACKED) {
-        /* Never settled: a retry of a callback that raised (the runner
-         * filed it only to queue it again), or a letter whose filer died
-         * before its record. Not final: the waiter follows it. */
+    if (retry) {
+        /* A runner's retry of a callback that raised (it filed the work
+         * only to queue it again): not the work's end, not final; the
+         * waiter follows it. */
         put(d, old_id, TW_O_RETRIED, new_id, slot, reason, NULL, 0);
     } else {
-        /* A settled dead letter queued again: its outcome stays, and names
-         * the new work (docs/contract.md "Retried letters"). Appended, never
-         * rewritten: a reader never sees a record change under it. */
+        /* A dead letter queued again (retry_dead_letters, adoption): its
+         * outcome stays, and names the new work (docs/contract.md "Retried
+         * letters") - settled or not: a letter whose filer died before its
+         * record read as dead_letter all along. Appended, never rewritten:
+         * a reader never sees a record change under it. */
         uint32_t plen = LD_RLX(&n->payload_len), elen = LD_RLX(&n->note) & 0xffff;
         int failed = reason == TW_R_FAILED;
         if (!failed || plen > d->payload_size || elen > d->payload_size - plen)

@@ -361,7 +361,7 @@ static int take_src(struct tw_dom *d, const struct tw_add_req *r, uint32_t *old_
     /* Its outcome first, while the node still has its old generation: a
      * reader of the old id finds the node (ours, pending) or the record
      * naming the new id, never neither. */
-    tw_outcome_requeued(d, r->src, r->src_gen, r->src_gen + 1);
+    tw_outcome_requeued(d, r->src, r->src_gen, r->src_gen + 1, r->retry);
     /* Release: whoever reads the owner word (a reclaimer, fsck) sees the new
      * generation only after the take; the node keeps its dead-letter reason
      * until the push, so if we die before it, it goes back to the dead
@@ -684,6 +684,7 @@ int64_t tw_requeue(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t slot,
 {
     const struct tw_add_req r = REQ_SRC(.slot = slot, .gen = tgen, .notify = notify_mode,
                                     .is_current = is_current & 1,
+                                    .retry = (is_current & TW_ADD_RETRY) != 0,
                                     .track = (is_current & TW_ADD_TRACK) != 0, .efd = efd, .pidfd = pidfd,
                                     .signum = signum, .now_ns = now_ns, .src = node,
                                     .src_gen = gen);

@@ -527,6 +527,11 @@ struct tw_handle {
  * tw_add, tw_add_many and tw_add_keyed. Not a notify flag: those are the
  * kernel's. */
 #define TW_ADD_TRACK    2
+/* OR-ed into tw_requeue's is_current by a runner queueing again a work whose
+ * callback raised (a retry: it is not the work's end, so its outcome is not
+ * settled; the waiter follows it). Without it a re-queued letter's outcome
+ * stays final and names the new work (retried_as). */
+#define TW_ADD_RETRY    4
 
 struct tw_add_req {
     uint32_t slot, gen;        /* the target registration                       */
@@ -552,6 +557,8 @@ struct tw_add_req {
     uint32_t src;              /* re-queue the dead letter (src, src_gen);      */
     uint32_t src_gen;          /*   TW_NIL: take new nodes from the pool        */
     uint32_t track;            /* record each work's outcome (TW_T_TRACKED)     */
+    uint32_t retry;            /* src: a runner's retry (TW_ADD_RETRY)          */
+    uint32_t pad;
     uint64_t name_id;          /* to_deadletter: the task name's id             */
     uint64_t *work_ids_out;    /* gen<<32 | node of each work (count of them)   */
 };

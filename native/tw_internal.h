@@ -190,7 +190,8 @@ int  tw_outcome_settle_node(struct tw_dom *d, uint32_t node, uint32_t gen, uint3
 int  tw_outcome_letter(struct tw_dom *d, uint32_t node, uint32_t gen, uint32_t reason);
 /* A dead letter (node, old_gen), ours, is about to be queued again as
  * new_gen: record that for the old id, and track the new work. */
-void tw_outcome_requeued(struct tw_dom *d, uint32_t node, uint32_t old_gen, uint32_t new_gen);
+void tw_outcome_requeued(struct tw_dom *d, uint32_t node, uint32_t old_gen, uint32_t new_gen,
+                         int retry);
 /* Wake the waiters of node (after tw_outcome_requeued and the new generation). */
 void tw_outcome_wake(struct tw_dom *d, uint32_t node);
 /* File a node as a dead letter under dl_lock (deadletter.c); settle: 0 for

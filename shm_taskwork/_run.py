@@ -522,7 +522,8 @@ class RunLoop:
                 if rc == 1:
                     # the letter goes straight back onto this task's list
                     rc = lib.tw_requeue(d, node, ids[base + i] >> 32, slot, self.gen,
-                                        lib.TW_TWA_NONE, -1, -1, 0, _mono(), 1)
+                                        lib.TW_TWA_NONE, -1, -1, 0, _mono(),
+                                        1 | lib.TW_ADD_RETRY)
                     if rc < 0:
                         log.error("task %d: work at node %d could not be queued again (%s); "
                                   "it stays a failed dead letter", slot, node,
