@@ -105,6 +105,10 @@ model-check:
 	  grep -q "invalid end state" pan.out && echo "without the watcher spin finds the deferred handler's stranded works, as it should"
 	cd model && $(SPIN) -a -DACKLOG signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
 	  grep -q "invalid end state" pan.out && echo "with a failed handler's ack standing spin finds the stranded works, as it should"
+	cd model && $(SPIN) -a outcome.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 | tee pan.out \
+	  && grep -q "errors: 0" pan.out
+	cd model && $(SPIN) -a -DNOWAKEBIT outcome.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 > pan.out; \
+	  grep -q "invalid end state" pan.out && echo "without the waiter's bit spin finds the lost wake-up, as it should"
 	rm -f model/pan* model/*.trail model/_spin_nvr.tmp
 
 clean:

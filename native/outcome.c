@@ -201,6 +201,10 @@ static int read_outcome(struct tw_dom *d, uint64_t work, struct tw_outcome_info 
     int r = find(d, work, oi, data, cap);
     if (r != -ENOENT)
         return r;
+    /* A re-queue in flight: the record naming this id is written, the
+     * node's new generation not yet stored (take_src). It is being queued. */
+    if (O_GEN(o) + 1 == gen && st == TW_N_ALLOC && tr == TW_T_TRACKED)
+        return TW_O_PENDING;
     if (!live)
         return -ENOENT;             /* untracked, or its record was reused */
     oi->slot = LD_RLX(&n->target);
@@ -209,11 +213,18 @@ static int read_outcome(struct tw_dom *d, uint64_t work, struct tw_outcome_info 
         return TW_O_PENDING;
     case TW_N_RUNNING: case TW_N_DONE:
         return TW_O_RUNNING;
-    case TW_N_DEADLETTER:
-        /* Filed with no record (the runner filed it to retry it and died,
-         * or a filer died before its record): the letter is its outcome. */
+    case TW_N_DEADLETTER: {
+        /* Filed with no record. A live runner files a failed work with no
+         * record only to queue it again at once (a retry): still running.
+         * Otherwise (that runner died before the re-queue, or a filer died
+         * before its record) the letter is its outcome. */
         oi->reason = LD_RLX(&n->reason);
+        uint32_t by = O_AUX(o);
+        if (oi->reason == TW_R_FAILED && slot_ok(d, by) &&
+            LD_ACQ(&SLOT(d, by)->state) == TW_SLOT_RUNNING && !tw_slot_dead(d, by))
+            return TW_O_RUNNING;
         return oi->reason == TW_R_FAILED ? TW_O_FAILED : TW_O_DEAD_LETTER;
+    }
     default:
         return -ENOENT;
     }

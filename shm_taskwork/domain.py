@@ -468,6 +468,13 @@ class Domain:
 
     # ---- death and reaping (docs/contract.md "Lifecycle without an operator") --------------------------------------
 
+    def _reap_if_dead(self, slot: int) -> None:
+        """Reap task ``slot`` if its process died (a waiter on one of its
+        works notices, as an adder would: the death settles the work)."""
+        if isinstance(slot, int) and 0 <= slot < self.max_tasks and \
+                lib.tw_slot_dead(self.d, slot) == 1:
+            self._reap(slot)
+
     def _reap(self, slot: int) -> "Reaped | None":
         """Reap task ``slot`` if its process is dead: close its list, file its
         pending and not-started works as ``orphaned`` dead letters, take out

@@ -186,7 +186,12 @@ class Work:
                 if now in FINAL:
                     return now
                 raise TimeoutError(f"work {self._ident()} is still {now} after {timeout} s")
-            self._look(int(min(left, _WAIT_SLICE_S) * 1e9))
+            if self._look(int(min(left, _WAIT_SLICE_S) * 1e9)) not in FINAL:
+                # Still pending or running after a slice: if its task's
+                # process died, the waiter reaps it (as an adder would), which
+                # settles the work (dead_letter, or interrupted if it had
+                # started); otherwise nothing.
+                self._dom._reap_if_dead(self.target)
 
     def _look(self, sleep_ns: int) -> str:
         """Read the outcome (sleeping at most sleep_ns first if it is not
