@@ -244,6 +244,137 @@ def test_reap_logger_records_are_written_to_the_ledger(tmp_path):
     assert recs == [(st.INTERRUPTED, 0, 3, 42)] and h.foreign == 1
 
 
+# ---- --track: every tracked work's outcome against the ledger ------------------
+
+def track_failure(s: dict, err: str) -> str:
+    keys = ("tracked", "outcomes", "outcome_mismatches", "outcome_unread", "waiters",
+            "tracked_hops", "lost", "duplicated", "crashed", "hung")
+    return f"{ {k: s.get(k) for k in keys} }\n{err[-3000:]}"
+
+
+def test_track_with_kills_gives_every_work_the_outcome_the_ledger_says(tmp_path):
+    # Every add tracked (--track-rate 0) on tasks whose callbacks take 1 ms,
+    # so that a SIGKILL (or a SIGTERM to a task without exit_signals) leaves
+    # queued works behind as dead letters; producers also wait on some works
+    # (call(), Work.wait()) while tasks are killed. Every tracked work's
+    # outcome, read with Domain.work(), must be what its ledger says.
+    p, out, err = run_stress("--track", "--track-rate", "0", "--work-ms", "1", "--tasks", "3",
+                             "--producers", "2", "--seconds", "4", "--kill-every", "0.2",
+                             "--term", "--seed", "23", "--json", tmpdir=str(tmp_path))
+    s = summary_of(out)
+    assert p.returncode == 0 and s["ok"] is True, track_failure(s, err)
+    assert s["track"] is True and s["outcome_mismatches"] == 0 and s["outcome_unread"] == 0
+    o = s["outcomes"]
+    assert s["tracked"] > 0 and o["ran"] > 0 and o["cancelled"] > 0, track_failure(s, err)
+    assert o["dead_letter"] + o["interrupted"] > 0, track_failure(s, err)
+    assert o["pending"] == o["running"] == o["failed"] == 0
+    assert sum(o.values()) == s["tracked"]
+    assert all(s["tracked_by_how"][h] > 0 for h in ("add", "add_many")), s["tracked_by_how"]
+    assert s["waiters"]["call"] + s["waiters"]["wait"] > 0 and s["waiters"]["hung"] == 0
+    assert s["killed"] > 0 and s["lost"] == 0 and s["duplicated"] == 0
+    assert leftovers(p.pid) == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_track_follows_adopted_letters_to_their_end():
+    # serve() workers stopped by SIGTERM leave shutdown letters, SIGKILLed
+    # ones orphaned letters; the next worker of the name adopts them as new
+    # works: each tracked letter's retried_as is followed to the outcome of
+    # the work it became.
+    p, out, err = run_stress("--track", "--serve", "--term", "--restart", "--tasks", "3",
+                             "--producers", "2", "--seconds", "4", "--kill-every", "0.25",
+                             "--seed", "29", "--json")
+    s = summary_of(out)
+    assert p.returncode == 0 and s["ok"] is True, track_failure(s, err)
+    assert s["outcome_mismatches"] == 0 and s["tracked"] > 0
+    assert s["tracked_hops"] > 0 and s["adopted"] > 0, track_failure(s, err)
+    assert leftovers(p.pid) == []
+
+
+def test_outcome_checker_reports_what_contradicts_the_ledger(tmp_path):
+    # The outcome judge on a ledger written as the processes would write it,
+    # and what the domain "said" of each tracked work: the right outcomes
+    # pass, every deliberately wrong one is reported.
+    from shm_taskwork.tools import stress as st
+
+    P = 7 << 32
+    I, A, CI, C, CM = st.INTENT_ADD, st.ADDED, st.CANCEL_INTENT, st.CANCELLED, st.CANCEL_MISSED
+    R, O, X, RT = st.RAN, st.ORPHANED, st.INTERRUPTED, st.RETRIED
+    ok = st.expected_result
+    # id: (producer records, other records, (first, final, hops, result))
+    cases = {
+        P | 0: ([I, A], [R], ("ran", "ran", 0, ok(P | 0))),
+        P | 1: ([I, A, CI, C], [], ("cancelled", "cancelled", 0, None)),
+        P | 2: ([I, A], [O], ("dead_letter", "dead_letter", 0, None)),
+        P | 3: ([I, A], [X], ("interrupted", "interrupted", 0, None)),
+        P | 4: ([I, A], [R, X], ("interrupted", "interrupted", 0, None)),
+        P | 5: ([I, A], [O, RT, R], ("dead_letter", "ran", 1, ok(P | 5))),
+        P | 6: ([I, A, CI], [], ("cancelled", "cancelled", 0, None)),   # killed canceller
+        P | 7: ([I, A, CI, CM], [R], ("ran", "ran", 0, ok(P | 7))),
+        # wrong, each one way
+        P | 10: ([I, A], [R], ("cancelled", "cancelled", 0, None)),      # ran, says cancelled
+        P | 11: ([I, A, CI, C], [], ("ran", "ran", 0, ok(P | 11))),      # cancelled, says ran
+        P | 12: ([I, A], [O], ("ran", "ran", 0, ok(P | 12))),            # a letter, says ran
+        P | 13: ([I, A], [X], ("dead_letter", "dead_letter", 0, None)),  # killed in callback
+        P | 14: ([I, A], [R], ("ran", "ran", 0, b"12345678")),           # wrong result
+        P | 15: ([I, A], [O, RT, R], ("ran", "ran", 0, ok(P | 15))),     # retried_as not seen
+        P | 16: ([I, A], [R], ("pending", "pending", 0, None)),          # never settled
+        P | 17: ([I, A], [], ("ran", "ran", 0, ok(P | 17))),             # the ledger: lost
+        P | 18: ([I, A], [R], ("failed", "failed", 0, None)),
+    }
+    prod = st.Ledger(str(tmp_path / "producer-7.ledger"), 7)
+    task = st.Ledger(str(tmp_path / "task-8.ledger"), 8)
+    trk = st.TrackFile(str(tmp_path / "producer-7.tracked"))
+    chains = {}
+    for wid, (mine, elsewhere, (first, final, hops, result)) in cases.items():
+        for kind in mine:
+            prod.put(kind, wid, 1)
+        for kind in elsewhere:
+            task.put(kind, wid)
+        trk.put(st.T_TRACK, wid, 0x100000000 | wid & 0xFF, st.H_ADD)
+        ch = chains[wid] = st.Chain(0x100000000 | wid & 0xFF)
+        ch.first, ch.outcome, ch.hops, ch.result = first, final, hops, result
+    # waiters: one told the truth, one told another outcome, one came back
+    # 3 s after its timeout, and a call() that returned with no run recorded
+    trk.put(st.T_WAITED, P | 0, 1_000_000, st.OUTCOME_CODES["ran"])
+    trk.put(st.T_WAITED, P | 1, 0, st.OUTCOME_CODES["ran"] | st.W_CALL)
+    trk.put(st.T_WAITED, P | 2, 3_000_000_000, st.OUTCOME_CODES["pending"] | st.W_TIMEOUT)
+    prod.put(I, P | 20, 1)
+    prod.put(A, P | 20, 1)
+    trk.put(st.T_WAITED, P | 20, 0, st.OUTCOME_CODES["ran"] | st.W_CALL)
+    for f in (prod, task, trk):
+        f.close()
+    res = st.check_outcomes(str(tmp_path), chains, {}, retries=True)
+    wrong = sorted({wid for wid, _ in res["bad"]})
+    assert wrong == [P | 1, P | 2, P | 10, P | 11, P | 12, P | 13, P | 14, P | 15, P | 16,
+                     P | 17, P | 18, P | 20], res["bad"]
+    text = dict(res["bad"])
+    assert "the domain says cancelled" in text[P | 10]
+    assert "result b'12345678'" in text[P | 14]
+    assert "retried 1 time(s) by the ledger, 0 by retried_as" in text[P | 15]
+    assert "a waiter was told ran, its outcome is cancelled" in text[P | 1]
+    assert "after its timeout" in text[P | 2] and res["waiters"]["hung"] == 1
+    assert "no run" in text[P | 20]
+    assert res["outcome_mismatches"] == len(res["bad"]) == 12
+    assert res["tracked"] == len(cases) and res["outcomes"]["pending"] == 1
+    # Without retries in the run, a followed retried_as is itself wrong.
+    res = st.check_outcomes(str(tmp_path), {P | 5: chains[P | 5]}, {}, retries=False)
+    assert P | 5 in {w for w, _ in res["bad"]}
+    # A record reused before it was read is not judged, but counted.
+    res = st.check_outcomes(str(tmp_path), {P | 0: chains[P | 0]}, {P | 0: 1}, retries=True)
+    assert res["outcome_unread"] == 1 and res["outcomes"]["unread"] == 1
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("--track-rate", "5"), "--track-rate only applies with --track"),
+    (("--outcomes", "100"), "--outcomes only applies with --track"),
+    (("--track", "--outcomes", "0"), "--outcomes"),
+])
+def test_track_options_need_track(args, msg):
+    p, out, err = run_stress(*args, timeout=30)
+    assert p.returncode == 2 and msg in err, err
+
+
 def test_bad_modes_name_the_valid_choices():
     p, out, err = run_stress("--modes", "resume,bogus", timeout=30)
     assert p.returncode == 2

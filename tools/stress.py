@@ -1383,7 +1383,7 @@ def role_producer(a) -> int:
                       OUTCOME_CODES.get(got, 0xFF) | flags)
         if len(mine) > 64:
             del mine[:32]
-        if rng.random() < a.cancel_rate:
+        if mine and rng.random() < a.cancel_rate:
             k = len(mine) - 1 if rng.random() < 0.5 else rng.randrange(len(mine))
             ct, cw, cid = mine.pop(k)
             ledger.put(CANCEL_INTENT, cid)
