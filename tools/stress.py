@@ -173,6 +173,69 @@ With ``--domain NAME`` the domain is created under that name and, if the run
 fails, kept for ``shm-taskwork inspect``/``fsck``; the default private domain
 and the ledger directory are always removed.
 
+Tracked works (``--track``)
+---------------------------
+A tracked work's outcome is recorded in the domain (docs/contract.md, "A
+work's outcome"); ``--track`` checks it against what the ledger says happened.
+
+* Producers add tracked works at up to ``--track-rate`` works per second
+  (default 2000, all producers together; 0: every add), the other adds as
+  without ``--track``: ``add(..., track=True)``, ``add_many(..., track=True)``
+  and one tracked single add in ten ``add_keyed(..., track=True)`` with the
+  ID as its key (so producers also die at the kill points ``key_reserved``
+  and ``key_pushed``; every other kill point meets tracked works as it meets
+  the others). A tracked callback returns ``expected_result(ID)``.
+* For each tracked add that returned, the producer writes ``(ID, work id)``
+  to its own ``.tracked`` file (24-byte records, one write each, as the
+  ledger) before ``added``.
+* Waiters: about every ``WAIT_EVERY`` s a producer makes one tracked work a
+  waited one, with a timeout drawn from ``WAIT_TIMEOUTS``: either
+  ``task.call()`` (written as ``intent-add`` and ``cancel-intent`` before it,
+  since call() cancels a work not started at its deadline, then ``added`` and
+  ``cancelled``/``cancel-missed``; its work id is known, and written, only
+  when it raised) or ``add`` + ``Work.wait()``. The outcome the waiter was
+  given and how late it returned past its timeout are written; tasks are
+  killed under the waiters all along. A waiter back more than
+  ``WAIT_SLACK`` s after its timeout **hung**; a ``call()`` that returned
+  other bytes than the callback's is a mismatch.
+* The controller's outcome watcher (``OutcomeWatcher``) follows every
+  tracked work while the run goes on, because the core keeps only the last
+  ``--outcomes`` records (default 16384: this domain's ``outcomes``
+  option) and finds one by scanning the ring newest first: a record must be
+  read before that many newer tracked works settle, and reading an old one
+  costs a scan of the ring. So sizing the ring above the run's tracked works
+  would make the end's reads quadratic; instead each work is read
+  ``TRACK_LAG`` s after it appears in a ``.tracked`` file, again with a
+  backoff while it is pending or running, and a dead letter's ``retried_as``
+  (a retry by the controller with ``--restart``, an adoption with
+  ``--serve``) is followed to the work it was queued again as. At the end,
+  after everything stopped and the dead letters were settled, every chain is
+  read to its end. A work whose record was reused before it was read is
+  ``outcome_unread``: not judged, and the run fails (raise ``--outcomes`` or
+  lower ``--track-rate``).
+* The judgement of each tracked ID (``check_outcomes``): the ledger gives
+  the outcome its work must end with (``expected_outcome``): a cancel that
+  returned True: ``cancelled``; ``ran``: ``ran``, with the callback's result;
+  ``ran`` and ``interrupted`` (the task died after the callback returned):
+  ``ran`` or ``interrupted``; ``interrupted`` alone: ``interrupted``; still a
+  dead letter at the end: ``dead_letter``; a canceller killed inside
+  ``cancel()`` and no other outcome: ``cancelled`` (the node it held is given
+  back as cancelled); nothing: no outcome is right. That is the outcome of
+  the last work of the chain; the chain has at least as many retries as the
+  ledger's ``retried`` and ``adopted`` (more when a letter was retried and
+  filed again between two reads of the list), none in a run that retries
+  nothing, and the ID's own work, once retried, stays ``dead_letter``. A
+  waiter that did not time out must have been given that own outcome, and a
+  ``call()`` that returned must have a ``ran`` in the ledger. Any
+  contradiction is an ``outcome_mismatches`` (the first 20 go to stderr,
+  each with what the domain said and the ID's ledger records).
+* The summary adds ``tracked`` (by how: add, add_many, add_keyed, call,
+  wait), ``outcomes`` (the final outcome of each chain; ``pending`` or
+  ``running`` at the end is a mismatch), ``tracked_hops`` (retried_as
+  followed), ``waiters`` (call, wait, timeouts, hung, max_late_ms),
+  ``outcome_reads``, ``outcome_mismatches`` and ``outcome_unread``; the run
+  is ``ok`` only if both are 0 and no waiter hung.
+
 Tasks blocked in system calls (``--blocking``)
 ----------------------------------------------
 A TWA_SIGNAL work runs from the task's SIGUSR1 handler, and CPython runs a
@@ -834,7 +897,10 @@ class OutcomeWatcher:
         self.error: BaseException | None = None
 
     def _tail(self, now: float, lag: float) -> None:
-        for path in track_files(self.dir):
+        with os.scandir(self.dir) as it:
+            grown = [e.path for e in it if e.name.endswith(".tracked")
+                     and e.stat().st_size >= self.offsets.get(e.path, 0) + TRK.size]
+        for path in sorted(grown):
             off = self.offsets.get(path, 0)
             with open(path, "rb") as f:
                 f.seek(off)
