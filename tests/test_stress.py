@@ -247,48 +247,53 @@ def test_reap_logger_records_are_written_to_the_ledger(tmp_path):
 # ---- --track: every tracked work's outcome against the ledger ------------------
 
 def track_failure(s: dict, err: str) -> str:
-    keys = ("tracked", "outcomes", "outcome_mismatches", "outcome_unread", "waiters",
+    keys = ("tracked", "outcomes", "own_outcomes", "outcome_mismatches", "outcome_unread", "waiters",
             "tracked_hops", "lost", "duplicated", "crashed", "hung")
     return f"{ {k: s.get(k) for k in keys} }\n{err[-3000:]}"
 
 
-def test_track_with_kills_gives_every_work_the_outcome_the_ledger_says(tmp_path):
-    # Every add tracked (--track-rate 0) on tasks whose callbacks take 1 ms,
-    # so that a SIGKILL (or a SIGTERM to a task without exit_signals) leaves
-    # queued works behind as dead letters; producers also wait on some works
-    # (call(), Work.wait()) while tasks are killed. Every tracked work's
-    # outcome, read with Domain.work(), must be what its ledger says.
-    p, out, err = run_stress("--track", "--track-rate", "0", "--work-ms", "1", "--tasks", "3",
-                             "--producers", "2", "--seconds", "4", "--kill-every", "0.2",
-                             "--term", "--seed", "23", "--json", tmpdir=str(tmp_path))
-    s = summary_of(out)
-    assert p.returncode == 0 and s["ok"] is True, track_failure(s, err)
-    assert s["track"] is True and s["outcome_mismatches"] == 0 and s["outcome_unread"] == 0
-    o = s["outcomes"]
-    assert s["tracked"] > 0 and o["ran"] > 0 and o["cancelled"] > 0, track_failure(s, err)
-    assert o["dead_letter"] + o["interrupted"] > 0, track_failure(s, err)
-    assert o["pending"] == o["running"] == o["failed"] == 0
-    assert sum(o.values()) == s["tracked"]
-    assert all(s["tracked_by_how"][h] > 0 for h in ("add", "add_many")), s["tracked_by_how"]
-    assert s["waiters"]["call"] + s["waiters"]["wait"] > 0 and s["waiters"]["hung"] == 0
-    assert s["killed"] > 0 and s["lost"] == 0 and s["duplicated"] == 0
-    assert leftovers(p.pid) == []
-    assert os.listdir(tmp_path) == []
-
-
-def test_track_follows_adopted_letters_to_their_end():
-    # serve() workers stopped by SIGTERM leave shutdown letters, SIGKILLed
-    # ones orphaned letters; the next worker of the name adopts them as new
-    # works: each tracked letter's retried_as is followed to the outcome of
-    # the work it became.
+def test_track_with_kills_gives_every_work_the_outcome_the_ledger_says():
+    # serve() workers SIGKILLed (orphaned letters) and SIGTERMed mid-queue
+    # (shutdown letters), the next worker of the name adopting them as new
+    # works; producers SIGKILLed too, and waiting on some works (call(),
+    # Work.wait()) while all this goes on. Every tracked work's outcome,
+    # read with Domain.work() and followed through retried_as, must be what
+    # its ledger says.
     p, out, err = run_stress("--track", "--serve", "--term", "--restart", "--tasks", "3",
                              "--producers", "2", "--seconds", "4", "--kill-every", "0.25",
                              "--seed", "29", "--json")
     s = summary_of(out)
     assert p.returncode == 0 and s["ok"] is True, track_failure(s, err)
-    assert s["outcome_mismatches"] == 0 and s["tracked"] > 0
+    assert s["track"] is True and s["outcome_mismatches"] == 0 and s["outcome_unread"] == 0
+    own, end = s["own_outcomes"], s["outcomes"]
+    assert s["tracked"] > 0 and own["ran"] > 0 and own["cancelled"] > 0, track_failure(s, err)
+    assert own["dead_letter"] + own["interrupted"] > 0, track_failure(s, err)
+    # the letters were adopted, and their chains followed to the end
     assert s["tracked_hops"] > 0 and s["adopted"] > 0, track_failure(s, err)
+    assert end["pending"] == end["running"] == end["failed"] == 0
+    assert sum(end.values()) == s["tracked"]
+    assert all(s["tracked_by_how"][h] > 0 for h in ("add", "add_many")), s["tracked_by_how"]
+    assert s["waiters"]["call"] + s["waiters"]["wait"] > 0 and s["waiters"]["hung"] == 0
+    assert s["killed"] > 0 and s["lost"] == 0 and s["duplicated"] == 0
     assert leftovers(p.pid) == []
+
+
+def test_track_every_add_under_sigkills_and_sigterms(tmp_path):
+    # Every add tracked (--track-rate 0) on plain tasks whose callbacks take
+    # 2 ms, SIGKILLed or SIGTERMed (with and without exit_signals): works
+    # queued on a dead task stay dead letters to the end.
+    p, out, err = run_stress("--track", "--track-rate", "0", "--work-ms", "2", "--tasks", "2",
+                             "--producers", "3", "--seconds", "4", "--kill-every", "0.25",
+                             "--cancel-rate", "0.2", "--term", "--seed", "23", "--json",
+                             tmpdir=str(tmp_path))
+    s = summary_of(out)
+    assert p.returncode == 0 and s["ok"] is True, track_failure(s, err)
+    assert s["outcome_mismatches"] == 0 and s["outcome_unread"] == 0
+    assert s["tracked"] > 0 and s["outcomes"]["ran"] > 0, track_failure(s, err)
+    assert s["tracked_hops"] == 0           # nothing retries a letter here
+    assert s["outcomes"]["dead_letter"] == s["own_outcomes"]["dead_letter"]
+    assert leftovers(p.pid) == []
+    assert os.listdir(tmp_path) == []
 
 
 def test_outcome_checker_reports_what_contradicts_the_ledger(tmp_path):
@@ -339,6 +344,7 @@ def test_outcome_checker_reports_what_contradicts_the_ledger(tmp_path):
     trk.put(st.T_WAITED, P | 0, 1_000_000, st.OUTCOME_CODES["ran"])
     trk.put(st.T_WAITED, P | 1, 0, st.OUTCOME_CODES["ran"] | st.W_CALL)
     trk.put(st.T_WAITED, P | 2, 3_000_000_000, st.OUTCOME_CODES["pending"] | st.W_TIMEOUT)
+    trk.put(st.T_WAITED, P | 3, -5_000_000, st.OUTCOME_CODES["running"] | st.W_TIMEOUT)
     prod.put(I, P | 20, 1)
     prod.put(A, P | 20, 1)
     trk.put(st.T_WAITED, P | 20, 0, st.OUTCOME_CODES["ran"] | st.W_CALL)
@@ -346,7 +352,7 @@ def test_outcome_checker_reports_what_contradicts_the_ledger(tmp_path):
         f.close()
     res = st.check_outcomes(str(tmp_path), chains, {}, retries=True)
     wrong = sorted({wid for wid, _ in res["bad"]})
-    assert wrong == [P | 1, P | 2, P | 10, P | 11, P | 12, P | 13, P | 14, P | 15, P | 16,
+    assert wrong == [P | 1, P | 2, P | 3, P | 10, P | 11, P | 12, P | 13, P | 14, P | 15, P | 16,
                      P | 17, P | 18, P | 20], res["bad"]
     text = dict(res["bad"])
     assert "the domain says cancelled" in text[P | 10]
@@ -355,7 +361,8 @@ def test_outcome_checker_reports_what_contradicts_the_ledger(tmp_path):
     assert "a waiter was told ran, its outcome is cancelled" in text[P | 1]
     assert "after its timeout" in text[P | 2] and res["waiters"]["hung"] == 1
     assert "no run" in text[P | 20]
-    assert res["outcome_mismatches"] == len(res["bad"]) == 12
+    assert "timed out 5.000 ms before its timeout" in text[P | 3]
+    assert res["outcome_mismatches"] == len(res["bad"]) == 13
     assert res["tracked"] == len(cases) and res["outcomes"]["pending"] == 1
     # Without retries in the run, a followed retried_as is itself wrong.
     res = st.check_outcomes(str(tmp_path), {P | 5: chains[P | 5]}, {}, retries=False)

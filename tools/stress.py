@@ -196,8 +196,9 @@ work's outcome"); ``--track`` checks it against what the ledger says happened.
   when it raised) or ``add`` + ``Work.wait()``. The outcome the waiter was
   given and how late it returned past its timeout are written; tasks are
   killed under the waiters all along. A waiter back more than
-  ``WAIT_SLACK`` s after its timeout **hung**; a ``call()`` that returned
-  other bytes than the callback's is a mismatch.
+  ``WAIT_SLACK`` s after its timeout **hung**; one that raised
+  ``TimeoutError`` before its timeout, or a ``call()`` that returned other
+  bytes than the callback's, is a mismatch.
 * The controller's outcome watcher (``OutcomeWatcher``) follows every
   tracked work while the run goes on, because the core keeps only the last
   ``--outcomes`` records (default 16384: this domain's ``outcomes``
@@ -231,7 +232,9 @@ work's outcome"); ``--track`` checks it against what the ledger says happened.
   each with what the domain said and the ID's ledger records).
 * The summary adds ``tracked`` (by how: add, add_many, add_keyed, call,
   wait), ``outcomes`` (the final outcome of each chain; ``pending`` or
-  ``running`` at the end is a mismatch), ``tracked_hops`` (retried_as
+  ``running`` at the end is a mismatch), ``own_outcomes`` (the outcome of
+  the work each add returned: a retried letter's is ``dead_letter``),
+  ``tracked_hops`` (retried_as
   followed), ``waiters`` (call, wait, timeouts, hung, max_late_ms),
   ``outcome_reads``, ``outcome_mismatches`` and ``outcome_unread``; the run
   is ``ok`` only if both are 0 and no waiter hung.
@@ -385,7 +388,8 @@ HOW_NAMES = ("add", "add_many", "add_keyed", "call", "wait")
 H_ADD, H_MANY, H_KEYED, H_CALL, H_WAIT = range(5)
 # T_WAITED: a waiter returned; aux = the outcome it returned (its code), with
 # W_CALL if it was call() and W_TIMEOUT if it timed out (the code is then the
-# outcome the work had); value = how late it returned after its timeout (ns)
+# outcome the work had); value = how late it returned after its timeout (ns;
+# negative: before it)
 W_CALL, W_TIMEOUT = 0x100, 0x200
 # T_RESULT_BAD: call() returned other bytes than the callback did
 # T_KEY_STALE: add_keyed of a new key said the key was known (value: its work id)
@@ -1065,6 +1069,9 @@ def check_outcomes(directory: str, chains: dict[int, Chain], unread: dict[int, i
             w["call" if aux & W_CALL else "wait"] += 1
             w["timeouts"] += bool(aux & W_TIMEOUT)
             w["max_late_ms"] = max(w["max_late_ms"], round(value / 1e6, 3))
+            if aux & W_TIMEOUT and value < 0:
+                other.append((wid, f"a waiter ({'call' if aux & W_CALL else 'wait'}) timed "
+                                   f"out {-value / 1e6:.3f} ms before its timeout"))
             if value > WAIT_SLACK * 1e9:
                 w["hung"] += 1
                 other.append((wid, f"a waiter ({'call' if aux & W_CALL else 'wait'}) returned "
@@ -1075,6 +1082,7 @@ def check_outcomes(directory: str, chains: dict[int, Chain], unread: dict[int, i
             other.append((wid, f"add_keyed of a new key found it recorded (work {value:#x})"))
     counts = ledger_counts(directory, set(chains) | set(waits))
     by_outcome = {o: 0 for o in (*FINAL_OUTCOMES, "pending", "running", "unread")}
+    own = {o: 0 for o in FINAL_OUTCOMES}    # each added work's own outcome
     bad: list[tuple[int, str]] = list(other)
     hops = 0
     for wid, ch in chains.items():
@@ -1084,6 +1092,8 @@ def check_outcomes(directory: str, chains: dict[int, Chain], unread: dict[int, i
             continue
         o = ch.outcome or "pending"
         by_outcome[o] = by_outcome.get(o, 0) + 1
+        if ch.first in own:
+            own[ch.first] += 1
         hops += ch.hops
         want, why = expected_outcome(c)
         retr = c[RETRIED] + c[ADOPTED]
@@ -1117,6 +1127,7 @@ def check_outcomes(directory: str, chains: dict[int, Chain], unread: dict[int, i
             if aux & W_CALL and not aux & W_TIMEOUT and seen == "ran" and not c[RAN]:
                 bad.append((wid, "call() returned its result, the ledger has no run"))
     return {"tracked": len(chains), "tracked_by_how": how_count, "outcomes": by_outcome,
+            "own_outcomes": own,
             "outcome_mismatches": len(bad), "outcome_unread": len(unread),
             "tracked_hops": hops, "waiters": w, "bad": bad}
 
@@ -1445,7 +1456,7 @@ def role_producer(a) -> int:
             except TimeoutError:
                 got, flags = works[0].outcome, W_TIMEOUT
             late = time.monotonic() - t0 - timeout
-            track.put(T_WAITED, wids[0], max(0, int(late * 1e9)),
+            track.put(T_WAITED, wids[0], int(late * 1e9),
                       OUTCOME_CODES.get(got, 0xFF) | flags)
         if len(mine) > 64:
             del mine[:32]
@@ -1499,7 +1510,7 @@ def call_one(t, wid: int, payload: bytes, mode: int, rng, ledger: Ledger,
     ledger.put(ADDED, wid, aux)
     cancelled = work is not None and work.state == "cancelled"
     ledger.put(CANCELLED if cancelled else CANCEL_MISSED, wid)
-    track.put(T_WAITED, wid, max(0, int(late * 1e9)), OUTCOME_CODES.get(got, 0xFF) | flags)
+    track.put(T_WAITED, wid, int(late * 1e9), OUTCOME_CODES.get(got, 0xFF) | flags)
     return True
 
 
