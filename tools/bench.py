@@ -8,25 +8,37 @@ be). Cases:
 
   add                        one ``task.add`` per message (TWA_RESUME); the
                              consumer sits in ``task.wait()``
+  add tracked                the same with ``track=True`` (each work's
+                             outcome recorded; skipped, with a note, where
+                             ``add`` has no ``track``)
   add_many(B)                B payloads per push, a callback per work
   add_many(B) batch cb       the same, one batch callback per run batch
   add, P producers           P processes adding into the one task
   multiprocessing.Queue      put / get
   faster-fifo                put / get_many (its best mode for single sends)
-  posix_ipc MessageQueue     send / receive
+  posix_ipc MessageQueue     send / receive, one message at a time
   pipe (1 read/record)       os.write / os.read per fixed-size record
   pipe batched (B/write)     B records per write; the consumer reads what is
                              there and calls a function per record
 
 Round trips (p50 and p99 of ``--rtt-rounds``): a RESUME ping-pong between two
-tasks (each in ``wait()``), the same with TWA_SIGNAL, and a raw eventfd
+tasks (each in ``wait()``), the same with TWA_SIGNAL, ``task.call()`` (a
+tracked add and a wait for its result) against a task whose callback returns
+bytes (skipped where ``Task.call`` does not exist), and a raw eventfd
 ping-pong (blocking reads), once with the two processes pinned to different
 CPUs and once both pinned to one CPU (``os.sched_setaffinity``).
+
+Native: the C micro-benchmark native/bench/bench_native.c (``make
+bench-native``), built from the source tree with the C compiler: the core's
+push + detach of one work against a bare Treiber push + xchg detach, in one
+thread. Skipped, with a note, where the sources or a compiler are missing.
 
 Each round of ``--repeat`` runs every case once, in turn, so each round gives
 a ratio measured under the same load; the table shows the median rate and
 the median ratio with its range over the rounds (the spread says how noisy
-the machine was). Nothing here asserts a speed.
+the machine was). ``--only`` brings along the cases its choices are compared
+with. The targets table holds each ratio's median against the project's
+performance targets (met / missed); nothing here asserts a speed.
 """
 from __future__ import annotations
 
@@ -34,10 +46,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import inspect
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 from shm_taskwork.tools._common import percentile
 from shm_taskwork.tools._proc import Children, temp_domain
@@ -47,6 +64,21 @@ FORK = mp.get_context("fork")   # the queues of the peer cases
 
 def _stamp() -> float:
     return time.perf_counter()
+
+
+class Skip(Exception):
+    """A case that cannot run here; its message says why (the table's note)."""
+
+
+def _add_tracks() -> bool:
+    """Does this version's ``Task.add`` take ``track=``?"""
+    from shm_taskwork import Task
+    return "track" in inspect.signature(Task.add).parameters
+
+
+def _has_call() -> bool:
+    from shm_taskwork import Task
+    return callable(getattr(Task, "call", None))
 
 
 # --- shm_taskwork ----------------------------------------------------------
@@ -77,7 +109,8 @@ def _tw_consumer(link, name: str, n: int, batch_cb: bool):
         task.exit()
 
 
-def _tw_producer(link, name: str, tid: int, n: int, size: int, batch: int, func: str):
+def _tw_producer(link, name: str, tid: int, n: int, size: int, batch: int, func: str,
+                 track: bool):
     from shm_taskwork import TWA_RESUME, Domain, PoolExhaustedError
 
     with Domain.open(name) as dom:
@@ -97,6 +130,14 @@ def _tw_producer(link, name: str, tid: int, n: int, size: int, batch: int, func:
                     sent += k
                 except PoolExhaustedError:  # let the consumer drain
                     time.sleep(0)
+        elif track:
+            add = task.add
+            while sent < n:
+                try:
+                    add(func, payload, TWA_RESUME, track=True)
+                    sent += 1
+                except PoolExhaustedError:
+                    time.sleep(0)
         else:
             add = task.add
             while sent < n:
@@ -112,7 +153,9 @@ _NOTIFY: dict = {}
 
 
 def bench_shm_taskwork(n: int, size: int, batch: int = 0, batch_cb: bool = False,
-                       producers: int = 1) -> tuple[float, float]:
+                       producers: int = 1, track: bool = False) -> tuple[float, float]:
+    if track and not _add_tracks():
+        raise Skip("Task.add takes no track= in this version")
     with temp_domain("tw_bench", pool_size=max(4096, min(n, 1 << 18)),
                      payload_size=max(size, 8), max_tasks=4) as dom, Children() as kids:
         c = kids.fork("bench consumer", _tw_consumer, dom.name, n, batch_cb)
@@ -122,7 +165,7 @@ def bench_shm_taskwork(n: int, size: int, batch: int = 0, batch_cb: bool = False
         for k in range(producers):
             share = n // producers + (1 if k < n % producers else 0)
             procs.append(kids.fork(f"bench producer {k}", _tw_producer, dom.name, tid, share,
-                                   size, batch, func))
+                                   size, batch, func, track))
         kids.wait_ready(procs, timeout=30)   # every producer has opened the domain
         for p in procs:
             p.send("go")
@@ -230,7 +273,11 @@ def _mq_consumer(name, n, done):
 def bench_posix_mq(n: int, size: int):
     import posix_ipc
     name = f"/tw_bench_mq_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    q = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_message_size=max(size, 1))
+    try:
+        q = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_message_size=max(size, 1))
+    except (ValueError, posix_ipc.Error) as exc:
+        raise Skip(f"no queue of {size}-byte messages here ({exc}); the limit is "
+                   "/proc/sys/fs/mqueue/msgsize_max") from None
     try:
         return _transfer(_mq_consumer, (name,), q.send, n, size)
     finally:
@@ -318,6 +365,11 @@ def _rtt_callbacks() -> None:
     def pong(work):
         _PP["got"] += 1
 
+    @callback(name="bench.echo")
+    def echo(work):   # what task.call() waits for: its result
+        _PP["left"] -= 1
+        return work.payload
+
 
 def _tw_pong(link, name: str, rounds: int, mode: int, cpu):
     _pin(cpu)
@@ -327,7 +379,8 @@ def _tw_pong(link, name: str, rounds: int, mode: int, cpu):
         _PP["left"], _PP["mode"] = rounds, mode
         me = dom.register("pong")
         link.ready(task=me.id)
-        _PP["peer"] = dom.task(link.recv(timeout=30))
+        peer = link.recv(timeout=30)   # None: call(), nobody to answer with an add
+        _PP["peer"] = None if peer is None else dom.task(peer)
         link.emit(ev="go")
         deadline = time.monotonic() + 120
         while _PP["left"] > 0 and time.monotonic() < deadline:
@@ -368,6 +421,36 @@ def bench_rtt_tw(rounds: int, mode: int, cpus: tuple) -> list[int]:
             os.sched_setaffinity(0, old)
 
 
+def bench_rtt_call(rounds: int, cpus: tuple) -> list[int]:
+    """``peer.call()`` round trips: a tracked add on the peer (in ``wait()``)
+    and a wait here for its outcome and result, the callback's bytes."""
+    if not _has_call():
+        raise Skip("Task.call does not exist in this version")
+    _rtt_callbacks()
+    total = rounds + 50
+    old = os.sched_getaffinity(0)
+    with temp_domain("tw_bench", pool_size=1024, payload_size=16, max_tasks=4) as dom, \
+            Children() as kids:
+        p = kids.fork("call() peer", _tw_pong, dom.name, total, 0, cpus[1])
+        try:
+            _pin(cpus[0])
+            peer = dom.task(kids.wait_ready([p], timeout=30)[0]["task"])
+            p.send(None)
+            kids.event(p, "go", 30)
+            times = []
+            call = peer.call
+            for _ in range(total):
+                t0 = time.perf_counter_ns()
+                if call("bench.echo", b"p", timeout=30) != b"p":
+                    raise RuntimeError("call() bench: the peer's result is not its payload")
+                times.append(time.perf_counter_ns() - t0)
+            kids.event(p, "done", 30)
+            p.wait(30)
+            return times[50:]
+        finally:
+            os.sched_setaffinity(0, old)
+
+
 def _efd_pong(link, efd_in, efd_out, rounds, cpu):
     _pin(cpu)
     link.ready()
@@ -401,10 +484,45 @@ def bench_rtt_eventfd(rounds: int, cpus: tuple) -> list[int]:
         os.close(e2)
 
 
+# --- native ----------------------------------------------------------------------
+
+# The C sources, where the package runs from a source tree (tools/ beside native/).
+_NATIVE = Path(__file__).resolve().parent.parent / "native"
+
+
+def build_native(workdir: str) -> str:
+    """Build native/bench/bench_native.c with the core's C files into
+    ``workdir`` (as ``make bench-native`` does); the program's path."""
+    src = _NATIVE / "bench" / "bench_native.c"
+    if not src.is_file():
+        raise Skip("no C sources beside the package (a source checkout has native/bench/)")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise Skip("no C compiler (cc, gcc, or $CC)")
+    exe = os.path.join(workdir, "bench_native")
+    core = sorted(str(p) for p in _NATIVE.glob("*.c"))
+    r = subprocess.run([cc, "-O2", "-std=gnu11", "-o", exe, str(src), *core, "-lpthread"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        errs = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.splitlines()
+        raise Skip(f"the C micro-benchmark did not build: {errs[0] if errs else r.returncode}")
+    return exe
+
+
+def bench_native(exe: str, iterations: int) -> dict:
+    """One run of the C micro-benchmark: ns per iteration of each case."""
+    r = subprocess.run([exe, str(iterations), "--json"], capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode:
+        raise RuntimeError(f"bench_native exited {r.returncode}: {r.stderr.strip()}")
+    return json.loads(r.stdout)
+
+
 # --- the run -------------------------------------------------------------------
 
 def throughput_cases(batch: int, contention: bool):
     yield "add", lambda n, s: bench_shm_taskwork(n, s)
+    yield "add tracked", lambda n, s: bench_shm_taskwork(n, s, track=True)
     yield f"add_many({batch})", lambda n, s: bench_shm_taskwork(n, s, batch)
     yield f"add_many({batch}) batch cb", lambda n, s: bench_shm_taskwork(n, s, batch, True)
     if contention:
@@ -418,29 +536,85 @@ def throughput_cases(batch: int, contention: bool):
     yield f"pipe batched ({batch}/write)", lambda n, s: bench_pipe_batched(n, s, batch)
 
 
-# (case, baseline) pairs whose ratio the table shows
+# (case, baseline) pairs whose ratio of rates the table shows
 def ratio_pairs(batch: int):
     b = f"pipe batched ({batch}/write)"
-    return [("add", "multiprocessing.Queue"), ("add", "faster-fifo"),
-            ("add", "pipe (1 read/record)"), (f"add_many({batch})", b),
-            (f"add_many({batch}) batch cb", b), ("add, 8 producers", "add, 1 producers")]
+    return [("add", "pipe (1 read/record)"), ("add", "posix_ipc MessageQueue"),
+            ("add", "multiprocessing.Queue"), ("add", "faster-fifo"),
+            ("add tracked", "add"),
+            (f"add_many({batch})", b), (f"add_many({batch}) batch cb", b),
+            ("add, 8 producers", "add, 1 producers")]
 
 
 def rtt_cases(rounds: int):
     from shm_taskwork import TWA_RESUME, TWA_SIGNAL
-    ncpu = len(os.sched_getaffinity(0))
     cpus = sorted(os.sched_getaffinity(0))
     placements = [("same CPU", (cpus[0], cpus[0]))]
-    if ncpu > 1:
+    if len(cpus) > 1:
         placements.insert(0, ("2 CPUs", (cpus[0], cpus[1])))
     for label, pl in placements:
         yield f"RTT RESUME, {label}", lambda pl=pl: bench_rtt_tw(rounds, TWA_RESUME, pl)
         yield f"RTT SIGNAL, {label}", lambda pl=pl: bench_rtt_tw(rounds, TWA_SIGNAL, pl)
+        yield f"RTT call(), {label}", lambda pl=pl: bench_rtt_call(rounds, pl)
         yield f"RTT eventfd, {label}", lambda pl=pl: bench_rtt_eventfd(rounds, pl)
+
+
+# (case, baseline) pairs of round trips whose ratio of p50s the table shows
+def rtt_pairs(names):
+    for nm in names:
+        kind, label = nm.split(", ", 1)
+        if kind != "RTT eventfd":
+            yield nm, f"RTT eventfd, {label}"
+        if kind == "RTT call()":
+            yield nm, f"RTT RESUME, {label}"
+
+
+NATIVE_PAIR = ("native push+detach", "bare push+detach")
+
+
+# The project's performance targets: (case, baseline, op, bound) on the
+# median ratio of one run. Reported as met / missed, never asserted.
+def targets(batch: int):
+    b = f"pipe batched ({batch}/write)"
+    return [("add", "pipe (1 read/record)", ">=", 1.0),
+            ("add", "posix_ipc MessageQueue", ">=", 1.3),
+            (f"add_many({batch})", b, ">=", 1.5),
+            (f"add_many({batch}) batch cb", b, ">=", 3.0),
+            ("RTT RESUME, 2 CPUs", "RTT eventfd, 2 CPUs", "<=", 1.3),
+            ("RTT RESUME, same CPU", "RTT eventfd, same CPU", "<=", 3.0),
+            ("RTT SIGNAL, 2 CPUs", "RTT eventfd, 2 CPUs", "<=", 1.6),
+            ("RTT SIGNAL, same CPU", "RTT eventfd, same CPU", "<=", 5.0),
+            (*NATIVE_PAIR, "<=", 4.0),
+            ("add, 8 producers", "add, 1 producers", ">=", 0.8)]
+
+
+def judge(ratios: list[dict], batch: int) -> list[dict]:
+    by = {(r["case"], r["vs"]): r for r in ratios}
+    out = []
+    for num, den, op, bound in targets(batch):
+        r = by.get((num, den))
+        fig = r["ratio"]["median"] if r else None
+        met = None if fig is None else (fig >= bound if op == ">=" else fig <= bound)
+        out.append({"case": num, "vs": den, "of": r["of"] if r else None, "op": op,
+                    "bound": bound, "figure": fig, "met": met})
+    return out
 
 
 def _summary(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def _with_baselines(names: list[str], chosen: set[str], pairs) -> list[str]:
+    """``chosen`` and the baselines its cases are compared with (and theirs:
+    ``add tracked`` brings ``add``, which brings the pipe), in ``names``' order."""
+    pairs = [(num, den) for num, den in pairs if den in names]
+    chosen = set(chosen)
+    for _ in range(len(names)):   # a chain is at most as long as the case list
+        more = {den for num, den in pairs if num in chosen} - chosen
+        if not more:
+            break
+        chosen |= more
+    return [nm for nm in names if nm in chosen]
 
 
 def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
@@ -451,10 +625,16 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
     ap.add_argument("--size", type=int, default=40, help="payload bytes (default 40)")
     ap.add_argument("--batch", type=int, default=100, help="payloads per add_many / pipe write")
     ap.add_argument("--repeat", type=int, default=5, help="rounds; medians and ranges over them")
-    ap.add_argument("--only", default="", help="comma list of case-name substrings to run")
+    ap.add_argument("--only", default="",
+                    help="comma list of case-name substrings to run (with their baselines)")
     ap.add_argument("--rtt-rounds", type=int, default=2000, help="round trips per RTT case")
     ap.add_argument("--no-rtt", action="store_true", help="skip the round-trip cases")
     ap.add_argument("--no-contention", action="store_true", help="skip 1/2/4/8 producers")
+    ap.add_argument("--no-native", action="store_true",
+                    help="skip the C micro-benchmark (native push+detach)")
+    ap.add_argument("--native-iterations", type=int, default=2_000_000,
+                    help="iterations per run of the C micro-benchmark (the native case a "
+                         "quarter of them)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--remote", action="store_true",
                     help="add the remote rows: works through Redis and the bridge, beside "
@@ -466,28 +646,35 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
     a = ap.parse_args(argv)
     if a.messages < 1 or a.size < 1 or a.batch < 1 or a.repeat < 1 or a.rtt_rounds < 1:
         raise ValueError("--messages, --size, --batch, --repeat, --rtt-rounds must be >= 1")
+    if not 1 <= a.native_iterations <= 1_000_000_000:
+        raise ValueError("--native-iterations must be 1..1000000000, got "
+                         f"{a.native_iterations}")
     only = [s.strip() for s in a.only.split(",") if s.strip()]
 
     def wanted(name):
         return not only or any(s in name for s in only)
 
-    cases = [(nm, fn) for nm, fn in throughput_cases(a.batch, not a.no_contention) if wanted(nm)]
-    runs: dict[str, list[tuple[float, float]]] = {nm: [] for nm, _ in cases}
+    all_cases = dict(throughput_cases(a.batch, not a.no_contention))
+    names = _with_baselines(list(all_cases), {nm for nm in all_cases if wanted(nm)},
+                            ratio_pairs(a.batch))
+    runs: dict[str, list[tuple[float, float]]] = {nm: [] for nm in names}
     skipped: dict[str, str] = {}
     notes: dict[str, list[float]] = {}   # eventfd writes per work, shm cases
     for _ in range(a.repeat):
-        for nm, fn in cases:
+        for nm in names:
             if nm in skipped:
                 continue
             try:
                 _NOTIFY.pop("last", None)
-                runs[nm].append(fn(a.messages, a.size))
+                runs[nm].append(all_cases[nm](a.messages, a.size))
                 if "last" in _NOTIFY:
                     notes.setdefault(nm, []).append(_NOTIFY["last"])
             except ImportError as exc:
                 skipped[nm] = f"not installed: {exc.name}"
+            except Skip as exc:
+                skipped[nm] = str(exc)
     results = []
-    for nm, _ in cases:
+    for nm in names:
         if nm in skipped:
             results.append({"case": nm, "skipped": skipped[nm]})
             continue
@@ -505,31 +692,61 @@ def main(argv=None, prog="shm-taskwork bench", command="bench") -> int:
                                     a.latency_samples)
     ratios = []
     for num, den in ratio_pairs(a.batch):
-        if runs.get(num) and runs.get(den):
+        if runs.get(num) and runs.get(den):   # rate num / rate den, round by round
             per_round = [t_den / t_num for (_, t_num), (_, t_den) in zip(runs[num], runs[den])]
-            ratios.append({"case": num, "vs": den, "ratio": _summary(per_round)})
+            ratios.append({"case": num, "vs": den, "of": "rate", "ratio": _summary(per_round)})
+
     rtts = []
     if not a.no_rtt:
-        for nm, fn in rtt_cases(a.rtt_rounds):
-            if not wanted(nm):
-                continue
-            p50s, p99s = [], []
-            for _ in range(max(1, a.repeat // 2)):
-                ts = fn()
-                p50s.append(percentile(ts, 50) / 1000)
-                p99s.append(percentile(ts, 99) / 1000)
-            rtts.append({"case": nm, "rounds": a.rtt_rounds, "p50_us": _summary(p50s),
-                         "p99_us": _summary(p99s)})
-        by = {r["case"]: r for r in rtts}
-        for r in rtts:
-            if r["case"].startswith("RTT eventfd"):
-                continue
-            base = by.get("RTT eventfd, " + r["case"].split(", ", 1)[1])
-            if base:
-                ratios.append({"case": r["case"], "vs": base["case"],
-                               "ratio_p50": base and r["p50_us"]["median"] / base["p50_us"]["median"]})
+        all_rtt = dict(rtt_cases(a.rtt_rounds))
+        rnames = _with_baselines(list(all_rtt), {nm for nm in all_rtt if wanted(nm)},
+                                 rtt_pairs(list(all_rtt)))
+        p50s: dict[str, list[float]] = {nm: [] for nm in rnames}
+        p99s: dict[str, list[float]] = {nm: [] for nm in rnames}
+        rskipped: dict[str, str] = {}
+        for _ in range(a.repeat):
+            for nm in rnames:
+                if nm in rskipped:
+                    continue
+                try:
+                    ts = all_rtt[nm]()
+                except Skip as exc:
+                    rskipped[nm] = str(exc)
+                    continue
+                p50s[nm].append(percentile(ts, 50) / 1000)
+                p99s[nm].append(percentile(ts, 99) / 1000)
+        for nm in rnames:
+            if nm in rskipped:
+                rtts.append({"case": nm, "skipped": rskipped[nm]})
+            else:
+                rtts.append({"case": nm, "rounds": a.rtt_rounds, "p50_us": _summary(p50s[nm]),
+                             "p99_us": _summary(p99s[nm])})
+        for num, den in rtt_pairs(rnames):
+            if p50s.get(num) and p50s.get(den):   # p50 num / p50 den, round by round
+                ratios.append({"case": num, "vs": den, "of": "p50",
+                               "ratio": _summary([x / y for x, y in zip(p50s[num], p50s[den])])})
+
+    native: dict = {}
+    if a.no_native:
+        native["skipped"] = "--no-native"
+    elif not wanted(NATIVE_PAIR[0]):
+        native["skipped"] = "not chosen by --only"
+    else:
+        with tempfile.TemporaryDirectory(prefix="tw_bench_native_") as tmp:
+            try:
+                exe = build_native(tmp)
+            except Skip as exc:
+                native["skipped"] = str(exc)
+            else:
+                nruns = [bench_native(exe, a.native_iterations) for _ in range(a.repeat)]
+                native = {"iterations": a.native_iterations, "runs": nruns}
+                for k in ("bare_cmpxchg_ns", "bare_push_detach_ns", "native_push_detach_ns"):
+                    native[k] = _summary([r[k] for r in nruns])
+                ratios.append({"case": NATIVE_PAIR[0], "vs": NATIVE_PAIR[1], "of": "ns",
+                               "ratio": _summary([r["native_push_detach_ns"]
+                                                  / r["bare_push_detach_ns"] for r in nruns])})
     out = {"host_cpus": os.cpu_count(), "repeat": a.repeat, "results": results, "rtt": rtts,
-           "ratios": ratios}
+           "native": native, "ratios": ratios, "targets": judge(ratios, a.batch)}
     if a.json:
         print(json.dumps(out))
         return 0
@@ -547,7 +764,7 @@ def _print(out: dict, a) -> None:
     print(f"{'case':<28} {'msgs/s end to end':>34} {'send msgs/s':>12} {'wakes/work':>10}")
     for r in out["results"]:
         if "skipped" in r:
-            print(f"{r['case']:<28} {r['skipped']:>34}")
+            print(f"{r['case']:<28} skipped: {r['skipped']}")
         elif "p50_us" in r:  # a remote row (--remote)
             print(f"{r['case']}: {r['rate']:,.0f} works/s ({r['messages']}), add-to-start "
                   f"p50 {r['p50_us']:,.0f} us, p99 {r['p99_us']:,.0f} us "
@@ -556,21 +773,35 @@ def _print(out: dict, a) -> None:
             wakes = r.get("eventfd_writes_per_work")
             print(f"{r['case']:<28} {_fmt_range(r['rate'], ',.0f'):>34} "
                   f"{r['send_rate']['median']:>12,.0f} "
-                  f"{format(wakes['median'], '.4f') if wakes else '':>10}")
+                  f"{format(wakes['median'], '.4f') if wakes else '':>10}".rstrip())
     if out["rtt"]:
         print(f"\n{'round trip':<32} {'p50 us':>22} {'p99 us':>22}")
         for r in out["rtt"]:
-            print(f"{r['case']:<32} {_fmt_range(r['p50_us'], '.1f'):>22} "
-                  f"{_fmt_range(r['p99_us'], '.1f'):>22}")
+            if "skipped" in r:
+                print(f"{r['case']:<32} skipped: {r['skipped']}")
+            else:
+                print(f"{r['case']:<32} {_fmt_range(r['p50_us'], '.1f'):>22} "
+                      f"{_fmt_range(r['p99_us'], '.1f'):>22}")
+    nat = out["native"]
+    if "skipped" in nat:
+        print(f"\nnative (C, one thread): skipped: {nat['skipped']}")
+    else:
+        print(f"\n{'native (C, one thread), ns':<32} {'median [min-max]':>22}")
+        for k, label in (("bare_cmpxchg_ns", "bare cmpxchg"),
+                         ("bare_push_detach_ns", "bare push+detach (Treiber)"),
+                         ("native_push_detach_ns", "native push+detach")):
+            print(f"{label:<32} {_fmt_range(nat[k], '.1f'):>22}")
     if out["ratios"]:
         print(f"\n{'ratio':<62} {'median [min-max]':>22}")
         for r in out["ratios"]:
-            if "ratio" in r:
-                print(f"{r['case'] + ' / ' + r['vs'] + ' (rate)':<62} "
-                      f"{_fmt_range(r['ratio'], '.2f'):>22}")
-            else:
-                print(f"{r['case'] + ' / ' + r['vs'] + ' (p50)':<62} "
-                      f"{r['ratio_p50']:>22.2f}")
+            print(f"{r['case'] + ' / ' + r['vs'] + ' (' + r['of'] + ')':<62} "
+                  f"{_fmt_range(r['ratio'], '.2f'):>22}")
+    print(f"\n{'targets (median ratio of this run)':<62} {'figure':>7} {'target':>8}")
+    for t in out["targets"]:
+        fig = "-" if t["figure"] is None else f"{t['figure']:.2f}x"
+        verdict = {True: "met", False: "missed", None: "not measured"}[t["met"]]
+        bound = f"{t['op']} {t['bound']:.1f}x"
+        print(f"{t['case'] + ' / ' + t['vs']:<62} {fig:>7} {bound:>8}  {verdict}")
 
 
 if __name__ == "__main__":

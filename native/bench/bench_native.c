@@ -10,7 +10,9 @@
  *                      pi_lock: mark, CAS) + tw_run_load/start/finish (free):
  *                      one work's whole life in the core, no Python
  *
- * Each figure is the median of 7 runs of N iterations, in ns per iteration.
+ * Each figure is the median of 7 runs of N iterations (the native case a
+ * quarter of N), in ns per iteration. Arguments: [N] [--json]; --json prints
+ * one JSON object (what `shm-taskwork bench` reads) instead of the table.
  */
 #define _GNU_SOURCE
 #include "../tw_internal.h"
@@ -35,7 +37,8 @@ static int cmp(const void *a, const void *b)
 }
 
 #define RUNS 7
-#define N 2000000
+#define N_DEFAULT 2000000
+static uint64_t N = N_DEFAULT;
 
 static volatile uint64_t word;
 static double bare_cas(void)
@@ -69,12 +72,12 @@ static uint32_t slot, gen;
 static double native_push_detach(void)
 {
     uint32_t node;
-    uint64_t rec[TW_REC_WORDS];
+    uint64_t rec[TW_REC_WORDS + 2];   /* one work, and tw_run_load's two trailing words */
     char parea[64];
     uint8_t outc;
-    int n_ = N / 4;
+    uint64_t n_ = N / 4 ? N / 4 : 1;
     uint64_t t0 = now_ns();
-    for (int i = 0; i < n_; i++) {
+    for (uint64_t i = 0; i < n_; i++) {
         int64_t r = tw_add(&D, slot, gen, 1, "payload!", 8, TW_TWA_NONE, NULL, 0, -1, -1, 0,
                            1, 1);
         if (r < 0 || tw_detach(&D, slot, gen, &node, 1) != 1 ||
@@ -97,12 +100,27 @@ static double median(double (*fn)(void))
     return v[RUNS / 2];
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
-    uint32_t pool = 1024;
-    uint64_t size = tw_layout_size(4, pool, 64, 32, 64, 0);
+    int json = 0;
+    for (int i = 1; i < argc; i++) {
+        char *end;
+        if (strcmp(argv[i], "--json") == 0) {
+            json = 1;
+            continue;
+        }
+        unsigned long long v = strtoull(argv[i], &end, 10);
+        if (*end || v < 1 || v > 1000000000ull) {
+            fprintf(stderr, "usage: %s [iterations 1..1000000000] [--json]\n", argv[0]);
+            return 2;
+        }
+        N = v;
+    }
+    uint32_t pool = 1024, outcomes = 64;
+    uint64_t size = tw_layout_size(4, pool, 64, 32, 64, 0, outcomes);
     void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED || tw_format(base, size, 4, pool, 64, 32, 64, 0, now_ns()) < 0 ||
+    if (base == MAP_FAILED ||
+        tw_format(base, size, 4, pool, 64, 32, 64, 0, outcomes, now_ns()) < 0 ||
         tw_attach(&D, base, size) < 0) {
         fprintf(stderr, "cannot make a segment\n");
         return 1;
@@ -114,6 +132,11 @@ int main(void)
     }
     slot = (uint32_t)s;
     double cas = median(bare_cas), pd = median(bare_push_detach), nat = median(native_push_detach);
+    if (json) {
+        printf("{\"iterations\": %llu, \"bare_cmpxchg_ns\": %.2f, \"bare_push_detach_ns\": %.2f, "
+               "\"native_push_detach_ns\": %.2f}\n", (unsigned long long)N, cas, pd, nat);
+        return 0;
+    }
     printf("%-22s %8.1f ns\n", "bare cmpxchg", cas);
     printf("%-22s %8.1f ns\n", "bare push+detach", pd);
     printf("%-22s %8.1f ns  (%.2fx bare push+detach, %.2fx bare cmpxchg)\n",
