@@ -259,9 +259,11 @@ def test_track_with_kills_gives_every_work_the_outcome_the_ledger_says():
     # Work.wait()) while all this goes on. Every tracked work's outcome,
     # read with Domain.work() and followed through retried_as, must be what
     # its ledger says.
-    p, out, err = run_stress("--track", "--serve", "--term", "--restart", "--tasks", "3",
-                             "--producers", "2", "--seconds", "4", "--kill-every", "0.25",
-                             "--seed", "29", "--json")
+    # Callbacks of 3 ms keep a queue a stop cannot drain in 0.2 s, and a kill
+    # every 0.5 s leaves the processes time to start even on a busy machine.
+    p, out, err = run_stress("--track", "--serve", "--term", "--restart", "--tasks", "2",
+                             "--producers", "2", "--seconds", "5", "--kill-every", "0.5",
+                             "--work-ms", "3", "--seed", "29", "--json")
     s = summary_of(out)
     assert p.returncode == 0 and s["ok"] is True, track_failure(s, err)
     assert s["track"] is True and s["outcome_mismatches"] == 0 and s["outcome_unread"] == 0
@@ -278,13 +280,14 @@ def test_track_with_kills_gives_every_work_the_outcome_the_ledger_says():
     assert leftovers(p.pid) == []
 
 
-def test_track_every_add_under_sigkills_and_sigterms(tmp_path):
+def test_track_every_add_under_sigkills(tmp_path):
     # Every add tracked (--track-rate 0) on plain tasks whose callbacks take
-    # 2 ms, SIGKILLed or SIGTERMed (with and without exit_signals): works
-    # queued on a dead task stay dead letters to the end.
+    # 2 ms, SIGKILLed: works queued on a dead task stay dead letters to the
+    # end. (No --term: a task with exit_signals runs its list until it is
+    # empty, as the kernel's exit does, which adders at this rate outpace.)
     p, out, err = run_stress("--track", "--track-rate", "0", "--work-ms", "2", "--tasks", "2",
-                             "--producers", "3", "--seconds", "4", "--kill-every", "0.25",
-                             "--cancel-rate", "0.2", "--term", "--seed", "23", "--json",
+                             "--producers", "3", "--seconds", "4", "--kill-every", "0.5",
+                             "--cancel-rate", "0.2", "--seed", "23", "--json",
                              tmpdir=str(tmp_path))
     s = summary_of(out)
     assert p.returncode == 0 and s["ok"] is True, track_failure(s, err)
