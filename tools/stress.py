@@ -863,9 +863,10 @@ class Chain:
         self.result: bytes | None = None
 
     def __repr__(self) -> str:
-        return (f"work {self.root:#x} ({HOW_NAMES[self.how] if self.how < len(HOW_NAMES) else self.how}): "
-                f"{self.first}" + (f", {self.hops} retr{'y' if self.hops == 1 else 'ies'} "
-                                   f"later {self.cur:#x}: {self.outcome}" if self.hops else ""))
+        how = HOW_NAMES[self.how] if 0 <= self.how < len(HOW_NAMES) else str(self.how)
+        later = (f", {self.hops} retr{'y' if self.hops == 1 else 'ies'} later {self.cur:#x}: "
+                 f"{self.outcome}" if self.hops else "")
+        return f"work {self.root:#x} ({how}): {self.first}{later}"
 
 
 class OutcomeWatcher:
@@ -884,14 +885,19 @@ class OutcomeWatcher:
     (``--restart``, ``--serve``): a retry appends a new record for it, which
     that read finds near the top of the ring. A work whose record is gone
     before the watcher saw it final is ``unread`` (the watcher fell behind:
-    a run fails on it, as the outcome was not checked)."""
+    a run fails on it, as the outcome was not checked).
+
+    Its state is used by one thread at a time: its own (``loop``) during the
+    run, the controller's main thread (``finish``) once that one was joined.
+    A ``.tracked`` file is read only up to whole records: each is one
+    write(2), and the file's size covers only what was written."""
 
     def __init__(self, dom, directory: str, retries: bool):
         self.dom = dom
         self.dir = directory
         self.retries = retries
         self.offsets: dict[str, int] = {}
-        self.fresh: collections.deque = collections.deque()   # (due, id, work id, how)
+        self.fresh: collections.deque = collections.deque()   # (due, id, work id)
         self.open: dict[int, list] = {}     # work id -> [id, due, backoff]
         self.letters: dict[int, int] = {}   # work id -> id: a dead letter not yet retried
         self.chains: dict[int, Chain] = {}  # id -> its chain
@@ -913,7 +919,7 @@ class OutcomeWatcher:
             self.offsets[path] = off + whole
             for wid, value, kind, aux, _ in TRK.iter_unpack(raw[:whole]):
                 if kind == T_TRACK and wid not in self.chains:
-                    self.fresh.append((now + lag, wid, value, aux))
+                    self.fresh.append((now + lag, wid, value))
                     self.chains[wid] = Chain(value, aux)
 
     def _look(self, work_id: int) -> tuple[str, bytes | None, int | None] | None:
@@ -977,7 +983,7 @@ class OutcomeWatcher:
         now = time.monotonic()
         self._tail(now, 0.0 if final else TRACK_LAG)
         while self.fresh and (final or self.fresh[0][0] <= now):
-            _due, wid, work_id, _how = self.fresh.popleft()
+            _due, wid, work_id = self.fresh.popleft()
             self.open[work_id] = [wid, now, TRACK_EVERY]
         for work_id, ent in list(self.open.items()):
             if final or ent[1] <= now:
@@ -2566,7 +2572,8 @@ def _print_human(s: dict) -> None:
     if s["track"]:
         o = s["outcomes"]
         wt = s["waiters"]
-        print(f"  tracked {s['tracked']} ({', '.join(f'{k} {v}' for k, v in s['tracked_by_how'].items())}"
+        by_how = ", ".join(f"{k} {v}" for k, v in s["tracked_by_how"].items())
+        print(f"  tracked {s['tracked']} ({by_how}"
               f"): {', '.join(f'{k} {v}' for k, v in o.items() if v)}; retried_as followed "
               f"{s['tracked_hops']}; waiters: call {wt['call']}, wait {wt['wait']}, timed out "
               f"{wt['timeouts']}, latest {wt['max_late_ms']} ms past the timeout; mismatches "
