@@ -453,3 +453,32 @@ struct tw_name *tw_name_find(struct tw_dom *d, uint64_t id)
     return NULL;
 }
 
+int tw_name_set_codec(struct tw_dom *d, uint64_t id, uint32_t codec)
+{
+    if (id == 0 || codec == TW_CODEC_RAW || codec > TW_CODEC_MAX)
+        return -EINVAL;
+    struct tw_name *e = tw_name_find(d, id);
+    if (e == NULL)
+        return -ENOENT;
+    uint32_t expect = TW_CODEC_RAW;
+    /* The first declaration wins: only a name still raw (0) takes a codec,
+     * and one that has one keeps it for the life of the segment. acq_rel:
+     * pairs with the acquire in tw_name_codec and in racing setters. */
+    if (CAS(&e->codec, &expect, codec, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return (int)codec;
+    /* expect: what the winner recorded - read from the segment, so checked */
+    return expect <= TW_CODEC_MAX ? (int)expect : -EUCLEAN;
+}
+
+int tw_name_codec(struct tw_dom *d, uint64_t id)
+{
+    if (id == 0)
+        return -EINVAL;
+    struct tw_name *e = tw_name_find(d, id);
+    if (e == NULL)
+        return -ENOENT;
+    /* acquire: pairs with the CAS in tw_name_set_codec */
+    uint32_t codec = LD_ACQ(&e->codec);
+    return codec <= TW_CODEC_MAX ? (int)codec : -EUCLEAN;
+}
+

@@ -583,17 +583,19 @@ int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
     return queue(d, &r);
 }
 
-int64_t tw_add_h(const struct tw_handle *h, uint64_t func_id, const char *payload,
-                 uint32_t len, int notify_mode, int efd, int pidfd, int is_current,
-                 uint64_t now_ns)
+int64_t tw_add_h(const struct tw_handle *h, int64_t func_id, const char *payload,
+                 uint32_t len, int notify_mode, int flags, int64_t now_ns)
 {
-    const struct tw_add_req r = REQ(.slot = h->slot, .gen = h->gen, .func_id = func_id,
+    if (__builtin_expect(h->d == NULL, 0))
+        return -EBADF;
+    const int cur = h->current != 0;
+    const struct tw_add_req r = REQ(.slot = h->slot, .gen = h->gen,
+                                    .func_id = (uint64_t)func_id,
                                     .payload = payload, .len = len, .notify = notify_mode,
-                                    .is_current = is_current & 1,
-                                    .track = (is_current & TW_ADD_TRACK) != 0,
-                                    .efd = (is_current & 1) ? h->own_efd : efd,
-                                    .pidfd = (is_current & 1) ? -1 : pidfd, .signum = h->signum,
-                                    .now_ns = now_ns);
+                                    .is_current = cur, .track = (flags & TW_ADD_TRACK) != 0,
+                                    .efd = cur ? h->own_efd : h->efd,
+                                    .pidfd = cur ? -1 : h->pidfd, .signum = h->signum,
+                                    .now_ns = (uint64_t)now_ns);
     return queue(h->d, &r);
 }
 
@@ -614,17 +616,21 @@ int tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
     return rc < 0 ? (int)rc : (int)(rc & 0xf);
 }
 
-int tw_add_many_flat(const struct tw_handle *h, uint64_t func_id, const char *buf,
-                     const uint32_t *offs, uint32_t n, int notify_mode, int efd, int pidfd,
-                     int is_current, uint64_t now_ns, uint64_t *work_ids_out)
+int tw_add_many_flat(const struct tw_handle *h, int64_t func_id, const char *buf,
+                     const uint32_t *offs, uint32_t n, int notify_mode, int flags,
+                     int64_t now_ns, uint64_t *work_ids_out)
 {
-    const struct tw_add_req r = REQ(.slot = h->slot, .gen = h->gen, .func_id = func_id,
+    if (h->d == NULL)
+        return -EBADF;
+    const int cur = h->current != 0;
+    const struct tw_add_req r = REQ(.slot = h->slot, .gen = h->gen,
+                                    .func_id = (uint64_t)func_id,
                                     .payload = buf, .offs = offs, .count = n,
-                                    .notify = notify_mode, .is_current = is_current & 1,
-                                    .track = (is_current & TW_ADD_TRACK) != 0,
-                                    .efd = (is_current & 1) ? h->own_efd : efd,
-                                    .pidfd = (is_current & 1) ? -1 : pidfd, .signum = h->signum,
-                                    .now_ns = now_ns, .work_ids_out = work_ids_out);
+                                    .notify = notify_mode, .is_current = cur,
+                                    .track = (flags & TW_ADD_TRACK) != 0,
+                                    .efd = cur ? h->own_efd : h->efd,
+                                    .pidfd = cur ? -1 : h->pidfd, .signum = h->signum,
+                                    .now_ns = (uint64_t)now_ns, .work_ids_out = work_ids_out);
     int64_t rc = queue(h->d, &r);
     return rc < 0 ? (int)rc : (int)(rc & 0xf);
 }

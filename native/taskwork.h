@@ -202,6 +202,29 @@ int  tw_name_put(struct tw_dom *d, uint64_t id, const char *name, uint32_t len);
  */
 int  tw_name_get(struct tw_dom *d, uint64_t id, char *out, uint32_t cap);
 /**
+ * tw_name_set_codec() - record the codec callback @id declares (TW_CODEC_*).
+ * @d: the domain. @id: a name already recorded by tw_name_put().
+ * @codec: TW_CODEC_JSON, TW_CODEC_PICKLE or TW_CODEC_MSGPACK.
+ *
+ * The first declaration wins: a name takes a codec once (CAS from
+ * TW_CODEC_RAW) and keeps it for the life of the segment.
+ *
+ * Return: the codec the name has after the call - @codec if this call
+ * recorded it or it was there already, another one if a process declared
+ * that one first - or -EINVAL (@id 0, @codec raw or unknown), -ENOENT (the
+ * name is not recorded, or not whole yet), -EUCLEAN (the recorded codec is
+ * no TW_CODEC_* value: scribbled).
+ */
+int  tw_name_set_codec(struct tw_dom *d, uint64_t id, uint32_t codec);
+/**
+ * tw_name_codec() - the codec recorded for callback @id.
+ * @d: the domain. @id: the name's id.
+ *
+ * Return: TW_CODEC_* (TW_CODEC_RAW: none declared), -EINVAL (@id 0),
+ * -ENOENT (the name is not recorded), -EUCLEAN (not a TW_CODEC_* value).
+ */
+int  tw_name_codec(struct tw_dom *d, uint64_t id);
+/**
  * tw_fsck_lock() - take the domain's fsck lock (one repairing fsck at a time).
  * @d: the domain.
  *
@@ -488,15 +511,21 @@ struct tw_handle {
     struct tw_dom *d;
     uint32_t slot, gen;
     int32_t  signum, own_efd;
+    int32_t  current;          /* 1: this process is the task's registrant:
+                                  notify through own_efd (TWA_NMI_CURRENT ok) */
+    int32_t  efd, pidfd;       /* another process's task: its eventfd and pidfd
+                                  as this process holds them (-1: none yet)     */
+    int32_t  pad;
 };
 /*
  * The add engine: every add entry point below is tw_queue() with one of
  * these requests. Fields a path does not use stay zero, except src (TW_NIL:
  * no source node), efd and pidfd (-1: none).
  */
-/* OR-ed into the is_current argument of the add entries (tw_add, tw_add_h,
- * tw_add_many, tw_add_many_flat, tw_add_keyed): track each work's outcome
- * (add(..., track=True)). Not a notify flag: those are the kernel's. */
+/* Track each work's outcome (add(..., track=True)): the flags argument of
+ * tw_add_h and tw_add_many_flat; OR-ed into the is_current argument of
+ * tw_add, tw_add_many and tw_add_keyed. Not a notify flag: those are the
+ * kernel's. */
 #define TW_ADD_TRACK    2
 
 struct tw_add_req {
@@ -566,15 +595,17 @@ int64_t tw_add(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id,
                uint32_t origin_len, int efd, int pidfd, int signum, uint64_t now_ns,
                int is_current);
 /**
- * tw_add_h() - tw_add() through a handle: no origin; the descriptors are
- * @efd/@pidfd for a peer, the handle's own_efd (and no pidfd) when
- * @is_current.
+ * tw_add_h() - tw_add() through a handle: the lean add. No origin; how to
+ * notify is the handle's (own_efd when current, else efd/pidfd).
+ * @func_id: the callback id as a signed 64-bit value (the same bits: Python
+ * converts a signed int without the slow path an unsigned one takes).
+ * @flags: 0 or TW_ADD_TRACK. @now_ns: the enqueue time (0: read the clock).
  *
- * Context: as tw_add(). Return: as tw_add().
+ * Context: as tw_add(). Return: as tw_add(); -EBADF if the handle's domain
+ * was closed (h->d NULL).
  */
-int64_t tw_add_h(const struct tw_handle *h, uint64_t func_id, const char *payload,
-                 uint32_t len, int notify, int efd, int pidfd, int is_current,
-                 uint64_t now_ns);
+int64_t tw_add_h(const struct tw_handle *h, int64_t func_id, const char *payload,
+                 uint32_t len, int notify, int flags, int64_t now_ns);
 /**
  * tw_add_many() - queue @n works with one push and one notification.
  * @payloads, @lens: payload i. @work_ids_out: gen<<32 | node of work i.
@@ -591,13 +622,14 @@ int  tw_add_many(struct tw_dom *d, uint32_t slot, uint32_t gen, uint64_t func_id
                  uint64_t *work_ids_out);
 /**
  * tw_add_many_flat() - tw_add_many() through a handle, from one flat
- * buffer: payload i is @buf[@offs[i] .. @offs[i+1]).
+ * buffer: payload i is @buf[@offs[i] .. @offs[i+1]). Notified as
+ * tw_add_h(); @func_id, @flags and @now_ns as tw_add_h().
  *
  * Return: as tw_add_many(); -EINVAL if an offset goes backwards.
  */
-int  tw_add_many_flat(const struct tw_handle *h, uint64_t func_id, const char *buf,
-                      const uint32_t *offs, uint32_t n, int notify, int efd, int pidfd,
-                      int is_current, uint64_t now_ns, uint64_t *work_ids_out);
+int  tw_add_many_flat(const struct tw_handle *h, int64_t func_id, const char *buf,
+                      const uint32_t *offs, uint32_t n, int notify, int flags,
+                      int64_t now_ns, uint64_t *work_ids_out);
 /**
  * tw_add_nmi() - TWA_NMI_CURRENT: queue on the caller's own task from a
  * signal handler: RESUME flag, and the write of @efd.

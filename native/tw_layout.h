@@ -438,6 +438,7 @@ struct tw_outcome {
 #define TW_CODEC_JSON         1u
 #define TW_CODEC_PICKLE       2u
 #define TW_CODEC_MSGPACK      3u
+#define TW_CODEC_MAX          3u   /* a larger value read from a name is scribbled */
 
 /* ---- the key table (keys.c) ----
  *

@@ -173,6 +173,31 @@ def permission_error(name: str, action: str) -> PermissionError:
                            f"(uid {os.geteuid()}) may not", path)
 
 
+# ---- who else can write a domain -----------------------------------------------
+
+def other_writers(dom) -> str | None:
+    """Why a user other than this process's effective one can write the
+    segment ``dom`` maps - another owner, or a group or other write bit - or
+    None when only this user can (docs/contract.md "Codecs": pickle is refused
+    in such a domain). The mode is read from the segment's name, and counts
+    only if that name still holds the segment mapped here (same device and
+    inode); if it does not, or cannot be read, the answer is the reason."""
+    path = SHM_DIR + dom.name
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"the mode of {path} cannot be read ({exc.strerror})"
+    if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) != segment_identity(dom):
+        return f"{path} is no longer the segment mapped here, so its mode cannot be read"
+    mode = stat.S_IMODE(st.st_mode)
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        return f"it belongs to uid {st.st_uid}, not to this process (uid {euid})"
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"its mode {mode:#o} lets other users (group or other write bits) write it"
+    return None
+
+
 # ---- proving that a process joined this domain -----------------------------------
 
 def _maps_entries(pid: int | str) -> set[tuple[int, int, int]]:

@@ -18,10 +18,16 @@ from typing import Any, Callable, TypeVar, Union, overload
 CallbackRef = Union[str, Callable[..., Any]]
 F = TypeVar("F", bound=Callable[..., Any])
 
+from . import codec as _codec
 from .errors import UnknownCallbackError
 
 _BY_ID: dict[int, Callable] = {}
 _NAMES: dict[int, str] = {}
+#: id -> the codec this process declared for it (raw callbacks are absent)
+_CODECS: dict[int, str] = {}
+#: called with (id, name, codec) when a callback declares a codec; the domain
+#: layer records it in every domain this process has open (domain.py)
+ON_DECLARE: list[Callable[[int, str, str], None]] = []
 NAME_LIMIT = 111  # bytes; the domain's name table keeps this many
 
 
@@ -50,17 +56,18 @@ MAX_RETRIES = 1000
 
 @overload
 def callback(fn: F, *, name: str | None = None, batch: bool = False, retries: int = 0,
-             on_failure: str = "dead_letter") -> F: ...
+             on_failure: str = "dead_letter", codec: str | None = None) -> F: ...
 
 
 @overload
 def callback(fn: None = None, *, name: str | None = None, batch: bool = False,
-             retries: int = 0, on_failure: str = "dead_letter") -> Callable[[F], F]: ...
+             retries: int = 0, on_failure: str = "dead_letter",
+             codec: str | None = None) -> Callable[[F], F]: ...
 
 
 def callback(fn: Callable[..., Any] | None = None, *,
              name: str | None = None, batch: bool = False, retries: int = 0,
-             on_failure: str = "dead_letter") -> Callable[..., Any]:
+             on_failure: str = "dead_letter", codec: str | None = None) -> Callable[..., Any]:
     """Register ``fn`` as a callback, under ``module:qualname`` or ``name``.
 
     Usable bare (``@callback``) or with a name (``@callback(name="app.flush")``).
@@ -83,6 +90,16 @@ def callback(fn: Callable[..., Any] | None = None, *,
     logged, as with ``"drop"``.)
     Registering the same name twice replaces the function (a module reloaded);
     two different names with the same id are refused.
+
+    ``codec`` (docs/contract.md "Codecs"): how the callback's payload holds an
+    object - ``"json"``, ``"pickle"``, ``"msgpack"`` (when the msgpack package
+    is importable) or None, raw bytes (the default). It is recorded with the
+    name in every domain this process maps, so ``task.add(name, obj)`` from
+    any process encodes ``obj`` with it, and the callback reads the object as
+    ``work.value``. The first codec a domain records for a name stays; a
+    process that declares another one gets a ValueError naming both when it puts
+    the name (adds with it) or reads ``work.value``. ``"pickle"`` is refused
+    (``PermissionError``) in a domain another user can write.
     """
     if isinstance(retries, bool) or not isinstance(retries, int) or \
             not 0 <= retries <= MAX_RETRIES:
@@ -90,6 +107,7 @@ def callback(fn: Callable[..., Any] | None = None, *,
     if on_failure not in ON_FAILURE:
         raise ValueError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, "
                          f"got {on_failure!r}")
+    codec = _codec.check_codec(codec)
 
     def register(f: Any) -> Any:
         if not callable(f):
@@ -114,6 +132,13 @@ def callback(fn: Callable[..., Any] | None = None, *,
         f.__shm_taskwork_retries__ = retries
         # keep a failed work (retry it, then file it): not for async ones
         f.__shm_taskwork_keep__ = on_failure == "dead_letter" and not f.__shm_taskwork_async__
+        f.__shm_taskwork_codec__ = codec
+        if codec is None:
+            _CODECS.pop(fid, None)
+        else:
+            _CODECS[fid] = codec
+            for hook in ON_DECLARE:
+                hook(fid, cb_name, codec)
         return f
 
     if fn is not None:
@@ -126,6 +151,7 @@ def unregister(func_or_name) -> None:
     fid, _ = resolve(func_or_name)
     _BY_ID.pop(fid, None)
     _NAMES.pop(fid, None)
+    _CODECS.pop(fid, None)
 
 
 _BY_NAME: dict[str, tuple[int, str]] = {}
@@ -173,6 +199,17 @@ def lookup(fid: int) -> Callable | None:
 
 def name_of(fid: int) -> str | None:
     return _NAMES.get(fid)
+
+
+def codec_of(fid: int) -> str | None:
+    """The codec this process declared for callback ``fid`` (None: raw, or
+    not declared here)."""
+    return _CODECS.get(fid)
+
+
+def declared_codecs() -> list[tuple[int, str, str]]:
+    """(id, name, codec) of every callback this process declared a codec for."""
+    return [(fid, _NAMES[fid], c) for fid, c in list(_CODECS.items()) if fid in _NAMES]
 
 
 def require(func) -> Callable:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import posix_ipc
 
 from . import _native, _security, callbacks, errors
+from . import codec as _codec
+from . import work as _work
 from .callbacks import TASK_NAME_PREFIX, task_name_id
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from .task import Task
 
 reap_log = logging.getLogger("shm_taskwork.reap")
+log = logging.getLogger("shm_taskwork")
 SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory (glibc's shm_open)
 
 LIMITS = {
@@ -219,9 +222,17 @@ class Domain:
         self.record_origin = bool(d.record_origin)
         self.outcomes: int = d.out_cap   # outcome records kept (create's outcomes=)
         self._names_put: set[int] = set()
+        self._codecs: dict[int, str] = {}   # id -> codec the name table records (never changes)
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
+        # (slot, gen) -> the one struct tw_handle of this process for that
+        # registration, shared by every Task object of it: it carries how to
+        # notify the task (its descriptors in _peer, or the own eventfd), so
+        # the lean add passes nothing else (task.Task.add; Domain._add_handle)
+        self._handles: dict[tuple[int, int], Any] = {}
         self._current = None
         _OPEN.add(self)
+        for fid, cb_name, cb_codec in callbacks.declared_codecs():
+            self._record_declared(fid, cb_name, cb_codec)
 
     # ---- life cycle -------------------------------------------------------
 
@@ -391,6 +402,11 @@ class Domain:
                 cur.exit()
             except TaskWorkError:
                 cur._release_local()  # the slot is the segment's problem now
+        for h in self._handles.values():
+            # before the descriptors close and the mapping goes: no add may
+            # use them any more (tw_add_h says -EBADF for a NULL domain)
+            h.current, h.own_efd, h.efd, h.pidfd = 0, -1, -1, -1
+            h.d = ffi.NULL
         for pidfd, efd in self._peer.values():
             for fd in (pidfd, efd):
                 if fd >= 0:
@@ -430,13 +446,109 @@ class Domain:
     # ---- names ------------------------------------------------------------
 
     def _put_name(self, fid: int, name: str) -> None:
+        """Record a callback's (or task's) name, and the codec this process
+        declared for it: a conflicting codec is a ValueError and pickle in a
+        domain others can write a PermissionError (docs/contract.md "Codecs")."""
         if fid in self._names_put:
             return
+        declared = callbacks.codec_of(fid)
+        if declared == "pickle":
+            self._refuse_pickle(name)
         raw = name.encode()
         rc = lib.tw_name_put(self.d, fid, raw, len(raw))
         if rc == 0:
+            if declared is not None:
+                self._record_codec(fid, name, declared, strict=True)
             self._names_put.add(fid)
-        # ENOSPC: the table is full; the work still runs, tools show the id.
+        # ENOSPC: the table is full; the work still runs, tools show the id
+        # (and a sender that knows only the name cannot learn its codec).
+
+    # ---- codecs (docs/contract.md "Codecs") ------------------------------------
+
+    def _refuse_pickle(self, name: str) -> None:
+        """PermissionError if another user can write this domain: unpickling
+        what it holds would run whatever code they wrote."""
+        why = _security.other_writers(self)
+        if why is not None:
+            raise PermissionError(
+                errno.EACCES, f"callback {name!r} uses codec 'pickle', which runs code named by "
+                f"the payload, so it is refused in domain {self.name!r}: {why}; use codec "
+                f"'json' or 'msgpack', or a domain only this user can write (mode 0o600)")
+
+    def _record_codec(self, fid: int, name: str, codec: str, *, strict: bool) -> None:
+        """Record ``codec`` for the name ``fid`` (already in the table). The
+        first declaration wins; a different one already recorded is a
+        ValueError when ``strict``, else logged (a declaration recorded in
+        passing, when a domain is opened or a callback declared)."""
+        rc = lib.tw_name_set_codec(self.d, fid, _codec.CODEC_IDS[codec])
+        if rc == -errno.EUCLEAN:
+            raise DomainCorruptError(f"domain {self.name!r}: the codec recorded for callback "
+                                     f"{name!r} is not one this build knows (scribbled)")
+        if rc < 0:  # ENOENT: never after tw_name_put returned 0 (it left the name whole)
+            return
+        have = _codec.CODEC_NAMES[rc]
+        if have is not None:
+            self._codecs[fid] = have
+        if have != codec:
+            text = (f"callback {name!r} is declared with codec {codec!r} in this process, but "
+                    f"domain {self.name!r} records codec {have!r} for it (the first declaration "
+                    f"wins): declare the same codec everywhere")
+            if strict:
+                raise ValueError(text)
+            log.warning("%s", text)
+
+    def _record_declared(self, fid: int, name: str, codec: str) -> None:
+        """Record a codec this process declared, in passing (this domain is
+        opened, or the callback declared while it is open): never raises;
+        pickle is not recorded in a domain others can write."""
+        try:
+            if self._closed or (codec == "pickle" and _security.other_writers(self)):
+                return
+            raw = name.encode()
+            if lib.tw_name_put(self._d, fid, raw, len(raw)) == 0:
+                self._record_codec(fid, name, codec, strict=False)
+        except Exception as exc:  # pragma: no cover - a scribbled table: the put says so
+            log.warning("domain %r: cannot record the codec of callback %r: %s",
+                        self.name, name, exc)
+
+    def _codec(self, fid: int) -> str | None:
+        """The codec of callback ``fid`` here: the one the name table records,
+        else the one this process declared (None: raw bytes). ValueError if
+        the two differ; PermissionError for pickle in a domain others can
+        write."""
+        got = self._codecs.get(fid)
+        if got is None:
+            rc = lib.tw_name_codec(self.d, fid)
+            if rc == -errno.EUCLEAN:
+                raise DomainCorruptError(f"domain {self.name!r}: the codec recorded for callback "
+                                         f"{self.func_name(fid)!r} is not one this build knows "
+                                         "(scribbled)")
+            got = _codec.CODEC_NAMES[rc] if rc > 0 else None
+            if got is not None:
+                self._codecs[fid] = got   # a recorded codec never changes
+        declared = callbacks.codec_of(fid)
+        if got is None:
+            got = declared
+        elif declared is not None and declared != got:
+            raise ValueError(f"callback {self.func_name(fid)!r} is declared with codec "
+                             f"{declared!r} in this process, but domain {self.name!r} records "
+                             f"codec {got!r} for it (the first declaration wins): declare the "
+                             "same codec everywhere")
+        if got == "pickle":
+            self._refuse_pickle(self.func_name(fid))
+        return got
+
+    def _encode_payload(self, fid: int, obj: Any) -> bytes:
+        """A payload that is not bytes-like, encoded with the codec of
+        callback ``fid`` (task._as_bytes); TypeError for a raw callback."""
+        codec = self._codec(fid)
+        if codec is None:
+            raise TypeError(
+                f"payload must be bytes-like, got {type(obj).__name__}: callback "
+                f"{self.func_name(fid)!r} declares no codec in domain {self.name!r}; declare one "
+                "(@callback(..., codec=\"json\")) or encode the payload to bytes first "
+                "(see shm_taskwork.codec)")
+        return _codec.encode(codec, obj, f"payload for callback {self.func_name(fid)!r}")
 
     def func_name(self, fid: int) -> str:
         local = callbacks.name_of(fid)
@@ -467,6 +579,24 @@ class Domain:
         return st
 
     # ---- death and reaping (docs/contract.md "Lifecycle without an operator") --------------------------------------
+
+    def _add_handle(self, slot: int, gen: int, signum: int) -> Any:
+        """The shared struct tw_handle of registration (slot, gen)."""
+        h = self._handles.get((slot, gen))
+        if h is None:
+            if len(self._handles) >= 4 * self.max_tasks:
+                # registrations come and go: forget those with no descriptors
+                for k in [k for k, v in self._handles.items()
+                          if not v.current and v.efd < 0 and v.pidfd < 0]:
+                    del self._handles[k]
+            h = ffi.new("struct tw_handle *")
+            h.d, h.slot, h.gen, h.signum = self._d, slot, gen, signum
+            h.own_efd = h.efd = h.pidfd = -1
+            h.current = 0
+            pidfd, efd = self._peer.get((slot, gen), (-1, -1))
+            h.pidfd, h.efd = pidfd, efd
+            self._handles[(slot, gen)] = h
+        return h
 
     def _reap_if_dead(self, slot: int) -> None:
         """Reap task ``slot`` if its process died (a waiter on one of its
@@ -1041,6 +1171,31 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _record_in_open_domains(fid: int, name: str, codec: str) -> None:
+    """A callback declared a codec: record it in every domain open here."""
+    for dom in list(_OPEN):
+        dom._record_declared(fid, name, codec)
+
+
+def _work_codec(domain: str | None, fid: int) -> str | None:
+    """The codec ``Work.value`` decodes with: the one recorded in the work's
+    domain when it is open here, else the one this process declared (then
+    pickle is refused: who can write the domain cannot be checked)."""
+    for dom in list(_OPEN):
+        if dom.name == domain and not dom._closed:
+            return dom._codec(fid)
+    codec = callbacks.codec_of(fid)
+    if codec == "pickle":
+        raise PermissionError(errno.EACCES, f"codec 'pickle' is refused for a work of domain "
+                              f"{domain!r}: it is not open in this process, so who can write it "
+                              "cannot be checked")
+    return codec
+
+
+callbacks.ON_DECLARE.append(_record_in_open_domains)
+_work.CODEC_OF[:] = [_work_codec]
 
 
 @atexit.register

@@ -169,13 +169,9 @@ def acquire_peer(task: "Task") -> tuple[int, int]:
     if got is not None and got[0] >= 0 and got[1] >= 0:
         return got
     if got is not None:  # half of it failed last time: start afresh
-        for fd in dom._peer.pop(key):
-            if fd >= 0:
-                os.close(fd)
+        _forget_peer(dom, key)
     for old in [k for k in dom._peer if k[0] == task.id and k[1] != task.gen]:
-        for fd in dom._peer.pop(old):  # an earlier registration of this slot
-            if fd >= 0:
-                os.close(fd)
+        _forget_peer(dom, old)  # an earlier registration of this slot
     s = dom._slot(task.id)
     pid, start, efd_num = int(s.pid), int(s.start_ticks), int(s.efd)
     if s.gen != task.gen or pid <= 0:
@@ -247,7 +243,21 @@ def acquire_peer(task: "Task") -> tuple[int, int]:
         os.close(pidfd)
         pidfd = -1
     dom._peer[key] = (pidfd, efd)
+    h = dom._handles.get(key)
+    if h is not None:   # the lean add notifies through these from now on
+        h.pidfd, h.efd = pidfd, efd
     return pidfd, efd
+
+
+def _forget_peer(dom: "Domain", key: tuple[int, int]) -> None:
+    """Close the descriptors cached for registration key, after the shared
+    handle stops naming them (no add may write to a closed, reused number)."""
+    h = dom._handles.get(key)
+    if h is not None:
+        h.pidfd = h.efd = -1
+    for fd in dom._peer.pop(key):
+        if fd >= 0:
+            os.close(fd)
 
 
 def deliver(task: "Task", due: int) -> None:

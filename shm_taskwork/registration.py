@@ -125,6 +125,7 @@ class Registration(RunLoop, Task):
         self._stops = 0           # stop signals serve() has seen
         self._drain_s: float | None = None   # serve()'s drain_timeout
         self._h.own_efd = efd
+        self._h.current = 1   # the lean add notifies through own_efd
         self._init_run_loop(dom)
         self._spin_ns = _SPIN_MAX_NS if _SPIN else 0
         try:
@@ -490,6 +491,7 @@ class Registration(RunLoop, Task):
             log.warning("task %d (%s) of domain %s stopped with %d work(s) not run: kept as "
                         "shutdown dead letters", self.id, self.name, self._dom.name, filed)
         self._exited = True
+        self._h.current = 0
         self._finish_exit()
         return filed
 
@@ -594,6 +596,7 @@ class Registration(RunLoop, Task):
         else:  # pragma: no cover - adders outpaced the exit for a million rounds
             raise TaskWorkError(f"task {self.id} could not drain its list to exit")
         self._exited = True
+        self._h.current = 0
         b = self._aio
         if b is not None and b.outstanding and not b.loop.is_closed():
             # async callbacks still running hold RUNNING nodes of this slot:
@@ -613,6 +616,7 @@ class Registration(RunLoop, Task):
         by Domain.close() when exit() failed (a corrupt segment), so nothing
         of ours outlives the mapping. Idempotent."""
         self._exited = True
+        self._h.current = 0
         if self._aio is not None and not self._aio.outstanding:
             self.detach_loop()
         if self._server is not None:
@@ -631,6 +635,7 @@ class Registration(RunLoop, Task):
         except Exception:
             pass
         if self._efd >= 0:
+            self._h.own_efd = -1   # before the number can be reused
             os.close(self._efd)
             self._efd = -1
         if self._dom._current is self:

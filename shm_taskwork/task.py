@@ -122,11 +122,13 @@ class Task:
         # from the segment that no task may use is never sent (0)
         self._signum = (_security.sendable_signal(int(dom._slot(slot).signum))
                         if signum is None else signum)
-        # the lean add: what never changes for this handle, packed once
+        # the lean add: how to reach this registration, shared by every
+        # handle of it in this process (Domain._add_handle)
         self._key = (slot, gen)
-        h = ffi.new("struct tw_handle *")
-        h.d, h.slot, h.gen, h.signum, h.own_efd = dom._d, slot, gen, self._signum, -1
-        self._h = h
+        self._h = dom._add_handle(slot, gen, self._signum)
+        # what this process learned of the task's signal (notify.acquire_peer
+        # may have corrected the slot's number) holds for every handle
+        self._signum = int(self._h.signum)
         # callback -> (id, name, the lazy fields of its Works): resolved once
         self._fc: dict[Any, tuple[int, str, _AddSource]] = {}
         self._lean = not dom.record_origin
@@ -176,12 +178,15 @@ class Task:
                                 pool_size=dom.pool_size, task=f"task {self.id} ({self.name})",
                                 pid=self.pid)
 
-    def _resolve(self, func: "CallbackRef") -> "tuple[int, str, _AddSource]":
-        """(id, name, source) of func, its name put into the domain's table;
-        cached per handle so a hot add resolves each callback once."""
+    def _resolve(self, func: "CallbackRef") -> "tuple[int, _AddSource]":
+        """(signed id, source) of func, its name put into the domain's table;
+        cached per handle so a hot add resolves each callback once. The id
+        goes to tw_add_h as a signed 64-bit value (the same bits): Python
+        converts those without the slow path of an unsigned one."""
         fid, fname = callbacks.resolve(func)
         self._dom._put_name(fid, fname)
-        got = (fid, fname, _AddSource(self._dom.name, self.id, self.gen, fid, fname))
+        got = (fid - (1 << 64) if fid >= 1 << 63 else fid,
+               _AddSource(self._dom.name, self.id, self.gen, fid, fname))
         try:
             if len(self._fc) < 1024 and fid in self._dom._names_put:
                 self._fc[func] = got
@@ -196,35 +201,34 @@ class Task:
         ``track=True`` records the work's outcome in the domain: the Work
         returned can then ``wait()`` for it and read ``outcome``,
         ``result`` and ``error`` (docs/contract.md "Outcomes")."""
+        # The lean add (README "Decisions": the add path): one cache lookup,
+        # one native call through the registration's shared handle (it
+        # carries how to notify; a closed domain's says -EBADF), one light
+        # Work. Everything else is the slow path's.
         try:
             got = self._fc.get(func)
         except TypeError:
             got = None
         if got is None:  # (the cache is cleared in a forked child: sender_pid)
             got = self._resolve(func)
-        fid, fname, src = got
+        sfid, src = got
         if payload.__class__ is not bytes:
-            payload = _as_bytes(payload, self._dom, fid)
+            payload = _as_bytes(payload, self._dom, src.func_id)
         if notify.__class__ is not int:
             raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
-        dom = self._dom
-        if dom._closed:
-            dom.d  # raises: the domain is closed
         if not self._lean:
-            return self._add_origin(fid, fname, payload, notify, track)
-        current = self._own and self.pid == _MY_PID[0] and not self._exited
-        pidfd, efd = _NO_FDS if current else dom._peer.get(self._key, _NO_FDS)
-        now = _mono()  # the Work we return carries the node's enqueued_ns
+            return self._add_origin(src.func_id, src.func_name, payload, notify, track)
+        # The Work we return carries the node's enqueued_ns. (Read here, not
+        # in C: an out-parameter per call would cost more than the read.)
+        now = _mono()
         try:
-            rc = lib.tw_add_h(self._h, fid, payload, len(payload), notify, efd, pidfd,
-                              current | _ADD_TRACK if track else current, now)
+            rc = lib.tw_add_h(self._h, sfid, payload, len(payload), notify,
+                              _ADD_TRACK if track else 0, now)
         except OverflowError:
             _check_notify_range(notify)
             raise
-        if rc < 0:
-            self._add_error(rc, notify, len(payload), "add")
-        if rc & 3 and not rc & 12:  # TW_DUE_* without TW_DONE_*: ours to deliver
-            _notify.deliver(self, rc & 0xF)
+        if rc < 0 or rc & 3 and not rc & 12:
+            rc = self._added(rc, notify, payload)
         w = _new_work(Work)
         w.payload = payload
         w.enqueued_ns = now
@@ -232,8 +236,19 @@ class Task:
         w._i = rc
         if track:
             w._tracked = True
-            w._dom = dom
+            w._dom = self._dom
         return w
+
+    def _added(self, rc: int, notify: int, payload: bytes) -> int:
+        """The rare ends of a lean add: its error (a closed domain's too),
+        or the notification tw_add_h found due but could not send itself
+        (TW_DUE_* without TW_DONE_*)."""
+        if rc == -errno.EBADF and self._dom._closed:
+            self._dom.d  # raises: the domain is closed
+        if rc < 0:
+            self._add_error(rc, notify, len(payload), "add")
+        _notify.deliver(self, rc & 0xF)
+        return rc
 
     def _add_origin(self, fid: int, fname: str, payload: bytes, notify: int,
                     track: bool) -> Work:
@@ -277,7 +292,8 @@ class Task:
             got = self._fc.get(func)
         except TypeError:
             got = None
-        fid, fname, _ = got if got is not None else self._resolve(func)
+        sfid, src = got if got is not None else self._resolve(func)
+        fid, fname = src.func_id, src.func_name
         items = [p if p.__class__ is bytes else _as_bytes(p, self._dom, fid) for p in payloads]
         if isinstance(notify, bool) or not isinstance(notify, int):
             raise InvalidModeError(f"notify must be an int: use {VALID_MODES}")
@@ -298,12 +314,10 @@ class Task:
         flat = b"".join(items)
         coffs = ffi.new("uint32_t[]", offs)
         ids = ffi.new("uint64_t[]", n)
-        current = self._own and self.pid == _MY_PID[0] and not self._exited
-        pidfd, efd = _NO_FDS if current else dom._peer.get(self._key, _NO_FDS)
         now = _mono()
         try:
-            rc = lib.tw_add_many_flat(self._h, fid, flat, coffs, n, notify, efd, pidfd,
-                                      current | _ADD_TRACK if track else current, now, ids)
+            rc = lib.tw_add_many_flat(self._h, sfid, flat, coffs, n, notify,
+                                      _ADD_TRACK if track else 0, now, ids)
         except OverflowError:
             _check_notify_range(notify)
             raise
@@ -610,18 +624,20 @@ def _check_notify_range(notify: int) -> None:
 
 def _as_bytes(payload, dom: "Domain", fid: int) -> bytes:
     """The bytes of a payload for callback ``fid`` in ``dom``: a bytes-like
-    payload as it is (docs/contract.md "Codecs" for objects)."""
+    payload as it is, any other object encoded with the codec the callback
+    declared (docs/contract.md "Codecs"); a raw callback's is a TypeError."""
     try:
         return bytes(memoryview(payload))
     except TypeError:
-        raise TypeError(f"payload must be bytes-like, got {type(payload).__name__}; "
-                        "encode objects first (see shm_taskwork.codec)") from None
+        pass
+    return dom._encode_payload(fid, payload)
 
 
 def _after_fork() -> None:
     _MY_PID[0] = os.getpid()
     for t in list(_HANDLES.values()):
         t._fc.clear()   # their Works' sender_pid is this process now
+        t._h.current = 0   # a child is not its parent's task
 
 
 os.register_at_fork(after_in_child=_after_fork)

@@ -218,6 +218,16 @@ class Work:
                 "reason": self.reason, "target_name": self.target_name,
                 "attempt": self.attempt, "error": self.error}
 
+    @property
+    def value(self) -> Any:
+        """The object the payload holds, decoded with the codec recorded for
+        its callback in the work's domain (docs/contract.md "Codecs"); for a
+        raw callback (no codec) the payload bytes themselves. Decoded on each
+        read. ValueError if the payload is not valid in that codec, or the
+        process declared another codec for the callback; PermissionError for
+        pickle in a domain another user can write."""
+        return _value(self)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Work):
             return NotImplemented
@@ -251,3 +261,20 @@ def _rebuild(func_name: str, func_id: int, payload: bytes, sender_pid: int, targ
                 target_gen=target_gen, enqueued_ns=enqueued_ns, origin=origin, id=id,
                 domain=domain, state=state, reason=reason, target_name=target_name,
                 attempt=attempt, error=error)
+
+
+import typing  # noqa: E402  (for the hook's type, with the codec helpers below)
+
+#: set by the domain layer (domain.py): (domain name, callback id) -> the
+#: codec name Work.value decodes with (None: raw bytes); a low layer cannot
+#: read the name table itself
+CODEC_OF: "list[typing.Callable[[str | None, int], str | None]]" = []
+
+
+def _value(work: Work) -> Any:
+    from . import codec  # a lower layer; imported here to keep this one self-contained
+
+    name = CODEC_OF[0](work.domain, work.func_id) if CODEC_OF else None
+    if name is None:
+        return work.payload
+    return codec.decode(name, work.payload, f"the payload of work {work.func_name!r}")

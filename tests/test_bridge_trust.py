@@ -345,6 +345,37 @@ def test_a_forged_record_and_cancel_cannot_cancel_a_local_work(make_domain, brid
         alive_and_delivering(cl, p, t)
 
 
+@callback(name="test.trust.secret")
+def _secret(work):
+    return b"the-local-secret"
+
+
+def test_a_forged_watch_entry_reads_no_local_outcome(make_domain, bridges, rs):
+    """The watch hash is input: an entry naming a local work that came
+    through no Redis (with a forged queued record pointing at it) gets no
+    outcome of that work, only ``unknown``; malformed entries are dropped,
+    and the bridge goes on."""
+    a = make_domain("a")
+    t = a.register("w", install_handler=False)
+    local = t.add("test.trust.secret", b"", TWA_NONE, track=True)
+    assert t.run() == 1 and local.wait(5) == "ran"
+    with Cluster(rs.url) as cl:
+        r = cl.r
+        forged = uuid.uuid4().hex
+        r.set(f"{BASE}:out:{forged}", json.dumps({"state": "queued", "node": NODE,
+                                                  "local_id": local.id}))
+        r.hset(f"{BASE}:watch:{NODE}", mapping={forged: local.id, "not a work id": 1,
+                                               uuid.uuid4().hex: "x" * 5000})
+        p = bridges.start(a)
+        st = wait_until(lambda: (lambda s: s if s["state"] != "queued" else None)(
+            json.loads(r.get(f"{BASE}:out:{forged}"))), timeout=30, what="the forged entry")
+        assert st["state"] == "unknown" and "result" not in st and "key table" in st["reason"]
+        assert b"the-local-secret".hex() not in r.get(f"{BASE}:out:{forged}").decode()
+        wait_until(lambda: r.hlen(f"{BASE}:watch:{NODE}") == 0, timeout=30,
+                   what="the watch hash to empty")
+        alive_and_delivering(cl, p, t)
+
+
 def test_the_sender_checks_names_and_modes():
     """The sender refuses what the bridge would refuse, naming the rule."""
     with RedisServer() as server, Cluster(server.url) as cl:

@@ -32,6 +32,11 @@ def _rec(work):
     RAN.append(work.payload)
 
 
+@callback(name="test.remote.echo")
+def _echo(work):
+    return b"echo:" + work.payload
+
+
 @pytest.fixture
 def rs(tmp_path):
     server = RedisServer()   # a short private directory: Unix socket paths are limited
@@ -162,6 +167,7 @@ def test_cancel_before_and_after_delivery(make_domain, bridges, rs):
         assert t.pending() == 0 and t.run() == 0 and RAN == []
         assert cl.cancel(late) is False
         assert cl.outcome(late, timeout=5) == "cancelled"
+        assert late.wait(5) == "cancelled" and late.result is None
         done = rt.add("test.remote.rec", b"done", TWA_NONE)
         assert cl.outcome(done, timeout=30) == "queued"
         assert t.run() == 1
@@ -191,9 +197,9 @@ while time.monotonic() < deadline and not __import__("os").path.exists({str(out)
         with Cluster(rs.url) as cl:
             w = cl.task("app", name="w", node="host-a").add("test.remote.sig", b"now",
                                                               TWA_SIGNAL)
-            assert cl.outcome(w, timeout=30) == "queued"
-        wait_until(lambda: out.exists() and out.read_text() == "now", timeout=30,
-                   what="the signal to run the work")
+            assert w.wait(30) == "ran"      # (returned None: no result)
+            assert w.result is None and w.error is None
+        assert out.read_text() == "now"
         assert worker.wait(30) == 0
     finally:
         if worker.poll() is None:
@@ -374,3 +380,148 @@ def test_auth_through_the_url_and_sigterm(make_domain, run_dir):
             assert os.listdir(run_dir) == []
         finally:
             b.stop_all()
+
+
+# ---- outcomes: the target's bridge records the local outcome ------------------
+
+TARGET = """
+import os, sys
+from shm_taskwork import Domain, callback
+
+@callback(name="test.remote.echo")
+def echo(work):
+    return b"echo:" + work.payload
+
+@callback(name="test.remote.boom")
+def boom(work):
+    raise ValueError("bad input " + work.payload.decode())
+
+@callback(name="test.remote.hang")
+def hang(work):
+    print("started", flush=True)
+    sys.stdin.readline()          # until the test kills this process
+
+dom = Domain.open(sys.argv[1])
+t = dom.register("w")
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    t.wait(0.05)
+    t.run()
+t.exit()
+"""
+
+
+def _target(a, tmp_path):
+    from conftest import python_script, readline
+    stop = tmp_path / "stop"
+    p = python_script(TARGET, a.name, str(stop), stdin=subprocess.PIPE)
+    assert readline(p) == "ready"
+    return p, stop
+
+
+def test_wait_gives_ran_with_its_result_and_failed_with_its_error(make_domain, bridges, rs,
+                                                                  tmp_path):
+    """A task process on the target host: one callback returns bytes, one
+    raises; the sender waits and reads them."""
+    a = make_domain("a", payload_size=64)
+    p, stop = _target(a, tmp_path)
+    try:
+        bridges.start(a, "host-a")
+        with Cluster(rs.url) as cl:
+            rt = cl.task("app", name="w", node="host-a")
+            ok = rt.add("test.remote.echo", b"hi", TWA_NONE)
+            bad = rt.add("test.remote.boom", b"42", TWA_NONE)
+            assert ok.wait(30) == "ran" and ok.result == b"echo:hi" and ok.error is None
+            assert bad.wait(30) == "failed" and bad.result is None
+            assert bad.error == "ValueError: bad input 42"
+            assert ok.local_id is not None and ok.node == "host-a"
+            # outcome() says the same, and so does a fresh handle's first read
+            assert cl.outcome(ok, timeout=5) == "ran" and ok.outcome == "ran"
+            st = cl.state(bad)
+            assert st["state"] == "failed" and st["error"] == "ValueError: bad input 42"
+            assert cl.r.hlen("stw:app:watch:host-a") == 0     # nothing left to watch
+            assert cl.cancel(ok) is False                      # it ran: too late
+        stop.touch()
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_a_task_killed_in_the_callback_gives_interrupted(make_domain, bridges, rs, tmp_path):
+    a = make_domain("a")
+    p, stop = _target(a, tmp_path)
+    from conftest import readline
+    try:
+        bridges.start(a, "host-a")
+        with Cluster(rs.url) as cl:
+            w = cl.task("app", name="w", node="host-a").add("test.remote.hang", b"", TWA_NONE)
+            assert readline(p, timeout=30) == "started"
+            assert w.outcome in ("queued", "delivering")    # running, not final
+            p.kill()
+            p.wait()
+            assert w.wait(30) == "interrupted"
+            assert w.result is None and cl.state(w)["local_id"] == w.local_id
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_a_restarted_bridge_records_the_outcome_it_missed(make_domain, bridges, rs):
+    """SIGKILLed after the work ran and before it recorded that: the work
+    stays queued in Redis; the restarted bridge finds the local outcome by
+    the work's id and records it, once."""
+    a = make_domain("a")
+    t = a.register("w", install_handler=False)
+    p = bridges.start(a, "host-a", killpoint="bridge_settled")
+    with Cluster(rs.url) as cl:
+        w = cl.task("app", name="w", node="host-a").add("test.remote.echo", b"x", TWA_NONE)
+        assert cl.outcome(w, timeout=30) == "queued"
+        with pytest.raises(TimeoutError, match="not final"):
+            w.wait(0.05)                                   # nothing ran it yet
+        assert t.run() == 1
+        assert p.wait(30) == -signal.SIGKILL
+        assert cl.state(w)["state"] == "queued"            # not recorded yet
+        assert cl.r.hexists("stw:app:watch:host-a", w.id)
+        bridges.start(a, "host-a")
+        assert w.wait(30) == "ran" and w.result == b"echo:x"
+        assert cl.r.hlen("stw:app:watch:host-a") == 0
+        assert cl.r.llen(f"stw:app:done:{w.id}") <= 2       # queued, ran: one push each
+
+
+def test_a_restarted_bridge_says_unknown_when_the_local_record_is_gone(make_domain, bridges,
+                                                                       rs):
+    a = make_domain("a", outcomes=1)
+    t = a.register("w", install_handler=False)
+    p = bridges.start(a, "host-a", killpoint="bridge_settled")
+    with Cluster(rs.url) as cl:
+        w = cl.task("app", name="w", node="host-a").add("test.remote.echo", b"x", TWA_NONE)
+        assert cl.outcome(w, timeout=30) == "queued"
+        assert t.run() == 1
+        assert p.wait(30) == -signal.SIGKILL
+        # while no bridge watches: a newer tracked work settles, the ring of 1 turns
+        t.add("test.remote.echo", b"local", TWA_NONE, track=True)
+        assert t.run() == 1
+        bridges.start(a, "host-a")
+        assert w.wait(30) == "unknown"
+        assert "outcomes=1" in w.reason and w.result is None
+
+
+def test_a_forged_final_state_is_read_as_input(make_domain, rs):
+    """What the sender reads back is input too: a result that is not hex,
+    or larger than the target's payload_size, is no result."""
+    with Cluster(rs.url) as cl:
+        rt = cl.task("app", name="w", node="host-z")
+        cl.r.hset("stw:app:nodes", "host-z", json.dumps({"payload_size": 4}))
+        ws = rt.add_many("test.remote.echo", [b"1", b"2", b"3"])
+        for w, res in zip(ws, ["zz", "00" * 5, "0102"]):
+            cl.r.set(f"stw:app:out:{w.id}", json.dumps({"state": "ran", "node": "host-z",
+                                                        "result": res, "error": 7}))
+            cl.r.rpush(f"stw:app:done:{w.id}", "x")
+        assert [w.wait(5) for w in ws] == ["ran"] * 3
+        assert [w.result for w in ws] == [None, None, b"\x01\x02"]
+        assert all(w.error is None for w in ws)
+        cl.r.set(f"stw:app:out:{ws[0].id}", "[not an object")
+        assert cl.state(ws[0]) is None

@@ -11,12 +11,15 @@ longer than the bridges' ``--claim-idle`` of 1 s, so the other node's bridge
 takes over what the dead one had read (``taken_over``). About a third of the
 bridges it starts also get ``SHM_TASKWORK_KILLPOINT=POINT:N`` with one of the bridge's
 steps (``bridge_read``, ``bridge_claimed``, ``key_reserved``, ``key_pushed``,
-``bridge_added``, ``bridge_recorded``), so they die there by themselves.
+``bridge_added``, ``bridge_recorded``, ``bridge_settled``), so they die there by
+themselves.
 
 At the end producers stop, the bridges (no longer killed) settle every work
-(each must reach a final outcome), the workers exit (running what is queued)
-and the ledger is judged, per work: outcome ``queued`` - ran exactly once;
-``cancelled`` - never ran; no final outcome, or queued and never run: ``lost``;
+(each must be queued at least, or reach a final outcome), the workers exit
+(running what is queued), the bridges record each work's local outcome, and
+the ledger is judged, per work: outcome ``ran`` - ran exactly once (else
+``outcome_wrong``); ``cancelled`` - never ran; no outcome, or never run:
+``lost``; still ``queued`` (its local outcome never recorded): ``unsettled``;
 run twice: ``duplicated``; a run nobody sent: ``phantom``.
 
 ``--malformed P`` makes each producer send, with probability P per send, a
@@ -46,7 +49,7 @@ import uuid
 from shm_taskwork.tools._common import count_int, number_arg, positive_int, positive_seconds
 
 BRIDGE_POINTS = ("bridge_read", "bridge_claimed", "key_reserved", "key_pushed",
-                 "bridge_added", "bridge_recorded")
+                 "bridge_added", "bridge_recorded", "bridge_settled")
 NODES = ("host-a", "host-b")
 
 
@@ -301,27 +304,17 @@ class Run:
         for p in self.producers:
             p.wait(60)
         sent, cancels, bad = self.read_sent()
-        # settle: the bridges (now left alone) must give every work an outcome
-        out_key = f"stw:{self.cluster}:out"
+        # settle: the bridges (now left alone) must give every work its fate
+        # (queued at least), then, once the workers ran what is queued and
+        # exited, its final outcome (ran, recorded from the local outcome)
+        from shm_taskwork.remote import FINAL, KNOWN
         deadline = time.monotonic() + a.settle
-        final = ("queued", "dead_letter", "cancelled", "refused")
-        outcomes: dict[str, str] = {}
-        while True:
-            self.check_bridges(allow_killpoint=False)
-            ids = list(sent.values()) + list(bad.values())
-            for i in range(0, len(ids), 1000):
-                chunk = ids[i:i + 1000]
-                for rid, v in zip(chunk, self.r.mget([f"{out_key}:{x}" for x in chunk])):
-                    if v is not None:
-                        outcomes[rid] = json.loads(v)["state"]
-            if all(outcomes.get(rid) in final for rid in ids):
-                break
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        ids = list(sent.values()) + list(bad.values())
+        outcomes = self.settle(ids, KNOWN, deadline)
         open(os.path.join(self.dir, "stop-workers"), "w").close()
         for p in self.workers:
             p.wait(60)
+        outcomes = self.settle(ids, FINAL, deadline + a.settle)
         for p in self.bridges.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -329,6 +322,22 @@ class Run:
         s = self.judge(sent, cancels, outcomes, seconds, bad)
         s["taken_over"] = int(self.r.hget(f"stw:{self.cluster}:stats", "taken_over") or 0)
         return s
+
+    def settle(self, ids: list, wanted: tuple, deadline: float) -> dict:
+        """Each work's recorded state, once every one is in ``wanted`` or at
+        the deadline (then as they are)."""
+        out_key = f"stw:{self.cluster}:out"
+        outcomes: dict[str, str] = {}
+        while True:
+            self.check_bridges(allow_killpoint=False)
+            for i in range(0, len(ids), 1000):
+                chunk = ids[i:i + 1000]
+                for rid, v in zip(chunk, self.r.mget([f"{out_key}:{x}" for x in chunk])):
+                    if v is not None:
+                        outcomes[rid] = json.loads(v)["state"]
+            if all(outcomes.get(rid) in wanted for rid in ids) or time.monotonic() > deadline:
+                return outcomes
+            time.sleep(0.05)
 
     def read_sent(self):
         sent: dict[str, str] = {}
@@ -356,12 +365,19 @@ class Run:
                         runs[line.strip().decode()] += 1
         by_outcome = collections.Counter()
         lost = duplicated = cancelled_ran = undecided = cancel_wrong = cancel_unknown = 0
+        unsettled = outcome_wrong = 0
         for payload, rid in sent.items():
             oc = outcomes.get(rid)
             n = runs.get(payload, 0)
             by_outcome[oc or "none"] += 1
             if n > 1:
                 duplicated += 1
+            if oc == "queued":
+                unsettled += 1        # queued, its local outcome never recorded
+            if oc == "ran" and n != 1:
+                outcome_wrong += 1    # recorded ran: it ran, once
+            if oc in ("failed", "interrupted", "unknown"):
+                outcome_wrong += 1    # the workers' callback neither raises nor dies
             if oc is None or oc == "delivering":
                 undecided += 1
                 lost += 1
@@ -372,6 +388,8 @@ class Run:
                     cancel_unknown += 1
                 else:
                     lost += 1
+            elif oc == "ran" and n == 0:
+                lost += 1
             elif oc == "cancelled" and n:
                 cancelled_ran += 1
             if cancels.get(rid) == "1" and (oc != "cancelled" or n):
@@ -382,7 +400,10 @@ class Run:
         bad_ran = sum(1 for tag in bad if runs.get(tag))
         phantom = sum(1 for p in runs if p not in sent)
         return {
-            "sent": len(sent), "queued": by_outcome["queued"], "ran": sum(runs.values()),
+            # queued: delivered to a task (its outcome queued, or ran since)
+            "sent": len(sent), "queued": by_outcome["queued"] + by_outcome["ran"],
+            "ran": sum(runs.values()), "recorded_ran": by_outcome["ran"],
+            "unsettled": unsettled, "outcome_wrong": outcome_wrong,
             "cancelled": by_outcome["cancelled"], "dead_letter": by_outcome["dead_letter"],
             "refused": by_outcome["refused"], "lost": lost, "duplicated": duplicated,
             "undecided": undecided, "cancelled_ran": cancelled_ran,
@@ -432,7 +453,8 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
     finally:
         run.cleanup()
     ok = not (s["lost"] or s["duplicated"] or s["phantom"] or s["cancelled_ran"]
-              or s["cancel_wrong"] or s["malformed_not_refused"] or s["malformed_ran"])
+              or s["cancel_wrong"] or s["malformed_not_refused"] or s["malformed_ran"]
+              or s["unsettled"] or s["outcome_wrong"])
     s["ok"] = ok
     if a.json:
         print(json.dumps(s))

@@ -10,11 +10,11 @@ moves works from its streams into the local domain; the command line is
 """
 from __future__ import annotations
 
-from .sender import (CALLBACK_NAME_MAX, DONE_TTL, FINAL, GROUP, LIMIT_TTL, OUTCOME_TTL, PREFIX,
-                     REMOTE_MODES, TASK_NAME_MAX, WORK_ID_RE, Cluster, Keys, RemoteTask,
+from .sender import (CALLBACK_NAME_MAX, DONE_TTL, FINAL, GROUP, KNOWN, LIMIT_TTL, OUTCOME_TTL,
+                     PREFIX, REMOTE_MODES, TASK_NAME_MAX, WORK_ID_RE, Cluster, Keys, RemoteTask,
                      RemoteWork, check_name, check_notify, connect, default_node, work_id)
 
-__all__ = ["CALLBACK_NAME_MAX", "DONE_TTL", "FINAL", "GROUP", "LIMIT_TTL", "OUTCOME_TTL",
-           "PREFIX", "REMOTE_MODES", "TASK_NAME_MAX", "WORK_ID_RE", "Cluster", "Keys",
+__all__ = ["CALLBACK_NAME_MAX", "DONE_TTL", "FINAL", "GROUP", "KNOWN", "LIMIT_TTL",
+           "OUTCOME_TTL", "PREFIX", "REMOTE_MODES", "TASK_NAME_MAX", "WORK_ID_RE", "Cluster", "Keys",
            "RemoteTask", "RemoteWork", "check_name", "check_notify", "connect",
            "default_node", "work_id"]

@@ -17,12 +17,20 @@ started again (same ``--node``) queues the work exactly once:
             "any" entry's target; a bad entry is refused with a reason
   claim     one script: SET out:ID delivering:NODE NX, HSET claimed:NODE,
             XACK + XDEL (or only XACK if the work's fate was decided already)
-  add       the keyed local add (key = the work's id): recorded in the segment
-            before the push, so a repeat is recognised, never queued twice
-  record    one script: out[id] = outcome, HDEL claimed:NODE, wake outcome()
+  add       the keyed local add (key = the work's id, track=True): recorded
+            in the segment before the push, so a repeat is recognised, never
+            queued twice
+  record    one script: out[id] = outcome, HDEL claimed:NODE, wake outcome();
+            a queued work also enters watch:NODE in that script
+  settle    the watcher (a thread, see ``watcher``) learns the local outcome
+            (ran with its result, failed with its error, cancelled,
+            dead_letter, interrupted) and records it with one script:
+            out[id] = final outcome if it is still this node's queued,
+            HDEL watch:NODE, wake wait(); many works per pipeline
 
-At start the bridge first finishes what its ``claimed`` hash holds.
-``SHM_TASKWORK_KILLPOINT=bridge_read|bridge_claimed|bridge_added|bridge_recorded[:N]``
+At start the bridge first finishes what its ``claimed`` hash holds, then
+watches again what its ``watch`` hash holds.
+``SHM_TASKWORK_KILLPOINT=bridge_read|bridge_claimed|bridge_added|bridge_recorded|bridge_settled[:N]``
 SIGKILLs the bridge at the N-th pass of that point (fault injection, as the
 core's kill points; ``key_reserved`` and ``key_pushed`` are inside the keyed
 add).
@@ -43,11 +51,13 @@ import time
 
 from . import sender as remote
 from .scripts import SET_IF_NONE
-from .scripts import (CLAIM, FIELD_MAX, MAX_FIELDS, OVERSIZE, READ, READ_BYTES, READ_COUNT,
-                      RECORD, SCAN_CLAIMED, TAKE)
+from .scripts import (CLAIM, FIELD_MAX, FINISH, MAX_FIELDS, OVERSIZE, READ, READ_BYTES,
+                      READ_COUNT, RECORD, SCAN_CLAIMED, TAKE)
+from .watcher import Watcher
 from ..errors import NoSuchTaskError, TaskExitedError, TaskWorkError
 
-KILLPOINTS = ("bridge_read", "bridge_claimed", "bridge_added", "bridge_recorded")
+KILLPOINTS = ("bridge_read", "bridge_claimed", "bridge_added", "bridge_recorded",
+              "bridge_settled")
 
 
 def _killpoint_switch() -> tuple[str | None, int]:
@@ -220,6 +230,7 @@ class Bridge:
         self.r = remote.connect(url)
         self.claim_script = self.r.register_script(CLAIM)
         self.record_script = self.r.register_script(RECORD)
+        self.finish_script = self.r.register_script(FINISH)
         self.refuse_script = self.r.register_script(SET_IF_NONE)
         self.read_script = self.r.register_script(READ)
         self.take_script = self.r.register_script(TAKE)
@@ -235,6 +246,7 @@ class Bridge:
                       "dead_letters": 0, "cancelled": 0, "taken_over": 0}
         self.lag = 0
         self.pending = 0
+        self.watching = 0
         self.started = time.time()
         ps = self.dom.payload_size
         # One read: at most READ_COUNT entries and about READ_BYTES bytes.
@@ -247,6 +259,8 @@ class Bridge:
             self.status_dir,
             f"{self.dom.name.lstrip('/')}.{node}.json".replace("/", "_"))
         self.logged = 0
+        self.watcher = Watcher(self.dom.name, url, self.keys, node, self.keep, self.log,
+                               killpoint)
 
     def log(self, msg: str) -> None:
         """One line on stderr; untrusted parts are escaped by the caller (_text)."""
@@ -307,6 +321,7 @@ class Bridge:
             except (self.redis_mod.ResponseError, TypeError, ValueError):
                 pass
         self.pending += int(self.r.hlen(self.keys.claimed(self.node)))
+        self.watching = int(self.r.hlen(self.keys.watch(self.node)))
         self.write_status()
 
     def figures(self) -> dict:
@@ -314,7 +329,9 @@ class Bridge:
                 "node": self.node, "pid": os.getpid(),
                 "redis": redact(self.url), "allow": self.allow, "lag": self.lag,
                 "pending_entries": self.pending, "names": sorted(self.names),
-                "uptime_s": round(time.time() - self.started, 1), **self.stats}
+                "uptime_s": round(time.time() - self.started, 1), **self.stats,
+                "watching": self.watching,
+                **{f"settled_{k}": v for k, v in self.watcher.stats.items()}}
 
     def write_status(self) -> None:
         """Write the figures without following links: a new file (O_EXCL,
@@ -500,14 +517,20 @@ class Bridge:
         if not outs:
             return
         pipe = self.r.pipeline(transaction=False)
+        watch = []
         for wid, out in outs:
-            self.record_script(keys=[self.keys.out(wid), self.keys.claimed(self.node),
-                                     self.keys.done(wid)],
-                               args=[wid, json.dumps(out), remote.DONE_TTL, self.keep],
-                               client=pipe)
+            keys = [self.keys.out(wid), self.keys.claimed(self.node), self.keys.done(wid)]
+            args = [wid, json.dumps(out), remote.DONE_TTL, self.keep]
+            if out["state"] == "queued":       # its local outcome is to come
+                keys.append(self.keys.watch(self.node))
+                args.append(out["local_id"])
+                watch.append((wid, out["local_id"]))
+            self.record_script(keys=keys, args=args, client=pipe)
         pipe.execute()
         for _ in outs:
             killpoint("bridge_recorded")
+        # only now: a final record must come after the queued one it replaces
+        self.watcher.add(watch)
 
     def after_error(self, wid: str, e: dict, exc: Exception) -> dict:
         """The outcome of a work whose add raised: the key table says whether
@@ -567,7 +590,7 @@ class Bridge:
                     rec = keys.dead_letter(self.dom, wid, func, payload, target)
                     gen = None
                 else:
-                    rec = t.add_keyed(func, payload, notify, key=wid)
+                    rec = t.add_keyed(func, payload, notify, key=wid, track=True)
                     gen = t.gen
                 break
             except TaskExitedError:
@@ -629,8 +652,13 @@ class Bridge:
         except (NoSuchTaskError, TaskWorkError):
             ok = False
         if ok:
-            st["state"] = "cancelled"
-            self.r.set(self.keys.out(wid), json.dumps(st), ex=self.keep)
+            # the one final state (FINISH: only over this node's queued); the
+            # watcher, seeing the local outcome cancelled, then changes nothing
+            out = {"state": "cancelled", "node": self.node, "local_id": rec.work_id}
+            self.finish_script(keys=[self.keys.out(wid), self.keys.watch(self.node),
+                                     self.keys.done(wid)],
+                               args=[wid, json.dumps(out), remote.DONE_TTL, self.keep,
+                                     self.node])
             self.stats["cancelled"] += 1
         return ok
 
@@ -699,6 +727,41 @@ class Bridge:
                     pipe.hdel(key, wid)
             pipe.execute()
             self.deliver_many(works)
+            cursor = _s(nxt)
+            if cursor == "0":
+                break
+
+    def resume_watch(self) -> None:
+        """Watch again the works this node queued whose outcome it had not
+        recorded (its ``watch`` hash). The hash is input too: only the key
+        table says which local work a work id is (as for a cancel); a work
+        it no longer holds is recorded ``unknown`` with the reason, and only
+        over this node's ``queued`` (FINISH)."""
+        from shm_taskwork import keys
+        key = self.keys.watch(self.node)
+        cursor = "0"
+        for _ in range(1 << 20):          # bounded: HSCAN ends at cursor 0
+            nxt, kv = self.scan_script(keys=[key], args=[cursor, 256, 32, 64])
+            items, drop = [], []
+            for i in range(0, len(kv) - 1, 2):
+                wid = _s(kv[i])
+                if not remote.WORK_ID_RE.match(wid):
+                    self.log(f"dropped watched entry {_text(wid)}: not a work id")
+                    drop.append(kv[i])
+                    continue
+                try:
+                    rec = keys.lookup(self.dom, wid)
+                except Exception as exc:       # one work never stops the bridge
+                    rec = None
+                    self.log(f"watched entry {wid}: {type(exc).__name__}")
+                if rec is None or rec.state != "queued":
+                    items.append((wid, None, "the bridge restarted and its domain's key "
+                                  "table no longer holds this work"))
+                else:
+                    items.append((wid, rec.work_id))
+            if drop:
+                self.r.hdel(key, *drop)
+            self.watcher.add(items)
             cursor = _s(nxt)
             if cursor == "0":
                 break
@@ -774,7 +837,9 @@ class Bridge:
         self._group(self.keys.node(self.node))
         self._group(self.keys.ctl(self.node))
         self.refresh()
+        self.watcher.start()
         self.resume()
+        self.resume_watch()
         self.read_pending()
         last_refresh = last_claim = last_line = time.monotonic()
         self.guarded(self.take_over)
@@ -790,6 +855,7 @@ class Bridge:
             if self.progress and now - last_line >= 5.0:
                 self.line()
                 last_line = now
+        self.watcher.close()
         self.refresh()
         if self.progress:
             self.line()

@@ -1,7 +1,7 @@
 """The Redis scripts of the exactly-once protocol (README "More than one host").
 
 Each runs atomically inside Redis. The sender's SET_IF_NONE; the bridge's
-CLAIM and RECORD; the reads (READ, TAKE, SCAN_CLAIMED), which screen every
+CLAIM, RECORD and FINISH; the reads (READ, TAKE, SCAN_CLAIMED), which screen every
 entry inside Redis so that an oversize one never reaches the bridge.
 """
 
@@ -36,10 +36,35 @@ if got then return ARGV[2] end
 return redis.call('GET', KEYS[1])
 """
 
-# KEYS: out:ID, claimed, done ; ARGV: id, outcome JSON, done ttl, keep ttl
+# KEYS: out:ID, claimed, done[, watch] ; ARGV: id, outcome JSON, done ttl,
+# keep ttl[, local id]
+# With a watch hash (a queued work): the work enters the node's watch hash in
+# the same script that drops it from claimed, so a bridge killed at any point
+# has it in one of the two (what its restart resumes).
 RECORD = """
 redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[4]))
 redis.call('HDEL', KEYS[2], ARGV[1])
+if KEYS[4] then redis.call('HSET', KEYS[4], ARGV[1], ARGV[5]) end
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: out:ID, watch, done ; ARGV: id, final outcome JSON, done ttl, keep ttl, node
+# The final outcome of a queued work (ran, failed, cancelled, dead_letter,
+# interrupted, unknown). Invariant: one final state per work - it replaces
+# only this node's "queued", so a repeat (a restarted bridge, the watcher
+# after a cancel already recorded) changes nothing and wakes no one. The
+# work leaves the watch hash either way. Returns 1 if it recorded.
+FINISH = """
+redis.call('HDEL', KEYS[2], ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ok, st = pcall(cjson.decode, cur)
+if not ok or type(st) ~= 'table' or st['state'] ~= 'queued' or st['node'] ~= ARGV[5] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[4]))
 redis.call('RPUSH', KEYS[3], ARGV[2])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
 return 1

@@ -16,6 +16,8 @@ Keys, under ``PREFIX`` (``stw``) and the domain's name::
                              OUTCOME_TTL (7 days) after its last change
     stw:{dom}:claimed:{node} hash: works a node's bridge has claimed and not
                              yet finished (what its restart resumes)
+    stw:{dom}:watch:{node}   hash: works a node's bridge queued whose local
+                             outcome is not final yet (id -> local id)
     stw:{dom}:nodes          hash: node -> the domain sizes its bridge publishes
     stw:{dom}:done:{id}      list: pushed when a work's outcome is final
 
@@ -55,7 +57,14 @@ from . import scripts
 
 PREFIX = "stw"
 GROUP = "bridges"
-FINAL = ("queued", "dead_letter", "cancelled", "refused")
+#: A remote work's final outcomes: from the target's local outcome (``ran``,
+#: ``failed``, ``cancelled``, ``dead_letter``, ``interrupted``), from its
+#: bridge (``refused``; ``unknown`` when a restarted bridge finds its local
+#: record gone), or from a cancel before delivery (``cancelled``).
+FINAL = ("ran", "failed", "cancelled", "dead_letter", "interrupted", "refused", "unknown")
+#: What :meth:`Cluster.outcome` waits for: the work's fate is known, it is
+#: queued on its target at least.
+KNOWN = ("queued",) + FINAL
 LIMIT_TTL = 1.0          # seconds a sender trusts the sizes it read
 OUTCOME_TTL = 7 * 24 * 3600  # seconds a work's state is kept in Redis
 DONE_TTL = 3600          # seconds a done-list (a wake-up for outcome()) is kept
@@ -142,6 +151,9 @@ class Keys:
     def claimed(self, node: str) -> str:
         return f"{self.base}:claimed:{node}"
 
+    def watch(self, node: str) -> str:
+        return f"{self.base}:watch:{node}"
+
     def done(self, wid: str) -> str:
         return f"{self.base}:done:{wid}"
 
@@ -163,12 +175,49 @@ class RemoteWork:
     local_id: int | None = None
     stream: str = ""
     entry_id: str = ""
+    #: once the outcome is ``ran``: the bytes the callback returned (None if
+    #: it returned anything else); once ``failed``: "Type: message"; once
+    #: ``refused`` or ``unknown``: why
+    result: bytes | None = None
+    error: str | None = None
+    reason: str | None = None
+    _cluster: "Cluster | None" = dataclasses.field(default=None, repr=False, compare=False)
+    _final: str | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def outcome(self) -> str | None:
+        """The work's state now, without waiting: None (no bridge has taken
+        it), ``delivering``, ``queued``, or one of :data:`FINAL` (kept once
+        read). :meth:`Cluster.outcome` and :meth:`wait` wait for it."""
+        if self._final is not None:
+            return self._final
+        return self._cl().look(self)
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the outcome is final (one of :data:`FINAL`) and
+        return it; ``TimeoutError`` at the deadline. The waiter sleeps in
+        Redis (BLPOP on the work's done-list), woken when a bridge records."""
+        return self._cl().wait(self, timeout)
+
+    def _cl(self) -> "Cluster":
+        if self._cluster is None:
+            raise ValueError(f"remote work {self.id}: not bound to a Cluster; use "
+                             "cluster.outcome(work) or cluster.wait(work)")
+        return self._cluster
 
 
 def _state(raw) -> dict | None:
+    """A work's recorded state; None if there is none, or if what Redis holds
+    is not a JSON object with a str ``state`` (input, not trusted)."""
     if raw is None:
         return None
-    return json.loads(raw)
+    try:
+        st = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(st, dict) or not isinstance(st.get("state"), str):
+        return None
+    return st
 
 
 class RemoteTask:
@@ -235,7 +284,8 @@ class RemoteTask:
         name = self._check(func, payloads, notify)
         now = time.time_ns()
         works = [RemoteWork("", self.node, self.keys.domain, self.name, name, p,
-                            notify, now, stream=self.stream) for p in payloads]
+                            notify, now, stream=self.stream, _cluster=self.cluster)
+                 for p in payloads]
         pipe = self.cluster.r.pipeline(transaction=False)
         for w in works:
             pipe.xadd(self.stream, {"func": name, "payload": w.payload,
@@ -289,26 +339,87 @@ class Cluster:
         return _state(self.r.get(Keys(w.domain).out(w.id)))
 
     def outcome(self, w: RemoteWork, timeout: float | None = None) -> str:
-        """Wait until ``w``'s fate is known: ``"queued"`` (on a live task of
-        the target node), ``"dead_letter"`` (no live task of its name there),
-        ``"cancelled"`` or ``"refused"`` (its callback is not allowed there).
+        """Wait until ``w``'s fate is known and return its state: ``"queued"``
+        (on a live task of the target node, not yet settled there), or a final
+        outcome (:data:`FINAL`): ``"ran"``, ``"failed"`` (``w.result`` /
+        ``w.error`` say more), ``"cancelled"``, ``"dead_letter"`` (no live
+        task of its name there, or its task died before running it),
+        ``"interrupted"`` (its task died in the callback), ``"refused"`` (its
+        callback is not allowed there, or the entry was bad; ``w.reason``),
+        ``"unknown"`` (the target's bridge lost track of it; ``w.reason``).
         TimeoutError if not known within ``timeout`` seconds."""
+        return self._until(w, timeout, KNOWN)
+
+    def wait(self, w: RemoteWork, timeout: float | None = None) -> str:
+        """Wait until ``w``'s outcome is final (:data:`FINAL`) and return it;
+        ``TimeoutError`` at the deadline (nothing is changed)."""
+        if w._final is not None:
+            return w._final
+        return self._until(w, timeout, FINAL)
+
+    def look(self, w: RemoteWork) -> str | None:
+        """``w``'s state now (one GET), applied to ``w`` as outcome() does."""
+        st = self.state(w)
+        if st is None:
+            return None
+        self._apply(w, st)
+        return st["state"]
+
+    def _until(self, w: RemoteWork, timeout: float | None, wanted: tuple) -> str:
+        if timeout is not None and (timeout != timeout or timeout < 0):
+            raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
         keys = Keys(w.domain)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             st = self.state(w)
-            if st is not None and st["state"] in FINAL:
-                if st.get("local_id") is not None:
-                    w.local_id = st["local_id"]
-                    w.node = st.get("node", w.node)
+            if st is not None and st["state"] in wanted:
+                self._apply(w, st)
                 return st["state"]
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError(f"outcome of remote work {w.id}: not known within "
+                what = "final" if wanted is FINAL else "known"
+                raise TimeoutError(f"outcome of remote work {w.id}: not {what} within "
                                    f"{timeout} s (state: {st['state'] if st else 'not taken'})")
-            # BLPOP wakes when the state becomes final; the 1 s cap re-reads
-            # the hash (a wake-up list may have expired).
+            # BLPOP sleeps in Redis until a bridge (or a cancel) records a
+            # state of this work and pushes its done-list; the 1 s cap re-reads
+            # the state (another waiter may have popped the push, or the list
+            # expired).
             self.r.blpop([keys.done(w.id)], timeout=min(1.0, left) if left is not None else 1.0)
+
+    def _apply(self, w: RemoteWork, st: dict) -> None:
+        """Copy what a recorded state says onto ``w``. The state is input
+        (anyone who can write Redis can write it): a result is kept only as
+        hex of at most the target node's published payload_size, an error or
+        reason only as a str, cut to that size."""
+        if isinstance(st.get("local_id"), int) and not isinstance(st.get("local_id"), bool):
+            w.local_id = st["local_id"]
+        if isinstance(st.get("node"), str):
+            w.node = st["node"]
+        state = st["state"]
+        limit = self._result_limit(w.domain, w.node) if state in ("ran", "failed") else 4096
+        if state == "ran":
+            res = st.get("result")
+            w.result = None
+            if isinstance(res, str) and len(res) <= 2 * limit:
+                try:
+                    w.result = bytes.fromhex(res)
+                except ValueError:
+                    pass
+        for name in ("error", "reason"):
+            v = st.get(name)
+            setattr(w, name, v[:limit] if isinstance(v, str) else None)
+        if state in FINAL:
+            w._final = state
+
+    def _result_limit(self, domain: str, node: str | None) -> int:
+        raw = self.r.hget(Keys(domain).nodes, node) if node else None
+        try:
+            size = json.loads(raw)["payload_size"] if raw else None
+        except (ValueError, TypeError, KeyError, RecursionError):
+            size = None
+        if isinstance(size, int) and not isinstance(size, bool) and 0 <= size:
+            return min(size, scripts.READ_BYTES)
+        return scripts.READ_BYTES
 
     def cancel(self, w: RemoteWork, timeout: float = 10.0) -> bool:
         """True iff ``w``'s callback had not started and now never will.
@@ -326,8 +437,9 @@ class Cluster:
             if w.stream and w.entry_id:
                 self.r.xdel(w.stream, w.entry_id)
             return True
-        got = json.loads(raw)
-        if got["state"] not in ("delivering", "queued"):
+        got = _state(raw)
+        if got is None or got["state"] not in ("delivering", "queued") or \
+                not isinstance(got.get("node"), str):
             return False
         token = uuid.uuid4().hex
         self.r.xadd(keys.ctl(got["node"]), {"op": "cancel", "id": w.id, "reply": token})
