@@ -67,6 +67,7 @@ test-asan: venv
 
 test-slow: venv build
 	$(PY) -m pytest -q -m slow tests
+	$(PY) -m shm_taskwork.cli stress --track --tasks 4 --producers 4 --seconds 60 --kill-every 0.05 --restart --term
 
 stress: venv build
 	$(PY) -m shm_taskwork.cli stress --tasks 4 --producers 4 --seconds 60 --kill-every 0.05

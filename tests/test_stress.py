@@ -244,6 +244,147 @@ def test_reap_logger_records_are_written_to_the_ledger(tmp_path):
     assert recs == [(st.INTERRUPTED, 0, 3, 42)] and h.foreign == 1
 
 
+# ---- --track: every tracked work's outcome against the ledger ------------------
+
+def track_failure(s: dict, err: str) -> str:
+    keys = ("tracked", "outcomes", "own_outcomes", "outcome_mismatches", "outcome_unread", "waiters",
+            "tracked_hops", "lost", "duplicated", "crashed", "hung")
+    return f"{ {k: s.get(k) for k in keys} }\n{err[-3000:]}"
+
+
+def test_track_with_kills_gives_every_work_the_outcome_the_ledger_says():
+    # serve() workers SIGKILLed (orphaned letters) and SIGTERMed mid-queue
+    # (shutdown letters), the next worker of the name adopting them as new
+    # works; producers SIGKILLed too, and waiting on some works (call(),
+    # Work.wait()) while all this goes on. Every tracked work's outcome,
+    # read with Domain.work() and followed through retried_as, must be what
+    # its ledger says.
+    # Callbacks of 3 ms keep a queue a stop cannot drain in 0.2 s, and a kill
+    # every 0.5 s leaves the processes time to start even on a busy machine.
+    p, out, err = run_stress("--track", "--serve", "--term", "--restart", "--tasks", "2",
+                             "--producers", "2", "--seconds", "5", "--kill-every", "0.5",
+                             "--work-ms", "3", "--seed", "29", "--json")
+    s = summary_of(out)
+    assert p.returncode == 0 and s["ok"] is True, track_failure(s, err)
+    assert s["track"] is True and s["outcome_mismatches"] == 0 and s["outcome_unread"] == 0
+    own, end = s["own_outcomes"], s["outcomes"]
+    assert s["tracked"] > 0 and own["ran"] > 0 and own["cancelled"] > 0, track_failure(s, err)
+    assert own["dead_letter"] + own["interrupted"] > 0, track_failure(s, err)
+    # the letters were adopted, and their chains followed to the end
+    assert s["tracked_hops"] > 0 and s["adopted"] > 0, track_failure(s, err)
+    assert end["pending"] == end["running"] == end["failed"] == 0
+    assert sum(end.values()) == s["tracked"]
+    assert all(s["tracked_by_how"][h] > 0 for h in ("add", "add_many")), s["tracked_by_how"]
+    assert s["waiters"]["call"] + s["waiters"]["wait"] > 0 and s["waiters"]["hung"] == 0
+    assert s["killed"] > 0 and s["lost"] == 0 and s["duplicated"] == 0
+    assert leftovers(p.pid) == []
+
+
+def test_track_every_add_under_sigkills(tmp_path):
+    # Every add tracked (--track-rate 0) on plain tasks whose callbacks take
+    # 2 ms, SIGKILLed: works queued on a dead task stay dead letters to the
+    # end. (No --term: a task with exit_signals runs its list until it is
+    # empty, as the kernel's exit does, which adders at this rate outpace.)
+    p, out, err = run_stress("--track", "--track-rate", "0", "--work-ms", "2", "--tasks", "2",
+                             "--producers", "3", "--seconds", "4", "--kill-every", "0.5",
+                             "--cancel-rate", "0.2", "--seed", "23", "--json",
+                             tmpdir=str(tmp_path))
+    s = summary_of(out)
+    assert p.returncode == 0 and s["ok"] is True, track_failure(s, err)
+    assert s["outcome_mismatches"] == 0 and s["outcome_unread"] == 0
+    assert s["tracked"] > 0 and s["outcomes"]["ran"] > 0, track_failure(s, err)
+    assert s["tracked_hops"] == 0           # nothing retries a letter here
+    assert s["outcomes"]["dead_letter"] == s["own_outcomes"]["dead_letter"]
+    assert leftovers(p.pid) == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_outcome_checker_reports_what_contradicts_the_ledger(tmp_path):
+    # The outcome judge on a ledger written as the processes would write it,
+    # and what the domain "said" of each tracked work: the right outcomes
+    # pass, every deliberately wrong one is reported.
+    from shm_taskwork.tools import stress as st
+
+    P = 7 << 32
+    I, A, CI, C, CM = st.INTENT_ADD, st.ADDED, st.CANCEL_INTENT, st.CANCELLED, st.CANCEL_MISSED
+    R, O, X, RT = st.RAN, st.ORPHANED, st.INTERRUPTED, st.RETRIED
+    ok = st.expected_result
+    # id: (producer records, other records, (first, final, hops, result))
+    cases = {
+        P | 0: ([I, A], [R], ("ran", "ran", 0, ok(P | 0))),
+        P | 1: ([I, A, CI, C], [], ("cancelled", "cancelled", 0, None)),
+        P | 2: ([I, A], [O], ("dead_letter", "dead_letter", 0, None)),
+        P | 3: ([I, A], [X], ("interrupted", "interrupted", 0, None)),
+        P | 4: ([I, A], [R, X], ("interrupted", "interrupted", 0, None)),
+        P | 5: ([I, A], [O, RT, R], ("dead_letter", "ran", 1, ok(P | 5))),
+        P | 6: ([I, A, CI], [], ("cancelled", "cancelled", 0, None)),   # killed canceller
+        P | 7: ([I, A, CI, CM], [R], ("ran", "ran", 0, ok(P | 7))),
+        # wrong, each one way
+        P | 10: ([I, A], [R], ("cancelled", "cancelled", 0, None)),      # ran, says cancelled
+        P | 11: ([I, A, CI, C], [], ("ran", "ran", 0, ok(P | 11))),      # cancelled, says ran
+        P | 12: ([I, A], [O], ("ran", "ran", 0, ok(P | 12))),            # a letter, says ran
+        P | 13: ([I, A], [X], ("dead_letter", "dead_letter", 0, None)),  # killed in callback
+        P | 14: ([I, A], [R], ("ran", "ran", 0, b"12345678")),           # wrong result
+        P | 15: ([I, A], [O, RT, R], ("ran", "ran", 0, ok(P | 15))),     # retried_as not seen
+        P | 16: ([I, A], [R], ("pending", "pending", 0, None)),          # never settled
+        P | 17: ([I, A], [], ("ran", "ran", 0, ok(P | 17))),             # the ledger: lost
+        P | 18: ([I, A], [R], ("failed", "failed", 0, None)),
+    }
+    prod = st.Ledger(str(tmp_path / "producer-7.ledger"), 7)
+    task = st.Ledger(str(tmp_path / "task-8.ledger"), 8)
+    trk = st.TrackFile(str(tmp_path / "producer-7.tracked"))
+    chains = {}
+    for wid, (mine, elsewhere, (first, final, hops, result)) in cases.items():
+        for kind in mine:
+            prod.put(kind, wid, 1)
+        for kind in elsewhere:
+            task.put(kind, wid)
+        trk.put(st.T_TRACK, wid, 0x100000000 | wid & 0xFF, st.H_ADD)
+        ch = chains[wid] = st.Chain(0x100000000 | wid & 0xFF)
+        ch.first, ch.outcome, ch.hops, ch.result = first, final, hops, result
+    # waiters: one told the truth, one told another outcome, one came back
+    # 3 s after its timeout, and a call() that returned with no run recorded
+    trk.put(st.T_WAITED, P | 0, 1_000_000, st.OUTCOME_CODES["ran"])
+    trk.put(st.T_WAITED, P | 1, 0, st.OUTCOME_CODES["ran"] | st.W_CALL)
+    trk.put(st.T_WAITED, P | 2, 3_000_000_000, st.OUTCOME_CODES["pending"] | st.W_TIMEOUT)
+    trk.put(st.T_WAITED, P | 3, -5_000_000, st.OUTCOME_CODES["running"] | st.W_TIMEOUT)
+    prod.put(I, P | 20, 1)
+    prod.put(A, P | 20, 1)
+    trk.put(st.T_WAITED, P | 20, 0, st.OUTCOME_CODES["ran"] | st.W_CALL)
+    for f in (prod, task, trk):
+        f.close()
+    res = st.check_outcomes(str(tmp_path), chains, {}, retries=True)
+    wrong = sorted({wid for wid, _ in res["bad"]})
+    assert wrong == [P | 1, P | 2, P | 3, P | 10, P | 11, P | 12, P | 13, P | 14, P | 15, P | 16,
+                     P | 17, P | 18, P | 20], res["bad"]
+    text = dict(res["bad"])
+    assert "the domain says cancelled" in text[P | 10]
+    assert "result b'12345678'" in text[P | 14]
+    assert "retried 1 time(s) by the ledger, 0 by retried_as" in text[P | 15]
+    assert "a waiter was told ran, its outcome is cancelled" in text[P | 1]
+    assert "after its timeout" in text[P | 2] and res["waiters"]["hung"] == 1
+    assert "no run" in text[P | 20]
+    assert "timed out 5.000 ms before its timeout" in text[P | 3]
+    assert res["outcome_mismatches"] == len(res["bad"]) == 13
+    assert res["tracked"] == len(cases) and res["outcomes"]["pending"] == 1
+    # Without retries in the run, a followed retried_as is itself wrong.
+    res = st.check_outcomes(str(tmp_path), {P | 5: chains[P | 5]}, {}, retries=False)
+    assert P | 5 in {w for w, _ in res["bad"]}
+    # A record reused before it was read is not judged, but counted.
+    res = st.check_outcomes(str(tmp_path), {P | 0: chains[P | 0]}, {P | 0: 1}, retries=True)
+    assert res["outcome_unread"] == 1 and res["outcomes"]["unread"] == 1
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("--track-rate", "5"), "--track-rate only applies with --track"),
+    (("--outcomes", "100"), "--outcomes only applies with --track"),
+    (("--track", "--outcomes", "0"), "--outcomes"),
+])
+def test_track_options_need_track(args, msg):
+    p, out, err = run_stress(*args, timeout=30)
+    assert p.returncode == 2 and msg in err, err
+
+
 def test_bad_modes_name_the_valid_choices():
     p, out, err = run_stress("--modes", "resume,bogus", timeout=30)
     assert p.returncode == 2

@@ -173,6 +173,72 @@ With ``--domain NAME`` the domain is created under that name and, if the run
 fails, kept for ``shm-taskwork inspect``/``fsck``; the default private domain
 and the ledger directory are always removed.
 
+Tracked works (``--track``)
+---------------------------
+A tracked work's outcome is recorded in the domain (docs/contract.md, "A
+work's outcome"); ``--track`` checks it against what the ledger says happened.
+
+* Producers add tracked works at up to ``--track-rate`` works per second
+  (default 2000, all producers together; 0: every add), the other adds as
+  without ``--track``: ``add(..., track=True)``, ``add_many(..., track=True)``
+  and one tracked single add in ten ``add_keyed(..., track=True)`` with the
+  ID as its key (so producers also die at the kill points ``key_reserved``
+  and ``key_pushed``; every other kill point meets tracked works as it meets
+  the others). A tracked callback returns ``expected_result(ID)``.
+* For each tracked add that returned, the producer writes ``(ID, work id)``
+  to its own ``.tracked`` file (24-byte records, one write each, as the
+  ledger) before ``added``.
+* Waiters: about every ``WAIT_EVERY`` s a producer makes one tracked work a
+  waited one, with a timeout drawn from ``WAIT_TIMEOUTS``: either
+  ``task.call()`` (written as ``intent-add`` and ``cancel-intent`` before it,
+  since call() cancels a work not started at its deadline, then ``added`` and
+  ``cancelled``/``cancel-missed``; its work id is known, and written, only
+  when it raised) or ``add`` + ``Work.wait()``. The outcome the waiter was
+  given and how late it returned past its timeout are written; tasks are
+  killed under the waiters all along. A waiter back more than
+  ``WAIT_SLACK`` s after its timeout **hung**; one that raised
+  ``TimeoutError`` before its timeout, or a ``call()`` that returned other
+  bytes than the callback's, is a mismatch.
+* The controller's outcome watcher (``OutcomeWatcher``) follows every
+  tracked work while the run goes on, because the core keeps only the last
+  ``--outcomes`` records (default 16384: this domain's ``outcomes``
+  option) and finds one by scanning the ring newest first: a record must be
+  read before that many newer tracked works settle, and reading an old one
+  costs a scan of the ring. So sizing the ring above the run's tracked works
+  would make the end's reads quadratic; instead each work is read
+  ``TRACK_LAG`` s after it appears in a ``.tracked`` file, again with a
+  backoff while it is pending or running, and a dead letter's ``retried_as``
+  (a retry by the controller with ``--restart``, an adoption with
+  ``--serve``) is followed to the work it was queued again as. At the end,
+  after everything stopped and the dead letters were settled, every chain is
+  read to its end. A work whose record was reused before it was read is
+  ``outcome_unread``: not judged, and the run fails (raise ``--outcomes`` or
+  lower ``--track-rate``).
+* The judgement of each tracked ID (``check_outcomes``): the ledger gives
+  the outcome its work must end with (``expected_outcome``): a cancel that
+  returned True: ``cancelled``; ``ran``: ``ran``, with the callback's result;
+  ``ran`` and ``interrupted`` (the task died after the callback returned):
+  ``ran`` or ``interrupted``; ``interrupted`` alone: ``interrupted``; still a
+  dead letter at the end: ``dead_letter``; a canceller killed inside
+  ``cancel()`` and no other outcome: ``cancelled`` (the node it held is given
+  back as cancelled); nothing: no outcome is right. That is the outcome of
+  the last work of the chain; the chain has at least as many retries as the
+  ledger's ``retried`` and ``adopted`` (more when a letter was retried and
+  filed again between two reads of the list), none in a run that retries
+  nothing, and the ID's own work, once retried, stays ``dead_letter``. A
+  waiter that did not time out must have been given that own outcome, and a
+  ``call()`` that returned must have a ``ran`` in the ledger. Any
+  contradiction is an ``outcome_mismatches`` (the first 20 go to stderr,
+  each with what the domain said and the ID's ledger records).
+* The summary adds ``tracked`` (by how: add, add_many, add_keyed, call,
+  wait), ``outcomes`` (the final outcome of each chain; ``pending`` or
+  ``running`` at the end is a mismatch), ``own_outcomes`` (the outcome of
+  the work each add returned: a retried letter's is ``dead_letter``),
+  ``tracked_hops`` (retried_as
+  followed), ``waiters`` (call, wait, timeouts, hung, max_late_ms),
+  ``outcome_reads``, ``outcome_mismatches`` and ``outcome_unread``; the run
+  is ``ok`` only if both are 0 and no waiter hung.
+
 Tasks blocked in system calls (``--blocking``)
 ----------------------------------------------
 A TWA_SIGNAL work runs from the task's SIGUSR1 handler, and CPython runs a
@@ -272,6 +338,19 @@ SWEEPERS_PER_NAME = 2  # --serve: workers of one name that adopt together at the
 SERVE_WORK_MS = 0.5    # --serve: default time a callback takes
 SERVE_TERM_EVERY = 0.5  # --serve --term without --kill-every: a SIGTERM this often
 BACKLOG_CAP = 300      # --work-ms > 0: producers skip a task with this many works queued
+# --track: tracked works and their outcomes (the module docstring, "Tracked works")
+TRACK_KILLPOINTS = {"key_reserved": 20, "key_pushed": 20}   # producers, keyed adds
+TRACK_RATE = 2000.0    # default tracked works per second, all producers together
+TRACK_OUTCOMES = 16384  # default outcome records of the stress domain (--outcomes)
+TRACK_LAG = 0.3        # a tracked work is first read this long after its add
+TRACK_EVERY = 0.05     # how often the watcher reads the new works
+LETTERS_EVERY = 0.25   # how often it reads again the dead letters that may be retried
+BACKOFF_MAX = 1.0      # a work still pending or running is read again at most this late
+KEYED_SHARE = 0.1      # tracked single adds made with add_keyed
+WAIT_EVERY = 0.05      # mean time between a producer's waited works (call(), Work.wait())
+WAIT_TIMEOUTS = (0.01, 0.2)   # a waited work's timeout is drawn from this range
+WAIT_SLACK = 2.0       # a wait that returns this much after its timeout hung
+RESULT_MASK = 0x5A5A5A5A5A5A5A5A   # a tracked callback returns its ID xor this
 
 # ---- the ledger -------------------------------------------------------------
 
@@ -298,6 +377,44 @@ class Ledger:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+# --track: each producer's own file of 24-byte records, one write(2) each as the
+# ledger: (ID, value, kind, aux, 0)
+TRK = struct.Struct("<QqHHI")
+T_TRACK, T_WAITED, T_RESULT_BAD, T_KEY_STALE = 1, 2, 3, 4
+# T_TRACK: the add of ID returned work id ``value``; aux says how it was added
+HOW_NAMES = ("add", "add_many", "add_keyed", "call", "wait")
+H_ADD, H_MANY, H_KEYED, H_CALL, H_WAIT = range(5)
+# T_WAITED: a waiter returned; aux = the outcome it returned (its code), with
+# W_CALL if it was call() and W_TIMEOUT if it timed out (the code is then the
+# outcome the work had); value = how late it returned after its timeout (ns;
+# negative: before it)
+W_CALL, W_TIMEOUT = 0x100, 0x200
+# T_RESULT_BAD: call() returned other bytes than the callback did
+# T_KEY_STALE: add_keyed of a new key said the key was known (value: its work id)
+OUTCOME_CODES = {"pending": 0, "running": 1, "ran": 2, "failed": 3, "cancelled": 4,
+                 "dead_letter": 5, "interrupted": 6}
+OUTCOME_NAMES = {v: k for k, v in OUTCOME_CODES.items()}
+FINAL_OUTCOMES = ("ran", "failed", "cancelled", "dead_letter", "interrupted")
+
+
+class TrackFile:
+    """A producer's ``.tracked`` file: one write(2) per record, as the ledger."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def put(self, kind: int, wid: int, value: int = 0, aux: int = 0) -> None:
+        os.write(self.fd, TRK.pack(wid, value, kind, aux, 0))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def expected_result(wid: int) -> bytes:
+    """What the callback of a tracked stress work returns."""
+    return struct.pack("<Q", wid ^ RESULT_MASK)
 
 
 def payload_id(work) -> int | None:
@@ -722,6 +839,305 @@ def describe(directory: str, wids: list[int]) -> list[str]:
             for w in wids]
 
 
+# ---- --track: every tracked work's outcome against the ledger -------------------
+
+def track_files(directory: str) -> list[str]:
+    return [os.path.join(directory, fn) for fn in sorted(os.listdir(directory))
+            if fn.endswith(".tracked")]
+
+
+class Chain:
+    """What the domain says of one tracked stress ID: the work its add
+    returned (``root``), that work's own final outcome (``first``), the work
+    the chain is at now (``cur``, after ``hops`` dead-letter retries followed
+    through ``retried_as``), its outcome (``outcome``: None while not read
+    final, "dead_letter" while it may still be retried) and result."""
+
+    __slots__ = ("root", "how", "first", "cur", "hops", "outcome", "result")
+
+    def __init__(self, root: int, how: int = H_ADD):
+        self.root, self.how, self.cur = root, how, root
+        self.first: str | None = None
+        self.hops = 0
+        self.outcome: str | None = None
+        self.result: bytes | None = None
+
+    def __repr__(self) -> str:
+        how = HOW_NAMES[self.how] if 0 <= self.how < len(HOW_NAMES) else str(self.how)
+        later = (f", {self.hops} retr{'y' if self.hops == 1 else 'ies'} later {self.cur:#x}: "
+                 f"{self.outcome}" if self.hops else "")
+        return f"work {self.root:#x} ({how}): {self.first}{later}"
+
+
+class OutcomeWatcher:
+    """The controller's reader of tracked outcomes, while the run goes on.
+
+    The core keeps outcome records in a ring of ``--outcomes`` entries and
+    finds one by scanning it newest first (native/outcome.c), so a record
+    must be read before that many newer tracked works settle, and a read
+    costs more the older the record is. The watcher therefore follows each
+    tracked work from its add: it tails the producers' ``.tracked`` files,
+    reads each new work ``TRACK_LAG`` seconds after it saw it (most have
+    settled by then), reads a pending or running one again with a backoff
+    (at most ``BACKOFF_MAX``), and follows a dead letter's ``retried_as`` to
+    the work it was queued again as. A dead letter not yet retried is read
+    again every ``LETTERS_EVERY`` seconds while something may retry it
+    (``--restart``, ``--serve``): a retry appends a new record for it, which
+    that read finds near the top of the ring. A work whose record is gone
+    before the watcher saw it final is ``unread`` (the watcher fell behind:
+    a run fails on it, as the outcome was not checked).
+
+    Its state is used by one thread at a time: its own (``loop``) during the
+    run, the controller's main thread (``finish``) once that one was joined.
+    A ``.tracked`` file is read only up to whole records: each is one
+    write(2), and the file's size covers only what was written."""
+
+    def __init__(self, dom, directory: str, retries: bool):
+        self.dom = dom
+        self.dir = directory
+        self.retries = retries
+        self.offsets: dict[str, int] = {}
+        self.fresh: collections.deque = collections.deque()   # (due, id, work id)
+        self.open: dict[int, list] = {}     # work id -> [id, due, backoff]
+        self.letters: dict[int, int] = {}   # work id -> id: a dead letter not yet retried
+        self.chains: dict[int, Chain] = {}  # id -> its chain
+        self.unread: dict[int, int] = {}    # id -> the work id whose record was gone
+        self.reads = 0
+        self.next_letters = 0.0
+        self.error: BaseException | None = None
+
+    def _tail(self, now: float, lag: float) -> None:
+        with os.scandir(self.dir) as it:
+            grown = [e.path for e in it if e.name.endswith(".tracked")
+                     and e.stat().st_size >= self.offsets.get(e.path, 0) + TRK.size]
+        for path in sorted(grown):
+            off = self.offsets.get(path, 0)
+            with open(path, "rb") as f:
+                f.seek(off)
+                raw = f.read()
+            whole = len(raw) - len(raw) % TRK.size
+            self.offsets[path] = off + whole
+            for wid, value, kind, aux, _ in TRK.iter_unpack(raw[:whole]):
+                if kind == T_TRACK and wid not in self.chains:
+                    self.fresh.append((now + lag, wid, value))
+                    self.chains[wid] = Chain(value, aux)
+
+    def _look(self, work_id: int) -> tuple[str, bytes | None, int | None] | None:
+        """(outcome, result, retried_as) of one work, or None if no record
+        (reused). Domain.work() gives the handle; its outcome is then read."""
+        from shm_taskwork import OutcomeUnknownError
+
+        self.reads += 1
+        try:
+            w = self.dom.work(work_id)
+            o = w.outcome
+            if o in FINAL_OUTCOMES:
+                return o, w.result, w.retried_as
+            return o, None, None
+        except OutcomeUnknownError:
+            return None
+
+    def _step(self, work_id: int, wid: int, now: float, final: bool) -> bool:
+        """Read an open work; True if it left the open set."""
+        ch = self.chains[wid]
+        got = self._look(work_id)
+        ent = self.open[work_id]
+        if got is None:
+            del self.open[work_id]
+            self.unread[wid] = work_id
+            ch.outcome = None
+            return True
+        o, result, again = got
+        if o not in FINAL_OUTCOMES:
+            ch.outcome = o if final else None
+            ent[1] = now + ent[2]
+            ent[2] = min(BACKOFF_MAX, ent[2] * 2)
+            return False
+        del self.open[work_id]
+        if ch.hops == 0:
+            ch.first = o
+        ch.outcome, ch.result = o, result
+        if again:
+            self._hop(wid, again, now)
+        elif o == "dead_letter":
+            self.letters[work_id] = wid
+        return True
+
+    def _hop(self, wid: int, new: int, now: float) -> None:
+        ch = self.chains[wid]
+        ch.hops += 1
+        ch.cur = new
+        ch.outcome = ch.result = None
+        self.open[new] = [wid, now, TRACK_EVERY]
+
+    def _letters(self, now: float) -> None:
+        for work_id, wid in list(self.letters.items()):
+            got = self._look(work_id)
+            # None: its filing record was reused, and no retry since the
+            # last read appended one: it is still a letter
+            if got is not None and got[2]:
+                del self.letters[work_id]
+                self._hop(wid, got[2], now)
+
+    def pass_once(self, final: bool = False) -> None:
+        now = time.monotonic()
+        self._tail(now, 0.0 if final else TRACK_LAG)
+        while self.fresh and (final or self.fresh[0][0] <= now):
+            _due, wid, work_id = self.fresh.popleft()
+            self.open[work_id] = [wid, now, TRACK_EVERY]
+        for work_id, ent in list(self.open.items()):
+            if final or ent[1] <= now:
+                self._step(work_id, ent[0], now, final)
+        if final or (self.retries and now >= self.next_letters):
+            self._letters(now)
+            self.next_letters = now + LETTERS_EVERY
+
+    def loop(self, stop: threading.Event) -> None:
+        try:
+            while not stop.wait(TRACK_EVERY):
+                self.pass_once()
+        except BaseException as exc:  # shown by the main thread
+            self.error = exc
+
+    def finish(self, rounds: int = 64) -> None:
+        """After every process stopped and the dead letters were settled:
+        read everything to its end (a retry found opens a new work to read)."""
+        for _ in range(rounds):
+            before = (len(self.open), len(self.letters), sum(c.hops for c in self.chains.values()))
+            self.pass_once(final=True)
+            if not self.open or (len(self.open), len(self.letters),
+                                 sum(c.hops for c in self.chains.values())) == before:
+                break
+
+
+def _track_records(directory: str):
+    for path in track_files(directory):
+        with open(path, "rb") as f:
+            raw = f.read()
+        yield from TRK.iter_unpack(raw[:len(raw) - len(raw) % TRK.size])
+
+
+def ledger_counts(directory: str, wids) -> dict[int, list[int]]:
+    """Per ID of ``wids``, its count of ledger records of each kind."""
+    want = set(wids)
+    out: dict[int, list[int]] = {w: [0] * NKINDS for w in want}
+    for path in ledger_files(directory):
+        raw, _ = read_ledger(path)
+        for kind, _aux, _inc, wid in REC.iter_unpack(raw):
+            if wid in want and 0 < kind < NKINDS:
+                out[wid][kind] += 1
+    return out
+
+
+def expected_outcome(c) -> tuple[tuple[str, ...], str]:
+    """The final outcomes a tracked work may have given what its ledger says
+    (``c``: its count of records per kind), and why."""
+    ran, inter, canc = c[RAN], c[INTERRUPTED], c[CANCELLED]
+    on_list = c[ORPHANED] + c[SHUTDOWN] - c[RETRIED] - c[ADOPTED]
+    if canc:
+        return ("cancelled",), "a cancel of it returned True"
+    if ran and inter:
+        # the callback returned, then its task died: before the runner
+        # settled it (interrupted) or after (ran)
+        return ("ran", "interrupted"), "ran, then its task died before freeing it"
+    if ran:
+        return ("ran",), "its callback ran"
+    if inter:
+        return ("interrupted",), "its task died in its callback"
+    if on_list > 0:
+        return ("dead_letter",), "a dead letter at the end"
+    if c[CANCEL_INTENT] > c[CANCELLED] + c[CANCEL_MISSED]:
+        # the node a killed canceller held is given back as cancelled
+        # (native/outcome.c: "a reaper or the runner recovering a dead
+        # canceller's node")
+        return ("cancelled",), "its canceller was killed inside cancel()"
+    return (), "the ledger has no outcome for it"
+
+
+def check_outcomes(directory: str, chains: dict[int, Chain], unread: dict[int, int] | None = None,
+                   *, retries: bool = True) -> dict:
+    """Judge every tracked work's outcome against the ledger (the module
+    docstring, "Tracked works"). ``chains``: what the domain said of each
+    tracked ID (OutcomeWatcher.chains); ``retries``: whether the run retried
+    or adopted dead letters at all. Returns counts, and under ``bad`` the
+    mismatches as (id, text)."""
+    unread = unread or {}
+    waits: dict[int, list[tuple[int, int]]] = {}
+    other: list[tuple[int, str]] = []
+    how_count = {h: 0 for h in HOW_NAMES}
+    w = dict(call=0, wait=0, timeouts=0, hung=0, max_late_ms=0.0)
+    for wid, value, kind, aux, _ in _track_records(directory):
+        if kind == T_TRACK:
+            if 0 <= aux < len(HOW_NAMES):
+                how_count[HOW_NAMES[aux]] += 1
+        elif kind == T_WAITED:
+            waits.setdefault(wid, []).append((aux, value))
+            w["call" if aux & W_CALL else "wait"] += 1
+            w["timeouts"] += bool(aux & W_TIMEOUT)
+            w["max_late_ms"] = max(w["max_late_ms"], round(value / 1e6, 3))
+            if aux & W_TIMEOUT and value < 0:
+                other.append((wid, f"a waiter ({'call' if aux & W_CALL else 'wait'}) timed "
+                                   f"out {-value / 1e6:.3f} ms before its timeout"))
+            if value > WAIT_SLACK * 1e9:
+                w["hung"] += 1
+                other.append((wid, f"a waiter ({'call' if aux & W_CALL else 'wait'}) returned "
+                                   f"{value / 1e9:.3f} s after its timeout"))
+        elif kind == T_RESULT_BAD:
+            other.append((wid, "call() returned other bytes than the callback"))
+        elif kind == T_KEY_STALE:
+            other.append((wid, f"add_keyed of a new key found it recorded (work {value:#x})"))
+    counts = ledger_counts(directory, set(chains) | set(waits))
+    by_outcome = {o: 0 for o in (*FINAL_OUTCOMES, "pending", "running", "unread")}
+    own = {o: 0 for o in FINAL_OUTCOMES}    # each added work's own outcome
+    bad: list[tuple[int, str]] = list(other)
+    hops = 0
+    for wid, ch in chains.items():
+        c = counts[wid]
+        if wid in unread:
+            by_outcome["unread"] += 1
+            continue
+        o = ch.outcome or "pending"
+        by_outcome[o] = by_outcome.get(o, 0) + 1
+        if ch.first in own:
+            own[ch.first] += 1
+        hops += ch.hops
+        want, why = expected_outcome(c)
+        retr = c[RETRIED] + c[ADOPTED]
+        problems = []
+        if o not in want:
+            problems.append(f"the ledger says {why} (so {' or '.join(want) or 'nothing'}), "
+                            f"the domain says {o}")
+        elif o == "ran" and ch.result != expected_result(wid):
+            problems.append(f"ran, with result {ch.result!r} (its callback returned "
+                            f"{expected_result(wid)!r})")
+        # a letter retried and filed again between two reads of the list is
+        # seen by neither read: more hops than retries is right, fewer is not
+        if ch.hops < retr or (ch.hops and not retries):
+            problems.append(f"retried {retr} time(s) by the ledger, {ch.hops} by retried_as")
+        if ch.hops and ch.first != "dead_letter":
+            problems.append(f"queued again, yet its own outcome is {ch.first}")
+        for aux, _late in waits.get(wid, ()):
+            seen = OUTCOME_NAMES.get(aux & 0xFF, str(aux & 0xFF))
+            if not aux & W_TIMEOUT and seen != ch.first:
+                problems.append(f"a waiter was told {seen}, its outcome is {ch.first}")
+        if problems:
+            bad.append((wid, f"{ch!r}: " + "; ".join(problems)))
+    for wid, got in waits.items():
+        if wid in chains:
+            continue
+        c = counts[wid]
+        for aux, _late in got:
+            # call() that returned: no work id was given back, the ledger
+            # must show the run
+            seen = OUTCOME_NAMES.get(aux & 0xFF, str(aux & 0xFF))
+            if aux & W_CALL and not aux & W_TIMEOUT and seen == "ran" and not c[RAN]:
+                bad.append((wid, "call() returned its result, the ledger has no run"))
+    return {"tracked": len(chains), "tracked_by_how": how_count, "outcomes": by_outcome,
+            "own_outcomes": own,
+            "outcome_mismatches": len(bad), "outcome_unread": len(unread),
+            "tracked_hops": hops, "waiters": w, "bad": bad}
+
+
 # ---- child processes ------------------------------------------------------------
 
 def _stop_requested(stop_file: str, parent: int) -> bool:
@@ -759,6 +1175,9 @@ def role_task(a) -> int:
         if timing is not None:
             added = struct.unpack_from("<Q", p, 8)[0] if len(p) == 16 else 0
             timing.put(T_RUN, 0, wid, added, start, time.monotonic_ns())
+        if a.track:
+            return expected_result(wid)     # a tracked work's result (call(), Work.result)
+        return None
 
     dom = Domain.open(a.domain)
     # Only a task that asks for it takes SIGTERM: the others die of it.
@@ -926,10 +1345,16 @@ def block_round(a, task, timing: Timing) -> None:
 
 
 def role_producer(a) -> int:
-    from shm_taskwork import (Domain, NoSuchTaskError, PoolExhaustedError, TaskExitedError)
+    from shm_taskwork import Domain, NoSuchTaskError, PoolExhaustedError, TaskExitedError
+    from shm_taskwork.errors import KeyBusyError
 
     ledger = Ledger(a.ledger, a.incarnation)
     record_interrupted(ledger)
+    track = TrackFile(a.ledger[:-len(".ledger")] + ".tracked") if a.track else None
+    # --track: a token bucket of tracked adds (--track-rate, this producer's
+    # share; 0: every add); the others are added as without --track
+    tokens, last_fill = 16.0, time.monotonic()
+    next_wait = time.monotonic() + WAIT_EVERY
     rng = random.Random(a.child_seed)
     modes = [MODES[m] for m in a.modes.split(",")]
     dom = Domain.open(a.domain)
@@ -972,6 +1397,18 @@ def role_producer(a) -> int:
                 continue
         mode = modes[rng.randrange(len(modes))]
         n = rng.randint(2, 8) if rng.random() < MANY_SHARE else 1
+        tracked = waited = False
+        if track is not None:
+            if a.track_rate:
+                tokens = min(16.0, tokens + (now - last_fill) * a.track_rate)
+                last_fill = now
+            tracked = not a.track_rate or tokens >= n
+            if tracked and a.track_rate:
+                tokens -= n
+            if tracked and now >= next_wait:
+                # a waiter: call() or add + Work.wait(), with a short timeout
+                n, waited = 1, True
+                next_wait = now + rng.expovariate(1 / WAIT_EVERY)
         wids = [base | (seq + i) for i in range(n)]
         seq += n
         aux = mode | (MANY_FLAG if n > 1 else 0)
@@ -982,12 +1419,26 @@ def role_producer(a) -> int:
             payloads = [struct.pack("<QQ", w, now_ns) for w in wids]
         else:
             payloads = [struct.pack("<Q", w) for w in wids]
+        if waited and rng.random() < 0.5:
+            ok = call_one(t, wids[0], payloads[0], mode, rng, ledger, track)
+            if not ok:
+                handles.pop(name, None)
+            continue
+        how = H_ADD
         try:
-            if n == 1:
-                works = [t.add(CALLBACK, payloads[0], notify=mode)]
+            if n > 1:
+                how = H_MANY
+                works = t.add_many(CALLBACK, payloads, notify=mode, track=tracked)
+            elif tracked and not waited and rng.random() < KEYED_SHARE:
+                how = H_KEYED
+                rec = t.add_keyed(CALLBACK, payloads[0], notify=mode, track=True,
+                                  key=payloads[0])
+                if not rec.fresh:           # a new key is never recorded before
+                    track.put(T_KEY_STALE, wids[0], rec.work_id)
+                works = [rec]
             else:
-                works = t.add_many(CALLBACK, payloads, notify=mode)
-        except (TaskExitedError, PoolExhaustedError) as exc:
+                works = [t.add(CALLBACK, payloads[0], notify=mode, track=tracked)]
+        except (TaskExitedError, PoolExhaustedError, KeyBusyError) as exc:
             for wid in wids:
                 ledger.put(ADD_FAILED, wid, aux)
             if isinstance(exc, TaskExitedError):
@@ -997,11 +1448,25 @@ def role_producer(a) -> int:
             continue
         backlog[name] = backlog.get(name, 0) + n
         for wid, w in zip(wids, works):
+            if tracked:     # before ``added``: every confirmed tracked add has its work id
+                track.put(T_TRACK, wid, w.work_id if how == H_KEYED else w.id,
+                          H_WAIT if waited else how)
             ledger.put(ADDED, wid, aux)
-            mine.append((t, w, wid))
+            if how != H_KEYED:          # a key record is no handle to cancel
+                mine.append((t, w, wid))
+        if waited:
+            timeout = rng.uniform(*WAIT_TIMEOUTS)
+            t0 = time.monotonic()
+            try:
+                got, flags = works[0].wait(timeout), 0
+            except TimeoutError:
+                got, flags = works[0].outcome, W_TIMEOUT
+            late = time.monotonic() - t0 - timeout
+            track.put(T_WAITED, wids[0], int(late * 1e9),
+                      OUTCOME_CODES.get(got, 0xFF) | flags)
         if len(mine) > 64:
             del mine[:32]
-        if rng.random() < a.cancel_rate:
+        if mine and rng.random() < a.cancel_rate:
             k = len(mine) - 1 if rng.random() < 0.5 else rng.randrange(len(mine))
             ct, cw, cid = mine.pop(k)
             ledger.put(CANCEL_INTENT, cid)
@@ -1012,6 +1477,47 @@ def role_producer(a) -> int:
             ledger.put(CANCELLED if ok else CANCEL_MISSED, cid)
     dom.close()
     return 0
+
+
+def call_one(t, wid: int, payload: bytes, mode: int, rng, ledger: Ledger,
+             track: TrackFile) -> bool:
+    """--track: one ``task.call()`` with a short timeout, written down as an add
+    and a cancel (call() cancels a work that has not started at its
+    deadline): ``intent-add`` and ``cancel-intent`` before it, and after it
+    the outcome it gave. False if the task had exited."""
+    from shm_taskwork import (CallbackFailedError, PoolExhaustedError, TaskExitedError,
+                              WorkLostError)
+    from shm_taskwork.errors import KeyBusyError
+
+    aux = mode
+    ledger.put(CANCEL_INTENT, wid)
+    timeout = rng.uniform(*WAIT_TIMEOUTS)
+    t0 = time.monotonic()
+    work = None
+    flags = W_CALL
+    try:
+        result = t.call(CALLBACK, payload, timeout=timeout, notify=mode)
+        got = "ran"
+        if result != expected_result(wid):
+            track.put(T_RESULT_BAD, wid)
+    except TimeoutError as exc:
+        work = exc.work
+        got, flags = work.outcome, W_CALL | W_TIMEOUT
+    except (CallbackFailedError, WorkLostError) as exc:
+        work = exc.work
+        got = "failed" if isinstance(exc, CallbackFailedError) else exc.outcome
+    except (TaskExitedError, PoolExhaustedError, KeyBusyError):
+        ledger.put(ADD_FAILED, wid, aux)
+        ledger.put(CANCEL_MISSED, wid)
+        return False
+    late = time.monotonic() - t0 - timeout
+    if work is not None:
+        track.put(T_TRACK, wid, work.id, H_CALL)
+    ledger.put(ADDED, wid, aux)
+    cancelled = work is not None and work.state == "cancelled"
+    ledger.put(CANCELLED if cancelled else CANCEL_MISSED, wid)
+    track.put(T_WAITED, wid, int(late * 1e9), OUTCOME_CODES.get(got, 0xFF) | flags)
+    return True
 
 
 class Child:
@@ -1213,6 +1719,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help=f"how long each callback takes (default 0; with --serve "
                         f"{SERVE_WORK_MS:g}, so that a stop finds a queue longer than the "
                         f"drain); producers then skip a task with {BACKLOG_CAP} works queued")
+    p.add_argument("--track", action="store_true",
+                   help="add tracked works (track=True, add_many, add_keyed, call(), "
+                        "Work.wait() with short timeouts) and check every tracked work's "
+                        "outcome (Domain.work) against the ledger; a mismatch fails the run")
+    p.add_argument("--track-rate", type=_nonneg_float, default=None, metavar="N",
+                   help=f"--track: tracked works per second, all producers together (default "
+                        f"{TRACK_RATE:g}; 0: every add); the other adds are untracked")
+    p.add_argument("--outcomes", type=positive_int, default=None, metavar="N",
+                   help=f"--track: outcome records of the stress domain (default "
+                        f"{TRACK_OUTCOMES}); a record must be read before N newer tracked "
+                        "works settle")
     # test-only: prove that the checker can fail
     p.add_argument("--inject", choices=("lose", "duplicate", "leak", "no-adopt"), default=None,
                    help=argparse.SUPPRESS)
@@ -1269,6 +1786,19 @@ def resolve_blocking(p: argparse.ArgumentParser, a) -> None:
                 f"{a.stall_bound:g} ms): a shorter call ends any stall before the bound")
 
 
+def resolve_track(p: argparse.ArgumentParser, a) -> None:
+    """Fill --track's defaults; --track-rate and --outcomes need it."""
+    if not a.track:
+        given = [f for f, v in (("--track-rate", a.track_rate), ("--outcomes", a.outcomes))
+                 if v is not None]
+        if given:
+            p.error(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} "
+                    "with --track")
+        return
+    a.track_rate = TRACK_RATE if a.track_rate is None else a.track_rate
+    a.outcomes = TRACK_OUTCOMES if a.outcomes is None else a.outcomes
+
+
 def resolve_serve(p: argparse.ArgumentParser, a) -> None:
     """Fill --drain-timeout's default and refuse what does not combine with
     --serve (p.error: one line, exit status 2)."""
@@ -1316,6 +1846,7 @@ class Controller:
         self.retried = 0
         self.retry_calls = 0
         self.dom = None
+        self.watcher: OutcomeWatcher | None = None
         self.tmp = tempfile.mkdtemp(prefix="shm-taskwork-stress-")
         self.stop_producers = os.path.join(self.tmp, "stop-producers")
         self.stop_tasks = os.path.join(self.tmp, "stop-tasks")
@@ -1351,6 +1882,8 @@ class Controller:
         kp = None
         if self.a.killpoints and not sweeper and self.rng.random() < KILLPOINT_SHARE:
             points = TASK_KILLPOINTS if role == "task" else PRODUCER_KILLPOINTS
+            if role == "producer" and self.a.track:
+                points = {**points, **TRACK_KILLPOINTS}     # keyed adds: --track only
             point = self.rng.choice(sorted(points))
             count = self.rng.randint(1, points[point])
             kp = f"{point}:{count}"
@@ -1381,6 +1914,10 @@ class Controller:
             if role == "task":
                 cmd += ["--block-in", self.a.block_in, "--block-for", repr(self.a.block_for),
                         "--timing", os.path.join(self.tmp, f"{role}-{inc}.timing")]
+        if self.a.track:
+            cmd += ["--track"]
+            if role == "producer":
+                cmd += ["--track-rate", repr(self.a.track_rate / self.a.producers)]
         if self.a.inject in ("lose", "duplicate", "no-adopt"):
             cmd += ["--inject", self.a.inject]
         with open(err_path, "wb") as err:
@@ -1684,9 +2221,11 @@ class Controller:
         a = self.a
         name = a.domain or f"/tw_stress_{os.getpid()}_{uuid.uuid4().hex[:10]}"
         max_tasks = self.max_tasks = max(16, 4 * a.tasks)
+        extra = {"outcomes": a.outcomes} if a.track else {}
         self.dom = Domain.create(name, max_tasks=max_tasks, pool_size=a.pool_size,
-                                 payload_size=16 if a.blocking else 8, max_procs=min(65536, 4 * (a.tasks + a.producers)
-                                                               + 4 * max_tasks + 64))
+                                 payload_size=16 if a.blocking else 8,
+                                 max_procs=min(65536, 4 * (a.tasks + a.producers)
+                                               + 4 * max_tasks + 64), **extra)
 
         @callback(name=CALLBACK)
         def record(work):  # the controller registers the callback, as a task would
@@ -1702,6 +2241,12 @@ class Controller:
             fsck_thread = threading.Thread(target=self.fsck_loop, args=(stop_fsck,),
                                            name="stress-fsck", daemon=True)
             fsck_thread.start()
+        watch_thread = None
+        if a.track:
+            self.watcher = OutcomeWatcher(self.dom, self.tmp, retries=a.restart or a.serve)
+            watch_thread = threading.Thread(target=self.watcher.loop, args=(stop_fsck,),
+                                            name="stress-outcomes", daemon=True)
+            watch_thread.start()
         progress = _Progress(a.seconds) if sys.stderr.isatty() else None
         t0 = time.monotonic()
         self.t0_ns = int(t0 * 1e9)
@@ -1746,12 +2291,18 @@ class Controller:
             stop_fsck.set()
             if fsck_thread is not None:
                 fsck_thread.join(timeout=30)
+            if watch_thread is not None:
+                watch_thread.join(timeout=30)
             if progress:
                 progress.close()
         if fsck_thread is not None and fsck_thread.is_alive():
             raise RuntimeError("the fsck thread did not stop within 30 s")
         if self.fsck_error is not None:
             raise self.fsck_error
+        if watch_thread is not None and watch_thread.is_alive():
+            raise RuntimeError("the outcome watcher did not stop within 30 s")
+        if self.watcher is not None and self.watcher.error is not None:
+            raise self.watcher.error
         if a.fsck:
             # Whatever killed processes still held.
             self.fsck_once()
@@ -1776,6 +2327,13 @@ class Controller:
         final = self.dom.fsck(repair=False)
         stats = self.dom.stats()
         acc = account(self.tmp)
+        if self.watcher is not None:
+            # Every process is gone and every letter settled: each tracked
+            # work's chain is read to its end and judged.
+            self.watcher.finish()
+            acc["track"] = check_outcomes(self.tmp, self.watcher.chains, self.watcher.unread,
+                                          retries=a.restart or a.serve)
+            acc["track"]["outcome_reads"] = self.watcher.reads
         if a.blocking:
             # A retried dead letter was queued on its new task at the retry,
             # not at its add: its wait there is not measured.
@@ -1845,6 +2403,7 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
     a = parser.parse_args(argv)
     resolve_blocking(parser, a)
     resolve_serve(parser, a)
+    resolve_track(parser, a)
     if a.role == "task":
         return role_task(a)
     if a.role == "producer":
@@ -1904,6 +2463,14 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             "sigterm_unclean": (sum(n for k, n in ctl.sigterm_exits.items()
                                     if k not in ("0", "SIGKILL")) if a.serve else 0),
         }
+        tr = acc.get("track")
+        tbad: list = []
+        if tr is not None:
+            tbad = tr.pop("bad")
+            summary.update(tr, outcomes_kept=a.outcomes, track_rate=a.track_rate)
+        else:
+            summary.update(tracked=None, outcome_mismatches=None, outcome_unread=None)
+        summary["track"] = a.track
         st = acc.get("stalls")
         worst = []
         if st is not None:
@@ -1913,7 +2480,8 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
             summary.update(max_stall_ms=None, stalled=None, stall_bound_ms=None)
         failed = [k for k in ("lost", "duplicated", "leaked", "phantom", "crashed", "hung",
                               "dead_letter_problems", "stalled", "unadopted",
-                              "sigterm_unclean") if summary[k]]
+                              "sigterm_unclean", "outcome_mismatches", "outcome_unread")
+                  if summary[k]]
         if not summary["final_fsck"]["clean"]:
             failed.append("final_fsck")
         summary["ok"] = ok = not failed
@@ -1927,6 +2495,18 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
                           file=sys.stderr)
                     for line in describe(ctl.tmp, bad[k][:20]):
                         print(f"  {line}", file=sys.stderr)
+            if tbad:
+                print(f"{prog}: {len(tbad)} tracked work(s) whose outcome contradicts the "
+                      f"ledger; the first {min(20, len(tbad))}:", file=sys.stderr)
+                recs = dict(zip([w for w, _ in tbad[:20]],
+                                describe(ctl.tmp, [w for w, _ in tbad[:20]])))
+                for wid, text in tbad[:20]:
+                    print(f"  {text}\n    ledger: {recs[wid]}", file=sys.stderr)
+            if summary["outcome_unread"]:
+                print(f"{prog}: {summary['outcome_unread']} tracked work(s) whose outcome "
+                      f"record was reused before it was read: raise --outcomes "
+                      f"({a.outcomes}) or lower --track-rate ({a.track_rate:g})",
+                      file=sys.stderr)
             if summary["leaked"]:
                 print(f"{prog}: {summary['leaked']} pool node(s) not free after the drain "
                       "(and the dead letters dropped)", file=sys.stderr)
@@ -1989,6 +2569,15 @@ def _print_human(s: dict) -> None:
               f"{sum(s['block_calls'].values())} calls, {s['timed_works']} works timed, wait "
               f"p50 {w['p50']} ms, p99 {w['p99']} ms, max {w['max']} ms; longest stall "
               f"{s['max_stall_ms']} ms, {s['stalled']} over {s['stall_bound_ms']:g} ms")
+    if s["track"]:
+        o = s["outcomes"]
+        wt = s["waiters"]
+        by_how = ", ".join(f"{k} {v}" for k, v in s["tracked_by_how"].items())
+        print(f"  tracked {s['tracked']} ({by_how}"
+              f"): {', '.join(f'{k} {v}' for k, v in o.items() if v)}; retried_as followed "
+              f"{s['tracked_hops']}; waiters: call {wt['call']}, wait {wt['wait']}, timed out "
+              f"{wt['timeouts']}, latest {wt['max_late_ms']} ms past the timeout; mismatches "
+              f"{s['outcome_mismatches']}, unread {s['outcome_unread']}")
     print(f"  lost {s['lost']}, duplicated {s['duplicated']}, leaked {s['leaked']}, "
           f"phantom {s['phantom']}, crashed {s['crashed']}, hung {s['hung']}"
           f"{', stalled ' + str(s['stalled']) if s['blocking'] else ''}"
