@@ -301,3 +301,36 @@ def test_tracked_bad_input_queues_nothing(make_domain):
         dom.work("1")
     with pytest.raises(OutcomeUnknownError, match="pool_size=4"):
         dom.work(7)
+
+
+@pytest.mark.asan
+def test_a_letter_whose_filer_died_keeps_its_outcome_when_it_is_retried(make_domain, spawn):
+    # A reaper killed while filing the letter (kill point in_dl_file) leaves
+    # it with no record: it reads dead_letter all along, and its retry does
+    # not turn the original's outcome into the new work's.
+    dom = make_domain("ocdlk", pool_size=16, outcomes=64)
+    idle = spawn("""
+        import sys
+        from shm_taskwork import Domain
+        dom = Domain.open(sys.argv[1]); t = dom.register("t", install_handler=False)
+        print(t.id, flush=True); sys.stdin.read()
+    """, dom.name, stdin=__import__("subprocess").PIPE)
+    task = dom.task(int(readline(idle)))
+    w = task.add("oc.echo", b"again", TWA_NONE, track=True)
+    idle.kill()
+    idle.wait(10)
+    reaper = spawn("""
+        import sys
+        from shm_taskwork import Domain
+        Domain.open(sys.argv[1]).tasks()
+    """, dom.name, env={"SHM_TASKWORK_KILLPOINT": "in_dl_file:1"})
+    assert reaper.wait(30) == -signal.SIGKILL
+    dom.fsck(repair=True)
+    assert dom.work(w.id).outcome == "dead_letter"
+    me = dom.register("t", install_handler=False)
+    assert dom.retry_dead_letters(to="t") == 1
+    me.run()
+    again = dom.work(w.id)
+    assert again.outcome == "dead_letter" and again.retried_as not in (None, w.id)
+    assert dom.work(again.retried_as).wait(5) == "ran"
+    me.exit()
