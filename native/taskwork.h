@@ -41,6 +41,20 @@
 
 #include "tw_layout.h"
 
+/* The process's node cache (pool.c; tw_layout.h TW_N_CACHED): process-local,
+ * inside the view. `lock` is 0 or the fork epoch tag of the thread using it;
+ * a thread (or a signal handler) that finds it busy uses the shared free list
+ * instead. ent[]: gen<<32 | node, each CACHED in entry `proc` with that gen
+ * when it was put there (checked by CAS when taken: another process may have
+ * taken it since). Zeroed memory is an empty cache. */
+struct tw_pool_cache {
+    uint32_t lock;
+    uint32_t epoch;            /* the fork epoch the contents belong to          */
+    int32_t  proc;             /* the process entry the contents are CACHED in   */
+    uint32_t n;
+    uint64_t ent[TW_CACHE_MAX];
+};
+
 /* Process-local view of a mapped domain. Sizes are copied from the header once
  * it is validated; later reads of the segment never change them. */
 struct tw_dom {
@@ -57,6 +71,7 @@ struct tw_dom {
     int64_t  lock_timeout_ns;
     uint32_t out_cap, out_rec_size;   /* the outcome ring (tw_layout.h)          */
     uint64_t out_off;
+    struct tw_pool_cache cache;       /* free nodes this process holds (pool.c)  */
 };
 
 /* What a reader gets for one work (copied out while the node is owned). */

@@ -190,6 +190,21 @@
 #define TW_N_DONE             7u  /* aux = task slot; its callback returned: the
                                      runner gives it back (tw_run_finish), or a
                                      reaper does if the runner died. Counted free */
+#define TW_N_CACHED           8u  /* aux = proc entry: free, in that process's
+                                     node cache (pool.c). Counted free. With
+                                     TW_CACHE_HELD in aux: being flushed by it
+                                     (nobody else may take it)                  */
+
+/* The per-process node cache (pool.c, docs/architecture.md "The node cache").
+ * A process keeps up to TW_CACHE_MAX free nodes CACHED in its own name, takes
+ * them from the free list TW_CACHE_BATCH at a time (one CAS) and gives them
+ * back TW_CACHE_BATCH at a time (one CAS). A process that finds the free list
+ * and its own cache empty takes a node from any other process's cache by CAS
+ * on its owner word (CACHED without HELD), so the pool runs dry only when
+ * every node is in use. */
+#define TW_CACHE_MAX          32
+#define TW_CACHE_BATCH        16
+#define TW_CACHE_HELD         0x800000u
 
 /* Why a node is a dead letter (node.reason); non-zero on an ALLOC node: a
  * dead letter being re-queued, which goes back to the dead letters if its
@@ -215,7 +230,10 @@
 #define TW_KP_AFTER_PUSH      2  /* pushed, notification not sent               */
 #define TW_KP_AFTER_DETACH    3  /* batch detached and marked, nothing run      */
 #define TW_KP_IN_PI_LOCK      4  /* cancel holds pi_lock, node marked, linked   */
-#define TW_KP_MID_POP         5  /* free-list CAS done, owner not yet written   */
+#define TW_KP_MID_POP         5  /* a node taken: from the free list (CAS done,
+                                    owner not yet written), or from the
+                                    process's cache (owner just written ALLOC,
+                                    not yet returned to the adder)             */
 #define TW_KP_IN_CALLBACK     6  /* (python side) callback started              */
 #define TW_KP_IN_CLAIM        7  /* proc entry locked, pid not yet stored       */
 #define TW_KP_IN_REGISTER     8  /* slot claimed, registration not published    */
@@ -224,6 +242,10 @@
 #define TW_KP_IN_DETACH       11 /* pi_lock held, batch marked, not detached    */
 #define TW_KP_KEY_RESERVED    12 /* key entry RESERVED, node not yet pushed     */
 #define TW_KP_KEY_PUSHED      13 /* keyed node pushed, key entry not yet final  */
+#define TW_KP_MID_BATCH_POP   14 /* cache refill: free-list CAS done, the batch's
+                                    owner words not yet CACHED                 */
+#define TW_KP_MID_BATCH_PUSH  15 /* cache flush: the chain's owner words FREE,
+                                    free-list CAS not yet done                 */
 
 struct tw_header {
     char     magic[8];
@@ -342,8 +364,11 @@ struct tw_proc {
     uint64_t pid;              /* 0 = free; stored after life is locked          */
     uint64_t start_ticks;
     /* One word per free-list operation in flight in this process (threads, a
-     * signal handler interrupting an add): claimed by CAS from ~0, then the
-     * node being popped/pushed (low 32 bits), back to ~0 when done.           */
+     * signal handler interrupting an add): claimed by CAS from ~0, then
+     * count<<32 | first: the chain of `count` nodes (1..TW_CACHE_MAX) linked
+     * by ->next from `first` that is being popped or pushed (one node: count
+     * 1), back to ~0 when done. A reader follows at most count links, each
+     * bounds-checked; a count out of range reads as 1.                      */
     uint64_t intent[TW_INTENTS];
     struct tw_life life;       /* held while the process has the entry           */
 };
