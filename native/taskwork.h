@@ -331,8 +331,9 @@ int  tw_sigwatch_del(struct tw_dom *d, uint32_t slot);
  */
 int  tw_proc_claim(struct tw_dom *d);
 /**
- * tw_proc_release() - give back this process's entry (pid first, then its
- * life lock). Context: no pool operation of this process is in flight.
+ * tw_proc_release() - give back this process's entry: its node cache to the
+ * free list, then pid, then its life lock. Context: no pool operation of
+ * this process is in flight.
  */
 void tw_proc_release(struct tw_dom *d);
 /**
@@ -352,8 +353,15 @@ int  tw_proc_busy(struct tw_dom *d, uint32_t i);
 /* ======================================================================== */
 /* pool.c: the node pool                                                     */
 
+/*
+ * Allocation goes through a per-process node cache (tw_layout.h "the
+ * per-process node cache"): nodes a process holds there are CACHED in its
+ * entry's name and count as free; any process whose pool is otherwise empty
+ * may take them. The cache is given back by tw_proc_release().
+ */
 /**
- * tw_pool_free_count() - nodes free or DONE (run, on their way back).
+ * tw_pool_free_count() - nodes free, CACHED (in a process's node cache) or
+ * DONE (run, on their way back).
  *
  * A racy count (statistics). Return: the count.
  */

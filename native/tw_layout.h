@@ -12,6 +12,11 @@
  *   cancel_*             the task's pi_lock          add
  *   free-list pop        nothing (tagged head)       pop, push
  *   free-list push       nothing (tagged head)       pop, push
+ *   cache refill/flush   the process's cache lock    pop, push (a batch pop or
+ *   (batch pop/push)     (process-local, only tried) push is one free-list CAS)
+ *   cache take/give      the process's cache lock    everything; a steal makes
+ *                                                    the take's CAS fail
+ *   steal (pool dry)     nothing (owner-word CAS)    everything
  *   dead-letter ops      dl_lock                     everything else
  *   register / exit      the slot's life lock        everything; the life lock
  *                                                    orders every state change
@@ -126,7 +131,43 @@
  *                         (tw_key_lookup) or a reclaimer (settle_node)
  *   hdr.keys_next         under keys_lock
  *   proc.intent[k]        claimed by CAS from ~0 by one pop/push of the process;
- *                         seq_cst stores before its free-list CAS, ~0 after
+ *                         seq_cst stores before its free-list CAS, ~0 after.
+ *                         count<<32 | first: a batch names its whole chain
+ *                         (linked before the store), so a FREE node on no
+ *                         list is always covered by a live intent or dead
+ *   node.owner CACHED     FREE -> CACHED(me): release store after the batch
+ *                         pop's CAS; ALLOC/DONE/.. -> CACHED(me): release store
+ *                         by the owner that frees it; CACHED(me) -> ALLOC(me),
+ *                         CACHED(p) -> ALLOC(me) (steal), CACHED(p) ->
+ *                         CACHED(p|HELD) (flush; a reclaimer of dead p): CAS
+ *                         acq_rel on the exact word (gen included), so the
+ *                         owner's take and a thief's never both succeed;
+ *                         HELD -> FREE: release store before the push CAS
+ *
+ * What crash safety costs per work (locked read-modify-write instructions;
+ * release/acquire loads and stores are plain moves on x86). The per-process
+ * node cache takes allocation off the shared free list:
+ *
+ *   add, cache hit       cache lock CAS; owner CAS CACHED -> ALLOC (a steal
+ *                        may have taken it); task-list push CAS; mark CAS
+ *                        ALLOC -> QUEUED; c.added and c.queued fetch_adds;
+ *                        notify fetch_or (TWA_RESUME/SIGNAL). The cache lock's
+ *                        release is a store. 6-7 in all
+ *   add, cache refill    + 1/16 of a batch pop: intent claim CAS, two seq_cst
+ *                        intent stores (xchg), free-list CAS
+ *   run (per work)       DETACHED mark CAS; per batch: pi_lock lock + unlock,
+ *                        detach CAS, c.queued and c.run fetch_adds; RUNNING and
+ *                        DONE are stores; the free: cache lock CAS (owner store
+ *                        CACHED, lock release store); every 16th free flushes:
+ *                        per node a HELD CAS (FREE is a store), per 16 an
+ *                        intent claim CAS, two intent xchgs, one free-list CAS.
+ *                        About 3 per work plus the batch's share
+ *
+ * Before the cache each allocation and each free cost four (intent claim CAS,
+ * intent xchg, free-list CAS, intent xchg). What it costs instead: cached
+ * nodes are free but not on the free list (another process takes them only
+ * when the list is empty, with a scan of the owner words), and a dead
+ * process's cache is given back when its entry is reclaimed.
  *
  * Every value read from the segment is treated as hostile: indices are
  * bounds-checked, walks are bounded by pool_size, locks are taken with a
@@ -202,8 +243,8 @@
  * and its own cache empty takes a node from any other process's cache by CAS
  * on its owner word (CACHED without HELD), so the pool runs dry only when
  * every node is in use. */
-#define TW_CACHE_MAX          32
-#define TW_CACHE_BATCH        16
+#define TW_CACHE_MAX          32  /* nodes a process caches at most           */
+#define TW_CACHE_BATCH        16  /* taken / given back with one free-list CAS */
 #define TW_CACHE_HELD         0x800000u
 
 /* Why a node is a dead letter (node.reason); non-zero on an ALLOC node: a
