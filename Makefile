@@ -89,6 +89,9 @@ docs: venv $(VENV)/.docs-stamp
 
 # Part 1: push / detach / cancel-under-lock; part 2 (-DFREELIST): the tagged
 # free list. Part 3 removes the tag and must FAIL: the checker can see ABA.
+# nodecache.pml: the per-process node cache's batch pop and push beside single
+# pops, pushes and steals, with a death anywhere; without the tag, or with an
+# intent that names one node of a batch, it must FAIL.
 model-check:
 	@command -v $(SPIN) >/dev/null 2>&1 || { \
 	  echo "error: spin is not installed (e.g. apt-get install spin)" >&2; exit 1; }
@@ -98,6 +101,12 @@ model-check:
 	  && grep -q "errors: 0" pan.out
 	cd model && $(SPIN) -a -DFREELIST -DNOTAG taskwork.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
 	  grep -q "assertion violated" pan.out && echo "without the tag spin finds the ABA, as it should"
+	cd model && $(SPIN) -a nodecache.pml && gcc -O2 -w -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
+	  && grep -q "errors: 0" pan.out
+	cd model && $(SPIN) -a -DNOTAG nodecache.pml && gcc -O2 -w -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
+	  grep -q "assertion violated" pan.out && echo "without the tag spin finds the batch pop's ABA, as it should"
+	cd model && $(SPIN) -a -DSHORTINTENT nodecache.pml && gcc -O2 -w -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
+	  grep -q "assertion violated" pan.out && echo "with an intent naming one node of a batch spin finds a batch node fsck would take for a leak, as it should"
 	cd model && $(SPIN) -a signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
 	  && grep -q "errors: 0" pan.out
 	cd model && $(SPIN) -a -DNA=3 -DNPER=1 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \

@@ -82,6 +82,9 @@ int tw_proc_claim(struct tw_dom *d)
 void tw_proc_release(struct tw_dom *d)
 {
     if (d->my_proc >= 0 && d->my_pid == getpid()) {
+        /* Our cached nodes are CACHED in this entry: back to the free list
+         * first, or they would name an entry that is no longer ours. */
+        tw_pool_cache_flush(d);
         struct tw_proc *p = PROC(d, (uint32_t)d->my_proc);
         /* No operation of ours is in flight, so no intent word is set. The
          * pid goes first: a reader that sees the lock free sees pid 0. */

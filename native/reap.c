@@ -15,8 +15,9 @@
  * A dead process's entry in the process table is reclaimed the same way by
  * the next process that needs an entry (or by fsck): nodes it had allocated
  * and pushed are queued works (their mark is finished for it), nodes it had
- * not pushed go back to the pool, and a node it was moving on the free list
- * is found by a validated walk of that list.
+ * not pushed and nodes in its cache (CACHED in its entry) go back to the
+ * pool, and the nodes it was moving on the free list (one, or a cache
+ * batch) are found by a validated walk of that list.
  *
  * Layer: reap, the top. May call every other file. It installs
  * tw_dead_proc_ops, through which the process table and the key table
@@ -238,7 +239,7 @@ static int settle_node(struct tw_dom *d, uint32_t node, uint64_t o)
             /* Never pushed: a keyed add that recorded this node is VOID
              * (said before the node can be allocated again). */
             tw_keys_settle(d, node, O_GEN(o), TW_K_VOID);
-            tw_pool_push(d, node);
+            tw_pool_push_shared(d, node);   /* not into our cache: see below */
             r = 1;
         }
     }
@@ -275,7 +276,7 @@ int tw_proc_settle(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap
             if (d->my_proc < 0)
                 d->my_proc = (int32_t)i;
             for (int k = 0; k < n; k++)
-                tw_pool_push(d, out[k]);
+                tw_pool_push_shared(d, out[k]);
             info->leaked += (uint32_t)n;
         }
         free(dead);
@@ -290,8 +291,17 @@ int tw_proc_settle(struct tw_dom *d, uint32_t i, int fsck_locked, struct tw_reap
         if (d->my_proc < 0)
             d->my_proc = (int32_t)i;    /* pool pushes below use this entry's intents */
     }
+    /* Nodes go back straight to the free list (tw_pool_push_shared), never
+     * through our own cache: we may have adopted entry i, and a node cached
+     * in it would look like one of the dead process's. */
     for (uint32_t node = 0; node < d->pool_size; node++) {
         uint64_t o = LD_ACQ(&NODE(d, node)->owner);
+        if (O_STATE(o) == TW_N_CACHED && (O_AUX(o) & ~TW_CACHE_HELD) == i) {
+            /* Free, in the dead process's cache (or being flushed by it):
+             * back to the pool. Not a leak: it was counted free all along. */
+            tw_pool_uncache(d, node, o);
+            continue;
+        }
         if (O_STATE(o) != TW_N_ALLOC || O_AUX(o) != i)
             continue;
         switch (settle_node(d, node, o)) {

@@ -31,7 +31,8 @@ static void kp_init(void)
     static const char *names[] = { "", "after_alloc", "after_push", "after_detach",
                                    "in_pi_lock", "mid_pop", "in_callback", "in_claim",
                                    "in_register", "in_reap", "in_dl_file", "in_detach",
-                                   "key_reserved", "key_pushed" };
+                                   "key_reserved", "key_pushed", "mid_batch_pop",
+                                   "mid_batch_push" };
     const char *env = getenv("SHM_TASKWORK_KILLPOINT");
     kp_point = TW_KP_NONE;
     kp_count = 1;

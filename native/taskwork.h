@@ -41,6 +41,20 @@
 
 #include "tw_layout.h"
 
+/* The process's node cache (pool.c; tw_layout.h TW_N_CACHED): process-local,
+ * inside the view. `lock` is 0 or the fork epoch tag of the thread using it;
+ * a thread (or a signal handler) that finds it busy uses the shared free list
+ * instead. ent[]: gen<<32 | node, each CACHED in entry `proc` with that gen
+ * when it was put there (checked by CAS when taken: another process may have
+ * taken it since). Zeroed memory is an empty cache. */
+struct tw_pool_cache {
+    uint32_t lock;
+    uint32_t epoch;            /* the fork epoch the contents belong to          */
+    int32_t  proc;             /* the process entry the contents are CACHED in   */
+    uint32_t n;
+    uint64_t ent[TW_CACHE_MAX];
+};
+
 /* Process-local view of a mapped domain. Sizes are copied from the header once
  * it is validated; later reads of the segment never change them. */
 struct tw_dom {
@@ -57,6 +71,7 @@ struct tw_dom {
     int64_t  lock_timeout_ns;
     uint32_t out_cap, out_rec_size;   /* the outcome ring (tw_layout.h)          */
     uint64_t out_off;
+    struct tw_pool_cache cache;       /* free nodes this process holds (pool.c)  */
 };
 
 /* What a reader gets for one work (copied out while the node is owned). */
@@ -339,8 +354,9 @@ int  tw_sigwatch_del(struct tw_dom *d, uint32_t slot);
  */
 int  tw_proc_claim(struct tw_dom *d);
 /**
- * tw_proc_release() - give back this process's entry (pid first, then its
- * life lock). Context: no pool operation of this process is in flight.
+ * tw_proc_release() - give back this process's entry: its node cache to the
+ * free list, then pid, then its life lock. Context: no pool operation of
+ * this process is in flight.
  */
 void tw_proc_release(struct tw_dom *d);
 /**
@@ -360,8 +376,15 @@ int  tw_proc_busy(struct tw_dom *d, uint32_t i);
 /* ======================================================================== */
 /* pool.c: the node pool                                                     */
 
+/*
+ * Allocation goes through a per-process node cache (tw_layout.h "the
+ * per-process node cache"): nodes a process holds there are CACHED in its
+ * entry's name and count as free; any process whose pool is otherwise empty
+ * may take them. The cache is given back by tw_proc_release().
+ */
 /**
- * tw_pool_free_count() - nodes free or DONE (run, on their way back).
+ * tw_pool_free_count() - nodes free, CACHED (in a process's node cache) or
+ * DONE (run, on their way back).
  *
  * A racy count (statistics). Return: the count.
  */

@@ -200,8 +200,22 @@ int  tw_dl_file_locked_ex(struct tw_dom *d, uint32_t node, uint64_t expect, uint
                           uint32_t slot, uint64_t name_id, int settle);
 
 /* ---- pool.c ---- */
+/* Allocate a node (ALLOC by our entry, new generation): from the process's
+ * cache, else the free list, else another process's cache. 0 or -errno
+ * (-ENOMEM: every node is in use). Async-signal-safe. */
 int  tw_pool_pop(struct tw_dom *d, uint32_t *out);
+/* Give back a node we own: into the process's cache (CACHED), or onto the
+ * free list if the cache is busy. Async-signal-safe. */
 void tw_pool_push(struct tw_dom *d, uint32_t idx);
+/* Onto the shared free list, bypassing the cache (reclaiming a dead entry's
+ * nodes: they must not land in a cache the reclaimer is about to scan). */
+void tw_pool_push_shared(struct tw_dom *d, uint32_t idx);
+/* Give the process's whole cache back to the free list (before the process
+ * entry is released). */
+void tw_pool_cache_flush(struct tw_dom *d);
+/* A node CACHED by a dead entry (owner word o): back to the free list. 1
+ * given back, 0 not (someone took it first). Hold the entry's life lock. */
+int  tw_pool_uncache(struct tw_dom *d, uint32_t node, uint64_t o);
 int  tw_reachable(struct tw_dom *d, uint32_t from, uint32_t node);
 
 /* ---- deadletter.c ---- */

@@ -12,6 +12,11 @@
  *   cancel_*             the task's pi_lock          add
  *   free-list pop        nothing (tagged head)       pop, push
  *   free-list push       nothing (tagged head)       pop, push
+ *   cache refill/flush   the process's cache lock    pop, push (a batch pop or
+ *   (batch pop/push)     (process-local, only tried) push is one free-list CAS)
+ *   cache take/give      the process's cache lock    everything; a steal makes
+ *                                                    the take's CAS fail
+ *   steal (pool dry)     nothing (owner-word CAS)    everything
  *   dead-letter ops      dl_lock                     everything else
  *   register / exit      the slot's life lock        everything; the life lock
  *                                                    orders every state change
@@ -126,7 +131,43 @@
  *                         (tw_key_lookup) or a reclaimer (settle_node)
  *   hdr.keys_next         under keys_lock
  *   proc.intent[k]        claimed by CAS from ~0 by one pop/push of the process;
- *                         seq_cst stores before its free-list CAS, ~0 after
+ *                         seq_cst stores before its free-list CAS, ~0 after.
+ *                         count<<32 | first: a batch names its whole chain
+ *                         (linked before the store), so a FREE node on no
+ *                         list is always covered by a live intent or dead
+ *   node.owner CACHED     FREE -> CACHED(me): release store after the batch
+ *                         pop's CAS; ALLOC/DONE/.. -> CACHED(me): release store
+ *                         by the owner that frees it; CACHED(me) -> ALLOC(me),
+ *                         CACHED(p) -> ALLOC(me) (steal), CACHED(p) ->
+ *                         CACHED(p|HELD) (flush; a reclaimer of dead p): CAS
+ *                         acq_rel on the exact word (gen included), so the
+ *                         owner's take and a thief's never both succeed;
+ *                         HELD -> FREE: release store before the push CAS
+ *
+ * What crash safety costs per work (locked read-modify-write instructions;
+ * release/acquire loads and stores are plain moves on x86). The per-process
+ * node cache takes allocation off the shared free list:
+ *
+ *   add, cache hit       cache lock CAS; owner CAS CACHED -> ALLOC (a steal
+ *                        may have taken it); task-list push CAS; mark CAS
+ *                        ALLOC -> QUEUED; c.added and c.queued fetch_adds;
+ *                        notify fetch_or (TWA_RESUME/SIGNAL). The cache lock's
+ *                        release is a store. 6-7 in all
+ *   add, cache refill    + 1/16 of a batch pop: intent claim CAS, two seq_cst
+ *                        intent stores (xchg), free-list CAS
+ *   run (per work)       DETACHED mark CAS; per batch: pi_lock lock + unlock,
+ *                        detach CAS, c.queued and c.run fetch_adds; RUNNING and
+ *                        DONE are stores; the free: cache lock CAS (owner store
+ *                        CACHED, lock release store); every 16th free flushes:
+ *                        per node a HELD CAS (FREE is a store), per 16 an
+ *                        intent claim CAS, two intent xchgs, one free-list CAS.
+ *                        About 3 per work plus the batch's share
+ *
+ * Before the cache each allocation and each free cost four (intent claim CAS,
+ * intent xchg, free-list CAS, intent xchg). What it costs instead: cached
+ * nodes are free but not on the free list (another process takes them only
+ * when the list is empty, with a scan of the owner words), and a dead
+ * process's cache is given back when its entry is reclaimed.
  *
  * Every value read from the segment is treated as hostile: indices are
  * bounds-checked, walks are bounded by pool_size, locks are taken with a
@@ -190,6 +231,21 @@
 #define TW_N_DONE             7u  /* aux = task slot; its callback returned: the
                                      runner gives it back (tw_run_finish), or a
                                      reaper does if the runner died. Counted free */
+#define TW_N_CACHED           8u  /* aux = proc entry: free, in that process's
+                                     node cache (pool.c). Counted free. With
+                                     TW_CACHE_HELD in aux: being flushed by it
+                                     (nobody else may take it)                  */
+
+/* The per-process node cache (pool.c, docs/architecture.md "The node cache").
+ * A process keeps up to TW_CACHE_MAX free nodes CACHED in its own name, takes
+ * them from the free list TW_CACHE_BATCH at a time (one CAS) and gives them
+ * back TW_CACHE_BATCH at a time (one CAS). A process that finds the free list
+ * and its own cache empty takes a node from any other process's cache by CAS
+ * on its owner word (CACHED without HELD), so the pool runs dry only when
+ * every node is in use. */
+#define TW_CACHE_MAX          32  /* nodes a process caches at most           */
+#define TW_CACHE_BATCH        16  /* taken / given back with one free-list CAS */
+#define TW_CACHE_HELD         0x800000u
 
 /* Why a node is a dead letter (node.reason); non-zero on an ALLOC node: a
  * dead letter being re-queued, which goes back to the dead letters if its
@@ -215,7 +271,10 @@
 #define TW_KP_AFTER_PUSH      2  /* pushed, notification not sent               */
 #define TW_KP_AFTER_DETACH    3  /* batch detached and marked, nothing run      */
 #define TW_KP_IN_PI_LOCK      4  /* cancel holds pi_lock, node marked, linked   */
-#define TW_KP_MID_POP         5  /* free-list CAS done, owner not yet written   */
+#define TW_KP_MID_POP         5  /* a node taken: from the free list (CAS done,
+                                    owner not yet written), or from the
+                                    process's cache (owner just written ALLOC,
+                                    not yet returned to the adder)             */
 #define TW_KP_IN_CALLBACK     6  /* (python side) callback started              */
 #define TW_KP_IN_CLAIM        7  /* proc entry locked, pid not yet stored       */
 #define TW_KP_IN_REGISTER     8  /* slot claimed, registration not published    */
@@ -224,6 +283,10 @@
 #define TW_KP_IN_DETACH       11 /* pi_lock held, batch marked, not detached    */
 #define TW_KP_KEY_RESERVED    12 /* key entry RESERVED, node not yet pushed     */
 #define TW_KP_KEY_PUSHED      13 /* keyed node pushed, key entry not yet final  */
+#define TW_KP_MID_BATCH_POP   14 /* cache refill: free-list CAS done, the batch's
+                                    owner words not yet CACHED                 */
+#define TW_KP_MID_BATCH_PUSH  15 /* cache flush: the chain's owner words FREE,
+                                    free-list CAS not yet done                 */
 
 struct tw_header {
     char     magic[8];
@@ -342,8 +405,11 @@ struct tw_proc {
     uint64_t pid;              /* 0 = free; stored after life is locked          */
     uint64_t start_ticks;
     /* One word per free-list operation in flight in this process (threads, a
-     * signal handler interrupting an add): claimed by CAS from ~0, then the
-     * node being popped/pushed (low 32 bits), back to ~0 when done.           */
+     * signal handler interrupting an add): claimed by CAS from ~0, then
+     * count<<32 | first: the chain of `count` nodes (1..TW_CACHE_MAX) linked
+     * by ->next from `first` that is being popped or pushed (one node: count
+     * 1), back to ~0 when done. A reader follows at most count links, each
+     * bounds-checked; a count out of range reads as 1.                      */
     uint64_t intent[TW_INTENTS];
     struct tw_life life;       /* held while the process has the entry           */
 };

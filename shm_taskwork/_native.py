@@ -65,7 +65,8 @@ KILLPOINTS = {"after_alloc": lib.TW_KP_AFTER_ALLOC, "after_push": lib.TW_KP_AFTE
               "in_claim": lib.TW_KP_IN_CLAIM, "in_register": lib.TW_KP_IN_REGISTER,
               "in_reap": lib.TW_KP_IN_REAP, "in_dl_file": lib.TW_KP_IN_DL_FILE,
               "in_detach": lib.TW_KP_IN_DETACH, "key_reserved": lib.TW_KP_KEY_RESERVED,
-              "key_pushed": lib.TW_KP_KEY_PUSHED}
+              "key_pushed": lib.TW_KP_KEY_PUSHED, "mid_batch_pop": lib.TW_KP_MID_BATCH_POP,
+              "mid_batch_push": lib.TW_KP_MID_BATCH_PUSH}
 
 
 def check(rc: int, what: str, *, limit: str = "") -> int:

@@ -20,6 +20,9 @@ pushed, and a node it was popping from or pushing to the free list when it
 died, are *leaked* and given back; a node it had pushed but not yet marked
 queued is *settled*: it is a queued work like any other, left for its task.
 Every reclaim is a compare-and-swap on the exact owner word judged dead.
+Nodes in a dead process's node cache (CACHED in its entry) were free all
+along: they go back to the free list with its entry and are no finding (an
+entry that held only those counts as an idle dead entry).
 """
 from __future__ import annotations
 
@@ -149,7 +152,13 @@ def _fsck(dom, d, rep: FsckReport, repair: bool) -> None:
     for node in range(dom.pool_size):
         o = int(owners[node])
         st, aux, gen = _native.owner_state(o), _native.owner_aux(o), _native.owner_gen(o)
-        if st > _native.N_DONE:
+        if st == lib.TW_N_CACHED:
+            # free, in a process's node cache (counted free); a dead process's
+            # cached nodes go back with its entry, and count as nothing lost
+            if aux & ~lib.TW_CACHE_HELD >= dom.max_procs:
+                rep.problems.append(f"node {node} names process entry "
+                                    f"{aux & ~lib.TW_CACHE_HELD}, beyond max_procs={dom.max_procs}")
+        elif st > _native.N_DONE:
             rep.problems.append(f"node {node} has an unknown owner state {st}")
         elif st == _native.N_DONE:
             if aux >= dom.max_tasks:

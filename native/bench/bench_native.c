@@ -9,6 +9,8 @@
  *   native push+detach tw_add (pool pop, fill, push, mark) + tw_detach (under
  *                      pi_lock: mark, CAS) + tw_run_load/start/finish (free):
  *                      one work's whole life in the core, no Python
+ *   pool pop+push      tw_pool_pop + tw_pool_push of one node: the allocation
+ *                      part of the above (the process's node cache, pool.c)
  *
  * Each figure is the median of 7 runs of N iterations (the native case a
  * quarter of N), in ns per iteration. Arguments: [N] [--json]; --json prints
@@ -91,6 +93,20 @@ static double native_push_detach(void)
     return (double)(now_ns() - t0) / n_;
 }
 
+static double pool_pop_push(void)
+{
+    uint32_t node;
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < N; i++) {
+        if (tw_pool_pop(&D, &node) != 0) {
+            fprintf(stderr, "pool pop failed\n");
+            exit(1);
+        }
+        tw_pool_push(&D, node);
+    }
+    return (double)(now_ns() - t0) / N;
+}
+
 static double median(double (*fn)(void))
 {
     double v[RUNS];
@@ -132,14 +148,17 @@ int main(int argc, char **argv)
     }
     slot = (uint32_t)s;
     double cas = median(bare_cas), pd = median(bare_push_detach), nat = median(native_push_detach);
+    double pp = median(pool_pop_push);
     if (json) {
         printf("{\"iterations\": %llu, \"bare_cmpxchg_ns\": %.2f, \"bare_push_detach_ns\": %.2f, "
-               "\"native_push_detach_ns\": %.2f}\n", (unsigned long long)N, cas, pd, nat);
+               "\"native_push_detach_ns\": %.2f, \"pool_pop_push_ns\": %.2f}\n",
+               (unsigned long long)N, cas, pd, nat, pp);
         return 0;
     }
     printf("%-22s %8.1f ns\n", "bare cmpxchg", cas);
     printf("%-22s %8.1f ns\n", "bare push+detach", pd);
     printf("%-22s %8.1f ns  (%.2fx bare push+detach, %.2fx bare cmpxchg)\n",
            "native push+detach", nat, nat / pd, nat / cas);
+    printf("%-22s %8.1f ns  (%.2fx bare cmpxchg)\n", "pool pop+push", pp, pp / cas);
     return 0;
 }
