@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import posix_ipc
 
 from . import _native, _security, callbacks, errors
-from . import codec as _codec
 from . import work as _work
-from .callbacks import TASK_NAME_PREFIX, task_name_id
+from .callbacks import task_name_id
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME
 from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
+from .names import NameTable, printable
 from .work import Work
 
 if TYPE_CHECKING:
@@ -57,29 +57,6 @@ def normalize_name(name: str) -> str:
     return _security.domain_name(name)
 
 
-
-
-def printable(text: str) -> str:
-    """``text`` as a terminal or a log may show it: every character Python
-    calls not printable (C0 and C1 controls such as ESC, BEL and CR, DEL,
-    line separators, bidirectional overrides) written as its escape
-    (``\\x1b``, ``\\u202e``), and a backslash doubled, so what is shown can be
-    told apart from an escape. Names read from a segment were written by
-    whoever can write it (README, Security): the tools and the logs show
-    them through this, never raw."""
-    if text.isprintable() and "\\" not in text:
-        return text
-    out = []
-    for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            o = ord(ch)
-            out.append(f"\\x{o:02x}" if o < 0x100 else
-                       f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
-    return "".join(out)
 
 
 def _check_int(key: str, value) -> int:
@@ -221,8 +198,8 @@ class Domain:
         self.max_procs: int = d.max_procs
         self.record_origin = bool(d.record_origin)
         self.outcomes: int = d.out_cap   # outcome records kept (create's outcomes=)
-        self._names_put: set[int] = set()
-        self._codecs: dict[int, str] = {}   # id -> codec the name table records (never changes)
+        self._names = NameTable(self)
+        self._names_put = self._names.put_ids   # the same set (task.Task.add reads it)
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
         # (slot, gen) -> the one struct tw_handle of this process for that
         # registration, shared by every Task object of it: it carries how to
@@ -232,7 +209,7 @@ class Domain:
         self._current = None
         _OPEN.add(self)
         for fid, cb_name, cb_codec in callbacks.declared_codecs():
-            self._record_declared(fid, cb_name, cb_codec)
+            self._names.record_declared(fid, cb_name, cb_codec)
 
     # ---- life cycle -------------------------------------------------------
 
@@ -443,122 +420,21 @@ class Domain:
             raise ValueError(f"domain {self.name!r} is closed")
         return self._d
 
-    # ---- names ------------------------------------------------------------
-
-    def _put_name(self, fid: int, name: str) -> None:
-        """Record a callback's (or task's) name, and the codec this process
-        declared for it: a conflicting codec is a ValueError and pickle in a
-        domain others can write a PermissionError (docs/contract.md "Codecs")."""
-        if fid in self._names_put:
-            return
-        declared = callbacks.codec_of(fid)
-        if declared == "pickle":
-            self._refuse_pickle(name)
-        raw = name.encode()
-        rc = lib.tw_name_put(self.d, fid, raw, len(raw))
-        if rc == 0:
-            if declared is not None:
-                self._record_codec(fid, name, declared, strict=True)
-            self._names_put.add(fid)
-        # ENOSPC: the table is full; the work still runs, tools show the id
-        # (and a sender that knows only the name cannot learn its codec).
-
-    # ---- codecs (docs/contract.md "Codecs") ------------------------------------
-
-    def _refuse_pickle(self, name: str) -> None:
-        """PermissionError if another user can write this domain: unpickling
-        what it holds would run whatever code they wrote."""
-        why = _security.other_writers(self)
-        if why is not None:
-            raise PermissionError(
-                errno.EACCES, f"callback {name!r} uses codec 'pickle', which runs code named by "
-                f"the payload, so it is refused in domain {self.name!r}: {why}; use codec "
-                f"'json' or 'msgpack', or a domain only this user can write (mode 0o600)")
-
-    def _record_codec(self, fid: int, name: str, codec: str, *, strict: bool) -> None:
-        """Record ``codec`` for the name ``fid`` (already in the table). The
-        first declaration wins; a different one already recorded is a
-        ValueError when ``strict``, else logged (a declaration recorded in
-        passing, when a domain is opened or a callback declared)."""
-        rc = lib.tw_name_set_codec(self.d, fid, _codec.CODEC_IDS[codec])
-        if rc == -errno.EUCLEAN:
-            raise DomainCorruptError(f"domain {self.name!r}: the codec recorded for callback "
-                                     f"{name!r} is not one this build knows (scribbled)")
-        if rc < 0:  # ENOENT: never after tw_name_put returned 0 (it left the name whole)
-            return
-        have = _codec.CODEC_NAMES[rc]
-        if have is not None:
-            self._codecs[fid] = have
-        if have != codec:
-            text = (f"callback {name!r} is declared with codec {codec!r} in this process, but "
-                    f"domain {self.name!r} records codec {have!r} for it (the first declaration "
-                    f"wins): declare the same codec everywhere")
-            if strict:
-                raise ValueError(text)
-            log.warning("%s", text)
-
-    def _record_declared(self, fid: int, name: str, codec: str) -> None:
-        """Record a codec this process declared, in passing (this domain is
-        opened, or the callback declared while it is open): never raises;
-        pickle is not recorded in a domain others can write."""
-        try:
-            if self._closed or (codec == "pickle" and _security.other_writers(self)):
-                return
-            raw = name.encode()
-            if lib.tw_name_put(self._d, fid, raw, len(raw)) == 0:
-                self._record_codec(fid, name, codec, strict=False)
-        except Exception as exc:  # pragma: no cover - a scribbled table: the put says so
-            log.warning("domain %r: cannot record the codec of callback %r: %s",
-                        self.name, name, exc)
-
-    def _codec(self, fid: int) -> str | None:
-        """The codec of callback ``fid`` here: the one the name table records,
-        else the one this process declared (None: raw bytes). ValueError if
-        the two differ; PermissionError for pickle in a domain others can
-        write."""
-        got = self._codecs.get(fid)
-        if got is None:
-            rc = lib.tw_name_codec(self.d, fid)
-            if rc == -errno.EUCLEAN:
-                raise DomainCorruptError(f"domain {self.name!r}: the codec recorded for callback "
-                                         f"{self.func_name(fid)!r} is not one this build knows "
-                                         "(scribbled)")
-            got = _codec.CODEC_NAMES[rc] if rc > 0 else None
-            if got is not None:
-                self._codecs[fid] = got   # a recorded codec never changes
-        declared = callbacks.codec_of(fid)
-        if got is None:
-            got = declared
-        elif declared is not None and declared != got:
-            raise ValueError(f"callback {self.func_name(fid)!r} is declared with codec "
-                             f"{declared!r} in this process, but domain {self.name!r} records "
-                             f"codec {got!r} for it (the first declaration wins): declare the "
-                             "same codec everywhere")
-        if got == "pickle":
-            self._refuse_pickle(self.func_name(fid))
-        return got
-
-    def _encode_payload(self, fid: int, obj: Any) -> bytes:
-        """A payload that is not bytes-like, encoded with the codec of
-        callback ``fid`` (task._as_bytes); TypeError for a raw callback."""
-        codec = self._codec(fid)
-        if codec is None:
-            raise TypeError(
-                f"payload must be bytes-like, got {type(obj).__name__}: callback "
-                f"{self.func_name(fid)!r} declares no codec in domain {self.name!r}; declare one "
-                "(@callback(..., codec=\"json\")) or encode the payload to bytes first "
-                "(see shm_taskwork.codec)")
-        return _codec.encode(codec, obj, f"payload for callback {self.func_name(fid)!r}")
+    # ---- names and codecs (names.NameTable) -------------------------------
 
     def func_name(self, fid: int) -> str:
-        local = callbacks.name_of(fid)
-        if local is not None:
-            return local
-        buf = ffi.new("char[]", 128)
-        n = lib.tw_name_get(self.d, fid, buf, 128)
-        if n >= 0:
-            return ffi.string(buf, n).decode(errors="replace")
-        return f"<unknown {fid:#018x}>"
+        """The name of callback ``fid``: the one this process knows, else the
+        domain's name table's, else ``<unknown 0x...>``."""
+        return self._names.func_name(fid)
+
+    def _put_name(self, fid: int, name: str) -> None:
+        self._names.put(fid, name)
+
+    def _codec(self, fid: int) -> str | None:
+        return self._names.codec(fid)
+
+    def _encode_payload(self, fid: int, obj: Any) -> bytes:
+        return self._names.encode_payload(fid, obj)
 
     # ---- slots ------------------------------------------------------------
 
@@ -936,7 +812,7 @@ class Domain:
                  id=(wi.gen << 32) | wi.node, domain=self.name, state=state)
         if state == "dead-letter":
             w.reason = _native.REASONS.get(wi.reason, "orphaned")
-            w.target_name = self._name_of(wi.name_id)
+            w.target_name = self._names.name_of(wi.name_id)
             note = lib.tw_node_note(self.d, wi.node)
             w.attempt = max(0, note) >> 16
             if w.reason == "failed" and note > 0 and note & 0xFFFF:
@@ -945,16 +821,6 @@ class Domain:
                 if n > 0:
                     w.error = ffi.unpack(buf, n).decode(errors="replace")
         return w
-
-    def _name_of(self, name_id: int) -> str | None:
-        if not name_id:
-            return None
-        buf = ffi.new("char[]", lib.TW_FUNC_NAME_LEN)
-        n = lib.tw_name_get(self.d, name_id, buf, lib.TW_FUNC_NAME_LEN)
-        if n < 0:
-            return None
-        raw = ffi.unpack(buf, n).decode(errors="replace")
-        return raw[len(TASK_NAME_PREFIX):] if raw.startswith(TASK_NAME_PREFIX) else raw
 
     def pending_works(self, task_id: int, *, lock_timeout: float | None = None) -> list[Work]:
         """The pending works of one task, newest first (a snapshot). Waits at
@@ -990,8 +856,7 @@ class Domain:
     def task_name_known(self, name: str) -> bool:
         """True if a task of this name was ever registered in the domain
         (the name table keeps every task name it had room for)."""
-        buf = ffi.new("char[]", lib.TW_FUNC_NAME_LEN)
-        return lib.tw_name_get(self.d, task_name_id(name), buf, lib.TW_FUNC_NAME_LEN) >= 0
+        return self._names.known(task_name_id(name))
 
     def running_works(self, task_id: int, *, lock_timeout: float | None = None) -> list[Work]:
         """The works a run of one task has taken and not finished (detached
@@ -1176,7 +1041,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def _record_in_open_domains(fid: int, name: str, codec: str) -> None:
     """A callback declared a codec: record it in every domain open here."""
     for dom in list(_OPEN):
-        dom._record_declared(fid, name, codec)
+        dom._names.record_declared(fid, name, codec)
 
 
 def _work_codec(domain: str | None, fid: int) -> str | None:
@@ -1185,7 +1050,7 @@ def _work_codec(domain: str | None, fid: int) -> str | None:
     pickle is refused: who can write the domain cannot be checked)."""
     for dom in list(_OPEN):
         if dom.name == domain and not dom._closed:
-            return dom._codec(fid)
+            return dom._names.codec(fid)
     codec = callbacks.codec_of(fid)
     if codec == "pickle":
         raise PermissionError(errno.EACCES, f"codec 'pickle' is refused for a work of domain "
