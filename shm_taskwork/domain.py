@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import posix_ipc
 
-from . import _native, _security, callbacks, errors
+from . import _native, _security, callbacks
 from . import work as _work
 from .callbacks import task_name_id
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME
 from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
 from .names import NameTable, printable
+from .reader import WorkReader, left as _left, lock_deadline, slot_at
 from .work import Work
 
 if TYPE_CHECKING:
@@ -157,18 +158,7 @@ class DomainStats(_Counters):
 
 def _lock_deadline(lock_timeout: float | None) -> int:
     """CLOCK_MONOTONIC deadline (ns) of a reading call's lock waits."""
-    if lock_timeout is None:
-        lock_timeout = Domain.READ_LOCK_BUDGET
-    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or \
-            not 0 <= lock_timeout <= 3600:
-        raise ValueError(f"lock_timeout must be seconds between 0 and 3600 (or None: "
-                         f"Domain.READ_LOCK_BUDGET), got {lock_timeout!r}")
-    return time.monotonic_ns() + int(lock_timeout * 1e9)
-
-
-def _left(deadline_ns: int) -> int:
-    """What is left of a lock deadline (0: only try)."""
-    return max(0, deadline_ns - time.monotonic_ns())
+    return lock_deadline(lock_timeout, Domain.READ_LOCK_BUDGET)
 
 
 class Domain:
@@ -200,6 +190,7 @@ class Domain:
         self.outcomes: int = d.out_cap   # outcome records kept (create's outcomes=)
         self._names = NameTable(self)
         self._names_put = self._names.put_ids   # the same set (task.Task.add reads it)
+        self._reader = WorkReader(self, self._names)
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
         # (slot, gen) -> the one struct tw_handle of this process for that
         # registration, shared by every Task object of it: it carries how to
@@ -439,8 +430,7 @@ class Domain:
     # ---- slots ------------------------------------------------------------
 
     def _slot(self, i: int):
-        return ffi.cast("struct tw_slot *", self.d.base + self.d.slots_off
-                        + i * ffi.sizeof("struct tw_slot"))
+        return slot_at(self.d, i)
 
     def _slot_state(self, i: int, s) -> str:
         """running, exiting, exited, dead (its process died, not reaped yet)
@@ -757,10 +747,10 @@ class Domain:
                            dead_letters=int(hdr.dl_count),
                            running=sum(t.running for t in infos), **sums)
 
-    # ---- reading works ----------------------------------------------------
+    # ---- reading works (reader.WorkReader) --------------------------------
 
     def _scratch(self) -> _native.Scratch:
-        return _native.Scratch(self.payload_size)
+        return self._reader.scratch()
 
     def work(self, work_id: int) -> Work:
         """A handle on the tracked work ``work_id`` (from any process): wait
@@ -768,85 +758,20 @@ class Domain:
         "Outcomes"). ``OutcomeUnknownError`` if no outcome is recorded for
         that id: not tracked, or its record was reused after ``outcomes``
         newer tracked works settled."""
-        if isinstance(work_id, bool) or not isinstance(work_id, int):
-            raise TypeError(f"work() takes a work id (int), got {type(work_id).__name__}")
-        if not 0 <= work_id < 1 << 64 or (work_id & 0xFFFFFFFF) >= self.pool_size:
-            raise errors.OutcomeUnknownError(
-                f"no work {work_id:#x} in domain {self.name!r}: its node part must be below "
-                f"pool_size={self.pool_size}")
-        oi = ffi.new("struct tw_outcome_info *")
-        rc = lib.tw_outcome_read(self.d, work_id, oi, ffi.NULL, 0)
-        if rc == -errno.ENOENT:
-            raise errors.OutcomeUnknownError(
-                f"no outcome is recorded for work {work_id:#x} in domain {self.name!r}: it "
-                f"was not added with track=True, or its record was reused after "
-                f"outcomes={self.outcomes} newer tracked works settled")
-        check(rc, "work")
-        node, gen = work_id & 0xFFFFFFFF, work_id >> 32
-        w = None
-        if rc in (lib.TW_O_PENDING, lib.TW_O_RUNNING):
-            w = self._read(node, gen, "pending" if rc == lib.TW_O_PENDING else "running")
-        if w is None:   # settled: the node is gone; what the record says
-            w = Work("", 0, b"", id=work_id, domain=self.name, target=int(oi.slot),
-                     state="unqueued")
-        w._tracked = True
-        w._dom = self
-        return w
+        return self._reader.tracked(work_id)
 
     def _read(self, node: int, gen: int, state: str) -> Work | None:
-        sc = self._scratch()
-        rc = lib.tw_read_work(self.d, node, gen, sc.wi, sc.payload, sc.origin)
-        if rc < 0:
-            return None
-        return self._work_from(sc, state)
+        return self._reader.read(node, gen, state)
 
     def _work_from(self, sc: _native.Scratch, state: str) -> Work:
-        wi = sc.wi
-        origin = None
-        if wi.origin_len:
-            origin = ffi.unpack(sc.origin, wi.origin_len).decode(errors="replace")
-        w = Work(self.func_name(wi.func_id), wi.func_id,
-                 ffi.unpack(sc.payload, wi.payload_len) if wi.payload_len else b"",
-                 sender_pid=wi.sender_pid, target=wi.target, target_gen=wi.target_gen,
-                 enqueued_ns=wi.enqueued_ns, origin=origin,
-                 id=(wi.gen << 32) | wi.node, domain=self.name, state=state)
-        if state == "dead-letter":
-            w.reason = _native.REASONS.get(wi.reason, "orphaned")
-            w.target_name = self._names.name_of(wi.name_id)
-            note = lib.tw_node_note(self.d, wi.node)
-            w.attempt = max(0, note) >> 16
-            if w.reason == "failed" and note > 0 and note & 0xFFFF:
-                buf = ffi.new("char[]", self.payload_size or 1)
-                n = lib.tw_node_error(self.d, wi.node, wi.gen, buf, self.payload_size)
-                if n > 0:
-                    w.error = ffi.unpack(buf, n).decode(errors="replace")
-        return w
+        return self._reader.work_from(sc, state)
 
     def pending_works(self, task_id: int, *, lock_timeout: float | None = None) -> list[Work]:
         """The pending works of one task, newest first (a snapshot). Waits at
         most ``lock_timeout`` seconds (default :attr:`READ_LOCK_BUDGET`) for
         the task's list lock while another process holds it, then raises
         ``DomainCorruptError`` (ETIMEDOUT)."""
-        if isinstance(task_id, bool) or not isinstance(task_id, int):
-            raise TypeError(f"a task id is an int, got {type(task_id).__name__}")
-        s = self._slot(task_id) if 0 <= task_id < self.max_tasks else None
-        if s is None:
-            raise NoSuchTaskError(f"no task {task_id}: ids are 0..{self.max_tasks - 1}")
-        n = self.pool_size
-        nodes = ffi.new("uint32_t[]", n)
-        gens = ffi.new("uint32_t[]", n)
-        cnt = lib.tw_snapshot_within(self.d, task_id, s.gen, nodes, gens, n,
-                                     _left(_lock_deadline(lock_timeout)))
-        if cnt < 0:
-            if -cnt == errno.ESRCH:
-                return []
-            check(cnt, "pending_works")
-        out = []
-        for k in range(min(cnt, n)):
-            w = self._read(nodes[k], gens[k], "pending")
-            if w is not None:
-                out.append(w)
-        return out
+        return self._reader.pending(task_id, lock_timeout)
 
     def pool_free(self) -> int:
         """Nodes whose owner word says free now (one pass, no lock): the
@@ -863,21 +788,7 @@ class Domain:
         or started), state ``"running"``, in no particular order: a snapshot
         read from the works' owner words, without a lock (``lock_timeout``
         is accepted for symmetry with :meth:`pending_works`)."""
-        if isinstance(task_id, bool) or not isinstance(task_id, int):
-            raise TypeError(f"a task id is an int, got {type(task_id).__name__}")
-        if not 0 <= task_id < self.max_tasks:
-            raise NoSuchTaskError(f"no task {task_id}: ids are 0..{self.max_tasks - 1}")
-        _lock_deadline(lock_timeout)   # the same check of the argument
-        n = self.pool_size
-        nodes = ffi.new("uint32_t[]", n)
-        gens = ffi.new("uint32_t[]", n)
-        cnt = check(lib.tw_running_nodes(self.d, task_id, nodes, gens, n), "running_works")
-        out = []
-        for k in range(cnt):
-            w = self._read(nodes[k], gens[k], "running")
-            if w is not None:
-                out.append(w)
-        return out
+        return self._reader.running(task_id, lock_timeout)
 
     # ---- dead letters (docs/contract.md "Lifecycle without an operator") -------------------------------------------
 

@@ -19,12 +19,12 @@ PKG = os.path.join(ROOT, "shm_taskwork")
 LAYERS = [
     "_layout", "errors", "codec", "_native", "constants", "signals", "systemd", "_security",
     "outcomes", "work",
-    "callbacks", "names", "keys", "notify", "task", "_run", "_aio", "registration", "observe",
+    "callbacks", "names", "reader", "keys", "notify", "task", "_run", "_aio", "registration", "observe",
     "fsck", "domain", "kernel", "remote", "__init__", "cli",
 ]
 
 # the modules that may touch the compiled core
-LIB_CALLERS = {"_native", "constants", "_security", "names", "outcomes", "keys", "notify", "task", "_run",
+LIB_CALLERS = {"_native", "constants", "_security", "names", "reader", "outcomes", "keys", "notify", "task", "_run",
                "_aio", "registration", "observe", "fsck", "domain"}
 
 
