@@ -28,6 +28,7 @@ from .callbacks import task_name_id
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME
 from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
+from .letters import Letters, Reaped
 from .names import NameTable, printable
 from .reader import WorkReader, left as _left, lock_deadline, slot_at
 from .work import Work
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from .fsck import FsckReport
     from .task import Task
 
-reap_log = logging.getLogger("shm_taskwork.reap")
 log = logging.getLogger("shm_taskwork")
 SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory (glibc's shm_open)
 
@@ -191,6 +191,7 @@ class Domain:
         self._names = NameTable(self)
         self._names_put = self._names.put_ids   # the same set (task.Task.add reads it)
         self._reader = WorkReader(self, self._names)
+        self._letters = Letters(self, self._reader)
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
         # (slot, gen) -> the one struct tw_handle of this process for that
         # registration, shared by every Task object of it: it carries how to
@@ -444,7 +445,7 @@ class Domain:
             return "exiting"
         return st
 
-    # ---- death and reaping (docs/contract.md "Lifecycle without an operator") --------------------------------------
+    # ---- add handles (task.Task.add; notify) -------------------------------
 
     def _add_handle(self, slot: int, gen: int, signum: int) -> Any:
         """The shared struct tw_handle of registration (slot, gen)."""
@@ -464,97 +465,16 @@ class Domain:
             self._handles[(slot, gen)] = h
         return h
 
+    # ---- death and reaping (letters.Letters) -------------------------------
+
     def _reap_if_dead(self, slot: int) -> None:
-        """Reap task ``slot`` if its process died (a waiter on one of its
-        works notices, as an adder would: the death settles the work)."""
-        if isinstance(slot, int) and 0 <= slot < self.max_tasks and \
-                lib.tw_slot_dead(self.d, slot) == 1:
-            self._reap(slot)
+        self._letters.reap_if_dead(slot)
 
     def _reap(self, slot: int) -> "Reaped | None":
-        """Reap task ``slot`` if its process is dead: close its list, file its
-        pending and not-started works as ``orphaned`` dead letters, take out
-        the started ones (``interrupted``: reported on the ``shm_taskwork.reap``
-        logger, one record per work with the Work as ``record.work``, then
-        given back, never run again). None if it was not dead, or another
-        process is reaping it; many processes may race here, each work lands
-        once."""
-        n = self.pool_size
-        orphans = ffi.new("uint32_t[]", n)
-        inter = ffi.new("uint32_t[]", n)
-        info = ffi.new("struct tw_reap_info *")
-        s = self._slot(slot)
-        name = ffi.string(s.name).decode(errors="replace")
-        shown = printable(name)  # for the log: the name is the segment's, anyone's
-        pid = int(s.pid)
-        rc = lib.tw_reap(self.d, slot, orphans, inter, n, info)
-        if rc < 0:
-            reap_log.error("could not reap dead task %d (%s) of domain %r: %s; the next one to "
-                           "notice tries again", slot, shown, self.name, os.strerror(-rc))
-            return None
-        if rc != 1:
-            return None
-        out = Reaped(slot=slot, name=name, pid=pid, cancelled=int(info.cancelled))
-        owner = ffi.new("uint64_t *")
-        for k in range(min(int(info.orphaned), n)):
-            lib.tw_node_state(self.d, orphans[k], owner)
-            w = self._read(orphans[k], _native.owner_gen(owner[0]), "dead-letter")
-            if w is not None:
-                out.orphaned.append(w)
-        out.orphaned_count = int(info.orphaned)
-        for k in range(min(int(info.interrupted), n)):
-            # Reported first, then given back: should this process die in
-            # between, whoever reclaims its process entry files the node as
-            # an "interrupted" dead letter instead (reported twice at worst,
-            # never silently lost).
-            node = inter[k]
-            lib.tw_node_state(self.d, node, owner)
-            w = self._read(node, _native.owner_gen(owner[0]), "interrupted")
-            if w is not None:
-                w.target_name = name
-                out.interrupted.append(w)
-                reap_log.warning("task %d (%s, pid %d) of domain %r died while running work "
-                                 "%#x (%s): interrupted, not run again", slot, shown, pid,
-                                 self.name, w.id, printable(w.func_name), extra={"work": w})
-            lib.tw_free_node(self.d, node)
-        if out.orphaned_count:
-            reap_log.warning("task %d (%s, pid %d) of domain %r died: %d work(s) kept as "
-                             "orphaned dead letters", slot, shown, pid, self.name,
-                             out.orphaned_count)
-        return out
+        return self._letters.reap(slot)
 
     def _reap_dead(self, deadline_ns: int | None = None) -> list["Reaped"]:
-        """Reap every dead task this process notices now, and reclaim the
-        process-table entries of dead processes (what a dead adder had
-        allocated and not pushed goes back to the pool, what it had pushed
-        stays queued): nothing waits for fsck.
-
-        A reap takes the task's list lock, waiting up to the lock deadline
-        (2 s) while another process holds it, and whoever writes the segment
-        can make it look held for ever. So the lock is tried first, waiting
-        only until ``deadline_ns`` (default: :attr:`READ_LOCK_BUDGET` from
-        now) for all the slots together; a slot whose lock stays held is
-        left to the next one to notice it (README, Security)."""
-        out = []
-        d = self.d
-        if deadline_ns is None:
-            deadline_ns = _lock_deadline(None)
-        for i in range(self.max_tasks):
-            if lib.tw_slot_dead(d, i) == 1:
-                probe = lib.tw_snapshot_within(d, i, self._slot(i).gen, ffi.NULL, ffi.NULL, 0,
-                                               _left(deadline_ns))
-                if probe == -errno.ETIMEDOUT:
-                    continue
-                r = self._reap(i)
-                if r is not None:
-                    out.append(r)
-        info = None
-        for i in range(self.max_procs):
-            if lib.tw_proc_dead(d, i) == 1:
-                if info is None:
-                    info = ffi.new("struct tw_reap_info *")
-                lib.tw_proc_reclaim(d, i, 0, info)   # -EAGAIN: busy, the next one tries
-        return out
+        return self._letters.reap_dead(deadline_ns)
 
     # ---- registration -----------------------------------------------------
 
@@ -790,13 +710,7 @@ class Domain:
         is accepted for symmetry with :meth:`pending_works`)."""
         return self._reader.running(task_id, lock_timeout)
 
-    # ---- dead letters (docs/contract.md "Lifecycle without an operator") -------------------------------------------
-
-    def _dl_nodes(self) -> list[int]:
-        n = self.pool_size
-        buf = ffi.new("uint32_t[]", n)
-        cnt = check(lib.tw_dl_list(self.d, buf, n), "dead letters")
-        return [buf[k] for k in range(min(cnt, n))]
+    # ---- dead letters (letters.Letters; docs/contract.md "Lifecycle without an operator")
 
     def dead_letters(self, reason: str | None = None) -> list[Work]:
         """The dead letters, newest first: works whose callback was unknown
@@ -804,26 +718,12 @@ class Domain:
         works left by tasks that died (``"orphaned"``). ``Work.target_name``
         is the name of the task each was for. Dead tasks not yet reaped are
         reaped first, so their works are here too."""
-        _check_reason(reason)
-        self._reap_dead()
-        out = []
-        o = ffi.new("uint64_t *")
-        for node in self._dl_nodes():
-            lib.tw_node_state(self.d, node, o)
-            w = self._read(node, _native.owner_gen(o[0]), "dead-letter")
-            if w is not None and (reason is None or w.reason == reason):
-                out.append(w)
-        return out
+        return self._letters.dead_letters(reason)
 
     def drop_dead_letters(self, reason: str | None = None) -> int:
         """Return dead letters' nodes to the pool (all, or those of one
         reason); the count dropped."""
-        dropped = 0
-        for w in self.dead_letters(reason):
-            if check(lib.tw_dl_take(self.d, w.node, w.id >> 32), "drop dead letter") == 1:
-                check(lib.tw_dl_done(self.d, w.node, lib.TW_OUT_OK), "drop dead letter")
-                dropped += 1
-        return dropped
+        return self._letters.drop(reason)
 
     def retry_dead_letters(self, to: "Task | str | None" = None, reason: str | None = None, *,
                            notify: int = TWA_RESUME) -> int:
@@ -833,53 +733,14 @@ class Domain:
         live task with the name of the task each work was for. A dead letter
         with no live target stays where it is. The work keeps its callback
         and payload and gets a new id."""
-        from .task import Task
-        _check_reason(reason)
-        if to is not None and not isinstance(to, (Task, str)):
-            raise TypeError(f"to must be a Task, a task name or None, got {type(to).__name__}")
-        done = 0
-        targets: dict[str, object] = {}
-        for w in self.dead_letters(reason):
-            if w.reason == "interrupted":
-                continue       # it may have had effects: never run again
-            if isinstance(to, Task):
-                t = to
-            else:
-                want = to if to is not None else w.target_name
-                if want is None:
-                    continue
-                t = targets.get(want)
-                if t is None:
-                    try:
-                        t = targets[want] = self.task(name=want)
-                    except NoSuchTaskError:
-                        continue
-            if t._requeue(w, notify):
-                done += 1
-        return done
+        return self._letters.retry(to, reason, notify)
 
     def run_dead_letters(self) -> int:
         """Run, in this process, the dead letters whose callback it knows;
         the count run. A callback that raises is logged and its node freed,
         as in run(). (What ``retry_dead_letters()`` did before dead letters
         could be re-queued.)"""
-        from .callbacks import log_callback_error
-        ran = 0
-        for w in self.dead_letters():
-            fn = callbacks.lookup(w.func_id)
-            if fn is None:
-                continue
-            if check(lib.tw_dl_take(self.d, w.node, w.id >> 32), "run dead letter") != 1:
-                continue
-            w.state = "running"
-            try:
-                fn(w)
-            except Exception as exc:
-                log_callback_error(w, exc)
-            finally:
-                check(lib.tw_dl_done(self.d, w.node, lib.TW_OUT_OK), "run dead letter")
-            ran += 1
-        return ran
+        return self._letters.run()
 
     # ---- fsck -------------------------------------------------------------
 
@@ -911,27 +772,6 @@ def _sweep_temporaries() -> None:
             os.unlink(f"{SHM_DIR}/{n}")
         except OSError:
             pass
-
-
-
-
-def _check_reason(reason) -> None:
-    if reason is not None and reason not in _native.REASON_CODES:
-        raise ValueError(f"reason={reason!r}: use None or one of "
-                         f"{', '.join(map(repr, _native.REASON_CODES))}")
-
-
-@dataclasses.dataclass
-class Reaped:
-    """What one reap of a dead task did (see :meth:`Domain._reap`)."""
-
-    slot: int
-    name: str
-    pid: int
-    orphaned: list[Work] = dataclasses.field(default_factory=list)
-    orphaned_count: int = 0
-    interrupted: list[Work] = dataclasses.field(default_factory=list)
-    cancelled: int = 0
 
 
 def _after_fork_in_child() -> None:
