@@ -9,7 +9,6 @@ safe to call more than once; a half-built domain cleans up after itself.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import errno
 import logging
 import mmap
@@ -28,9 +27,14 @@ from .callbacks import task_name_id
 from ._native import check, ffi, lib
 from .constants import TWA_RESUME
 from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
-from .letters import Letters, Reaped
+# The facade's parts (names, reader, letters, table) are imported from here
+# too where they were defined before they had modules of their own:
+# shm_taskwork.domain.printable (the tools), TaskInfo, DomainStats, COUNTERS,
+# Reaped stay importable from this module.
+from .letters import Letters, Reaped  # noqa: F401
 from .names import NameTable, printable
-from .reader import WorkReader, left as _left, lock_deadline, slot_at
+from .reader import WorkReader, slot_at
+from .table import COUNTERS, DomainStats, TaskInfo, TaskTable, _Counters  # noqa: F401
 from .work import Work
 
 if TYPE_CHECKING:
@@ -56,8 +60,6 @@ def normalize_name(name: str) -> str:
     """A domain name as the system names its segment (a leading ``/``);
     ValueError, before any system call, for a name that cannot be one."""
     return _security.domain_name(name)
-
-
 
 
 def _check_int(key: str, value) -> int:
@@ -91,76 +93,6 @@ def _check_owner(name: str, st: os.stat_result, mode: int) -> None:
                           f"pick another name", SHM_DIR + name)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _Counters:
-    """The counters each task slot keeps in shared memory (docs/contract.md "Observability")."""
-
-    added: int
-    run: int
-    cancelled: int
-    orphaned: int
-    errors: int
-    unknown: int
-    signals_sent: int
-    resumes_sent: int
-    interrupted: int
-    pending: int
-    max_pending: int
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-COUNTERS = tuple(f.name for f in dataclasses.fields(_Counters))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TaskInfo(_Counters):
-    """A snapshot of one used task slot (docs/contract.md "Observability"): the counters plus these."""
-
-    id: int
-    pid: int
-    name: str
-    #: ``running``, ``exiting``, ``exited``, ``dead`` (its process died and
-    #: nobody has reaped it yet) or ``reaped`` (reaped: its works are dead
-    #: letters or were given back, the slot is free for reuse; the row stays
-    #: until the slot is reused)
-    state: str
-    registered_ns: int
-    generation: int
-    flags: int
-    #: True when the task's list could not be read: its lock was held by
-    #: another process past the reading call's lock budget, or the list is
-    #: inconsistent. ``pending`` then says 0, not what is queued.
-    unreadable: bool = False
-    #: Works a run has taken and not finished (started or not): with
-    #: ``pending``, the task's whole backlog.
-    running: int = 0
-    #: Age in seconds, since it was queued, of the oldest running work (None: none).
-    oldest_running_s: float | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DomainStats(_Counters):
-    """Pool figures and the counters of every task summed (docs/contract.md "Observability").
-
-    ``pool_free`` counts nodes whose owner word says free: exact once nothing
-    is in flight (every added work run, cancelled, reclaimed or dropped)."""
-
-    pool_size: int
-    pool_free: int
-    pool_used: int
-    tasks: int
-    dead_letters: int
-    #: works runs have taken and not finished, every task summed
-    running: int = 0
-
-
-def _lock_deadline(lock_timeout: float | None) -> int:
-    """CLOCK_MONOTONIC deadline (ns) of a reading call's lock waits."""
-    return lock_deadline(lock_timeout, Domain.READ_LOCK_BUDGET)
-
-
 class Domain:
     """A mapped task-work domain. Use :meth:`create`, :meth:`open` or
     :meth:`open_or_create`; a context manager that closes (never unlinks)."""
@@ -192,6 +124,7 @@ class Domain:
         self._names_put = self._names.put_ids   # the same set (task.Task.add reads it)
         self._reader = WorkReader(self, self._names)
         self._letters = Letters(self, self._reader)
+        self._table = TaskTable(self, self._reader, self._letters)
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
         # (slot, gen) -> the one struct tw_handle of this process for that
         # registration, shared by every Task object of it: it carries how to
@@ -434,16 +367,7 @@ class Domain:
         return slot_at(self.d, i)
 
     def _slot_state(self, i: int, s) -> str:
-        """running, exiting, exited, dead (its process died, not reaped yet)
-        or reaped (a reaped one keeps saying so until its slot is reused)."""
-        st = _native.SLOT_STATES.get(s.state, "corrupt")
-        if st == "exited" and s.flags & lib.TW_F_DIED:
-            return "reaped"
-        if st in ("running", "exiting", "claiming", "reaping") and lib.tw_slot_dead(self.d, i) == 1:
-            return "dead"
-        if st == "running" and s.flags & lib.TW_F_EXITING:
-            return "exiting"
-        return st
+        return self._table.slot_state(i, s)
 
     # ---- add handles (task.Task.add; notify) -------------------------------
 
@@ -515,72 +439,11 @@ class Domain:
         By name: a live task of that name - the one with the fewest pending
         works when several share it (a pool of workers) - never a dead one.
         Dead tasks met on the way are reaped. ``NoSuchTaskError`` when none."""
-        given = sum(x is not None for x in (key, pid, name))
-        if given != 1:
-            raise TypeError("task() takes exactly one of: a task id, pid=..., name=...")
-        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
-            raise TypeError(f"pid= is an int, got {type(pid).__name__}")
-        if name is not None:
-            if not isinstance(name, str):
-                raise TypeError(f"name= is a str, got {type(name).__name__}")
-            try:
-                _security.check_text(name, "a task name", lib.TW_NAME_LEN - 1)
-            except ValueError as exc:  # no task can have it (register refuses it)
-                raise NoSuchTaskError(f"no task named {name!r} in domain {self.name!r}: "
-                                      f"{exc}") from None
-        if key is not None:
-            if isinstance(key, bool) or not isinstance(key, int):
-                raise TypeError(f"a task id is an int, got {type(key).__name__}")
-            if not 0 <= key < self.max_tasks:
-                raise NoSuchTaskError(
-                    f"no task {key}: task ids are 0..{self.max_tasks - 1} in domain {self.name!r}")
-            if lib.tw_slot_dead(self.d, key) == 1:
-                self._reap(key)
-            s = self._slot(key)
-            if s.state in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING, lib.TW_SLOT_EXITED,
-                           lib.TW_SLOT_REAPING) and s.gen:
-                return self._handle(key, s)
-            raise NoSuchTaskError(f"no task {key} in domain {self.name!r} (the slot is free)")
-        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
-            raise TypeError(f"pid must be an int, got {type(pid).__name__}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
-        best = None
-        deadline = _lock_deadline(None)
-        for i in self._live_slots(pid=pid, name=name):
-            s = self._slot(i)
-            if pid is not None:
-                return self._handle(i, s)
-            n = lib.tw_snapshot_within(self.d, i, s.gen, ffi.NULL, ffi.NULL, 0, _left(deadline))
-            if n == -errno.ETIMEDOUT:
-                n = 1 << 40          # its list is held by someone: the last choice
-            if n >= 0 and (best is None or n < best[0]):
-                best = (n, i, s)
-        if best is not None:
-            return self._handle(best[1], best[2])
-        what = f"pid={pid}" if pid is not None else f"name={name!r}"
-        raise NoSuchTaskError(f"no live task with {what} in domain {self.name!r}")
+        i, s = self._table.find(key, pid, name)
+        return self._handle(i, s)
 
     def _live_slots(self, *, pid: int | None = None, name: str | None = None) -> list[int]:
-        """Slots of live running tasks matching pid or name (dead ones met are
-        reaped, never returned)."""
-        raw = name.encode() if name is not None else None
-        out = []
-        for i in range(self.max_tasks):
-            s = self._slot(i)
-            if s.state not in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING,
-                               lib.TW_SLOT_REAPING):
-                continue
-            if pid is not None and s.pid != pid:
-                continue
-            if raw is not None and ffi.string(s.name) != raw:
-                continue
-            if lib.tw_slot_dead(self.d, i) == 1:
-                self._reap(i)
-                continue
-            if s.state == lib.TW_SLOT_RUNNING and not s.flags & lib.TW_F_EXITING:
-                out.append(i)
-        return out
+        return self._table.live_slots(pid=pid, name=name)
 
     def _handle(self, i: int, s):
         from .task import Task
@@ -604,50 +467,7 @@ class Domain:
         :attr:`READ_LOCK_BUDGET`; 0: only try) on locks other processes
         hold; a task whose lock it could not get is reported with
         ``unreadable=True`` instead of being waited for."""
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
-        deadline = _lock_deadline(lock_timeout)
-        if reap:
-            self._reap_dead(deadline)
-        raw = name.encode() if name is not None else None
-        out = []
-        # Works in progress: a run counts a chunk's works when it frees it,
-        # and the owner words say which of them returned before that. The
-        # two are read as one snapshot (seqlock-like, on the run counters):
-        # a chunk freed during the scan is scanned again, so ``run`` never
-        # counts a work twice nor drops one it showed, and never goes back.
-        nt = self.max_tasks
-        running, done = ffi.new("uint32_t[]", nt), ffi.new("uint32_t[]", nt)
-        oldest = ffi.new("uint64_t[]", nt)
-        slots = [self._slot(i) for i in range(nt)]
-        for _ in range(4):
-            before = [s.c.run for s in slots]
-            lib.tw_progress(self.d, nt, running, done, oldest)
-            if all(s.c.run == b for s, b in zip(slots, before)):
-                break
-        now = time.monotonic_ns()
-        for i, s in enumerate(slots):
-            if s.state == lib.TW_SLOT_FREE or s.gen == 0:
-                continue
-            if raw is not None and ffi.string(s.name) != raw:
-                continue
-            c = s.c
-            # waits only for what is left of this call's budget
-            pending = lib.tw_snapshot_within(self.d, i, s.gen, ffi.NULL, ffi.NULL, 0,
-                                             _left(deadline))
-            out.append(TaskInfo(
-                id=i, pid=s.pid, name=ffi.string(s.name).decode(errors="replace"),
-                state=self._slot_state(i, s), registered_ns=s.registered_ns, generation=s.gen,
-                added=c.added, run=before[i] + done[i], cancelled=c.cancelled,
-                orphaned=c.orphaned,
-                errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
-                resumes_sent=c.resumes_sent, interrupted=c.interrupted,
-                pending=max(0, pending), max_pending=c.max_pending, flags=s.flags,
-                unreadable=pending in (-errno.ETIMEDOUT, -errno.EUCLEAN),
-                running=running[i],
-                oldest_running_s=(max(0, now - oldest[i]) / 1e9 if running[i] and oldest[i]
-                                  else None)))
-        return out
+        return self._table.tasks(name, reap=reap, lock_timeout=lock_timeout)
 
     def stats(self, *, reap: bool = True, lock_timeout: float | None = None,
               infos: "list[TaskInfo] | None" = None) -> DomainStats:
@@ -656,16 +476,7 @@ class Domain:
         ``infos``: a list :meth:`tasks` just returned, summed instead of
         reading the table again (``reap`` and ``lock_timeout`` then do not
         apply)."""
-        if infos is None:
-            infos = self.tasks(reap=reap, lock_timeout=lock_timeout)
-        free = lib.tw_pool_free_count(self.d)
-        hdr = ffi.cast("struct tw_header *", self.d.base)
-        sums = {k: sum(getattr(t, k) for t in infos) for k in COUNTERS}
-        return DomainStats(pool_size=self.pool_size, pool_free=free,
-                           pool_used=self.pool_size - free,
-                           tasks=sum(1 for t in infos if t.state != "exited"),
-                           dead_letters=int(hdr.dl_count),
-                           running=sum(t.running for t in infos), **sums)
+        return self._table.stats(reap=reap, lock_timeout=lock_timeout, infos=infos)
 
     # ---- reading works (reader.WorkReader) --------------------------------
 
