@@ -24,9 +24,9 @@ LAYERS = [
 ]
 
 # the modules that may touch the compiled core
-LIB_CALLERS = {"_native", "constants", "_security", "segment", "names", "reader", "outcomes", "keys",
-               "notify", "task", "letters", "table", "_run", "_aio", "registration", "observe", "fsck",
-               "domain"}
+LIB_CALLERS = {"_native", "constants", "_security", "segment", "outcomes", "names", "reader",
+               "keys", "notify", "task", "letters", "table", "_run", "_aio", "registration",
+               "observe", "fsck", "domain"}
 
 
 def _modules() -> list[str]:
