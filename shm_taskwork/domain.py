@@ -24,11 +24,10 @@ from .callbacks import task_name_id
 from ._native import ffi, lib
 from .constants import TWA_RESUME
 from .errors import TaskWorkError
-# The facade's parts (names, reader, letters, table) are imported from here
-# too where they were defined before they had modules of their own:
-# shm_taskwork.domain.printable (the tools), TaskInfo, DomainStats, COUNTERS,
-# Reaped stay importable from this module.
-from .letters import Letters, Reaped  # noqa: F401
+# The facade's parts. What was defined here before they had modules of their
+# own stays importable from here: printable (the tools use it), TaskInfo,
+# DomainStats, COUNTERS, Reaped, reap_log, LIMITS, SHM_DIR.
+from .letters import Letters, Reaped, reap_log  # noqa: F401
 from .names import NameTable, printable
 from .reader import WorkReader, slot_at
 from .segment import LIMITS, SHM_DIR  # noqa: F401

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import logging
 import os
+import weakref
 from typing import TYPE_CHECKING
 
 from . import _native, callbacks
@@ -53,8 +54,12 @@ class Letters:
     """Reaping the dead tasks of one domain, and its dead letters."""
 
     def __init__(self, dom: "Domain", reader: "WorkReader"):
-        self._dom = dom
+        self._ref = weakref.ref(dom)   # owned by dom: no cycle, so a dropped Domain closes at once
         self._reader = reader
+
+    @property
+    def _dom(self) -> "Domain":
+        return self._ref()  # type: ignore[return-value]  # alive: it calls its parts
 
     # ---- death and reaping -------------------------------------------------
 

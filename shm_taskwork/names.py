@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import _security, callbacks
@@ -52,9 +53,13 @@ class NameTable:
     """The callback-name table of one domain, and the codecs it records."""
 
     def __init__(self, dom: "Domain"):
-        self._dom = dom
+        self._ref = weakref.ref(dom)   # owned by dom: no cycle, so a dropped Domain closes at once
         self.put_ids: set[int] = set()    # ids this process has put in the table
         self._codecs: dict[int, str] = {}   # id -> codec the name table records (never changes)
+
+    @property
+    def _dom(self) -> "Domain":
+        return self._ref()  # type: ignore[return-value]  # alive: it calls its parts
 
     # ---- names ------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import _native, errors
@@ -51,8 +52,12 @@ class WorkReader:
     """Works read from one domain's segment."""
 
     def __init__(self, dom: "Domain", names: "NameTable"):
-        self._dom = dom
+        self._ref = weakref.ref(dom)   # owned by dom: no cycle, so a dropped Domain closes at once
         self._names = names
+
+    @property
+    def _dom(self) -> "Domain":
+        return self._ref()  # type: ignore[return-value]  # alive: it calls its parts
 
     def deadline(self, lock_timeout: float | None) -> int:
         """The lock deadline of a reading call of this domain."""

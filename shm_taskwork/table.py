@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import _native, _security
@@ -94,9 +95,13 @@ class TaskTable:
     """Reading one domain's task slots."""
 
     def __init__(self, dom: "Domain", reader: "WorkReader", letters: "Letters"):
-        self._dom = dom
+        self._ref = weakref.ref(dom)   # owned by dom: no cycle, so a dropped Domain closes at once
         self._reader = reader
         self._letters = letters
+
+    @property
+    def _dom(self) -> "Domain":
+        return self._ref()  # type: ignore[return-value]  # alive: it calls its parts
 
     def slot_state(self, i: int, s) -> str:
         """running, exiting, exited, dead (its process died, not reaped yet)
