@@ -9,44 +9,36 @@ safe to call more than once; a half-built domain cleans up after itself.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import errno
 import logging
-import mmap
 import os
 import signal
-import stat
-import struct
-import time
 from typing import TYPE_CHECKING, Any
 
 import posix_ipc
 
-from . import _native, _security, callbacks, errors
-from . import codec as _codec
+from . import _native, _security, callbacks
+from . import segment as _segment
 from . import work as _work
-from .callbacks import TASK_NAME_PREFIX, task_name_id
-from ._native import check, ffi, lib
+from .callbacks import task_name_id
+from ._native import ffi, lib
 from .constants import TWA_RESUME
-from .errors import DomainCorruptError, NoSuchTaskError, TaskWorkError
+from .errors import TaskWorkError
+# The facade's parts. What was defined here before they had modules of their
+# own stays importable from here: printable (the tools use it), TaskInfo,
+# DomainStats, COUNTERS, Reaped, reap_log, LIMITS, SHM_DIR.
+from .letters import Letters, Reaped, reap_log  # noqa: F401
+from .names import NameTable, printable
+from .reader import WorkReader, slot_at
+from .segment import LIMITS, SHM_DIR  # noqa: F401
+from .table import COUNTERS, DomainStats, TaskInfo, TaskTable, _Counters  # noqa: F401
 from .work import Work
 
 if TYPE_CHECKING:
     from .fsck import FsckReport
     from .task import Task
 
-reap_log = logging.getLogger("shm_taskwork.reap")
 log = logging.getLogger("shm_taskwork")
-SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory (glibc's shm_open)
-
-LIMITS = {
-    "max_tasks": (1, 4096),
-    "pool_size": (1, 1 << 24),
-    "payload_size": (0, 1 << 20),
-    "max_procs": (1, 65536),
-    "names_cap": (1, 1 << 20),
-    "outcomes": (1, 1 << 20),     # lib.TW_OUTCOMES_LIMIT
-}
 
 _OPEN = _native.OPEN   # every Domain this process maps
 
@@ -55,143 +47,6 @@ def normalize_name(name: str) -> str:
     """A domain name as the system names its segment (a leading ``/``);
     ValueError, before any system call, for a name that cannot be one."""
     return _security.domain_name(name)
-
-
-
-
-def printable(text: str) -> str:
-    """``text`` as a terminal or a log may show it: every character Python
-    calls not printable (C0 and C1 controls such as ESC, BEL and CR, DEL,
-    line separators, bidirectional overrides) written as its escape
-    (``\\x1b``, ``\\u202e``), and a backslash doubled, so what is shown can be
-    told apart from an escape. Names read from a segment were written by
-    whoever can write it (README, Security): the tools and the logs show
-    them through this, never raw."""
-    if text.isprintable() and "\\" not in text:
-        return text
-    out = []
-    for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            o = ord(ch)
-            out.append(f"\\x{o:02x}" if o < 0x100 else
-                       f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
-    return "".join(out)
-
-
-def _check_int(key: str, value) -> int:
-    lo, hi = LIMITS[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{key} must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{key}={value} is out of range: it must be between {lo} and {hi}")
-    return value
-
-
-def _check_mode(mode) -> int:
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
-        raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
-    return mode
-
-
-def _check_owner(name: str, st: os.stat_result, mode: int) -> None:
-    """PermissionError unless the segment (``st``) is this effective user's
-    and grants no bit outside ``mode``."""
-    have = stat.S_IMODE(st.st_mode)
-    euid = os.geteuid()
-    if st.st_uid == euid and not have & ~mode:
-        return
-    why = (f"it belongs to uid {st.st_uid}, not to this process (uid {euid})"
-           if st.st_uid != euid else
-           f"its mode {have:#o} grants more than the {mode:#o} asked for")
-    raise PermissionError(errno.EACCES,
-                          f"refusing to join domain {name!r}: it is owned by uid {st.st_uid} "
-                          f"gid {st.st_gid} with mode {have:#o}, and {why}; remove it or "
-                          f"pick another name", SHM_DIR + name)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _Counters:
-    """The counters each task slot keeps in shared memory (docs/contract.md "Observability")."""
-
-    added: int
-    run: int
-    cancelled: int
-    orphaned: int
-    errors: int
-    unknown: int
-    signals_sent: int
-    resumes_sent: int
-    interrupted: int
-    pending: int
-    max_pending: int
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-COUNTERS = tuple(f.name for f in dataclasses.fields(_Counters))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TaskInfo(_Counters):
-    """A snapshot of one used task slot (docs/contract.md "Observability"): the counters plus these."""
-
-    id: int
-    pid: int
-    name: str
-    #: ``running``, ``exiting``, ``exited``, ``dead`` (its process died and
-    #: nobody has reaped it yet) or ``reaped`` (reaped: its works are dead
-    #: letters or were given back, the slot is free for reuse; the row stays
-    #: until the slot is reused)
-    state: str
-    registered_ns: int
-    generation: int
-    flags: int
-    #: True when the task's list could not be read: its lock was held by
-    #: another process past the reading call's lock budget, or the list is
-    #: inconsistent. ``pending`` then says 0, not what is queued.
-    unreadable: bool = False
-    #: Works a run has taken and not finished (started or not): with
-    #: ``pending``, the task's whole backlog.
-    running: int = 0
-    #: Age in seconds, since it was queued, of the oldest running work (None: none).
-    oldest_running_s: float | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DomainStats(_Counters):
-    """Pool figures and the counters of every task summed (docs/contract.md "Observability").
-
-    ``pool_free`` counts nodes whose owner word says free: exact once nothing
-    is in flight (every added work run, cancelled, reclaimed or dropped)."""
-
-    pool_size: int
-    pool_free: int
-    pool_used: int
-    tasks: int
-    dead_letters: int
-    #: works runs have taken and not finished, every task summed
-    running: int = 0
-
-
-def _lock_deadline(lock_timeout: float | None) -> int:
-    """CLOCK_MONOTONIC deadline (ns) of a reading call's lock waits."""
-    if lock_timeout is None:
-        lock_timeout = Domain.READ_LOCK_BUDGET
-    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or \
-            not 0 <= lock_timeout <= 3600:
-        raise ValueError(f"lock_timeout must be seconds between 0 and 3600 (or None: "
-                         f"Domain.READ_LOCK_BUDGET), got {lock_timeout!r}")
-    return time.monotonic_ns() + int(lock_timeout * 1e9)
-
-
-def _left(deadline_ns: int) -> int:
-    """What is left of a lock deadline (0: only try)."""
-    return max(0, deadline_ns - time.monotonic_ns())
 
 
 class Domain:
@@ -221,8 +76,11 @@ class Domain:
         self.max_procs: int = d.max_procs
         self.record_origin = bool(d.record_origin)
         self.outcomes: int = d.out_cap   # outcome records kept (create's outcomes=)
-        self._names_put: set[int] = set()
-        self._codecs: dict[int, str] = {}   # id -> codec the name table records (never changes)
+        self._names = NameTable(self)
+        self._names_put = self._names.put_ids   # the same set (task.Task.add reads it)
+        self._reader = WorkReader(self, self._names)
+        self._letters = Letters(self, self._reader)
+        self._table = TaskTable(self, self._reader, self._letters)
         self._peer: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (pidfd, efd)
         # (slot, gen) -> the one struct tw_handle of this process for that
         # registration, shared by every Task object of it: it carries how to
@@ -232,7 +90,7 @@ class Domain:
         self._current = None
         _OPEN.add(self)
         for fid, cb_name, cb_codec in callbacks.declared_codecs():
-            self._record_declared(fid, cb_name, cb_codec)
+            self._names.record_declared(fid, cb_name, cb_codec)
 
     # ---- life cycle -------------------------------------------------------
 
@@ -249,60 +107,9 @@ class Domain:
         keeps: a record stays readable until that many newer tracked works
         have settled (docs/contract.md "Outcomes")."""
         name = normalize_name(name)
-        _check_int("max_tasks", max_tasks)
-        _check_int("pool_size", pool_size)
-        _check_int("payload_size", payload_size)
-        if max_procs is None:
-            max_procs = min(65536, 4 * max_tasks + 64)
-        _check_int("max_procs", max_procs)
-        _check_int("names_cap", names_cap)
-        _check_int("outcomes", outcomes)
-        _check_mode(mode)
-        size = lib.tw_layout_size(max_tasks, pool_size, payload_size, max_procs, names_cap,
-                                  int(bool(record_origin)), outcomes)
-        _security.check_total_size(name, size)
-        # Made whole before it has its name: created under a temporary name,
-        # formatted and mapped, then linked under the domain's name in one
-        # step (link(2) fails if the name exists). An opener never sees a
-        # half-made segment, and of racing creators exactly one link succeeds
-        # (docs/contract.md "Lifecycle without an operator", start together). The temporary name always goes.
-        _sweep_temporaries()
-        tmp = f"{SHM_DIR}/{_TMP_PREFIX}{os.getpid()}.{os.urandom(6).hex()}"
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         mode)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot create domain {name!r} in {SHM_DIR}: "
-                                     f"{exc.strerror}") from None
-        d = ffi.new("struct tw_dom *")
-        mapped = False
-        try:
-            # The creator's umask must not narrow the mode it asked for.
-            os.fchmod(fd, mode)
-            os.ftruncate(fd, size)
-            with mmap.mmap(fd, size) as m:
-                buf = ffi.from_buffer(m)
-                rc = lib.tw_format(buf, size, max_tasks, pool_size, payload_size, max_procs,
-                                   names_cap, int(bool(record_origin)), outcomes,
-                                   time.monotonic_ns())
-                ffi.release(buf)
-            check(rc, f"format domain {name!r}")
-            check(lib.tw_map(d, fd, size), f"map domain {name!r}")
-            mapped = True
-            try:
-                os.link(tmp, SHM_DIR + name, follow_symlinks=False)
-            except FileExistsError:
-                raise FileExistsError(f"domain {name!r} already exists") from None
-        except BaseException:
-            if mapped:
-                lib.tw_unmap(d)
-            raise
-        finally:
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        d = _segment.create(name, max_tasks=max_tasks, pool_size=pool_size,
+                            payload_size=payload_size, mode=mode, record_origin=record_origin,
+                            max_procs=max_procs, names_cap=names_cap, outcomes=outcomes)
         return cls(name, d, created=True)
 
     @classmethod
@@ -318,45 +125,7 @@ class Domain:
         open the segment may join it): that is how users share a domain
         another one made."""
         name = normalize_name(name)
-        if mode is not None:
-            _check_mode(mode)
-        try:
-            shm = posix_ipc.SharedMemory(name)
-        except posix_ipc.ExistentialError as exc:
-            raise FileNotFoundError(f"no domain named {name!r}") from exc
-        except posix_ipc.PermissionsError:
-            raise _security.permission_error(name, "open") from None
-        try:
-            # fstat of the descriptor that is mapped: what is checked is what is joined
-            st = os.fstat(shm.fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise DomainCorruptError(f"{name!r} is not a task-work domain (not a regular "
-                                         "file)")
-            if mode is not None:
-                _check_owner(name, st, mode)
-        except BaseException:
-            shm.close_fd()
-            raise
-        size = shm.size  # read before close_fd()
-        try:
-            head = os.pread(shm.fd, 16, 0)
-            d = ffi.new("struct tw_dom *")
-            rc = lib.tw_map(d, shm.fd, size)
-        finally:
-            shm.close_fd()
-        if rc < 0:
-            magic = head[:8]
-            version = struct.unpack_from("<I", head, 8)[0] if len(head) >= 12 else None
-            if -rc == errno.EPROTO:  # our magic, another layout
-                raise DomainCorruptError(
-                    f"domain {name!r} has layout version {version} (node header and slot "
-                    f"sizes of that build); this build uses layout version "
-                    f"{_native.LAYOUT_VERSION}: use the same shm_taskwork version everywhere")
-            if magic != b"SHMTWRK\x01":
-                raise DomainCorruptError(
-                    f"{name!r} is not a task-work domain (magic {magic!r}, expected b'SHMTWRK\\x01')")
-            check(rc, f"open domain {name!r}")
-        return cls(name, d, created=False)
+        return cls(name, _segment.open_existing(name, mode), created=False)
 
     @classmethod
     def open_or_create(cls, name: str, **create_options: Any) -> "Domain":
@@ -443,142 +212,31 @@ class Domain:
             raise ValueError(f"domain {self.name!r} is closed")
         return self._d
 
-    # ---- names ------------------------------------------------------------
-
-    def _put_name(self, fid: int, name: str) -> None:
-        """Record a callback's (or task's) name, and the codec this process
-        declared for it: a conflicting codec is a ValueError and pickle in a
-        domain others can write a PermissionError (docs/contract.md "Codecs")."""
-        if fid in self._names_put:
-            return
-        declared = callbacks.codec_of(fid)
-        if declared == "pickle":
-            self._refuse_pickle(name)
-        raw = name.encode()
-        rc = lib.tw_name_put(self.d, fid, raw, len(raw))
-        if rc == 0:
-            if declared is not None:
-                self._record_codec(fid, name, declared, strict=True)
-            self._names_put.add(fid)
-        # ENOSPC: the table is full; the work still runs, tools show the id
-        # (and a sender that knows only the name cannot learn its codec).
-
-    # ---- codecs (docs/contract.md "Codecs") ------------------------------------
-
-    def _refuse_pickle(self, name: str) -> None:
-        """PermissionError if another user can write this domain: unpickling
-        what it holds would run whatever code they wrote."""
-        why = _security.other_writers(self)
-        if why is not None:
-            raise PermissionError(
-                errno.EACCES, f"callback {name!r} uses codec 'pickle', which runs code named by "
-                f"the payload, so it is refused in domain {self.name!r}: {why}; use codec "
-                f"'json' or 'msgpack', or a domain only this user can write (mode 0o600)")
-
-    def _record_codec(self, fid: int, name: str, codec: str, *, strict: bool) -> None:
-        """Record ``codec`` for the name ``fid`` (already in the table). The
-        first declaration wins; a different one already recorded is a
-        ValueError when ``strict``, else logged (a declaration recorded in
-        passing, when a domain is opened or a callback declared)."""
-        rc = lib.tw_name_set_codec(self.d, fid, _codec.CODEC_IDS[codec])
-        if rc == -errno.EUCLEAN:
-            raise DomainCorruptError(f"domain {self.name!r}: the codec recorded for callback "
-                                     f"{name!r} is not one this build knows (scribbled)")
-        if rc < 0:  # ENOENT: never after tw_name_put returned 0 (it left the name whole)
-            return
-        have = _codec.CODEC_NAMES[rc]
-        if have is not None:
-            self._codecs[fid] = have
-        if have != codec:
-            text = (f"callback {name!r} is declared with codec {codec!r} in this process, but "
-                    f"domain {self.name!r} records codec {have!r} for it (the first declaration "
-                    f"wins): declare the same codec everywhere")
-            if strict:
-                raise ValueError(text)
-            log.warning("%s", text)
-
-    def _record_declared(self, fid: int, name: str, codec: str) -> None:
-        """Record a codec this process declared, in passing (this domain is
-        opened, or the callback declared while it is open): never raises;
-        pickle is not recorded in a domain others can write."""
-        try:
-            if self._closed or (codec == "pickle" and _security.other_writers(self)):
-                return
-            raw = name.encode()
-            if lib.tw_name_put(self._d, fid, raw, len(raw)) == 0:
-                self._record_codec(fid, name, codec, strict=False)
-        except Exception as exc:  # pragma: no cover - a scribbled table: the put says so
-            log.warning("domain %r: cannot record the codec of callback %r: %s",
-                        self.name, name, exc)
-
-    def _codec(self, fid: int) -> str | None:
-        """The codec of callback ``fid`` here: the one the name table records,
-        else the one this process declared (None: raw bytes). ValueError if
-        the two differ; PermissionError for pickle in a domain others can
-        write."""
-        got = self._codecs.get(fid)
-        if got is None:
-            rc = lib.tw_name_codec(self.d, fid)
-            if rc == -errno.EUCLEAN:
-                raise DomainCorruptError(f"domain {self.name!r}: the codec recorded for callback "
-                                         f"{self.func_name(fid)!r} is not one this build knows "
-                                         "(scribbled)")
-            got = _codec.CODEC_NAMES[rc] if rc > 0 else None
-            if got is not None:
-                self._codecs[fid] = got   # a recorded codec never changes
-        declared = callbacks.codec_of(fid)
-        if got is None:
-            got = declared
-        elif declared is not None and declared != got:
-            raise ValueError(f"callback {self.func_name(fid)!r} is declared with codec "
-                             f"{declared!r} in this process, but domain {self.name!r} records "
-                             f"codec {got!r} for it (the first declaration wins): declare the "
-                             "same codec everywhere")
-        if got == "pickle":
-            self._refuse_pickle(self.func_name(fid))
-        return got
-
-    def _encode_payload(self, fid: int, obj: Any) -> bytes:
-        """A payload that is not bytes-like, encoded with the codec of
-        callback ``fid`` (task._as_bytes); TypeError for a raw callback."""
-        codec = self._codec(fid)
-        if codec is None:
-            raise TypeError(
-                f"payload must be bytes-like, got {type(obj).__name__}: callback "
-                f"{self.func_name(fid)!r} declares no codec in domain {self.name!r}; declare one "
-                "(@callback(..., codec=\"json\")) or encode the payload to bytes first "
-                "(see shm_taskwork.codec)")
-        return _codec.encode(codec, obj, f"payload for callback {self.func_name(fid)!r}")
+    # ---- names and codecs (names.NameTable) -------------------------------
 
     def func_name(self, fid: int) -> str:
-        local = callbacks.name_of(fid)
-        if local is not None:
-            return local
-        buf = ffi.new("char[]", 128)
-        n = lib.tw_name_get(self.d, fid, buf, 128)
-        if n >= 0:
-            return ffi.string(buf, n).decode(errors="replace")
-        return f"<unknown {fid:#018x}>"
+        """The name of callback ``fid``: the one this process knows, else the
+        domain's name table's, else ``<unknown 0x...>``."""
+        return self._names.func_name(fid)
+
+    def _put_name(self, fid: int, name: str) -> None:
+        self._names.put(fid, name)
+
+    def _codec(self, fid: int) -> str | None:
+        return self._names.codec(fid)
+
+    def _encode_payload(self, fid: int, obj: Any) -> bytes:
+        return self._names.encode_payload(fid, obj)
 
     # ---- slots ------------------------------------------------------------
 
     def _slot(self, i: int):
-        return ffi.cast("struct tw_slot *", self.d.base + self.d.slots_off
-                        + i * ffi.sizeof("struct tw_slot"))
+        return slot_at(self.d, i)
 
     def _slot_state(self, i: int, s) -> str:
-        """running, exiting, exited, dead (its process died, not reaped yet)
-        or reaped (a reaped one keeps saying so until its slot is reused)."""
-        st = _native.SLOT_STATES.get(s.state, "corrupt")
-        if st == "exited" and s.flags & lib.TW_F_DIED:
-            return "reaped"
-        if st in ("running", "exiting", "claiming", "reaping") and lib.tw_slot_dead(self.d, i) == 1:
-            return "dead"
-        if st == "running" and s.flags & lib.TW_F_EXITING:
-            return "exiting"
-        return st
+        return self._table.slot_state(i, s)
 
-    # ---- death and reaping (docs/contract.md "Lifecycle without an operator") --------------------------------------
+    # ---- add handles (task.Task.add; notify) -------------------------------
 
     def _add_handle(self, slot: int, gen: int, signum: int) -> Any:
         """The shared struct tw_handle of registration (slot, gen)."""
@@ -598,97 +256,16 @@ class Domain:
             self._handles[(slot, gen)] = h
         return h
 
+    # ---- death and reaping (letters.Letters) -------------------------------
+
     def _reap_if_dead(self, slot: int) -> None:
-        """Reap task ``slot`` if its process died (a waiter on one of its
-        works notices, as an adder would: the death settles the work)."""
-        if isinstance(slot, int) and 0 <= slot < self.max_tasks and \
-                lib.tw_slot_dead(self.d, slot) == 1:
-            self._reap(slot)
+        self._letters.reap_if_dead(slot)
 
     def _reap(self, slot: int) -> "Reaped | None":
-        """Reap task ``slot`` if its process is dead: close its list, file its
-        pending and not-started works as ``orphaned`` dead letters, take out
-        the started ones (``interrupted``: reported on the ``shm_taskwork.reap``
-        logger, one record per work with the Work as ``record.work``, then
-        given back, never run again). None if it was not dead, or another
-        process is reaping it; many processes may race here, each work lands
-        once."""
-        n = self.pool_size
-        orphans = ffi.new("uint32_t[]", n)
-        inter = ffi.new("uint32_t[]", n)
-        info = ffi.new("struct tw_reap_info *")
-        s = self._slot(slot)
-        name = ffi.string(s.name).decode(errors="replace")
-        shown = printable(name)  # for the log: the name is the segment's, anyone's
-        pid = int(s.pid)
-        rc = lib.tw_reap(self.d, slot, orphans, inter, n, info)
-        if rc < 0:
-            reap_log.error("could not reap dead task %d (%s) of domain %r: %s; the next one to "
-                           "notice tries again", slot, shown, self.name, os.strerror(-rc))
-            return None
-        if rc != 1:
-            return None
-        out = Reaped(slot=slot, name=name, pid=pid, cancelled=int(info.cancelled))
-        owner = ffi.new("uint64_t *")
-        for k in range(min(int(info.orphaned), n)):
-            lib.tw_node_state(self.d, orphans[k], owner)
-            w = self._read(orphans[k], _native.owner_gen(owner[0]), "dead-letter")
-            if w is not None:
-                out.orphaned.append(w)
-        out.orphaned_count = int(info.orphaned)
-        for k in range(min(int(info.interrupted), n)):
-            # Reported first, then given back: should this process die in
-            # between, whoever reclaims its process entry files the node as
-            # an "interrupted" dead letter instead (reported twice at worst,
-            # never silently lost).
-            node = inter[k]
-            lib.tw_node_state(self.d, node, owner)
-            w = self._read(node, _native.owner_gen(owner[0]), "interrupted")
-            if w is not None:
-                w.target_name = name
-                out.interrupted.append(w)
-                reap_log.warning("task %d (%s, pid %d) of domain %r died while running work "
-                                 "%#x (%s): interrupted, not run again", slot, shown, pid,
-                                 self.name, w.id, printable(w.func_name), extra={"work": w})
-            lib.tw_free_node(self.d, node)
-        if out.orphaned_count:
-            reap_log.warning("task %d (%s, pid %d) of domain %r died: %d work(s) kept as "
-                             "orphaned dead letters", slot, shown, pid, self.name,
-                             out.orphaned_count)
-        return out
+        return self._letters.reap(slot)
 
     def _reap_dead(self, deadline_ns: int | None = None) -> list["Reaped"]:
-        """Reap every dead task this process notices now, and reclaim the
-        process-table entries of dead processes (what a dead adder had
-        allocated and not pushed goes back to the pool, what it had pushed
-        stays queued): nothing waits for fsck.
-
-        A reap takes the task's list lock, waiting up to the lock deadline
-        (2 s) while another process holds it, and whoever writes the segment
-        can make it look held for ever. So the lock is tried first, waiting
-        only until ``deadline_ns`` (default: :attr:`READ_LOCK_BUDGET` from
-        now) for all the slots together; a slot whose lock stays held is
-        left to the next one to notice it (README, Security)."""
-        out = []
-        d = self.d
-        if deadline_ns is None:
-            deadline_ns = _lock_deadline(None)
-        for i in range(self.max_tasks):
-            if lib.tw_slot_dead(d, i) == 1:
-                probe = lib.tw_snapshot_within(d, i, self._slot(i).gen, ffi.NULL, ffi.NULL, 0,
-                                               _left(deadline_ns))
-                if probe == -errno.ETIMEDOUT:
-                    continue
-                r = self._reap(i)
-                if r is not None:
-                    out.append(r)
-        info = None
-        for i in range(self.max_procs):
-            if lib.tw_proc_dead(d, i) == 1:
-                if info is None:
-                    info = ffi.new("struct tw_reap_info *")
-                lib.tw_proc_reclaim(d, i, 0, info)   # -EAGAIN: busy, the next one tries
-        return out
+        return self._letters.reap_dead(deadline_ns)
 
     # ---- registration -----------------------------------------------------
 
@@ -729,72 +306,11 @@ class Domain:
         By name: a live task of that name - the one with the fewest pending
         works when several share it (a pool of workers) - never a dead one.
         Dead tasks met on the way are reaped. ``NoSuchTaskError`` when none."""
-        given = sum(x is not None for x in (key, pid, name))
-        if given != 1:
-            raise TypeError("task() takes exactly one of: a task id, pid=..., name=...")
-        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
-            raise TypeError(f"pid= is an int, got {type(pid).__name__}")
-        if name is not None:
-            if not isinstance(name, str):
-                raise TypeError(f"name= is a str, got {type(name).__name__}")
-            try:
-                _security.check_text(name, "a task name", lib.TW_NAME_LEN - 1)
-            except ValueError as exc:  # no task can have it (register refuses it)
-                raise NoSuchTaskError(f"no task named {name!r} in domain {self.name!r}: "
-                                      f"{exc}") from None
-        if key is not None:
-            if isinstance(key, bool) or not isinstance(key, int):
-                raise TypeError(f"a task id is an int, got {type(key).__name__}")
-            if not 0 <= key < self.max_tasks:
-                raise NoSuchTaskError(
-                    f"no task {key}: task ids are 0..{self.max_tasks - 1} in domain {self.name!r}")
-            if lib.tw_slot_dead(self.d, key) == 1:
-                self._reap(key)
-            s = self._slot(key)
-            if s.state in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING, lib.TW_SLOT_EXITED,
-                           lib.TW_SLOT_REAPING) and s.gen:
-                return self._handle(key, s)
-            raise NoSuchTaskError(f"no task {key} in domain {self.name!r} (the slot is free)")
-        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
-            raise TypeError(f"pid must be an int, got {type(pid).__name__}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
-        best = None
-        deadline = _lock_deadline(None)
-        for i in self._live_slots(pid=pid, name=name):
-            s = self._slot(i)
-            if pid is not None:
-                return self._handle(i, s)
-            n = lib.tw_snapshot_within(self.d, i, s.gen, ffi.NULL, ffi.NULL, 0, _left(deadline))
-            if n == -errno.ETIMEDOUT:
-                n = 1 << 40          # its list is held by someone: the last choice
-            if n >= 0 and (best is None or n < best[0]):
-                best = (n, i, s)
-        if best is not None:
-            return self._handle(best[1], best[2])
-        what = f"pid={pid}" if pid is not None else f"name={name!r}"
-        raise NoSuchTaskError(f"no live task with {what} in domain {self.name!r}")
+        i, s = self._table.find(key, pid, name)
+        return self._handle(i, s)
 
     def _live_slots(self, *, pid: int | None = None, name: str | None = None) -> list[int]:
-        """Slots of live running tasks matching pid or name (dead ones met are
-        reaped, never returned)."""
-        raw = name.encode() if name is not None else None
-        out = []
-        for i in range(self.max_tasks):
-            s = self._slot(i)
-            if s.state not in (lib.TW_SLOT_RUNNING, lib.TW_SLOT_EXITING,
-                               lib.TW_SLOT_REAPING):
-                continue
-            if pid is not None and s.pid != pid:
-                continue
-            if raw is not None and ffi.string(s.name) != raw:
-                continue
-            if lib.tw_slot_dead(self.d, i) == 1:
-                self._reap(i)
-                continue
-            if s.state == lib.TW_SLOT_RUNNING and not s.flags & lib.TW_F_EXITING:
-                out.append(i)
-        return out
+        return self._table.live_slots(pid=pid, name=name)
 
     def _handle(self, i: int, s):
         from .task import Task
@@ -818,50 +334,7 @@ class Domain:
         :attr:`READ_LOCK_BUDGET`; 0: only try) on locks other processes
         hold; a task whose lock it could not get is reported with
         ``unreadable=True`` instead of being waited for."""
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
-        deadline = _lock_deadline(lock_timeout)
-        if reap:
-            self._reap_dead(deadline)
-        raw = name.encode() if name is not None else None
-        out = []
-        # Works in progress: a run counts a chunk's works when it frees it,
-        # and the owner words say which of them returned before that. The
-        # two are read as one snapshot (seqlock-like, on the run counters):
-        # a chunk freed during the scan is scanned again, so ``run`` never
-        # counts a work twice nor drops one it showed, and never goes back.
-        nt = self.max_tasks
-        running, done = ffi.new("uint32_t[]", nt), ffi.new("uint32_t[]", nt)
-        oldest = ffi.new("uint64_t[]", nt)
-        slots = [self._slot(i) for i in range(nt)]
-        for _ in range(4):
-            before = [s.c.run for s in slots]
-            lib.tw_progress(self.d, nt, running, done, oldest)
-            if all(s.c.run == b for s, b in zip(slots, before)):
-                break
-        now = time.monotonic_ns()
-        for i, s in enumerate(slots):
-            if s.state == lib.TW_SLOT_FREE or s.gen == 0:
-                continue
-            if raw is not None and ffi.string(s.name) != raw:
-                continue
-            c = s.c
-            # waits only for what is left of this call's budget
-            pending = lib.tw_snapshot_within(self.d, i, s.gen, ffi.NULL, ffi.NULL, 0,
-                                             _left(deadline))
-            out.append(TaskInfo(
-                id=i, pid=s.pid, name=ffi.string(s.name).decode(errors="replace"),
-                state=self._slot_state(i, s), registered_ns=s.registered_ns, generation=s.gen,
-                added=c.added, run=before[i] + done[i], cancelled=c.cancelled,
-                orphaned=c.orphaned,
-                errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
-                resumes_sent=c.resumes_sent, interrupted=c.interrupted,
-                pending=max(0, pending), max_pending=c.max_pending, flags=s.flags,
-                unreadable=pending in (-errno.ETIMEDOUT, -errno.EUCLEAN),
-                running=running[i],
-                oldest_running_s=(max(0, now - oldest[i]) / 1e9 if running[i] and oldest[i]
-                                  else None)))
-        return out
+        return self._table.tasks(name, reap=reap, lock_timeout=lock_timeout)
 
     def stats(self, *, reap: bool = True, lock_timeout: float | None = None,
               infos: "list[TaskInfo] | None" = None) -> DomainStats:
@@ -870,21 +343,12 @@ class Domain:
         ``infos``: a list :meth:`tasks` just returned, summed instead of
         reading the table again (``reap`` and ``lock_timeout`` then do not
         apply)."""
-        if infos is None:
-            infos = self.tasks(reap=reap, lock_timeout=lock_timeout)
-        free = lib.tw_pool_free_count(self.d)
-        hdr = ffi.cast("struct tw_header *", self.d.base)
-        sums = {k: sum(getattr(t, k) for t in infos) for k in COUNTERS}
-        return DomainStats(pool_size=self.pool_size, pool_free=free,
-                           pool_used=self.pool_size - free,
-                           tasks=sum(1 for t in infos if t.state != "exited"),
-                           dead_letters=int(hdr.dl_count),
-                           running=sum(t.running for t in infos), **sums)
+        return self._table.stats(reap=reap, lock_timeout=lock_timeout, infos=infos)
 
-    # ---- reading works ----------------------------------------------------
+    # ---- reading works (reader.WorkReader) --------------------------------
 
     def _scratch(self) -> _native.Scratch:
-        return _native.Scratch(self.payload_size)
+        return self._reader.scratch()
 
     def work(self, work_id: int) -> Work:
         """A handle on the tracked work ``work_id`` (from any process): wait
@@ -892,95 +356,20 @@ class Domain:
         "Outcomes"). ``OutcomeUnknownError`` if no outcome is recorded for
         that id: not tracked, or its record was reused after ``outcomes``
         newer tracked works settled."""
-        if isinstance(work_id, bool) or not isinstance(work_id, int):
-            raise TypeError(f"work() takes a work id (int), got {type(work_id).__name__}")
-        if not 0 <= work_id < 1 << 64 or (work_id & 0xFFFFFFFF) >= self.pool_size:
-            raise errors.OutcomeUnknownError(
-                f"no work {work_id:#x} in domain {self.name!r}: its node part must be below "
-                f"pool_size={self.pool_size}")
-        oi = ffi.new("struct tw_outcome_info *")
-        rc = lib.tw_outcome_read(self.d, work_id, oi, ffi.NULL, 0)
-        if rc == -errno.ENOENT:
-            raise errors.OutcomeUnknownError(
-                f"no outcome is recorded for work {work_id:#x} in domain {self.name!r}: it "
-                f"was not added with track=True, or its record was reused after "
-                f"outcomes={self.outcomes} newer tracked works settled")
-        check(rc, "work")
-        node, gen = work_id & 0xFFFFFFFF, work_id >> 32
-        w = None
-        if rc in (lib.TW_O_PENDING, lib.TW_O_RUNNING):
-            w = self._read(node, gen, "pending" if rc == lib.TW_O_PENDING else "running")
-        if w is None:   # settled: the node is gone; what the record says
-            w = Work("", 0, b"", id=work_id, domain=self.name, target=int(oi.slot),
-                     state="unqueued")
-        w._tracked = True
-        w._dom = self
-        return w
+        return self._reader.tracked(work_id)
 
     def _read(self, node: int, gen: int, state: str) -> Work | None:
-        sc = self._scratch()
-        rc = lib.tw_read_work(self.d, node, gen, sc.wi, sc.payload, sc.origin)
-        if rc < 0:
-            return None
-        return self._work_from(sc, state)
+        return self._reader.read(node, gen, state)
 
     def _work_from(self, sc: _native.Scratch, state: str) -> Work:
-        wi = sc.wi
-        origin = None
-        if wi.origin_len:
-            origin = ffi.unpack(sc.origin, wi.origin_len).decode(errors="replace")
-        w = Work(self.func_name(wi.func_id), wi.func_id,
-                 ffi.unpack(sc.payload, wi.payload_len) if wi.payload_len else b"",
-                 sender_pid=wi.sender_pid, target=wi.target, target_gen=wi.target_gen,
-                 enqueued_ns=wi.enqueued_ns, origin=origin,
-                 id=(wi.gen << 32) | wi.node, domain=self.name, state=state)
-        if state == "dead-letter":
-            w.reason = _native.REASONS.get(wi.reason, "orphaned")
-            w.target_name = self._name_of(wi.name_id)
-            note = lib.tw_node_note(self.d, wi.node)
-            w.attempt = max(0, note) >> 16
-            if w.reason == "failed" and note > 0 and note & 0xFFFF:
-                buf = ffi.new("char[]", self.payload_size or 1)
-                n = lib.tw_node_error(self.d, wi.node, wi.gen, buf, self.payload_size)
-                if n > 0:
-                    w.error = ffi.unpack(buf, n).decode(errors="replace")
-        return w
-
-    def _name_of(self, name_id: int) -> str | None:
-        if not name_id:
-            return None
-        buf = ffi.new("char[]", lib.TW_FUNC_NAME_LEN)
-        n = lib.tw_name_get(self.d, name_id, buf, lib.TW_FUNC_NAME_LEN)
-        if n < 0:
-            return None
-        raw = ffi.unpack(buf, n).decode(errors="replace")
-        return raw[len(TASK_NAME_PREFIX):] if raw.startswith(TASK_NAME_PREFIX) else raw
+        return self._reader.work_from(sc, state)
 
     def pending_works(self, task_id: int, *, lock_timeout: float | None = None) -> list[Work]:
         """The pending works of one task, newest first (a snapshot). Waits at
         most ``lock_timeout`` seconds (default :attr:`READ_LOCK_BUDGET`) for
         the task's list lock while another process holds it, then raises
         ``DomainCorruptError`` (ETIMEDOUT)."""
-        if isinstance(task_id, bool) or not isinstance(task_id, int):
-            raise TypeError(f"a task id is an int, got {type(task_id).__name__}")
-        s = self._slot(task_id) if 0 <= task_id < self.max_tasks else None
-        if s is None:
-            raise NoSuchTaskError(f"no task {task_id}: ids are 0..{self.max_tasks - 1}")
-        n = self.pool_size
-        nodes = ffi.new("uint32_t[]", n)
-        gens = ffi.new("uint32_t[]", n)
-        cnt = lib.tw_snapshot_within(self.d, task_id, s.gen, nodes, gens, n,
-                                     _left(_lock_deadline(lock_timeout)))
-        if cnt < 0:
-            if -cnt == errno.ESRCH:
-                return []
-            check(cnt, "pending_works")
-        out = []
-        for k in range(min(cnt, n)):
-            w = self._read(nodes[k], gens[k], "pending")
-            if w is not None:
-                out.append(w)
-        return out
+        return self._reader.pending(task_id, lock_timeout)
 
     def pool_free(self) -> int:
         """Nodes whose owner word says free now (one pass, no lock): the
@@ -990,37 +379,16 @@ class Domain:
     def task_name_known(self, name: str) -> bool:
         """True if a task of this name was ever registered in the domain
         (the name table keeps every task name it had room for)."""
-        buf = ffi.new("char[]", lib.TW_FUNC_NAME_LEN)
-        return lib.tw_name_get(self.d, task_name_id(name), buf, lib.TW_FUNC_NAME_LEN) >= 0
+        return self._names.known(task_name_id(name))
 
     def running_works(self, task_id: int, *, lock_timeout: float | None = None) -> list[Work]:
         """The works a run of one task has taken and not finished (detached
         or started), state ``"running"``, in no particular order: a snapshot
         read from the works' owner words, without a lock (``lock_timeout``
         is accepted for symmetry with :meth:`pending_works`)."""
-        if isinstance(task_id, bool) or not isinstance(task_id, int):
-            raise TypeError(f"a task id is an int, got {type(task_id).__name__}")
-        if not 0 <= task_id < self.max_tasks:
-            raise NoSuchTaskError(f"no task {task_id}: ids are 0..{self.max_tasks - 1}")
-        _lock_deadline(lock_timeout)   # the same check of the argument
-        n = self.pool_size
-        nodes = ffi.new("uint32_t[]", n)
-        gens = ffi.new("uint32_t[]", n)
-        cnt = check(lib.tw_running_nodes(self.d, task_id, nodes, gens, n), "running_works")
-        out = []
-        for k in range(cnt):
-            w = self._read(nodes[k], gens[k], "running")
-            if w is not None:
-                out.append(w)
-        return out
+        return self._reader.running(task_id, lock_timeout)
 
-    # ---- dead letters (docs/contract.md "Lifecycle without an operator") -------------------------------------------
-
-    def _dl_nodes(self) -> list[int]:
-        n = self.pool_size
-        buf = ffi.new("uint32_t[]", n)
-        cnt = check(lib.tw_dl_list(self.d, buf, n), "dead letters")
-        return [buf[k] for k in range(min(cnt, n))]
+    # ---- dead letters (letters.Letters; docs/contract.md "Lifecycle without an operator")
 
     def dead_letters(self, reason: str | None = None) -> list[Work]:
         """The dead letters, newest first: works whose callback was unknown
@@ -1028,26 +396,12 @@ class Domain:
         works left by tasks that died (``"orphaned"``). ``Work.target_name``
         is the name of the task each was for. Dead tasks not yet reaped are
         reaped first, so their works are here too."""
-        _check_reason(reason)
-        self._reap_dead()
-        out = []
-        o = ffi.new("uint64_t *")
-        for node in self._dl_nodes():
-            lib.tw_node_state(self.d, node, o)
-            w = self._read(node, _native.owner_gen(o[0]), "dead-letter")
-            if w is not None and (reason is None or w.reason == reason):
-                out.append(w)
-        return out
+        return self._letters.dead_letters(reason)
 
     def drop_dead_letters(self, reason: str | None = None) -> int:
         """Return dead letters' nodes to the pool (all, or those of one
         reason); the count dropped."""
-        dropped = 0
-        for w in self.dead_letters(reason):
-            if check(lib.tw_dl_take(self.d, w.node, w.id >> 32), "drop dead letter") == 1:
-                check(lib.tw_dl_done(self.d, w.node, lib.TW_OUT_OK), "drop dead letter")
-                dropped += 1
-        return dropped
+        return self._letters.drop(reason)
 
     def retry_dead_letters(self, to: "Task | str | None" = None, reason: str | None = None, *,
                            notify: int = TWA_RESUME) -> int:
@@ -1057,53 +411,14 @@ class Domain:
         live task with the name of the task each work was for. A dead letter
         with no live target stays where it is. The work keeps its callback
         and payload and gets a new id."""
-        from .task import Task
-        _check_reason(reason)
-        if to is not None and not isinstance(to, (Task, str)):
-            raise TypeError(f"to must be a Task, a task name or None, got {type(to).__name__}")
-        done = 0
-        targets: dict[str, object] = {}
-        for w in self.dead_letters(reason):
-            if w.reason == "interrupted":
-                continue       # it may have had effects: never run again
-            if isinstance(to, Task):
-                t = to
-            else:
-                want = to if to is not None else w.target_name
-                if want is None:
-                    continue
-                t = targets.get(want)
-                if t is None:
-                    try:
-                        t = targets[want] = self.task(name=want)
-                    except NoSuchTaskError:
-                        continue
-            if t._requeue(w, notify):
-                done += 1
-        return done
+        return self._letters.retry(to, reason, notify)
 
     def run_dead_letters(self) -> int:
         """Run, in this process, the dead letters whose callback it knows;
         the count run. A callback that raises is logged and its node freed,
         as in run(). (What ``retry_dead_letters()`` did before dead letters
         could be re-queued.)"""
-        from .callbacks import log_callback_error
-        ran = 0
-        for w in self.dead_letters():
-            fn = callbacks.lookup(w.func_id)
-            if fn is None:
-                continue
-            if check(lib.tw_dl_take(self.d, w.node, w.id >> 32), "run dead letter") != 1:
-                continue
-            w.state = "running"
-            try:
-                fn(w)
-            except Exception as exc:
-                log_callback_error(w, exc)
-            finally:
-                check(lib.tw_dl_done(self.d, w.node, lib.TW_OUT_OK), "run dead letter")
-            ran += 1
-        return ran
+        return self._letters.run()
 
     # ---- fsck -------------------------------------------------------------
 
@@ -1111,51 +426,6 @@ class Domain:
         """Find (and with ``repair=True`` reclaim) what dead processes held. (docs/contract.md "Faults: dead processes")."""
         from .fsck import fsck
         return fsck(self, repair=repair)
-
-
-_TMP_PREFIX = ".shm_taskwork-new."   # a domain being formatted, not yet linked
-
-
-def _sweep_temporaries() -> None:
-    """Remove temporaries left by creators that died before they linked."""
-    try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith(_TMP_PREFIX)]
-    except OSError:
-        return
-    for n in names:
-        try:
-            pid = int(n[len(_TMP_PREFIX):].split(".")[0])
-            os.kill(pid, 0)
-            continue               # its creator is still at work
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError):
-            continue
-        try:
-            os.unlink(f"{SHM_DIR}/{n}")
-        except OSError:
-            pass
-
-
-
-
-def _check_reason(reason) -> None:
-    if reason is not None and reason not in _native.REASON_CODES:
-        raise ValueError(f"reason={reason!r}: use None or one of "
-                         f"{', '.join(map(repr, _native.REASON_CODES))}")
-
-
-@dataclasses.dataclass
-class Reaped:
-    """What one reap of a dead task did (see :meth:`Domain._reap`)."""
-
-    slot: int
-    name: str
-    pid: int
-    orphaned: list[Work] = dataclasses.field(default_factory=list)
-    orphaned_count: int = 0
-    interrupted: list[Work] = dataclasses.field(default_factory=list)
-    cancelled: int = 0
 
 
 def _after_fork_in_child() -> None:
@@ -1176,7 +446,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def _record_in_open_domains(fid: int, name: str, codec: str) -> None:
     """A callback declared a codec: record it in every domain open here."""
     for dom in list(_OPEN):
-        dom._record_declared(fid, name, codec)
+        dom._names.record_declared(fid, name, codec)
 
 
 def _work_codec(domain: str | None, fid: int) -> str | None:
@@ -1185,7 +455,7 @@ def _work_codec(domain: str | None, fid: int) -> str | None:
     pickle is refused: who can write the domain cannot be checked)."""
     for dom in list(_OPEN):
         if dom.name == domain and not dom._closed:
-            return dom._codec(fid)
+            return dom._names.codec(fid)
     codec = callbacks.codec_of(fid)
     if codec == "pickle":
         raise PermissionError(errno.EACCES, f"codec 'pickle' is refused for a work of domain "

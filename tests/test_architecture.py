@@ -18,14 +18,15 @@ PKG = os.path.join(ROOT, "shm_taskwork")
 # bottom to top: each module may import only from the ones before it
 LAYERS = [
     "_layout", "errors", "codec", "_native", "constants", "signals", "systemd", "_security",
-    "outcomes", "work",
-    "callbacks", "keys", "notify", "task", "_run", "_aio", "registration", "observe",
-    "fsck", "domain", "kernel", "remote", "__init__", "cli",
+    "segment", "outcomes", "work",
+    "callbacks", "names", "reader", "keys", "notify", "task", "letters", "table", "_run", "_aio",
+    "registration", "observe", "fsck", "domain", "kernel", "remote", "__init__", "cli",
 ]
 
 # the modules that may touch the compiled core
-LIB_CALLERS = {"_native", "constants", "_security", "outcomes", "keys", "notify", "task", "_run",
-               "_aio", "registration", "observe", "fsck", "domain"}
+LIB_CALLERS = {"_native", "constants", "_security", "segment", "outcomes", "names", "reader",
+               "keys", "notify", "task", "letters", "table", "_run", "_aio", "registration",
+               "observe", "fsck", "domain"}
 
 
 def _modules() -> list[str]:
