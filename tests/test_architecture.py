@@ -116,9 +116,16 @@ def test_only_the_core_layers_call_the_compiled_core():
     assert callers <= LIB_CALLERS, callers - LIB_CALLERS
 
 
+# remote/, bottom to top
+REMOTE_LAYERS = ["scripts", "sender", "killpoints", "checks", "status", "watcher", "local",
+                 "bridge"]
+
+
 def test_the_remote_package_is_layered_and_never_calls_the_core():
-    """remote/: scripts < sender < bridge, and no lib/ffi (it uses the API)."""
-    order = ["scripts", "sender", "bridge"]
+    """remote/: scripts < sender < killpoints < checks < status < watcher
+    < local < bridge (the bridge composes the parts below it), and no
+    lib/ffi (it uses the API)."""
+    order = REMOTE_LAYERS
     wrong = []
     for i, mod in enumerate(order):
         tree = ast.parse(open(os.path.join(PKG, "remote", mod + ".py")).read())
@@ -132,6 +139,13 @@ def test_the_remote_package_is_layered_and_never_calls_the_core():
             if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_native"):
                 wrong.append(f"remote.{mod} imports _native")
     assert not wrong, wrong
+
+
+def test_every_remote_module_has_a_layer():
+    mods = {n[:-3] for n in os.listdir(os.path.join(PKG, "remote"))
+            if n.endswith(".py") and n != "__init__.py"}
+    assert mods == set(REMOTE_LAYERS), \
+        "a new remote module must be given a layer in REMOTE_LAYERS (and in the README)"
 
 
 TOOLS = os.path.join(ROOT, "tools")

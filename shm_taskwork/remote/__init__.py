@@ -1,12 +1,14 @@
 """Beyond one host: works travel through Redis Streams (docs/contract.md
 "Beyond one host: the bridge"; README "More than one host").
 
-Three parts, bottom to top: ``scripts`` (the Redis scripts of the
-exactly-once protocol), ``sender`` (``Cluster``, ``RemoteTask``,
-``RemoteWork``: what a process on any host uses to queue works onto a
-task of another host) and ``bridge`` (``Bridge``: what runs on each host and
-moves works from its streams into the local domain; the command line is
-``shm-taskwork bridge``).
+Bottom to top: ``scripts`` (the Redis scripts of the exactly-once
+protocol), ``sender`` (``Cluster``, ``RemoteTask``, ``RemoteWork``: what a
+process on any host uses to queue works onto a task of another host), then
+the bridge, what runs on each host and moves works from its streams into the
+local domain (the command line is ``shm-taskwork bridge``): ``bridge``
+(``Bridge``, the read loop) composes its parts ``checks`` (the trust
+boundary), ``status`` (its figures), ``watcher`` (the local outcomes) and
+``local`` (the local add), with ``killpoints`` for fault injection.
 """
 from __future__ import annotations
 
