@@ -742,14 +742,20 @@ MODE_NOTES = [
 
 
 def _us(value: float | None) -> str:
-    """Microseconds in the unit that reads best, at most 7 characters."""
+    """Microseconds in the unit that reads best, at most 5 characters (the
+    mode table's eight columns must fit 80 columns also when a loaded
+    machine makes the figures milliseconds)."""
     if value is None:
         return "-"
-    if value < 1000:
+    if value < 999.5:
         return f"{value:.0f}us"
-    if value < 1e6:
+    if value < 9.95e3:
         return f"{value / 1e3:.1f}ms"
-    return f"{value / 1e6:.2f}s"
+    if value < 999.5e3:
+        return f"{value / 1e3:.0f}ms"
+    if value < 9.95e6:
+        return f"{value / 1e6:.1f}s"
+    return f"{value / 1e6:.0f}s"
 
 
 def _lat(row: dict, key: str) -> str:
