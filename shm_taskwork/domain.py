@@ -28,7 +28,7 @@ from .errors import TaskWorkError
 # own stays importable from here: printable (the tools use it), TaskInfo,
 # DomainStats, COUNTERS, Reaped, reap_log, LIMITS, SHM_DIR.
 from .letters import Letters, Reaped, reap_log  # noqa: F401
-from .names import NameTable, printable
+from .names import NameTable, printable  # noqa: F401
 from .reader import WorkReader, slot_at
 from .segment import LIMITS, SHM_DIR  # noqa: F401
 from .table import COUNTERS, DomainStats, TaskInfo, TaskTable, _Counters  # noqa: F401

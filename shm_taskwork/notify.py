@@ -33,6 +33,7 @@ from . import _security
 from ._native import lib
 
 if TYPE_CHECKING:
+    from .domain import Domain
     from .task import Task
 
 log = logging.getLogger("shm_taskwork")
