@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import signal
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import posix_ipc
@@ -87,6 +88,7 @@ class Domain:
         # notify the task (its descriptors in _peer, or the own eventfd), so
         # the lean add passes nothing else (task.Task.add; Domain._add_handle)
         self._handles: dict[tuple[int, int], Any] = {}
+        self._all_handles: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every one made
         self._current = None
         _OPEN.add(self)
         for fid, cb_name, cb_codec in callbacks.declared_codecs():
@@ -171,7 +173,7 @@ class Domain:
                 cur.exit()
             except TaskWorkError:
                 cur._release_local()  # the slot is the segment's problem now
-        for h in self._handles.values():
+        for h in list(self._all_handles):
             # before the descriptors close and the mapping goes: no add may
             # use them any more (tw_add_h says -EBADF for a NULL domain)
             h.current, h.own_efd, h.efd, h.pidfd = 0, -1, -1, -1
@@ -244,10 +246,13 @@ class Domain:
         if h is None:
             if len(self._handles) >= 4 * self.max_tasks:
                 # registrations come and go: forget those with no descriptors
+                # (a Task object may still hold one: close() finds it in
+                # _all_handles, a weak set, and clears its domain)
                 for k in [k for k, v in self._handles.items()
                           if not v.current and v.efd < 0 and v.pidfd < 0]:
                     del self._handles[k]
             h = ffi.new("struct tw_handle *")
+            self._all_handles.add(h)
             h.d, h.slot, h.gen, h.signum = self._d, slot, gen, signum
             h.own_efd = h.efd = h.pidfd = -1
             h.current = 0

@@ -801,3 +801,42 @@ def test_domain_mode_default_and_given(make_domain):
         os.umask(old)
     assert os.stat("/dev/shm/" + d1.name.lstrip("/")).st_mode & 0o777 == 0o600
     assert os.stat("/dev/shm/" + d2.name.lstrip("/")).st_mode & 0o777 == 0o640
+
+
+def test_an_add_through_a_forgotten_handle_after_close_is_an_error_not_a_crash(spawn):
+    # The process keeps one add handle per registration; past 4 * max_tasks
+    # registrations it forgets those with no descriptors, while Task objects
+    # may still hold them. close() must reach those too: an add through one
+    # then says the domain is closed (it read unmapped memory before).
+    p = spawn("""
+        import sys
+        from shm_taskwork import Domain, callback, TWA_NONE
+        from shm_taskwork.errors import TaskExitedError
+
+        @callback(name="sem.noop")
+        def noop(work):
+            pass
+
+        dom = Domain.create(sys.argv[1], max_tasks=1, pool_size=16)
+        try:
+            old = []
+            for _ in range(6):
+                t = dom.register("x")
+                h = dom.task(t.id)
+                old.append(h)
+                t.exit()
+                try:
+                    h.add(noop, b"", TWA_NONE)   # caches the callback in h
+                except TaskExitedError:
+                    pass
+            dom.close()
+            try:
+                old[0].add(noop, b"", TWA_NONE)
+            except ValueError as exc:
+                print(exc, flush=True)
+        finally:
+            dom.unlink()
+    """, unique_name("forgot"))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "is closed" in out, out
