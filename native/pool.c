@@ -58,6 +58,18 @@ static uint64_t *intent_claim(struct tw_dom *d)
     }
 }
 
+/* A bad index read from the free list: read the head again. Still the same
+ * head (nothing moved under us): the list itself is corrupt, 1. Moved: the
+ * read raced a pop or push; *head is the new one, 0 (retry from it). */
+static inline int stable_bad_head(struct tw_header *h, uint64_t *head)
+{
+    uint64_t again = LD_ACQ(&h->free_head);
+    if (again == *head)
+        return 1;
+    *head = again;
+    return 0;
+}
+
 static inline void intent_set(uint64_t *w, uint64_t v) { __atomic_store_n(w, v, __ATOMIC_SEQ_CST); }
 static inline void intent_done(uint64_t *w) { __atomic_store_n(w, ~0ull, __ATOMIC_SEQ_CST); }
 
@@ -86,12 +98,10 @@ static int pop_shared(struct tw_dom *d, uint32_t *out)
             break;
         }
         if (!node_ok(d, idx)) {
-            uint64_t again = LD_ACQ(&h->free_head);
-            if (again == head) {
-                r = -EUCLEAN;
+            if (stable_bad_head(h, &head)) {
+                r = -EUCLEAN;   /* a stable head with a bad link: corrupt */
                 break;
             }
-            head = again;
             continue;
         }
         /* Intent before the CAS; seq_cst so fsck's reads order after it. */
@@ -101,12 +111,10 @@ static int pop_shared(struct tw_dom *d, uint32_t *out)
         uint32_t next = LD_RLX(&NODE(d, idx)->next);
         uint64_t nh = HEAD(H_GEN(head) + 1, next);
         if (next != TW_NIL && !node_ok(d, next)) {
-            uint64_t again = LD_ACQ(&h->free_head);
-            if (again == head) {
+            if (stable_bad_head(h, &head)) {
                 r = -EUCLEAN;   /* a stable head with a bad link: corrupt */
                 break;
             }
-            head = again;
             continue;
         }
         /* acq_rel: acquire pairs with the release CAS of the pushes (the
@@ -202,12 +210,10 @@ static int pop_batch(struct tw_dom *d, uint32_t *nodes, uint32_t *gens, uint32_t
         if (!bad && next != TW_NIL && !node_ok(d, next))
             bad = 1;
         if (bad) {
-            uint64_t again = LD_ACQ(&h->free_head);
-            if (again == head) {
+            if (stable_bad_head(h, &head)) {
                 r = -EUCLEAN;   /* a stable head with a bad link: corrupt */
                 break;
             }
-            head = again;
             continue;
         }
         /* Intent before the CAS (seq_cst): the chain we are about to take. */

@@ -156,7 +156,7 @@ class RunLoop:
         while self._failed_later:
             node, _gen, exc, _fn = self._failed_later[-1]
             one[0] = node
-            text = f"{type(exc).__name__}: {exc}".encode(errors="replace")
+            text = _error_text(exc)
             check(lib.tw_file_taken(dom.d, self.id, one, 1, lib.TW_R_FAILED, text, len(text),
                                     max(0, lib.tw_node_note(dom.d, node)) >> 16), "run")
             self._failed_later.pop()
@@ -530,7 +530,7 @@ class RunLoop:
                                   os.strerror(-rc))
                     continue
             else:
-                text = f"{type(exc).__name__}: {exc}".encode(errors="replace")
+                text = _error_text(exc)
                 rc = lib.tw_file_taken(d, slot, one, 1, lib.TW_R_FAILED, text, len(text),
                                        attempt)
                 if rc == 1:

@@ -13,13 +13,13 @@ import dataclasses
 import errno
 import logging
 import os
-import weakref
 from typing import TYPE_CHECKING
 
 from . import _native, callbacks
 from ._native import check, ffi, lib
 from .errors import NoSuchTaskError
 from .names import printable
+from .part import DomainPart
 from .reader import left, slot_at
 from .work import Work
 
@@ -50,16 +50,12 @@ class Reaped:
     cancelled: int = 0
 
 
-class Letters:
+class Letters(DomainPart):
     """Reaping the dead tasks of one domain, and its dead letters."""
 
     def __init__(self, dom: "Domain", reader: "WorkReader"):
-        self._ref = weakref.ref(dom)   # owned by dom: no cycle, so a dropped Domain closes at once
+        super().__init__(dom)
         self._reader = reader
-
-    @property
-    def _dom(self) -> "Domain":
-        return self._ref()  # type: ignore[return-value]  # alive: it calls its parts
 
     # ---- death and reaping -------------------------------------------------
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import _security, callbacks
@@ -19,6 +18,7 @@ from . import codec as _codec
 from ._native import ffi, lib
 from .callbacks import TASK_NAME_PREFIX
 from .errors import DomainCorruptError
+from .part import DomainPart
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -49,17 +49,13 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
-class NameTable:
+class NameTable(DomainPart):
     """The callback-name table of one domain, and the codecs it records."""
 
     def __init__(self, dom: "Domain"):
-        self._ref = weakref.ref(dom)   # owned by dom: no cycle, so a dropped Domain closes at once
+        super().__init__(dom)
         self.put_ids: set[int] = set()    # ids this process has put in the table
         self._codecs: dict[int, str] = {}   # id -> codec the name table records (never changes)
-
-    @property
-    def _dom(self) -> "Domain":
-        return self._ref()  # type: ignore[return-value]  # alive: it calls its parts
 
     # ---- names ------------------------------------------------------------
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import errno
 import time
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import _native, errors
 from ._native import check, ffi, lib
 from .errors import NoSuchTaskError
+from .part import DomainPart
 from .work import Work
 
 if TYPE_CHECKING:
@@ -48,16 +48,12 @@ def slot_at(d: Any, i: int) -> Any:
     return ffi.cast("struct tw_slot *", d.base + d.slots_off + i * ffi.sizeof("struct tw_slot"))
 
 
-class WorkReader:
+class WorkReader(DomainPart):
     """Works read from one domain's segment."""
 
     def __init__(self, dom: "Domain", names: "NameTable"):
-        self._ref = weakref.ref(dom)   # owned by dom: no cycle, so a dropped Domain closes at once
+        super().__init__(dom)
         self._names = names
-
-    @property
-    def _dom(self) -> "Domain":
-        return self._ref()  # type: ignore[return-value]  # alive: it calls its parts
 
     def deadline(self, lock_timeout: float | None) -> int:
         """The lock deadline of a reading call of this domain."""

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import time
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import _native, _security
 from ._native import ffi, lib
 from .errors import NoSuchTaskError
+from .part import DomainPart
 from .reader import left, slot_at
 
 if TYPE_CHECKING:
@@ -91,17 +91,13 @@ class DomainStats(_Counters):
     running: int = 0
 
 
-class TaskTable:
+class TaskTable(DomainPart):
     """Reading one domain's task slots."""
 
     def __init__(self, dom: "Domain", reader: "WorkReader", letters: "Letters"):
-        self._ref = weakref.ref(dom)   # owned by dom: no cycle, so a dropped Domain closes at once
+        super().__init__(dom)
         self._reader = reader
         self._letters = letters
-
-    @property
-    def _dom(self) -> "Domain":
-        return self._ref()  # type: ignore[return-value]  # alive: it calls its parts
 
     def slot_state(self, i: int, s) -> str:
         """running, exiting, exited, dead (its process died, not reaped yet)

@@ -19,7 +19,7 @@ PKG = os.path.join(ROOT, "shm_taskwork")
 LAYERS = [
     "_layout", "errors", "codec", "_native", "constants", "signals", "systemd", "_security",
     "segment", "outcomes", "work",
-    "callbacks", "names", "reader", "keys", "notify", "task", "letters", "table", "_run", "_aio",
+    "callbacks", "part", "names", "reader", "keys", "notify", "task", "letters", "table", "_run", "_aio",
     "registration", "observe", "fsck", "domain", "kernel", "remote", "__init__", "cli",
 ]
 

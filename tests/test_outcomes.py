@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import threading
 import time
 
@@ -53,6 +54,23 @@ WORKER = """
     print(task.id, flush=True)
     task.serve(drain_timeout=5)
 """
+
+
+# A task that never runs its list: it registers argv[2], prints its id and
+# reads stdin until the test ends (or kills it).
+IDLE = """
+    import sys
+    from shm_taskwork import Domain
+    dom = Domain.open(sys.argv[1])
+    t = dom.register(sys.argv[2], install_handler=sys.argv[3] == "1")
+    print(t.id, flush=True); sys.stdin.read()
+"""
+
+
+def idle_task(dom, spawn, name: str = "idle", install_handler: bool = True):
+    """(process, handle) of an IDLE task of dom."""
+    proc = spawn(IDLE, dom.name, name, "1" if install_handler else "0", stdin=subprocess.PIPE)
+    return proc, dom.task(int(readline(proc)))
 
 
 @callback(name="oc.echo")
@@ -123,15 +141,7 @@ def test_a_callback_with_retries_is_followed_to_its_last_attempt(worker):
 @pytest.mark.asan
 def test_call_timeout_cancels_a_work_that_has_not_started(make_domain, spawn):
     dom = make_domain("octo", pool_size=32)
-    # a task that never runs its list: it reads stdin and does nothing
-    proc = spawn("""
-        import sys
-        from shm_taskwork import Domain
-        dom = Domain.open(sys.argv[1]); t = dom.register("idle")
-        print(t.id, flush=True); sys.stdin.read()
-    """, dom.name, stdin=__import__("subprocess").PIPE)
-    slot = int(readline(proc))
-    task = dom.task(slot)
+    proc, task = idle_task(dom, spawn)
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match="cancelled") as ei:
         task.call("oc.echo", b"late", timeout=0.3, notify=TWA_NONE)
@@ -144,13 +154,7 @@ def test_call_timeout_cancels_a_work_that_has_not_started(make_domain, spawn):
 
 def test_a_waiter_sleeps_in_the_kernel_it_does_not_spin(make_domain, spawn):
     dom = make_domain("occpu", pool_size=32)
-    proc = spawn("""
-        import sys
-        from shm_taskwork import Domain
-        dom = Domain.open(sys.argv[1]); t = dom.register("idle")
-        print(t.id, flush=True); sys.stdin.read()
-    """, dom.name, stdin=__import__("subprocess").PIPE)
-    task = dom.task(int(readline(proc)))
+    proc, task = idle_task(dom, spawn)
     w = task.add("oc.echo", b"", TWA_NONE, track=True)
     c0, t0 = time.thread_time(), time.monotonic()
     with pytest.raises(TimeoutError, match="still pending"):
@@ -164,13 +168,7 @@ def test_a_waiter_sleeps_in_the_kernel_it_does_not_spin(make_domain, spawn):
 
 def test_a_work_pending_when_its_task_is_killed_ends_dead_letter(make_domain, spawn):
     dom = make_domain("ocdl", pool_size=32)
-    proc = spawn("""
-        import sys
-        from shm_taskwork import Domain
-        dom = Domain.open(sys.argv[1]); t = dom.register("idle")
-        print(t.id, flush=True); sys.stdin.read()
-    """, dom.name, stdin=__import__("subprocess").PIPE)
-    task = dom.task(int(readline(proc)))
+    proc, task = idle_task(dom, spawn)
     w = task.add("oc.echo", b"", TWA_NONE, track=True)
     proc.kill()
     proc.wait(10)
@@ -220,13 +218,7 @@ def test_another_process_waits_on_a_work_by_its_id(worker, spawn):
 @pytest.mark.asan
 def test_a_retried_dead_letter_names_its_new_work(make_domain, spawn):
     dom = make_domain("ocre", pool_size=32)
-    idle = spawn("""
-        import sys
-        from shm_taskwork import Domain
-        dom = Domain.open(sys.argv[1]); t = dom.register("w")
-        print(t.id, flush=True); sys.stdin.read()
-    """, dom.name, stdin=__import__("subprocess").PIPE)
-    task = dom.task(int(readline(idle)))
+    idle, task = idle_task(dom, spawn, "w")
     w = task.add("oc.echo", b"again", TWA_NONE, track=True)
     idle.kill()
     idle.wait(10)
@@ -309,13 +301,7 @@ def test_a_letter_whose_filer_died_keeps_its_outcome_when_it_is_retried(make_dom
     # it with no record: it reads dead_letter all along, and its retry does
     # not turn the original's outcome into the new work's.
     dom = make_domain("ocdlk", pool_size=16, outcomes=64)
-    idle = spawn("""
-        import sys
-        from shm_taskwork import Domain
-        dom = Domain.open(sys.argv[1]); t = dom.register("t", install_handler=False)
-        print(t.id, flush=True); sys.stdin.read()
-    """, dom.name, stdin=__import__("subprocess").PIPE)
-    task = dom.task(int(readline(idle)))
+    idle, task = idle_task(dom, spawn, "t", install_handler=False)
     w = task.add("oc.echo", b"again", TWA_NONE, track=True)
     idle.kill()
     idle.wait(10)
