@@ -32,7 +32,7 @@ static void kp_init(void)
                                    "in_pi_lock", "mid_pop", "in_callback", "in_claim",
                                    "in_register", "in_reap", "in_dl_file", "in_detach",
                                    "key_reserved", "key_pushed", "mid_batch_pop",
-                                   "mid_batch_push" };
+                                   "mid_batch_push", "in_notify" };
     const char *env = getenv("SHM_TASKWORK_KILLPOINT");
     kp_point = TW_KP_NONE;
     kp_count = 1;

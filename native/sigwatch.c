@@ -11,10 +11,17 @@
  * sends nothing. The same happens when another thread of the process, one
  * that does not block the signal, catches it.
  *
- * Acknowledgement. The task's handler stores, at its entry, the value of
- * c.signals_sent it read into c.sig_ack (tw_sig_ack). A signal is *owed* while
+ * Acknowledgement. The adder that arms NOTIFY_SIGNAL 0->1 steps the signal
+ * sequence in the same CAS on the flags word (tw_layout.h, "slot.flags
+ * SIGSEQ"); the task's handler stores, at its entry, the sequence it read
+ * into c.sig_ack (tw_sig_ack). A signal is *owed* while
  *
- *     NOTIFY_SIGNAL is set  &&  c.sig_ack != c.signals_sent  &&  works queued
+ *     NOTIFY_SIGNAL is set  &&  c.sig_ack != the sequence  &&  works queued
+ *
+ * The flag and the sequence change in one atomic step, so there is no moment
+ * at which the flag makes adders coalesce while the signal is not yet owed:
+ * an adder preempted (or killed) between its arming and its send strands
+ * nothing, the watcher sends the signal for it.
  *
  * The watcher. One thread per process (started by the first tw_sigwatch_add,
  * every signal blocked, never runs Python) checks the watched slots. A slot
@@ -51,7 +58,7 @@ struct watch {
     uint32_t slot, gen;
     int signum;
     pid_t tid;
-    uint64_t owed_sent;        /* signals_sent when this episode began          */
+    uint64_t owed_sent;        /* the signal sequence when this episode began   */
     uint64_t owed_since;       /* 0: not owed                                   */
     uint64_t next_ns;          /* the next resend is due then                   */
     uint64_t interval;
@@ -122,17 +129,17 @@ static int check(struct watch *w, uint64_t now)
         w->owed_since = 0;
         return 0;
     }
-    /* Acquire: pairs with the adder's fetch_or (acq_rel), which follows its
-     * push and precedes its fetch_add of signals_sent. */
+    /* Acquire: pairs with the adder's arming CAS (acq_rel), which follows
+     * its push: the flag and the sequence come from one word. */
     uint32_t f = LD_ACQ(&s->flags);
     if (!(f & TW_F_NOTIFY_SIGNAL)) {
         w->owed_since = 0;
         return 0;
     }
-    /* Acquire: pairs with the adder's release fetch_add and the handler's
-     * release store. A stale pair only delays the verdict by one tick. */
-    uint64_t sent = LD_ACQ(&s->c.signals_sent);
-    uint64_t ack = LD_ACQ(&s->c.sig_ack);
+    /* Acquire: pairs with the handler's release store. A stale ack only
+     * delays the verdict by one tick. */
+    uint64_t sent = f >> TW_F_SIGSEQ_SHIFT;
+    uint64_t ack = LD_ACQ(&s->c.sig_ack) & (TW_F_SIGSEQ_ONE - 1);
     uint32_t idx = H_IDX(LD_ACQ(&s->head));
     if (sent == ack || idx == TW_NIL || idx_closed(idx)) {
         w->owed_since = 0;     /* taken, or nothing waits on it */
@@ -241,11 +248,12 @@ int tw_sig_ack(struct tw_dom *d, uint32_t slot, int ok)
     if (!slot_ok(d, slot))
         return -EINVAL;
     struct tw_slot *s = SLOT(d, slot);
-    /* Acquire: pairs with the adder's release fetch_add of signals_sent. */
-    uint64_t sent = LD_ACQ(&s->c.signals_sent);
+    /* Acquire: pairs with the adders' arming CAS; the sequence of every
+     * signal sent so far is in the word. */
+    uint32_t seq = LD_ACQ(&s->flags) >> TW_F_SIGSEQ_SHIFT;
     /* Release: the watcher that reads this ack (acquire) also sees the
      * handler's entry as done; a failed handler leaves it owed. */
-    ST_REL(&s->c.sig_ack, ok ? sent : sent - 1);
+    ST_REL(&s->c.sig_ack, (uint64_t)((ok ? seq : seq - 1) & (TW_F_SIGSEQ_ONE - 1)));
     return 0;
 }
 

@@ -172,14 +172,28 @@ static int notify(struct tw_slot *s, int mode, int efd, int pidfd, int signum)
         }
         break;
     case TW_TWA_SIGNAL:
-        old = __atomic_fetch_or(&s->flags, TW_F_NOTIFY_SIGNAL, __ATOMIC_ACQ_REL);
+        /* Arm NOTIFY_SIGNAL and, when this add turns it 0->1, step the
+         * signal sequence in the same word, by one CAS (acq_rel: pairs with
+         * tw_flags_clear() of the runner, as the fetch_or of RESUME; a CAS
+         * that leaves the word as it was is still the read-modify-write that
+         * orders our push before the runner's clear). From this instant
+         * the signal is owed (sequence != sig_ack) even if we are preempted
+         * or die before the send below: the watcher sends it for us
+         * (sigwatch.c). Had the count been a second step, every add that
+         * coalesced into our armed flag meanwhile would wait on nothing. */
+        old = LD_RLX(&s->flags);
+        {
+            uint32_t nw;
+            do
+                nw = (old & TW_F_NOTIFY_SIGNAL) ? old
+                                                : (old | TW_F_NOTIFY_SIGNAL) + TW_F_SIGSEQ_ONE;
+            while (!__atomic_compare_exchange_n(&s->flags, &old, nw, 1, __ATOMIC_ACQ_REL,
+                                                __ATOMIC_RELAXED));
+        }
         if (!(old & TW_F_NOTIFY_SIGNAL)) {
             due |= TW_DUE_SIGNAL;
-            /* Release, before the signal: a handler or watcher that sees the
-             * signal's effects and loads signals_sent (acquire) sees this
-             * count, so the signal counts as owed until acknowledged
-             * (sigwatch.c). */
-            __atomic_fetch_add(&s->c.signals_sent, 1, __ATOMIC_RELEASE);
+            tw_killpoint(TW_KP_IN_NOTIFY);
+            ADD_RLX(&s->c.signals_sent, 1);     /* statistics only */
             if (pidfd >= 0 && tw_pidfd_send(pidfd, signum) == 0)
                 due |= TW_DONE_SIGNAL;
             /* The task's watcher sleeps on this word: wake it, so an owed

@@ -298,8 +298,8 @@ int  tw_proc_dead(struct tw_dom *d, uint32_t i);
 /* sigwatch.c: TWA_SIGNAL is never stranded
  *
  * A signal sent to a task is *owed* while NOTIFY_SIGNAL is set, the task's
- * handler has not acknowledged it (c.sig_ack != c.signals_sent) and works are
- * queued. The watcher, a thread of the task's own process with every signal
+ * handler has not acknowledged it (c.sig_ack != the signal sequence the
+ * arming adder stepped in the flags word, tw_layout.h) and works are queued. The watcher, a thread of the task's own process with every signal
  * blocked, sends an owed signal again to the thread that runs the handler
  * (tgkill) once it has been owed for TW_SIG_RESEND_NS, then after intervals
  * that double up to TW_SIG_RESEND_MAX_NS: never a storm.
@@ -311,7 +311,8 @@ int  tw_proc_dead(struct tw_dom *d, uint32_t i);
 #define TW_SIG_WATCH_MAX      64            /* watched slots per process         */
 
 /**
- * tw_sig_ack() - the task's signal handler took the signals sent so far.
+ * tw_sig_ack() - the task's signal handler took the signals sent so far (it
+ * stores the sequence in the flags word).
  * @d: the domain. @slot: the task's slot. @ok: 1 at the handler's entry; 0
  * when the handler could not run the list (a lock timeout, an error): the
  * signal stays owed and the watcher sends it again.

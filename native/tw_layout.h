@@ -73,12 +73,20 @@
  *                         writes the eventfd too: one atomic word, so either
  *                         wait()'s look after its fetch_or sees NOTIFY_SIGNAL,
  *                         or the adder sees WAITING (no lost wake-up)
- *   c.signals_sent        fetch_add (release) by the adder that turned
- *                         NOTIFY_SIGNAL 0->1, before it sends the signal
+ *   slot.flags SIGSEQ     bits 16-31: the signal sequence. A TWA_SIGNAL
+ *                         adder arms NOTIFY_SIGNAL by CAS (acq_rel); the one
+ *                         that turns it 0->1 steps the sequence in the same
+ *                         CAS, so the signal is owed from the instant the flag
+ *                         makes later adders coalesce: an adder preempted or
+ *                         killed before its send strands nothing. 16 bits
+ *                         wrap only after 65,536 arm/clear cycles, each a
+ *                         run of the task's, between two looks of its watcher
+ *   c.signals_sent        relaxed fetch_add by the adder that armed the
+ *                         sequence; statistics only
  *   c.sig_ack             the task's signal handler, at its entry: release
- *                         store of the signals_sent it read (acquire); a
- *                         handler that could not run the list stores a value
- *                         != signals_sent, so the signal stays owed
+ *                         store of the sequence it read (acquire); a handler
+ *                         that could not run the list stores sequence - 1, so
+ *                         the signal stays owed
  *
  * Lost wake-ups, case by case (the notify bit is the only thing an adder
  * looks at before it decides to notify):
@@ -96,7 +104,7 @@
  *   (signal caught just before entered a blocking call: nothing interrupts it,
  *   a blocking system call)    and NOTIFY_SIGNAL stays set so adders coalesce.
  *                              The signal is *owed* (NOTIFY_SIGNAL set, sig_ack
- *                              != signals_sent, works queued); the watcher
+ *                              != the sequence, works queued); the watcher
  *                              thread re-sends it to the main thread with
  *                              tgkill after TW_SIG_RESEND_NS, then at growing
  *                              intervals: the call returns EINTR, CPython runs
@@ -181,7 +189,7 @@
 #include <pthread.h>
 
 #define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     10u
+#define TW_LAYOUT_VERSION     11u
 
 /* Notify modes: the kernel's values (include/linux/task_work.h). */
 #define TW_TWA_NONE           0
@@ -208,6 +216,9 @@
 #define TW_F_DIED             0x8u  /* it ended by death, and was reaped        */
 #define TW_F_SIGWATCH         0x10u /* the task's signal watcher sleeps on flags  */
 #define TW_F_WAITING          0x20u /* wait() is (about to be) blocked in select  */
+#define TW_F_BITS             0xffffu /* the flag bits; above them:               */
+#define TW_F_SIGSEQ_SHIFT     16    /* the signal sequence (16 bits, wrapping):  */
+#define TW_F_SIGSEQ_ONE       0x10000u /* stepped by the add that arms NOTIFY_SIGNAL */
 
 /* Slot states. */
 #define TW_SLOT_FREE          0u
@@ -287,6 +298,8 @@
                                     owner words not yet CACHED                 */
 #define TW_KP_MID_BATCH_PUSH  15 /* cache flush: the chain's owner words FREE,
                                     free-list CAS not yet done                 */
+#define TW_KP_IN_NOTIFY       16 /* TWA_SIGNAL: NOTIFY_SIGNAL armed 0->1 (the
+                                    sequence stepped), the signal not sent     */
 
 struct tw_header {
     char     magic[8];
@@ -343,7 +356,7 @@ struct tw_counters {
     uint64_t signals_sent, resumes_sent, interrupted;
     int64_t  queued;           /* approximate: +1 per push, -n per detach/cancel */
     uint64_t max_pending;      /* high-water mark of queued                      */
-    uint64_t sig_ack;          /* the signals_sent the handler last took         */
+    uint64_t sig_ack;          /* the signal sequence the handler last took      */
     uint64_t signals_resent;   /* owed signals the watcher sent again            */
 };
 

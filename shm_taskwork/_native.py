@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - a build problem, said plainly
         "`pip install .`) in the source tree"
     ) from exc
 
-LAYOUT_VERSION = 10
+from ._layout import LAYOUT_VERSION  # noqa: E402  (one number, in _layout)
 if lib.tw_layout_version() != LAYOUT_VERSION:  # pragma: no cover
     raise ImportError(
         f"shm_taskwork native core has layout version {lib.tw_layout_version()}, "
@@ -66,7 +66,8 @@ KILLPOINTS = {"after_alloc": lib.TW_KP_AFTER_ALLOC, "after_push": lib.TW_KP_AFTE
               "in_reap": lib.TW_KP_IN_REAP, "in_dl_file": lib.TW_KP_IN_DL_FILE,
               "in_detach": lib.TW_KP_IN_DETACH, "key_reserved": lib.TW_KP_KEY_RESERVED,
               "key_pushed": lib.TW_KP_KEY_PUSHED, "mid_batch_pop": lib.TW_KP_MID_BATCH_POP,
-              "mid_batch_push": lib.TW_KP_MID_BATCH_PUSH}
+              "mid_batch_push": lib.TW_KP_MID_BATCH_PUSH,
+              "in_notify": lib.TW_KP_IN_NOTIFY}
 
 
 def check(rc: int, what: str, *, limit: str = "") -> int:

@@ -73,6 +73,12 @@ class TaskInfo(_Counters):
     running: int = 0
     #: Age in seconds, since it was queued, of the oldest running work (None: none).
     oldest_running_s: float | None = None
+    #: Signals the task's watcher sent again because the handler had not
+    #: taken them while works waited (README "TWA_SIGNAL is never stranded").
+    signals_resent: int = 0
+    #: A TWA_SIGNAL is owed right now: NOTIFY_SIGNAL is set and the task's
+    #: handler has not taken the signal that armed it.
+    signal_owed: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -217,6 +223,7 @@ class TaskTable(DomainPart):
             if raw is not None and ffi.string(s.name) != raw:
                 continue
             c = s.c
+            f = s.flags
             # waits only for what is left of this call's budget
             pending = lib.tw_snapshot_within(dom.d, i, s.gen, ffi.NULL, ffi.NULL, 0,
                                              left(deadline))
@@ -227,11 +234,14 @@ class TaskTable(DomainPart):
                 orphaned=c.orphaned,
                 errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
                 resumes_sent=c.resumes_sent, interrupted=c.interrupted,
-                pending=max(0, pending), max_pending=c.max_pending, flags=s.flags,
+                pending=max(0, pending), max_pending=c.max_pending, flags=f & lib.TW_F_BITS,
                 unreadable=pending in (-errno.ETIMEDOUT, -errno.EUCLEAN),
                 running=running[i],
                 oldest_running_s=(max(0, now - oldest[i]) / 1e9 if running[i] and oldest[i]
-                                  else None)))
+                                  else None),
+                signals_resent=c.signals_resent,
+                signal_owed=bool(f & lib.TW_F_NOTIFY_SIGNAL) and (
+                    (f >> lib.TW_F_SIGSEQ_SHIFT) != (c.sig_ack & 0xFFFF))))
         return out
 
     def stats(self, *, reap: bool = True, lock_timeout: float | None = None,

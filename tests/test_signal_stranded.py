@@ -105,6 +105,19 @@ def max_stall(adds: list[int], starts: list[int]) -> tuple[int, int]:
     return worst, at
 
 
+def sequence(slot) -> int:
+    """The signal sequence in a slot's flags word (README "TWA_SIGNAL is
+    never stranded")."""
+    return slot.flags >> lib.TW_F_SIGSEQ_SHIFT
+
+
+def step_signal_sequence(slot) -> None:
+    """Count one signal as sent, as the adder that arms NOTIFY_SIGNAL does.
+    A plain store: the only writer while the test's task is blocked."""
+    fl = ffi.cast("uint32_t *", ffi.addressof(slot, "flags"))
+    fl[0] = (fl[0] + lib.TW_F_SIGSEQ_ONE) & 0xFFFFFFFF
+
+
 def run_blocked_task(domain_name: str, spawn, producers: int, seconds: float,
                      rate: float = 4000.0):
     task = spawn(TASK, domain_name, stdin=__import__("subprocess").PIPE)
@@ -156,19 +169,18 @@ def test_an_owed_signal_is_sent_again_to_the_main_thread(make_domain, spawn):
     task = spawn(TASK, dom.name, stdin=__import__("subprocess").PIPE)
     tid = int(readline(task, 30))
     t = dom.task(tid)
-    # NO_IPI arms NOTIFY_SIGNAL without a signal; then count one as sent, as an
-    # adder whose signal the interpreter deferred would have.
+    # NO_IPI arms NOTIFY_SIGNAL without a signal; then step the signal
+    # sequence, as an adder whose signal the interpreter deferred would have.
     t.add("stranded.rec", REC.pack(7, 0, time.monotonic_ns()), TWA_SIGNAL_NO_IPI)
     slot = dom._slot(tid)
     assert slot.flags & lib.TW_F_NOTIFY_SIGNAL
-    c = ffi.cast("uint64_t *", ffi.addressof(slot.c, "signals_sent"))
-    c[0] = c[0] + 1
+    step_signal_sequence(slot)
     t0 = time.monotonic()
     wait_until(lambda: t.pending() == 0, timeout=10,
                what="the watcher to send the owed signal again")
     waited = time.monotonic() - t0
     assert slot.c.signals_resent >= 1
-    assert slot.c.sig_ack == slot.c.signals_sent      # the handler took it
+    assert slot.c.sig_ack == sequence(slot)          # the handler took it
     task.stdin.write("stop\n")
     task.stdin.flush()
     out, err = task.communicate(timeout=30)
@@ -188,13 +200,12 @@ def test_no_resend_without_works_and_none_once_taken(make_domain, spawn):
         t.add("stranded.rec", REC.pack(1, k, time.monotonic_ns()), TWA_SIGNAL)
     wait_until(lambda: t.pending() == 0, timeout=10, what="the works to run")
     slot = dom._slot(tid)
-    wait_until(lambda: slot.c.sig_ack == slot.c.signals_sent, timeout=10,
+    wait_until(lambda: slot.c.sig_ack == sequence(slot), timeout=10,
                what="the handler to take every signal")
     resent = slot.c.signals_resent
     # Armed, but nothing queued: no debt.
     lib.tw_flags_set(dom.d, tid, lib.TW_F_NOTIFY_SIGNAL)
-    c = ffi.cast("uint64_t *", ffi.addressof(slot.c, "signals_sent"))
-    c[0] = c[0] + 1
+    step_signal_sequence(slot)
     # The watcher polls every 10 ms while armed: give it ten times its resend
     # delay to (wrongly) act, measured by its own counter, not by a sleep.
     deadline = time.monotonic() + 0.2
@@ -246,3 +257,60 @@ def test_max_stall_measures_queued_time_without_progress():
     # then nothing until 200 while one waits.
     assert max_stall([0, 10], [50, 200]) == (150, 200)
     assert max_stall([0, 100], [10, 110]) == (10, 10)
+
+
+# One TWA_SIGNAL add; run with SHM_TASKWORK_KILLPOINT=in_notify:stop it stops
+# itself right after its add armed NOTIFY_SIGNAL, before it sends the signal.
+ADD_ONE = r"""
+import struct, sys, time
+from shm_taskwork import Domain, TWA_SIGNAL
+REC = struct.Struct("<IIQ")
+dom = Domain.open(sys.argv[1])
+dom.task(int(sys.argv[2])).add("stranded.rec", REC.pack(0, 0, time.monotonic_ns()), TWA_SIGNAL)
+print("added", flush=True)
+"""
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.asan
+def test_an_adder_stopped_between_arming_and_sending_strands_nothing(make_domain, spawn):
+    """An adder preempted (here stopped, at the kill point in_notify) after its
+    add armed NOTIFY_SIGNAL and before it sent the signal: every add made
+    meanwhile coalesces into the armed flag and sends nothing. The arming CAS
+    also stepped the signal sequence, so the signal is owed from that instant
+    and the task's watcher sends it: the works run while the adder is still
+    stopped and the task stays blocked in readline(). Before the sequence
+    moved into the flags word they waited for the adder to be continued."""
+    dom = make_domain("armed")
+    task = spawn(TASK, dom.name, stdin=__import__("subprocess").PIPE)
+    tid = int(readline(task, 30))
+    adder = spawn(ADD_ONE, dom.name, str(tid), env={"SHM_TASKWORK_KILLPOINT": "in_notify:stop"})
+    try:
+        wait_until(lambda: _state(adder.pid) == "T", timeout=30,
+                   what="the adder to stop between its arming and its send")
+        t = dom.task(tid)
+        slot = dom._slot(tid)
+        assert slot.flags & lib.TW_F_NOTIFY_SIGNAL
+        sent = slot.c.signals_sent
+        for k in range(20):
+            t.add("stranded.rec", REC.pack(1, k, time.monotonic_ns()), TWA_SIGNAL)
+        assert slot.c.signals_sent == sent, "the adds were meant to coalesce"
+        wait_until(lambda: t.pending() == 0, timeout=10,
+                   what="the watcher to send the signal the stopped adder owes")
+        assert _state(adder.pid) == "T", "the adder was continued: the test proves nothing"
+        assert slot.c.signals_resent >= 1 and slot.c.sig_ack == sequence(slot)
+    finally:
+        os.kill(adder.pid, __import__("signal").SIGCONT)
+    assert readline(adder, 30) == "added"
+    adder.communicate(timeout=30)
+    assert adder.returncode == 0
+    task.stdin.write("stop\n")
+    task.stdin.flush()
+    out, err = task.communicate(timeout=30)
+    assert task.returncode == 0, err
+    ran = sorted(tuple(r[:2]) for r in json.loads(out.strip().splitlines()[-1])["ran"])
+    assert ran == [(0, 0)] + [(1, k) for k in range(20)]

@@ -319,7 +319,8 @@ MODE_NAMES = {v: k for k, v in MODES.items()}
 TASK_KILLPOINTS = {"after_detach": 30, "in_detach": 30, "in_callback": 400, "in_register": 1,
                    "in_reap": 2}
 PRODUCER_KILLPOINTS = {"after_alloc": 400, "after_push": 400, "in_pi_lock": 30,
-                       "mid_pop": 400, "in_claim": 1, "in_reap": 3, "in_dl_file": 50}
+                       "mid_pop": 400, "in_claim": 1, "in_reap": 3, "in_dl_file": 50,
+                       "in_notify": 400}
 KILLPOINT_SHARE = 0.33
 MANY_SHARE = 0.1       # adds made with add_many (2..8 works, one push)
 MANY_FLAG = 0x100      # in a record's aux: the work came with add_many
@@ -427,11 +428,14 @@ def payload_id(work) -> int | None:
 # ---- --blocking: the timing files -------------------------------------------
 
 TREC = struct.Struct("<HHIQQQQ")   # kind, call, writer incarnation, id, added, start, end
-T_RUN, T_BLOCK = 1, 2
+T_RUN, T_BLOCK, T_LOOK = 1, 2, 3
 # T_RUN: a callback ran work ``id`` (added at ``added``) from ``start`` to ``end``.
 # T_BLOCK: the main thread was in blocking call BLOCK_CALLS[call] from ``start``
 # to ``end`` (``id`` and ``added`` 0); written with ``end`` 0 on the way in and
-# again on the way out. All times CLOCK_MONOTONIC ns.
+# again on the way out. T_LOOK: the task's signal state as its blocking
+# helper saw it at ``start`` (every WAKE_POLL): ``call`` its flag bits, ``id``
+# signals_resent, ``added`` signals_sent, ``end`` 1 if a signal was owed.
+# All times CLOCK_MONOTONIC ns.
 
 
 class Timing:
@@ -481,6 +485,7 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
         runs = []        # (start, end, timed)
         adds = []        # add times of the timed works
         blocks = {}      # enter -> (leave, call); a call never left ends never
+        looks = []       # (time, flags, resent, sent, owed)
         inc = 0
         for kind, call, inc, wid, added, start, end in TREC.iter_unpack(raw[:whole]):
             if kind == T_RUN:
@@ -493,6 +498,8 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
                 if start not in blocks:
                     calls[BLOCK_CALLS[call]] += 1
                 blocks[start] = (end or 1 << 63, BLOCK_CALLS[call])
+            elif kind == T_LOOK:
+                looks.append((start, call, wid, added, end))
         nruns += len(runs)
         timed += len(adds)
         if any(runs[i][0] > runs[i + 1][0] for i in range(len(runs) - 1)):
@@ -514,7 +521,8 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
                     longest = length
                 if length > bound_ns:
                     stalls.append((length / 1e6, inc, begin, start,
-                                   _overlapping(spans, begin, start), _at(spans, start)))
+                                   _overlapping(spans, begin, start), _at(spans, start),
+                                   _signal_state(looks, begin, start)))
                 if counted:
                     queued -= 1
             if end > last_end:
@@ -532,6 +540,21 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
                      "max": round(waits[-1] / 1e6, 3)} if waits else None),
         "worst_stalls": stalls[:20],
     }
+
+
+def _signal_state(looks: list, begin: int, end: int) -> dict:
+    """What the task's looks between ``begin`` and ``end`` saw of its signal
+    state: how many looks, in how many NOTIFY_SIGNAL was set and a signal
+    owed, and how many signals were sent and resent meanwhile."""
+    inside = [lk for lk in looks if begin <= lk[0] <= end]
+    if not inside:
+        return {"looks": 0}
+    before = [lk for lk in looks if lk[0] < begin]
+    first = before[-1] if before else inside[0]
+    return {"looks": len(inside),
+            "flag_set": sum(1 for lk in inside if lk[1] & 2),
+            "owed": sum(1 for lk in inside if lk[4]),
+            "sent": inside[-1][3] - first[3], "resent": inside[-1][2] - first[2]}
 
 
 def _at(blocks: list, t: int) -> str:
@@ -1196,7 +1219,7 @@ def role_task(a) -> int:
                 raise
             time.sleep(0.01)
     if a.blocking:
-        block_round(a, task, timing)
+        block_round(a, dom, task, timing)
         task.exit()
         dom.close()
         return 0
@@ -1256,9 +1279,10 @@ class _BlockHelper(threading.Thread):
     requested, a line to every pipe and the held lock released. It blocks
     every signal: the notifications must reach the main thread."""
 
-    def __init__(self, a, pipes: list[int], lock: threading.Lock):
+    def __init__(self, a, pipes: list[int], lock: threading.Lock, look=None):
         super().__init__(name="stress-block-helper", daemon=True)
         self.a = a
+        self.look = look     # called every WAKE_POLL: records the signal state
         self.pipes = pipes
         self.lock = lock
         self.cond = threading.Condition()
@@ -1275,6 +1299,7 @@ class _BlockHelper(threading.Thread):
 
     def run(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        next_look = 0.0
         with self.cond:
             while not _stop_requested(self.a.stop, self.a.parent):
                 now = time.monotonic()
@@ -1282,6 +1307,9 @@ class _BlockHelper(threading.Thread):
                     os.write(self.armed[0], b"\n")
                     self.armed = None
                     continue
+                if self.look is not None and now >= next_look:
+                    self.look()
+                    next_look = now + WAKE_POLL
                 until = now + WAKE_POLL
                 if self.armed is not None:
                     until = min(until, self.armed[1])
@@ -1298,7 +1326,7 @@ class _BlockHelper(threading.Thread):
             pass
 
 
-def block_round(a, task, timing: Timing) -> None:
+def block_round(a, dom, task, timing: Timing) -> None:
     """The main thread of a ``--blocking`` task: blocking calls in turn (from
     a random one on), each recorded, until the stop. Every TWA_SIGNAL work
     runs from the SIGUSR1 handler, inside or between these calls."""
@@ -1308,7 +1336,14 @@ def block_round(a, task, timing: Timing) -> None:
     line = os.fdopen(rl_r, "r")
     lock = threading.Lock()
     lock.acquire()
-    helper = _BlockHelper(a, [rl_w, rd_w, sel_w], lock)
+
+    def look() -> None:
+        # Only reads: never reaps, never waits on the list lock.
+        for t in dom.tasks(task.name, reap=False, lock_timeout=0):
+            if t.id == task.id and t.generation == task.gen:
+                timing.put(T_LOOK, t.flags, t.signals_resent, t.signals_sent,
+                           time.monotonic_ns(), int(t.signal_owed))
+    helper = _BlockHelper(a, [rl_w, rd_w, sel_w], lock, look)
     helper.start()
     names = a.block_in.split(",")
     codes = [BLOCK_CALLS.index(n) for n in names]
@@ -2526,7 +2561,7 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
                 print(f"{prog}: {summary['stalled']} stall(s) longer than "
                       f"{a.stall_bound:g} ms (works queued, none run); the longest "
                       f"{len(worst)}:", file=sys.stderr)
-                for ms, inc, begin, end, (call, enter, leave), last in worst:
+                for ms, inc, begin, end, (call, enter, leave), last, sig in worst:
                     where = call
                     if call != "none":
                         left = (f"left at {(leave - ctl.t0_ns) / 1e9:.3f} s" if leave < 1 << 63
@@ -2534,6 +2569,10 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
                         where += f" (entered at {(enter - ctl.t0_ns) / 1e9:.3f} s, {left})"
                     print(f"  task {inc}: {ms:.1f} ms, from {(begin - ctl.t0_ns) / 1e9:.3f} s "
                           f"into the run, in {where}; ended in {last}", file=sys.stderr)
+                    if sig["looks"]:
+                        print(f"    its {sig['looks']} look(s) meanwhile: NOTIFY_SIGNAL set in "
+                              f"{sig['flag_set']}, a signal owed in {sig['owed']}; signals "
+                              f"sent {sig['sent']}, resent {sig['resent']}", file=sys.stderr)
             if "final_fsck" in failed:
                 print(f"{prog}: the final dry fsck is not clean: {summary['final_fsck']}",
                       file=sys.stderr)
