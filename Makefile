@@ -107,14 +107,20 @@ model-check:
 	  grep -q "assertion violated" pan.out && echo "without the tag spin finds the batch pop's ABA, as it should"
 	cd model && $(SPIN) -a -DSHORTINTENT nodecache.pml && gcc -O2 -w -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
 	  grep -q "assertion violated" pan.out && echo "with an intent naming one node of a batch spin finds a batch node fsck would take for a leak, as it should"
-	cd model && $(SPIN) -a signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
+	cd model && $(SPIN) -a -DMAXCANCEL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
 	  && grep -q "errors: 0" pan.out
-	cd model && $(SPIN) -a -DNA=3 -DNPER=1 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
+	cd model && $(SPIN) -a -DMAXDEATH=0 -DMAXFAIL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
 	  && grep -q "errors: 0" pan.out
-	cd model && $(SPIN) -a -DNOWATCH -DMAXFAIL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
+	cd model && $(SPIN) -a -DNA=3 -DNPER=1 -DMAXDEATH=0 -DMAXCANCEL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
+	  && grep -q "errors: 0" pan.out
+	cd model && $(SPIN) -a -DNOWATCH -DMAXFAIL=0 -DMAXDEATH=0 -DMAXCANCEL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
 	  grep -q "invalid end state" pan.out && echo "without the watcher spin finds the deferred handler's stranded works, as it should"
-	cd model && $(SPIN) -a -DACKLOG signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
+	cd model && $(SPIN) -a -DSPLITSEQ -DMAXCANCEL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
+	  grep -q "invalid end state" pan.out && echo "with the signal counted after the flag's arming spin finds the works stranded behind an adder that died between the two, as it should"
+	cd model && $(SPIN) -a -DACKLOG -DMAXDEATH=0 -DMAXCANCEL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
 	  grep -q "invalid end state" pan.out && echo "with a failed handler's ack standing spin finds the stranded works, as it should"
+	cd model && $(SPIN) -a -DOLDEXIT -DMAXDEATH=0 -DMAXFAIL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
+	  grep -q "invalid end state" pan.out && echo "with a run that returns after one clear spin finds the works stranded behind a cancelled work's armed flag, as it should"
 	cd model && $(SPIN) -a outcome.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 | tee pan.out \
 	  && grep -q "errors: 0" pan.out
 	cd model && $(SPIN) -a -DNOWAKEBIT outcome.pml && gcc -O2 -DSAFETY -o pan pan.c && ./pan -m200000 > pan.out; \

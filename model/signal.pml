@@ -2,10 +2,12 @@
  * signal.pml - TWA_SIGNAL delivery to a task whose process runs CPython, for spin.
  *
  * What it models. Adders push works onto a task's list and notify it through
- * the slot's flag word: the adder whose fetch-or turns NOTIFY_SIGNAL from 0 to
- * 1 counts the signal in `sent` and sends the task's signal to its process;
- * an adder that finds WAITING set also writes the task's eventfd. The task's
- * process is three actors:
+ * the slot's flag word: the adder whose CAS turns NOTIFY_SIGNAL from 0 to 1
+ * steps the signal sequence `sent` in the same word, then sends the task's
+ * signal to its process; an adder that finds WAITING set also writes the
+ * task's eventfd. An adder may die (SIGKILL, or a preemption that outlasts
+ * everything else) between its arming and its send. The task's process is
+ * three actors:
  *   - the kernel, which delivers a pending signal to the main thread at any
  *     moment. The C-level handler CPython installs only sets `tripped`; a
  *     signal delivered while the main thread is inside a blocking system call
@@ -41,29 +43,45 @@
  * list empty: the model then leaves through `done` and checks the counts; the
  * kernel and the watcher wait at `end` labels.
  *
- * Builds (make model-check runs the first three):
+ * Builds. make model-check runs, each with errors 0: deaths and failures
+ * (-DMAXCANCEL=0), cancels (-DMAXDEATH=0 -DMAXFAIL=0), and 3 adders of 1
+ * work with neither; and requires these to fail: -DNOWATCH, -DSPLITSEQ,
+ * -DACKLOG, -DOLDEXIT (each with the others' faults off). The default build
+ * has all three faults (about 10^8 states, 5 GB: too big for every run).
  *   (default)            NA adders of NPER works each (-DNA=, -DNPER=; 2 of 2
- *                        by default, make model-check adds 3 of 1): errors 0.
+ *                        by default); at most MAXDEATH adders die between
+ *                        their arming and their send, MAXCANCEL works are
+ *                        cancelled by their adder, MAXFAIL handlers fail.
  *   -DNOWATCH -DMAXFAIL=0  no watcher and no failing handler: spin finds the
  *                        deferral above (the signal delivered between the last
  *                        check and read(2)) as an invalid end state.
  *   -DACKLOG             a failing handler only logs and its entry's ack
  *                        stands, as before the fix: spin finds the stranding
  *                        even with the watcher.
- *   -DFINE               split, as in the code, two pairs of steps the
- *                        default build takes as one: an adder's count and its
- *                        send, the watcher's test and its send. It finds
- *                        nothing more (errors 0 at NA=2, NPER=2) at about
- *                        three times the states.
+ *   -DOLDEXIT            a run that returns after one clear and one look, as
+ *                        before: spin finds the works stranded behind an
+ *                        adder whose work was cancelled after it re-armed the
+ *                        flag (the handler nested in the run took the
+ *                        signal; the flag stays armed, later adds coalesce).
+ *   -DSPLITSEQ           the count a second step after the fetch-or that
+ *                        arms the flag, as before the sequence moved into
+ *                        the flags word: spin finds the works stranded
+ *                        behind an adder that died between the two (adds
+ *                        coalesce into its flag, the watcher sees no debt).
+ *   -DFINE               split, as in the code, the watcher's test and its
+ *                        send, which the default build takes as one step. It
+ *                        finds nothing more (errors 0 at NA=2, NPER=2).
  *
  * What it abstracts. The list is a bit mask (bit = one work): a push is one
  * atomic OR and the detach one exchange; the lock-free algorithms behind them
- * are checked in taskwork.pml. Running a batch is one step: nothing another
+ * are checked in taskwork.pml. A cancel is one step against the detach (both
+ * hold the list lock in the code). Running a batch is one step: nothing another
  * actor reads changes meanwhile. The kernel's pending signal is one bit
  * (standard signals do not queue). Bytecode boundaries are placed where the
- * main thread is outside a run (in the code a handler that enters during a
- * run leaves the works to that run, which looks at the head again before it
- * returns). A handler fails before it detaches anything (the lock it could
+ * main thread is outside a run, and inside one after each batch and after
+ * each clear: a handler that enters there takes the signal and leaves the
+ * works to the run (nested()), which looks at the head again before it
+ * returns. A handler fails before it detaches anything (the lock it could
  * not take guards the detach), at most MAXFAIL times in one execution of the
  * model. The resend by an adder that finds the acknowledgement lagging is
  * left out: the watcher alone must suffice. RESUME works, other threads of
@@ -91,9 +109,14 @@
 #ifndef NPER
 #define NPER   2                 /* works per adder (NA * NPER <= 8)         */
 #endif
-#define ALL    ((1 << (NA * NPER)) - 1)   /* every work's bit                */
 #ifndef MAXFAIL
 #define MAXFAIL 1                /* handler failures in one run              */
+#endif
+#ifndef MAXDEATH
+#define MAXDEATH 1               /* adders that die between arming and send  */
+#endif
+#ifndef MAXCANCEL
+#define MAXCANCEL 1              /* works their adder cancels                */
 #endif
 
 #define NS  1                    /* NOTIFY_SIGNAL                            */
@@ -104,6 +127,9 @@ byte flags = 0;
 byte sent = 0;                   /* signals sent by adders                   */
 byte ack = 0;                    /* `sent` as the last handler entry saw it  */
 byte adders_done = 0;
+byte pushed = 0;                 /* every work ever pushed (a bit each)      */
+byte deaths = 0;
+byte cancels = 0;
 
 bool sig_pending = 0;            /* a signal sent, not yet delivered         */
 bool tripped = 0;                /* CPython: a Python handler is owed        */
@@ -113,24 +139,45 @@ bool efd = 0;                    /* the eventfd is readable                  */
 
 #define quiet (adders_done == NA && head == 0)
 
-/* detach all, run, clear NOTIFY_SIGNAL, look again */
+/* a handler nested in a run (a bytecode boundary inside it): it takes the
+   signal and leaves the works to the run (_rerun, which the run's next
+   detach answers) */
+inline nested() {
+    if
+    :: atomic { tripped -> tripped = 0 }; ack = sent
+    :: else
+    fi
+}
+
+/* detach all and run them until a look finds the list empty; the lazy
+   clear of NOTIFY_SIGNAL on the way out, then one more look */
 inline run_works() {
+    cleared = 0;
     do
     :: atomic {
            batch = head; head = 0;                 /* xchg: the list is ours */
            /* run them: nothing another actor reads changes, so one step */
            assert((ranmask & batch) == 0);         /* each work runs once */
-           ranmask = ranmask | batch;
-           batch = 0
+           ranmask = ranmask | batch
        };
-       flags = flags & ~NS;                        /* fetch_and: an add after
-                                                      this signals again */
        if
-       :: head == 0 -> break                       /* an add before the clear
-                                                      is seen here */
-       :: else
+       :: batch != 0 -> cleared = 0; batch = 0; nested()
+       :: else ->                                  /* the look found nothing */
+#ifdef OLDEXIT
+          if                                       /* one clear, one look */
+          :: cleared -> break
+          :: else
+          fi;
+          cleared = 1;
+#endif
+          if
+          :: flags & NS ->                         /* fetch_and: an add after */
+             flags = flags & ~NS; nested()         /* this signals again */
+          :: else -> break                         /* empty and clear: return */
+          fi
        fi
-    od
+    od;
+    cleared = 0
 }
 
 /* the Python-level handler */
@@ -168,25 +215,50 @@ proctype adder(byte first) {
     do
     :: j == NPER -> break
     :: j < NPER ->
-       head = head | (1 << (first + j));           /* the push */
+       atomic {                                    /* the push */
+           head = head | (1 << (first + j));
+           pushed = pushed | (1 << (first + j))
+       };
+#ifdef SPLITSEQ
        atomic { old = flags; flags = flags | NS }; /* fetch_or, after the push */
-       if
-       :: !(old & NS) ->                           /* flag 0 -> 1: count, send */
-#ifdef FINE
-          sent++; sig_pending = 1
 #else
-          atomic { sent++; sig_pending = 1 }
+       atomic {                                    /* the arming CAS: the flag */
+           old = flags; flags = flags | NS;        /* and the sequence in one */
+           if                                      /* word, one step */
+           :: !(old & NS) -> sent++
+           :: else
+           fi
+       };
 #endif
+       if
+       :: !(old & NS) ->                           /* flag 0 -> 1: send */
+          if
+          :: deaths < MAXDEATH -> deaths++; goto dead  /* killed before the send */
+          :: true
+          fi;
+#ifdef SPLITSEQ
+          sent++;
+#endif
+          sig_pending = 1
        :: else                                     /* coalesced */
        fi;
        if
        :: old & WT -> efd = 1                      /* wake wait() */
        :: else
        fi;
+       /* cancel it, if the task has not taken it yet (under the list lock:
+          one step against the detach) */
+       if
+       :: atomic { cancels < MAXCANCEL && (head & (1 << (first + j))) ->
+              head = head & ~(1 << (first + j));
+              pushed = pushed & ~(1 << (first + j)); cancels++ }
+       :: true
+       fi;
        j++
     od;
+dead:
     old = 0;
-    adders_done++
+    adders_done++                                  /* adds nothing more */
 }
 
 /* the kernel: delivers the pending signal to the main thread (the watcher
@@ -221,6 +293,7 @@ end:
 
 proctype main_thread() {
     byte s, batch, before;
+    bool cleared;
     byte ranmask = 0;                              /* works run */
     byte fails = 0;                                /* handler failures */
     do
@@ -263,7 +336,7 @@ proctype main_thread() {
        fi
     od;
 done:
-    assert(head == 0 && ranmask == ALL)            /* every work ran */
+    assert(head == 0 && ranmask == pushed)         /* every work pushed ran */
 }
 
 init {

@@ -185,7 +185,6 @@ class Registration(RunLoop, Task):
                 if not keep_resume:
                     lib.tw_eventfd_drain(self._efd)
                 bits = _F_SIGNAL if keep_resume else _F_NOTIFY
-                cleared = False
                 while not self._halted:
                     if self._bpos >= self._bend:
                         self._rerun = False
@@ -193,19 +192,24 @@ class Registration(RunLoop, Task):
                         if n == 0:
                             if self._rerun:
                                 continue
-                            if cleared:
-                                break
                             # The lazy clear: NOTIFY_* stayed set while we
                             # ran, so adders did not notify. Clear on the way
                             # out, then look once more: an adder whose push
                             # came after our last detach either is seen by
                             # this look or finds the flag clear and notifies.
-                            cleared = True
+                            # We return only from a look that found the list
+                            # empty *and* the flag clear: a flag armed again
+                            # after our clear, its work cancelled before our
+                            # look, is cleared again. Left armed, every later
+                            # add would coalesce into it and send nothing,
+                            # while its signal was already taken (README
+                            # "TWA_SIGNAL is never stranded"). Each turn
+                            # needs a new arming, so this ends when adders
+                            # pause.
                             if self._flagsp[0] & bits:
                                 lib.tw_flags_clear(dom.d, self.id, bits)
                                 continue
                             break
-                        cleared = False
                     ran += self._run_batch(errs)
             finally:
                 self._in_run = False

@@ -314,3 +314,56 @@ def test_an_adder_stopped_between_arming_and_sending_strands_nothing(make_domain
     assert task.returncode == 0, err
     ran = sorted(tuple(r[:2]) for r in json.loads(out.strip().splitlines()[-1])["ran"])
     assert ran == [(0, 0)] + [(1, k) for k in range(20)]
+
+
+# Adds TWA_SIGNAL works and cancels each at once, for argv[3] seconds: many
+# armings of NOTIFY_SIGNAL whose work is gone by the time the task looks.
+ADD_CANCEL = r"""
+import struct, sys, time
+from shm_taskwork import Domain, TWA_SIGNAL
+from shm_taskwork.errors import PoolExhaustedError
+REC = struct.Struct("<IIQ")
+dom = Domain.open(sys.argv[1])
+task = dom.task(int(sys.argv[2]))
+end = time.monotonic() + float(sys.argv[3])
+n = 0
+while time.monotonic() < end:
+    try:
+        w = task.add("stranded.rec", REC.pack(9, n, time.monotonic_ns()), TWA_SIGNAL)
+    except PoolExhaustedError:
+        continue
+    if task.cancel(w):
+        n += 1
+print(n, flush=True)
+"""
+
+
+def test_a_cancelled_work_never_leaves_the_signal_flag_armed(make_domain, spawn):
+    """A run clears NOTIFY_SIGNAL on its way out and looks once more. An adder
+    that arms the flag after that clear, its work cancelled before the look,
+    used to leave the run returning with the flag armed and its signal
+    already taken by a handler nested in the run: every later add coalesced
+    into the armed flag and sent nothing, and the task, blocked in readline(),
+    never ran them (nothing was owed). Here producers cancel every work they
+    add while another adds works that must run: once they stop, every one of
+    those runs without any further signal."""
+    dom = make_domain("cancelled", pool_size=4096)
+    task = spawn(TASK, dom.name, stdin=__import__("subprocess").PIPE)
+    tid = int(readline(task, 30))
+    seconds = 8.0
+    cancellers = [spawn(ADD_CANCEL, dom.name, str(tid), str(seconds)) for _ in range(2)]
+    prod = spawn(PRODUCER, dom.name, str(tid), str(seconds), "1", "2000")
+    cancelled = [int(readline(p, seconds + 60)) for p in cancellers]
+    added = int(readline(prod, seconds + 60))
+    for p in (*cancellers, prod):
+        p.communicate(timeout=30)
+    t = dom.task(tid)
+    wait_until(lambda: t.pending() == 0, timeout=10,
+               what="the blocked task to run the works queued behind a cancelled arming")
+    task.stdin.write("stop\n")
+    task.stdin.flush()
+    out, err = task.communicate(timeout=30)
+    assert task.returncode == 0, err
+    ran = json.loads(out.strip().splitlines()[-1])["ran"]
+    assert sorted(s for p, s, _, _ in ran if p == 1) == list(range(added))
+    assert min(cancelled) > 100 and added > 1000

@@ -434,7 +434,8 @@ T_RUN, T_BLOCK, T_LOOK = 1, 2, 3
 # to ``end`` (``id`` and ``added`` 0); written with ``end`` 0 on the way in and
 # again on the way out. T_LOOK: the task's signal state as its blocking
 # helper saw it at ``start`` (every WAKE_POLL): ``call`` its flag bits, ``id``
-# signals_resent, ``added`` signals_sent, ``end`` 1 if a signal was owed.
+# signals_resent, ``added`` signals_sent, ``end`` bit 0 a signal owed, bits
+# 8-23 the works pending (at most 65,535).
 # All times CLOCK_MONOTONIC ns.
 
 
@@ -553,7 +554,8 @@ def _signal_state(looks: list, begin: int, end: int) -> dict:
     first = before[-1] if before else inside[0]
     return {"looks": len(inside),
             "flag_set": sum(1 for lk in inside if lk[1] & 2),
-            "owed": sum(1 for lk in inside if lk[4]),
+            "owed": sum(1 for lk in inside if lk[4] & 1),
+            "most_pending": max(lk[4] >> 8 for lk in inside),
             "sent": inside[-1][3] - first[3], "resent": inside[-1][2] - first[2]}
 
 
@@ -1342,7 +1344,7 @@ def block_round(a, dom, task, timing: Timing) -> None:
         for t in dom.tasks(task.name, reap=False, lock_timeout=0):
             if t.id == task.id and t.generation == task.gen:
                 timing.put(T_LOOK, t.flags, t.signals_resent, t.signals_sent,
-                           time.monotonic_ns(), int(t.signal_owed))
+                           time.monotonic_ns(), int(t.signal_owed) | (min(t.pending, 0xFFFF) << 8))
     helper = _BlockHelper(a, [rl_w, rd_w, sel_w], lock, look)
     helper.start()
     names = a.block_in.split(",")
@@ -2572,7 +2574,8 @@ def main(argv=None, prog: str = "shm-taskwork stress", command: str = "stress") 
                     if sig["looks"]:
                         print(f"    its {sig['looks']} look(s) meanwhile: NOTIFY_SIGNAL set in "
                               f"{sig['flag_set']}, a signal owed in {sig['owed']}; signals "
-                              f"sent {sig['sent']}, resent {sig['resent']}", file=sys.stderr)
+                              f"sent {sig['sent']}, resent {sig['resent']}; at most "
+                              f"{sig['most_pending']} work(s) pending", file=sys.stderr)
             if "final_fsck" in failed:
                 print(f"{prog}: the final dry fsck is not clean: {summary['final_fsck']}",
                       file=sys.stderr)
