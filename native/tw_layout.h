@@ -95,7 +95,12 @@
  *   -------------------------  ---------------------------------------------------
  *   a run (lazy clear)         the adder's fetch_or comes after the clear: it sees
  *                              the bit clear and notifies; or before: the detach
- *                              after the clear sees its push
+ *                              after the clear sees its push. The run returns
+ *                              only from a look that found the list empty and
+ *                              the bit still clear: a bit re-armed after the
+ *                              clear whose work was cancelled before the look
+ *                              is cleared again, never left armed with its
+ *                              signal taken
  *   wait() in select, RESUME   clear + drain + look before select (as above)
  *   wait() in select, SIGNAL   WAITING is set before the look; an adder that
  *                              turns NOTIFY_SIGNAL 0->1 after the look sees
