@@ -111,7 +111,7 @@ model-check:
 	  && grep -q "errors: 0" pan.out
 	cd model && $(SPIN) -a -DMAXDEATH=0 -DMAXFAIL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
 	  && grep -q "errors: 0" pan.out
-	cd model && $(SPIN) -a -DNA=3 -DNPER=1 -DMAXDEATH=0 -DMAXCANCEL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
+	cd model && $(SPIN) -a -DNA=3 -DNPER=1 -DMAXDEATH=0 -DMAXCANCEL=0 -DMAXFAIL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 | tee pan.out \
 	  && grep -q "errors: 0" pan.out
 	cd model && $(SPIN) -a -DNOWATCH -DMAXFAIL=0 -DMAXDEATH=0 -DMAXCANCEL=0 signal.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m200000 > pan.out; \
 	  grep -q "invalid end state" pan.out && echo "without the watcher spin finds the deferred handler's stranded works, as it should"

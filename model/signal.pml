@@ -45,7 +45,7 @@
  *
  * Builds. make model-check runs, each with errors 0: deaths and failures
  * (-DMAXCANCEL=0), cancels (-DMAXDEATH=0 -DMAXFAIL=0), and 3 adders of 1
- * work with neither; and requires these to fail: -DNOWATCH, -DSPLITSEQ,
+ * work with none of the three; and requires these to fail: -DNOWATCH, -DSPLITSEQ,
  * -DACKLOG, -DOLDEXIT (each with the others' faults off). The default build
  * has all three faults (about 10^8 states, 5 GB: too big for every run).
  *   (default)            NA adders of NPER works each (-DNA=, -DNPER=; 2 of 2
