@@ -185,6 +185,13 @@ class RunLoop:
 
     def _run_chunk(self, nodes: Any, k: int, errs: list) -> int:
         dom, rec = self._dom, self._rec
+        if k == 1 and _STORE_STARTS and not _KP_IN_CALLBACK and not rec[_REC + 1]:
+            # A batch of one untracked work (the round trip's case): the
+            # plain loop's steps without the chunk's set-up.
+            fn = callbacks._BY_ID.get(rec[lib.TW_REC_FUNC])
+            if fn is not None and not fn.__shm_taskwork_batch__ and \
+                    not fn.__shm_taskwork_async__:
+                return self._run_single(fn, nodes, errs)
         # ids, funcs, enqueued, senders: kept as bytes for the lazy fields
         raw = ffi.buffer(rec, 8 * 4 * k)[:]
         fids = raw[8 * k:16 * k]
@@ -267,6 +274,54 @@ class RunLoop:
             raise
         finally:
             self._end_chunk(nodes, c, started, set(), [], timed)
+        return done + 1
+
+    def _run_single(self, fn: Any, nodes: Any, errs: list) -> int:
+        """_run_plain for a chunk of one untracked work, loaded in the
+        record area: the same stores and the same ends, with no per-chunk
+        copies, unpacks or loop set-up."""
+        rec, seg, outc = self._rec, self._seg, self._outc
+        at, running = rec[_OWNER_AT], rec[_RUNNING]
+        raw = ffi.buffer(rec, 32)[:]
+        c = _Chunk(1, (at,), (running,), raw)
+        off = rec[_POFF]
+        w = _new_work(Work)
+        w.payload = ffi.buffer(self._parea + off, rec[_POFF + 1] - off)[:]
+        w._src = _RunSource(self._dom, self.id, self.gen, raw, 1,
+                            ffi.buffer(self._oarea, lib.TW_ORIGIN_LEN)[:] if self._oarea
+                            else None)
+        w._i = 0
+        keep = fn.__shm_taskwork_keep__
+        failed = self._failed_now = []
+        started = done = -1
+        try:
+            if not (self._halt_at and _mono() >= self._halt_at):
+                # DETACHED -> RUNNING: from this store on the work has started
+                seg[at] = running
+                started = 0
+                try:
+                    fn(w)
+                except Exception as exc:
+                    log_callback_error(w, exc)
+                    errs.append(exc)
+                    self._count_raised(1, keep)
+                    if keep:
+                        # kept RUNNING until _end_chunk retries or files it
+                        outc[0] = lib.TW_OUT_SKIP
+                        failed.append((0, exc, fn))
+                        done = 0
+                        return 1
+                self._ends[0] = _mono()
+                # RUNNING -> DONE: it ran; counted free from here on
+                seg[at] = running + _DONE_DELTA
+                done = 0
+            else:
+                self._halted = True   # a drain's deadline: it stays detached
+        except BaseException:
+            started = self._interrupted(c, started, done, set(), [])
+            raise
+        finally:
+            self._end_chunk(nodes, c, started, set(), [], True)
         return done + 1
 
     def _interrupted(self, c: "_Chunk", started: int, done: int, taken: set,
