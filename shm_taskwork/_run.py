@@ -225,7 +225,7 @@ class RunLoop:
         call, one store (done). No native call, but one per tracked work
         (trk: the chunk's sender words, bit 62 tracked; None: none is): its
         outcome, with the callback's result, before its DONE store."""
-        seg, outc, ends = self._seg, self._outc, self._ends
+        seg, ends = self._seg, self._ends
         k = c.k
         timed = k <= _TIMED_CHUNK
         new, mono = _new_work, _mono
@@ -249,14 +249,7 @@ class RunLoop:
                 try:
                     ret = fn(w)
                 except Exception as exc:
-                    log_callback_error(w, exc)
-                    errs.append(exc)
-                    self._count_raised(1, keep)
-                    if keep:
-                        # kept RUNNING (a reaper would report it interrupted)
-                        # until _end_chunk retries it or files it "failed"
-                        outc[i] = lib.TW_OUT_SKIP
-                        failed.append((i, exc, fn))
+                    if self._raised(i, w, exc, fn, errs, failed, keep):
                         done = i
                         continue
                     if trk is not None and trk[i] >> 62:
@@ -280,7 +273,7 @@ class RunLoop:
         """_run_plain for a chunk of one untracked work, loaded in the
         record area: the same stores and the same ends, with no per-chunk
         copies, unpacks or loop set-up."""
-        rec, seg, outc = self._rec, self._seg, self._outc
+        rec, seg = self._rec, self._seg
         at, running = rec[_OWNER_AT], rec[_RUNNING]
         raw = ffi.buffer(rec, 32)[:]
         c = _Chunk(1, (at,), (running,), raw)
@@ -302,13 +295,7 @@ class RunLoop:
                 try:
                     fn(w)
                 except Exception as exc:
-                    log_callback_error(w, exc)
-                    errs.append(exc)
-                    self._count_raised(1, keep)
-                    if keep:
-                        # kept RUNNING until _end_chunk retries or files it
-                        outc[0] = lib.TW_OUT_SKIP
-                        failed.append((0, exc, fn))
+                    if self._raised(0, w, exc, fn, errs, failed, keep):
                         done = 0
                         return 1
                 self._ends[0] = _mono()
@@ -323,6 +310,19 @@ class RunLoop:
         finally:
             self._end_chunk(nodes, c, started, set(), [], True)
         return done + 1
+
+    def _raised(self, i: int, w: Work, exc: Exception, fn: Any, errs: list, failed: list,
+                keep: bool) -> bool:
+        """Work i's per-work callback raised: log it and count it. With
+        keep=True the work stays RUNNING (a reaper would report it
+        interrupted) until _end_chunk retries it or files it "failed": True."""
+        log_callback_error(w, exc)
+        errs.append(exc)
+        self._count_raised(1, keep)
+        if keep:
+            self._outc[i] = lib.TW_OUT_SKIP
+            failed.append((i, exc, fn))
+        return keep
 
     def _interrupted(self, c: "_Chunk", started: int, done: int, taken: set,
                      unknown: list) -> int:
