@@ -299,7 +299,8 @@ int  tw_proc_dead(struct tw_dom *d, uint32_t i);
  *
  * A signal sent to a task is *owed* while NOTIFY_SIGNAL is set, the task's
  * handler has not acknowledged it (c.sig_ack != the signal sequence the
- * arming adder stepped in the flags word, tw_layout.h) and works are queued. The watcher, a thread of the task's own process with every signal
+ * arming adder stepped in the flags word, tw_layout.h) and works are queued.
+ * The watcher, a thread of the task's own process with every signal
  * blocked, sends an owed signal again to the thread that runs the handler
  * (tgkill) once it has been owed for TW_SIG_RESEND_NS, then after intervals
  * that double up to TW_SIG_RESEND_MAX_NS: never a storm.

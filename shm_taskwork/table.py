@@ -241,7 +241,7 @@ class TaskTable(DomainPart):
                                   else None),
                 signals_resent=c.signals_resent,
                 signal_owed=bool(f & lib.TW_F_NOTIFY_SIGNAL) and (
-                    (f >> lib.TW_F_SIGSEQ_SHIFT) != (c.sig_ack & 0xFFFF))))
+                    (f >> lib.TW_F_SIGSEQ_SHIFT) != (c.sig_ack & lib.TW_F_BITS))))
         return out
 
     def stats(self, *, reap: bool = True, lock_timeout: float | None = None,

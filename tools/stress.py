@@ -28,8 +28,9 @@ the controller, in its own session so a Ctrl-C reaches only the controller.
   SIGKILL themselves at the N-th pass through one of the nastiest instructions:
   tasks at ``after_detach``, ``in_detach``, ``in_callback``, ``in_register``
   or ``in_reap``, producers at ``after_alloc``, ``after_push``,
-  ``in_pi_lock``, ``mid_pop``, ``in_claim``, ``in_reap`` or ``in_dl_file``
-  (a producer reaps the dead tasks it notices).
+  ``in_pi_lock``, ``mid_pop``, ``in_claim``, ``in_reap``, ``in_dl_file`` or
+  ``in_notify`` (a producer reaps the dead tasks it notices; ``in_notify``
+  is met only by TWA_SIGNAL adds, between the arming and the send).
 * ``--term``: half of the kills are a SIGTERM to a random task instead, and
   about half of the task processes register with
   ``exit_signals=(signal.SIGTERM,)``: those run their pending works and then
@@ -486,7 +487,7 @@ def measure_stalls(directory: str, bound_ms: float, skip: frozenset | set = froz
         runs = []        # (start, end, timed)
         adds = []        # add times of the timed works
         blocks = {}      # enter -> (leave, call); a call never left ends never
-        looks = []       # (time, flags, resent, sent, owed)
+        looks = []       # (time, flags, resent, sent, owed | pending << 8)
         inc = 0
         for kind, call, inc, wid, added, start, end in TREC.iter_unpack(raw[:whole]):
             if kind == T_RUN:
@@ -547,13 +548,14 @@ def _signal_state(looks: list, begin: int, end: int) -> dict:
     """What the task's looks between ``begin`` and ``end`` saw of its signal
     state: how many looks, in how many NOTIFY_SIGNAL was set and a signal
     owed, and how many signals were sent and resent meanwhile."""
+    from shm_taskwork.constants import TASK_NOTIFY_SIGNAL
     inside = [lk for lk in looks if begin <= lk[0] <= end]
     if not inside:
         return {"looks": 0}
     before = [lk for lk in looks if lk[0] < begin]
     first = before[-1] if before else inside[0]
     return {"looks": len(inside),
-            "flag_set": sum(1 for lk in inside if lk[1] & 2),
+            "flag_set": sum(1 for lk in inside if lk[1] & TASK_NOTIFY_SIGNAL),
             "owed": sum(1 for lk in inside if lk[4] & 1),
             "most_pending": max(lk[4] >> 8 for lk in inside),
             "sent": inside[-1][3] - first[3], "resent": inside[-1][2] - first[2]}
