@@ -57,6 +57,9 @@ _STOP_SLICE_S = 0.2
 _mono = time.monotonic_ns
 _F_NOTIFY = lib.TW_F_NOTIFY_RESUME | lib.TW_F_NOTIFY_SIGNAL
 _F_SIGNAL = lib.TW_F_NOTIFY_SIGNAL
+# A run's looks in a row that found its list empty and its flag armed again:
+# beyond this many it returns (README "TWA_SIGNAL is never stranded").
+_REARM_MAX = 64
 # wait(): spin (yielding the CPU) this long before blocking; never on one CPU
 _SPIN = (os.cpu_count() or 1) > 1
 _SPIN_MAX_NS = 50_000
@@ -185,6 +188,7 @@ class Registration(RunLoop, Task):
                 if not keep_resume:
                     lib.tw_eventfd_drain(self._efd)
                 bits = _F_SIGNAL if keep_resume else _F_NOTIFY
+                rearmed = 0   # looks in a row that found the list empty, the flag re-armed
                 while not self._halted:
                     if self._bpos >= self._bend:
                         self._rerun = False
@@ -204,12 +208,16 @@ class Registration(RunLoop, Task):
                             # add would coalesce into it and send nothing,
                             # while its signal was already taken (README
                             # "TWA_SIGNAL is never stranded"). Each turn
-                            # needs a new arming, so this ends when adders
-                            # pause.
-                            if self._flagsp[0] & bits:
+                            # needs a new arming whose work vanished before
+                            # our look; a member that only sets the flag, in
+                            # a loop, gets _REARM_MAX turns and no more (a
+                            # shared domain never hangs its members).
+                            if self._flagsp[0] & bits and rearmed < _REARM_MAX:
+                                rearmed += 1
                                 lib.tw_flags_clear(dom.d, self.id, bits)
                                 continue
                             break
+                        rearmed = 0
                     ran += self._run_batch(errs)
             finally:
                 self._in_run = False
