@@ -119,6 +119,31 @@ static void deadline_in(struct timespec *ts, int64_t ns)
     }
 }
 
+/* The slot's signal, as the watcher judges it: -1 NOTIFY_SIGNAL clear; 0 set
+ * but taken by the handler, or nothing queued; 1 owed, *seq the sequence. */
+static int owed(struct tw_slot *s, uint32_t *seq)
+{
+    /* Acquire: pairs with the adder's arming CAS (acq_rel), which follows
+     * its push: the flag and the sequence come from one word. */
+    uint32_t f = LD_ACQ(&s->flags);
+    if (!(f & TW_F_NOTIFY_SIGNAL))
+        return -1;
+    *seq = f >> TW_F_SIGSEQ_SHIFT;
+    /* Acquire: pairs with the handler's release store. A stale ack only
+     * delays the verdict by one tick. */
+    uint32_t ack = (uint32_t)(LD_ACQ(&s->c.sig_ack) & (TW_F_SIGSEQ_ONE - 1));
+    uint32_t idx = H_IDX(LD_ACQ(&s->head));
+    return *seq != ack && idx != TW_NIL && !idx_closed(idx);
+}
+
+int tw_sig_owed(struct tw_dom *d, uint32_t slot)
+{
+    if (!slot_ok(d, slot))
+        return -EINVAL;
+    uint32_t seq;
+    return owed(SLOT(d, slot), &seq) == 1;
+}
+
 /* Check one entry; W.mu held. Returns 1 if its NOTIFY_SIGNAL is set. */
 static int check(struct watch *w, uint64_t now)
 {
@@ -129,21 +154,11 @@ static int check(struct watch *w, uint64_t now)
         w->owed_since = 0;
         return 0;
     }
-    /* Acquire: pairs with the adder's arming CAS (acq_rel), which follows
-     * its push: the flag and the sequence come from one word. */
-    uint32_t f = LD_ACQ(&s->flags);
-    if (!(f & TW_F_NOTIFY_SIGNAL)) {
-        w->owed_since = 0;
-        return 0;
-    }
-    /* Acquire: pairs with the handler's release store. A stale ack only
-     * delays the verdict by one tick. */
-    uint64_t sent = f >> TW_F_SIGSEQ_SHIFT;
-    uint64_t ack = LD_ACQ(&s->c.sig_ack) & (TW_F_SIGSEQ_ONE - 1);
-    uint32_t idx = H_IDX(LD_ACQ(&s->head));
-    if (sent == ack || idx == TW_NIL || idx_closed(idx)) {
-        w->owed_since = 0;     /* taken, or nothing waits on it */
-        return 1;
+    uint32_t sent;
+    int o = owed(s, &sent);
+    if (o <= 0) {
+        w->owed_since = 0;     /* clear; or taken, or nothing waits on it */
+        return o == 0;
     }
     if (!w->owed_since || w->owed_sent != sent) {
         /* A new episode: the handler may still run by itself. */

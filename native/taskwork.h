@@ -322,6 +322,14 @@ int  tw_proc_dead(struct tw_dom *d, uint32_t i);
  */
 int  tw_sig_ack(struct tw_dom *d, uint32_t slot, int ok);
 /**
+ * tw_sig_owed() - is a signal owed to the task right now (the watcher's
+ * verdict: NOTIFY_SIGNAL set, the sequence not acknowledged, works queued)?
+ * @d: the domain. @slot: the task's slot.
+ *
+ * Context: any process; loads only. Return: 1 owed, 0 not, or -EINVAL.
+ */
+int  tw_sig_owed(struct tw_dom *d, uint32_t slot);
+/**
  * tw_sigwatch_add() - watch a slot of this process's for owed signals.
  * @d: the domain (stays mapped until tw_sigwatch_del()). @slot, @gen: the
  * registration. @signum: its signal. @tid: the thread to signal (the one

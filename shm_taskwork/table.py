@@ -76,8 +76,9 @@ class TaskInfo(_Counters):
     #: Signals the task's watcher sent again because the handler had not
     #: taken them while works waited (README "TWA_SIGNAL is never stranded").
     signals_resent: int = 0
-    #: A TWA_SIGNAL is owed right now: NOTIFY_SIGNAL is set and the task's
-    #: handler has not taken the signal that armed it.
+    #: A TWA_SIGNAL is owed right now: NOTIFY_SIGNAL is set, the task's
+    #: handler has not taken the signal that armed it, and works are queued
+    #: (its watcher's verdict).
     signal_owed: bool = False
 
 
@@ -223,7 +224,6 @@ class TaskTable(DomainPart):
             if raw is not None and ffi.string(s.name) != raw:
                 continue
             c = s.c
-            f = s.flags
             # waits only for what is left of this call's budget
             pending = lib.tw_snapshot_within(dom.d, i, s.gen, ffi.NULL, ffi.NULL, 0,
                                              left(deadline))
@@ -234,14 +234,13 @@ class TaskTable(DomainPart):
                 orphaned=c.orphaned,
                 errors=c.errors, unknown=c.unknown, signals_sent=c.signals_sent,
                 resumes_sent=c.resumes_sent, interrupted=c.interrupted,
-                pending=max(0, pending), max_pending=c.max_pending, flags=f & lib.TW_F_BITS,
+                pending=max(0, pending), max_pending=c.max_pending, flags=s.flags & lib.TW_F_BITS,
                 unreadable=pending in (-errno.ETIMEDOUT, -errno.EUCLEAN),
                 running=running[i],
                 oldest_running_s=(max(0, now - oldest[i]) / 1e9 if running[i] and oldest[i]
                                   else None),
                 signals_resent=c.signals_resent,
-                signal_owed=bool(f & lib.TW_F_NOTIFY_SIGNAL) and (
-                    (f >> lib.TW_F_SIGSEQ_SHIFT) != (c.sig_ack & lib.TW_F_BITS))))
+                signal_owed=lib.tw_sig_owed(dom.d, i) == 1))
         return out
 
     def stats(self, *, reap: bool = True, lock_timeout: float | None = None,
