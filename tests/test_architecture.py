@@ -117,12 +117,12 @@ def test_only_the_core_layers_call_the_compiled_core():
 
 
 # remote/, bottom to top
-REMOTE_LAYERS = ["scripts", "sender", "killpoints", "checks", "status", "watcher", "local",
+REMOTE_LAYERS = ["scripts", "wake", "sender", "killpoints", "checks", "status", "watcher", "local",
                  "bridge"]
 
 
 def test_the_remote_package_is_layered_and_never_calls_the_core():
-    """remote/: scripts < sender < killpoints < checks < status < watcher
+    """remote/: scripts < wake < sender < killpoints < checks < status < watcher
     < local < bridge (the bridge composes the parts below it), and no
     lib/ffi (it uses the API)."""
     order = REMOTE_LAYERS

@@ -525,3 +525,47 @@ def test_a_forged_final_state_is_read_as_input(make_domain, rs):
         assert all(w.error is None for w in ws)
         cl.r.set(f"stw:app:out:{ws[0].id}", "[not an object")
         assert cl.state(ws[0]) is None
+
+
+def test_a_sender_wakes_the_bridge_and_a_flooded_channel_never_stops_it(make_domain, bridges,
+                                                                        rs):
+    """README "Wake-ups": the bridge subscribes to its streams' wake
+    channels; an add publishes on its stream's channel in the XADD's round
+    trip; a message past Redis's pubsub output-buffer limit ends the
+    bridge's subscription, never the bridge, which subscribes again."""
+    dom = make_domain("a")
+    t = dom.register("w", install_handler=False)
+    bridge = bridges.start(dom, "host-a")
+    channel = "stw:app:node:host-a:wake"
+    with Cluster(rs.url) as cl:
+        published(cl, "host-a")
+
+        def subscribers(ch=channel):
+            return dict(cl.r.pubsub_numsub(ch)).get(ch.encode(), 0)
+
+        wait_until(lambda: subscribers() == 1, timeout=30, what="the bridge to subscribe")
+        assert subscribers("stw:app:ctl:host-a:wake") == 1
+        listener = cl.r.pubsub(ignore_subscribe_messages=True)
+        listener.subscribe(channel)
+        rt = cl.task("app", name="w", node="host-a")
+        w = rt.add("test.remote.rec", b"one", TWA_NONE)
+        got = wait_until(lambda: listener.get_message(timeout=0.5), timeout=30,
+                         what="the add's wake-up")
+        assert got["channel"] == channel.encode()
+        listener.close()
+        assert cl.outcome(w, timeout=30) == "queued"
+        # 40 MiB on the channel: past the subscriber limit (32 MiB by default)
+        limit = cl.r.config_get("client-output-buffer-limit")["client-output-buffer-limit"]
+        assert "pubsub 33554432" in limit
+        cl.r.publish(channel, b"x" * (40 << 20))
+        w2 = rt.add("test.remote.rec", b"two", TWA_NONE)
+        assert cl.outcome(w2, timeout=30) == "queued"
+        wait_until(lambda: subscribers() == 1, timeout=30, what="the bridge to subscribe again")
+        w3 = rt.add("test.remote.rec", b"three", TWA_NONE)
+        assert cl.outcome(w3, timeout=30) == "queued"
+        assert bridge.poll() is None
+        assert t.run() == 3 and sorted(RAN) == [b"one", b"three", b"two"]
+    bridge.send_signal(signal.SIGTERM)
+    _, err = bridge.communicate(timeout=30)
+    assert bridge.returncode == 0
+    assert b"wake-up channel: ConnectionError" in err    # Redis dropped it; it went on

@@ -59,6 +59,7 @@ from .local import Delivery
 from .scripts import (CLAIM, FIELD_MAX, FINISH, MAX_FIELDS, READ, READ_BYTES, READ_COUNT,
                       RECORD, SCAN_CLAIMED, SET_IF_NONE, TAKE)
 from .status import Figures, StatusDirError, private_dir, redact, running_bridges, status_dir
+from .wake import Wake
 from .watcher import Watcher
 
 __all__ = ["KILLPOINTS", "Bridge", "Delivery", "Checker", "Figures", "Refused",
@@ -101,6 +102,7 @@ class Bridge:
                               lambda: self.watcher.stats)
         self.stats = self.status.stats          # one dict: every part counts in it
         self.logged = 0
+        self.wake = Wake(self.r, self.log)
         self.checks = Checker(self.keys, node, self.allow, ps, self.log)
         self.watcher = Watcher(self.dom.name, url, self.keys, node, self.keep, self.log,
                                killpoint)
@@ -148,6 +150,7 @@ class Bridge:
                 self._group(stream)
             except self.redis_mod.ResponseError as exc:
                 self.log(f"stream {_text(stream)}: {_text(exc, 200)}")
+        self.wake.follow(self.groups)
         self.status.publish()
         self.status.measure(self.groups)
         self.status.write_status()
@@ -155,14 +158,16 @@ class Bridge:
     # ---- claim: one read batch (the steps check, claim; add and record: local)
 
     def handle_batch(self, stream: str, batch: list) -> None:
-        """One read batch of a work stream: every claim (or refusal) in one
-        pipeline, then the local adds, then every record in one pipeline.
-        The steps keep their order per work, so a kill between any two is
-        what the essay above says (a batch only widens each step). Each
-        entry is checked before its claim; a bad one is refused, acknowledged
-        and removed, and the batch goes on."""
+        """One read batch of a work stream: every claim in one script call
+        (refusals in the same round trip), then the local adds, then every
+        record in one script call. The steps keep their order per work, so
+        a kill between any two is what the essay above says (a batch only
+        widens each step). Each entry is checked before its claim; a bad one
+        is refused, acknowledged and removed, and the batch goes on."""
         pipe = self.r.pipeline(transaction=False)
-        todo = []
+        refused: list[str] = []
+        got: object = None
+        keys, args, mine_of = [self.keys.claimed(self.node), stream], [remote.GROUP, self.keep], []
         for eid, fields in batch:
             killpoint("bridge_read")
             wid = remote.work_id(stream, eid)
@@ -179,30 +184,47 @@ class Bridge:
                                    args=[st, remote.DONE_TTL, self.keep], client=pipe)
                 pipe.xack(stream, remote.GROUP, eid)
                 pipe.xdel(stream, eid)
-                todo.append(("refused", wid, st))
+                refused.append(st)
                 continue
             entry = json.dumps({"func": e["func"], "payload": e["payload"].hex(),
                                 "notify": e["notify"], "target": e["target"],
                                 "stream": stream, "entry": eid})
             mine = json.dumps({"state": "delivering", "node": self.node, "stream": stream,
                                "entry": eid})
-            self.claim_script(keys=[self.keys.out(wid), self.keys.claimed(self.node), stream],
-                              args=[wid, mine, entry, remote.GROUP, eid, self.keep],
-                              client=pipe)
-            todo.append(("claim", wid, (mine, e, eid)))
-        results = iter(pipe.execute(raise_on_error=False))
-        claimed = []
-        for kind, wid, extra in todo:
-            got = next(results)
-            if kind == "refused":
-                next(results), next(results)            # xack, xdel
-                if isinstance(got, bytes) and _s(got) == extra:
+            keys.append(self.keys.out(wid))
+            args += [wid, mine, entry, eid]
+            mine_of.append((wid, mine, e, eid))
+        if refused:
+            # (a pipeline of scripts asks Redis whether they are loaded first:
+            # only when a refusal rides along)
+            if mine_of:
+                self.claim_script(keys=keys, args=args, client=pipe)
+            results = pipe.execute(raise_on_error=False)
+            for i, st in enumerate(refused):
+                got = results[3 * i]                    # then its xack, xdel
+                if isinstance(got, bytes) and _s(got) == st:
                     self.stats["refused"] += 1
-            elif isinstance(got, bytes) and _s(got) == extra[0]:
-                e = dict(extra[1], entry=extra[2])
-                claimed.append((wid, e))
-            elif isinstance(got, Exception):
-                self.log(f"claim of {_text(extra[2])} failed: {_text(got, 200)}")
+            got = results[-1]
+        elif mine_of:
+            try:
+                got = self.claim_script(keys=keys, args=args)
+            except self.redis_mod.ConnectionError:
+                raise
+            except self.redis_mod.ResponseError as exc:
+                got = exc
+        if not mine_of:
+            return
+        if isinstance(got, Exception):
+            self.log(f"claim of {len(mine_of)} entries of {_text(stream)} failed: "
+                     f"{_text(got, 200)}")
+            return
+        claimed = []
+        for (wid, mine, e, eid), res in zip(mine_of, got):
+            res = _s(res) if isinstance(res, bytes) else res
+            if res == mine:
+                claimed.append((wid, dict(e, entry=eid)))
+            elif isinstance(res, str) and res.startswith("!"):
+                self.log(f"claim of {_text(eid)} failed: {_text(res[1:], 200)}")
             # else: decided already (cancelled, or another node's claim)
         self.local.deliver_many(claimed)
 
@@ -266,8 +288,9 @@ class Bridge:
                 except Refused as exc:
                     st = self.checks.refused(wid, "", "", str(exc))
                     self.stats["refused"] += 1
-                    self.record_script(keys=[self.keys.out(wid), key, self.keys.done(wid)],
-                                       args=[wid, st, remote.DONE_TTL, self.keep],
+                    self.record_script(keys=[key, self.keys.watch(self.node),
+                                             self.keys.out(wid), self.keys.done(wid)],
+                                       args=[remote.DONE_TTL, self.keep, wid, st, ""],
                                        client=pipe)
                 except Exception as exc:       # one work never stops the bridge
                     self.log(f"dropped claimed entry {wid}: {type(exc).__name__}")
@@ -280,19 +303,21 @@ class Bridge:
 
     def read(self, count: int | None = None) -> int:
         """One capped read (count and bytes, see READ) of new entries of
-        every stream; finding none, it waits up to block_ms, polling (a
-        blocking XREADGROUP would hand over entries of any size)."""
+        every stream; finding none, it waits up to block_ms for a wake-up
+        (``wake``), looking again at least every 10 ms (a blocking
+        XREADGROUP would hand over entries of any size)."""
         count = count or self.read_count
         streams = sorted(self.groups)
         deadline = time.monotonic() + self.block_ms / 1000
         pause = 0.001
         while True:
+            self.wake.drain()   # (the read below covers what they announced)
             got = self.read_script(keys=streams, args=[remote.GROUP, self.node, ">", count,
                                                        *self.limits])
             if got or self.stop or time.monotonic() >= deadline:
                 break
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
+            if not self.wake.wait(pause):
+                pause = min(pause * 2, 0.01)
         n = 0
         for stream, entries in got or []:
             self.dispatch_safely(_s(stream), entries)
@@ -369,6 +394,7 @@ class Bridge:
                 last_line = now
         self.watcher.close()
         self.refresh()
+        self.wake.close()
         if self.progress:
             self.status.line()
         self.status.remove()

@@ -54,17 +54,19 @@ class Delivery:
             killpoint("bridge_added")
         if not outs:
             return
-        pipe = self.r.pipeline(transaction=False)
+        keys = [self.keys.claimed(self.node), self.keys.watch(self.node)]
+        args: list = [remote.DONE_TTL, self.keep]
         watch = []
         for wid, out in outs:
-            keys = [self.keys.out(wid), self.keys.claimed(self.node), self.keys.done(wid)]
-            args = [wid, json.dumps(out), remote.DONE_TTL, self.keep]
+            keys += [self.keys.out(wid), self.keys.done(wid)]
+            lid = ""
             if out["state"] == "queued":       # its local outcome is to come
-                keys.append(self.keys.watch(self.node))
-                args.append(out["local_id"])
-                watch.append((wid, out["local_id"]))
-            self.record_script(keys=keys, args=args, client=pipe)
-        pipe.execute()
+                lid = out["local_id"]
+                watch.append((wid, lid))
+            args += [wid, json.dumps(out), lid]
+        for (wid, _out), res in zip(outs, self.record_script(keys=keys, args=args)):
+            if isinstance(res, bytes) and res.startswith(b"!"):
+                self.log(f"record of {wid} failed: {_text(_s(res[1:]), 200)}")
         for _ in outs:
             killpoint("bridge_recorded")
         # only now: a final record must come after the queued one it replaces
@@ -193,10 +195,10 @@ class Delivery:
             # the one final state (FINISH: only over this node's queued); the
             # watcher, seeing the local outcome cancelled, then changes nothing
             out = {"state": "cancelled", "node": self.node, "local_id": rec.work_id}
-            self.finish_script(keys=[self.keys.out(wid), self.keys.watch(self.node),
+            self.finish_script(keys=[self.keys.watch(self.node), self.keys.out(wid),
                                      self.keys.done(wid)],
-                               args=[wid, json.dumps(out), remote.DONE_TTL, self.keep,
-                                     self.node])
+                               args=[remote.DONE_TTL, self.keep, self.node, wid,
+                                     json.dumps(out)])
             self.stats["cancelled"] += 1
         return ok
 

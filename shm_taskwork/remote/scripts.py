@@ -1,7 +1,7 @@
 """The Redis scripts of the exactly-once protocol (README "More than one host").
 
 Each runs atomically inside Redis. The sender's SET_IF_NONE; the bridge's
-CLAIM, RECORD and FINISH; the reads (READ, TAKE, SCAN_CLAIMED), which screen every
+CLAIM, RECORD and FINISH, each over a batch of entries in one call; the reads (READ, TAKE, SCAN_CLAIMED), which screen every
 entry inside Redis so that an oversize one never reaches the bridge.
 """
 
@@ -20,54 +20,105 @@ end
 return redis.call('GET', KEYS[1])
 """
 
-# KEYS: out:ID, claimed, stream ; ARGV: id, delivering JSON, entry fields JSON,
-# group, entry id, keep ttl
+# The per-entry steps below run over a whole read batch in one script (one
+# call, one reply): each entry's writes are those a script of its own would
+# make, in the same order, and an entry whose command Redis refuses (a key of
+# another type, say) gets "!<error>" in its place while the others go on.
+# An entry's writes are not undone when a later one of the same entry fails,
+# as a script's never are.
+
+# KEYS: claimed, stream, out:ID... ; ARGV: group, keep ttl, then per entry:
+# id, delivering JSON, entry fields JSON, entry id.
 # Invariant: the work's fate is set once (SET NX); only the bridge that set it
 # records the entry in its claimed hash; the stream entry is acknowledged in
-# the same script, so no reader sees it claimed and still pending.
+# the same script, so no reader sees it claimed and still pending. Per entry:
+# the delivering JSON if this call claimed it, else the state already there.
 CLAIM = """
-local got = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', tonumber(ARGV[6]))
-if got then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+local res = {}
+for i = 1, #KEYS - 2 do
+  local a = 3 + (i - 1) * 4
+  local out = KEYS[2 + i]
+  local got = redis.pcall('SET', out, ARGV[a + 1], 'NX', 'EX', tonumber(ARGV[2]))
+  if type(got) == 'table' and got.err then
+    res[i] = '!' .. got.err
+  else
+    if got then
+      local h = redis.pcall('HSET', KEYS[1], ARGV[a], ARGV[a + 2])
+      if type(h) == 'table' and h.err then got = nil; res[i] = '!' .. h.err end
+    end
+    if res[i] == nil then
+      redis.call('XACK', KEYS[2], ARGV[1], ARGV[a + 3])
+      redis.call('XDEL', KEYS[2], ARGV[a + 3])
+      if got then
+        res[i] = ARGV[a + 1]
+      else
+        local cur = redis.pcall('GET', out)
+        if type(cur) == 'table' and cur.err then cur = '!' .. cur.err end
+        res[i] = cur
+      end
+    end
+  end
 end
-redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
-redis.call('XDEL', KEYS[3], ARGV[5])
-if got then return ARGV[2] end
-return redis.call('GET', KEYS[1])
+return res
 """
 
-# KEYS: out:ID, claimed, done[, watch] ; ARGV: id, outcome JSON, done ttl,
-# keep ttl[, local id]
-# With a watch hash (a queued work): the work enters the node's watch hash in
-# the same script that drops it from claimed, so a bridge killed at any point
-# has it in one of the two (what its restart resumes).
+# KEYS: claimed, watch, then per entry out:ID, done:ID ; ARGV: done ttl, keep
+# ttl, then per entry: id, outcome JSON, local id ('' unless queued).
+# A queued work enters the node's watch hash in the same script that drops it
+# from claimed, so a bridge killed at any point has it in one of the two (what
+# its restart resumes). Per entry: 1, or "!<error>".
 RECORD = """
-redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[4]))
-redis.call('HDEL', KEYS[2], ARGV[1])
-if KEYS[4] then redis.call('HSET', KEYS[4], ARGV[1], ARGV[5]) end
-redis.call('RPUSH', KEYS[3], ARGV[2])
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
-return 1
+local res = {}
+for i = 1, (#KEYS - 2) / 2 do
+  local a = 3 + (i - 1) * 3
+  local out, done = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local r = redis.pcall('SET', out, ARGV[a + 1], 'EX', tonumber(ARGV[2]))
+  if not (type(r) == 'table' and r.err) then
+    redis.call('HDEL', KEYS[1], ARGV[a])
+    if ARGV[a + 2] ~= '' then r = redis.pcall('HSET', KEYS[2], ARGV[a], ARGV[a + 2]) end
+  end
+  if not (type(r) == 'table' and r.err) then
+    r = redis.pcall('RPUSH', done, ARGV[a + 1])
+    if not (type(r) == 'table' and r.err) then redis.call('EXPIRE', done, tonumber(ARGV[1])) end
+  end
+  if type(r) == 'table' and r.err then res[i] = '!' .. r.err else res[i] = 1 end
+end
+return res
 """
 
-# KEYS: out:ID, watch, done ; ARGV: id, final outcome JSON, done ttl, keep ttl, node
+# KEYS: watch, then per entry out:ID, done:ID ; ARGV: done ttl, keep ttl,
+# node, then per entry: id, final outcome JSON.
 # The final outcome of a queued work (ran, failed, cancelled, dead_letter,
 # interrupted, unknown). Invariant: one final state per work - it replaces
 # only this node's "queued", so a repeat (a restarted bridge, the watcher
 # after a cancel already recorded) changes nothing and wakes no one. The
-# work leaves the watch hash either way. Returns 1 if it recorded.
+# work leaves the watch hash either way. Per entry: 1 if it recorded, else 0,
+# or "!<error>".
 FINISH = """
-redis.call('HDEL', KEYS[2], ARGV[1])
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 0 end
-local ok, st = pcall(cjson.decode, cur)
-if not ok or type(st) ~= 'table' or st['state'] ~= 'queued' or st['node'] ~= ARGV[5] then
-  return 0
+local res = {}
+for i = 1, (#KEYS - 1) / 2 do
+  local a = 4 + (i - 1) * 2
+  local out, done = KEYS[2 * i], KEYS[1 + 2 * i]
+  redis.call('HDEL', KEYS[1], ARGV[a])
+  local cur = redis.pcall('GET', out)
+  res[i] = 0
+  if type(cur) == 'table' and cur.err then
+    res[i] = '!' .. cur.err
+  elseif cur then
+    local ok, st = pcall(cjson.decode, cur)
+    if ok and type(st) == 'table' and st['state'] == 'queued' and st['node'] == ARGV[3] then
+      redis.call('SET', out, ARGV[a + 1], 'EX', tonumber(ARGV[2]))
+      local r = redis.pcall('RPUSH', done, ARGV[a + 1])
+      if type(r) == 'table' and r.err then
+        res[i] = '!' .. r.err
+      else
+        redis.call('EXPIRE', done, tonumber(ARGV[1]))
+        res[i] = 1
+      end
+    end
+  end
 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[4]))
-redis.call('RPUSH', KEYS[3], ARGV[2])
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
-return 1
+return res
 """
 
 #: Limits of what one entry may hold, checked inside Redis before the entry

@@ -54,6 +54,7 @@ from ..callbacks import NAME_LIMIT
 from ..constants import TWA_NMI_CURRENT, TWA_RESUME, TWAF_NO_ALLOC, VALID_MODES
 from ..errors import InvalidModeError, PayloadTooLargeError
 from . import scripts
+from .wake import channel as wake_channel
 
 PREFIX = "stw"
 GROUP = "bridges"
@@ -228,6 +229,7 @@ class RemoteTask:
         self.cluster, self.domain, self.name, self.node = cluster, domain, name, node
         self.keys = Keys(domain)
         self.stream = self.keys.node(node) if node is not None else self.keys.any(name)
+        self._wake = wake_channel(self.stream)
         if node is None:
             cluster._ensure_group(self.stream)
         self._limit_cache: tuple[float, int | None] = (0.0, None)
@@ -291,6 +293,9 @@ class RemoteTask:
             pipe.xadd(self.stream, {"func": name, "payload": w.payload,
                                     "notify": str(notify), "target": self.name,
                                     "sent_ns": str(now)})
+        # after the entries, in the same round trip: a bridge waiting on the
+        # stream wakes now, not at its next poll (remote.wake)
+        pipe.publish(self._wake, b"")
         for w, eid in zip(works, pipe.execute()):
             w.entry_id = eid.decode() if isinstance(eid, bytes) else eid
             w.id = work_id(self.stream, w.entry_id)
@@ -442,7 +447,10 @@ class Cluster:
                 not isinstance(got.get("node"), str):
             return False
         token = uuid.uuid4().hex
-        self.r.xadd(keys.ctl(got["node"]), {"op": "cancel", "id": w.id, "reply": token})
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xadd(keys.ctl(got["node"]), {"op": "cancel", "id": w.id, "reply": token})
+        pipe.publish(wake_channel(keys.ctl(got["node"])), b"")
+        pipe.execute()
         res = self.r.blpop([keys.reply(token)], timeout=timeout)
         if res is None:
             raise TimeoutError(f"cancel of remote work {w.id}: the bridge of node "

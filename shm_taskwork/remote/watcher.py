@@ -21,7 +21,7 @@ Design, for many works in flight at once:
   of the others that rotates from pass to pass, ``BUDGET`` reads at most, so
   thousands of works in flight cost a pass no more than that.
 - **Batched records.** Every final outcome a pass found goes to Redis in one
-  pipeline of FINISH scripts (``FLUSH_MAX`` at most per round trip): never a
+  call of the FINISH script (``FLUSH_MAX`` works at most per call): never a
   round trip per work, none per poll.
 - **Deaths.** ``Work.wait`` reaps the oldest work's task if its process died,
   and each pass (every ``REAP_EVERY`` seconds at most) checks the tasks of
@@ -61,7 +61,7 @@ SLICE_MAX = 0.05      # longest sleep on the oldest work before a pass (s)
 SLICE_MIN = 0.001     # the sleep while works keep settling (s)
 HEAD = 64             # the oldest works, read every pass
 BUDGET = 512          # reads per pass at most (HEAD + a rotating window)
-FLUSH_MAX = 256       # final records per pipeline
+FLUSH_MAX = 256       # final records per FINISH call
 REAP_EVERY = 0.25     # seconds between checks of the watched works' tasks
 RETRY_PAUSE = 0.5     # seconds before a pass retries after a Redis error
 
@@ -247,21 +247,26 @@ class Watcher:
         self.killpoint("bridge_settled")
 
     def _flush(self) -> None:
-        """The ready records, FLUSH_MAX per pipeline. A record Redis refused
+        """The ready records, FLUSH_MAX per call. A record Redis refused
         (a key of another type, say) is logged and dropped; on a lost
         connection they all wait for the next pass."""
         while self.ready:
             chunk = self.ready[:FLUSH_MAX]
-            pipe = self.r.pipeline(transaction=False)
+            keys, args = [self.keys.watch(self.node)], [remote.DONE_TTL, self.keep, self.node]
             for wid, out in chunk:
-                self.finish(keys=[self.keys.out(wid), self.keys.watch(self.node),
-                                  self.keys.done(wid)],
-                            args=[wid, json.dumps(out), remote.DONE_TTL, self.keep, self.node],
-                            client=pipe)
-            res = pipe.execute(raise_on_error=False)
+                keys += [self.keys.out(wid), self.keys.done(wid)]
+                args += [wid, json.dumps(out)]
+            try:
+                res = self.finish(keys=keys, args=args)
+            except self.redis_mod.ConnectionError:
+                raise
+            except self.redis_mod.ResponseError as exc:
+                res = [exc] * len(chunk)
             del self.ready[:len(chunk)]
             for (wid, out), got in zip(chunk, res):
-                if isinstance(got, Exception):
+                if isinstance(got, bytes) and got.startswith(b"!"):
+                    got = got[1:].decode(errors="replace")
+                if isinstance(got, (Exception, str)):
                     self.log(f"watcher: record of {wid}: {str(got)[:200]!r}")
                 elif got == 1:
                     self.stats[out["state"]] = self.stats.get(out["state"], 0) + 1
