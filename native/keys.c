@@ -45,6 +45,12 @@ static inline struct tw_key *KEY(struct tw_dom *d, uint32_t i)
                              (uint64_t)(i % TW_KEYS_CAP) * sizeof(struct tw_key));
 }
 
+/* The tag words (tw_layout.h "Key tags"): right after the entries. */
+static inline uint64_t *TAGS(struct tw_dom *d)
+{
+    return (uint64_t *)((char *)KEY(d, 0) + (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key));
+}
+
 #define K_ST(w)        ((uint32_t)((w) & 0xff))
 #define K_SEQ(w)       ((w) >> 8)
 #define K_WORD(seq, st) (((uint64_t)(seq) << 8) | (st))
@@ -66,24 +72,62 @@ static int keys_lock(struct tw_dom *d)
 static void keys_unlock(struct tw_dom *d) { pthread_mutex_unlock(&HDR(d)->keys_lock); }
 
 /* The newest entry for key that is not VOID or EMPTY, or -1. Hold keys_lock
- * (or accept a stale answer). */
+ * (or accept a stale answer). The walk is bounded: TW_KEYS_CAP / 4 tag words,
+ * and a full look only at the entries whose tag matches. */
 static int find(struct tw_dom *d, uint64_t key)
 {
+    const uint64_t ones = 0x0001000100010001ull, highs = 0x8000800080008000ull;
+    const uint64_t tag = TW_KEY_TAG(key), spread = tag * ones;
+    uint64_t *tags = TAGS(d);
     int best = -1;
     uint64_t best_seq = 0;
-    for (uint32_t i = 0; i < TW_KEYS_CAP; i++) {
-        struct tw_key *k = KEY(d, i);
-        uint64_t w = LD_ACQ(&k->word);
-        uint32_t st = K_ST(w);
-        if (st == TW_K_EMPTY || st == TW_K_VOID || LD_RLX(&k->key) != key)
+    for (uint32_t w = 0; w < TW_KEYS_CAP / 4; w++) {
+        /* Relaxed: a tag only says where to look (tw_layout.h "Key tags").
+         * Four words at a time, one branch: a lane equal to tag makes its
+         * word's test nonzero (no false negative). */
+        if (w % 4 == 0) {
+            uint64_t x0 = LD_RLX(&tags[w]) ^ spread, x1 = LD_RLX(&tags[w + 1]) ^ spread,
+                     x2 = LD_RLX(&tags[w + 2]) ^ spread, x3 = LD_RLX(&tags[w + 3]) ^ spread;
+            if (!((((x0 - ones) & ~x0) | ((x1 - ones) & ~x1) | ((x2 - ones) & ~x2) |
+                   ((x3 - ones) & ~x3)) & highs)) {
+                w += 3;
+                continue;
+            }
+        }
+        uint64_t x = LD_RLX(&tags[w]) ^ spread;
+        if (!((x - ones) & ~x & highs))
             continue;
-        uint64_t seq = K_SEQ(w);
-        if (best < 0 || seq > best_seq) {
-            best = (int)i;
-            best_seq = seq;
+        for (uint32_t lane = 0; lane < 4; lane++) {
+            if ((x >> (16 * lane)) & 0xffff)
+                continue;
+            uint32_t i = w * 4 + lane;
+            struct tw_key *k = KEY(d, i);
+            /* Acquire: pairs with reserve()'s release of RESERVED, so the key
+             * read below is the reservation's. */
+            uint64_t wd = LD_ACQ(&k->word);
+            uint32_t st = K_ST(wd);
+            if (st == TW_K_EMPTY || st == TW_K_VOID || LD_RLX(&k->key) != key)
+                continue;
+            uint64_t seq = K_SEQ(wd);
+            if (best < 0 || seq > best_seq) {
+                best = (int)i;
+                best_seq = seq;
+            }
         }
     }
     return best;
+}
+
+/* Under keys_lock, entry i EMPTY: its tag becomes key's. Whole-word
+ * relaxed stores; the RESERVED store that follows (a release) publishes it
+ * with the entry. */
+static void set_tag(struct tw_dom *d, uint32_t i, uint64_t key)
+{
+    uint64_t *word = &TAGS(d)[i / 4];
+    unsigned shift = 16 * (i % 4);
+    uint64_t v = LD_RLX(word);
+    v = (v & ~(0xffffull << shift)) | (TW_KEY_TAG(key) << shift);
+    ST_RLX(word, v);
 }
 
 /* Try to make a RESERVED entry final (see the essay above). 1: final (read it
@@ -197,6 +241,7 @@ static int reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen, 
         /* EMPTY first: not findable while rewritten. A late finish() of the
          * evicted reservation fails: its seq is not ours. */
         ST_REL(&k->word, K_WORD(seq + 1, TW_K_EMPTY));
+        set_tag(d, (uint32_t)(seq % TW_KEYS_CAP), key);
         k->key = key;
         k->work = ((uint64_t)gen << 32) | node;
         k->proc = (uint32_t)d->my_proc;
@@ -217,24 +262,27 @@ int tw_key_reserve(struct tw_dom *d, uint64_t key, uint32_t node, uint32_t gen,
                              uint64_t *word)
 {
     for (int tries = 0; tries < 64; tries++) {
-        int r = tw_key_lookup(d, key, info);
-        if (r != 0)
-            return r;
-        r = keys_lock(d);
+        /* Under the lock: two reservers of one key are serialized here, and
+         * a key nobody recorded (the common case) costs one find. */
+        int r = keys_lock(d);
         if (r)
             return r;
-        /* Again under the lock: two reservers of one key are serialized here. */
         int i = find(d, key);
-        if (i >= 0) {
+        if (i < 0) {
+            r = reserve(d, key, node, gen, want, slot, word);
             keys_unlock(d);
-            continue;                       /* someone recorded it: resolve it */
+            if (r < 0)
+                return r;
+            *entry = r;
+            return 0;
         }
-        r = reserve(d, key, node, gen, want, slot, word);
         keys_unlock(d);
-        if (r < 0)
+        /* Recorded: resolve it (a RESERVED entry may need its dead
+         * reserver reclaimed, which is done outside keys_lock). 0: voided
+         * meanwhile, so look again. */
+        r = tw_key_lookup(d, key, info);
+        if (r != 0)
             return r;
-        *entry = r;
-        return 0;
     }
     return -EBUSY;
 }

@@ -203,6 +203,7 @@ uint64_t tw_layout_size(uint32_t max_tasks, uint32_t pool_size, uint32_t payload
     off += align64((uint64_t)names_cap * sizeof(struct tw_name));
     off += (uint64_t)pool_size * node_size_for(payload_size, record_origin);
     off += (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key);   /* nodes end 64-aligned */
+    off += TW_KEY_TAGS_SIZE;                                 /* (so do the keys)     */
     off = align64(off);
     off += (uint64_t)outcomes * tw_outcome_rec_size(payload_size);
     return off;
@@ -249,8 +250,8 @@ int tw_format(void *base, uint64_t size, uint32_t max_tasks, uint32_t pool_size,
     off += (uint64_t)pool_size * h->node_size;
     h->keys_off = off;
     h->keys_cap = TW_KEYS_CAP;
-    off += (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key);
-    memset(b + h->keys_off, 0, (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key));
+    off += (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key) + TW_KEY_TAGS_SIZE;
+    memset(b + h->keys_off, 0, (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key) + TW_KEY_TAGS_SIZE);
     off = align64(off);
     h->out_off = off;
     h->out_cap = outcomes;
@@ -333,7 +334,7 @@ int tw_attach(struct tw_dom *d, void *base, uint64_t size)
     off += (uint64_t)ps * h->node_size;
     if (h->keys_off != off || h->keys_cap != TW_KEYS_CAP)
         return -EUCLEAN;
-    off = align64(off + (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key));
+    off = align64(off + (uint64_t)TW_KEYS_CAP * sizeof(struct tw_key) + TW_KEY_TAGS_SIZE);
     if (h->out_off != off)
         return -EUCLEAN;
     d->base = base;

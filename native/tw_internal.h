@@ -25,6 +25,11 @@
 #define LD_RLX(p)        __atomic_load_n((p), __ATOMIC_RELAXED)
 #define ST_REL(p, v)     __atomic_store_n((p), (v), __ATOMIC_RELEASE)
 #define ST_RLX(p, v)     __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+
+/* The key tags (tw_layout.h "Key tags"): a key's 16-bit tag, and their size. */
+#define TW_KEY_TAG(key)       ((uint64_t)(((key) ^ ((key) >> 16) ^ ((key) >> 32) ^ \
+                                           ((key) >> 48)) & 0xffffu))
+#define TW_KEY_TAGS_SIZE      ((uint64_t)TW_KEYS_CAP * 2u)
 #define CAS(p, e, v, so, fo) __atomic_compare_exchange_n((p), (e), (v), 0, (so), (fo))
 #define ADD_RLX(p, v)    __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
 

@@ -194,7 +194,7 @@
 #include <pthread.h>
 
 #define TW_MAGIC              "SHMTWRK\x01"
-#define TW_LAYOUT_VERSION     11u
+#define TW_LAYOUT_VERSION     12u
 
 /* Notify modes: the kernel's values (include/linux/task_work.h). */
 #define TW_TWA_NONE           0
@@ -541,6 +541,17 @@ struct tw_outcome {
  * Keys are 64-bit hashes chosen by the caller; 0 is not a key.
  */
 #define TW_KEYS_CAP           4096
+/*
+ * Key tags: right after the key table, 64-aligned, TW_KEYS_CAP 16-bit tags
+ * (TW_KEY_TAG of entry i's key in lane i % 4 of 64-bit word i / 4: 8 KiB, so
+ * a lookup compares four entries per load instead of reading 160 KiB of
+ * entries). Invariant: a tag is rewritten only under keys_lock while its
+ * entry is EMPTY (before the RESERVED store that publishes the key), so the
+ * tag of every findable entry matches its key. Finders use the tag to skip,
+ * never to decide: an entry whose tag matches is read and compared in full.
+ * Tag words are read and written whole (64-bit atomics).
+ */
+/* (TW_KEY_TAG and TW_KEY_TAGS_SIZE: tw_internal.h) */
 #define TW_K_EMPTY            0u  /* never used, or evicted                      */
 #define TW_K_RESERVED         1u  /* recorded, push (or filing) in flight        */
 #define TW_K_QUEUED           2u  /* pushed onto a task's list                   */

@@ -13,7 +13,7 @@ import platform
 import struct
 
 MAGIC = b"SHMTWRK\x01"
-LAYOUT_VERSION = 11
+LAYOUT_VERSION = 12
 NIL = 0xFFFFFFFF
 EXITED = 0xFFFFFFFE
 DEAD_EMPTY = 0xFFFFFFFD
@@ -26,6 +26,8 @@ INTENTS = 8
 HIST_BUCKETS = 28
 HIST_SHIFT = 10
 KEYS_CAP = 4096
+# the key tags after the key table: one 16-bit tag per entry (tw_layout.h "Key tags")
+KEY_TAGS_SIZE = KEYS_CAP * 2
 OUTCOMES_DEFAULT = 4096
 
 # sizeof(pthread_mutex_t) in glibc, by machine; alignment is 8 (4 on 32-bit x86).
@@ -177,7 +179,7 @@ def offsets(max_tasks: int, pool_size: int, payload_size: int, max_procs: int,
     names = procs + _align64(max_procs * PROC.size)
     nodes = names + _align64(names_cap * NAME.size)
     keys = nodes + pool_size * node_size(payload_size, record_origin)
-    out = _align64(keys + KEYS_CAP * KEY.size)
+    out = _align64(keys + KEYS_CAP * KEY.size + KEY_TAGS_SIZE)
     total = out + outcomes * outcome_rec_size(payload_size)
     return {"slots_off": slots, "procs_off": procs, "names_off": names,
             "nodes_off": nodes, "keys_off": keys, "out_off": out, "total_size": total}

@@ -113,3 +113,49 @@ def test_eviction_after_keys_cap_newer_keys(make_domain):
     assert keys.lookup(dom, "key-1") is not None
     assert keys.used(dom) == keys.KEYS_CAP
     t.run()
+
+
+def _tag(key: str) -> int:
+    """The 16-bit tag the key table files a key under (native/tw_internal.h
+    TW_KEY_TAG of keys.key_id): lookups compare tags before keys."""
+    k = keys.key_id(key)
+    return (k ^ (k >> 16) ^ (k >> 32) ^ (k >> 48)) & 0xFFFF
+
+
+def test_keys_that_share_a_tag_are_told_apart(make_domain):
+    """A tag only says where to look: two keys with one tag are two keys,
+    each queued once, each found as itself, also after one is evicted."""
+    by_tag: dict[int, str] = {}
+    i = 0
+    while True:      # the birthday bound: a shared tag within a few hundred keys
+        k = f"tag-{i}"
+        other = by_tag.setdefault(_tag(k), k)
+        if other != k:
+            break
+        i += 1
+    a, b = other, k
+    assert keys.key_id(a) != keys.key_id(b) and _tag(a) == _tag(b)
+    dom = make_domain(pool_size=64)
+    t = dom.register("w", install_handler=False)
+    ra = t.add_keyed("test.keys.rec", b"a", TWA_NONE, key=a)
+    assert keys.lookup(dom, b) is None
+    rb = t.add_keyed("test.keys.rec", b"b", TWA_NONE, key=b)
+    assert ra.fresh and rb.fresh and ra.work_id != rb.work_id
+    assert not t.add_keyed("test.keys.rec", b"a", TWA_NONE, key=a).fresh
+    assert not t.add_keyed("test.keys.rec", b"b", TWA_NONE, key=b).fresh
+    assert keys.lookup(dom, a).work_id == ra.work_id
+    assert keys.lookup(dom, b).work_id == rb.work_id
+    assert t.run() == 2 and sorted(RAN) == [b"a", b"b"]
+    # a, then KEYS_CAP newer keys (b among them): a is evicted, b is not
+    for j in range(keys.KEYS_CAP - 1):
+        t.add_keyed("test.keys.rec", b"", TWA_NONE, key=f"fill-{j}")
+        if j % 32 == 0:
+            t.run()
+    assert keys.lookup(dom, a) is None
+    assert keys.lookup(dom, b).work_id == rb.work_id
+    # a again takes the next ring entry, b's (same tag, other key): b is
+    # forgotten there, a is found as the new work
+    again = t.add_keyed("test.keys.rec", b"a2", TWA_NONE, key=a)
+    assert again.fresh and keys.lookup(dom, a).work_id == again.work_id
+    assert keys.lookup(dom, b) is None
+    t.run()
