@@ -569,34 +569,3 @@ def test_a_sender_wakes_the_bridge_and_a_flooded_channel_never_stops_it(make_dom
     _, err = bridge.communicate(timeout=30)
     assert bridge.returncode == 0
     assert b"wake-up channel: ConnectionError" in err    # Redis dropped it; it went on
-
-
-def test_an_add_wakes_the_bridges_only_when_they_had_read_everything(rs):
-    """README "Wake-ups": one wake-up per catch-up, not one per add. Counted
-    by Redis itself (INFO commandstats), with a reader playing the bridge."""
-    with Cluster(rs.url) as cl:
-        cl.r.hset("stw:app:nodes", "n1", json.dumps({"payload_size": 64}))
-        stream = "stw:app:node:n1"
-        cl.r.xgroup_create(stream, "bridges", id="0", mkstream=True)
-        rt = cl.task("app", name="w", node="n1")
-
-        def published():
-            return cl.r.info("commandstats").get("cmdstat_publish", {}).get("calls", 0)
-
-        def read_all():
-            return sum(len(e) for _, e in
-                       cl.r.xreadgroup("bridges", "test", {stream: ">"}) or [])
-
-        p0 = published()
-        rt.add("test.remote.rec", b"1")
-        assert published() == p0 + 1          # all read before it: a bridge may wait
-        rt.add_many("test.remote.rec", [b"2", b"3"])
-        rt.add("test.remote.rec", b"4")
-        assert published() == p0 + 1          # unread entries: whoever reads them reads these
-        assert read_all() == 4
-        rt.add("test.remote.rec", b"5")
-        assert published() == p0 + 2          # caught up again
-        assert read_all() == 1
-        cl.r.xgroup_destroy(stream, "bridges")
-        rt.add("test.remote.rec", b"6")
-        assert published() == p0 + 3          # no group: nothing to go by, so it wakes

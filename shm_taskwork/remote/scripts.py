@@ -1,54 +1,9 @@
 """The Redis scripts of the exactly-once protocol (README "More than one host").
 
-Each runs atomically inside Redis. The sender's SEND and SET_IF_NONE; the bridge's
+Each runs atomically inside Redis. The sender's SET_IF_NONE; the bridge's
 CLAIM, RECORD and FINISH, each over a batch of entries in one call; the reads (READ, TAKE, SCAN_CLAIMED), which screen every
 entry inside Redis so that an oversize one never reaches the bridge.
 """
-
-# KEYS[1]=stream ; ARGV[1]=the stream's wake channel, ARGV[2]=the group,
-# then per entry its fields as name, value pairs (FIELDS_PER_ENTRY of them).
-# The sender's add: every entry appended in order, then a wake-up on the
-# channel (remote.wake), after the entries, so a bridge it wakes finds them.
-# The wake-up is sent only if the group had read every entry before these:
-# a bridge waits only after a read that found nothing, so entries still
-# unread mean no bridge of the group is waiting for them (the adder that
-# left them woke it, or a busy bridge reads them next), and one wake-up per
-# catch-up is enough, not one per add. Returns the entry ids.
-FIELDS_PER_ENTRY = 5     # func, payload, notify, target, sent_ns
-SEND = """
-local function older(a, b)      -- stream ids 'ms-seq': a < b
-  local am, as = string.match(a, '^(%%d+)-(%%d+)$')
-  local bm, bs = string.match(b, '^(%%d+)-(%%d+)$')
-  if not am or not bm then return false end
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
-local function all_read()
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-  if not ok then return true end                 -- no stream yet
-  for _, g in ipairs(groups) do
-    local name, last = nil, nil
-    for k = 1, #g - 1, 2 do
-      if g[k] == 'name' then name = g[k + 1] end
-      if g[k] == 'last-delivered-id' then last = g[k + 1] end
-    end
-    if name == ARGV[2] and last then
-      local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-      return #newest == 0 or not older(last, newest[1][1])
-    end
-  end
-  return true                                    -- no group yet
-end
-local wake = all_read()
-local ids = {}
-local n = (#ARGV - 2) / (2 * %d)
-for i = 1, n do
-  local a = 3 + (i - 1) * 2 * %d
-  ids[i] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a, a + 2 * %d - 1))
-end
-if wake then redis.call('PUBLISH', ARGV[1], '') end
-return ids
-""" % (FIELDS_PER_ENTRY, FIELDS_PER_ENTRY, FIELDS_PER_ENTRY)
 
 # KEYS[1]=out:ID KEYS[2]=done:ID; ARGV[1]=state JSON ARGV[2]=done ttl ARGV[3]=keep ttl
 # Set the work's state if it has none; a final state wakes outcome().

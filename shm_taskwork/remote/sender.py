@@ -281,22 +281,22 @@ class RemoteTask:
 
     def add_many(self, func, payloads: Iterable[bytes], notify: int = TWA_RESUME
                  ) -> list[RemoteWork]:
-        """Send several works in one round trip (one script call: their
-        XADDs, then the stream's wake-up)."""
+        """Send several works in one round trip (a pipeline of XADDs)."""
         payloads = [bytes(p) for p in payloads]
         name = self._check(func, payloads, notify)
         now = time.time_ns()
         works = [RemoteWork("", self.node, self.keys.domain, self.name, name, p,
                             notify, now, stream=self.stream, _cluster=self.cluster)
                  for p in payloads]
-        # one call: the entries, then a wake-up for a bridge waiting on the
-        # stream, so it reads now, not at its next poll (remote.wake)
-        args: list = [self._wake, GROUP]
-        head, tail = ("func", name), ("notify", str(notify), "target", self.name,
-                                      "sent_ns", str(now))
+        pipe = self.cluster.r.pipeline(transaction=False)
         for w in works:
-            args += (*head, "payload", w.payload, *tail)
-        for w, eid in zip(works, self.cluster._send(keys=[self.stream], args=args)):
+            pipe.xadd(self.stream, {"func": name, "payload": w.payload,
+                                    "notify": str(notify), "target": self.name,
+                                    "sent_ns": str(now)})
+        # after the entries, in the same round trip: a bridge waiting on the
+        # stream wakes now, not at its next poll (remote.wake)
+        pipe.publish(self._wake, b"")
+        for w, eid in zip(works, pipe.execute()):
             w.entry_id = eid.decode() if isinstance(eid, bytes) else eid
             w.id = work_id(self.stream, w.entry_id)
         return works
@@ -309,7 +309,6 @@ class Cluster:
         self.url = url
         self.r = connect(url)
         self._set_if_none = self.r.register_script(scripts.SET_IF_NONE)
-        self._send = self.r.register_script(scripts.SEND)
 
     def __enter__(self) -> "Cluster":
         return self
