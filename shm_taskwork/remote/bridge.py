@@ -21,7 +21,9 @@ started again (same ``--node``) queues the work exactly once:
             in the segment before the push, so a repeat is recognised, never
             queued twice
   record    one script: out[id] = outcome, HDEL claimed:NODE, wake outcome();
-            a queued work also enters watch:NODE in that script
+            a queued work also enters watch:NODE in that script. It rides in
+            one round trip with the next read (``_record_and_read``), always
+            before the loop waits, before a cancel, and at the end
   settle    the watcher (a thread, see ``watcher``) learns the local outcome
             (ran with its result, failed with its error, cancelled,
             dead_letter, interrupted) and records it with one script:
@@ -160,7 +162,8 @@ class Bridge:
     def handle_batch(self, stream: str, batch: list) -> None:
         """One read batch of a work stream: every claim in one script call
         (refusals in the same round trip), then the local adds, then every
-        record in one script call. The steps keep their order per work, so
+        record in one script call (sent with the next read). The steps keep
+        their order per work, so
         a kill between any two is what the essay above says (a batch only
         widens each step). Each entry is checked before its claim; a bad one
         is refused, acknowledged and removed, and the batch goes on."""
@@ -240,7 +243,7 @@ class Bridge:
             if not fields:      # deleted while pending
                 self.r.xack(stream, remote.GROUP, eid)
             elif stream == self.keys.ctl(self.node):
-                self.local.control(stream, eid, self._pairs(fields))
+                self.local.control(stream, eid, self._pairs(fields))   # (flushes first)
             else:
                 batch.append((eid, self._pairs(fields)))
         if batch:
@@ -312,8 +315,8 @@ class Bridge:
         pause = 0.001
         while True:
             self.wake.drain()   # (the read below covers what they announced)
-            got = self.read_script(keys=streams, args=[remote.GROUP, self.node, ">", count,
-                                                       *self.limits])
+            got = self._record_and_read(streams, [remote.GROUP, self.node, ">", count,
+                                                  *self.limits])
             if got or self.stop or time.monotonic() >= deadline:
                 break
             if not self.wake.wait(pause):
@@ -323,6 +326,37 @@ class Bridge:
             self.dispatch_safely(_s(stream), entries)
             n += len(entries)
         return n
+
+    def _record_and_read(self, streams: list, args: list):
+        """The READ script, with the records of the works added since the
+        last round trip in front of it (the step "record" of the last batch
+        and the step "read" of the next share one round trip; a record is
+        still sent before the loop waits, and in order before any later
+        step of its work). Scripts run by their hash; one Redis no longer
+        has (a restart, SCRIPT FLUSH) is loaded and run again alone."""
+        call = self.local.take_records()
+        if call is None:
+            return self.read_script(keys=streams, args=args)
+        keys, rargs, outs = call
+        pipe = self.r.pipeline(transaction=False)
+        pipe.evalsha(self.record_script.sha, len(keys), *keys, *rargs)
+        pipe.evalsha(self.read_script.sha, len(streams), *streams, *args)
+        try:
+            rec, got = pipe.execute(raise_on_error=False)
+        except self.redis_mod.ConnectionError:
+            raise
+        NoScript = self.redis_mod.exceptions.NoScriptError
+        if isinstance(rec, NoScript):
+            try:
+                rec = self.record_script(keys=keys, args=rargs)
+            except self.redis_mod.ResponseError as exc:
+                rec = exc
+        self.local.recorded(outs, rec)
+        if isinstance(got, NoScript):
+            got = self.read_script(keys=streams, args=args)
+        elif isinstance(got, Exception):
+            raise got
+        return got
 
     def read_pending(self) -> None:
         """The entries this node had read and not claimed (its pending
@@ -392,6 +426,7 @@ class Bridge:
             if self.progress and now - last_line >= 5.0:
                 self.status.line()
                 last_line = now
+        self.guarded(self.local.flush)
         self.watcher.close()
         self.refresh()
         self.wake.close()

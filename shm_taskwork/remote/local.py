@@ -35,12 +35,18 @@ class Delivery:
         self.record_script, self.finish_script = record_script, finish_script
         self.scan_script = scan_script
         self.log = log
+        self.unrecorded: list[tuple[str, dict]] = []    # added, their records to send
 
     def deliver(self, wid: str, e: dict) -> None:
         self.deliver_many([(wid, e)])
+        self.flush()
 
     def deliver_many(self, works: list) -> None:
-        outs = []
+        """The keyed local adds of claimed works (the step "add"). Their
+        records (the step "record") wait in ``unrecorded`` for the bridge's
+        next round trip (``take_records``: it sends them with its next read)
+        or for ``flush()``; until then each work is in the ``claimed`` hash,
+        where a restart finds it, as after a kill between the two steps."""
         for wid, e in works:
             killpoint("bridge_claimed")
             try:
@@ -50,27 +56,54 @@ class Delivery:
                 self.stats["refused"] += 1
             except Exception as exc:       # one work never stops the bridge
                 out = self.after_error(wid, e, exc)
-            outs.append((wid, out))
+            self.unrecorded.append((wid, out))
             killpoint("bridge_added")
+
+    def take_records(self) -> "tuple[list, list, list] | None":
+        """The RECORD call (keys, args) for every unrecorded work, and the
+        works; None if there are none. The caller runs it and then calls
+        ``recorded`` with its reply."""
+        outs, self.unrecorded = self.unrecorded, []
         if not outs:
-            return
+            return None
         keys = [self.keys.claimed(self.node), self.keys.watch(self.node)]
         args: list = [remote.DONE_TTL, self.keep]
-        watch = []
         for wid, out in outs:
             keys += [self.keys.out(wid), self.keys.done(wid)]
-            lid = ""
-            if out["state"] == "queued":       # its local outcome is to come
-                lid = out["local_id"]
-                watch.append((wid, lid))
-            args += [wid, json.dumps(out), lid]
-        for (wid, _out), res in zip(outs, self.record_script(keys=keys, args=args)):
-            if isinstance(res, bytes) and res.startswith(b"!"):
-                self.log(f"record of {wid} failed: {_text(_s(res[1:]), 200)}")
+            # a queued work also enters the watch hash: its local outcome is to come
+            args += [wid, json.dumps(out), out["local_id"] if out["state"] == "queued" else ""]
+        return keys, args, outs
+
+    def recorded(self, outs: list, res) -> None:
+        """After the RECORD call of ``outs`` ran (``res``: its reply, or the
+        exception it raised): report what Redis refused, then hand the
+        queued works to the watcher."""
+        if isinstance(res, Exception):
+            self.log(f"record of {len(outs)} works failed: {_text(res, 200)}; they stay in the "
+                     "claimed hash until the next start")
+            return
+        for (wid, _out), got in zip(outs, res):
+            if isinstance(got, bytes) and got.startswith(b"!"):
+                self.log(f"record of {wid} failed: {_text(_s(got[1:]), 200)}")
         for _ in outs:
             killpoint("bridge_recorded")
         # only now: a final record must come after the queued one it replaces
-        self.watcher.add(watch)
+        self.watcher.add([(wid, out["local_id"]) for wid, out in outs
+                          if out["state"] == "queued"])
+
+    def flush(self) -> None:
+        """Record every unrecorded work now, in one call."""
+        call = self.take_records()
+        if call is None:
+            return
+        keys, args, outs = call
+        try:
+            res = self.record_script(keys=keys, args=args)
+        except self.redis_mod.ConnectionError:
+            raise
+        except self.redis_mod.ResponseError as exc:
+            res = exc
+        self.recorded(outs, res)
 
     def after_error(self, wid: str, e: dict, exc: Exception) -> dict:
         """The outcome of a work whose add raised: the key table says whether
@@ -177,6 +210,7 @@ class Delivery:
 
     def cancel_local(self, wid: str) -> bool:
         from shm_taskwork import Work, keys
+        self.flush()          # (a work added just before is recorded queued first)
         st = remote._state(self.r.get(self.keys.out(wid)))
         if not isinstance(st, dict) or st.get("state") != "queued" or \
                 st.get("node") != self.node:
