@@ -163,10 +163,10 @@ class Bridge:
         """One read batch of a work stream: every claim in one script call
         (refusals in the same round trip), then the local adds, then every
         record in one script call (sent with the next read). The steps keep
-        their order per work, so
-        a kill between any two is what the essay above says (a batch only
-        widens each step). Each entry is checked before its claim; a bad one
-        is refused, acknowledged and removed, and the batch goes on."""
+        their order per work, so a kill between any two is what the essay
+        above says (a batch only widens each step). Each entry is checked
+        before its claim; a bad one is refused, acknowledged and removed,
+        and the batch goes on."""
         pipe = self.r.pipeline(transaction=False)
         refused: list[str] = []
         got: object = None
