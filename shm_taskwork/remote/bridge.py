@@ -59,7 +59,7 @@ from .checks import Checker, Refused, _s, _text
 from .killpoints import KILLPOINTS, killpoint
 from .local import Delivery
 from .scripts import (CLAIM, FIELD_MAX, FINISH, MAX_FIELDS, READ, READ_BYTES, READ_COUNT,
-                      RECORD, SCAN_CLAIMED, SET_IF_NONE, TAKE)
+                      RECORD, SCAN_CLAIMED, SET_IF_NONE, TAKE, reply_or_error)
 from .status import Figures, StatusDirError, private_dir, redact, running_bridges, status_dir
 from .wake import Wake
 from .watcher import Watcher
@@ -209,12 +209,7 @@ class Bridge:
                     self.stats["refused"] += 1
             got = results[-1]
         elif mine_of:
-            try:
-                got = self.claim_script(keys=keys, args=args)
-            except self.redis_mod.ConnectionError:
-                raise
-            except self.redis_mod.ResponseError as exc:
-                got = exc
+            got = reply_or_error(self.claim_script, keys, args)
         if not mine_of:
             return
         if isinstance(got, Exception):
@@ -341,16 +336,10 @@ class Bridge:
         pipe = self.r.pipeline(transaction=False)
         pipe.evalsha(self.record_script.sha, len(keys), *keys, *rargs)
         pipe.evalsha(self.read_script.sha, len(streams), *streams, *args)
-        try:
-            rec, got = pipe.execute(raise_on_error=False)
-        except self.redis_mod.ConnectionError:
-            raise
+        rec, got = pipe.execute(raise_on_error=False)   # (a lost connection raises)
         NoScript = self.redis_mod.exceptions.NoScriptError
         if isinstance(rec, NoScript):
-            try:
-                rec = self.record_script(keys=keys, args=rargs)
-            except self.redis_mod.ResponseError as exc:
-                rec = exc
+            rec = reply_or_error(self.record_script, keys, rargs)
         self.local.recorded(outs, rec)
         if isinstance(got, NoScript):
             got = self.read_script(keys=streams, args=args)

@@ -17,6 +17,7 @@ from typing import Callable
 from . import sender as remote
 from .checks import Checker, Refused, _s, _text
 from .killpoints import killpoint
+from .scripts import reply_or_error
 from .watcher import Watcher
 from ..errors import NoSuchTaskError, TaskExitedError, TaskWorkError
 
@@ -97,13 +98,7 @@ class Delivery:
         if call is None:
             return
         keys, args, outs = call
-        try:
-            res = self.record_script(keys=keys, args=args)
-        except self.redis_mod.ConnectionError:
-            raise
-        except self.redis_mod.ResponseError as exc:
-            res = exc
-        self.recorded(outs, res)
+        self.recorded(outs, reply_or_error(self.record_script, keys, args))
 
     def after_error(self, wid: str, e: dict, exc: Exception) -> dict:
         """The outcome of a work whose add raised: the key table says whether

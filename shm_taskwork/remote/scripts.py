@@ -198,3 +198,12 @@ return {res[1], out}
 """
 
 
+def reply_or_error(script, keys: list, args: list):
+    """Run a registered script: its reply, or the ``ResponseError`` Redis
+    answered, as a value (a lost connection raises: redis-py's
+    ``ConnectionError`` is not a ``ResponseError``)."""
+    from redis.exceptions import ResponseError
+    try:
+        return script(keys=keys, args=args)
+    except ResponseError as exc:
+        return exc

@@ -55,7 +55,7 @@ import time
 from typing import Any, Callable
 
 from . import sender as remote
-from .scripts import FINISH
+from .scripts import FINISH, reply_or_error
 
 SLICE_MAX = 0.05      # longest sleep on the oldest work before a pass (s)
 SLICE_MIN = 0.001     # the sleep while works keep settling (s)
@@ -256,12 +256,9 @@ class Watcher:
             for wid, out in chunk:
                 keys += [self.keys.out(wid), self.keys.done(wid)]
                 args += [wid, json.dumps(out)]
-            try:
-                res = self.finish(keys=keys, args=args)
-            except self.redis_mod.ConnectionError:
-                raise
-            except self.redis_mod.ResponseError as exc:
-                res = [exc] * len(chunk)
+            res = reply_or_error(self.finish, keys, args)
+            if isinstance(res, Exception):
+                res = [res] * len(chunk)
             del self.ready[:len(chunk)]
             for (wid, out), got in zip(chunk, res):
                 if isinstance(got, bytes) and got.startswith(b"!"):
