@@ -352,6 +352,14 @@ def test_bench_remote_rows(rs):
         r = rows[case]
         assert r["messages"] == 300 and r["latency_samples"] == 20
         assert 0 < r["p50_us"] <= r["p99_us"] and r["rate"] > 0
+    # the bridge's two targets are judged against the floor of the same run
+    bridge, floor = rows["shm_taskwork remote (bridge)"], rows["redis XADD/XREADGROUP round trip"]
+    got = {t["of"]: t for t in json.loads(out.stdout)["targets"]
+           if t["case"] == "shm_taskwork remote (bridge)"}
+    assert got["rate"]["figure"] == bridge["rate"] / floor["rate"]
+    assert got["p50"]["figure"] == bridge["p50_us"] / floor["p50_us"]
+    assert got["rate"]["met"] == (got["rate"]["figure"] >= 1.0)
+    assert got["p50"]["met"] == (got["p50"]["figure"] <= 3.0)
     # the run removed what it made in Redis
     assert not list(redis.Redis.from_url(rs.url).scan_iter(match="stw:bench-*"))
 
