@@ -2,7 +2,8 @@
 "Beyond one host: the bridge"; README "More than one host").
 
 Bottom to top: ``scripts`` (the Redis scripts of the exactly-once
-protocol), ``sender`` (``Cluster``, ``RemoteTask``, ``RemoteWork``: what a
+protocol), ``wake`` (a bridge's subscription to the wake-ups senders
+publish), ``sender`` (``Cluster``, ``RemoteTask``, ``RemoteWork``: what a
 process on any host uses to queue works onto a task of another host), then
 the bridge, what runs on each host and moves works from its streams into the
 local domain (the command line is ``shm-taskwork bridge``): ``bridge``
