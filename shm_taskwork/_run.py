@@ -276,7 +276,6 @@ class RunLoop:
         rec, seg = self._rec, self._seg
         at, running = rec[_OWNER_AT], rec[_RUNNING]
         raw = ffi.buffer(rec, 32)[:]
-        c = _Chunk(1, (at,), (running,), raw)
         off = rec[_POFF]
         w = _new_work(Work)
         w.payload = ffi.buffer(self._parea + off, rec[_POFF + 1] - off)[:]
@@ -305,10 +304,19 @@ class RunLoop:
             else:
                 self._halted = True   # a drain's deadline: it stays detached
         except BaseException:
-            started = self._interrupted(c, started, done, set(), [])
+            started = self._interrupted(_Chunk(1, (at,), (running,), raw), started, done,
+                                        set(), [])
             raise
         finally:
-            self._end_chunk(nodes, c, started, set(), [], True)
+            if done == 0 and not failed:
+                # it ran and returned: _end_chunk's one native call, no more
+                rc = lib.tw_run_finish(self._dom.d, self.id, nodes, 1, self._outc, self._ends)
+                if rc < 0:
+                    log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
+                self._bpos += 1
+            else:
+                self._end_chunk(nodes, _Chunk(1, (at,), (running,), raw), started, set(), [],
+                                True)
         return done + 1
 
     def _raised(self, i: int, w: Work, exc: Exception, fn: Any, errs: list, failed: list,
