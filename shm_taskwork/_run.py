@@ -286,6 +286,7 @@ class RunLoop:
         keep = fn.__shm_taskwork_keep__
         failed = self._failed_now = []
         started = done = -1
+        c = None        # the chunk's bookkeeping: built only off the common path
         try:
             if not (self._halt_at and _mono() >= self._halt_at):
                 # DETACHED -> RUNNING: from this store on the work has started
@@ -304,20 +305,26 @@ class RunLoop:
             else:
                 self._halted = True   # a drain's deadline: it stays detached
         except BaseException:
-            started = self._interrupted(_Chunk(1, (at,), (running,), raw), started, done,
-                                        set(), [])
+            c = _Chunk(1, (at,), (running,), raw)
+            started = self._interrupted(c, started, done, set(), [])
             raise
         finally:
             if done == 0 and not failed:
                 # it ran and returned: _end_chunk's one native call, no more
-                rc = lib.tw_run_finish(self._dom.d, self.id, nodes, 1, self._outc, self._ends)
-                if rc < 0:
-                    log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
+                self._finish(nodes, 1, self._ends)
                 self._bpos += 1
             else:
-                self._end_chunk(nodes, _Chunk(1, (at,), (running,), raw), started, set(), [],
-                                True)
+                self._end_chunk(nodes, c or _Chunk(1, (at,), (running,), raw), started, set(),
+                                [], True)
         return done + 1
+
+    def _finish(self, nodes: Any, n: int, ends: Any) -> None:
+        """Free the first n nodes of a chunk (tw_run_finish: outcomes from
+        _outc, end times from ends or none): a failure is logged, the nodes
+        stay ours and fsck finds them."""
+        rc = lib.tw_run_finish(self._dom.d, self.id, nodes, n, self._outc, ends)
+        if rc < 0:
+            log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
 
     def _raised(self, i: int, w: Work, exc: Exception, fn: Any, errs: list, failed: list,
                 keep: bool) -> bool:
@@ -406,13 +413,8 @@ class RunLoop:
                 try:
                     ret = fn(w)
                 except Exception as exc:
-                    log_callback_error(w, exc)
-                    errs.append(exc)
-                    self._count_raised(1, fn.__shm_taskwork_keep__)
-                    if fn.__shm_taskwork_keep__:
-                        outc[i] = lib.TW_OUT_SKIP   # retried or filed in _end_chunk
-                        failed.append((i, exc, fn))
-                        done = i
+                    if self._raised(i, w, exc, fn, errs, failed, fn.__shm_taskwork_keep__):
+                        done = i      # retried or filed in _end_chunk
                         ran += 1
                         continue
                     if trk is not None and trk[i] >> 62:
@@ -474,9 +476,7 @@ class RunLoop:
                 ffi.memmove(outc, bytes([lib.TW_OUT_ERROR]) * k, k)
                 raise
         finally:
-            rc = lib.tw_run_finish(self._dom.d, self.id, nodes, k, outc, ffi.NULL)
-            if rc < 0:
-                log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
+            self._finish(nodes, k, ffi.NULL)
             self._bpos += k
         if failed:
             self._settle_failed(nodes, src, failed)
@@ -614,9 +614,7 @@ class RunLoop:
         for j in left:
             if j < hi:
                 outc[j] = lib.TW_OUT_SKIP   # not started: not finished here
-        rc = lib.tw_run_finish(dom.d, self.id, nodes, hi, outc, ends if timed else ffi.NULL)
-        if rc < 0:
-            log.error("task %d: finishing a run batch: %s", self.id, os.strerror(-rc))
+        self._finish(nodes, hi, ends if timed else ffi.NULL)
         failed, self._failed_now = self._failed_now, []
         if failed:
             self._settle_failed(nodes, c, failed)

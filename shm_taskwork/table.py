@@ -153,14 +153,14 @@ class TaskTable(DomainPart):
             raise TypeError(f"pid must be an int, got {type(pid).__name__}")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        best = None
-        deadline = self._reader.deadline(None)
         live = self.live_slots(pid=pid, name=name)
         if len(live) == 1 or (live and pid is not None):
             # one candidate: nothing to compare, so its list is not counted
             # (counting walks it under its lock: a cost that grows with the
             # backlog, paid by every add of a bridge)
             return live[0], slot_at(dom.d, live[0])
+        best = None
+        deadline = self._reader.deadline(None)
         for i in live:
             s = slot_at(dom.d, i)
             n = lib.tw_snapshot_within(dom.d, i, s.gen, ffi.NULL, ffi.NULL, 0, left(deadline))

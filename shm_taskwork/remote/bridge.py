@@ -59,7 +59,8 @@ from .checks import Checker, Refused, _s, _text
 from .killpoints import KILLPOINTS, killpoint
 from .local import Delivery
 from .scripts import (CLAIM, FIELD_MAX, FINISH, MAX_FIELDS, READ, READ_BYTES, READ_COUNT,
-                      RECORD, SCAN_CLAIMED, SET_IF_NONE, TAKE, reply_or_error)
+                      RECORD, SCAN_CLAIMED, SET_IF_NONE, TAKE, entry_error,
+                      reply_or_error)
 from .status import Figures, StatusDirError, private_dir, redact, running_bridges, status_dir
 from .wake import Wake
 from .watcher import Watcher
@@ -218,11 +219,11 @@ class Bridge:
             return
         claimed = []
         for (wid, mine, e, eid), res in zip(mine_of, got):
-            res = _s(res) if isinstance(res, bytes) else res
-            if res == mine:
+            err = entry_error(res)
+            if err is not None:
+                self.log(f"claim of {_text(eid)} failed: {_text(err, 200)}")
+            elif (_s(res) if isinstance(res, bytes) else res) == mine:
                 claimed.append((wid, dict(e, entry=eid)))
-            elif isinstance(res, str) and res.startswith("!"):
-                self.log(f"claim of {_text(eid)} failed: {_text(res[1:], 200)}")
             # else: decided already (cancelled, or another node's claim)
         self.local.deliver_many(claimed)
 

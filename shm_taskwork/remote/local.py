@@ -17,7 +17,7 @@ from typing import Callable
 from . import sender as remote
 from .checks import Checker, Refused, _s, _text
 from .killpoints import killpoint
-from .scripts import reply_or_error
+from .scripts import entry_error, reply_or_error
 from .watcher import Watcher
 from ..errors import NoSuchTaskError, TaskExitedError, TaskWorkError
 
@@ -84,8 +84,9 @@ class Delivery:
                      "claimed hash until the next start")
             return
         for (wid, _out), got in zip(outs, res):
-            if isinstance(got, bytes) and got.startswith(b"!"):
-                self.log(f"record of {wid} failed: {_text(_s(got[1:]), 200)}")
+            err = entry_error(got)
+            if err is not None:
+                self.log(f"record of {wid} failed: {_text(err, 200)}")
         for _ in outs:
             killpoint("bridge_recorded")
         # only now: a final record must come after the queued one it replaces

@@ -207,3 +207,11 @@ def reply_or_error(script, keys: list, args: list):
         return script(keys=keys, args=args)
     except ResponseError as exc:
         return exc
+
+
+def entry_error(reply) -> str | None:
+    """The error Redis answered for one entry of a batch script (its reply
+    slot holds "!<error>", see CLAIM), or None."""
+    if isinstance(reply, bytes) and reply.startswith(b"!"):
+        return reply[1:].decode(errors="replace")
+    return None

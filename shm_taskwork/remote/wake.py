@@ -20,6 +20,7 @@ that follows returns at once.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable
 
 #: the suffix of a stream's wake channel
@@ -80,7 +81,6 @@ class Wake:
         """Sleep until a wake-up arrives or ``timeout`` seconds pass; True if
         woken. Without a subscription, this is a plain sleep."""
         if self.ps is None:
-            import time
             time.sleep(timeout)
             return False
         try:

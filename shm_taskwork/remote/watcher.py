@@ -55,7 +55,7 @@ import time
 from typing import Any, Callable
 
 from . import sender as remote
-from .scripts import FINISH, reply_or_error
+from .scripts import FINISH, entry_error, reply_or_error
 
 SLICE_MAX = 0.05      # longest sleep on the oldest work before a pass (s)
 SLICE_MIN = 0.001     # the sleep while works keep settling (s)
@@ -261,9 +261,9 @@ class Watcher:
                 res = [res] * len(chunk)
             del self.ready[:len(chunk)]
             for (wid, out), got in zip(chunk, res):
-                if isinstance(got, bytes) and got.startswith(b"!"):
-                    got = got[1:].decode(errors="replace")
-                if isinstance(got, (Exception, str)):
-                    self.log(f"watcher: record of {wid}: {str(got)[:200]!r}")
+                err = entry_error(got)
+                if err is not None or isinstance(got, Exception):
+                    why = str(got) if err is None else err
+                    self.log(f"watcher: record of {wid}: {why[:200]!r}")
                 elif got == 1:
                     self.stats[out["state"]] = self.stats.get(out["state"], 0) + 1
